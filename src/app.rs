@@ -1,0 +1,286 @@
+//! Wiring: sources, store, sync loop, dataplane, health and metrics servers; and shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::dataplane::iptables::{self, IptablesProxier, Planner, ProxierConfig};
+use crate::dataplane::{Dataplane, PerFamily};
+use crate::health::{self, ProxyHealth};
+use crate::model::store::Store;
+use crate::model::{ChangeSet, DesiredState, IpFamily};
+use crate::sync::{self, SharedState, SyncTiming};
+use crate::watch::{kube as kube_source, manifests};
+
+/// How often `--manifests` files are checked for changes.
+const MANIFEST_POLL: Duration = Duration::from_millis(500);
+
+fn proxier_config(config: &Config, family: IpFamily) -> ProxierConfig {
+    ProxierConfig {
+        family,
+        masquerade_all: config.masquerade_all,
+        masquerade_bit: config.masquerade_bit,
+        detect_local: config.detect_local.clone(),
+        nodeport_addresses: config.nodeport_addresses.clone(),
+    }
+}
+
+/// The families this host can program: IPv4 always, IPv6 when ip6tables' nat table works.
+async fn families() -> Vec<IpFamily> {
+    let v6 = tokio::process::Command::new("ip6tables")
+        .args(["-w", "5", "-t", "nat", "-S", "POSTROUTING"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success());
+    if v6 {
+        vec![IpFamily::V4, IpFamily::V6]
+    } else {
+        tracing::info!("ip6tables nat table unavailable: IPv6 Services will not be proxied");
+        vec![IpFamily::V4]
+    }
+}
+
+async fn dataplane(config: &Config) -> Box<dyn Dataplane> {
+    let dps: Vec<Box<dyn Dataplane>> = families()
+        .await
+        .into_iter()
+        .map(|f| Box::new(IptablesProxier::new(proxier_config(config, f))) as Box<dyn Dataplane>)
+        .collect();
+    Box::new(PerFamily::new(config.mode.as_str(), dps))
+}
+
+/// Turns SIGINT/SIGTERM into the shutdown signal.
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        tracing::info!("shutting down");
+        let _ = tx.send(true);
+        // Keep the sender alive so receivers see `true`, not a closed channel mid-shutdown.
+        std::future::pending::<()>().await;
+    });
+    rx
+}
+
+/// Starts the sources that feed `state`.
+async fn start_sources(
+    config: &Config,
+    state: &Arc<SharedState>,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    match &config.manifests {
+        Some(path) => {
+            tokio::spawn(manifests::run(
+                state.clone(),
+                path.clone(),
+                config.hostname.clone(),
+                config.service_cluster_ip_range,
+                MANIFEST_POLL,
+                shutdown.clone(),
+            ));
+        }
+        None => {
+            let client =
+                kube_source::client(config.kubeconfig.as_deref(), config.master.as_deref()).await?;
+            kube_source::spawn_watchers(client, &config.hostname, state.clone(), shutdown.clone());
+        }
+    }
+    Ok(())
+}
+
+/// Runs the proxy until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal();
+    let health = Arc::new(ProxyHealth::new(2 * config.sync_period));
+    if let Some(addr) = config.healthz_bind {
+        let listener = health::bind(addr).await?;
+        tokio::spawn(health::serve_healthz_on(
+            listener,
+            health.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(addr) = config.metrics_bind {
+        let listener = health::bind(addr).await?;
+        tokio::spawn(health::serve_metrics_on(
+            listener,
+            config.mode.as_str(),
+            shutdown.clone(),
+        ));
+    }
+    let state = SharedState::new(Store::new(config.hostname.clone()), health);
+    start_sources(&config, &state, &shutdown).await?;
+    tracing::info!(
+        node = %config.hostname,
+        mode = config.mode.as_str(),
+        source = if config.manifests.is_some() { "manifests" } else { "kubernetes API" },
+        "kproxy started; programming nothing until Services, EndpointSlices and the Node are listed"
+    );
+    let timing = SyncTiming {
+        min_interval: config.min_sync_period,
+        sync_period: config.sync_period,
+        retry_initial: Duration::from_secs(1),
+    };
+    sync::run(state, dataplane(&config).await, timing, shutdown).await;
+    Ok(())
+}
+
+/// `--cleanup`: removes every rule kproxy created.
+pub async fn cleanup(config: Config) -> anyhow::Result<()> {
+    let mut dp = dataplane(&config).await;
+    dp.cleanup().await.context("cleanup failed")?;
+    tracing::info!("removed kproxy's rules");
+    Ok(())
+}
+
+/// Collects one complete desired state from the configured source.
+async fn desired_once(config: &Config) -> anyhow::Result<DesiredState> {
+    let health = Arc::new(ProxyHealth::new(2 * config.sync_period));
+    let state = SharedState::new(Store::new(config.hostname.clone()), health);
+    match &config.manifests {
+        Some(path) => {
+            let objects = manifests::read_manifests(path)?;
+            manifests::load_into(
+                &state,
+                objects,
+                &config.hostname,
+                &config.service_cluster_ip_range,
+            );
+        }
+        None => {
+            let (_tx, rx) = watch::channel(false);
+            start_sources(config, &state, &rx).await?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while !state.is_ready() {
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "timed out listing from the API server"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    state.snapshot().context("no complete state")
+}
+
+/// `kproxy render`: prints what a full sync would apply.
+pub async fn render(config: Config, output: &str) -> anyhow::Result<String> {
+    let desired = desired_once(&config).await?;
+    if output == "services" {
+        return Ok(services_table(&desired));
+    }
+    let mut out = String::new();
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let cfg = iptables::render_config(&proxier_config(&config, family), &desired.node).await?;
+        let plan = Planner::new().plan(&desired, &ChangeSet::full(), &cfg, None);
+        let tool = if family == IpFamily::V4 {
+            "iptables-restore"
+        } else {
+            "ip6tables-restore"
+        };
+        out.push_str(&format!("# {tool} --noflush\n"));
+        out.push_str(&plan.restore);
+    }
+    Ok(out)
+}
+
+/// A `kubectl get svc`-like table of what is proxied (`kproxy render --output services`).
+pub fn services_table(desired: &DesiredState) -> String {
+    let mut rows = vec![[
+        "NAMESPACE".to_string(),
+        "NAME".into(),
+        "CLUSTER-IP".into(),
+        "EXTERNAL-IP".into(),
+        "PORT(S)".into(),
+        "ENDPOINTS".into(),
+    ]];
+    for (key, state) in &desired.services {
+        let Some(first) = state.ports.first() else {
+            continue;
+        };
+        let sp = &first.port;
+        let ips = |v: &[std::net::IpAddr]| {
+            v.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let mut external: Vec<std::net::IpAddr> = sp.external_ips.clone();
+        external.extend(&sp.load_balancer_ips);
+        let ports = state
+            .ports
+            .iter()
+            .map(|p| match p.port.node_port {
+                Some(np) => format!(
+                    "{}:{}/{}",
+                    p.port.port,
+                    np,
+                    p.port.name.protocol.as_str().to_uppercase()
+                ),
+                None => format!(
+                    "{}/{}",
+                    p.port.port,
+                    p.port.name.protocol.as_str().to_uppercase()
+                ),
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut eps: Vec<String> = state
+            .ports
+            .iter()
+            .flat_map(|p| {
+                p.endpoints
+                    .iter()
+                    .filter(|e| e.ready)
+                    .map(|e| e.addr_string())
+            })
+            .collect();
+        eps.dedup();
+        rows.push([
+            key.namespace.clone(),
+            key.name.clone(),
+            ips(&sp.cluster_ips),
+            if external.is_empty() {
+                "<none>".into()
+            } else {
+                ips(&external)
+            },
+            ports,
+            if eps.is_empty() {
+                "<none>".into()
+            } else {
+                eps.join(",")
+            },
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,592 @@
+//! The effective configuration: kube-proxy's KubeProxyConfiguration file, overridden by flags.
+//!
+//! Unknown fields in the file are errors (as kube-proxy's strict decoding makes them); fields
+//! kube-proxy has but kproxy does not implement are accepted and named in a warning.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::cli::Flags;
+use crate::dataplane::iptables::NodePortAddresses;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid value {value:?} for {field}: {reason}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+fn invalid(field: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Parses a Go-style duration as kube-proxy writes them: `200ms`, `1s`, `1m30s`, `1h`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        if num_end == 0 {
+            return None;
+        }
+        let value: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += value * scale;
+        rest = &rest[unit_end..];
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+/// The proxy modes kproxy knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyMode {
+    Iptables,
+}
+
+impl ProxyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyMode::Iptables => "iptables",
+        }
+    }
+}
+
+/// `--detect-local-mode`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DetectLocal {
+    /// Nothing configured: no source-based masquerade decisions.
+    None,
+    ClusterCidr(Vec<IpNet>),
+    NodeCidr,
+    BridgeInterface(String),
+    InterfaceNamePrefix(String),
+}
+
+/// Everything kproxy runs with, after defaults, the config file and flags.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub kubeconfig: Option<PathBuf>,
+    pub master: Option<String>,
+    pub hostname: String,
+    pub mode: ProxyMode,
+    pub cluster_cidrs: Vec<IpNet>,
+    pub nodeport_addresses: NodePortAddresses,
+    pub masquerade_all: bool,
+    pub masquerade_bit: u8,
+    pub detect_local: DetectLocal,
+    pub healthz_bind: Option<SocketAddr>,
+    pub metrics_bind: Option<SocketAddr>,
+    pub min_sync_period: Duration,
+    pub sync_period: Duration,
+    pub manifests: Option<PathBuf>,
+    pub service_cluster_ip_range: IpNet,
+    pub verbosity: u8,
+}
+
+/// The subset of KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) kproxy reads. Fields
+/// kube-proxy defines but kproxy ignores are collected in `ignored` to be named in a warning.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FileConfig {
+    api_version: Option<String>,
+    kind: Option<String>,
+    client_connection: Option<ClientConnection>,
+    hostname_override: Option<String>,
+    mode: Option<String>,
+    #[serde(rename = "clusterCIDR")]
+    cluster_cidr: Option<String>,
+    node_port_addresses: Option<Vec<String>>,
+    iptables: Option<IptablesSection>,
+    ipvs: Option<serde_yaml::Value>,
+    nftables: Option<serde_yaml::Value>,
+    healthz_bind_address: Option<String>,
+    metrics_bind_address: Option<String>,
+    detect_local_mode: Option<String>,
+    detect_local: Option<DetectLocalSection>,
+    sync_period: Option<String>,
+    min_sync_period: Option<String>,
+    // Accepted for compatibility with kube-proxy's files; not used by kproxy.
+    bind_address: Option<serde_yaml::Value>,
+    bind_address_hard_fail: Option<serde_yaml::Value>,
+    config_sync_period: Option<serde_yaml::Value>,
+    conntrack: Option<serde_yaml::Value>,
+    enable_profiling: Option<serde_yaml::Value>,
+    feature_gates: Option<serde_yaml::Value>,
+    logging: Option<serde_yaml::Value>,
+    oom_score_adj: Option<serde_yaml::Value>,
+    port_range: Option<serde_yaml::Value>,
+    show_hidden_metrics_for_version: Option<serde_yaml::Value>,
+    winkernel: Option<serde_yaml::Value>,
+    udp_idle_timeout: Option<serde_yaml::Value>,
+    #[serde(rename = "windowsRunAsService")]
+    windows_run_as_service: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ClientConnection {
+    kubeconfig: Option<String>,
+    accept_content_types: Option<serde_yaml::Value>,
+    content_type: Option<serde_yaml::Value>,
+    qps: Option<serde_yaml::Value>,
+    burst: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct IptablesSection {
+    masquerade_all: Option<bool>,
+    masquerade_bit: Option<i32>,
+    min_sync_period: Option<String>,
+    sync_period: Option<String>,
+    localhost_node_ports: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct DetectLocalSection {
+    bridge_interface: Option<String>,
+    interface_name_prefix: Option<String>,
+}
+
+impl FileConfig {
+    fn read(path: &Path) -> Result<FileConfig> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let parsed: FileConfig = serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        if let Some(v) = parsed.api_version.as_deref() {
+            if !v.starts_with("kubeproxy.config.k8s.io/") {
+                return Err(ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: format!("apiVersion {v:?} is not kubeproxy.config.k8s.io"),
+                });
+            }
+        }
+        if let Some(k) = parsed.kind.as_deref() {
+            if k != "KubeProxyConfiguration" {
+                return Err(ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: format!("kind {k:?} is not KubeProxyConfiguration"),
+                });
+            }
+        }
+        if parsed
+            .iptables
+            .as_ref()
+            .and_then(|i| i.localhost_node_ports)
+            == Some(true)
+        {
+            tracing::warn!("iptables.localhostNodePorts: true is not supported (CVE-2020-8558); NodePorts are not served on 127.0.0.1");
+        }
+        Ok(parsed)
+    }
+}
+
+fn pick<T>(flag: Option<T>, file: Option<T>) -> Option<T> {
+    flag.or(file)
+}
+
+fn parse_cidrs(field: &'static str, raw: &str) -> Result<Vec<IpNet>> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<IpNet>()
+                .map(|n| n.trunc())
+                .map_err(|e| invalid(field, s, e.to_string()))
+        })
+        .collect()
+}
+
+fn parse_bind(field: &'static str, raw: &str) -> Result<Option<SocketAddr>> {
+    if raw.trim().is_empty() {
+        return Ok(None);
+    }
+    raw.trim()
+        .parse::<SocketAddr>()
+        .map(Some)
+        .map_err(|_| invalid(field, raw, "expected host:port, e.g. 0.0.0.0:10256"))
+}
+
+fn parse_period(field: &'static str, raw: &str) -> Result<Duration> {
+    parse_duration(raw)
+        .ok_or_else(|| invalid(field, raw, "expected a duration such as 200ms, 1s or 30s"))
+}
+
+fn default_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_lowercase())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+impl Config {
+    /// Builds the configuration from flags and, if given, the `--config` file.
+    pub fn load(flags: &Flags) -> Result<Config> {
+        let file = match &flags.config {
+            Some(path) => FileConfig::read(path)?,
+            None => FileConfig::default(),
+        };
+        let ipt = file.iptables.unwrap_or_default();
+
+        let mode_raw = pick(flags.proxy_mode.clone(), file.mode).unwrap_or_default();
+        let mode = match mode_raw.as_str() {
+            "" | "iptables" => ProxyMode::Iptables,
+            "ipvs" | "nftables" => {
+                return Err(invalid(
+                    "--proxy-mode",
+                    &mode_raw,
+                    "not implemented in this build of kproxy yet; use iptables",
+                ))
+            }
+            _ => {
+                return Err(invalid(
+                    "--proxy-mode",
+                    &mode_raw,
+                    "expected iptables, ipvs or nftables",
+                ))
+            }
+        };
+
+        let cluster_cidrs = match pick(flags.cluster_cidr.clone(), file.cluster_cidr) {
+            Some(raw) => parse_cidrs("--cluster-cidr", &raw)?,
+            None => vec![],
+        };
+        let nodeport_raw: Vec<String> = match &flags.nodeport_addresses {
+            Some(raw) => raw
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            None => file.node_port_addresses.unwrap_or_default(),
+        };
+        let nodeport_addresses = if nodeport_raw.is_empty() {
+            NodePortAddresses::All
+        } else if nodeport_raw == ["primary"] {
+            NodePortAddresses::Primary
+        } else {
+            NodePortAddresses::Cidrs(parse_cidrs(
+                "--nodeport-addresses",
+                &nodeport_raw.join(","),
+            )?)
+        };
+
+        let masquerade_bit = match flags
+            .iptables_masquerade_bit
+            .map(i32::from)
+            .or(ipt.masquerade_bit)
+        {
+            None => 14,
+            Some(b) if (0..=31).contains(&b) => b as u8,
+            Some(b) => {
+                return Err(invalid(
+                    "--iptables-masquerade-bit",
+                    &b.to_string(),
+                    "must be within 0-31",
+                ))
+            }
+        };
+
+        let dl_section = file.detect_local.unwrap_or_default();
+        let detect_mode =
+            pick(flags.detect_local_mode.clone(), file.detect_local_mode).unwrap_or_default();
+        let detect_local = match detect_mode.as_str() {
+            "" if cluster_cidrs.is_empty() => DetectLocal::None,
+            "" | "ClusterCIDR" => {
+                if cluster_cidrs.is_empty() {
+                    return Err(invalid(
+                        "--detect-local-mode",
+                        &detect_mode,
+                        "ClusterCIDR needs --cluster-cidr",
+                    ));
+                }
+                DetectLocal::ClusterCidr(cluster_cidrs.clone())
+            }
+            "NodeCIDR" => DetectLocal::NodeCidr,
+            "BridgeInterface" => match pick(
+                flags.pod_bridge_interface.clone(),
+                dl_section.bridge_interface,
+            ) {
+                Some(b) if !b.is_empty() => DetectLocal::BridgeInterface(b),
+                _ => {
+                    return Err(invalid(
+                        "--detect-local-mode",
+                        &detect_mode,
+                        "BridgeInterface needs --pod-bridge-interface",
+                    ))
+                }
+            },
+            "InterfaceNamePrefix" => match pick(
+                flags.pod_interface_name_prefix.clone(),
+                dl_section.interface_name_prefix,
+            ) {
+                Some(p) if !p.is_empty() => DetectLocal::InterfaceNamePrefix(p),
+                _ => {
+                    return Err(invalid(
+                        "--detect-local-mode",
+                        &detect_mode,
+                        "InterfaceNamePrefix needs --pod-interface-name-prefix",
+                    ))
+                }
+            },
+            other => {
+                return Err(invalid(
+                    "--detect-local-mode",
+                    other,
+                    "expected ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix",
+                ))
+            }
+        };
+
+        let healthz_bind = parse_bind(
+            "--healthz-bind-address",
+            &pick(
+                flags.healthz_bind_address.clone(),
+                file.healthz_bind_address,
+            )
+            .unwrap_or_else(|| "0.0.0.0:10256".into()),
+        )?;
+        let metrics_bind = parse_bind(
+            "--metrics-bind-address",
+            &pick(
+                flags.metrics_bind_address.clone(),
+                file.metrics_bind_address,
+            )
+            .unwrap_or_else(|| "127.0.0.1:10249".into()),
+        )?;
+        let min_sync_period = parse_period(
+            "--min-sync-period",
+            &pick(
+                flags.min_sync_period.clone(),
+                ipt.min_sync_period.or(file.min_sync_period),
+            )
+            .unwrap_or_else(|| "1s".into()),
+        )?;
+        let sync_period = parse_period(
+            "--sync-period",
+            &pick(
+                flags.sync_period.clone(),
+                ipt.sync_period.or(file.sync_period),
+            )
+            .unwrap_or_else(|| "30s".into()),
+        )?;
+        if sync_period.is_zero() {
+            return Err(invalid("--sync-period", "0", "must be greater than 0"));
+        }
+        if min_sync_period > sync_period {
+            return Err(invalid(
+                "--min-sync-period",
+                &format!("{min_sync_period:?}"),
+                format!("must not exceed --sync-period ({sync_period:?})"),
+            ));
+        }
+        let hostname = pick(flags.hostname_override.clone(), file.hostname_override)
+            .map(|h| h.trim().to_lowercase())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(default_hostname);
+        let range_raw = flags
+            .service_cluster_ip_range
+            .clone()
+            .unwrap_or_else(|| "10.96.0.0/12".into());
+        let service_cluster_ip_range = range_raw
+            .parse::<IpNet>()
+            .map_err(|e| invalid("--service-cluster-ip-range", &range_raw, e.to_string()))?
+            .trunc();
+        Ok(Config {
+            kubeconfig: flags.kubeconfig.clone().or_else(|| {
+                file.client_connection
+                    .and_then(|c| c.kubeconfig)
+                    .filter(|k| !k.is_empty())
+                    .map(PathBuf::from)
+            }),
+            master: flags.master.clone(),
+            hostname,
+            mode,
+            cluster_cidrs,
+            nodeport_addresses,
+            masquerade_all: pick(flags.masquerade_all, ipt.masquerade_all).unwrap_or(false),
+            masquerade_bit,
+            detect_local,
+            healthz_bind,
+            metrics_bind,
+            min_sync_period,
+            sync_period,
+            manifests: flags.manifests.clone(),
+            service_cluster_ip_range,
+            verbosity: flags.verbosity.unwrap_or(0),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_as_kube_proxy_writes_them() {
+        assert_eq!(parse_duration("200ms"), Some(Duration::from_millis(200)));
+        assert_eq!(parse_duration("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+        for bad in ["", "10", "1x", "s", "-1s", "1s2"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::load(&Flags::default()).unwrap();
+        assert_eq!(c.mode, ProxyMode::Iptables);
+        assert_eq!(c.min_sync_period, Duration::from_secs(1));
+        assert_eq!(c.sync_period, Duration::from_secs(30));
+        assert_eq!(c.healthz_bind, Some("0.0.0.0:10256".parse().unwrap()));
+        assert_eq!(c.metrics_bind, Some("127.0.0.1:10249".parse().unwrap()));
+        assert_eq!(c.masquerade_bit, 14);
+        assert_eq!(c.nodeport_addresses, NodePortAddresses::All);
+        assert_eq!(c.detect_local, DetectLocal::None);
+    }
+
+    fn write_config(text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "kproxy-config-test-{}-{}.yaml",
+            std::process::id(),
+            text.len()
+        ));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn file_then_flags_override() {
+        let path = write_config(
+            r#"
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: iptables
+clusterCIDR: 10.244.0.0/16
+clientConnection: {kubeconfig: /var/lib/kproxy/kubeconfig.conf, qps: 5}
+iptables: {masqueradeAll: true, minSyncPeriod: 200ms, syncPeriod: 10s}
+nodePortAddresses: [192.168.0.0/16]
+conntrack: {maxPerCore: 32768}
+"#,
+        );
+        let flags = Flags {
+            config: Some(path.clone()),
+            sync_period: Some("20s".into()),
+            ..Flags::default()
+        };
+        let c = Config::load(&flags).unwrap();
+        std::fs::remove_file(path).ok();
+        assert_eq!(
+            c.cluster_cidrs,
+            vec!["10.244.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        assert!(c.masquerade_all);
+        assert_eq!(c.min_sync_period, Duration::from_millis(200));
+        assert_eq!(c.sync_period, Duration::from_secs(20), "the flag wins");
+        assert_eq!(
+            c.kubeconfig,
+            Some(PathBuf::from("/var/lib/kproxy/kubeconfig.conf"))
+        );
+        assert_eq!(
+            c.detect_local,
+            DetectLocal::ClusterCidr(c.cluster_cidrs.clone())
+        );
+        assert!(matches!(c.nodeport_addresses, NodePortAddresses::Cidrs(ref v) if v.len() == 1));
+    }
+
+    #[test]
+    fn unknown_field_is_an_error_naming_it() {
+        let path = write_config("kind: KubeProxyConfiguration\nbogusField: 1\n");
+        let err = Config::load(&Flags {
+            config: Some(path.clone()),
+            ..Flags::default()
+        })
+        .unwrap_err();
+        std::fs::remove_file(path).ok();
+        assert!(err.to_string().contains("bogusField"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            Flags {
+                min_sync_period: Some("fast".into()),
+                ..Flags::default()
+            },
+            Flags {
+                cluster_cidr: Some("10.0.0.0/33".into()),
+                ..Flags::default()
+            },
+            Flags {
+                healthz_bind_address: Some("nope".into()),
+                ..Flags::default()
+            },
+            Flags {
+                proxy_mode: Some("userspace".into()),
+                ..Flags::default()
+            },
+            Flags {
+                iptables_masquerade_bit: Some(40),
+                ..Flags::default()
+            },
+        ];
+        let fields = [
+            "--min-sync-period",
+            "--cluster-cidr",
+            "--healthz-bind-address",
+            "--proxy-mode",
+            "--iptables-masquerade-bit",
+        ];
+        for (flags, field) in cases.iter().zip(fields) {
+            let err = Config::load(flags).unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
+        }
+    }
+}

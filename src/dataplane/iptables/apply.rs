@@ -1,0 +1,252 @@
+//! The only part of iptables mode that touches the kernel: iptables-restore, iptables-save,
+//! the jump rules in built-in chains, and cleanup.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::process::Stdio;
+
+use futures::TryStreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use super::names;
+use crate::dataplane::{DataplaneError, Result};
+use crate::model::IpFamily;
+
+/// Seconds to wait for the xtables lock, as kube-proxy does (`-w 5`).
+const LOCK_WAIT: &str = "5";
+
+/// The userspace tools for one IP family.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    iptables: &'static str,
+    restore: &'static str,
+    save: &'static str,
+}
+
+impl Tools {
+    pub fn for_family(family: IpFamily) -> Self {
+        match family {
+            IpFamily::V4 => Tools {
+                iptables: "iptables",
+                restore: "iptables-restore",
+                save: "iptables-save",
+            },
+            IpFamily::V6 => Tools {
+                iptables: "ip6tables",
+                restore: "ip6tables-restore",
+                save: "ip6tables-save",
+            },
+        }
+    }
+
+    /// Applies `input` atomically per table with `--noflush`: chains it does not declare, and
+    /// every rule outside kproxy's chains, stay as they are. On failure nothing changes.
+    pub async fn restore(&self, input: &str) -> Result<()> {
+        let mut child = Command::new(self.restore)
+            .args(["-w", LOCK_WAIT, "--noflush"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| DataplaneError::Spawn {
+                command: self.restore.to_string(),
+                source,
+            })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A write error means the tool exited early; its stderr says why.
+            let _ = stdin.write_all(input.as_bytes()).await;
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|source| DataplaneError::Spawn {
+                command: self.restore.to_string(),
+                source,
+            })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let message = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        Err(restore_error(self.restore, input, message))
+    }
+
+    /// kproxy's chains currently in `table` (from iptables-save).
+    pub async fn chains(&self, table: &str) -> Result<BTreeSet<String>> {
+        let out = run(self.save, &["-t", table]).await?;
+        Ok(parse_chains(&out))
+    }
+
+    /// Puts the jump rules into the built-in chains, first in each, unless already there.
+    pub async fn ensure_jumps(&self) -> Result<()> {
+        for jump in names::JUMPS {
+            let spec = jump.args();
+            let mut check = vec!["-w", LOCK_WAIT, "-t", jump.table, "-C", jump.from];
+            check.extend(&spec);
+            if status(self.iptables, &check).await? {
+                continue;
+            }
+            let mut insert = vec!["-w", LOCK_WAIT, "-t", jump.table, "-I", jump.from, "1"];
+            insert.extend(&spec);
+            run(self.iptables, &insert).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the jump rules and every `KPROXY-` chain. Safe to run when nothing is there.
+    pub async fn cleanup(&self) -> Result<()> {
+        for jump in names::JUMPS {
+            let mut delete = vec!["-w", LOCK_WAIT, "-t", jump.table, "-D", jump.from];
+            delete.extend(jump.args());
+            // A rule may have been inserted twice by a crashed older run: delete until gone.
+            while status(self.iptables, &delete).await? {}
+        }
+        let mut input = String::new();
+        for table in ["filter", "nat"] {
+            let chains = self.chains(table).await?;
+            if chains.is_empty() {
+                continue;
+            }
+            let text = super::render::TableText {
+                declare: vec![],
+                rules: vec![],
+                delete: chains.into_iter().collect(),
+            };
+            text.write(table, &mut input);
+        }
+        if input.is_empty() {
+            return Ok(());
+        }
+        self.restore(&input).await
+    }
+}
+
+/// Chains with kproxy's prefix declared in iptables-save output.
+pub fn parse_chains(save: &str) -> BTreeSet<String> {
+    save.lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| c.starts_with(names::PREFIX))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Turns iptables-restore's complaint into an error that quotes the offending input line.
+pub fn restore_error(tool: &'static str, input: &str, message: String) -> DataplaneError {
+    let line = message
+        .split("line ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<usize>().ok());
+    match line {
+        Some(line) => DataplaneError::Rejected {
+            tool,
+            line,
+            text: input
+                .lines()
+                .nth(line.saturating_sub(1))
+                .unwrap_or_default()
+                .to_string(),
+            message,
+        },
+        None => DataplaneError::Command {
+            command: tool.to_string(),
+            message,
+        },
+    }
+}
+
+async fn run(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| DataplaneError::Spawn {
+            command: cmd.to_string(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(DataplaneError::Command {
+            command: format!("{cmd} {}", args.join(" ")),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a check-style command: exit 0 is true, exit 1 is false, anything else is an error.
+async fn status(cmd: &str, args: &[&str]) -> Result<bool> {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| DataplaneError::Spawn {
+            command: cmd.to_string(),
+            source,
+        })?;
+    match out.status.code() {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => Err(DataplaneError::Command {
+            command: format!("{cmd} {}", args.join(" ")),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        }),
+    }
+}
+
+/// Every address configured on this host's interfaces (the netns kproxy runs in), via rtnetlink.
+pub async fn local_addresses() -> Result<Vec<IpAddr>> {
+    use netlink_packet_route::address::AddressAttribute;
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| DataplaneError::Netlink(e.to_string()))?;
+    let task = tokio::spawn(conn);
+    let mut stream = handle.address().get().execute();
+    let mut out = Vec::new();
+    while let Some(msg) = stream
+        .try_next()
+        .await
+        .map_err(|e| DataplaneError::Netlink(e.to_string()))?
+    {
+        for attr in msg.attributes {
+            if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = attr {
+                if !out.contains(&ip) {
+                    out.push(ip);
+                }
+            }
+        }
+    }
+    task.abort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_error_quotes_the_line() {
+        let input = "*nat\n:KPROXY-SERVICES - [0:0]\n-A KPROXY-SERVICES -j NOPE\nCOMMIT\n";
+        let err = restore_error(
+            "iptables-restore",
+            input,
+            "iptables-restore v1.8.9 (nf_tables): line 3: RULE_APPEND failed".into(),
+        );
+        match err {
+            DataplaneError::Rejected { line, text, .. } => {
+                assert_eq!(line, 3);
+                assert_eq!(text, "-A KPROXY-SERVICES -j NOPE");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn chains_from_save_output() {
+        let save = "*nat\n:PREROUTING ACCEPT [0:0]\n:KPROXY-SERVICES - [0:0]\n:KUBE-SERVICES - [0:0]\n:KPROXY-SVC-ABC - [0:0]\nCOMMIT\n";
+        let chains: Vec<_> = parse_chains(save).into_iter().collect();
+        assert_eq!(chains, ["KPROXY-SERVICES", "KPROXY-SVC-ABC"]);
+    }
+}

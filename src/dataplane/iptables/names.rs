@@ -1,0 +1,246 @@
+//! Every iptables name kproxy writes: fixed chains, generated chains, comments.
+//!
+//! Generated chain names follow kube-proxy's scheme (a prefix and the first 16 base32 characters
+//! of a SHA-256 over the port name, protocol and endpoint), so they are stable across restarts
+//! and always fit iptables' 28-character limit.
+
+use sha2::{Digest, Sha256};
+
+use crate::model::{Endpoint, ServicePortName};
+
+/// Every chain kproxy owns starts with this; nothing else is ever touched.
+pub const PREFIX: &str = "KPROXY-";
+
+pub const SERVICES: &str = "KPROXY-SERVICES";
+pub const EXTERNAL_SERVICES: &str = "KPROXY-EXTERNAL-SERVICES";
+pub const NODEPORTS: &str = "KPROXY-NODEPORTS";
+pub const POSTROUTING: &str = "KPROXY-POSTROUTING";
+pub const MARK_MASQ: &str = "KPROXY-MARK-MASQ";
+pub const FORWARD: &str = "KPROXY-FORWARD";
+pub const FIREWALL: &str = "KPROXY-FIREWALL";
+
+/// iptables refuses chain names longer than this.
+pub const MAX_CHAIN_LEN: usize = 28;
+
+/// A jump from a built-in chain into one of kproxy's chains. These are the only rules kproxy
+/// places outside its own chains; `--cleanup` removes exactly these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Jump {
+    pub table: &'static str,
+    pub from: &'static str,
+    pub to: &'static str,
+    pub comment: &'static str,
+    /// Only new connections need the check (established ones are already NATed or accepted).
+    pub new_only: bool,
+}
+
+/// kube-proxy's jump layout, with kproxy's chains.
+pub const JUMPS: &[Jump] = &[
+    Jump {
+        table: "filter",
+        from: "INPUT",
+        to: FIREWALL,
+        comment: "kproxy load balancer firewall",
+        new_only: true,
+    },
+    Jump {
+        table: "filter",
+        from: "INPUT",
+        to: NODEPORTS,
+        comment: "kproxy health check service ports",
+        new_only: false,
+    },
+    Jump {
+        table: "filter",
+        from: "INPUT",
+        to: EXTERNAL_SERVICES,
+        comment: "kproxy externally-visible service portals",
+        new_only: true,
+    },
+    Jump {
+        table: "filter",
+        from: "FORWARD",
+        to: FIREWALL,
+        comment: "kproxy load balancer firewall",
+        new_only: true,
+    },
+    Jump {
+        table: "filter",
+        from: "FORWARD",
+        to: FORWARD,
+        comment: "kproxy forwarding rules",
+        new_only: false,
+    },
+    Jump {
+        table: "filter",
+        from: "FORWARD",
+        to: SERVICES,
+        comment: "kproxy service portals",
+        new_only: true,
+    },
+    Jump {
+        table: "filter",
+        from: "FORWARD",
+        to: EXTERNAL_SERVICES,
+        comment: "kproxy externally-visible service portals",
+        new_only: true,
+    },
+    Jump {
+        table: "filter",
+        from: "OUTPUT",
+        to: FIREWALL,
+        comment: "kproxy load balancer firewall",
+        new_only: true,
+    },
+    Jump {
+        table: "filter",
+        from: "OUTPUT",
+        to: SERVICES,
+        comment: "kproxy service portals",
+        new_only: true,
+    },
+    Jump {
+        table: "nat",
+        from: "PREROUTING",
+        to: SERVICES,
+        comment: "kproxy service portals",
+        new_only: false,
+    },
+    Jump {
+        table: "nat",
+        from: "OUTPUT",
+        to: SERVICES,
+        comment: "kproxy service portals",
+        new_only: false,
+    },
+    Jump {
+        table: "nat",
+        from: "POSTROUTING",
+        to: POSTROUTING,
+        comment: "kproxy postrouting rules",
+        new_only: false,
+    },
+];
+
+impl Jump {
+    /// The rule spec after `-A FROM` / `-C FROM` / `-D FROM`, as iptables arguments.
+    pub fn args(&self) -> Vec<&'static str> {
+        let mut args = vec![];
+        if self.new_only {
+            args.extend(["-m", "conntrack", "--ctstate", "NEW"]);
+        }
+        args.extend(["-m", "comment", "--comment", self.comment, "-j", self.to]);
+        args
+    }
+}
+
+/// Fixed chains per table, declared on every full sync.
+pub const FILTER_CHAINS: &[&str] = &[SERVICES, EXTERNAL_SERVICES, FORWARD, NODEPORTS, FIREWALL];
+pub const NAT_CHAINS: &[&str] = &[SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ];
+
+fn port_proto_hash(input: &str) -> String {
+    let digest = Sha256::digest(input.as_bytes());
+    base32_prefix(&digest[..10])
+}
+
+/// RFC 4648 base32 of exactly 10 bytes: 16 characters, no padding needed.
+fn base32_prefix(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut out = String::with_capacity(16);
+    for chunk in bytes.chunks(5) {
+        let mut buf = [0u8; 5];
+        buf[..chunk.len()].copy_from_slice(chunk);
+        let bits = buf.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+        for i in (0..8).rev() {
+            out.push(char::from(ALPHABET[((bits >> (i * 5)) & 31) as usize]));
+        }
+    }
+    out
+}
+
+fn service_hash(name: &ServicePortName) -> String {
+    port_proto_hash(&format!("{name}{}", name.protocol))
+}
+
+/// `KPROXY-SVC-…`: Cluster-policy load balancing for one Service port.
+pub fn svc_chain(name: &ServicePortName) -> String {
+    format!("KPROXY-SVC-{}", service_hash(name))
+}
+
+/// `KPROXY-SVL-…`: Local-policy load balancing.
+pub fn svl_chain(name: &ServicePortName) -> String {
+    format!("KPROXY-SVL-{}", service_hash(name))
+}
+
+/// `KPROXY-EXT-…`: entry for NodePort, externalIP and load-balancer traffic.
+pub fn ext_chain(name: &ServicePortName) -> String {
+    format!("KPROXY-EXT-{}", service_hash(name))
+}
+
+/// `KPROXY-FW-…`: loadBalancerSourceRanges filter.
+pub fn fw_chain(name: &ServicePortName) -> String {
+    format!("KPROXY-FW-{}", service_hash(name))
+}
+
+/// `KPROXY-SEP-…`: DNAT to one endpoint.
+pub fn sep_chain(name: &ServicePortName, ep: &Endpoint) -> String {
+    format!(
+        "KPROXY-SEP-{}",
+        port_proto_hash(&format!("{name}{}{}", name.protocol, ep.addr_string()))
+    )
+}
+
+/// Quotes a comment for iptables-restore when it needs it.
+pub fn quote(s: &str) -> String {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_./:".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Protocol, ServiceKey};
+
+    #[test]
+    fn base32_matches_rfc4648() {
+        // RFC 4648 test vector: "fooba" -> "MZXW6YTB"
+        assert_eq!(base32_prefix(b"foobafooba"), "MZXW6YTBMZXW6YTB");
+    }
+
+    #[test]
+    fn chain_names_fit_and_are_stable() {
+        let name = ServicePortName {
+            service: ServiceKey::new(
+                "a-very-long-namespace-name-indeed",
+                "and-a-long-service-name",
+            ),
+            port: "https-metrics".into(),
+            protocol: Protocol::Tcp,
+        };
+        for chain in [
+            svc_chain(&name),
+            svl_chain(&name),
+            ext_chain(&name),
+            fw_chain(&name),
+        ] {
+            assert!(chain.len() <= MAX_CHAIN_LEN, "{chain}");
+        }
+        assert_eq!(svc_chain(&name), svc_chain(&name.clone()));
+        let udp = ServicePortName {
+            protocol: Protocol::Udp,
+            ..name.clone()
+        };
+        assert_ne!(svc_chain(&name), svc_chain(&udp));
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote("ns/svc:http"), "ns/svc:http");
+        assert_eq!(quote("ns/svc cluster IP"), "\"ns/svc cluster IP\"");
+    }
+}

@@ -1,0 +1,125 @@
+//! The one trait every proxy mode implements, and what a sync reports.
+//!
+//! A dataplane turns a [`DesiredState`] into kernel state. It is told what changed since its last
+//! successful sync so it can do work proportional to the change; after any error the runner asks
+//! for a full sync, which must repair whatever a failed or foreign change left behind.
+
+pub mod iptables;
+
+use futures::future::BoxFuture;
+
+use crate::model::{ChangeSet, DesiredState};
+
+/// What one sync did, for the one-line sync log and the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Rules (or virtual servers) written in this sync.
+    pub rules_written: usize,
+    /// Rules in the kernel owned by kproxy after the sync, by table.
+    pub rules_total: Vec<(&'static str, usize)>,
+    /// Service ports that have no local endpoints for a Local policy (internal, external).
+    pub no_local_endpoints: (usize, usize),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// A restore/transaction was refused; the kernel kept its previous rules.
+    #[error("{tool} rejected the ruleset at line {line}: {message}; offending line: {text:?}")]
+    Rejected {
+        tool: &'static str,
+        line: usize,
+        text: String,
+        message: String,
+    },
+    #[error("{command} failed: {message}")]
+    Command { command: String, message: String },
+    #[error("could not run {command}: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel or userspace lacks what this mode needs; retrying will not help.
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("netlink: {0}")]
+    Netlink(String),
+}
+
+impl DataplaneError {
+    /// Whether the sync runner should retry (with backoff) rather than give up.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, DataplaneError::Unsupported(_))
+    }
+}
+
+pub type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+/// A proxy mode. Implementations own their kernel objects and nothing else.
+pub trait Dataplane: Send {
+    /// The `--proxy-mode` name.
+    fn mode(&self) -> &'static str;
+
+    /// Makes the kernel implement `desired`. With `changes.full` every object is rewritten and
+    /// strays are removed; otherwise only the Services in `changes.services` need work. On error
+    /// the kernel must be left as it was (or consistent enough to serve), and the caller will
+    /// retry with a full sync.
+    fn sync<'a>(
+        &'a mut self,
+        desired: &'a DesiredState,
+        changes: &'a ChangeSet,
+    ) -> BoxFuture<'a, Result<SyncStats>>;
+
+    /// Removes everything this mode ever created. Idempotent: succeeds when nothing is left.
+    fn cleanup(&mut self) -> BoxFuture<'_, Result<()>>;
+}
+
+/// One dataplane per IP family (iptables and ip6tables), synced in turn as one.
+pub struct PerFamily {
+    mode: &'static str,
+    families: Vec<Box<dyn Dataplane>>,
+}
+
+impl PerFamily {
+    pub fn new(mode: &'static str, families: Vec<Box<dyn Dataplane>>) -> Self {
+        PerFamily { mode, families }
+    }
+}
+
+impl Dataplane for PerFamily {
+    fn mode(&self) -> &'static str {
+        self.mode
+    }
+
+    fn sync<'a>(
+        &'a mut self,
+        desired: &'a DesiredState,
+        changes: &'a ChangeSet,
+    ) -> BoxFuture<'a, Result<SyncStats>> {
+        Box::pin(async move {
+            let mut total = SyncStats::default();
+            for dp in &mut self.families {
+                let stats = dp.sync(desired, changes).await?;
+                total.rules_written += stats.rules_written;
+                for (table, n) in stats.rules_total {
+                    match total.rules_total.iter_mut().find(|(t, _)| *t == table) {
+                        Some((_, sum)) => *sum += n,
+                        None => total.rules_total.push((table, n)),
+                    }
+                }
+                total.no_local_endpoints.0 += stats.no_local_endpoints.0;
+                total.no_local_endpoints.1 += stats.no_local_endpoints.1;
+            }
+            Ok(total)
+        })
+    }
+
+    fn cleanup(&mut self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            for dp in &mut self.families {
+                dp.cleanup().await?;
+            }
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,459 @@
+//! The cluster objects kproxy knows, and what changed since the last sync.
+//!
+//! Both sources (the API watchers and the manifest files) feed the same [`Store`]; a sync takes
+//! a [`Snapshot`]: the desired state plus the set of Services whose rules must be rewritten.
+//! Only changed Services are recomputed, so a sync costs what changed, not what exists.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::convert::{self, ServiceDecision, SliceInfo};
+use super::{ChangeSet, DesiredState, NodeInfo, PortState, ServiceKey, ServicePort, ServiceState};
+
+/// The kinds a source lists; kproxy programs nothing until each has been listed once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+/// What a sync needs: the full desired state, what changed, and change timestamps for the
+/// network-programming latency metric.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub desired: DesiredState,
+    pub changes: ChangeSet,
+    /// `last-change-trigger-time` of the EndpointSlices changed since the last snapshot.
+    pub trigger_times: Vec<SystemTime>,
+    pub service_changes: usize,
+    pub endpoint_changes: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct Store {
+    node_name: String,
+    /// Proxied Services (skipped and invalid ones are not kept).
+    services: BTreeMap<ServiceKey, Vec<Arc<ServicePort>>>,
+    /// The last conversion error or skip note per Service, so a relist does not repeat warnings.
+    notes: BTreeMap<ServiceKey, String>,
+    slices: BTreeMap<ServiceKey, BTreeMap<String, SliceInfo>>,
+    /// Slice (namespace, name) to the Service it belongs to, for deletes.
+    slice_owner: BTreeMap<(String, String), ServiceKey>,
+    slice_notes: BTreeMap<(String, String), String>,
+    node: NodeInfo,
+    /// Derived per-Service state, recomputed for `dirty` keys only.
+    state: BTreeMap<ServiceKey, Arc<ServiceState>>,
+    dirty: BTreeSet<ServiceKey>,
+    full: bool,
+    synced: BTreeSet<Kind>,
+    trigger_times: Vec<SystemTime>,
+    service_changes: usize,
+    endpoint_changes: usize,
+}
+
+impl Store {
+    /// A store for the node named `node_name` (endpoints on it are local).
+    pub fn new(node_name: impl Into<String>) -> Self {
+        let node_name = node_name.into();
+        Store {
+            node: NodeInfo {
+                name: node_name.clone(),
+                ..NodeInfo::default()
+            },
+            node_name,
+            full: true,
+            ..Store::default()
+        }
+    }
+
+    /// True once every kind has been listed completely: before that, a sync would program a
+    /// half-empty ruleset and cut live traffic.
+    pub fn is_ready(&self) -> bool {
+        [Kind::Service, Kind::EndpointSlice, Kind::Node]
+            .iter()
+            .all(|k| self.synced.contains(k))
+    }
+
+    pub fn has_changes(&self) -> bool {
+        self.full || !self.dirty.is_empty()
+    }
+
+    /// Records that `kind` has been listed completely.
+    pub fn mark_synced(&mut self, kind: Kind) {
+        self.synced.insert(kind);
+    }
+
+    /// Adds or updates a Service. Returns true if the proxied state changed.
+    pub fn apply_service(&mut self, svc: &Service) -> bool {
+        let key = convert::service_key_of(svc);
+        match convert::convert_service(svc) {
+            Ok(ServiceDecision::Proxy { ports, warnings }) => {
+                let note = warnings.join("; ");
+                if self.notes.get(&key) != Some(&note) {
+                    for w in &warnings {
+                        tracing::warn!("{w}");
+                    }
+                    self.set_note(&key, note);
+                }
+                self.set_service(key, Some(ports))
+            }
+            Ok(ServiceDecision::Skip(reason)) => {
+                let note = format!("not proxied: {reason:?}");
+                if self.notes.get(&key) != Some(&note) {
+                    tracing::debug!(service = %key, ?reason, "Service gets no rules");
+                    self.set_note(&key, note);
+                }
+                self.set_service(key, None)
+            }
+            Err(err) => {
+                let note = err.to_string();
+                if self.notes.get(&key) != Some(&note) {
+                    tracing::warn!("skipping {note}");
+                    self.set_note(&key, note);
+                }
+                self.set_service(key, None)
+            }
+        }
+    }
+
+    pub fn delete_service(&mut self, svc: &Service) -> bool {
+        let key = convert::service_key_of(svc);
+        self.notes.remove(&key);
+        self.set_service(key, None)
+    }
+
+    /// Replaces every Service with `all` (a relist, or the manifest files re-read).
+    pub fn replace_services<'a>(&mut self, all: impl IntoIterator<Item = &'a Service>) -> bool {
+        let mut listed = BTreeSet::new();
+        let mut changed = false;
+        for svc in all {
+            listed.insert(convert::service_key_of(svc));
+            changed |= self.apply_service(svc);
+        }
+        let gone: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| !listed.contains(*k))
+            .cloned()
+            .collect();
+        self.notes.retain(|k, _| listed.contains(k));
+        for key in gone {
+            changed |= self.set_service(key, None);
+        }
+        self.mark_synced(Kind::Service);
+        changed
+    }
+
+    fn set_note(&mut self, key: &ServiceKey, note: String) {
+        if note.is_empty() {
+            self.notes.remove(key);
+        } else {
+            self.notes.insert(key.clone(), note);
+        }
+    }
+
+    fn set_service(&mut self, key: ServiceKey, ports: Option<Vec<Arc<ServicePort>>>) -> bool {
+        let changed = match ports {
+            Some(ports) => match self.services.get(&key) {
+                Some(old) if *old == ports => false,
+                _ => {
+                    self.services.insert(key.clone(), ports);
+                    true
+                }
+            },
+            None => self.services.remove(&key).is_some(),
+        };
+        if changed {
+            self.service_changes += 1;
+            self.dirty.insert(key);
+        }
+        changed
+    }
+
+    /// Adds or updates an EndpointSlice. Returns true if the proxied state changed.
+    pub fn apply_slice(&mut self, slice: &EndpointSlice) -> bool {
+        let id = slice_id(slice);
+        let mut warnings = Vec::new();
+        let converted = convert::convert_endpoint_slice(slice, &self.node_name, &mut warnings);
+        let note = match &converted {
+            Err(e) => e.to_string(),
+            Ok(_) => warnings.join("; "),
+        };
+        if self.slice_notes.get(&id) != Some(&note) {
+            match &converted {
+                Err(e) => tracing::warn!("skipping {e}"),
+                Ok(_) => warnings.iter().for_each(|w| tracing::warn!("{w}")),
+            }
+            if note.is_empty() {
+                self.slice_notes.remove(&id);
+            } else {
+                self.slice_notes.insert(id.clone(), note);
+            }
+        }
+        match converted {
+            Ok(Some(info)) => self.set_slice(id, Some(info)),
+            Ok(None) | Err(_) => self.set_slice(id, None),
+        }
+    }
+
+    pub fn delete_slice(&mut self, slice: &EndpointSlice) -> bool {
+        let id = slice_id(slice);
+        self.slice_notes.remove(&id);
+        self.set_slice(id, None)
+    }
+
+    /// Replaces every EndpointSlice with `all`.
+    pub fn replace_slices<'a>(&mut self, all: impl IntoIterator<Item = &'a EndpointSlice>) -> bool {
+        let mut listed = BTreeSet::new();
+        let mut changed = false;
+        for slice in all {
+            listed.insert(slice_id(slice));
+            changed |= self.apply_slice(slice);
+        }
+        let gone: Vec<_> = self
+            .slice_owner
+            .keys()
+            .filter(|id| !listed.contains(*id))
+            .cloned()
+            .collect();
+        self.slice_notes.retain(|id, _| listed.contains(id));
+        for id in gone {
+            changed |= self.set_slice(id, None);
+        }
+        self.mark_synced(Kind::EndpointSlice);
+        changed
+    }
+
+    fn set_slice(&mut self, id: (String, String), info: Option<SliceInfo>) -> bool {
+        let old_owner = self.slice_owner.get(&id).cloned();
+        let old = old_owner
+            .as_ref()
+            .and_then(|owner| self.slices.get(owner))
+            .and_then(|m| m.get(&id.1));
+        if old == info.as_ref() {
+            return false;
+        }
+        if let Some(owner) = old_owner {
+            if let Some(m) = self.slices.get_mut(&owner) {
+                m.remove(&id.1);
+                if m.is_empty() {
+                    self.slices.remove(&owner);
+                }
+            }
+            self.slice_owner.remove(&id);
+            self.dirty.insert(owner);
+        }
+        if let Some(info) = info {
+            if let Some(t) = info.trigger_time {
+                self.trigger_times.push(t);
+            }
+            let owner = info.service.clone();
+            self.slice_owner.insert(id.clone(), owner.clone());
+            self.slices
+                .entry(owner.clone())
+                .or_default()
+                .insert(id.1, info);
+            self.dirty.insert(owner);
+        }
+        self.endpoint_changes += 1;
+        true
+    }
+
+    /// Sets this node's information; a change forces a full sync (local addresses, zone).
+    pub fn apply_node(&mut self, node: &Node) -> bool {
+        let mut info = convert::convert_node(node);
+        if info.name.is_empty() {
+            info.name = self.node_name.clone();
+        }
+        self.mark_synced(Kind::Node);
+        if info == self.node {
+            return false;
+        }
+        if info.zone != self.node.zone {
+            // Topology hints depend on the zone: every Service may change.
+            self.dirty.extend(self.services.keys().cloned());
+        }
+        self.node = info;
+        self.full = true;
+        true
+    }
+
+    /// Forces the next snapshot to be a full sync (periodic resync, after a failure).
+    pub fn force_full(&mut self) {
+        self.full = true;
+    }
+
+    /// Pending change counts: (services, endpoint slices).
+    pub fn pending_counts(&self) -> (usize, usize) {
+        (self.service_changes, self.endpoint_changes)
+    }
+
+    /// The desired state and what changed since the previous snapshot; resets change tracking.
+    pub fn snapshot(&mut self) -> Snapshot {
+        let dirty = std::mem::take(&mut self.dirty);
+        for key in &dirty {
+            match self.services.get(key) {
+                Some(ports) => {
+                    let state = build_service_state(ports, self.slices.get(key));
+                    self.state.insert(key.clone(), Arc::new(state));
+                }
+                None => {
+                    self.state.remove(key);
+                }
+            }
+        }
+        let changes = ChangeSet {
+            full: std::mem::take(&mut self.full),
+            services: dirty,
+        };
+        Snapshot {
+            desired: DesiredState {
+                services: self.state.clone(),
+                node: self.node.clone(),
+            },
+            changes,
+            trigger_times: std::mem::take(&mut self.trigger_times),
+            service_changes: std::mem::take(&mut self.service_changes),
+            endpoint_changes: std::mem::take(&mut self.endpoint_changes),
+        }
+    }
+}
+
+fn slice_id(slice: &EndpointSlice) -> (String, String) {
+    (
+        slice
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        slice.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The per-port endpoints of one Service, from all its slices.
+pub fn build_service_state(
+    ports: &[Arc<ServicePort>],
+    slices: Option<&BTreeMap<String, SliceInfo>>,
+) -> ServiceState {
+    ServiceState {
+        ports: ports
+            .iter()
+            .map(|p| PortState {
+                port: p.clone(),
+                endpoints: slices
+                    .map(|s| convert::merge_endpoints(&p.name, s.values()))
+                    .unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, ip: &str) -> Service {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}, namespace: ns}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}"
+        ))
+        .unwrap()
+    }
+
+    fn slice(name: &str, svc: &str, ip: &str) -> EndpointSlice {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}, namespace: ns, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [{ip}]}}]"
+        ))
+        .unwrap()
+    }
+
+    fn node() -> Node {
+        serde_yaml::from_str("metadata: {name: n1}").unwrap()
+    }
+
+    #[test]
+    fn not_ready_until_every_kind_listed() {
+        let mut s = Store::new("n1");
+        assert!(!s.is_ready());
+        s.replace_services([&svc("a", "10.96.0.1")]);
+        s.replace_slices([]);
+        assert!(!s.is_ready());
+        s.apply_node(&node());
+        assert!(s.is_ready());
+    }
+
+    #[test]
+    fn snapshot_tracks_only_changed_services() {
+        let mut s = Store::new("n1");
+        s.replace_services([&svc("a", "10.96.0.1"), &svc("b", "10.96.0.2")]);
+        s.replace_slices([&slice("a-1", "a", "10.244.1.2")]);
+        s.apply_node(&node());
+        let first = s.snapshot();
+        assert!(first.changes.full);
+        assert_eq!(first.desired.services.len(), 2);
+        assert_eq!(first.desired.endpoint_count(), 1);
+
+        // Re-applying identical objects changes nothing.
+        assert!(!s.apply_service(&svc("a", "10.96.0.1")));
+        assert!(!s.apply_slice(&slice("a-1", "a", "10.244.1.2")));
+        assert!(!s.has_changes());
+
+        assert!(s.apply_slice(&slice("a-1", "a", "10.244.1.3")));
+        let snap = s.snapshot();
+        assert!(!snap.changes.full);
+        assert_eq!(
+            snap.changes.services,
+            BTreeSet::from([ServiceKey::new("ns", "a")])
+        );
+        let a = &snap.desired.services[&ServiceKey::new("ns", "a")];
+        assert_eq!(a.ports[0].endpoints[0].addr_string(), "10.244.1.3:8080");
+        // Untouched Services keep the very same Arc: nothing was recomputed.
+        assert!(Arc::ptr_eq(
+            &first.desired.services[&ServiceKey::new("ns", "b")],
+            &snap.desired.services[&ServiceKey::new("ns", "b")]
+        ));
+    }
+
+    #[test]
+    fn relist_deletes_what_is_gone() {
+        let mut s = Store::new("n1");
+        s.replace_services([&svc("a", "10.96.0.1"), &svc("b", "10.96.0.2")]);
+        s.replace_slices([&slice("b-1", "b", "10.244.1.2")]);
+        s.snapshot();
+        assert!(s.replace_services([&svc("a", "10.96.0.1")]));
+        assert!(s.replace_slices([]));
+        let snap = s.snapshot();
+        assert_eq!(
+            snap.changes.services,
+            BTreeSet::from([ServiceKey::new("ns", "b")])
+        );
+        assert_eq!(snap.desired.services.len(), 1);
+    }
+
+    #[test]
+    fn invalid_service_is_dropped_others_kept() {
+        let mut s = Store::new("n1");
+        s.replace_services([&svc("good", "10.96.0.1"), &svc("bad", "10.96.0.999")]);
+        let snap = s.snapshot();
+        assert_eq!(snap.desired.services.len(), 1);
+        // An update that breaks a previously good Service removes its rules.
+        assert!(s.apply_service(&svc("good", "not-an-ip")));
+        assert!(s.snapshot().desired.services.is_empty());
+    }
+
+    #[test]
+    fn slice_moving_between_services_dirties_both() {
+        let mut s = Store::new("n1");
+        s.replace_services([&svc("a", "10.96.0.1"), &svc("b", "10.96.0.2")]);
+        s.apply_slice(&slice("x", "a", "10.244.1.2"));
+        s.snapshot();
+        s.apply_slice(&slice("x", "b", "10.244.1.2"));
+        let snap = s.snapshot();
+        assert_eq!(snap.changes.services.len(), 2);
+        assert_eq!(snap.desired.endpoint_count(), 1);
+    }
+}

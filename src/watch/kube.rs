@@ -1,0 +1,203 @@
+//! Desired state from the Kubernetes API: kube-rs watchers on Services, EndpointSlices and
+//! this node's Node object.
+//!
+//! Each watcher's initial list (and every relist after a 410 Gone) is buffered and applied as
+//! one replacement, so the store never sees a half-listed world; later events apply one by one.
+
+use std::fmt::Debug;
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use crate::model::store::{Kind, Store};
+use crate::sync::SharedState;
+
+/// Label selector kube-proxy uses: Services (and their slices) owned by another proxy are not
+/// even transferred.
+const NOT_OTHER_PROXY: &str = "!service.kubernetes.io/service-proxy-name";
+/// Headless Services' slices carry this label; they get no rules.
+const NOT_HEADLESS: &str = "!service.kubernetes.io/headless";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("reading kubeconfig {path}: {message}")]
+    Kubeconfig { path: String, message: String },
+    #[error("--master {master:?} is not a valid URL: {message}")]
+    Master { master: String, message: String },
+    #[error("no API server configured: not running in a cluster ({incluster}) and no kubeconfig found ({infer}); use --kubeconfig or --master")]
+    NoConfig { incluster: String, infer: String },
+    #[error("building the API client: {0}")]
+    Client(String),
+}
+
+/// Builds the API client as kube-proxy does: `--kubeconfig` and/or `--master` (which overrides
+/// the kubeconfig's server), else the in-cluster service account. An explicit server address
+/// is all kproxy needs: it never depends on the `kubernetes` ClusterIP it programs itself.
+pub async fn client(
+    kubeconfig: Option<&Path>,
+    master: Option<&str>,
+) -> Result<Client, ClientError> {
+    let master_uri = master
+        .map(|m| {
+            m.parse::<http::Uri>().map_err(|e| ClientError::Master {
+                master: m.to_string(),
+                message: e.to_string(),
+            })
+        })
+        .transpose()?;
+    let mut config = match (kubeconfig, &master_uri) {
+        (Some(path), _) => {
+            let kc =
+                kube::config::Kubeconfig::read_from(path).map_err(|e| ClientError::Kubeconfig {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| ClientError::Kubeconfig {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?
+        }
+        (None, Some(uri)) => kube::Config::new(uri.clone()),
+        (None, None) => match kube::Config::incluster() {
+            Ok(c) => c,
+            Err(incluster) => {
+                kube::Config::infer()
+                    .await
+                    .map_err(|infer| ClientError::NoConfig {
+                        incluster: incluster.to_string(),
+                        infer: infer.to_string(),
+                    })?
+            }
+        },
+    };
+    if let Some(uri) = master_uri {
+        config.cluster_url = uri;
+    }
+    Client::try_from(config).map_err(|e| ClientError::Client(e.to_string()))
+}
+
+/// How one kind's events land in the store.
+trait Apply: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
+    const KIND: Kind;
+    fn apply(store: &mut Store, obj: &Self) -> bool;
+    fn delete(store: &mut Store, obj: &Self) -> bool;
+    fn replace(store: &mut Store, all: &[Self]) -> bool;
+}
+
+impl Apply for Service {
+    const KIND: Kind = Kind::Service;
+    fn apply(store: &mut Store, obj: &Self) -> bool {
+        store.apply_service(obj)
+    }
+    fn delete(store: &mut Store, obj: &Self) -> bool {
+        store.delete_service(obj)
+    }
+    fn replace(store: &mut Store, all: &[Self]) -> bool {
+        store.replace_services(all.iter())
+    }
+}
+
+impl Apply for EndpointSlice {
+    const KIND: Kind = Kind::EndpointSlice;
+    fn apply(store: &mut Store, obj: &Self) -> bool {
+        store.apply_slice(obj)
+    }
+    fn delete(store: &mut Store, obj: &Self) -> bool {
+        store.delete_slice(obj)
+    }
+    fn replace(store: &mut Store, all: &[Self]) -> bool {
+        store.replace_slices(all.iter())
+    }
+}
+
+impl Apply for Node {
+    const KIND: Kind = Kind::Node;
+    fn apply(store: &mut Store, obj: &Self) -> bool {
+        store.apply_node(obj)
+    }
+    fn delete(_store: &mut Store, obj: &Self) -> bool {
+        // Keep the last known addresses: a deleted Node object does not remove the host.
+        tracing::warn!(node = ?obj.metadata.name, "this node's Node object was deleted");
+        false
+    }
+    fn replace(store: &mut Store, all: &[Self]) -> bool {
+        match all.first() {
+            Some(node) => store.apply_node(node),
+            None => {
+                // kube-proxy proceeds without node information too: NodePorts still work on
+                // every local address; only zone hints and `primary` addresses are missing.
+                tracing::warn!("this node's Node object was not found; proceeding without its addresses and zone");
+                store.mark_synced(Kind::Node);
+                true
+            }
+        }
+    }
+}
+
+/// Feeds one watcher into the store until shutdown.
+async fn watch_kind<K: Apply>(
+    api: Api<K>,
+    config: watcher::Config,
+    state: Arc<SharedState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    let mut buffer: Vec<K> = Vec::new();
+    loop {
+        let event = tokio::select! {
+            e = stream.next() => e,
+            _ = shutdown.changed() => return,
+        };
+        match event {
+            None => return,
+            Some(Ok(Event::Init)) => buffer.clear(),
+            Some(Ok(Event::InitApply(obj))) => buffer.push(obj),
+            Some(Ok(Event::InitDone)) => {
+                let all = std::mem::take(&mut buffer);
+                tracing::debug!(kind = ?K::KIND, objects = all.len(), "listed");
+                state.update(|s| K::replace(s, &all));
+            }
+            Some(Ok(Event::Apply(obj))) => state.update(|s| K::apply(s, &obj)),
+            Some(Ok(Event::Delete(obj))) => state.update(|s| K::delete(s, &obj)),
+            // The watcher retries on its own (with backoff); the store keeps the last state.
+            Some(Err(e)) => tracing::warn!(kind = ?K::KIND, error = %e, "watch failed; retrying"),
+        }
+    }
+}
+
+/// Starts the three watchers; they run until `shutdown`.
+pub fn spawn_watchers(
+    client: Client,
+    node_name: &str,
+    state: Arc<SharedState>,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let services = watcher::Config::default().labels(NOT_OTHER_PROXY);
+    let slices = watcher::Config::default().labels(&format!("{NOT_HEADLESS},{NOT_OTHER_PROXY}"));
+    let node = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    vec![
+        tokio::spawn(watch_kind::<Service>(
+            Api::all(client.clone()),
+            services,
+            state.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(watch_kind::<EndpointSlice>(
+            Api::all(client.clone()),
+            slices,
+            state.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(watch_kind::<Node>(Api::all(client), node, state, shutdown)),
+    ]
+}
