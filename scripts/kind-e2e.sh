@@ -11,7 +11,7 @@
 set -Eeuo pipefail
 
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=lib-kind.sh
+# shellcheck source-path=SCRIPTDIR source=lib-kind.sh
 source "${script_dir}/lib-kind.sh"
 
 usage() {
@@ -94,13 +94,14 @@ expect_served() {
     done
 }
 
-# codes_from_pod URL N: N requests from the client pod, one HTTP code per line.
+# codes_from_pod URL N: N requests from the client pod, one HTTP code per line
+# (000 when no answer came). The request number is appended to URL.
 codes_from_pod() {
     # shellcheck disable=SC2016 # expanded by the pod's shell, from its arguments
     kc -n "${ns}" exec e2e-client -- sh -c '
         i=1
         while [ "$i" -le "$2" ]; do
-            curl -s -o /dev/null --max-time 5 -w "%{http_code}\n" "$1$i" || echo 000
+            curl -s -o /dev/null --max-time 5 -w "%{http_code}\n" "$1$i"
             i=$((i + 1))
         done' sh "$1" "$2"
 }
@@ -113,7 +114,7 @@ codes_from_host() {
     local args=("${@:1:$#-1}") url=${!#}
     for ((i = 1; i <= n; i++)); do
         # ${args[@]+...}: an empty array under set -u, also in bash 3.2 (macOS).
-        curl -s -o /dev/null --max-time 5 -w '%{http_code}\n' ${args[@]+"${args[@]}"} "${url}${i}" || echo 000
+        curl -s -o /dev/null --max-time 5 -w '%{http_code}\n' ${args[@]+"${args[@]}"} "${url}${i}" || true
     done
 }
 
@@ -192,6 +193,7 @@ if kc get namespace "${ns}" >/dev/null 2>&1; then
     kc delete namespace "${ns}" --wait=true --timeout=120s
 fi
 kc create namespace "${ns}"
+retry 30 kc -n "${ns}" get serviceaccount default >/dev/null || die "namespace ${ns} got no default ServiceAccount"
 ok "kproxy ${proxy_mode} on every node, kube-proxy absent, namespace ${ns} ready"
 
 step "Creating the walkthrough's 2-replica Deployment and ClusterIP Service"

@@ -11,7 +11,7 @@
 set -Eeuo pipefail
 
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=lib-kind.sh
+# shellcheck source-path=SCRIPTDIR source=lib-kind.sh
 source "${script_dir}/lib-kind.sh"
 
 usage() {

@@ -6,6 +6,8 @@
 pub mod apply;
 pub mod names;
 pub mod render;
+#[cfg(test)]
+pub mod tracer;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;

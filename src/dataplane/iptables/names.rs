@@ -34,13 +34,21 @@ pub struct Jump {
     pub new_only: bool,
 }
 
-/// kube-proxy's jump layout, with kproxy's chains.
+/// kube-proxy's jump layout, with kproxy's chains. Each is inserted first in its built-in chain,
+/// in this order, so the last one listed for a chain ends up first (the firewall, as upstream).
 pub const JUMPS: &[Jump] = &[
     Jump {
         table: "filter",
         from: "INPUT",
-        to: FIREWALL,
-        comment: "kproxy load balancer firewall",
+        to: EXTERNAL_SERVICES,
+        comment: "kproxy externally-visible service portals",
+        new_only: true,
+    },
+    Jump {
+        table: "filter",
+        from: "FORWARD",
+        to: EXTERNAL_SERVICES,
+        comment: "kproxy externally-visible service portals",
         new_only: true,
     },
     Jump {
@@ -52,16 +60,16 @@ pub const JUMPS: &[Jump] = &[
     },
     Jump {
         table: "filter",
-        from: "INPUT",
-        to: EXTERNAL_SERVICES,
-        comment: "kproxy externally-visible service portals",
+        from: "FORWARD",
+        to: SERVICES,
+        comment: "kproxy service portals",
         new_only: true,
     },
     Jump {
         table: "filter",
-        from: "FORWARD",
-        to: FIREWALL,
-        comment: "kproxy load balancer firewall",
+        from: "OUTPUT",
+        to: SERVICES,
+        comment: "kproxy service portals",
         new_only: true,
     },
     Jump {
@@ -73,16 +81,9 @@ pub const JUMPS: &[Jump] = &[
     },
     Jump {
         table: "filter",
-        from: "FORWARD",
-        to: SERVICES,
-        comment: "kproxy service portals",
-        new_only: true,
-    },
-    Jump {
-        table: "filter",
-        from: "FORWARD",
-        to: EXTERNAL_SERVICES,
-        comment: "kproxy externally-visible service portals",
+        from: "INPUT",
+        to: FIREWALL,
+        comment: "kproxy load balancer firewall",
         new_only: true,
     },
     Jump {
@@ -94,21 +95,21 @@ pub const JUMPS: &[Jump] = &[
     },
     Jump {
         table: "filter",
-        from: "OUTPUT",
-        to: SERVICES,
-        comment: "kproxy service portals",
+        from: "FORWARD",
+        to: FIREWALL,
+        comment: "kproxy load balancer firewall",
         new_only: true,
     },
     Jump {
         table: "nat",
-        from: "PREROUTING",
+        from: "OUTPUT",
         to: SERVICES,
         comment: "kproxy service portals",
         new_only: false,
     },
     Jump {
         table: "nat",
-        from: "OUTPUT",
+        from: "PREROUTING",
         to: SERVICES,
         comment: "kproxy service portals",
         new_only: false,

@@ -1,1 +1,732 @@
+//! Packet-flow tests over rendered rules (where does a packet land, masqueraded or not), the
+//! partial-sync plan, and a golden file of the rendered ruleset.
 
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::render::{LocalDetector, NodePortMatch, RenderConfig};
+use super::tracer::{Origin, Packet, Ruleset, Table, TraceResult};
+use super::{names, Planner};
+use crate::model::store::Store;
+use crate::model::{ChangeSet, DesiredState, IpFamily, ServiceKey};
+
+const NODE_IP: &str = "192.0.2.1";
+
+fn config() -> RenderConfig {
+    RenderConfig {
+        family: IpFamily::V4,
+        masquerade_all: false,
+        masquerade_mark: 0x4000,
+        local_detector: LocalDetector::Cidr("10.244.0.0/16".parse().unwrap()),
+        nodeports: NodePortMatch::AllLocal,
+    }
+}
+
+/// A store loaded from YAML documents (Services and EndpointSlices), for node `node-1`.
+fn store(yaml: &str) -> Store {
+    let mut store = Store::new("node-1");
+    let mut services: Vec<Service> = vec![];
+    let mut slices: Vec<EndpointSlice> = vec![];
+    for doc in yaml.split("\n---\n") {
+        let v: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
+        match v.get("kind").and_then(|k| k.as_str()) {
+            Some("Service") => services.push(serde_yaml::from_value(v).unwrap()),
+            Some("EndpointSlice") => slices.push(serde_yaml::from_value(v).unwrap()),
+            other => panic!("unexpected kind {other:?}"),
+        }
+    }
+    store.replace_services(services.iter());
+    store.replace_slices(slices.iter());
+    let node: Node = serde_yaml::from_str(&format!(
+        "metadata: {{name: node-1, labels: {{topology.kubernetes.io/zone: zone-a}}}}\nstatus: {{addresses: [{{type: InternalIP, address: {NODE_IP}}}]}}"
+    ))
+    .unwrap();
+    store.apply_node(&node);
+    store
+}
+
+fn desired(yaml: &str) -> DesiredState {
+    store(yaml).snapshot().desired
+}
+
+/// The kernel's view after a full sync: the restore input plus the jumps into built-in chains,
+/// inserted as `ensure_jumps` inserts them.
+fn ruleset(desired: &DesiredState, cfg: &RenderConfig) -> Ruleset {
+    let plan = Planner::new().plan(desired, &ChangeSet::full(), cfg, None);
+    let mut rules =
+        Ruleset::parse(&plan.restore).unwrap_or_else(|e| panic!("{e}\n{}", plan.restore));
+    for jump in names::JUMPS {
+        let table: Table = jump.table.parse().unwrap();
+        rules.insert(table, jump.from, 1, &jump.args()).unwrap();
+    }
+    rules
+}
+
+fn trace(rules: &Ruleset, from: Origin, src: &str, dst: &str, udp: bool) -> TraceResult {
+    let packet = if udp {
+        Packet::udp(from, src, dst)
+    } else {
+        Packet::tcp(from, src, dst)
+    };
+    rules
+        .tracer([NODE_IP.parse().unwrap()])
+        .trace(&packet)
+        .unwrap_or_else(|e| panic!("trace {src} -> {dst}: {e}"))
+}
+
+/// Asserts where a packet lands ("ip:port, ..." / "REJECT" / "DROP" / "ACCEPT") and whether it
+/// is masqueraded (`None` for mixed outcomes such as hairpin).
+#[track_caller]
+fn check(rules: &Ruleset, from: Origin, src: &str, dst: &str, want: &str, masq: Option<bool>) {
+    let r = trace(rules, from, src, dst, false);
+    assert_eq!(r.to_string(), want, "{src} -> {dst}\n{}", r.explain());
+    assert_eq!(
+        r.masquerade(),
+        masq,
+        "{src} -> {dst} masquerade\n{}",
+        r.explain()
+    );
+}
+
+fn svc(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec: {spec}"
+    )
+}
+
+/// A slice with endpoints given as `ip[@node][:state]`, state = ready (default), terminating, down.
+fn slice(service: &str, port_name: &str, port: u16, endpoints: &[&str]) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|e| {
+            let (rest, state) = e.split_once(':').unwrap_or((e, "ready"));
+            let (ip, node) = rest.split_once('@').unwrap_or((rest, "node-2"));
+            let cond = match state {
+                "ready" => "{ready: true, serving: true, terminating: false}",
+                "terminating" => "{ready: false, serving: true, terminating: true}",
+                _ => "{ready: false, serving: false, terminating: false}",
+            };
+            format!("{{addresses: [{ip}], nodeName: {node}, conditions: {cond}}}")
+        })
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-x, namespace: ns, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: {port_name}, port: {port}, protocol: TCP}}]\nendpoints: [{}]",
+        eps.join(", ")
+    )
+}
+
+fn basic() -> String {
+    [
+        svc("web", "{clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}"),
+        slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]),
+        svc("np", "{type: NodePort, clusterIP: 10.96.0.11, ports: [{name: http, port: 80, nodePort: 30080}]}"),
+        slice("np", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]),
+        svc("empty", "{type: NodePort, clusterIP: 10.96.0.12, ports: [{name: http, port: 80, nodePort: 30081}]}"),
+    ]
+    .join("\n---\n")
+}
+
+#[test]
+fn cluster_ip_balances_and_masquerades_only_off_cluster_sources() {
+    let rules = ruleset(&desired(&basic()), &config());
+    let both = "10.244.1.2:8080, 10.244.2.2:8080";
+    check(
+        &rules,
+        Origin::Remote,
+        "10.244.3.5",
+        "10.96.0.10:80",
+        both,
+        Some(false),
+    );
+    check(
+        &rules,
+        Origin::Remote,
+        "203.0.113.9",
+        "10.96.0.10:80",
+        both,
+        Some(true),
+    );
+    check(
+        &rules,
+        Origin::Local,
+        NODE_IP,
+        "10.96.0.10:80",
+        both,
+        Some(true),
+    );
+    // Hairpin: the pod reaches itself only masqueraded, the other pod directly.
+    let r = trace(&rules, Origin::Remote, "10.244.1.2", "10.96.0.10:80", false);
+    assert_eq!(r.to_string(), both);
+    assert_eq!(r.masquerade(), None, "{}", r.explain());
+    // Another port on the same cluster IP is none of kproxy's business.
+    check(
+        &rules,
+        Origin::Remote,
+        "10.244.3.5",
+        "10.96.0.10:81",
+        "ACCEPT",
+        Some(false),
+    );
+}
+
+#[test]
+fn node_port_from_outside_is_masqueraded() {
+    let rules = ruleset(&desired(&basic()), &config());
+    let dst = format!("{NODE_IP}:30080");
+    check(
+        &rules,
+        Origin::Remote,
+        "203.0.113.9",
+        &dst,
+        "10.244.1.2:8080, 10.244.2.2:8080",
+        Some(true),
+    );
+    // Not a node address: not a NodePort.
+    check(
+        &rules,
+        Origin::Remote,
+        "203.0.113.9",
+        "198.51.100.7:30080",
+        "ACCEPT",
+        Some(false),
+    );
+}
+
+#[test]
+fn no_endpoints_rejects_cluster_ip_and_node_port() {
+    let rules = ruleset(&desired(&basic()), &config());
+    check(
+        &rules,
+        Origin::Remote,
+        "10.244.3.5",
+        "10.96.0.12:80",
+        "REJECT",
+        Some(false),
+    );
+    check(
+        &rules,
+        Origin::Local,
+        NODE_IP,
+        "10.96.0.12:80",
+        "REJECT",
+        Some(false),
+    );
+    check(
+        &rules,
+        Origin::Remote,
+        "203.0.113.9",
+        &format!("{NODE_IP}:30081"),
+        "REJECT",
+        Some(false),
+    );
+}
+
+#[test]
+fn masquerade_all() {
+    let cfg = RenderConfig {
+        masquerade_all: true,
+        local_detector: LocalDetector::None,
+        ..config()
+    };
+    let rules = ruleset(&desired(&basic()), &cfg);
+    check(
+        &rules,
+        Origin::Remote,
+        "10.244.3.5",
+        "10.96.0.10:80",
+        "10.244.1.2:8080, 10.244.2.2:8080",
+        Some(true),
+    );
+}
+
+#[test]
+fn without_cluster_cidr_cluster_ip_traffic_keeps_its_source() {
+    let cfg = RenderConfig {
+        local_detector: LocalDetector::None,
+        ..config()
+    };
+    let rules = ruleset(&desired(&basic()), &cfg);
+    check(
+        &rules,
+        Origin::Remote,
+        "203.0.113.9",
+        "10.96.0.10:80",
+        "10.244.1.2:8080, 10.244.2.2:8080",
+        Some(false),
+    );
+}
+
+fn etp_local(endpoints: &[&str]) -> String {
+    [
+        svc(
+            "lb",
+            "{type: LoadBalancer, clusterIP: 10.96.0.20, externalTrafficPolicy: Local, healthCheckNodePort: 32000, externalIPs: [198.51.100.20], ports: [{name: http, port: 80, nodePort: 30090}]}",
+        ),
+        slice("lb", "http", 8080, endpoints),
+    ]
+    .join("\n---\n")
+}
+
+#[test]
+fn external_traffic_policy_local() {
+    let rules = ruleset(
+        &desired(&etp_local(&["10.244.1.2@node-1", "10.244.2.2"])),
+        &config(),
+    );
+    let np = format!("{NODE_IP}:30090");
+    // Outside clients reach only the local endpoint and keep their source address.
+    check(
+        &rules,
+        Origin::Remote,
+        "203.0.113.9",
+        &np,
+        "10.244.1.2:8080",
+        Some(false),
+    );
+    check(
+        &rules,
+        Origin::Remote,
+        "203.0.113.9",
+        "198.51.100.20:80",
+        "10.244.1.2:8080",
+        Some(false),
+    );
+    // Pods use every endpoint (as if via the load balancer), unmasqueraded from the cluster CIDR.
+    check(
+        &rules,
+        Origin::Remote,
+        "10.244.3.5",
+        &np,
+        "10.244.1.2:8080, 10.244.2.2:8080",
+        Some(false),
+    );
+    // The node itself: every endpoint, masqueraded.
+    check(
+        &rules,
+        Origin::Local,
+        NODE_IP,
+        &np,
+        "10.244.1.2:8080, 10.244.2.2:8080",
+        Some(true),
+    );
+    // Cluster IP is unaffected by eTP.
+    check(
+        &rules,
+        Origin::Remote,
+        "10.244.3.5",
+        "10.96.0.20:80",
+        "10.244.1.2:8080, 10.244.2.2:8080",
+        Some(false),
+    );
+    // The health check port is accepted.
+    check(
+        &rules,
+        Origin::Remote,
+        "203.0.113.9",
+        &format!("{NODE_IP}:32000"),
+        "ACCEPT",
+        Some(false),
+    );
+
+    let remote_only = ruleset(&desired(&etp_local(&["10.244.2.2"])), &config());
+    check(
+        &remote_only,
+        Origin::Remote,
+        "203.0.113.9",
+        &np,
+        "DROP",
+        Some(false),
+    );
+    check(
+        &remote_only,
+        Origin::Remote,
+        "10.244.3.5",
+        &np,
+        "10.244.2.2:8080",
+        Some(false),
+    );
+    check(
+        &remote_only,
+        Origin::Remote,
+        "10.244.3.5",
+        "10.96.0.20:80",
+        "10.244.2.2:8080",
+        Some(false),
+    );
+}
+
+#[test]
+fn internal_traffic_policy_local() {
+    let yaml = |eps: &[&str]| {
+        [
+            svc("itp", "{clusterIP: 10.96.0.30, internalTrafficPolicy: Local, ports: [{name: http, port: 80}]}"),
+            slice("itp", "http", 8080, eps),
+        ]
+        .join("\n---\n")
+    };
+    let rules = ruleset(
+        &desired(&yaml(&["10.244.1.2@node-1", "10.244.2.2"])),
+        &config(),
+    );
+    check(
+        &rules,
+        Origin::Remote,
+        "10.244.3.5",
+        "10.96.0.30:80",
+        "10.244.1.2:8080",
+        Some(false),
+    );
+    let none_local = ruleset(&desired(&yaml(&["10.244.2.2"])), &config());
+    check(
+        &none_local,
+        Origin::Remote,
+        "10.244.3.5",
+        "10.96.0.30:80",
+        "DROP",
+        Some(false),
+    );
+}
+
+#[test]
+fn terminating_endpoints_only_when_nothing_is_ready() {
+    let yaml = |eps: &[&str]| {
+        [
+            svc(
+                "t",
+                "{clusterIP: 10.96.0.40, ports: [{name: http, port: 80}]}",
+            ),
+            slice("t", "http", 8080, eps),
+        ]
+        .join("\n---\n")
+    };
+    let rules = ruleset(
+        &desired(&yaml(&["10.244.1.2", "10.244.2.2:terminating"])),
+        &config(),
+    );
+    check(
+        &rules,
+        Origin::Remote,
+        "10.244.3.5",
+        "10.96.0.40:80",
+        "10.244.1.2:8080",
+        Some(false),
+    );
+    let rules = ruleset(
+        &desired(&yaml(&["10.244.1.2:down", "10.244.2.2:terminating"])),
+        &config(),
+    );
+    check(
+        &rules,
+        Origin::Remote,
+        "10.244.3.5",
+        "10.96.0.40:80",
+        "10.244.2.2:8080",
+        Some(false),
+    );
+    let rules = ruleset(&desired(&yaml(&["10.244.1.2:down"])), &config());
+    check(
+        &rules,
+        Origin::Remote,
+        "10.244.3.5",
+        "10.96.0.40:80",
+        "REJECT",
+        Some(false),
+    );
+}
+
+#[test]
+fn load_balancer_source_ranges() {
+    let yaml = [
+        "apiVersion: v1\nkind: Service\nmetadata: {name: fw, namespace: ns}\nspec: {type: LoadBalancer, clusterIP: 10.96.0.50, loadBalancerSourceRanges: [203.0.113.0/24], ports: [{name: http, port: 80, nodePort: 30100}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.50}]}}".to_string(),
+        slice("fw", "http", 8080, &["10.244.2.2"]),
+    ]
+    .join("\n---\n");
+    let rules = ruleset(&desired(&yaml), &config());
+    check(
+        &rules,
+        Origin::Remote,
+        "203.0.113.9",
+        "198.51.100.50:80",
+        "10.244.2.2:8080",
+        Some(true),
+    );
+    check(
+        &rules,
+        Origin::Remote,
+        "192.0.2.77",
+        "198.51.100.50:80",
+        "DROP",
+        Some(false),
+    );
+}
+
+#[test]
+fn session_affinity_still_reaches_every_endpoint() {
+    let yaml = [
+        svc(
+            "aff",
+            "{clusterIP: 10.96.0.60, sessionAffinity: ClientIP, ports: [{name: http, port: 80}]}",
+        ),
+        slice("aff", "http", 8080, &["10.244.1.2", "10.244.2.2"]),
+    ]
+    .join("\n---\n");
+    let d = desired(&yaml);
+    let plan = Planner::new().plan(&d, &ChangeSet::full(), &config(), None);
+    assert!(
+        plan.restore.contains("--rcheck --seconds 10800 --reap"),
+        "{}",
+        plan.restore
+    );
+    let rules = ruleset(&d, &config());
+    check(
+        &rules,
+        Origin::Remote,
+        "10.244.3.5",
+        "10.96.0.60:80",
+        "10.244.1.2:8080, 10.244.2.2:8080",
+        Some(false),
+    );
+}
+
+#[test]
+fn equal_probability_ladder() {
+    let eps = ["10.244.1.2", "10.244.1.3", "10.244.1.4", "10.244.1.5"];
+    let yaml = [
+        svc(
+            "four",
+            "{clusterIP: 10.96.0.70, ports: [{name: http, port: 80}]}",
+        ),
+        slice("four", "http", 8080, &eps),
+    ]
+    .join("\n---\n");
+    let plan = Planner::new().plan(&desired(&yaml), &ChangeSet::full(), &config(), None);
+    let probs: Vec<&str> = plan
+        .restore
+        .lines()
+        .filter_map(|l| l.split("--probability ").nth(1))
+        .map(|p| p.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(probs, ["0.2500000000", "0.3333333333", "0.5000000000"]);
+}
+
+#[test]
+fn partial_sync_writes_only_the_changed_service() {
+    let mut store = store(&basic());
+    let mut planner = Planner::new();
+    let first = store.snapshot();
+    planner.plan(&first.desired, &first.changes, &config(), None);
+
+    // One endpoint of `web` goes away.
+    let slice_yaml = slice("web", "http", 8080, &["10.244.2.2"]);
+    let s: EndpointSlice = serde_yaml::from_str(&slice_yaml).unwrap();
+    assert!(store.apply_slice(&s));
+    let snap = store.snapshot();
+    assert_eq!(
+        snap.changes.services,
+        BTreeSet::from([ServiceKey::new("ns", "web")])
+    );
+    let plan = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    let declared: Vec<&str> = plan
+        .restore
+        .lines()
+        .filter(|l| l.starts_with(":KPROXY-S"))
+        .collect();
+    let web = crate::model::ServicePortName {
+        service: ServiceKey::new("ns", "web"),
+        port: "http".into(),
+        protocol: crate::model::Protocol::Tcp,
+    };
+    let np_chain = format!(
+        ":{} - [0:0]",
+        names::svc_chain(&crate::model::ServicePortName {
+            service: ServiceKey::new("ns", "np"),
+            ..web.clone()
+        })
+    );
+    assert!(
+        !declared.contains(&np_chain.as_str()),
+        "untouched Service rewritten:\n{}",
+        plan.restore
+    );
+    assert!(declared.contains(&format!(":{} - [0:0]", names::svc_chain(&web)).as_str()));
+    // The dropped endpoint's chain is deleted, the dispatch chain still lists every Service.
+    let deleted: Vec<&str> = plan
+        .restore
+        .lines()
+        .filter(|l| l.starts_with("-X "))
+        .collect();
+    assert_eq!(deleted.len(), 1, "{}", plan.restore);
+    for dispatch in ["\"ns/web:http cluster IP\"", "\"ns/np:http cluster IP\""] {
+        let line = format!("-A KPROXY-SERVICES -m comment --comment {dispatch}");
+        assert!(
+            plan.restore.contains(&line),
+            "missing {line}\n{}",
+            plan.restore
+        );
+    }
+
+    // The resulting kernel state routes as a full render would.
+    let mut kernel = Ruleset::parse(
+        &Planner::new()
+            .plan(&first.desired, &ChangeSet::full(), &config(), None)
+            .restore,
+    )
+    .unwrap();
+    kernel.restore(&plan.restore).unwrap();
+    for jump in names::JUMPS {
+        kernel
+            .insert(jump.table.parse().unwrap(), jump.from, 1, &jump.args())
+            .unwrap();
+    }
+    check(
+        &kernel,
+        Origin::Remote,
+        "10.244.3.5",
+        "10.96.0.10:80",
+        "10.244.2.2:8080",
+        Some(false),
+    );
+    check(
+        &kernel,
+        Origin::Remote,
+        "10.244.3.5",
+        "10.96.0.11:80",
+        "10.244.1.2:8080, 10.244.2.2:8080",
+        Some(false),
+    );
+
+    // Deleting a Service deletes all its chains.
+    let web_svc: Service = serde_yaml::from_str(&svc(
+        "web",
+        "{clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}",
+    ))
+    .unwrap();
+    store.delete_service(&web_svc);
+    let snap = store.snapshot();
+    let plan = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    kernel.restore(&plan.restore).unwrap();
+    assert!(
+        plan.restore
+            .contains(&format!("-X {}", names::svc_chain(&web))),
+        "{}",
+        plan.restore
+    );
+    check(
+        &kernel,
+        Origin::Remote,
+        "10.244.3.5",
+        "10.96.0.10:80",
+        "ACCEPT",
+        Some(false),
+    );
+}
+
+#[test]
+fn full_sync_deletes_stray_chains_found_in_the_kernel() {
+    let d = desired(&basic());
+    let kernel: BTreeSet<String> = [
+        "KPROXY-SVC-OLDOLDOLDOLDOLD1",
+        "KPROXY-SERVICES",
+        "KUBE-SERVICES",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    let plan = Planner::new().plan(&d, &ChangeSet::full(), &config(), Some(&kernel));
+    assert!(plan.restore.contains("-X KPROXY-SVC-OLDOLDOLDOLDOLD1"));
+    assert!(!plan.restore.contains("-X KPROXY-SERVICES"));
+    assert!(
+        !plan.restore.contains("KUBE-SERVICES"),
+        "never touches other software's chains"
+    );
+}
+
+#[test]
+fn invalid_service_is_skipped_and_the_rest_still_route() {
+    let yaml = [
+        basic(),
+        svc(
+            "bad",
+            "{clusterIP: 10.96.0.999, ports: [{name: http, port: 80}]}",
+        ),
+        svc(
+            "badport",
+            "{clusterIP: 10.96.0.13, ports: [{name: x, port: 0}]}",
+        ),
+    ]
+    .join("\n---\n");
+    let rules = ruleset(&desired(&yaml), &config());
+    check(
+        &rules,
+        Origin::Remote,
+        "10.244.3.5",
+        "10.96.0.10:80",
+        "10.244.1.2:8080, 10.244.2.2:8080",
+        Some(false),
+    );
+}
+
+#[test]
+fn udp_and_ipv6_render() {
+    let yaml = [
+        svc("dns", "{clusterIP: 10.96.0.53, ports: [{name: dns, port: 53, protocol: UDP}]}"),
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: dns-x, namespace: ns, labels: {kubernetes.io/service-name: dns}}\naddressType: IPv4\nports: [{name: dns, port: 5353, protocol: UDP}]\nendpoints: [{addresses: [10.244.1.2]}]".to_string(),
+        svc("v6", "{clusterIP: 'fd00::10', ports: [{name: http, port: 80}]}"),
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: v6-x, namespace: ns, labels: {kubernetes.io/service-name: v6}}\naddressType: IPv6\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints: [{addresses: ['fd00:244::2']}]".to_string(),
+    ]
+    .join("\n---\n");
+    let d = desired(&yaml);
+    let rules = ruleset(&d, &config());
+    let r = trace(&rules, Origin::Remote, "10.244.3.5", "10.96.0.53:53", true);
+    assert_eq!(r.to_string(), "10.244.1.2:5353", "{}", r.explain());
+
+    let v6 = RenderConfig {
+        family: IpFamily::V6,
+        local_detector: LocalDetector::Cidr("fd00:244::/64".parse().unwrap()),
+        ..config()
+    };
+    let plan = Planner::new().plan(&d, &ChangeSet::full(), &v6, None);
+    assert!(
+        plan.restore.contains("--to-destination [fd00:244::2]:8080"),
+        "{}",
+        plan.restore
+    );
+    assert!(
+        !plan.restore.contains("10.96.0.53"),
+        "IPv4 Services stay out of ip6tables"
+    );
+    let mut rules = Ruleset::parse(&plan.restore).unwrap();
+    for jump in names::JUMPS {
+        rules
+            .insert(jump.table.parse().unwrap(), jump.from, 1, &jump.args())
+            .unwrap();
+    }
+    let r = rules
+        .tracer(["fd00::1".parse().unwrap()])
+        .trace(&Packet::tcp(Origin::Remote, "fd00:244::9", "[fd00::10]:80"))
+        .unwrap();
+    assert_eq!(r.to_string(), "[fd00:244::2]:8080", "{}", r.explain());
+}
+
+#[test]
+fn golden_render() {
+    let plan = Planner::new().plan(&desired(&basic()), &ChangeSet::full(), &config(), None);
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/dataplane/iptables/testdata/basic.golden"
+    );
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(path, &plan.restore).unwrap();
+    }
+    let golden = std::fs::read_to_string(path).expect("golden file (UPDATE_GOLDEN=1 writes it)");
+    for (i, (got, want)) in plan.restore.lines().zip(golden.lines()).enumerate() {
+        assert_eq!(got, want, "golden line {} differs", i + 1);
+    }
+    assert_eq!(
+        plan.restore.lines().count(),
+        golden.lines().count(),
+        "golden length differs"
+    );
+}
