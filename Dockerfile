@@ -148,12 +148,11 @@ load_modules() {
 echo "kproxy-node-prep: mode ${mode}"
 case "${mode}" in
     iptables)
-        # NodePorts on 127.0.0.1, as kube-proxy allows (its localhostNodePorts).
-        set_sysctl net.ipv4.conf.all.route_localnet 1
+        # Nothing: kproxy does not serve NodePorts on 127.0.0.1, so it needs no
+        # route_localnet (CVE-2020-8558), and iptables loads its own modules.
         ;;
     ipvs)
         load_modules ip_vs ip_vs_rr ip_vs_wrr ip_vs_sh nf_conntrack
-        set_sysctl net.ipv4.conf.all.route_localnet 1
         # IPVS must keep conntrack entries for the masquerade rules to match.
         set_sysctl net.ipv4.vs.conntrack 1
         # Drop connections to real servers that are gone, and stale persistence.

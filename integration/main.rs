@@ -1,1 +1,124 @@
-fn main() {}
+//! Integration tests: the real kproxy binary, as root, in network namespaces with real servers
+//! and real packets. Every scenario runs against every proxy mode and both sources of desired
+//! state (manifest files and a fake API server).
+//!
+//! This binary is also its own test server: `__serve NAME PORT` answers HTTP on TCP and echoes
+//! on UDP with the pod name and the peer address; `__udp ADDR` is a one-shot UDP client.
+
+mod fakeapi;
+mod harness;
+mod netns;
+mod scenarios;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, UdpSocket};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use libtest_mimic::{Arguments, Trial};
+
+/// HTTP/1.1 on TCP: every request gets `NAME PEER_IP` as body. UDP: every datagram gets the same.
+fn serve(name: &str, port: u16) -> ! {
+    let udp = UdpSocket::bind(("0.0.0.0", port)).expect("bind udp");
+    let udp_name = name.to_string();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        loop {
+            if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(format!("{udp_name} {}\n", peer.ip()).as_bytes(), peer);
+            }
+        }
+    });
+    let tcp = TcpListener::bind(("0.0.0.0", port)).expect("bind tcp");
+    for stream in tcp.incoming().flatten() {
+        let name = name.to_string();
+        std::thread::spawn(move || {
+            let peer = match stream.peer_addr() {
+                Ok(p) => p.ip(),
+                Err(_) => return,
+            };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut reader = BufReader::new(match stream.try_clone() {
+                Ok(s) => s,
+                Err(_) => return,
+            });
+            let mut writer = stream;
+            loop {
+                // Read one request head; bodies are not used by the tests.
+                let mut line = String::new();
+                let mut got_any = false;
+                loop {
+                    line.clear();
+                    match reader.read_line(&mut line) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    if line == "\r\n" || line == "\n" {
+                        break;
+                    }
+                    got_any = true;
+                }
+                if !got_any {
+                    return;
+                }
+                let body = format!("{name} {peer}\n");
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if writer.write_all(resp.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    std::process::exit(1)
+}
+
+/// Sends one datagram to `addr` and prints the reply; exit 1 without one in 2 s.
+fn udp_client(addr: &str) -> ExitCode {
+    let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+    sock.set_read_timeout(Some(Duration::from_secs(2))).ok();
+    if sock.send_to(b"ping", addr).is_err() {
+        return ExitCode::FAILURE;
+    }
+    let mut buf = [0u8; 1500];
+    match sock.recv_from(&mut buf) {
+        Ok((n, _)) => {
+            print!("{}", String::from_utf8_lossy(&buf[..n]));
+            ExitCode::SUCCESS
+        }
+        Err(_) => ExitCode::FAILURE,
+    }
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    match argv.get(1).map(String::as_str) {
+        Some("__serve") => serve(&argv[2], argv[3].parse().expect("port")),
+        Some("__udp") => return udp_client(&argv[2]),
+        _ => {}
+    }
+    let args = Arguments::from_args();
+    let is_root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if is_root && !args.list {
+        netns::sweep_stale();
+    }
+    let mut trials = Vec::new();
+    for mode in scenarios::MODES {
+        for source in [scenarios::SourceKind::Manifests, scenarios::SourceKind::Api] {
+            for (name, scenario) in scenarios::ALL {
+                let trial = Trial::test(format!("{mode}::{}::{name}", source.name()), move || {
+                    scenario(mode, source);
+                    Ok(())
+                });
+                trials.push(trial.with_ignored_flag(!is_root));
+            }
+        }
+    }
+    libtest_mimic::run(&args, trials).exit_code()
+}

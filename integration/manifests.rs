@@ -55,10 +55,7 @@ struct Document {
 impl Document {
     /// `manifests/30-daemonset.yaml#0`: where a failure points.
     fn origin(&self) -> String {
-        let file = self
-            .file
-            .strip_prefix(env!("CARGO_MANIFEST_DIR"))
-            .unwrap_or(&self.file);
+        let file = self.file.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap_or(&self.file);
         format!("{}#{}", file.display(), self.index)
     }
 }
@@ -84,10 +81,7 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
         let path = entry.expect("directory entry").path();
         if path.is_dir() {
             files.extend(yaml_files(&path));
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml")
-        ) {
+        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
             files.push(path);
         }
     }
@@ -101,12 +95,8 @@ fn documents() -> Vec<Document> {
     for file in yaml_files(Path::new(MANIFESTS)) {
         let text = fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let value = Value::deserialize(document).unwrap_or_else(|e| {
-                panic!(
-                    "{}#{index}: not YAML that maps to JSON: {e}",
-                    file.display()
-                )
-            });
+            let value = Value::deserialize(document)
+                .unwrap_or_else(|e| panic!("{}#{index}: not YAML that maps to JSON: {e}", file.display()));
             if !value.is_null() {
                 documents.push(Document {
                     file: file.clone(),
@@ -128,16 +118,8 @@ where
     T: DeserializeOwned + Metadata<Ty = ObjectMeta> + 'static,
 {
     let mut unknown = Vec::new();
-    let object: T =
-        serde_ignored::deserialize(doc.value.clone(), |path| unknown.push(field_path(&path)))
-            .map_err(|e| {
-                format!(
-                    "{}: not a valid {} {}: {e}",
-                    doc.origin(),
-                    T::API_VERSION,
-                    T::KIND
-                )
-            })?;
+    let object: T = serde_ignored::deserialize(doc.value.clone(), |path| unknown.push(field_path(&path)))
+        .map_err(|e| format!("{}: not a valid {} {}: {e}", doc.origin(), T::API_VERSION, T::KIND))?;
     if !unknown.is_empty() {
         return Err(format!(
             "{}: {} has unknown field(s): {}",
@@ -148,11 +130,7 @@ where
     }
     let meta = object.metadata();
     if meta.name.as_deref().unwrap_or("").is_empty() {
-        return Err(format!(
-            "{}: {} has no metadata.name",
-            doc.origin(),
-            T::KIND
-        ));
+        return Err(format!("{}: {} has no metadata.name", doc.origin(), T::KIND));
     }
     let namespaced = TypeId::of::<T::Scope>() == TypeId::of::<NamespaceResourceScope>();
     match (namespaced, &meta.namespace) {
@@ -176,9 +154,7 @@ fn field_path(path: &serde_ignored::Path) -> String {
     use serde_ignored::Path as P;
     match path {
         P::Root => String::new(),
-        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
-            field_path(parent)
-        }
+        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => field_path(parent),
         P::Seq { parent, index } => join_path(field_path(parent), &index.to_string()),
         P::Map { parent, key } => join_path(field_path(parent), key),
     }
@@ -194,22 +170,14 @@ fn join_path(parent: String, child: &str) -> String {
 
 /// Decodes a document by its apiVersion and kind.
 fn decode(doc: &Document) -> Result<Object, String> {
-    let field = |name: &str| {
-        doc.value
-            .get(name)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned()
-    };
+    let field = |name: &str| doc.value.get(name).and_then(Value::as_str).unwrap_or("").to_owned();
     let (api_version, kind) = (field("apiVersion"), field("kind"));
     Ok(match (api_version.as_str(), kind.as_str()) {
         ("v1", "Namespace") => decode_strict::<Namespace>(doc).map(|_| Object::Other)?,
         ("v1", "ServiceAccount") => Object::ServiceAccount(decode_strict(doc)?),
         ("v1", "ConfigMap") => Object::ConfigMap(decode_strict(doc)?),
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => Object::ClusterRole(decode_strict(doc)?),
-        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
-            Object::ClusterRoleBinding(decode_strict(doc)?)
-        }
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => Object::ClusterRoleBinding(decode_strict(doc)?),
         ("rbac.authorization.k8s.io/v1", "Role") => Object::Role(decode_strict(doc)?),
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => Object::RoleBinding(decode_strict(doc)?),
         ("apps/v1", "DaemonSet") => Object::DaemonSet(Box::new(decode_strict(doc)?)),
@@ -235,11 +203,7 @@ fn objects() -> Vec<(Document, Object)> {
             Err(e) => errors.push(e),
         }
     }
-    assert!(
-        errors.is_empty(),
-        "invalid manifests:\n  {}",
-        errors.join("\n  ")
-    );
+    assert!(errors.is_empty(), "invalid manifests:\n  {}", errors.join("\n  "));
     decoded
 }
 
@@ -251,10 +215,7 @@ fn name_of(meta: &ObjectMeta) -> (String, String) {
 }
 
 /// `(namespace, name)` of every object of one kind.
-fn names<T>(
-    objects: &[(Document, Object)],
-    pick: impl Fn(&Object) -> Option<&T>,
-) -> BTreeSet<(String, String)>
+fn names<T>(objects: &[(Document, Object)], pick: impl Fn(&Object) -> Option<&T>) -> BTreeSet<(String, String)>
 where
     T: Metadata<Ty = ObjectMeta>,
 {
@@ -301,9 +262,7 @@ fn containers(ds: &DaemonSet) -> Vec<&Container> {
 fn runs_kproxy(container: &Container) -> bool {
     match container.command.as_deref() {
         None | Some([]) => true,
-        Some([program, ..]) => Path::new(program)
-            .file_name()
-            .is_some_and(|f| f == "kproxy"),
+        Some([program, ..]) => Path::new(program).file_name().is_some_and(|f| f == "kproxy"),
     }
 }
 
@@ -345,8 +304,7 @@ fn expand(arg: &str, env: &BTreeMap<String, String>) -> String {
         if let Some(after) = rest.strip_prefix("$$") {
             out.push('$');
             rest = after;
-        } else if let Some((name, after)) = rest.strip_prefix("$(").and_then(|r| r.split_once(')'))
-        {
+        } else if let Some((name, after)) = rest.strip_prefix("$(").and_then(|r| r.split_once(')')) {
             match env.get(name) {
                 Some(value) => out.push_str(value),
                 None => out.push_str(&rest[..name.len() + 3]),
@@ -391,12 +349,7 @@ fn node_args(
     let namespace = ds.metadata.namespace.clone().unwrap_or_default();
     let ds_name = ds.metadata.name.clone().unwrap_or_default();
     let env = container_env(container, &namespace);
-    let mut args: Vec<String> = container
-        .args
-        .iter()
-        .flatten()
-        .map(|a| expand(a, &env))
-        .collect();
+    let mut args: Vec<String> = container.args.iter().flatten().map(|a| expand(a, &env)).collect();
 
     let volumes = ds
         .spec
@@ -474,9 +427,7 @@ fn every_document_is_a_known_kind_without_unknown_fields() {
         "no ConfigMap in manifests/"
     );
     assert!(
-        has(
-            &|o| matches!(o, Object::IngressClass(c) if c.metadata.name.as_deref() == Some("kproxy"))
-        ),
+        has(&|o| matches!(o, Object::IngressClass(c) if c.metadata.name.as_deref() == Some("kproxy"))),
         "no IngressClass kproxy in manifests/"
     );
 }
@@ -501,9 +452,7 @@ fn unknown_and_mistyped_fields_are_rejected() {
             }
         }
     }));
-    let error = decode(&misspelt)
-        .err()
-        .expect("a misspelt field must be rejected");
+    let error = decode(&misspelt).err().expect("a misspelt field must be rejected");
     assert!(
         error.contains("spec.template.spec.containers.0.imagePullPolicyy"),
         "the error should name the field's path: {error}"
@@ -517,8 +466,7 @@ fn unknown_and_mistyped_fields_are_rejected() {
         decode(&mistyped).is_err(),
         "a number where a string belongs must be rejected"
     );
-    let unknown_kind =
-        doc(serde_json::json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "x" } }));
+    let unknown_kind = doc(serde_json::json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "x" } }));
     assert!(
         decode(&unknown_kind).is_err(),
         "kinds outside the known list must be rejected"
@@ -533,16 +481,8 @@ fn apply_f_and_apply_k_install_the_same_files() {
     let mut applied_by_f = BTreeSet::new();
     for entry in fs::read_dir(dir).expect("manifests/") {
         let path = entry.expect("directory entry").path();
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_owned();
-        if path.is_file()
-            && [".yaml", ".yml", ".json"]
-                .iter()
-                .any(|ext| name.ends_with(ext))
-        {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        if path.is_file() && [".yaml", ".yml", ".json"].iter().any(|ext| name.ends_with(ext)) {
             assert!(
                 !name.starts_with("kustomization."),
                 "{name}: `kubectl apply -f manifests/` would try to apply it; the file is named Kustomization"
@@ -552,10 +492,7 @@ fn apply_f_and_apply_k_install_the_same_files() {
     }
     let text = fs::read_to_string(dir.join("Kustomization")).expect("manifests/Kustomization");
     let kustomization: Value = serde_yaml::from_str(&text).expect("Kustomization is YAML");
-    assert_eq!(
-        kustomization["apiVersion"],
-        "kustomize.config.k8s.io/v1beta1"
-    );
+    assert_eq!(kustomization["apiVersion"], "kustomize.config.k8s.io/v1beta1");
     assert_eq!(kustomization["kind"], "Kustomization");
     let applied_by_k: BTreeSet<String> = kustomization["resources"]
         .as_array()
@@ -609,15 +546,8 @@ fn references_between_objects_resolve() {
                 role_ref.name
             ));
         }
-        for subject in subjects
-            .iter()
-            .flatten()
-            .filter(|s| s.kind == "ServiceAccount")
-        {
-            let key = (
-                subject.namespace.clone().unwrap_or_default(),
-                subject.name.clone(),
-            );
+        for subject in subjects.iter().flatten().filter(|s| s.kind == "ServiceAccount") {
+            let key = (subject.namespace.clone().unwrap_or_default(), subject.name.clone());
             if !service_accounts.contains(&key) {
                 errors.push(format!(
                     "{}: subject ServiceAccount {}/{} is not in manifests/",
@@ -690,12 +620,7 @@ fn references_between_objects_resolve() {
                     ));
                 }
             }
-            let declared: BTreeSet<&str> = pod
-                .volumes
-                .iter()
-                .flatten()
-                .map(|v| v.name.as_str())
-                .collect();
+            let declared: BTreeSet<&str> = pod.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
             for mount in container.volume_mounts.iter().flatten() {
                 if !declared.contains(mount.name.as_str()) {
                     errors.push(format!(
@@ -720,11 +645,7 @@ fn references_between_objects_resolve() {
             }
         }
     }
-    assert!(
-        errors.is_empty(),
-        "unresolved references:\n  {}",
-        errors.join("\n  ")
-    );
+    assert!(errors.is_empty(), "unresolved references:\n  {}", errors.join("\n  "));
 }
 
 #[test]
@@ -738,10 +659,7 @@ fn rbac_grants_no_wildcards_and_writes_only_what_kproxy_writes() {
                 Object::Role(r) => r.rules.as_deref(),
                 _ => None,
             };
-            rules
-                .unwrap_or_default()
-                .iter()
-                .map(move |rule| (doc.origin(), rule))
+            rules.unwrap_or_default().iter().map(move |rule| (doc.origin(), rule))
         })
         .collect();
     assert!(!rules.is_empty(), "no RBAC rules in manifests/");
@@ -843,9 +761,7 @@ fn kproxy_accepts_the_configmap_configuration() {
 fn kproxy_validate_rejects_bad_input_with_exit_code_2() {
     // Without this, the two tests above would pass against a --validate that
     // accepts anything.
-    let args: Vec<String> = ["--proxy-mode", "no-such-mode", "--validate"]
-        .map(String::from)
-        .into();
+    let args: Vec<String> = ["--proxy-mode", "no-such-mode", "--validate"].map(String::from).into();
     let output = run_kproxy(&args);
     assert_eq!(
         output.status.code(),
@@ -878,8 +794,5 @@ fn args_expand_like_the_kubelet() {
         expand("--hostname-override=$(NODE_NAME)", &env),
         "--hostname-override=n1"
     );
-    assert_eq!(
-        expand("$$(NODE_NAME) $(UNSET) $x", &env),
-        "$(NODE_NAME) $(UNSET) $x"
-    );
+    assert_eq!(expand("$$(NODE_NAME) $(UNSET) $x", &env), "$(NODE_NAME) $(UNSET) $x");
 }

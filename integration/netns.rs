@@ -65,7 +65,6 @@ pub struct Topology {
     pub client: String,
     /// The node's address on the client link: its "node IP".
     pub node_ip: Ipv4Addr,
-    pub client_ip: Ipv4Addr,
     pub pods: Vec<Pod>,
     namespaces: Vec<String>,
     children: Vec<Child>,
@@ -75,7 +74,11 @@ impl Topology {
     /// A node with `pods` pods (10.244.N.2, N = 1..) and a client at 192.0.2.100 reaching the
     /// node at 192.0.2.1.
     pub fn new(pods: usize) -> Topology {
-        let id = format!("{NS_PREFIX}{}x{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::SeqCst));
+        let id = format!(
+            "{NS_PREFIX}{}x{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
         let node = format!("{id}n");
         let client = format!("{id}c");
         let mut topo = Topology {
@@ -83,7 +86,6 @@ impl Topology {
             node: node.clone(),
             client: client.clone(),
             node_ip: Ipv4Addr::new(192, 0, 2, 1),
-            client_ip: Ipv4Addr::new(192, 0, 2, 100),
             pods: vec![],
             namespaces: vec![],
             children: vec![],
@@ -92,7 +94,12 @@ impl Topology {
         topo.add_ns(&client);
         topo.exec_ok(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         // Client link: the node's "public" address.
-        must("ip", &["link", "add", "vc", "netns", &node, "type", "veth", "peer", "name", "eth0", "netns", &client]);
+        must(
+            "ip",
+            &[
+                "link", "add", "vc", "netns", &node, "type", "veth", "peer", "name", "eth0", "netns", &client,
+            ],
+        );
         topo.exec_ok(&node, &["ip", "addr", "add", "192.0.2.1/24", "dev", "vc"]);
         topo.exec_ok(&node, &["ip", "link", "set", "vc", "up"]);
         topo.exec_ok(&client, &["ip", "addr", "add", "192.0.2.100/24", "dev", "eth0"]);
@@ -118,7 +125,12 @@ impl Topology {
         let ns = format!("{}p{i}", self.id);
         self.add_ns(&ns);
         let node_if = format!("v{i}");
-        must("ip", &["link", "add", &node_if, "netns", &self.node, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+        must(
+            "ip",
+            &[
+                "link", "add", &node_if, "netns", &self.node, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ],
+        );
         let gw = format!("10.244.{i}.1");
         self.exec_ok(&self.node, &["ip", "addr", "add", &format!("{gw}/24"), "dev", &node_if]);
         self.exec_ok(&self.node, &["ip", "link", "set", &node_if, "up"]);
@@ -171,11 +183,6 @@ impl Topology {
                 out.status.success().then_some(())
             });
         }
-    }
-
-    /// Keeps `child` alive for the topology's lifetime and kills it on drop.
-    pub fn adopt(&mut self, child: Child) {
-        self.children.push(child);
     }
 }
 

@@ -118,11 +118,14 @@ codes_from_host() {
     done
 }
 
-# all_ok: stdin holds HTTP codes; true if every one is 200.
+# all_ok CODES: true if every line of CODES is 200.
 all_ok() {
-    local codes
-    codes=$(cat)
-    [[ -n "${codes}" ]] && ! grep -qv '^200$' <<<"${codes}"
+    [[ -n "$1" ]] && ! grep -qv '^200$' <<<"$1"
+}
+
+# expect_all_ok CODES WHAT: fail unless every code is 200, showing the tally.
+expect_all_ok() {
+    all_ok "$1" || die "$2: not every request answered 200 (count, code: $(sort <<<"$1" | uniq -c | tr -s ' \n' ' '))"
 }
 
 http_code() { # CURL_ARGS... : one request from the host, prints the code.
@@ -248,8 +251,7 @@ step "curl the ClusterIP from a pod: both replicas answer"
 retry 60 pod_gets_200 "http://${cluster_ip}/" \
     || die "http://${cluster_ip}/ never answered 200 from the client pod"
 tag="${run_id}-clusterip"
-codes_from_pod "http://${cluster_ip}/?probe=${tag}-" 20 | all_ok \
-    || die "not every one of 20 requests to http://${cluster_ip}/ answered 200"
+expect_all_ok "$(codes_from_pod "http://${cluster_ip}/?probe=${tag}-" 20)" "20 requests to http://${cluster_ip}/"
 expect_served "${tag}" 20 2
 ok "20 of 20 requests answered, by both replicas"
 
@@ -283,8 +285,7 @@ for target in "${targets[@]}"; do
     retry 60 expect_code 200 "http://${address}/" \
         || die "http://${address}/ (${name}) never answered 200 from the host"
     tag="${run_id}-nodeport-${name}"
-    codes_from_host 6 "http://${address}/?probe=${tag}-" | all_ok \
-        || die "not every one of 6 requests to http://${address}/ (${name}) answered 200"
+    expect_all_ok "$(codes_from_host 6 "http://${address}/?probe=${tag}-")" "6 requests to http://${address}/ (${name})"
     expect_served "${tag}" 6
     ok "http://${address}/ (${name}): 6 of 6 answered by myapp pods"
 done
@@ -326,8 +327,8 @@ for target in "${http_targets[@]}"; do
     retry 60 expect_code 200 -H "Host: ${host}" "http://${address}/" \
         || die "http://${address}/ with Host: ${host} (${name}) never answered 200"
     tag="${run_id}-ingress-http-${name}"
-    codes_from_host 6 -H "Host: ${host}" "http://${address}/?probe=${tag}-" | all_ok \
-        || die "not every one of 6 Ingress requests to ${address} (${name}) answered 200"
+    expect_all_ok "$(codes_from_host 6 -H "Host: ${host}" "http://${address}/?probe=${tag}-")" \
+        "6 Ingress requests to ${address} (${name})"
     expect_served "${tag}" 6
     ok "http://${host}/ via ${address} (${name}): 6 of 6 answered by myapp pods"
 done
@@ -380,8 +381,8 @@ for target in "${https_targets[@]}"; do
     retry 60 expect_code 200 "${tls_args[@]}" "https://${host}:${port}/" \
         || die "https://${host}:${port}/ via ${ip} (${name}) never answered 200 with the Secret's certificate"
     tag="${run_id}-ingress-https-${name}"
-    codes_from_host 6 "${tls_args[@]}" "https://${host}:${port}/?probe=${tag}-" | all_ok \
-        || die "not every one of 6 HTTPS requests via ${address} (${name}) answered 200"
+    expect_all_ok "$(codes_from_host 6 "${tls_args[@]}" "https://${host}:${port}/?probe=${tag}-")" \
+        "6 HTTPS requests via ${address} (${name})"
     expect_served "${tag}" 6
     ok "https://${host}/ via ${address} (${name}): 6 of 6, certificate verified"
 done
@@ -398,13 +399,12 @@ lookup=$(retry 60 kc -n "${ns}" exec e2e-client -- nslookup -type=a "${fqdn}") \
 printf '%s\n' "${lookup}" | sed 's/^/    /'
 awk '/^Address/ { print $NF }' <<<"${lookup}" | grep -qxF "${cluster_ip}" \
     || die "${fqdn} did not resolve to the ClusterIP ${cluster_ip}"
-codes_from_pod "http://myapp-svc/?probe=${run_id}-byname-" 4 | all_ok \
-    || die "http://myapp-svc/ (by name) did not answer 200 from the client pod"
+expect_all_ok "$(codes_from_pod "http://myapp-svc/?probe=${run_id}-byname-" 4)" "4 requests to http://myapp-svc/ (by name) from the client pod"
 expect_served "${run_id}-byname" 4
 ok "${fqdn} -> ${cluster_ip}, and http://myapp-svc/ answers"
 
 step "Delete a pod: traffic moves to its replacement"
-read -r victim survivor < <(myapp_pods | tr '\n' ' ')
+read -r victim survivor <<<"$(myapp_pods | tr '\n' ' ')"
 victim_ip=$(kc -n "${ns}" get pod "${victim}" -o 'jsonpath={.status.podIP}')
 survivor_ip=$(kc -n "${ns}" get pod "${survivor}" -o 'jsonpath={.status.podIP}')
 info "deleting ${victim} (${victim_ip}); ${survivor} (${survivor_ip}) stays"
@@ -426,7 +426,7 @@ while true; do
     tag="${run_id}-moved${attempt}"
     codes=$(codes_from_pod "http://${cluster_ip}/?probe=${tag}-" 10)
     report=$(served "${tag}")
-    if all_ok <<<"${codes}" && awk -v p="${replacement}" '$1 == p && $2 > 0 { f = 1 } END { exit !f }' <<<"${report}"; then
+    if all_ok "${codes}" && awk -v p="${replacement}" '$1 == p && $2 > 0 { f = 1 } END { exit !f }' <<<"${report}"; then
         break
     fi
     if ((SECONDS >= deadline)); then

@@ -112,7 +112,13 @@ docker build -t "${kproxy_image}" "${repo_root}"
 ok "built ${kproxy_image}"
 
 step "Loading ${kproxy_image} into the cluster's nodes"
-kind load docker-image "${kproxy_image}" --name "${cluster_name}"
+if ! kind load docker-image "${kproxy_image}" --name "${cluster_name}"; then
+    # Docker's containerd image store can make `load docker-image` fail on
+    # multi-platform manifests; an archive of the one image always loads.
+    info "kind load docker-image failed; retrying through an image archive"
+    docker save -o "${work_dir}/kproxy.tar" "${kproxy_image}"
+    kind load image-archive "${work_dir}/kproxy.tar" --name "${cluster_name}"
+fi
 ok "loaded"
 
 step "Pointing kproxy at the API server directly (ConfigMap kproxy-apiserver)"

@@ -96,8 +96,7 @@ async fn start_sources(
             ));
         }
         None => {
-            let client =
-                kube_source::client(config.kubeconfig.as_deref(), config.master.as_deref()).await?;
+            let client = kube_source::client(config.kubeconfig.as_deref(), config.master.as_deref()).await?;
             kube_source::spawn_watchers(client, &config.hostname, state.clone(), shutdown.clone());
         }
     }
@@ -110,11 +109,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let health = Arc::new(ProxyHealth::new(2 * config.sync_period));
     if let Some(addr) = config.healthz_bind {
         let listener = health::bind(addr).await?;
-        tokio::spawn(health::serve_healthz_on(
-            listener,
-            health.clone(),
-            shutdown.clone(),
-        ));
+        tokio::spawn(health::serve_healthz_on(listener, health.clone(), shutdown.clone()));
     }
     if let Some(addr) = config.metrics_bind {
         let listener = health::bind(addr).await?;
@@ -156,12 +151,7 @@ async fn desired_once(config: &Config) -> anyhow::Result<DesiredState> {
     match &config.manifests {
         Some(path) => {
             let objects = manifests::read_manifests(path)?;
-            manifests::load_into(
-                &state,
-                objects,
-                &config.hostname,
-                &config.service_cluster_ip_range,
-            );
+            manifests::load_into(&state, objects, &config.hostname, &config.service_cluster_ip_range);
         }
         None => {
             let (_tx, rx) = watch::channel(false);
@@ -215,12 +205,7 @@ pub fn services_table(desired: &DesiredState) -> String {
             continue;
         };
         let sp = &first.port;
-        let ips = |v: &[std::net::IpAddr]| {
-            v.iter()
-                .map(|i| i.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        };
+        let ips = |v: &[std::net::IpAddr]| v.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
         let mut external: Vec<std::net::IpAddr> = sp.external_ips.clone();
         external.extend(&sp.load_balancer_ips);
         let ports = state
@@ -233,23 +218,14 @@ pub fn services_table(desired: &DesiredState) -> String {
                     np,
                     p.port.name.protocol.as_str().to_uppercase()
                 ),
-                None => format!(
-                    "{}/{}",
-                    p.port.port,
-                    p.port.name.protocol.as_str().to_uppercase()
-                ),
+                None => format!("{}/{}", p.port.port, p.port.name.protocol.as_str().to_uppercase()),
             })
             .collect::<Vec<_>>()
             .join(",");
         let mut eps: Vec<String> = state
             .ports
             .iter()
-            .flat_map(|p| {
-                p.endpoints
-                    .iter()
-                    .filter(|e| e.ready)
-                    .map(|e| e.addr_string())
-            })
+            .flat_map(|p| p.endpoints.iter().filter(|e| e.ready).map(|e| e.addr_string()))
             .collect();
         eps.dedup();
         rows.push([
@@ -262,11 +238,7 @@ pub fn services_table(desired: &DesiredState) -> String {
                 ips(&external)
             },
             ports,
-            if eps.is_empty() {
-                "<none>".into()
-            } else {
-                eps.join(",")
-            },
+            if eps.is_empty() { "<none>".into() } else { eps.join(",") },
         ]);
     }
     let widths: Vec<usize> = (0..6)
@@ -274,11 +246,7 @@ pub fn services_table(desired: &DesiredState) -> String {
         .collect();
     let mut out = String::new();
     for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
+        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
         out.push_str(line.join("   ").trim_end());
         out.push('\n');
     }

@@ -109,7 +109,6 @@ pub struct Config {
     pub master: Option<String>,
     pub hostname: String,
     pub mode: ProxyMode,
-    pub cluster_cidrs: Vec<IpNet>,
     pub nodeport_addresses: NodePortAddresses,
     pub masquerade_all: bool,
     pub masquerade_bit: u8,
@@ -123,10 +122,11 @@ pub struct Config {
     pub verbosity: u8,
 }
 
-/// The subset of KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) kproxy reads. Fields
-/// kube-proxy defines but kproxy ignores are collected in `ignored` to be named in a warning.
+/// The subset of KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) kproxy reads.
+/// Field names are checked separately by [`check_fields`], which knows every field kube-proxy
+/// defines.
 #[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct FileConfig {
     api_version: Option<String>,
     kind: Option<String>,
@@ -137,53 +137,108 @@ struct FileConfig {
     cluster_cidr: Option<String>,
     node_port_addresses: Option<Vec<String>>,
     iptables: Option<IptablesSection>,
-    ipvs: Option<serde_yaml::Value>,
-    nftables: Option<serde_yaml::Value>,
     healthz_bind_address: Option<String>,
     metrics_bind_address: Option<String>,
     detect_local_mode: Option<String>,
     detect_local: Option<DetectLocalSection>,
     sync_period: Option<String>,
     min_sync_period: Option<String>,
-    // Accepted for compatibility with kube-proxy's files; not used by kproxy.
-    bind_address: Option<serde_yaml::Value>,
-    bind_address_hard_fail: Option<serde_yaml::Value>,
-    config_sync_period: Option<serde_yaml::Value>,
-    conntrack: Option<serde_yaml::Value>,
-    enable_profiling: Option<serde_yaml::Value>,
-    feature_gates: Option<serde_yaml::Value>,
-    logging: Option<serde_yaml::Value>,
-    oom_score_adj: Option<serde_yaml::Value>,
-    port_range: Option<serde_yaml::Value>,
-    show_hidden_metrics_for_version: Option<serde_yaml::Value>,
-    winkernel: Option<serde_yaml::Value>,
-    udp_idle_timeout: Option<serde_yaml::Value>,
-    #[serde(rename = "windowsRunAsService")]
-    windows_run_as_service: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct ClientConnection {
     kubeconfig: Option<String>,
-    accept_content_types: Option<serde_yaml::Value>,
-    content_type: Option<serde_yaml::Value>,
-    qps: Option<serde_yaml::Value>,
-    burst: Option<serde_yaml::Value>,
+}
+
+/// Top-level fields kproxy implements, and those kube-proxy has that kproxy accepts but ignores.
+const FIELDS: &[&str] = &[
+    "apiVersion",
+    "kind",
+    "clientConnection",
+    "hostnameOverride",
+    "mode",
+    "clusterCIDR",
+    "nodePortAddresses",
+    "iptables",
+    "healthzBindAddress",
+    "metricsBindAddress",
+    "detectLocalMode",
+    "detectLocal",
+    "syncPeriod",
+    "minSyncPeriod",
+];
+const IGNORED_FIELDS: &[&str] = &[
+    "bindAddress",
+    "bindAddressHardFail",
+    "configSyncPeriod",
+    "conntrack",
+    "enableProfiling",
+    "featureGates",
+    "ipvs",
+    "nftables",
+    "logging",
+    "oomScoreAdj",
+    "portRange",
+    "showHiddenMetricsForVersion",
+    "winkernel",
+    "udpIdleTimeout",
+    "windowsRunAsService",
+];
+/// Fields of the sections kproxy reads: (section, implemented, ignored).
+const SECTION_FIELDS: &[(&str, &[&str], &[&str])] = &[
+    (
+        "clientConnection",
+        &["kubeconfig"],
+        &["acceptContentTypes", "contentType", "qps", "burst"],
+    ),
+    (
+        "iptables",
+        &["masqueradeAll", "masqueradeBit", "minSyncPeriod", "syncPeriod"],
+        &["localhostNodePorts"],
+    ),
+    ("detectLocal", &["bridgeInterface", "interfaceNamePrefix"], &[]),
+];
+
+/// Rejects fields kube-proxy does not define (its strict decoding does the same) and returns
+/// the ones kproxy ignores, to be named in a warning.
+fn check_fields(doc: &serde_yaml::Mapping) -> std::result::Result<Vec<String>, String> {
+    let mut ignored = Vec::new();
+    for (key, value) in doc {
+        let key = key.as_str().unwrap_or_default();
+        if IGNORED_FIELDS.contains(&key) {
+            ignored.push(key.to_string());
+            continue;
+        }
+        if !FIELDS.contains(&key) {
+            return Err(format!("unknown field {key:?}"));
+        }
+        let Some((_, known, skip)) = SECTION_FIELDS.iter().find(|(s, _, _)| *s == key) else {
+            continue;
+        };
+        for (sub, _) in value.as_mapping().into_iter().flatten() {
+            let sub = sub.as_str().unwrap_or_default();
+            if skip.contains(&sub) {
+                ignored.push(format!("{key}.{sub}"));
+            } else if !known.contains(&sub) {
+                return Err(format!("unknown field {key}.{sub:?}"));
+            }
+        }
+    }
+    Ok(ignored)
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct IptablesSection {
     masquerade_all: Option<bool>,
     masquerade_bit: Option<i32>,
     min_sync_period: Option<String>,
     sync_period: Option<String>,
-    localhost_node_ports: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct DetectLocalSection {
     bridge_interface: Option<String>,
     interface_name_prefix: Option<String>,
@@ -195,10 +250,21 @@ impl FileConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let parsed: FileConfig = serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let parse_err = |message: String| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        let doc: serde_yaml::Mapping = serde_yaml::from_str(&text).map_err(|e| parse_err(e.to_string()))?;
+        let ignored = check_fields(&doc).map_err(parse_err)?;
+        if !ignored.is_empty() {
+            tracing::warn!(
+                fields = %ignored.join(", "),
+                "config file {}: kube-proxy fields kproxy does not implement are ignored",
+                path.display()
+            );
+        }
+        let parsed: FileConfig =
+            serde_yaml::from_value(serde_yaml::Value::Mapping(doc)).map_err(|e| parse_err(e.to_string()))?;
         if let Some(v) = parsed.api_version.as_deref() {
             if !v.starts_with("kubeproxy.config.k8s.io/") {
                 return Err(ConfigError::Parse {
@@ -214,14 +280,6 @@ impl FileConfig {
                     message: format!("kind {k:?} is not KubeProxyConfiguration"),
                 });
             }
-        }
-        if parsed
-            .iptables
-            .as_ref()
-            .and_then(|i| i.localhost_node_ports)
-            == Some(true)
-        {
-            tracing::warn!("iptables.localhostNodePorts: true is not supported (CVE-2020-8558); NodePorts are not served on 127.0.0.1");
         }
         Ok(parsed)
     }
@@ -254,8 +312,7 @@ fn parse_bind(field: &'static str, raw: &str) -> Result<Option<SocketAddr>> {
 }
 
 fn parse_period(field: &'static str, raw: &str) -> Result<Duration> {
-    parse_duration(raw)
-        .ok_or_else(|| invalid(field, raw, "expected a duration such as 200ms, 1s or 30s"))
+    parse_duration(raw).ok_or_else(|| invalid(field, raw, "expected a duration such as 200ms, 1s or 30s"))
 }
 
 fn default_hostname() -> String {
@@ -309,17 +366,10 @@ impl Config {
         } else if nodeport_raw == ["primary"] {
             NodePortAddresses::Primary
         } else {
-            NodePortAddresses::Cidrs(parse_cidrs(
-                "--nodeport-addresses",
-                &nodeport_raw.join(","),
-            )?)
+            NodePortAddresses::Cidrs(parse_cidrs("--nodeport-addresses", &nodeport_raw.join(","))?)
         };
 
-        let masquerade_bit = match flags
-            .iptables_masquerade_bit
-            .map(i32::from)
-            .or(ipt.masquerade_bit)
-        {
+        let masquerade_bit = match flags.iptables_masquerade_bit.map(i32::from).or(ipt.masquerade_bit) {
             None => 14,
             Some(b) if (0..=31).contains(&b) => b as u8,
             Some(b) => {
@@ -332,8 +382,7 @@ impl Config {
         };
 
         let dl_section = file.detect_local.unwrap_or_default();
-        let detect_mode =
-            pick(flags.detect_local_mode.clone(), file.detect_local_mode).unwrap_or_default();
+        let detect_mode = pick(flags.detect_local_mode.clone(), file.detect_local_mode).unwrap_or_default();
         let detect_local = match detect_mode.as_str() {
             "" if cluster_cidrs.is_empty() => DetectLocal::None,
             "" | "ClusterCIDR" => {
@@ -347,10 +396,7 @@ impl Config {
                 DetectLocal::ClusterCidr(cluster_cidrs.clone())
             }
             "NodeCIDR" => DetectLocal::NodeCidr,
-            "BridgeInterface" => match pick(
-                flags.pod_bridge_interface.clone(),
-                dl_section.bridge_interface,
-            ) {
+            "BridgeInterface" => match pick(flags.pod_bridge_interface.clone(), dl_section.bridge_interface) {
                 Some(b) if !b.is_empty() => DetectLocal::BridgeInterface(b),
                 _ => {
                     return Err(invalid(
@@ -384,19 +430,13 @@ impl Config {
 
         let healthz_bind = parse_bind(
             "--healthz-bind-address",
-            &pick(
-                flags.healthz_bind_address.clone(),
-                file.healthz_bind_address,
-            )
-            .unwrap_or_else(|| "0.0.0.0:10256".into()),
+            &pick(flags.healthz_bind_address.clone(), file.healthz_bind_address)
+                .unwrap_or_else(|| "0.0.0.0:10256".into()),
         )?;
         let metrics_bind = parse_bind(
             "--metrics-bind-address",
-            &pick(
-                flags.metrics_bind_address.clone(),
-                file.metrics_bind_address,
-            )
-            .unwrap_or_else(|| "127.0.0.1:10249".into()),
+            &pick(flags.metrics_bind_address.clone(), file.metrics_bind_address)
+                .unwrap_or_else(|| "127.0.0.1:10249".into()),
         )?;
         let min_sync_period = parse_period(
             "--min-sync-period",
@@ -408,11 +448,7 @@ impl Config {
         )?;
         let sync_period = parse_period(
             "--sync-period",
-            &pick(
-                flags.sync_period.clone(),
-                ipt.sync_period.or(file.sync_period),
-            )
-            .unwrap_or_else(|| "30s".into()),
+            &pick(flags.sync_period.clone(), ipt.sync_period.or(file.sync_period)).unwrap_or_else(|| "30s".into()),
         )?;
         if sync_period.is_zero() {
             return Err(invalid("--sync-period", "0", "must be greater than 0"));
@@ -446,7 +482,6 @@ impl Config {
             master: flags.master.clone(),
             hostname,
             mode,
-            cluster_cidrs,
             nodeport_addresses,
             masquerade_all: pick(flags.masquerade_all, ipt.masquerade_all).unwrap_or(false),
             masquerade_bit,
@@ -493,11 +528,7 @@ mod tests {
     }
 
     fn write_config(text: &str) -> PathBuf {
-        let path = std::env::temp_dir().join(format!(
-            "kproxy-config-test-{}-{}.yaml",
-            std::process::id(),
-            text.len()
-        ));
+        let path = std::env::temp_dir().join(format!("kproxy-config-test-{}-{}.yaml", std::process::id(), text.len()));
         std::fs::write(&path, text).unwrap();
         path
     }
@@ -523,20 +554,13 @@ conntrack: {maxPerCore: 32768}
         };
         let c = Config::load(&flags).unwrap();
         std::fs::remove_file(path).ok();
-        assert_eq!(
-            c.cluster_cidrs,
-            vec!["10.244.0.0/16".parse::<IpNet>().unwrap()]
-        );
         assert!(c.masquerade_all);
         assert_eq!(c.min_sync_period, Duration::from_millis(200));
         assert_eq!(c.sync_period, Duration::from_secs(20), "the flag wins");
-        assert_eq!(
-            c.kubeconfig,
-            Some(PathBuf::from("/var/lib/kproxy/kubeconfig.conf"))
-        );
+        assert_eq!(c.kubeconfig, Some(PathBuf::from("/var/lib/kproxy/kubeconfig.conf")));
         assert_eq!(
             c.detect_local,
-            DetectLocal::ClusterCidr(c.cluster_cidrs.clone())
+            DetectLocal::ClusterCidr(vec!["10.244.0.0/16".parse().unwrap()])
         );
         assert!(matches!(c.nodeport_addresses, NodePortAddresses::Cidrs(ref v) if v.len() == 1));
     }

@@ -183,11 +183,7 @@ impl ProxyHealth {
 /// Upstream reports `lastUpdated = now` whenever healthy, because older releases meant "the sync
 /// loop ran recently" by it and clients still read it that way; only an unhealthy answer shows
 /// the real time of the last successful sync.
-fn reported_last_update(
-    healthy: bool,
-    last_updated: Option<SystemTime>,
-    now: SystemTime,
-) -> String {
+fn reported_last_update(healthy: bool, last_updated: Option<SystemTime>, now: SystemTime) -> String {
     match (healthy, last_updated) {
         (true, _) => format_rfc3339(now),
         (false, Some(at)) => format_rfc3339(at),
@@ -198,10 +194,7 @@ fn reported_last_update(
 /// `t` as RFC 3339 in UTC with whole seconds, e.g. `2024-02-29T12:34:56Z`. Times before 1970
 /// print as the epoch: they only occur with a badly set clock and carry no meaning here.
 pub fn format_rfc3339(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (year, month, day) = civil_from_days(secs / 86_400);
     let rem = secs % 86_400;
     format!(
@@ -219,8 +212,7 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let shifted = days + 719_468; // days from 0000-03-01 to 1970-01-01
     let era = shifted / 146_097;
     let day_of_era = shifted % 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_from_march = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
@@ -241,15 +233,6 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .map_err(|source| HealthError::Bind { addr, source })
 }
 
-/// Binds `addr` and serves `/healthz` and `/livez` until shutdown.
-pub async fn serve_healthz(
-    addr: SocketAddr,
-    health: Arc<ProxyHealth>,
-    shutdown: watch::Receiver<bool>,
-) -> Result<()> {
-    serve_healthz_on(bind(addr).await?, health, shutdown).await
-}
-
 /// Serves `/healthz` (sync loop keeping up and Node eligible) and `/livez` (sync loop keeping
 /// up) as JSON with status 200 or 503, and 404 for any other path, until shutdown.
 pub async fn serve_healthz_on(
@@ -261,15 +244,6 @@ pub async fn serve_healthz_on(
         route_health(&health, path, SystemTime::now())
     })
     .await
-}
-
-/// Binds `addr` and serves `/metrics`, `/proxyMode` and `/healthz` until shutdown.
-pub async fn serve_metrics(
-    addr: SocketAddr,
-    proxy_mode: &'static str,
-    shutdown: watch::Receiver<bool>,
-) -> Result<()> {
-    serve_metrics_on(bind(addr).await?, proxy_mode, shutdown).await
 }
 
 /// Serves `/metrics` (the global registry, Prometheus text 0.0.4), `/proxyMode` (the mode name
@@ -364,11 +338,7 @@ async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-fn response(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
+fn response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -519,8 +489,7 @@ mod tests {
     /// One raw HTTP/1.1 GET, so the test depends on no HTTP client.
     async fn get(addr: SocketAddr, path: &str) -> Reply {
         let mut stream = TcpStream::connect(addr).await.expect("connect");
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.expect("write");
         let mut raw = String::new();
         stream.read_to_string(&mut raw).await.expect("read");
@@ -528,10 +497,7 @@ mod tests {
         let (status_line, headers) = head.split_once("\r\n").unwrap_or((head, ""));
         let mut parts = status_line.split(' ');
         assert_eq!(parts.next(), Some("HTTP/1.1"), "status line {status_line}");
-        let status = parts
-            .next()
-            .and_then(|code| code.parse().ok())
-            .expect("status code");
+        let status = parts.next().and_then(|code| code.parse().ok()).expect("status code");
         Reply {
             status,
             headers: headers.to_ascii_lowercase(),
@@ -646,10 +612,8 @@ mod tests {
     async fn bind_failure_names_the_address() {
         let taken = local_listener().await;
         let addr = taken.local_addr().expect("local addr");
-        let (_stop, shutdown) = watch::channel(false);
-        let err = serve_metrics(addr, "iptables", shutdown)
-            .await
-            .expect_err("port is taken");
+
+        let err = bind(addr).await.expect_err("port is taken");
         assert!(matches!(err, HealthError::Bind { addr: a, .. } if a == addr));
         assert!(err.to_string().contains(&addr.to_string()));
     }

@@ -287,9 +287,7 @@ fn network_programming_buckets() -> Vec<f64> {
 
 /// Seconds since the Unix epoch; a clock set before 1970 reads as 0 rather than failing a sync.
 fn unix_seconds(at: SystemTime) -> f64 {
-    at.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    at.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 /// Values are single numbers updated in one step, so a panic while a lock was held cannot leave
@@ -419,21 +417,11 @@ impl Histogram {
             cumulative += count;
             write_line(
                 out,
-                format_args!(
-                    "{}_bucket{{le=\"{}\"}} {cumulative}",
-                    self.name,
-                    format_float(*bound)
-                ),
+                format_args!("{}_bucket{{le=\"{}\"}} {cumulative}", self.name, format_float(*bound)),
             );
         }
-        write_line(
-            out,
-            format_args!("{}_bucket{{le=\"+Inf\"}} {}", self.name, state.count),
-        );
-        write_line(
-            out,
-            format_args!("{}_sum {}", self.name, format_float(state.sum)),
-        );
+        write_line(out, format_args!("{}_bucket{{le=\"+Inf\"}} {}", self.name, state.count));
+        write_line(out, format_args!("{}_sum {}", self.name, format_float(state.sum)));
         write_line(out, format_args!("{}_count {}", self.name, state.count));
     }
 }
@@ -450,13 +438,7 @@ struct Family {
 impl Family {
     /// `known` label values are exported as 0 from the start, so a dashboard sees the series
     /// before the first event instead of a gap.
-    fn new(
-        name: &'static str,
-        help: &'static str,
-        kind: Kind,
-        label: &'static str,
-        known: &[&str],
-    ) -> Self {
+    fn new(name: &'static str, help: &'static str, kind: Kind, label: &'static str, known: &[&str]) -> Self {
         let series = known.iter().map(|v| ((*v).to_owned(), 0.0)).collect();
         Self {
             name,
@@ -472,9 +454,7 @@ impl Family {
     }
 
     fn add(&self, label_value: &str, delta: f64) {
-        *lock(&self.series)
-            .entry(label_value.to_owned())
-            .or_insert(0.0) += delta;
+        *lock(&self.series).entry(label_value.to_owned()).or_insert(0.0) += delta;
     }
 
     fn render(&self, out: &mut String) {
@@ -610,9 +590,7 @@ mod tests {
         m.observe_sync(false, Duration::from_millis(1));
         let text = m.render();
         let partial = family(&text, "kubeproxy_sync_partial_proxy_rules_duration_seconds");
-        assert!(partial.contains(
-            &"kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket{le=\"0.001\"} 1"
-        ));
+        assert!(partial.contains(&"kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket{le=\"0.001\"} 1"));
     }
 
     #[test]
@@ -713,10 +691,7 @@ mod tests {
         let m = Metrics::new();
         let text = m.render();
         assert_eq!(text, m.render(), "render must be deterministic");
-        let types: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE "))
-            .collect();
+        let types: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).collect();
         assert_eq!(
             types,
             [
@@ -747,10 +722,7 @@ mod tests {
             if let Some(decl) = line.strip_prefix("# TYPE ") {
                 current = decl.split(' ').next().unwrap_or_default();
             } else if !line.starts_with('#') {
-                assert!(
-                    line.starts_with(current),
-                    "{line} outside its family {current}"
-                );
+                assert!(line.starts_with(current), "{line} outside its family {current}");
             }
         }
     }

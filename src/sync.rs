@@ -37,13 +37,14 @@ impl SharedState {
 
     /// Runs `f` on the store and wakes the sync loop. `f` returns whether anything changed.
     pub fn update(&self, f: impl FnOnce(&mut Store) -> bool) {
-        let (changed, pending) = {
+        let (changed, pending, eligible) = {
             let mut store = self.lock();
             let changed = f(&mut store);
-            (changed, store.pending_counts())
+            (changed, store.pending_counts(), store.node_eligible())
         };
         if changed {
             self.health.queued_update();
+            self.health.set_node_eligible(eligible);
             let m = metrics();
             m.set_last_queued(SystemTime::now());
             m.service_changes(pending.0, 0);
@@ -151,17 +152,17 @@ pub async fn run(
             }
             Err(err) => {
                 metrics().inc_sync_failures(mode);
-                if matches!(
-                    err,
-                    DataplaneError::Rejected { .. } | DataplaneError::Command { .. }
-                ) && mode == "iptables"
+                if matches!(err, DataplaneError::Rejected { .. } | DataplaneError::Command { .. }) && mode == "iptables"
                 {
                     metrics().inc_iptables_restore_failures();
                 }
                 state.force_full();
-                let delay = retry.map_or(timing.retry_initial, |(_, d)| {
-                    (d * 2).min(timing.sync_period)
-                });
+                // A missing tool or kernel feature will not fix itself in a second.
+                let delay = if err.is_retryable() {
+                    retry.map_or(timing.retry_initial, |(_, d)| (d * 2).min(timing.sync_period))
+                } else {
+                    timing.sync_period
+                };
                 tracing::error!(error = %err, retry_in = ?delay, "sync failed; the kernel keeps its previous rules");
                 retry = Some((Instant::now() + delay, delay));
             }
@@ -170,10 +171,7 @@ pub async fn run(
 }
 
 /// One sync with its span, log line and metrics.
-async fn sync_once(
-    dataplane: &mut dyn Dataplane,
-    snapshot: &Snapshot,
-) -> Result<(), DataplaneError> {
+async fn sync_once(dataplane: &mut dyn Dataplane, snapshot: &Snapshot) -> Result<(), DataplaneError> {
     let full = snapshot.changes.full;
     let span = tracing::info_span!("sync", mode = dataplane.mode(), full);
     async {
@@ -191,13 +189,7 @@ async fn sync_once(
         m.service_changes(0, snapshot.service_changes as u64);
         m.endpoint_changes(0, snapshot.endpoint_changes as u64);
         if full {
-            let get = |t: &str| {
-                stats
-                    .rules_total
-                    .iter()
-                    .find(|(n, _)| *n == t)
-                    .map_or(0, |(_, c)| *c)
-            };
+            let get = |t: &str| stats.rules_total.iter().find(|(n, _)| *n == t).map_or(0, |(_, c)| *c);
             m.set_iptables_rules(get("filter"), get("nat"));
         }
         for t in &snapshot.trigger_times {
@@ -228,9 +220,12 @@ mod tests {
     use futures::future::BoxFuture;
     use k8s_openapi::api::core::v1::{Node, Service};
 
+    /// (when, full, services) per sync.
+    type SyncLog = Arc<Mutex<Vec<(Instant, bool, usize)>>>;
+
     /// Records syncs; fails the first `fail` of them.
     struct Recorder {
-        log: Arc<Mutex<Vec<(Instant, bool, usize)>>>,
+        log: SyncLog,
         fail: usize,
     }
 
@@ -287,16 +282,10 @@ mod tests {
         Arc<Mutex<Vec<(Instant, bool, usize)>>>,
         watch::Sender<bool>,
     ) {
-        let state = SharedState::new(
-            Store::new("n1"),
-            Arc::new(ProxyHealth::new(Duration::from_secs(60))),
-        );
+        let state = SharedState::new(Store::new("n1"), Arc::new(ProxyHealth::new(Duration::from_secs(60))));
         let log = Arc::new(Mutex::new(vec![]));
         let (tx, rx) = watch::channel(false);
-        let dp = Box::new(Recorder {
-            log: log.clone(),
-            fail,
-        });
+        let dp = Box::new(Recorder { log: log.clone(), fail });
         tokio::spawn(run(state.clone(), dp, timing(), rx));
         (state, log, tx)
     }
@@ -354,16 +343,9 @@ mod tests {
         make_ready(&state);
         tokio::time::sleep(Duration::from_secs(10)).await;
         let log = log.lock().unwrap();
-        assert_eq!(
-            log.len(),
-            4,
-            "initial + 3 retries (1s, 2s, 4s) until success"
-        );
+        assert_eq!(log.len(), 4, "initial + 3 retries (1s, 2s, 4s) until success");
         assert!(log.iter().all(|(_, full, _)| *full));
-        let gaps: Vec<u64> = log
-            .windows(2)
-            .map(|w| (w[1].0 - w[0].0).as_secs())
-            .collect();
+        let gaps: Vec<u64> = log.windows(2).map(|w| (w[1].0 - w[0].0).as_secs()).collect();
         assert_eq!(gaps, [1, 2, 4]);
     }
 }

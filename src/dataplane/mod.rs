@@ -64,11 +64,7 @@ pub trait Dataplane: Send {
     /// strays are removed; otherwise only the Services in `changes.services` need work. On error
     /// the kernel must be left as it was (or consistent enough to serve), and the caller will
     /// retry with a full sync.
-    fn sync<'a>(
-        &'a mut self,
-        desired: &'a DesiredState,
-        changes: &'a ChangeSet,
-    ) -> BoxFuture<'a, Result<SyncStats>>;
+    fn sync<'a>(&'a mut self, desired: &'a DesiredState, changes: &'a ChangeSet) -> BoxFuture<'a, Result<SyncStats>>;
 
     /// Removes everything this mode ever created. Idempotent: succeeds when nothing is left.
     fn cleanup(&mut self) -> BoxFuture<'_, Result<()>>;
@@ -91,11 +87,7 @@ impl Dataplane for PerFamily {
         self.mode
     }
 
-    fn sync<'a>(
-        &'a mut self,
-        desired: &'a DesiredState,
-        changes: &'a ChangeSet,
-    ) -> BoxFuture<'a, Result<SyncStats>> {
+    fn sync<'a>(&'a mut self, desired: &'a DesiredState, changes: &'a ChangeSet) -> BoxFuture<'a, Result<SyncStats>> {
         Box::pin(async move {
             let mut total = SyncStats::default();
             for dp in &mut self.families {

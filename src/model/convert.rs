@@ -68,10 +68,7 @@ pub enum ServiceDecision {
 
 pub fn service_key_of(svc: &Service) -> ServiceKey {
     ServiceKey::new(
-        svc.metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
+        svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
         svc.metadata.name.clone().unwrap_or_default(),
     )
 }
@@ -108,12 +105,7 @@ pub fn convert_service(svc: &Service) -> Result<ServiceDecision, ConvertError> {
     }
 
     let mut warnings = Vec::new();
-    let external_ips = parse_ips(
-        spec.external_ips.iter().flatten(),
-        &key,
-        "externalIP",
-        &mut warnings,
-    );
+    let external_ips = parse_ips(spec.external_ips.iter().flatten(), &key, "externalIP", &mut warnings);
     let is_lb = svc_type == "LoadBalancer";
     let has_node_ports = is_lb || svc_type == "NodePort";
     let load_balancer_ips = if is_lb {
@@ -273,19 +265,10 @@ pub fn convert_endpoint_slice(
     node_name: &str,
     warnings: &mut Vec<String>,
 ) -> Result<Option<SliceInfo>, ConvertError> {
-    let namespace = slice
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
+    let namespace = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let name = slice.metadata.name.clone().unwrap_or_default();
     let what = || format!("EndpointSlice {namespace}/{name}");
-    let Some(service_name) = slice
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(LABEL_SERVICE_NAME))
-    else {
+    let Some(service_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
         return Err(ConvertError::Object {
             kind: "EndpointSlice",
             namespace,
@@ -302,10 +285,7 @@ pub fn convert_endpoint_slice(
     for p in slice.ports.iter().flatten() {
         let pname = p.name.clone().unwrap_or_default();
         let Some(protocol) = Protocol::from_k8s(p.protocol.as_deref()) else {
-            warnings.push(format!(
-                "{}: skipping port {pname:?}: unknown protocol",
-                what()
-            ));
+            warnings.push(format!("{}: skipping port {pname:?}: unknown protocol", what()));
             continue;
         };
         match p.port.and_then(valid_port) {
@@ -314,10 +294,7 @@ pub fn convert_endpoint_slice(
                 port,
                 protocol,
             }),
-            None => warnings.push(format!(
-                "{}: skipping port {pname:?}: missing or out of range",
-                what()
-            )),
+            None => warnings.push(format!("{}: skipping port {pname:?}: missing or out of range", what())),
         }
     }
     let mut endpoints = Vec::new();
@@ -384,10 +361,7 @@ pub fn convert_endpoint_slice(
 
 /// The endpoints of one Service port, merged over all slices of its Service: matched by port
 /// name and protocol, deduplicated by address (a ready copy wins), sorted.
-pub fn merge_endpoints<'a>(
-    port: &ServicePortName,
-    slices: impl Iterator<Item = &'a SliceInfo>,
-) -> Vec<Endpoint> {
+pub fn merge_endpoints<'a>(port: &ServicePortName, slices: impl Iterator<Item = &'a SliceInfo>) -> Vec<Endpoint> {
     let mut merged: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
     for slice in slices {
         for sp in slice
@@ -430,20 +404,12 @@ pub fn convert_node(node: &Node) -> NodeInfo {
         .flatten()
         .filter_map(|c| c.parse().ok())
         .collect();
-    if let Some(c) = spec
-        .and_then(|s| s.pod_cidr.as_ref())
-        .and_then(|c| c.parse().ok())
-    {
+    if let Some(c) = spec.and_then(|s| s.pod_cidr.as_ref()).and_then(|c| c.parse().ok()) {
         pod_cidrs.insert(c);
     }
     NodeInfo {
         name: node.metadata.name.clone().unwrap_or_default(),
-        zone: node
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_ZONE))
-            .cloned(),
+        zone: node.metadata.labels.as_ref().and_then(|l| l.get(LABEL_ZONE)).cloned(),
         addresses,
         pod_cidrs: pod_cidrs.into_iter().collect(),
     }
@@ -474,9 +440,7 @@ spec:
 
     #[test]
     fn walkthrough_service_converts() {
-        let ServiceDecision::Proxy { ports, warnings } =
-            convert_service(&service(WALKTHROUGH_SVC)).unwrap()
-        else {
+        let ServiceDecision::Proxy { ports, warnings } = convert_service(&service(WALKTHROUGH_SVC)).unwrap() else {
             panic!("expected Proxy");
         };
         assert!(warnings.is_empty());
@@ -484,23 +448,17 @@ spec:
         let p = &ports[0];
         assert_eq!(p.name.to_string(), "default/myapp-svc");
         assert_eq!(p.cluster_ips, vec!["10.96.0.50".parse::<IpAddr>().unwrap()]);
-        assert_eq!(
-            (p.port, p.node_port, p.name.protocol),
-            (80, None, Protocol::Tcp)
-        );
+        assert_eq!((p.port, p.node_port, p.name.protocol), (80, None, Protocol::Tcp));
     }
 
     #[test]
     fn skipped_services() {
-        let headless = service(
-            "metadata: {name: h, namespace: ns}\nspec: {clusterIP: None, ports: [{port: 80}]}",
-        );
+        let headless = service("metadata: {name: h, namespace: ns}\nspec: {clusterIP: None, ports: [{port: 80}]}");
         assert_eq!(
             convert_service(&headless),
             Ok(ServiceDecision::Skip(SkipReason::Headless))
         );
-        let ext =
-            service("metadata: {name: e}\nspec: {type: ExternalName, externalName: example.com}");
+        let ext = service("metadata: {name: e}\nspec: {type: ExternalName, externalName: example.com}");
         assert_eq!(
             convert_service(&ext),
             Ok(ServiceDecision::Skip(SkipReason::ExternalName))
@@ -516,12 +474,10 @@ spec:
 
     #[test]
     fn bad_cluster_ip_names_the_service() {
-        let bad = service("metadata: {name: bad, namespace: prod}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}");
+        let bad =
+            service("metadata: {name: bad, namespace: prod}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}");
         let err = convert_service(&bad).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "Service prod/bad: invalid cluster IP \"10.96.0.300\""
-        );
+        assert_eq!(err.to_string(), "Service prod/bad: invalid cluster IP \"10.96.0.300\"");
     }
 
     #[test]
@@ -550,11 +506,10 @@ spec:
 
     #[test]
     fn duplicate_port_names_collide() {
-        let svc = service("metadata: {name: d}\nspec: {clusterIP: 10.96.0.8, ports: [{name: a, port: 80}, {name: a, port: 81}]}");
-        assert!(matches!(
-            convert_service(&svc),
-            Err(ConvertError::DuplicatePort { .. })
-        ));
+        let svc = service(
+            "metadata: {name: d}\nspec: {clusterIP: 10.96.0.8, ports: [{name: a, port: 80}, {name: a, port: 81}]}",
+        );
+        assert!(matches!(convert_service(&svc), Err(ConvertError::DuplicatePort { .. })));
     }
 
     #[test]
@@ -580,14 +535,8 @@ status:
             panic!("expected Proxy");
         };
         let p = &ports[0];
-        assert_eq!(
-            p.external_ips,
-            vec!["192.0.2.10".parse::<IpAddr>().unwrap()]
-        );
-        assert_eq!(
-            p.load_balancer_ips,
-            vec!["198.51.100.1".parse::<IpAddr>().unwrap()]
-        );
+        assert_eq!(p.external_ips, vec!["192.0.2.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(p.load_balancer_ips, vec!["198.51.100.1".parse::<IpAddr>().unwrap()]);
         assert_eq!(
             p.load_balancer_source_ranges,
             vec!["203.0.113.0/24".parse::<IpNet>().unwrap()]
@@ -622,12 +571,8 @@ endpoints:
 "#,
         );
         let mut warnings = vec![];
-        let a = convert_endpoint_slice(&a, "n1", &mut warnings)
-            .unwrap()
-            .unwrap();
-        let b = convert_endpoint_slice(&b, "n1", &mut warnings)
-            .unwrap()
-            .unwrap();
+        let a = convert_endpoint_slice(&a, "n1", &mut warnings).unwrap().unwrap();
+        let b = convert_endpoint_slice(&b, "n1", &mut warnings).unwrap().unwrap();
         assert_eq!(warnings.len(), 1);
         assert!(warnings[0].contains("EndpointSlice ns/svc-a"));
         let http = ServicePortName {
@@ -636,10 +581,7 @@ endpoints:
             protocol: Protocol::Tcp,
         };
         let eps = merge_endpoints(&http, [&a, &b].into_iter());
-        let summary: Vec<_> = eps
-            .iter()
-            .map(|e| (e.addr_string(), e.ready, e.is_local))
-            .collect();
+        let summary: Vec<_> = eps.iter().map(|e| (e.addr_string(), e.ready, e.is_local)).collect();
         assert_eq!(
             summary,
             vec![
@@ -668,9 +610,7 @@ endpoints:
         let s = slice(
             "metadata: {name: s, namespace: ns, labels: {kubernetes.io/service-name: x}, annotations: {endpoints.kubernetes.io/last-change-trigger-time: '2024-01-02T03:04:05Z'}}\naddressType: IPv4\nendpoints: []",
         );
-        let info = convert_endpoint_slice(&s, "n1", &mut vec![])
-            .unwrap()
-            .unwrap();
+        let info = convert_endpoint_slice(&s, "n1", &mut vec![]).unwrap().unwrap();
         let secs = info
             .trigger_time
             .unwrap()
@@ -693,10 +633,7 @@ status: {addresses: [{type: InternalIP, address: 172.18.0.2}, {type: Hostname, a
         let info = convert_node(&node);
         assert_eq!(info.name, "n1");
         assert_eq!(info.zone.as_deref(), Some("z1"));
-        assert_eq!(
-            info.addresses,
-            vec!["172.18.0.2".parse::<IpAddr>().unwrap()]
-        );
+        assert_eq!(info.addresses, vec!["172.18.0.2".parse::<IpAddr>().unwrap()]);
         assert_eq!(info.pod_cidrs.len(), 1);
     }
 }

@@ -129,9 +129,7 @@ pub struct ServicePort {
 impl ServicePort {
     /// Whether traffic can reach this port from outside the cluster network.
     pub fn has_external_destinations(&self) -> bool {
-        self.node_port.is_some()
-            || !self.external_ips.is_empty()
-            || !self.load_balancer_ips.is_empty()
+        self.node_port.is_some() || !self.external_ips.is_empty() || !self.load_balancer_ips.is_empty()
     }
 }
 
@@ -222,15 +220,6 @@ impl ChangeSet {
             full: true,
             services: BTreeSet::new(),
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        !self.full && self.services.is_empty()
-    }
-
-    pub fn merge(&mut self, other: ChangeSet) {
-        self.full |= other.full;
-        self.services.extend(other.services);
     }
 }
 

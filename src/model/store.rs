@@ -15,6 +15,9 @@ use super::convert::{self, ServiceDecision, SliceInfo};
 use super::{ChangeSet, DesiredState, NodeInfo, PortState, ServiceKey, ServicePort, ServiceState};
 
 /// The kinds a source lists; kproxy programs nothing until each has been listed once.
+/// Taint the cluster autoscaler puts on a node it is about to remove.
+const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
     Service,
@@ -46,6 +49,8 @@ pub struct Store {
     slice_owner: BTreeMap<(String, String), ServiceKey>,
     slice_notes: BTreeMap<(String, String), String>,
     node: NodeInfo,
+    /// False while this node is being deleted or drained by the cluster autoscaler.
+    node_eligible: bool,
     /// Derived per-Service state, recomputed for `dirty` keys only.
     state: BTreeMap<ServiceKey, Arc<ServiceState>>,
     dirty: BTreeSet<ServiceKey>,
@@ -66,6 +71,7 @@ impl Store {
                 ..NodeInfo::default()
             },
             node_name,
+            node_eligible: true,
             full: true,
             ..Store::default()
         }
@@ -135,12 +141,7 @@ impl Store {
             listed.insert(convert::service_key_of(svc));
             changed |= self.apply_service(svc);
         }
-        let gone: Vec<ServiceKey> = self
-            .services
-            .keys()
-            .filter(|k| !listed.contains(*k))
-            .cloned()
-            .collect();
+        let gone: Vec<ServiceKey> = self.services.keys().filter(|k| !listed.contains(*k)).cloned().collect();
         self.notes.retain(|k, _| listed.contains(k));
         for key in gone {
             changed |= self.set_service(key, None);
@@ -254,10 +255,7 @@ impl Store {
             }
             let owner = info.service.clone();
             self.slice_owner.insert(id.clone(), owner.clone());
-            self.slices
-                .entry(owner.clone())
-                .or_default()
-                .insert(id.1, info);
+            self.slices.entry(owner.clone()).or_default().insert(id.1, info);
             self.dirty.insert(owner);
         }
         self.endpoint_changes += 1;
@@ -271,6 +269,14 @@ impl Store {
             info.name = self.node_name.clone();
         }
         self.mark_synced(Kind::Node);
+        // kube-proxy reports such a node unhealthy so load balancers stop sending it traffic.
+        let deleting = node.metadata.deletion_timestamp.is_some();
+        let draining = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
+        self.node_eligible = !(deleting || draining);
         if info == self.node {
             return false;
         }
@@ -281,6 +287,11 @@ impl Store {
         self.node = info;
         self.full = true;
         true
+    }
+
+    /// Whether load balancers should send this node traffic (`nodeEligible` in `/healthz`).
+    pub fn node_eligible(&self) -> bool {
+        self.node_eligible
     }
 
     /// Forces the next snapshot to be a full sync (periodic resync, after a failure).
@@ -326,20 +337,13 @@ impl Store {
 
 fn slice_id(slice: &EndpointSlice) -> (String, String) {
     (
-        slice
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
+        slice.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
         slice.metadata.name.clone().unwrap_or_default(),
     )
 }
 
 /// The per-port endpoints of one Service, from all its slices.
-pub fn build_service_state(
-    ports: &[Arc<ServicePort>],
-    slices: Option<&BTreeMap<String, SliceInfo>>,
-) -> ServiceState {
+pub fn build_service_state(ports: &[Arc<ServicePort>], slices: Option<&BTreeMap<String, SliceInfo>>) -> ServiceState {
     ServiceState {
         ports: ports
             .iter()
@@ -405,10 +409,7 @@ mod tests {
         assert!(s.apply_slice(&slice("a-1", "a", "10.244.1.3")));
         let snap = s.snapshot();
         assert!(!snap.changes.full);
-        assert_eq!(
-            snap.changes.services,
-            BTreeSet::from([ServiceKey::new("ns", "a")])
-        );
+        assert_eq!(snap.changes.services, BTreeSet::from([ServiceKey::new("ns", "a")]));
         let a = &snap.desired.services[&ServiceKey::new("ns", "a")];
         assert_eq!(a.ports[0].endpoints[0].addr_string(), "10.244.1.3:8080");
         // Untouched Services keep the very same Arc: nothing was recomputed.
@@ -427,10 +428,7 @@ mod tests {
         assert!(s.replace_services([&svc("a", "10.96.0.1")]));
         assert!(s.replace_slices([]));
         let snap = s.snapshot();
-        assert_eq!(
-            snap.changes.services,
-            BTreeSet::from([ServiceKey::new("ns", "b")])
-        );
+        assert_eq!(snap.changes.services, BTreeSet::from([ServiceKey::new("ns", "b")]));
         assert_eq!(snap.desired.services.len(), 1);
     }
 

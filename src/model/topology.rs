@@ -83,10 +83,7 @@ pub fn categorize_endpoints<'a>(
         }
     }
     if local_ready {
-        sets.local = endpoints
-            .iter()
-            .filter(|ep| ep.is_local && ep.ready)
-            .collect();
+        sets.local = endpoints.iter().filter(|ep| ep.is_local && ep.ready).collect();
     } else if local_terminating {
         sets.local = endpoints
             .iter()
@@ -228,10 +225,7 @@ mod tests {
 
     #[test]
     fn internal_local_uses_only_local_and_reports_remote_ones() {
-        let eps = [
-            ep("10.0.0.1", "ready", false, &[]),
-            ep("10.0.0.2", "ready", true, &[]),
-        ];
+        let eps = [ep("10.0.0.1", "ready", false, &[]), ep("10.0.0.2", "ready", true, &[])];
         let sets = categorize_endpoints(&eps, &port(true, false, false), "me", None);
         assert!(sets.cluster.is_empty());
         assert_eq!(ips(&sets.local), ["10.0.0.2"]);
@@ -248,10 +242,7 @@ mod tests {
 
     #[test]
     fn external_local_keeps_cluster_endpoints_for_internal_traffic() {
-        let eps = [
-            ep("10.0.0.1", "ready", false, &[]),
-            ep("10.0.0.2", "ready", true, &[]),
-        ];
+        let eps = [ep("10.0.0.1", "ready", false, &[]), ep("10.0.0.2", "ready", true, &[])];
         let sets = categorize_endpoints(&eps, &port(false, true, true), "me", None);
         assert_eq!(ips(&sets.cluster), ["10.0.0.1", "10.0.0.2"]);
         assert_eq!(ips(&sets.local), ["10.0.0.2"]);

@@ -41,10 +41,7 @@ pub enum ClientError {
 /// Builds the API client as kube-proxy does: `--kubeconfig` and/or `--master` (which overrides
 /// the kubeconfig's server), else the in-cluster service account. An explicit server address
 /// is all kproxy needs: it never depends on the `kubernetes` ClusterIP it programs itself.
-pub async fn client(
-    kubeconfig: Option<&Path>,
-    master: Option<&str>,
-) -> Result<Client, ClientError> {
+pub async fn client(kubeconfig: Option<&Path>, master: Option<&str>) -> Result<Client, ClientError> {
     let master_uri = master
         .map(|m| {
             m.parse::<http::Uri>().map_err(|e| ClientError::Master {
@@ -55,11 +52,10 @@ pub async fn client(
         .transpose()?;
     let mut config = match (kubeconfig, &master_uri) {
         (Some(path), _) => {
-            let kc =
-                kube::config::Kubeconfig::read_from(path).map_err(|e| ClientError::Kubeconfig {
-                    path: path.display().to_string(),
-                    message: e.to_string(),
-                })?;
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| ClientError::Kubeconfig {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await
                 .map_err(|e| ClientError::Kubeconfig {
@@ -70,14 +66,10 @@ pub async fn client(
         (None, Some(uri)) => kube::Config::new(uri.clone()),
         (None, None) => match kube::Config::incluster() {
             Ok(c) => c,
-            Err(incluster) => {
-                kube::Config::infer()
-                    .await
-                    .map_err(|infer| ClientError::NoConfig {
-                        incluster: incluster.to_string(),
-                        infer: infer.to_string(),
-                    })?
-            }
+            Err(incluster) => kube::Config::infer().await.map_err(|infer| ClientError::NoConfig {
+                incluster: incluster.to_string(),
+                infer: infer.to_string(),
+            })?,
         },
     };
     if let Some(uri) = master_uri {

@@ -13,6 +13,20 @@ use super::names;
 use crate::dataplane::{DataplaneError, Result};
 use crate::model::IpFamily;
 
+/// A tool that could not be started: missing binaries will not appear by retrying.
+fn spawn_error(command: &str, source: std::io::Error) -> DataplaneError {
+    if source.kind() == std::io::ErrorKind::NotFound {
+        DataplaneError::Unsupported(format!(
+            "{command} not found: install iptables (and ip6tables for IPv6)"
+        ))
+    } else {
+        DataplaneError::Spawn {
+            command: command.to_string(),
+            source,
+        }
+    }
+}
+
 /// Seconds to wait for the xtables lock, as kube-proxy does (`-w 5`).
 const LOCK_WAIT: &str = "5";
 
@@ -50,10 +64,7 @@ impl Tools {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| DataplaneError::Spawn {
-                command: self.restore.to_string(),
-                source,
-            })?;
+            .map_err(|source| spawn_error(self.restore, source))?;
         if let Some(mut stdin) = child.stdin.take() {
             // A write error means the tool exited early; its stderr says why.
             let _ = stdin.write_all(input.as_bytes()).await;
@@ -61,10 +72,7 @@ impl Tools {
         let out = child
             .wait_with_output()
             .await
-            .map_err(|source| DataplaneError::Spawn {
-                command: self.restore.to_string(),
-                source,
-            })?;
+            .map_err(|source| spawn_error(self.restore, source))?;
         if out.status.success() {
             return Ok(());
         }
@@ -96,15 +104,22 @@ impl Tools {
 
     /// Removes the jump rules and every `KPROXY-` chain. Safe to run when nothing is there.
     pub async fn cleanup(&self) -> Result<()> {
+        let nat = self.chains("nat").await?;
+        let filter = self.chains("filter").await?;
         for jump in names::JUMPS {
+            // A jump cannot exist without its target chain; asking iptables to delete one then
+            // is an error, not a "no such rule".
+            let chains = if jump.table == "nat" { &nat } else { &filter };
+            if !chains.contains(jump.to) {
+                continue;
+            }
             let mut delete = vec!["-w", LOCK_WAIT, "-t", jump.table, "-D", jump.from];
             delete.extend(jump.args());
             // A rule may have been inserted twice by a crashed older run: delete until gone.
             while status(self.iptables, &delete).await? {}
         }
         let mut input = String::new();
-        for table in ["filter", "nat"] {
-            let chains = self.chains(table).await?;
+        for (table, chains) in [("filter", filter), ("nat", nat)] {
             if chains.is_empty() {
                 continue;
             }
@@ -163,10 +178,7 @@ async fn run(cmd: &str, args: &[&str]) -> Result<String> {
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|source| DataplaneError::Spawn {
-            command: cmd.to_string(),
-            source,
-        })?;
+        .map_err(|source| spawn_error(cmd, source))?;
     if !out.status.success() {
         return Err(DataplaneError::Command {
             command: format!("{cmd} {}", args.join(" ")),
@@ -183,10 +195,7 @@ async fn status(cmd: &str, args: &[&str]) -> Result<bool> {
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|source| DataplaneError::Spawn {
-            command: cmd.to_string(),
-            source,
-        })?;
+        .map_err(|source| spawn_error(cmd, source))?;
     match out.status.code() {
         Some(0) => Ok(true),
         Some(1) => Ok(false),
@@ -200,8 +209,7 @@ async fn status(cmd: &str, args: &[&str]) -> Result<bool> {
 /// Every address configured on this host's interfaces (the netns kproxy runs in), via rtnetlink.
 pub async fn local_addresses() -> Result<Vec<IpAddr>> {
     use netlink_packet_route::address::AddressAttribute;
-    let (conn, handle, _) =
-        rtnetlink::new_connection().map_err(|e| DataplaneError::Netlink(e.to_string()))?;
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| DataplaneError::Netlink(e.to_string()))?;
     let task = tokio::spawn(conn);
     let mut stream = handle.address().get().execute();
     let mut out = Vec::new();

@@ -17,8 +17,7 @@ use futures::future::BoxFuture;
 use ipnet::IpNet;
 
 use self::render::{
-    render_fixed, render_nodeport_jump, render_port, LocalDetector, NodePortMatch, PortRules,
-    RenderConfig, TableText,
+    render_fixed, render_nodeport_jump, render_port, LocalDetector, NodePortMatch, PortRules, RenderConfig, TableText,
 };
 use super::{Dataplane, Result, SyncStats};
 use crate::config::DetectLocal;
@@ -107,8 +106,7 @@ impl Planner {
         filter
             .declare
             .extend(names::FILTER_CHAINS.iter().map(|c| c.to_string()));
-        nat.declare
-            .extend(names::NAT_CHAINS.iter().map(|c| c.to_string()));
+        nat.declare.extend(names::NAT_CHAINS.iter().map(|c| c.to_string()));
         filter.rules.extend(fixed_filter);
         nat.rules.extend(fixed_nat);
 
@@ -118,8 +116,7 @@ impl Planner {
             for p in rules.iter() {
                 filter.rules.extend(p.filter.iter().cloned());
                 nat.rules.extend(p.nat_services.iter().cloned());
-                nat_total +=
-                    p.nat_services.len() + p.nat_chains.iter().map(|(_, r)| r.len()).sum::<usize>();
+                nat_total += p.nat_services.len() + p.nat_chains.iter().map(|(_, r)| r.len()).sum::<usize>();
                 plan.no_local_endpoints.0 += usize::from(p.no_local_internal);
                 plan.no_local_endpoints.1 += usize::from(p.no_local_external);
             }
@@ -206,19 +203,11 @@ impl IptablesProxier {
 
 /// The local-traffic detector for one family; NodeCIDR mode follows the Node's podCIDRs.
 pub fn local_detector(detect: &DetectLocal, family: IpFamily, node: &NodeInfo) -> LocalDetector {
-    let of_family = |nets: &[IpNet]| {
-        nets.iter()
-            .find(|n| IpFamily::of(&n.addr()) == family)
-            .copied()
-    };
+    let of_family = |nets: &[IpNet]| nets.iter().find(|n| IpFamily::of(&n.addr()) == family).copied();
     match detect {
         DetectLocal::None => LocalDetector::None,
-        DetectLocal::ClusterCidr(cidrs) => {
-            of_family(cidrs).map_or(LocalDetector::None, LocalDetector::Cidr)
-        }
-        DetectLocal::NodeCidr => {
-            of_family(&node.pod_cidrs).map_or(LocalDetector::None, LocalDetector::Cidr)
-        }
+        DetectLocal::ClusterCidr(cidrs) => of_family(cidrs).map_or(LocalDetector::None, LocalDetector::Cidr),
+        DetectLocal::NodeCidr => of_family(&node.pod_cidrs).map_or(LocalDetector::None, LocalDetector::Cidr),
         DetectLocal::BridgeInterface(b) => LocalDetector::Bridge(b.clone()),
         DetectLocal::InterfaceNamePrefix(p) => LocalDetector::InterfacePrefix(p.clone()),
     }
@@ -255,11 +244,7 @@ impl Dataplane for IptablesProxier {
         "iptables"
     }
 
-    fn sync<'a>(
-        &'a mut self,
-        desired: &'a DesiredState,
-        changes: &'a ChangeSet,
-    ) -> BoxFuture<'a, Result<SyncStats>> {
+    fn sync<'a>(&'a mut self, desired: &'a DesiredState, changes: &'a ChangeSet) -> BoxFuture<'a, Result<SyncStats>> {
         Box::pin(async move {
             let cfg = render_config(&self.cfg, &desired.node).await?;
             let kernel_chains = if changes.full {
@@ -267,9 +252,7 @@ impl Dataplane for IptablesProxier {
             } else {
                 None
             };
-            let plan = self
-                .planner
-                .plan(desired, changes, &cfg, kernel_chains.as_ref());
+            let plan = self.planner.plan(desired, changes, &cfg, kernel_chains.as_ref());
             if let Err(e) = self.tools.restore(&plan.restore).await {
                 // The kernel kept its old rules; the cache now describes rules that are not there.
                 self.planner = Planner::new();

@@ -163,39 +163,44 @@ fn service_hash(name: &ServicePortName) -> String {
     port_proto_hash(&format!("{name}{}", name.protocol))
 }
 
+/// A generated chain name: prefix plus hash, always within iptables' limit.
+fn chain(kind: &str, hash: &str) -> String {
+    let name = format!("KPROXY-{kind}-{hash}");
+    debug_assert!(name.len() <= MAX_CHAIN_LEN, "{name}");
+    name
+}
+
 /// `KPROXY-SVC-…`: Cluster-policy load balancing for one Service port.
 pub fn svc_chain(name: &ServicePortName) -> String {
-    format!("KPROXY-SVC-{}", service_hash(name))
+    chain("SVC", &service_hash(name))
 }
 
 /// `KPROXY-SVL-…`: Local-policy load balancing.
 pub fn svl_chain(name: &ServicePortName) -> String {
-    format!("KPROXY-SVL-{}", service_hash(name))
+    chain("SVL", &service_hash(name))
 }
 
 /// `KPROXY-EXT-…`: entry for NodePort, externalIP and load-balancer traffic.
 pub fn ext_chain(name: &ServicePortName) -> String {
-    format!("KPROXY-EXT-{}", service_hash(name))
+    chain("EXT", &service_hash(name))
 }
 
 /// `KPROXY-FW-…`: loadBalancerSourceRanges filter.
 pub fn fw_chain(name: &ServicePortName) -> String {
-    format!("KPROXY-FW-{}", service_hash(name))
+    chain("FW", &service_hash(name))
 }
 
 /// `KPROXY-SEP-…`: DNAT to one endpoint.
 pub fn sep_chain(name: &ServicePortName, ep: &Endpoint) -> String {
-    format!(
-        "KPROXY-SEP-{}",
-        port_proto_hash(&format!("{name}{}{}", name.protocol, ep.addr_string()))
+    chain(
+        "SEP",
+        &port_proto_hash(&format!("{name}{}{}", name.protocol, ep.addr_string())),
     )
 }
 
 /// Quotes a comment for iptables-restore when it needs it.
 pub fn quote(s: &str) -> String {
-    if s.chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-_./:".contains(c))
-    {
+    if s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:".contains(c)) {
         s.to_string()
     } else {
         format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
@@ -216,19 +221,11 @@ mod tests {
     #[test]
     fn chain_names_fit_and_are_stable() {
         let name = ServicePortName {
-            service: ServiceKey::new(
-                "a-very-long-namespace-name-indeed",
-                "and-a-long-service-name",
-            ),
+            service: ServiceKey::new("a-very-long-namespace-name-indeed", "and-a-long-service-name"),
             port: "https-metrics".into(),
             protocol: Protocol::Tcp,
         };
-        for chain in [
-            svc_chain(&name),
-            svl_chain(&name),
-            ext_chain(&name),
-            fw_chain(&name),
-        ] {
+        for chain in [svc_chain(&name), svl_chain(&name), ext_chain(&name), fw_chain(&name)] {
             assert!(chain.len() <= MAX_CHAIN_LEN, "{chain}");
         }
         assert_eq!(svc_chain(&name), svc_chain(&name.clone()));

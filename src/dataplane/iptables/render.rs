@@ -82,15 +82,6 @@ pub struct PortRules {
     pub no_local_external: bool,
 }
 
-impl PortRules {
-    pub fn rule_count(&self) -> usize {
-        self.nat_services.len()
-            + self.nat_nodeports.len()
-            + self.filter.len()
-            + self.nat_chains.iter().map(|(_, r)| r.len()).sum::<usize>()
-    }
-}
-
 /// kube-proxy's probability for the i-th of n remaining endpoints, with the same precision.
 fn probability(remaining: usize) -> String {
     format!("{:.10}", 1.0 / remaining as f64)
@@ -105,10 +96,7 @@ fn host(ip: &IpAddr) -> String {
 pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Option<PortRules> {
     let sp = &*ps.port;
     let family = cfg.family;
-    let cluster_ip = *sp
-        .cluster_ips
-        .iter()
-        .find(|ip| IpFamily::of(ip) == family)?;
+    let cluster_ip = *sp.cluster_ips.iter().find(|ip| IpFamily::of(ip) == family)?;
     let in_family = |ip: &&IpAddr| IpFamily::of(ip) == family;
     let external_ips: Vec<&IpAddr> = sp.external_ips.iter().filter(in_family).collect();
     let lb_ips: Vec<&IpAddr> = sp.load_balancer_ips.iter().filter(in_family).collect();
@@ -133,8 +121,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     let svl_chain = names::svl_chain(name);
     let ext_chain = names::ext_chain(name);
     let fw_chain = names::fw_chain(name);
-    let externally_accessible =
-        sp.node_port.is_some() || !external_ips.is_empty() || !lb_ips.is_empty();
+    let externally_accessible = sp.node_port.is_some() || !external_ips.is_empty() || !lb_ips.is_empty();
 
     let has_endpoints = sets.has_any;
     let mut has_internal = has_endpoints;
@@ -257,14 +244,9 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     // Per-port chains.
     let mut svc_rules = Vec::new();
     if has_internal {
-        let args = format!(
-            "-m comment --comment {cluster_comment} {proto_match} -d {cluster} --dport {port}"
-        );
+        let args = format!("-m comment --comment {cluster_comment} {proto_match} -d {cluster} --dport {port}");
         if cfg.masquerade_all {
-            svc_rules.push(format!(
-                "-A {internal_chain} {args} -j {}",
-                names::MARK_MASQ
-            ));
+            svc_rules.push(format!("-A {internal_chain} {args} -j {}", names::MARK_MASQ));
         } else if let Some(not_local) = cfg.local_detector.if_not_local() {
             // Off-cluster sources reaching a ClusterIP (a static route to the service range)
             // may bounce to another node: masquerade so replies come back through us.
@@ -281,9 +263,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
         if !external_policy_local {
             rules.push(format!(
                 "-A {ext_chain} -m comment --comment {} -j {}",
-                quote(&format!(
-                    "masquerade traffic for {spn} external destinations"
-                )),
+                quote(&format!("masquerade traffic for {spn} external destinations")),
                 names::MARK_MASQ
             ));
         } else {
@@ -299,9 +279,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
             // use every endpoint.
             rules.push(format!(
                 "-A {ext_chain} -m comment --comment {} -m addrtype --src-type LOCAL -j {}",
-                quote(&format!(
-                    "masquerade LOCAL traffic for {spn} external destinations"
-                )),
+                quote(&format!("masquerade LOCAL traffic for {spn} external destinations")),
                 names::MARK_MASQ
             ));
             rules.push(format!(
@@ -372,10 +350,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
             names::MARK_MASQ
         )];
         let affinity = if sp.affinity_timeout.is_some() {
-            format!(
-                " -m recent --name {chain} --mask {} --rsource --set",
-                full_mask(family)
-            )
+            format!(" -m recent --name {chain} --mask {} --rsource --set", full_mask(family))
         } else {
             String::new()
         };
@@ -425,9 +400,7 @@ fn write_balancing(
                 probability(n - i)
             ));
         } else {
-            rules.push(format!(
-                "-A {chain} -m comment --comment {comment} -j {sep}"
-            ));
+            rules.push(format!("-A {chain} -m comment --comment {comment} -j {sep}"));
         }
     }
 }
@@ -448,7 +421,11 @@ pub fn render_fixed(cfg: &RenderConfig) -> (Vec<String>, Vec<String>) {
     ];
     let nat = vec![
         format!("-A {} -m mark ! --mark {mark} -j RETURN", names::POSTROUTING),
-        format!("-A {} -j MARK --xor-mark {:#x}", names::POSTROUTING, cfg.masquerade_mark),
+        format!(
+            "-A {} -j MARK --xor-mark {:#x}",
+            names::POSTROUTING,
+            cfg.masquerade_mark
+        ),
         format!(
             "-A {} -m comment --comment \"kproxy service traffic requiring SNAT\" -j MASQUERADE --random-fully",
             names::POSTROUTING

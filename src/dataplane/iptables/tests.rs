@@ -55,8 +55,7 @@ fn desired(yaml: &str) -> DesiredState {
 /// inserted as `ensure_jumps` inserts them.
 fn ruleset(desired: &DesiredState, cfg: &RenderConfig) -> Ruleset {
     let plan = Planner::new().plan(desired, &ChangeSet::full(), cfg, None);
-    let mut rules =
-        Ruleset::parse(&plan.restore).unwrap_or_else(|e| panic!("{e}\n{}", plan.restore));
+    let mut rules = Ruleset::parse(&plan.restore).unwrap_or_else(|e| panic!("{e}\n{}", plan.restore));
     for jump in names::JUMPS {
         let table: Table = jump.table.parse().unwrap();
         rules.insert(table, jump.from, 1, &jump.args()).unwrap();
@@ -82,18 +81,11 @@ fn trace(rules: &Ruleset, from: Origin, src: &str, dst: &str, udp: bool) -> Trac
 fn check(rules: &Ruleset, from: Origin, src: &str, dst: &str, want: &str, masq: Option<bool>) {
     let r = trace(rules, from, src, dst, false);
     assert_eq!(r.to_string(), want, "{src} -> {dst}\n{}", r.explain());
-    assert_eq!(
-        r.masquerade(),
-        masq,
-        "{src} -> {dst} masquerade\n{}",
-        r.explain()
-    );
+    assert_eq!(r.masquerade(), masq, "{src} -> {dst} masquerade\n{}", r.explain());
 }
 
 fn svc(name: &str, spec: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec: {spec}"
-    )
+    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec: {spec}")
 }
 
 /// A slice with endpoints given as `ip[@node][:state]`, state = ready (default), terminating, down.
@@ -121,9 +113,15 @@ fn basic() -> String {
     [
         svc("web", "{clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}"),
         slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]),
-        svc("np", "{type: NodePort, clusterIP: 10.96.0.11, ports: [{name: http, port: 80, nodePort: 30080}]}"),
+        svc(
+            "np",
+            "{type: NodePort, clusterIP: 10.96.0.11, ports: [{name: http, port: 80, nodePort: 30080}]}",
+        ),
         slice("np", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]),
-        svc("empty", "{type: NodePort, clusterIP: 10.96.0.12, ports: [{name: http, port: 80, nodePort: 30081}]}"),
+        svc(
+            "empty",
+            "{type: NodePort, clusterIP: 10.96.0.12, ports: [{name: http, port: 80, nodePort: 30081}]}",
+        ),
     ]
     .join("\n---\n")
 }
@@ -132,30 +130,9 @@ fn basic() -> String {
 fn cluster_ip_balances_and_masquerades_only_off_cluster_sources() {
     let rules = ruleset(&desired(&basic()), &config());
     let both = "10.244.1.2:8080, 10.244.2.2:8080";
-    check(
-        &rules,
-        Origin::Remote,
-        "10.244.3.5",
-        "10.96.0.10:80",
-        both,
-        Some(false),
-    );
-    check(
-        &rules,
-        Origin::Remote,
-        "203.0.113.9",
-        "10.96.0.10:80",
-        both,
-        Some(true),
-    );
-    check(
-        &rules,
-        Origin::Local,
-        NODE_IP,
-        "10.96.0.10:80",
-        both,
-        Some(true),
-    );
+    check(&rules, Origin::Remote, "10.244.3.5", "10.96.0.10:80", both, Some(false));
+    check(&rules, Origin::Remote, "203.0.113.9", "10.96.0.10:80", both, Some(true));
+    check(&rules, Origin::Local, NODE_IP, "10.96.0.10:80", both, Some(true));
     // Hairpin: the pod reaches itself only masqueraded, the other pod directly.
     let r = trace(&rules, Origin::Remote, "10.244.1.2", "10.96.0.10:80", false);
     assert_eq!(r.to_string(), both);
@@ -205,14 +182,7 @@ fn no_endpoints_rejects_cluster_ip_and_node_port() {
         "REJECT",
         Some(false),
     );
-    check(
-        &rules,
-        Origin::Local,
-        NODE_IP,
-        "10.96.0.12:80",
-        "REJECT",
-        Some(false),
-    );
+    check(&rules, Origin::Local, NODE_IP, "10.96.0.12:80", "REJECT", Some(false));
     check(
         &rules,
         Origin::Remote,
@@ -271,10 +241,7 @@ fn etp_local(endpoints: &[&str]) -> String {
 
 #[test]
 fn external_traffic_policy_local() {
-    let rules = ruleset(
-        &desired(&etp_local(&["10.244.1.2@node-1", "10.244.2.2"])),
-        &config(),
-    );
+    let rules = ruleset(&desired(&etp_local(&["10.244.1.2@node-1", "10.244.2.2"])), &config());
     let np = format!("{NODE_IP}:30090");
     // Outside clients reach only the local endpoint and keep their source address.
     check(
@@ -331,14 +298,7 @@ fn external_traffic_policy_local() {
     );
 
     let remote_only = ruleset(&desired(&etp_local(&["10.244.2.2"])), &config());
-    check(
-        &remote_only,
-        Origin::Remote,
-        "203.0.113.9",
-        &np,
-        "DROP",
-        Some(false),
-    );
+    check(&remote_only, Origin::Remote, "203.0.113.9", &np, "DROP", Some(false));
     check(
         &remote_only,
         Origin::Remote,
@@ -361,15 +321,15 @@ fn external_traffic_policy_local() {
 fn internal_traffic_policy_local() {
     let yaml = |eps: &[&str]| {
         [
-            svc("itp", "{clusterIP: 10.96.0.30, internalTrafficPolicy: Local, ports: [{name: http, port: 80}]}"),
+            svc(
+                "itp",
+                "{clusterIP: 10.96.0.30, internalTrafficPolicy: Local, ports: [{name: http, port: 80}]}",
+            ),
             slice("itp", "http", 8080, eps),
         ]
         .join("\n---\n")
     };
-    let rules = ruleset(
-        &desired(&yaml(&["10.244.1.2@node-1", "10.244.2.2"])),
-        &config(),
-    );
+    let rules = ruleset(&desired(&yaml(&["10.244.1.2@node-1", "10.244.2.2"])), &config());
     check(
         &rules,
         Origin::Remote,
@@ -393,18 +353,12 @@ fn internal_traffic_policy_local() {
 fn terminating_endpoints_only_when_nothing_is_ready() {
     let yaml = |eps: &[&str]| {
         [
-            svc(
-                "t",
-                "{clusterIP: 10.96.0.40, ports: [{name: http, port: 80}]}",
-            ),
+            svc("t", "{clusterIP: 10.96.0.40, ports: [{name: http, port: 80}]}"),
             slice("t", "http", 8080, eps),
         ]
         .join("\n---\n")
     };
-    let rules = ruleset(
-        &desired(&yaml(&["10.244.1.2", "10.244.2.2:terminating"])),
-        &config(),
-    );
+    let rules = ruleset(&desired(&yaml(&["10.244.1.2", "10.244.2.2:terminating"])), &config());
     check(
         &rules,
         Origin::Remote,
@@ -494,10 +448,7 @@ fn session_affinity_still_reaches_every_endpoint() {
 fn equal_probability_ladder() {
     let eps = ["10.244.1.2", "10.244.1.3", "10.244.1.4", "10.244.1.5"];
     let yaml = [
-        svc(
-            "four",
-            "{clusterIP: 10.96.0.70, ports: [{name: http, port: 80}]}",
-        ),
+        svc("four", "{clusterIP: 10.96.0.70, ports: [{name: http, port: 80}]}"),
         slice("four", "http", 8080, &eps),
     ]
     .join("\n---\n");
@@ -523,16 +474,9 @@ fn partial_sync_writes_only_the_changed_service() {
     let s: EndpointSlice = serde_yaml::from_str(&slice_yaml).unwrap();
     assert!(store.apply_slice(&s));
     let snap = store.snapshot();
-    assert_eq!(
-        snap.changes.services,
-        BTreeSet::from([ServiceKey::new("ns", "web")])
-    );
+    assert_eq!(snap.changes.services, BTreeSet::from([ServiceKey::new("ns", "web")]));
     let plan = planner.plan(&snap.desired, &snap.changes, &config(), None);
-    let declared: Vec<&str> = plan
-        .restore
-        .lines()
-        .filter(|l| l.starts_with(":KPROXY-S"))
-        .collect();
+    let declared: Vec<&str> = plan.restore.lines().filter(|l| l.starts_with(":KPROXY-S")).collect();
     let web = crate::model::ServicePortName {
         service: ServiceKey::new("ns", "web"),
         port: "http".into(),
@@ -552,19 +496,11 @@ fn partial_sync_writes_only_the_changed_service() {
     );
     assert!(declared.contains(&format!(":{} - [0:0]", names::svc_chain(&web)).as_str()));
     // The dropped endpoint's chain is deleted, the dispatch chain still lists every Service.
-    let deleted: Vec<&str> = plan
-        .restore
-        .lines()
-        .filter(|l| l.starts_with("-X "))
-        .collect();
+    let deleted: Vec<&str> = plan.restore.lines().filter(|l| l.starts_with("-X ")).collect();
     assert_eq!(deleted.len(), 1, "{}", plan.restore);
     for dispatch in ["\"ns/web:http cluster IP\"", "\"ns/np:http cluster IP\""] {
         let line = format!("-A KPROXY-SERVICES -m comment --comment {dispatch}");
-        assert!(
-            plan.restore.contains(&line),
-            "missing {line}\n{}",
-            plan.restore
-        );
+        assert!(plan.restore.contains(&line), "missing {line}\n{}", plan.restore);
     }
 
     // The resulting kernel state routes as a full render would.
@@ -598,18 +534,14 @@ fn partial_sync_writes_only_the_changed_service() {
     );
 
     // Deleting a Service deletes all its chains.
-    let web_svc: Service = serde_yaml::from_str(&svc(
-        "web",
-        "{clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}",
-    ))
-    .unwrap();
+    let web_svc: Service =
+        serde_yaml::from_str(&svc("web", "{clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}")).unwrap();
     store.delete_service(&web_svc);
     let snap = store.snapshot();
     let plan = planner.plan(&snap.desired, &snap.changes, &config(), None);
     kernel.restore(&plan.restore).unwrap();
     assert!(
-        plan.restore
-            .contains(&format!("-X {}", names::svc_chain(&web))),
+        plan.restore.contains(&format!("-X {}", names::svc_chain(&web))),
         "{}",
         plan.restore
     );
@@ -626,14 +558,10 @@ fn partial_sync_writes_only_the_changed_service() {
 #[test]
 fn full_sync_deletes_stray_chains_found_in_the_kernel() {
     let d = desired(&basic());
-    let kernel: BTreeSet<String> = [
-        "KPROXY-SVC-OLDOLDOLDOLDOLD1",
-        "KPROXY-SERVICES",
-        "KUBE-SERVICES",
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect();
+    let kernel: BTreeSet<String> = ["KPROXY-SVC-OLDOLDOLDOLDOLD1", "KPROXY-SERVICES", "KUBE-SERVICES"]
+        .into_iter()
+        .map(String::from)
+        .collect();
     let plan = Planner::new().plan(&d, &ChangeSet::full(), &config(), Some(&kernel));
     assert!(plan.restore.contains("-X KPROXY-SVC-OLDOLDOLDOLDOLD1"));
     assert!(!plan.restore.contains("-X KPROXY-SERVICES"));
@@ -647,14 +575,8 @@ fn full_sync_deletes_stray_chains_found_in_the_kernel() {
 fn invalid_service_is_skipped_and_the_rest_still_route() {
     let yaml = [
         basic(),
-        svc(
-            "bad",
-            "{clusterIP: 10.96.0.999, ports: [{name: http, port: 80}]}",
-        ),
-        svc(
-            "badport",
-            "{clusterIP: 10.96.0.13, ports: [{name: x, port: 0}]}",
-        ),
+        svc("bad", "{clusterIP: 10.96.0.999, ports: [{name: http, port: 80}]}"),
+        svc("badport", "{clusterIP: 10.96.0.13, ports: [{name: x, port: 0}]}"),
     ]
     .join("\n---\n");
     let rules = ruleset(&desired(&yaml), &config());

@@ -34,8 +34,8 @@ const MAX_COMMENT: usize = 255;
 const NAT_DROP: &str = "the nat table is not for filtering; iptables refuses DROP there";
 /// Real targets the tracer does not model; jumping to one is "unsupported", not "no such chain".
 const UNMODELLED_TARGETS: &[&str] = &[
-    "LOG", "NFLOG", "CT", "NOTRACK", "TRACE", "REDIRECT", "NETMAP", "CONNMARK", "TPROXY", "SET",
-    "NFQUEUE", "TCPMSS", "CHECKSUM",
+    "LOG", "NFLOG", "CT", "NOTRACK", "TRACE", "REDIRECT", "NETMAP", "CONNMARK", "TPROXY", "SET", "NFQUEUE", "TCPMSS",
+    "CHECKSUM",
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -147,12 +147,7 @@ impl Table {
     /// The builtin chains of this table, which are where traversal starts.
     fn hooks(self) -> &'static [Hook] {
         match self {
-            Table::Nat => &[
-                Hook::Prerouting,
-                Hook::Input,
-                Hook::Output,
-                Hook::Postrouting,
-            ],
+            Table::Nat => &[Hook::Prerouting, Hook::Input, Hook::Output, Hook::Postrouting],
             Table::Filter => &[Hook::Input, Hook::Forward, Hook::Output],
         }
     }
@@ -478,11 +473,7 @@ impl TraceResult {
 /// ("10.180.0.1:80, 10.180.0.2:80", "REJECT"); masquerading is asked separately.
 impl fmt::Display for TraceResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let destinations: BTreeSet<Destination> = self
-            .outcomes
-            .iter()
-            .map(|outcome| outcome.destination)
-            .collect();
+        let destinations: BTreeSet<Destination> = self.outcomes.iter().map(|outcome| outcome.destination).collect();
         for (index, destination) in destinations.iter().enumerate() {
             if index > 0 {
                 f.write_str(", ")?;
@@ -687,10 +678,7 @@ impl Ruleset {
                 (table, chains)
             })
             .collect();
-        Ruleset {
-            tables,
-            family: None,
-        }
+        Ruleset { tables, family: None }
     }
 
     /// A fresh ruleset after one `iptables-restore --noflush` of `input`.
@@ -715,13 +703,9 @@ impl Ruleset {
             }
             if let Some(name) = line.strip_prefix('*') {
                 if let Some((table, _, _)) = &open {
-                    return Err(at(syntax(format!(
-                        "*{table} has no COMMIT before this table"
-                    ))));
+                    return Err(at(syntax(format!("*{table} has no COMMIT before this table"))));
                 }
-                let table: Table = name
-                    .parse()
-                    .map_err(|reason: String| at(unsupported(reason)))?;
+                let table: Table = name.parse().map_err(|reason: String| at(unsupported(reason)))?;
                 open = Some((table, number, next.tables[&table].clone()));
             } else if line == "COMMIT" {
                 let (table, _, chains) = open
@@ -742,8 +726,7 @@ impl Ruleset {
             }
         }
         if let Some((table, header, _)) = open {
-            return Err(syntax(format!("*{table} is never committed"))
-                .at(Some(header), &format!("*{table}")));
+            return Err(syntax(format!("*{table} is never committed")).at(Some(header), &format!("*{table}")));
         }
         *self = next;
         Ok(())
@@ -757,27 +740,13 @@ impl Ruleset {
 
     /// Adds one rule as `iptables -t <table> -I <chain> <position> <args...>` would (how
     /// kproxy installs its jumps from the builtin chains); positions start at 1.
-    pub fn insert(
-        &mut self,
-        table: Table,
-        chain: &str,
-        position: usize,
-        args: &[&str],
-    ) -> Result<()> {
+    pub fn insert(&mut self, table: Table, chain: &str, position: usize, args: &[&str]) -> Result<()> {
         self.command(table, &["-I", chain, &position.to_string()], args)
     }
 
     fn command(&mut self, table: Table, command: &[&str], args: &[&str]) -> Result<()> {
-        let tokens: Vec<String> = command
-            .iter()
-            .chain(args)
-            .map(|arg| arg.to_string())
-            .collect();
-        let text = tokens
-            .iter()
-            .map(|arg| quote(arg))
-            .collect::<Vec<_>>()
-            .join(" ");
+        let tokens: Vec<String> = command.iter().chain(args).map(|arg| arg.to_string()).collect();
+        let text = tokens.iter().map(|arg| quote(arg)).collect::<Vec<_>>().join(" ");
         let mut next = self.clone();
         let mut chains = next.tables[&table].clone();
         next.restore_command(table, &mut chains, None, &text, &tokens)?;
@@ -815,9 +784,7 @@ impl Ruleset {
         match command {
             "-A" | "--append" | "-I" | "--insert" => {
                 let Some(existing) = chains.get(chain) else {
-                    return Err(at(rejected(format!(
-                        "chain {chain} is not declared in {table}"
-                    ))));
+                    return Err(at(rejected(format!("chain {chain} is not declared in {table}"))));
                 };
                 let mut args = &tokens[2..];
                 let mut position = 0;
@@ -830,15 +797,15 @@ impl Ruleset {
                         args = &args[1..];
                     }
                 }
-                let rule = parse_rule(table, chains, args, &mut self.family)
-                    .map_err(at)
-                    .map(|(header, matches, target)| Rule {
+                let rule = parse_rule(table, chains, args, &mut self.family).map_err(at).map(
+                    |(header, matches, target)| Rule {
                         line,
                         text: text.to_string(),
                         header,
                         matches,
                         target,
-                    })?;
+                    },
+                )?;
                 let rules = &mut chains.get_mut(chain).expect("checked above").rules;
                 if matches!(command, "-A" | "--append") {
                     rules.push(rule);
@@ -853,9 +820,7 @@ impl Ruleset {
                 }
                 delete_chain(table, chains, chain).map_err(at)
             }
-            other => Err(at(unsupported(format!(
-                "command {other:?} (only -A, -I and -X)"
-            )))),
+            other => Err(at(unsupported(format!("command {other:?} (only -A, -I and -X)")))),
         }
     }
 
@@ -865,11 +830,7 @@ impl Ruleset {
 }
 
 /// `:NAME POLICY [packets:bytes]`: creates a chain, or flushes an existing user chain.
-fn declare_chain(
-    table: Table,
-    chains: &mut BTreeMap<String, Chain>,
-    declaration: &str,
-) -> Result<(), Fail> {
+fn declare_chain(table: Table, chains: &mut BTreeMap<String, Chain>, declaration: &str) -> Result<(), Fail> {
     let mut fields = declaration.split_whitespace();
     let name = fields
         .next()
@@ -880,9 +841,7 @@ fn declare_chain(
     if let Some(counters) = fields.next() {
         let valid = counters.starts_with('[') && counters.ends_with(']') && counters.contains(':');
         if !valid || fields.next().is_some() {
-            return Err(syntax(format!(
-                "unexpected text after the policy of {name}"
-            )));
+            return Err(syntax(format!("unexpected text after the policy of {name}")));
         }
     }
     if table.is_builtin(name) {
@@ -897,16 +856,11 @@ fn declare_chain(
             }
         };
         // Declaring a builtin chain sets its policy and keeps its rules.
-        chains
-            .get_mut(name)
-            .expect("builtin chains always exist")
-            .policy = Some(policy);
+        chains.get_mut(name).expect("builtin chains always exist").policy = Some(policy);
         return Ok(());
     }
     if policy != "-" {
-        return Err(syntax(format!(
-            "user chain {name} must have policy -, not {policy:?}"
-        )));
+        return Err(syntax(format!("user chain {name} must have policy -, not {policy:?}")));
     }
     if name.starts_with('-') || name.starts_with('!') {
         return Err(syntax(format!("{name:?} is not a chain name")));
@@ -922,11 +876,7 @@ fn declare_chain(
 }
 
 /// `-X NAME`: the kernel only deletes user chains that are empty and unreferenced.
-fn delete_chain(
-    table: Table,
-    chains: &mut BTreeMap<String, Chain>,
-    name: &str,
-) -> Result<(), Fail> {
+fn delete_chain(table: Table, chains: &mut BTreeMap<String, Chain>, name: &str) -> Result<(), Fail> {
     if table.is_builtin(name) {
         return Err(rejected(format!("{name} is a builtin chain")));
     }
@@ -960,14 +910,7 @@ fn delete_chain(
 fn validate_hooks(table: Table, chains: &BTreeMap<String, Chain>) -> Result<()> {
     for &hook in table.hooks() {
         let mut done = BTreeSet::new();
-        validate_chain(
-            table,
-            hook,
-            chains,
-            hook.chain(),
-            &mut Vec::new(),
-            &mut done,
-        )?;
+        validate_chain(table, hook, chains, hook.chain(), &mut Vec::new(), &mut done)?;
     }
     Ok(())
 }
@@ -992,16 +935,12 @@ fn validate_chain<'c>(
             _ => true,
         };
         if !allowed {
-            let reason =
-                format!("its target is reachable from {table} {hook}, where it is not allowed");
+            let reason = format!("its target is reachable from {table} {hook}, where it is not allowed");
             return Err(rejected(reason).at(rule.line, &rule.text));
         }
         if let Target::Jump(next) | Target::Goto(next) = &rule.target {
             if stack.contains(&next.as_str()) {
-                let reason = format!(
-                    "chain loop: {next} is reached again from {}",
-                    stack.join(" -> ")
-                );
+                let reason = format!("chain loop: {next} is reached again from {}", stack.join(" -> "));
                 return Err(rejected(reason).at(rule.line, &rule.text));
             }
             if !done.contains(next.as_str()) {
@@ -1025,11 +964,7 @@ fn tokenize(line: &str) -> Result<Vec<String>, Fail> {
     while let Some(c) = chars.next() {
         if quoted {
             match c {
-                '\\' => current.push(
-                    chars
-                        .next()
-                        .ok_or_else(|| syntax("line ends inside a quote"))?,
-                ),
+                '\\' => current.push(chars.next().ok_or_else(|| syntax("line ends inside a quote"))?),
                 '"' => quoted = false,
                 c => current.push(c),
             }
@@ -1057,11 +992,7 @@ fn tokenize(line: &str) -> Result<Vec<String>, Fail> {
 
 /// Quotes an argument the way iptables-save would, for showing [`Ruleset::append`] rules.
 fn quote(arg: &str) -> String {
-    if !arg.is_empty()
-        && !arg
-            .chars()
-            .any(|c| c.is_whitespace() || c == '"' || c == '\\')
-    {
+    if !arg.is_empty() && !arg.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\') {
         return arg.to_string();
     }
     let escaped = arg.replace('\\', "\\\\").replace('"', "\\\"");
@@ -1143,10 +1074,7 @@ impl Module {
         }
         Ok(match name {
             "comment" => Module::Comment { text: None },
-            "addrtype" => Module::AddrType {
-                src: None,
-                dst: None,
-            },
+            "addrtype" => Module::AddrType { src: None, dst: None },
             "conntrack" => Module::Conntrack { states: None },
             "mark" => Module::Mark { mark: None },
             "statistic" => Module::Statistic {
@@ -1204,10 +1132,7 @@ impl Module {
                     return Err(twice());
                 }
                 if value.len() > MAX_COMMENT {
-                    let reason = format!(
-                        "comment is {} bytes; the kernel keeps {MAX_COMMENT}",
-                        value.len()
-                    );
+                    let reason = format!("comment is {} bytes; the kernel keeps {MAX_COMMENT}", value.len());
                     return Err(rejected(reason));
                 }
                 *text = Some(value.to_string());
@@ -1216,11 +1141,9 @@ impl Module {
                 if dport.is_some() {
                     return Err(twice());
                 }
-                let port = value.parse().map_err(|_| {
-                    unsupported(format!(
-                        "{option} {value:?}: only a single port is modelled"
-                    ))
-                })?;
+                let port = value
+                    .parse()
+                    .map_err(|_| unsupported(format!("{option} {value:?}: only a single port is modelled")))?;
                 *dport = Some((port, negated));
             }
             Module::AddrType { src, dst } => {
@@ -1229,9 +1152,7 @@ impl Module {
                     return Err(twice());
                 }
                 if value != "LOCAL" {
-                    return Err(unsupported(format!(
-                        "{option} {value}: only LOCAL is modelled"
-                    )));
+                    return Err(unsupported(format!("{option} {value}: only LOCAL is modelled")));
                 }
                 *slot = Some(negated);
             }
@@ -1276,17 +1197,13 @@ impl Module {
         Ok(match self {
             Module::Comment { .. } => None,
             Module::Port { proto, dport } => {
-                let declared = header.iter().any(
-                    |h| matches!(h, Header::Proto { proto: p, negated: false } if *p == proto),
-                );
+                let declared = header
+                    .iter()
+                    .any(|h| matches!(h, Header::Proto { proto: p, negated: false } if *p == proto));
                 if !declared {
                     return Err(rejected(format!("-m {proto} needs -p {proto}")));
                 }
-                dport.map(|(port, negated)| Match::Dport {
-                    proto,
-                    port,
-                    negated,
-                })
+                dport.map(|(port, negated)| Match::Dport { proto, port, negated })
             }
             Module::AddrType { src, dst } => {
                 if src.is_none() && dst.is_none() {
@@ -1295,17 +1212,12 @@ impl Module {
                 Some(Match::AddrTypeLocal { src, dst })
             }
             Module::Conntrack { states } => {
-                let (states, negated) =
-                    states.ok_or_else(|| unsupported("-m conntrack without --ctstate"))?;
+                let (states, negated) = states.ok_or_else(|| unsupported("-m conntrack without --ctstate"))?;
                 Some(Match::CtState { states, negated })
             }
             Module::Mark { mark } => {
                 let (value, mask, negated) = mark.ok_or_else(|| syntax("-m mark needs --mark"))?;
-                Some(Match::Mark {
-                    value,
-                    mask,
-                    negated,
-                })
+                Some(Match::Mark { value, mask, negated })
             }
             Module::Statistic { mode, probability } => {
                 match mode.as_deref() {
@@ -1313,12 +1225,9 @@ impl Module {
                     Some(other) => return Err(unsupported(format!("statistic --mode {other}"))),
                     None => return Err(syntax("-m statistic needs --mode")),
                 }
-                let (probability, negated) = probability
-                    .ok_or_else(|| syntax("statistic --mode random needs --probability"))?;
-                Some(Match::Statistic {
-                    probability,
-                    negated,
-                })
+                let (probability, negated) =
+                    probability.ok_or_else(|| syntax("statistic --mode random needs --probability"))?;
+                Some(Match::Statistic { probability, negated })
             }
             Module::Recent(recent) => Some(Match::Recent(recent.finish()?)),
         })
@@ -1326,13 +1235,7 @@ impl Module {
 }
 
 impl RecentOptions {
-    fn set(
-        &mut self,
-        option: &str,
-        value: &str,
-        negated: bool,
-        family: &mut Option<Family>,
-    ) -> Result<(), Fail> {
+    fn set(&mut self, option: &str, value: &str, negated: bool, family: &mut Option<Family>) -> Result<(), Fail> {
         let twice = || syntax(format!("{option} given twice in one -m recent"));
         match option {
             "--name" => {
@@ -1354,9 +1257,7 @@ impl RecentOptions {
             }
             "--reap" => self.reap = true,
             "--mask" => {
-                let mask: IpAddr = value
-                    .parse()
-                    .map_err(|_| syntax(format!("bad --mask {value:?}")))?;
+                let mask: IpAddr = value.parse().map_err(|_| syntax(format!("bad --mask {value:?}")))?;
                 note_family(family, mask)?;
                 self.mask = Some(mask);
             }
@@ -1426,9 +1327,7 @@ fn parse_net(text: &str, family: &mut Option<Family>) -> Result<IpNet, Fail> {
         Ok(net) => net,
         Err(_) => match text.parse::<IpAddr>() {
             Ok(addr) => IpNet::from(addr),
-            Err(_) if text.contains(',') => {
-                return Err(unsupported(format!("address list {text:?}")))
-            }
+            Err(_) if text.contains(',') => return Err(unsupported(format!("address list {text:?}"))),
             Err(_) => return Err(syntax(format!("{text:?} is not an address or CIDR"))),
         },
     };
@@ -1473,9 +1372,7 @@ fn target_option(name: &str, option: &str) -> Option<bool> {
         ("DNAT", "--to-destination") | ("SNAT", "--to-source") => Some(true),
         ("DNAT" | "SNAT", "--random" | "--persistent") => Some(false),
         ("SNAT" | "MASQUERADE", "--random-fully") | ("MASQUERADE", "--random") => Some(false),
-        ("MARK", "--set-xmark" | "--set-mark" | "--or-mark" | "--xor-mark" | "--and-mark") => {
-            Some(true)
-        }
+        ("MARK", "--set-xmark" | "--set-mark" | "--or-mark" | "--xor-mark" | "--and-mark") => Some(true),
         ("REJECT", "--reject-with") => Some(true),
         _ => None,
     }
@@ -1507,9 +1404,7 @@ impl PendingTarget {
         }
         let nat_only = matches!(name, "DNAT" | "SNAT" | "MASQUERADE");
         if (nat_only && table != Table::Nat) || (name == "REJECT" && table != Table::Filter) {
-            return Err(rejected(format!(
-                "target {name} is not valid in the {table} table"
-            )));
+            return Err(rejected(format!("target {name} is not valid in the {table} table")));
         }
         Ok(match name {
             "ACCEPT" => Target::Accept,
@@ -1518,8 +1413,7 @@ impl PendingTarget {
             "RETURN" => Target::Return,
             "MASQUERADE" => Target::Snat { masquerade: true },
             "DNAT" => {
-                let to = value("--to-destination")
-                    .ok_or_else(|| syntax("DNAT needs --to-destination"))?;
+                let to = value("--to-destination").ok_or_else(|| syntax("DNAT needs --to-destination"))?;
                 let (ip, port) = parse_nat_addr(to, family)?;
                 Target::Dnat { ip, port }
             }
@@ -1545,10 +1439,7 @@ impl PendingTarget {
                     _ if has_mask => return Err(syntax(format!("{option} takes no mask"))),
                     "--or-mark" => Target::Mark { value, mask: value },
                     "--xor-mark" => Target::Mark { value, mask: 0 },
-                    _ => Target::Mark {
-                        value: 0,
-                        mask: !value,
-                    },
+                    _ => Target::Mark { value: 0, mask: !value },
                 }
             }
             _ if table.is_builtin(name) => {
@@ -1591,19 +1482,12 @@ fn parse_rule(
             negated = true;
             continue;
         }
-        let mut value = || {
-            args.next()
-                .ok_or_else(|| syntax(format!("{arg} needs a value")))
-        };
+        let mut value = || args.next().ok_or_else(|| syntax(format!("{arg} needs a value")));
         match arg {
-            "-s" | "--source" | "-d" | "--destination" | "-p" | "--protocol" | "-i"
-            | "--in-interface" | "-o" | "--out-interface" => {
+            "-s" | "--source" | "-d" | "--destination" | "-p" | "--protocol" | "-i" | "--in-interface" | "-o"
+            | "--out-interface" => {
                 // The letter after the dashes names it in both spellings ("-s", "--source").
-                let flag = if arg.starts_with("--") {
-                    &arg[2..3]
-                } else {
-                    &arg[1..2]
-                };
+                let flag = if arg.starts_with("--") { &arg[2..3] } else { &arg[1..2] };
                 if header.iter().any(|h| header_flag(h) == flag) {
                     return Err(syntax(format!("{arg} given twice")));
                 }
@@ -1618,8 +1502,8 @@ fn parse_rule(
                         negated,
                     },
                     "p" => {
-                        let proto = Protocol::from_name(value)
-                            .ok_or_else(|| unsupported(format!("protocol {value:?}")))?;
+                        let proto =
+                            Protocol::from_name(value).ok_or_else(|| unsupported(format!("protocol {value:?}")))?;
                         if !negated {
                             // Like iptables, -p makes the protocol's options (--dport) available.
                             modules.push(Module::Port { proto, dport: None });
@@ -1657,17 +1541,11 @@ fn parse_rule(
                 });
             }
             option if option.starts_with("--") => {
-                if let Some(takes_value) =
-                    target.as_ref().and_then(|t| target_option(&t.name, option))
-                {
+                if let Some(takes_value) = target.as_ref().and_then(|t| target_option(&t.name, option)) {
                     if negated {
                         return Err(syntax(format!("! cannot precede {option}")));
                     }
-                    let value = if takes_value {
-                        Some(value()?.to_string())
-                    } else {
-                        None
-                    };
+                    let value = if takes_value { Some(value()?.to_string()) } else { None };
                     target
                         .as_mut()
                         .expect("checked above")
@@ -1682,15 +1560,10 @@ fn parse_rule(
                         .iter_mut()
                         .rev()
                         .find(|m| m.kind() == kind)
-                        .ok_or_else(|| {
-                            syntax(format!("{option} needs -m {} first", kind.name()))
-                        })?;
+                        .ok_or_else(|| syntax(format!("{option} needs -m {} first", kind.name())))?;
                     module.set(option, value, negated, family)?;
                 } else if let Some(pending) = &target {
-                    return Err(unsupported(format!(
-                        "option {option} (for target {})",
-                        pending.name
-                    )));
+                    return Err(unsupported(format!("option {option} (for target {})", pending.name)));
                 } else {
                     return Err(unsupported(format!("option {option}")));
                 }
@@ -1804,9 +1677,7 @@ impl Tracer<'_> {
             reason,
         };
         if family_of(packet.src) != family_of(packet.dst) {
-            return Err(fail(
-                "source and destination are of different families".to_string(),
-            ));
+            return Err(fail("source and destination are of different families".to_string()));
         }
         if let Some(rules) = self.ruleset.family {
             if rules != family_of(packet.src) {
@@ -1853,22 +1724,14 @@ impl Tracer<'_> {
     /// The table traversal after `stage` once it accepted, or `None` when the packet is out.
     fn next_stage(&self, stage: Stage, flow: &Flow) -> Option<Stage> {
         let (table, hook) = match (stage.table, stage.hook) {
-            (Table::Nat, Hook::Prerouting) if self.is_local(&flow.dst) => {
-                (Table::Filter, Hook::Input)
-            }
+            (Table::Nat, Hook::Prerouting) if self.is_local(&flow.dst) => (Table::Filter, Hook::Input),
             (Table::Nat, Hook::Prerouting) => (Table::Filter, Hook::Forward),
             // For a locally generated packet the connection's NAT was settled at OUTPUT and
             // POSTROUTING, so looping back to the node skips nat INPUT.
-            (Table::Filter, Hook::Input) if flow.from == Origin::Remote => {
-                (Table::Nat, Hook::Input)
-            }
-            (Table::Filter, Hook::Forward) | (Table::Filter, Hook::Output) => {
-                (Table::Nat, Hook::Postrouting)
-            }
+            (Table::Filter, Hook::Input) if flow.from == Origin::Remote => (Table::Nat, Hook::Input),
+            (Table::Filter, Hook::Forward) | (Table::Filter, Hook::Output) => (Table::Nat, Hook::Postrouting),
             (Table::Nat, Hook::Output) => (Table::Filter, Hook::Output),
-            (Table::Nat, Hook::Postrouting)
-                if flow.from == Origin::Local && self.is_local(&flow.dst) =>
-            {
+            (Table::Nat, Hook::Postrouting) if flow.from == Origin::Local && self.is_local(&flow.dst) => {
                 (Table::Filter, Hook::Input)
             }
             _ => return None,
@@ -1914,13 +1777,7 @@ impl Tracer<'_> {
         Ok(())
     }
 
-    fn run_chain(
-        &self,
-        stage: Stage,
-        name: &str,
-        flow: Flow,
-        out: &mut Vec<(Flow, End)>,
-    ) -> Result<()> {
+    fn run_chain(&self, stage: Stage, name: &str, flow: Flow, out: &mut Vec<(Flow, End)>) -> Result<()> {
         let chain = self.ruleset.chain(stage.table, name).ok_or_else(|| Error {
             kind: ErrorKind::Rejected,
             line: None,
@@ -1965,10 +1822,7 @@ impl Tracer<'_> {
     /// `-m` matches are checked next too, which only differs from the kernel if a
     /// `--set` precedes a failing fixed match and a later `--rcheck` reads that same list.
     fn evaluate(&self, rule: &Rule, flow: Flow) -> Vec<(Flow, Fate)> {
-        let fixed = rule
-            .header
-            .iter()
-            .all(|header| self.header_matches(header, &flow))
+        let fixed = rule.header.iter().all(|header| self.header_matches(header, &flow))
             && rule
                 .matches
                 .iter()
@@ -2005,26 +1859,12 @@ impl Tracer<'_> {
                 kept.push((path, assumed));
             }
         }
-        let matched = live.into_iter().map(|(path, assumed)| {
-            (
-                path,
-                if assumed {
-                    Fate::AssumedMatch
-                } else {
-                    Fate::Matched
-                },
-            )
-        });
-        let unmatched = kept.into_iter().map(|(path, assumed)| {
-            (
-                path,
-                if assumed {
-                    Fate::AssumedNoMatch
-                } else {
-                    Fate::NoMatch
-                },
-            )
-        });
+        let matched = live
+            .into_iter()
+            .map(|(path, assumed)| (path, if assumed { Fate::AssumedMatch } else { Fate::Matched }));
+        let unmatched = kept
+            .into_iter()
+            .map(|(path, assumed)| (path, if assumed { Fate::AssumedNoMatch } else { Fate::NoMatch }));
         matched.chain(unmatched).collect()
     }
 
@@ -2051,11 +1891,7 @@ impl Tracer<'_> {
     /// The answer of a match that depends only on the packet, or `None` for chancy ones.
     fn fixed_answer(&self, m: &Match, flow: &Flow) -> Option<Answer> {
         let yes = match m {
-            Match::Dport {
-                proto,
-                port,
-                negated,
-            } => flow.proto == *proto && (flow.dport == *port) != *negated,
+            Match::Dport { proto, port, negated } => flow.proto == *proto && (flow.dport == *port) != *negated,
             Match::AddrTypeLocal { src, dst } => {
                 let side = |negated: &Option<bool>, addr: &IpAddr| {
                     negated.is_none_or(|negated| self.is_local(addr) != negated)
@@ -2067,11 +1903,7 @@ impl Tracer<'_> {
                 let actual = if flow.dnat { CT_NEW | CT_DNAT } else { CT_NEW };
                 (states & actual != 0) != *negated
             }
-            Match::Mark {
-                value,
-                mask,
-                negated,
-            } => (flow.mark & mask == *value) != *negated,
+            Match::Mark { value, mask, negated } => (flow.mark & mask == *value) != *negated,
             Match::Statistic { .. } | Match::Recent(_) => return None,
         };
         Some(if yes { Answer::Yes } else { Answer::No })
@@ -2085,10 +1917,7 @@ impl Tracer<'_> {
             (answer, _) => answer,
         };
         match m {
-            Match::Statistic {
-                probability,
-                negated,
-            } => {
+            Match::Statistic { probability, negated } => {
                 let answer = if *probability >= 1.0 {
                     Answer::Yes
                 } else if *probability <= 0.0 {
@@ -2111,9 +1940,9 @@ impl Tracer<'_> {
                     match &self.recent {
                         RecentHistory::Unknown => Answer::Both,
                         RecentHistory::Known(entries) => {
-                            let seen = entries.iter().any(|(name, entry)| {
-                                *name == recent.name && masked(*entry, recent.mask) == addr
-                            });
+                            let seen = entries
+                                .iter()
+                                .any(|(name, entry)| *name == recent.name && masked(*entry, recent.mask) == addr);
                             if seen {
                                 Answer::Yes
                             } else {
@@ -2201,12 +2030,8 @@ impl Tracer<'_> {
 /// `addr & mask` when the families agree (a `--mask` of the other family is ignored).
 fn masked(addr: IpAddr, mask: Option<IpAddr>) -> IpAddr {
     match (addr, mask) {
-        (IpAddr::V4(addr), Some(IpAddr::V4(mask))) => {
-            IpAddr::V4((u32::from(addr) & u32::from(mask)).into())
-        }
-        (IpAddr::V6(addr), Some(IpAddr::V6(mask))) => {
-            IpAddr::V6((u128::from(addr) & u128::from(mask)).into())
-        }
+        (IpAddr::V4(addr), Some(IpAddr::V4(mask))) => IpAddr::V4((u32::from(addr) & u32::from(mask)).into()),
+        (IpAddr::V6(addr), Some(IpAddr::V6(mask))) => IpAddr::V6((u128::from(addr) & u128::from(mask)).into()),
         (addr, _) => addr,
     }
 }
@@ -2297,10 +2122,7 @@ COMMIT
     }
 
     fn trace_in(rules: &Ruleset, packet: &Packet) -> TraceResult {
-        rules
-            .tracer(node())
-            .trace(packet)
-            .unwrap_or_else(|e| panic!("{e}"))
+        rules.tracer(node()).trace(packet).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn trace(packet: Packet) -> TraceResult {
@@ -2309,18 +2131,8 @@ COMMIT
 
     #[track_caller]
     fn assert_flow(result: &TraceResult, destinations: &str, masquerade: Option<bool>) {
-        assert_eq!(
-            result.to_string(),
-            destinations,
-            "paths:\n{}",
-            result.explain()
-        );
-        assert_eq!(
-            result.masquerade(),
-            masquerade,
-            "paths:\n{}",
-            result.explain()
-        );
+        assert_eq!(result.to_string(), destinations, "paths:\n{}", result.explain());
+        assert_eq!(result.masquerade(), masquerade, "paths:\n{}", result.explain());
     }
 
     fn outcome(destination: &str, masquerade: bool) -> Outcome {
@@ -2347,51 +2159,33 @@ COMMIT
     fn cluster_ip_from_a_pod_reaches_every_endpoint_unmasqueraded() {
         let result = trace(Packet::tcp(Origin::Remote, "10.244.3.4", "172.30.0.41:80"));
         assert_flow(&result, "10.244.1.2:8080, 10.244.2.3:8080", Some(false));
-        let expected: BTreeSet<String> = ["10.244.1.2:8080", "10.244.2.3:8080"]
-            .map(String::from)
-            .into();
+        let expected: BTreeSet<String> = ["10.244.1.2:8080", "10.244.2.3:8080"].map(String::from).into();
         assert_eq!(result.endpoints(), expected);
     }
 
     #[test]
     fn cluster_ip_from_outside_the_pod_cidr_is_masqueraded() {
-        let result = trace(Packet::tcp(
-            Origin::Remote,
-            "192.168.0.20",
-            "172.30.0.41:80",
-        ));
+        let result = trace(Packet::tcp(Origin::Remote, "192.168.0.20", "172.30.0.41:80"));
         assert_flow(&result, "10.244.1.2:8080, 10.244.2.3:8080", Some(true));
     }
 
     #[test]
     fn hairpin_is_masqueraded_only_back_to_the_same_endpoint() {
         let result = trace(Packet::tcp(Origin::Remote, "10.244.1.2", "172.30.0.41:80"));
-        let expected = [
-            outcome("10.244.1.2:8080", true),
-            outcome("10.244.2.3:8080", false),
-        ]
-        .into();
+        let expected = [outcome("10.244.1.2:8080", true), outcome("10.244.2.3:8080", false)].into();
         assert_eq!(result.outcomes, expected, "paths:\n{}", result.explain());
         assert_eq!(result.masquerade(), None);
     }
 
     #[test]
     fn node_port_on_the_node_ip_is_masqueraded() {
-        let result = trace(Packet::tcp(
-            Origin::Remote,
-            "203.0.113.9",
-            "192.168.0.10:30080",
-        ));
+        let result = trace(Packet::tcp(Origin::Remote, "203.0.113.9", "192.168.0.10:30080"));
         assert_flow(&result, "10.244.1.2:8080, 10.244.2.3:8080", Some(true));
     }
 
     #[test]
     fn node_port_on_an_address_of_another_host_is_forwarded_untouched() {
-        let result = trace(Packet::tcp(
-            Origin::Remote,
-            "203.0.113.9",
-            "192.168.0.99:30080",
-        ));
+        let result = trace(Packet::tcp(Origin::Remote, "203.0.113.9", "192.168.0.99:30080"));
         assert_flow(&result, "ACCEPT", Some(false));
     }
 
@@ -2409,11 +2203,7 @@ COMMIT
         assert_flow(&result, "REJECT", Some(false));
         let result = trace(Packet::tcp(Origin::Local, NODE_IP, "172.30.0.43:80"));
         assert_flow(&result, "REJECT", Some(false));
-        let result = trace(Packet::tcp(
-            Origin::Remote,
-            "203.0.113.9",
-            "192.168.0.10:30003",
-        ));
+        let result = trace(Packet::tcp(Origin::Remote, "203.0.113.9", "192.168.0.10:30003"));
         assert_flow(&result, "REJECT", Some(false));
     }
 
@@ -2486,12 +2276,7 @@ COMMIT
             "\"ns1/web:http cluster IP\" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j",
         );
         let jump = line_of(JUMPS, "-A PREROUTING");
-        assert_eq!(
-            lines,
-            [jump, services, statistic, dnat],
-            "{}",
-            result.explain()
-        );
+        assert_eq!(lines, [jump, services, statistic, dnat], "{}", result.explain());
         assert_eq!(steps[2].branch, Branch::AssumedMatch);
         assert_eq!(steps[2].table, Table::Nat);
         // The first path leaves through POSTROUTING's RETURN for unmarked packets.
@@ -2534,9 +2319,7 @@ COMMIT
             (Table::Filter, "FORWARD", &["-j", "KPROXY-FORWARD"]),
         ];
         for (table, chain, args) in jumps {
-            rules
-                .append(table, chain, args)
-                .unwrap_or_else(|e| panic!("{e}"));
+            rules.append(table, chain, args).unwrap_or_else(|e| panic!("{e}"));
         }
         let result = trace_in(
             &rules,
@@ -2571,10 +2354,7 @@ COMMIT
             .unwrap_or_else(|e| panic!("{e}"));
         let result = trace_in(&rules, &packet);
         assert_flow(&result, "REJECT", Some(false));
-        assert_eq!(
-            result.first_trace()[0].rule,
-            "-I FORWARD 1 -p tcp -j REJECT"
-        );
+        assert_eq!(result.first_trace()[0].rule, "-I FORWARD 1 -p tcp -j REJECT");
 
         let err = rules
             .insert(Table::Filter, "FORWARD", 4, &["-j", "ACCEPT"])
@@ -2597,19 +2377,13 @@ COMMIT
 "#,
             )
             .unwrap_or_else(|e| panic!("{e}"));
-        let result = trace_in(
-            &rules,
-            &Packet::tcp(Origin::Remote, "10.244.3.4", "172.30.0.41:80"),
-        );
+        let result = trace_in(&rules, &Packet::tcp(Origin::Remote, "10.244.3.4", "172.30.0.41:80"));
         assert_flow(&result, "10.244.2.3:8080", Some(false));
         // Declaring a builtin chain keeps its rules: the jumps still work after a full restore.
         rules
             .restore(&RULES.replace("*nat\n", "*nat\n:PREROUTING ACCEPT [0:0]\n"))
             .unwrap_or_else(|e| panic!("{e}"));
-        let result = trace_in(
-            &rules,
-            &Packet::tcp(Origin::Remote, "10.244.3.4", "172.30.0.41:80"),
-        );
+        let result = trace_in(&rules, &Packet::tcp(Origin::Remote, "10.244.3.4", "172.30.0.41:80"));
         assert_flow(&result, "10.244.1.2:8080, 10.244.2.3:8080", Some(false));
     }
 
@@ -2617,15 +2391,10 @@ COMMIT
     fn a_failed_restore_changes_nothing() {
         let mut rules = ruleset();
         let err = rules
-            .restore(
-                "*nat\n:KPROXY-SVC-WEB - [0:0]\nCOMMIT\n*filter\n-A FORWARD -j NOWHERE\nCOMMIT\n",
-            )
+            .restore("*nat\n:KPROXY-SVC-WEB - [0:0]\nCOMMIT\n*filter\n-A FORWARD -j NOWHERE\nCOMMIT\n")
             .expect_err("undeclared chain");
         assert_eq!((err.kind, err.line), (ErrorKind::Rejected, Some(5)));
-        let result = trace_in(
-            &rules,
-            &Packet::tcp(Origin::Remote, "10.244.3.4", "172.30.0.41:80"),
-        );
+        let result = trace_in(&rules, &Packet::tcp(Origin::Remote, "10.244.3.4", "172.30.0.41:80"));
         assert_flow(&result, "10.244.1.2:8080, 10.244.2.3:8080", Some(false));
     }
 
@@ -2655,8 +2424,7 @@ COMMIT
                 "{err}"
             );
             assert!(
-                err.to_string()
-                    .starts_with("line 3: not supported by the tracer: "),
+                err.to_string().starts_with("line 3: not supported by the tracer: "),
                 "{err}"
             );
         }
@@ -2671,22 +2439,54 @@ COMMIT
         let cases: Vec<(&str, String, usize)> = vec![
             ("undeclared chain", "*filter\n-A FORWARD -j X2\nCOMMIT".into(), 2),
             ("rule in undeclared chain", "*filter\n-A X2 -j ACCEPT\nCOMMIT".into(), 2),
-            ("DNAT in filter", "*filter\n-A X -p tcp -j DNAT --to-destination 10.0.0.1:80\nCOMMIT".into(), 3),
+            (
+                "DNAT in filter",
+                "*filter\n-A X -p tcp -j DNAT --to-destination 10.0.0.1:80\nCOMMIT".into(),
+                3,
+            ),
             ("REJECT in nat", "*nat\n:X - [0:0]\n-A X -j REJECT\nCOMMIT".into(), 3),
-            ("MASQUERADE before routing", "*nat\n:X - [0:0]\n-A PREROUTING -j X\n-A X -j MASQUERADE\nCOMMIT".into(), 4),
+            (
+                "MASQUERADE before routing",
+                "*nat\n:X - [0:0]\n-A PREROUTING -j X\n-A X -j MASQUERADE\nCOMMIT".into(),
+                4,
+            ),
             (
                 "DNAT after routing",
                 "*nat\n:X - [0:0]\n-A X -j DNAT --to-destination 10.0.0.1\n-A POSTROUTING -j X\nCOMMIT".into(),
                 3,
             ),
-            ("loop", "*filter\n:X - [0:0]\n:Y - [0:0]\n-A X -j Y\n-A Y -g X\n-A INPUT -j X\nCOMMIT".into(), 5),
-            ("delete referenced", "*filter\n:X - [0:0]\n-A INPUT -j X\n-X X\nCOMMIT".into(), 4),
-            ("delete non-empty", "*filter\n:X - [0:0]\n-A X -j ACCEPT\n-X X\nCOMMIT".into(), 4),
+            (
+                "loop",
+                "*filter\n:X - [0:0]\n:Y - [0:0]\n-A X -j Y\n-A Y -g X\n-A INPUT -j X\nCOMMIT".into(),
+                5,
+            ),
+            (
+                "delete referenced",
+                "*filter\n:X - [0:0]\n-A INPUT -j X\n-X X\nCOMMIT".into(),
+                4,
+            ),
+            (
+                "delete non-empty",
+                "*filter\n:X - [0:0]\n-A X -j ACCEPT\n-X X\nCOMMIT".into(),
+                4,
+            ),
             ("delete builtin", "*filter\n-X INPUT\nCOMMIT".into(), 2),
             ("long chain name", format!("*filter\n:{long_name} - [0:0]\nCOMMIT"), 2),
-            ("long comment", format!("*filter\n:X - [0:0]\n{long_comment}\nCOMMIT"), 3),
-            ("tcp match without -p tcp", "*filter\n:X - [0:0]\n-A X -m tcp --dport 80 -j ACCEPT\nCOMMIT".into(), 3),
-            ("jump to builtin", "*filter\n:X - [0:0]\n-A X -j INPUT\nCOMMIT".into(), 3),
+            (
+                "long comment",
+                format!("*filter\n:X - [0:0]\n{long_comment}\nCOMMIT"),
+                3,
+            ),
+            (
+                "tcp match without -p tcp",
+                "*filter\n:X - [0:0]\n-A X -m tcp --dport 80 -j ACCEPT\nCOMMIT".into(),
+                3,
+            ),
+            (
+                "jump to builtin",
+                "*filter\n:X - [0:0]\n-A X -j INPUT\nCOMMIT".into(),
+                3,
+            ),
             ("DROP in nat", "*nat\n:X - [0:0]\n-A X -j DROP\nCOMMIT".into(), 3),
             ("DROP policy in nat", "*nat\n:PREROUTING DROP [0:0]\nCOMMIT".into(), 2),
             (
@@ -2698,11 +2498,7 @@ COMMIT
         for (name, input, line) in cases {
             let input = input.replace("\n-A X -p tcp -j DNAT", "\n:X - [0:0]\n-A X -p tcp -j DNAT");
             let err = Ruleset::parse(&input).expect_err(name);
-            assert_eq!(
-                (err.kind, err.line),
-                (ErrorKind::Rejected, Some(line)),
-                "{name}: {err}"
-            );
+            assert_eq!((err.kind, err.line), (ErrorKind::Rejected, Some(line)), "{name}: {err}");
         }
     }
 
@@ -2728,16 +2524,8 @@ COMMIT
                 2,
             ),
             ("user chain policy", "*filter\n:X ACCEPT [0:0]\nCOMMIT", 2),
-            (
-                "mark with mask",
-                "*nat\n-A OUTPUT -j MARK --or-mark 0x1/0x1\nCOMMIT",
-                2,
-            ),
-            (
-                "DNAT without address",
-                "*nat\n-A OUTPUT -p tcp -j DNAT\nCOMMIT",
-                2,
-            ),
+            ("mark with mask", "*nat\n-A OUTPUT -j MARK --or-mark 0x1/0x1\nCOMMIT", 2),
+            ("DNAT without address", "*nat\n-A OUTPUT -p tcp -j DNAT\nCOMMIT", 2),
             (
                 "recent set and rcheck",
                 "*nat\n-A OUTPUT -m recent --set --rcheck -j ACCEPT\nCOMMIT",
@@ -2748,18 +2536,13 @@ COMMIT
         ];
         for (name, input, line) in cases {
             let err = Ruleset::parse(input).expect_err(name);
-            assert_eq!(
-                (err.kind, err.line),
-                (ErrorKind::Syntax, Some(line)),
-                "{name}: {err}"
-            );
+            assert_eq!((err.kind, err.line), (ErrorKind::Syntax, Some(line)), "{name}: {err}");
         }
     }
 
     #[test]
     fn quoted_arguments_follow_iptables_restore() {
-        let tokens =
-            tokenize(r#"-A X -m comment --comment "say \"hi\" \\ now" -j "A B""#).expect("valid");
+        let tokens = tokenize(r#"-A X -m comment --comment "say \"hi\" \\ now" -j "A B""#).expect("valid");
         assert_eq!(
             tokens,
             [
@@ -2801,11 +2584,7 @@ COMMIT",
         // 0xf0f -> set-xmark 0x10/0xff: 0xf10 -> and 0xff00: 0xf00 -> set-mark 0x3/0xf: 0xf03.
         let packet = Packet::tcp(Origin::Local, "10.0.0.1", "10.0.0.2:80").with_mark(0xf0f);
         assert_flow(&trace_in(&rules, &packet), "REJECT", Some(false));
-        assert_flow(
-            &trace_in(&rules, &packet.clone().with_mark(0)),
-            "DROP",
-            Some(false),
-        );
+        assert_flow(&trace_in(&rules, &packet.clone().with_mark(0)), "DROP", Some(false));
     }
 
     #[test]
@@ -2891,20 +2670,15 @@ COMMIT",
         let packet = Packet::tcp(Origin::Remote, "fd00:244::9", "[fd00:30::41]:80");
         let result = trace_in(&rules, &packet);
         assert_flow(&result, "[fd00:244::5]:8080", Some(false));
-        assert_eq!(
-            result.endpoints(),
-            BTreeSet::from(["[fd00:244::5]:8080".to_string()])
-        );
+        assert_eq!(result.endpoints(), BTreeSet::from(["[fd00:244::5]:8080".to_string()]));
 
-        let err =
-            rules
-                .tracer(node())
-                .trace(&Packet::tcp(Origin::Remote, "10.0.0.1", "10.0.0.2:80"));
+        let err = rules
+            .tracer(node())
+            .trace(&Packet::tcp(Origin::Remote, "10.0.0.1", "10.0.0.2:80"));
         let err = err.expect_err("IPv4 packet through IPv6 rules");
         assert_eq!((err.kind, err.line), (ErrorKind::Packet, None));
         assert!(
-            err.to_string()
-                .contains("the rules are IPv6, the packet is IPv4"),
+            err.to_string().contains("the rules are IPv6, the packet is IPv4"),
             "{err}"
         );
     }

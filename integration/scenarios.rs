@@ -1,0 +1,451 @@
+//! The scenarios, written once and run for every proxy mode and both desired-state sources.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::fakeapi::FakeApiServer;
+use crate::harness::{backends, curl, eventually, eventually_backends, kproxy_bin, udp, Kproxy};
+use crate::netns::Topology;
+
+/// Proxy modes the binary supports.
+pub const MODES: &[&str] = &["iptables"];
+
+/// Where kproxy reads desired state from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Manifests,
+    Api,
+}
+
+impl SourceKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceKind::Manifests => "manifests",
+            SourceKind::Api => "api",
+        }
+    }
+}
+
+pub type Scenario = fn(&'static str, SourceKind);
+
+pub const ALL: &[(&str, Scenario)] = &[
+    (
+        "cluster_ip_from_node_and_pod_reaches_both_backends",
+        cluster_ip_from_node_and_pod,
+    ),
+    ("node_port_from_outside_is_masqueraded", node_port_from_outside),
+    ("pod_to_cluster_ip_keeps_source_and_hairpin_is_masqueraded", pod_sources),
+    ("udp_cluster_ip", udp_cluster_ip),
+    ("no_endpoints_is_refused_not_timed_out", no_endpoints_refused),
+    ("endpoint_changes_are_followed", endpoint_changes),
+    ("bad_objects_are_skipped_and_others_keep_working", bad_objects),
+    ("cleanup_removes_only_kproxy_rules", cleanup),
+    ("healthz_and_metrics", healthz_and_metrics),
+    ("watch_survives_dropped_streams_and_410_gone", watch_resilience),
+];
+
+const CLUSTER_IP: &str = "10.96.0.10";
+const PORT: u16 = 8080;
+
+fn node_yaml() -> String {
+    "apiVersion: v1\nkind: Node\nmetadata: {name: node-1, labels: {topology.kubernetes.io/zone: zone-a}}\nstatus: {addresses: [{type: InternalIP, address: 192.0.2.1}]}".into()
+}
+
+fn service(name: &str, spec: &str) -> String {
+    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {spec}")
+}
+
+/// An EndpointSlice for `service` with ready endpoints at `ips` (on node-1) on port 8080 TCP and UDP.
+fn slice(service: &str, ips: &[String]) -> String {
+    let eps: Vec<String> = ips
+        .iter()
+        .map(|ip| format!("{{addresses: [{ip}], nodeName: node-1, conditions: {{ready: true}}}}"))
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-abc12, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: http, port: {PORT}, protocol: TCP}}, {{name: dns, port: {PORT}, protocol: UDP}}]\nendpoints: [{}]",
+        eps.join(", ")
+    )
+}
+
+/// The standard set of objects: `web` (ClusterIP and NodePort 30080, TCP and UDP) backed by
+/// `backends`, and `empty` with no endpoints.
+fn objects(backends: &[String]) -> Vec<String> {
+    vec![
+        node_yaml(),
+        service(
+            "web",
+            &format!("{{type: NodePort, clusterIP: {CLUSTER_IP}, selector: {{app: web}}, ports: [{{name: http, port: 80, nodePort: 30080, protocol: TCP}}, {{name: dns, port: 53, protocol: UDP}}]}}"),
+        ),
+        slice("web", backends),
+        service("empty", "{clusterIP: 10.96.0.12, ports: [{name: http, port: 80}]}"),
+    ]
+}
+
+/// Where the test writes desired state.
+enum Source {
+    Manifests(PathBuf),
+    Api {
+        server: FakeApiServer,
+        current: BTreeMap<String, serde_json::Value>,
+        _runtime: tokio::runtime::Runtime,
+    },
+}
+
+/// One scenario's world: a topology, a source, and kproxy running on it.
+struct Env {
+    topo: Topology,
+    source: Source,
+    kproxy: Kproxy,
+}
+
+fn object_key(v: &serde_json::Value) -> String {
+    let s = |p: &str| v.pointer(p).and_then(|x| x.as_str()).unwrap_or_default().to_string();
+    format!(
+        "{}|{}|{}|{}",
+        s("/apiVersion"),
+        s("/kind"),
+        s("/metadata/namespace"),
+        s("/metadata/name")
+    )
+}
+
+/// A listener on 127.0.0.1 inside `ns`, so kproxy (in that namespace) reaches the fake API
+/// server that runs in this process.
+fn listener_in(ns: &str) -> std::net::TcpListener {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns");
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind in netns");
+        l.set_nonblocking(true).expect("nonblocking");
+        l
+    })
+    .join()
+    .expect("listener thread")
+}
+
+impl Env {
+    fn new(mode: &str, kind: SourceKind, docs: &[String], extra: &[&str]) -> Env {
+        let mut topo = Topology::new(3);
+        topo.start_servers(PORT);
+        let mut args: Vec<String> = [
+            "--proxy-mode",
+            mode,
+            "--hostname-override",
+            "node-1",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--min-sync-period",
+            "100ms",
+            "--healthz-bind-address",
+            "127.0.0.1:10256",
+            "--metrics-bind-address",
+            "127.0.0.1:10249",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let source = match kind {
+            SourceKind::Manifests => {
+                let dir = std::env::temp_dir().join(format!("{}-manifests", topo.id));
+                std::fs::create_dir_all(&dir).expect("manifest dir");
+                args.extend(["--manifests".into(), dir.display().to_string()]);
+                Source::Manifests(dir)
+            }
+            SourceKind::Api => {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                let listener = listener_in(&topo.node);
+                let server = runtime
+                    .block_on(async { FakeApiServer::start_on(listener).await })
+                    .expect("fake API server");
+                args.extend(["--master".into(), server.url()]);
+                Source::Api {
+                    server,
+                    current: BTreeMap::new(),
+                    _runtime: runtime,
+                }
+            }
+        };
+        let mut source = source;
+        write_source(&mut source, docs);
+        let mut kproxy = Kproxy::start(&topo, &args);
+        kproxy.wait_sync_after(0);
+        Env { topo, source, kproxy }
+    }
+
+    /// Replaces the whole desired state with `docs` (YAML documents).
+    fn set(&mut self, docs: &[String]) {
+        write_source(&mut self.source, docs);
+    }
+}
+
+/// Makes `source` hold exactly `docs`.
+fn write_source(source: &mut Source, docs: &[String]) {
+    match source {
+        Source::Manifests(dir) => {
+            // Write then rename, so kproxy never reads a half-written file.
+            let tmp = dir.join(".all.yaml.tmp");
+            std::fs::write(&tmp, docs.join("\n---\n")).expect("write manifests");
+            std::fs::rename(&tmp, dir.join("all.yaml")).expect("rename manifests");
+        }
+        Source::Api { server, current, .. } => {
+            let mut next = BTreeMap::new();
+            for doc in docs {
+                let v: serde_json::Value = serde_yaml::from_str(doc).expect("test YAML");
+                next.insert(object_key(&v), v);
+            }
+            for (key, old) in current.iter() {
+                if !next.contains_key(key) {
+                    let s = |p: &str| old.pointer(p).and_then(|x| x.as_str()).map(str::to_string);
+                    let ns = s("/metadata/namespace");
+                    server
+                        .delete(
+                            &s("/apiVersion").unwrap(),
+                            &s("/kind").unwrap(),
+                            ns.as_deref(),
+                            &s("/metadata/name").unwrap(),
+                        )
+                        .expect("delete");
+                }
+            }
+            for v in next.values() {
+                server.apply(v.clone()).expect("apply");
+            }
+            *current = next;
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Source::Manifests(dir) = &self.source {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Addresses of pods by index, as [`Topology::add_pod`] assigns them.
+fn pod_ips(which: &[usize]) -> Vec<String> {
+    which.iter().map(|i| format!("10.244.{}.2", i + 1)).collect()
+}
+
+fn both() -> Vec<String> {
+    vec!["pod-a".to_string(), "pod-b".to_string()]
+}
+
+fn cluster_ip_from_node_and_pod(mode: &'static str, kind: SourceKind) {
+    let env = Env::new(mode, kind, &objects(&pod_ips(&[0, 1])), &[]);
+    let url = format!("http://{CLUSTER_IP}/");
+    let node = env.topo.node.clone();
+    let client_pod = env.topo.pods[2].ns.clone();
+    assert_eq!(backends(&env.topo, &node, &url, 50), both(), "from the node");
+    assert_eq!(backends(&env.topo, &client_pod, &url, 50), both(), "from a pod");
+}
+
+fn node_port_from_outside(mode: &'static str, kind: SourceKind) {
+    let env = Env::new(mode, kind, &objects(&pod_ips(&[0, 1])), &[]);
+    let url = format!("http://{}:30080/", env.topo.node_ip);
+    let client = env.topo.client.clone();
+    assert_eq!(backends(&env.topo, &client, &url, 30), both());
+    // Masqueraded: the backend sees the node (its address on the pod link), not the client.
+    let body = curl(&env.topo, &client, &url).expect("nodeport answers");
+    let peer = body.split_whitespace().nth(1).unwrap_or_default().to_string();
+    assert!(
+        peer.starts_with("10.244.") && peer.ends_with(".1"),
+        "backend saw {peer}, expected the node's address"
+    );
+}
+
+fn pod_sources(mode: &'static str, kind: SourceKind) {
+    let env = Env::new(mode, kind, &objects(&pod_ips(&[0])), &[]);
+    let url = format!("http://{CLUSTER_IP}/");
+    // From pod-c (inside --cluster-cidr): no masquerade, pod-a sees pod-c's own address.
+    let from_c = curl(&env.topo, &env.topo.pods[2].ns, &url).expect("pod-c reaches the service");
+    assert_eq!(from_c, format!("pod-a {}", env.topo.pods[2].ip));
+    // Hairpin: pod-a reaching its own Service is masqueraded, or the reply would bypass NAT.
+    let from_a = curl(&env.topo, &env.topo.pods[0].ns, &url).expect("hairpin works");
+    assert_eq!(from_a, "pod-a 10.244.1.1");
+}
+
+fn udp_cluster_ip(mode: &'static str, kind: SourceKind) {
+    let env = Env::new(mode, kind, &objects(&pod_ips(&[0, 1])), &[]);
+    let client_pod = env.topo.pods[2].ns.clone();
+    let reply = udp(&env.topo, &client_pod, &format!("{CLUSTER_IP}:53")).expect("UDP reply through the ClusterIP");
+    assert!(reply.starts_with("pod-a ") || reply.starts_with("pod-b "), "{reply}");
+}
+
+fn no_endpoints_refused(mode: &'static str, kind: SourceKind) {
+    let env = Env::new(mode, kind, &objects(&[]), &[]);
+    // curl exit 7 is "connection refused" (the REJECT); 28 would be a silent drop timing out.
+    let from_node = curl(&env.topo, &env.topo.node, "http://10.96.0.12/");
+    assert_eq!(from_node, Err(7), "from the node");
+    let from_pod = curl(&env.topo, &env.topo.pods[2].ns, "http://10.96.0.12/");
+    assert_eq!(from_pod, Err(7), "from a pod");
+    let nodeport = curl(
+        &env.topo,
+        &env.topo.client,
+        &format!("http://{}:30080/", env.topo.node_ip),
+    );
+    assert_eq!(nodeport, Err(7), "NodePort of a Service without endpoints");
+}
+
+fn endpoint_changes(mode: &'static str, kind: SourceKind) {
+    let mut env = Env::new(mode, kind, &[], &[]);
+    let ips = pod_ips(&[0, 1]);
+    env.set(&objects(&ips));
+    let url = format!("http://{CLUSTER_IP}/");
+    let client = env.topo.pods[2].ns.clone();
+    eventually_backends(&env.topo, &client, &url, 20, &["pod-a", "pod-b"]);
+    env.set(&objects(&pod_ips(&[1])));
+    eventually_backends(&env.topo, &client, &url, 20, &["pod-b"]);
+    env.set(&objects(&ips));
+    eventually_backends(&env.topo, &client, &url, 20, &["pod-a", "pod-b"]);
+    env.kproxy.assert_running();
+}
+
+fn bad_objects(mode: &'static str, kind: SourceKind) {
+    let mut docs = objects(&pod_ips(&[0, 1]));
+    docs.push(service(
+        "bad-ip",
+        "{clusterIP: 10.96.0.300, ports: [{name: http, port: 80}]}",
+    ));
+    docs.push(service(
+        "bad-port",
+        "{clusterIP: 10.96.0.13, ports: [{name: http, port: 0}, {name: proto, port: 81, protocol: ICMP}]}",
+    ));
+    docs.push(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: orphan, namespace: default}\naddressType: IPv4\nendpoints: [{addresses: [not-an-ip]}]".into(),
+    );
+    let env = Env::new(mode, kind, &docs, &[]);
+    let client = env.topo.pods[2].ns.clone();
+    assert_eq!(
+        backends(&env.topo, &client, &format!("http://{CLUSTER_IP}/"), 20),
+        both()
+    );
+    let log = env.kproxy.log_text();
+    for name in ["default/bad-ip", "default/bad-port", "default/orphan"] {
+        assert!(log.contains(name), "log does not name {name}:\n{log}");
+    }
+}
+
+fn iptables_save(topo: &Topology) -> String {
+    topo.exec_ok(&topo.node, &["iptables-save"])
+}
+
+fn cleanup(mode: &'static str, kind: SourceKind) {
+    let mut env = Env::new(mode, kind, &[], &[]);
+    // Rules of other software, present before kproxy ran.
+    let node = env.topo.node.clone();
+    env.topo.exec_ok(&node, &["iptables", "-t", "nat", "-N", "OTHER-CHAIN"]);
+    env.topo.exec_ok(
+        &node,
+        &[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "198.51.100.0/24",
+            "-m",
+            "comment",
+            "--comment",
+            "other software",
+            "-j",
+            "RETURN",
+        ],
+    );
+    env.topo.exec_ok(
+        &node,
+        &["iptables", "-A", "FORWARD", "-s", "198.51.100.0/24", "-j", "ACCEPT"],
+    );
+    let ips = pod_ips(&[0, 1]);
+    env.set(&objects(&ips));
+    eventually("kproxy programmed the Service", || {
+        iptables_save(&env.topo).contains("KPROXY-SVC-").then_some(())
+    });
+    env.kproxy.stop();
+    for round in 1..=2 {
+        let out = env.topo.exec(&node, &[kproxy_bin(), "--cleanup"]);
+        assert!(
+            out.status.success(),
+            "cleanup round {round}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let save = iptables_save(&env.topo);
+    assert!(!save.contains("KPROXY"), "kproxy rules left behind:\n{save}");
+    assert!(save.contains("OTHER-CHAIN"), "foreign chain removed:\n{save}");
+    assert!(save.contains("other software"), "foreign rule removed:\n{save}");
+    assert!(
+        save.contains("-A FORWARD -s 198.51.100.0/24 -j ACCEPT"),
+        "foreign filter rule removed:\n{save}"
+    );
+    // Traffic no longer goes through the service.
+    let client = env.topo.pods[2].ns.clone();
+    assert!(curl(&env.topo, &client, &format!("http://{CLUSTER_IP}/")).is_err());
+}
+
+fn healthz_and_metrics(mode: &'static str, kind: SourceKind) {
+    let env = Env::new(mode, kind, &objects(&[]), &[]);
+    let out = env.topo.exec(
+        &env.topo.node,
+        &["curl", "-s", "-w", "\n%{http_code}", "http://127.0.0.1:10256/healthz"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').expect("status line");
+    assert_eq!(code, "200", "{body}");
+    let json: serde_json::Value = serde_json::from_str(body).expect("JSON body");
+    assert!(
+        json.get("lastUpdated").is_some() && json.get("currentTime").is_some(),
+        "{json}"
+    );
+    for name in [
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+        "kproxy_programmed_services",
+    ] {
+        assert!(env.kproxy.metric(name).is_some(), "metric {name} missing");
+    }
+    assert!(
+        env.kproxy
+            .metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+            .unwrap_or(0.0)
+            > 0.0
+    );
+    assert_eq!(
+        env.kproxy.metric("kproxy_programmed_services"),
+        Some(3.0),
+        "web:http, web:dns, empty"
+    );
+}
+
+fn watch_resilience(mode: &'static str, kind: SourceKind) {
+    let mut env = Env::new(mode, kind, &objects(&[]), &[]);
+    let url = format!("http://{CLUSTER_IP}/");
+    let client = env.topo.pods[2].ns.clone();
+    if let Source::Api { server, .. } = &env.source {
+        server.drop_watches();
+    }
+    env.set(&objects(&pod_ips(&[0])));
+    eventually_backends(&env.topo, &client, &url, 5, &["pod-a"]);
+    if let Source::Api { server, .. } = &env.source {
+        server.compact();
+    }
+    env.set(&objects(&pod_ips(&[1])));
+    eventually_backends(&env.topo, &client, &url, 5, &["pod-b"]);
+    if let Source::Api { server, .. } = &env.source {
+        let lists = server
+            .requests()
+            .iter()
+            .filter(|r| r.contains("endpointslices") && !r.contains("watch="))
+            .count();
+        assert!(lists >= 2, "no relist after 410: {:?}", server.requests());
+    }
+    env.kproxy.assert_running();
+}
