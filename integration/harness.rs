@@ -145,9 +145,15 @@ pub fn curl(topo: &Topology, ns: &str, url: &str) -> Result<String, i32> {
 
 /// One UDP request with this test binary's client mode; the reply, if any.
 pub fn udp(topo: &Topology, ns: &str, addr: &str) -> Option<String> {
+    udp_from(topo, ns, addr, 0)
+}
+
+/// One UDP request from a fixed source port (0: any).
+pub fn udp_from(topo: &Topology, ns: &str, addr: &str, sport: u16) -> Option<String> {
     let exe = std::env::current_exe().expect("test binary");
     let exe = exe.to_string_lossy();
-    let out = topo.exec(ns, &[&exe, "__udp", addr]);
+    let sport = sport.to_string();
+    let out = topo.exec(ns, &[&exe, "__udp", addr, &sport]);
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())

@@ -9,6 +9,7 @@ mod fakeapi;
 mod harness;
 mod netns;
 mod scenarios;
+mod semantics;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, UdpSocket};
@@ -19,22 +20,23 @@ use libtest_mimic::{Arguments, Trial};
 
 /// HTTP/1.1 on TCP: every request gets `NAME PEER_IP` as body. UDP: every datagram gets the same.
 fn serve(name: &str, port: u16) -> ! {
-    let udp = UdpSocket::bind(("0.0.0.0", port)).expect("bind udp");
+    // [::] takes IPv4 too (v4-mapped), so one socket serves both families.
+    let udp = UdpSocket::bind(("::", port)).expect("bind udp");
     let udp_name = name.to_string();
     std::thread::spawn(move || {
         let mut buf = [0u8; 1500];
         loop {
             if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                let _ = udp.send_to(format!("{udp_name} {}\n", peer.ip()).as_bytes(), peer);
+                let _ = udp.send_to(format!("{udp_name} {}\n", peer.ip().to_canonical()).as_bytes(), peer);
             }
         }
     });
-    let tcp = TcpListener::bind(("0.0.0.0", port)).expect("bind tcp");
+    let tcp = TcpListener::bind(("::", port)).expect("bind tcp");
     for stream in tcp.incoming().flatten() {
         let name = name.to_string();
         std::thread::spawn(move || {
             let peer = match stream.peer_addr() {
-                Ok(p) => p.ip(),
+                Ok(p) => p.ip().to_canonical(),
                 Err(_) => return,
             };
             let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
@@ -75,9 +77,10 @@ fn serve(name: &str, port: u16) -> ! {
     std::process::exit(1)
 }
 
-/// Sends one datagram to `addr` and prints the reply; exit 1 without one in 2 s.
-fn udp_client(addr: &str) -> ExitCode {
-    let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+/// Sends one datagram to `addr` from source port `sport` (0: any) and prints the reply; exit 1
+/// without one in 2 s. A fixed source port is how a DNS resolver's flow looks to conntrack.
+fn udp_client(addr: &str, sport: u16) -> ExitCode {
+    let sock = UdpSocket::bind(("0.0.0.0", sport)).expect("bind");
     sock.set_read_timeout(Some(Duration::from_secs(2))).ok();
     if sock.send_to(b"ping", addr).is_err() {
         return ExitCode::FAILURE;
@@ -96,7 +99,7 @@ fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
     match argv.get(1).map(String::as_str) {
         Some("__serve") => serve(&argv[2], argv[3].parse().expect("port")),
-        Some("__udp") => return udp_client(&argv[2]),
+        Some("__udp") => return udp_client(&argv[2], argv.get(3).and_then(|p| p.parse().ok()).unwrap_or(0)),
         _ => {}
     }
     let args = Arguments::from_args();

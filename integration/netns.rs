@@ -93,6 +93,7 @@ impl Topology {
         topo.add_ns(&node);
         topo.add_ns(&client);
         topo.exec_ok(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        topo.exec_ok(&node, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
         // Client link: the node's "public" address.
         must(
             "ip",
@@ -104,9 +105,18 @@ impl Topology {
         topo.exec_ok(&node, &["ip", "link", "set", "vc", "up"]);
         topo.exec_ok(&client, &["ip", "addr", "add", "192.0.2.100/24", "dev", "eth0"]);
         topo.exec_ok(&client, &["ip", "link", "set", "eth0", "up"]);
+        // IPv6 on the same links (nodad: usable at once, no duplicate address detection wait).
+        topo.exec_ok(&node, &["ip", "addr", "add", "fd00:2::1/64", "dev", "vc", "nodad"]);
+        topo.exec_ok(
+            &client,
+            &["ip", "addr", "add", "fd00:2::100/64", "dev", "eth0", "nodad"],
+        );
+        // The client reaches load-balancer and external IPs through the node, as a router would.
+        topo.exec_ok(&client, &["ip", "route", "add", "198.51.100.0/24", "via", "192.0.2.1"]);
         // A default route, as every real node has: service IPs without endpoints must still be
         // routable for the reject rules to see them.
         topo.exec_ok(&node, &["ip", "route", "add", "default", "via", "192.0.2.100"]);
+        topo.exec_ok(&node, &["ip", "-6", "route", "add", "default", "via", "fd00:2::100"]);
         for i in 1..=pods {
             topo.add_pod(i);
         }
@@ -119,7 +129,7 @@ impl Topology {
         self.exec_ok(ns, &["ip", "link", "set", "lo", "up"]);
     }
 
-    /// Adds pod number `i` (1-based) at 10.244.i.2 behind node veth `v{i}`.
+    /// Adds pod number `i` (1-based) at 10.244.i.2 and fd00:244:i::2 behind node veth `v{i}`.
     pub fn add_pod(&mut self, i: usize) -> Pod {
         let name = format!("pod-{}", char::from(b'a' + (i as u8 - 1)));
         let ns = format!("{}p{i}", self.id);
@@ -137,6 +147,24 @@ impl Topology {
         self.exec_ok(&ns, &["ip", "addr", "add", &format!("10.244.{i}.2/24"), "dev", "eth0"]);
         self.exec_ok(&ns, &["ip", "link", "set", "eth0", "up"]);
         self.exec_ok(&ns, &["ip", "route", "add", "default", "via", &gw]);
+        let gw6 = format!("fd00:244:{i}::1");
+        self.exec_ok(
+            &self.node,
+            &["ip", "addr", "add", &format!("{gw6}/64"), "dev", &node_if, "nodad"],
+        );
+        self.exec_ok(
+            &ns,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("fd00:244:{i}::2/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        );
+        self.exec_ok(&ns, &["ip", "-6", "route", "add", "default", "via", &gw6]);
         let pod = Pod {
             name,
             ns,

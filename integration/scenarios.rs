@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use crate::fakeapi::FakeApiServer;
 use crate::harness::{backends, curl, eventually, eventually_backends, kproxy_bin, udp, Kproxy};
 use crate::netns::Topology;
+use crate::semantics;
 
 /// Proxy modes the binary supports.
 pub const MODES: &[&str] = &["iptables"];
@@ -42,29 +43,123 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("cleanup_removes_only_kproxy_rules", cleanup),
     ("healthz_and_metrics", healthz_and_metrics),
     ("watch_survives_dropped_streams_and_410_gone", watch_resilience),
+    (
+        "session_affinity_keeps_a_client_on_one_backend",
+        semantics::session_affinity,
+    ),
+    (
+        "external_traffic_policy_local_keeps_source_and_health_check",
+        semantics::external_local,
+    ),
+    ("internal_traffic_policy_local", semantics::internal_local),
+    ("terminating_endpoints_only_without_ready_ones", semantics::terminating),
+    ("topology_hints_keep_traffic_in_zone", semantics::topology_hints),
+    ("ipv6_cluster_ip", semantics::ipv6),
+    (
+        "load_balancer_ip_source_ranges_and_external_ips",
+        semantics::load_balancer,
+    ),
+    (
+        "udp_client_recovers_when_its_endpoint_is_replaced",
+        semantics::udp_stale_conntrack,
+    ),
 ];
 
 const CLUSTER_IP: &str = "10.96.0.10";
 const PORT: u16 = 8080;
 
-fn node_yaml() -> String {
+pub fn node_yaml() -> String {
     "apiVersion: v1\nkind: Node\nmetadata: {name: node-1, labels: {topology.kubernetes.io/zone: zone-a}}\nstatus: {addresses: [{type: InternalIP, address: 192.0.2.1}]}".into()
 }
 
-fn service(name: &str, spec: &str) -> String {
+pub fn service(name: &str, spec: &str) -> String {
     format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {spec}")
 }
 
-/// An EndpointSlice for `service` with ready endpoints at `ips` (on node-1) on port 8080 TCP and UDP.
-fn slice(service: &str, ips: &[String]) -> String {
-    let eps: Vec<String> = ips
-        .iter()
-        .map(|ip| format!("{{addresses: [{ip}], nodeName: node-1, conditions: {{ready: true}}}}"))
-        .collect();
+/// One endpoint of a test EndpointSlice: pod `i`'s address, on node-1 and ready unless told.
+#[derive(Debug, Clone)]
+pub struct Ep {
+    ip: String,
+    node: &'static str,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    zone_hint: Option<&'static str>,
+}
+
+/// Pod `i` (0-based) as a ready endpoint on node-1.
+pub fn ep(i: usize) -> Ep {
+    Ep {
+        ip: format!("10.244.{}.2", i + 1),
+        node: "node-1",
+        ready: true,
+        serving: true,
+        terminating: false,
+        zone_hint: None,
+    }
+}
+
+impl Ep {
+    /// The pod's IPv6 address instead.
+    pub fn v6(mut self) -> Ep {
+        let i = self.ip.split('.').nth(2).unwrap_or("1").to_string();
+        self.ip = format!("fd00:244:{i}::2");
+        self
+    }
+    pub fn on(mut self, node: &'static str) -> Ep {
+        self.node = node;
+        self
+    }
+    /// Terminating but still serving (a pod in its grace period).
+    pub fn terminating(mut self) -> Ep {
+        (self.ready, self.serving, self.terminating) = (false, true, true);
+        self
+    }
+    /// Not ready and not serving.
+    pub fn down(mut self) -> Ep {
+        (self.ready, self.serving) = (false, false);
+        self
+    }
+    pub fn hint(mut self, zone: &'static str) -> Ep {
+        self.zone_hint = Some(zone);
+        self
+    }
+    fn yaml(&self) -> String {
+        let hints = self
+            .zone_hint
+            .map(|z| format!(", hints: {{forZones: [{{name: {z}}}]}}"))
+            .unwrap_or_default();
+        format!(
+            "{{addresses: ['{}'], nodeName: {}, conditions: {{ready: {}, serving: {}, terminating: {}}}{hints}}}",
+            self.ip, self.node, self.ready, self.serving, self.terminating
+        )
+    }
+}
+
+/// An EndpointSlice for `service` with `eps` on port 8080 (TCP `http` and UDP `dns`).
+pub fn slice_of(service: &str, eps: &[Ep]) -> String {
+    let family = if eps.iter().any(|e| e.ip.contains(':')) {
+        "IPv6"
+    } else {
+        "IPv4"
+    };
+    let eps: Vec<String> = eps.iter().map(Ep::yaml).collect();
     format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-abc12, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: http, port: {PORT}, protocol: TCP}}, {{name: dns, port: {PORT}, protocol: UDP}}]\nendpoints: [{}]",
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-abc12, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: {family}\nports: [{{name: http, port: {PORT}, protocol: TCP}}, {{name: dns, port: {PORT}, protocol: UDP}}]\nendpoints: [{}]",
         eps.join(", ")
     )
+}
+
+/// An EndpointSlice for `service` with ready endpoints at `ips` on node-1.
+fn slice(service: &str, ips: &[String]) -> String {
+    let eps: Vec<Ep> = ips
+        .iter()
+        .map(|ip| Ep {
+            ip: ip.clone(),
+            ..ep(0)
+        })
+        .collect();
+    slice_of(service, &eps)
 }
 
 /// The standard set of objects: `web` (ClusterIP and NodePort 30080, TCP and UDP) backed by
@@ -92,10 +187,10 @@ enum Source {
 }
 
 /// One scenario's world: a topology, a source, and kproxy running on it.
-struct Env {
-    topo: Topology,
+pub struct Env {
+    pub topo: Topology,
     source: Source,
-    kproxy: Kproxy,
+    pub kproxy: Kproxy,
 }
 
 fn object_key(v: &serde_json::Value) -> String {
@@ -125,7 +220,7 @@ fn listener_in(ns: &str) -> std::net::TcpListener {
 }
 
 impl Env {
-    fn new(mode: &str, kind: SourceKind, docs: &[String], extra: &[&str]) -> Env {
+    pub fn new(mode: &str, kind: SourceKind, docs: &[String], extra: &[&str]) -> Env {
         let mut topo = Topology::new(3);
         topo.start_servers(PORT);
         let mut args: Vec<String> = [
@@ -179,7 +274,7 @@ impl Env {
     }
 
     /// Replaces the whole desired state with `docs` (YAML documents).
-    fn set(&mut self, docs: &[String]) {
+    pub fn set(&mut self, docs: &[String]) {
         write_source(&mut self.source, docs);
     }
 }

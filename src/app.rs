@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::dataplane::iptables::{self, IptablesProxier, Planner, ProxierConfig};
 use crate::dataplane::{Dataplane, PerFamily};
 use crate::health::{self, ProxyHealth};
+use crate::healthcheck::HealthCheckServer;
 use crate::model::store::Store;
 use crate::model::{ChangeSet, DesiredState, IpFamily};
 use crate::sync::{self, SharedState, SyncTiming};
@@ -119,7 +120,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
-    let state = SharedState::new(Store::new(config.hostname.clone()), health);
+    let health_checks = HealthCheckServer::new(health.clone());
+    let mut store = Store::new(config.hostname.clone());
+    store.set_ignore_external_ips(config.disable_external_ips);
+    let state = SharedState::new(store, health);
     start_sources(&config, &state, &shutdown).await?;
     tracing::info!(
         node = %config.hostname,
@@ -132,7 +136,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         sync_period: config.sync_period,
         retry_initial: Duration::from_secs(1),
     };
-    sync::run(state, dataplane(&config).await, timing, shutdown).await;
+    sync::run(state, dataplane(&config).await, timing, Some(health_checks), shutdown).await;
     Ok(())
 }
 
@@ -147,7 +151,9 @@ pub async fn cleanup(config: Config) -> anyhow::Result<()> {
 /// Collects one complete desired state from the configured source.
 async fn desired_once(config: &Config) -> anyhow::Result<DesiredState> {
     let health = Arc::new(ProxyHealth::new(2 * config.sync_period));
-    let state = SharedState::new(Store::new(config.hostname.clone()), health);
+    let mut store = Store::new(config.hostname.clone());
+    store.set_ignore_external_ips(config.disable_external_ips);
+    let state = SharedState::new(store, health);
     match &config.manifests {
         Some(path) => {
             let objects = manifests::read_manifests(path)?;

@@ -95,6 +95,10 @@ pub struct Flags {
     /// With --manifests: the range cluster IPs are allocated from for Services that have none.
     #[arg(long, value_name = "CIDR")]
     pub service_cluster_ip_range: Option<String>,
+    /// Ignore `spec.externalIPs` of every Service (CVE-2020-8554: any user who can create a
+    /// Service can otherwise capture traffic to any IP).
+    #[arg(long)]
+    pub disable_external_ips: bool,
     /// Parse flags and --config, print the effective configuration and exit.
     #[arg(long)]
     pub validate: bool,

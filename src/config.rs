@@ -119,6 +119,7 @@ pub struct Config {
     pub sync_period: Duration,
     pub manifests: Option<PathBuf>,
     pub service_cluster_ip_range: IpNet,
+    pub disable_external_ips: bool,
     pub verbosity: u8,
 }
 
@@ -492,6 +493,7 @@ impl Config {
             sync_period,
             manifests: flags.manifests.clone(),
             service_cluster_ip_range,
+            disable_external_ips: flags.disable_external_ips,
             verbosity: flags.verbosity.unwrap_or(0),
         })
     }

@@ -48,7 +48,7 @@ const NEVER: &str = "0001-01-01T00:00:00Z";
 /// spinning on the same error.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-const JSON: &str = "application/json";
+pub(crate) const JSON: &str = "application/json";
 const TEXT: &str = "text/plain; charset=utf-8";
 /// What Prometheus' Go client sends for text format 0.0.4.
 const METRICS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -283,7 +283,7 @@ fn route_health(health: &ProxyHealth, path: &str, now: SystemTime) -> Response<F
 
 /// The accept loop shared by both servers; `route` answers from the request path alone, since
 /// every endpoint here ignores method, query and body, as upstream's do.
-async fn serve<R>(
+pub(crate) async fn serve<R>(
     server: &'static str,
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
@@ -338,7 +338,11 @@ async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-fn response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+pub(crate) fn response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     let headers = response.headers_mut();

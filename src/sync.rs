@@ -11,6 +11,7 @@ use tracing::Instrument;
 
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::health::ProxyHealth;
+use crate::healthcheck::HealthCheckServer;
 use crate::metrics::metrics;
 use crate::model::store::{Snapshot, Store};
 
@@ -98,6 +99,7 @@ pub async fn run(
     state: Arc<SharedState>,
     mut dataplane: Box<dyn Dataplane>,
     timing: SyncTiming,
+    mut health_checks: Option<HealthCheckServer>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mode = dataplane.mode();
@@ -145,6 +147,9 @@ pub async fn run(
         match sync_once(dataplane.as_mut(), &snapshot).await {
             Ok(()) => {
                 state.health.updated();
+                if let Some(hc) = health_checks.as_mut() {
+                    hc.sync(&snapshot.desired).await;
+                }
                 if full {
                     last_full = now;
                 }
@@ -275,18 +280,12 @@ mod tests {
         }
     }
 
-    fn start(
-        fail: usize,
-    ) -> (
-        Arc<SharedState>,
-        Arc<Mutex<Vec<(Instant, bool, usize)>>>,
-        watch::Sender<bool>,
-    ) {
+    fn start(fail: usize) -> (Arc<SharedState>, SyncLog, watch::Sender<bool>) {
         let state = SharedState::new(Store::new("n1"), Arc::new(ProxyHealth::new(Duration::from_secs(60))));
         let log = Arc::new(Mutex::new(vec![]));
         let (tx, rx) = watch::channel(false);
         let dp = Box::new(Recorder { log: log.clone(), fail });
-        tokio::spawn(run(state.clone(), dp, timing(), rx));
+        tokio::spawn(run(state.clone(), dp, timing(), None, rx));
         (state, log, tx)
     }
 

@@ -4,6 +4,7 @@
 //! successful sync so it can do work proportional to the change; after any error the runner asks
 //! for a full sync, which must repair whatever a failed or foreign change left behind.
 
+pub mod conntrack;
 pub mod iptables;
 
 use futures::future::BoxFuture;

@@ -49,6 +49,8 @@ pub struct Store {
     slice_owner: BTreeMap<(String, String), ServiceKey>,
     slice_notes: BTreeMap<(String, String), String>,
     node: NodeInfo,
+    /// `--disable-external-ips`.
+    ignore_external_ips: bool,
     /// False while this node is being deleted or drained by the cluster autoscaler.
     node_eligible: bool,
     /// Derived per-Service state, recomputed for `dirty` keys only.
@@ -77,6 +79,11 @@ impl Store {
         }
     }
 
+    /// Drops `spec.externalIPs` from every Service (`--disable-external-ips`).
+    pub fn set_ignore_external_ips(&mut self, ignore: bool) {
+        self.ignore_external_ips = ignore;
+    }
+
     /// True once every kind has been listed completely: before that, a sync would program a
     /// half-empty ruleset and cut live traffic.
     pub fn is_ready(&self) -> bool {
@@ -98,7 +105,16 @@ impl Store {
     pub fn apply_service(&mut self, svc: &Service) -> bool {
         let key = convert::service_key_of(svc);
         match convert::convert_service(svc) {
-            Ok(ServiceDecision::Proxy { ports, warnings }) => {
+            Ok(ServiceDecision::Proxy {
+                mut ports,
+                mut warnings,
+            }) => {
+                if self.ignore_external_ips && ports.iter().any(|p| !p.external_ips.is_empty()) {
+                    warnings.push(format!("Service {key}: ignoring externalIPs (--disable-external-ips)"));
+                    for p in &mut ports {
+                        Arc::make_mut(p).external_ips.clear();
+                    }
+                }
                 let note = warnings.join("; ");
                 if self.notes.get(&key) != Some(&note) {
                     for w in &warnings {

@@ -19,6 +19,7 @@ use ipnet::IpNet;
 use self::render::{
     render_fixed, render_nodeport_jump, render_port, LocalDetector, NodePortMatch, PortRules, RenderConfig, TableText,
 };
+use super::conntrack::{delete_flows, plan_cleanup, udp_ports, UdpPorts};
 use super::{Dataplane, Result, SyncStats};
 use crate::config::DetectLocal;
 use crate::model::{ChangeSet, DesiredState, IpFamily, NodeInfo, ServiceKey};
@@ -189,6 +190,9 @@ pub struct IptablesProxier {
     cfg: ProxierConfig,
     tools: apply::Tools,
     planner: Planner,
+    /// UDP ports as last programmed, to find stale conntrack flows; `None` before the first sync
+    /// (flows that predate this process are left alone).
+    udp: Option<UdpPorts>,
 }
 
 impl IptablesProxier {
@@ -197,6 +201,7 @@ impl IptablesProxier {
             tools: apply::Tools::for_family(cfg.family),
             cfg,
             planner: Planner::new(),
+            udp: None,
         }
     }
 }
@@ -261,6 +266,11 @@ impl Dataplane for IptablesProxier {
             if changes.full {
                 self.tools.ensure_jumps().await?;
             }
+            let udp = udp_ports(desired, self.cfg.family);
+            if let Some(old) = &self.udp {
+                delete_flows(&plan_cleanup(old, &udp)).await;
+            }
+            self.udp = Some(udp);
             tracing::debug!(family = ?self.cfg.family, "iptables-restore input:\n{}", plan.restore);
             Ok(SyncStats {
                 rules_written: plan.rules_written,

@@ -652,3 +652,23 @@ fn golden_render() {
         "golden length differs"
     );
 }
+
+#[test]
+fn detect_local_by_interface() {
+    for (detector, iface) in [
+        (LocalDetector::Bridge("cbr0".into()), "cbr0"),
+        (LocalDetector::InterfacePrefix("veth".into()), "veth1234"),
+    ] {
+        let cfg = RenderConfig {
+            local_detector: detector,
+            ..config()
+        };
+        let rules = ruleset(&desired(&basic()), &cfg);
+        let from_pod = Packet::tcp(Origin::Remote, "10.244.3.5", "10.96.0.10:80").with_in_iface(iface);
+        let r = rules.tracer([NODE_IP.parse().unwrap()]).trace(&from_pod).unwrap();
+        assert_eq!(r.masquerade(), Some(false), "{}", r.explain());
+        let from_outside = Packet::tcp(Origin::Remote, "203.0.113.9", "10.96.0.10:80").with_in_iface("eth0");
+        let r = rules.tracer([NODE_IP.parse().unwrap()]).trace(&from_outside).unwrap();
+        assert_eq!(r.masquerade(), Some(true), "{}", r.explain());
+    }
+}
