@@ -36,14 +36,20 @@ pub struct Kproxy {
 }
 
 impl Kproxy {
-    /// Starts `kproxy` with `args` in `topo`'s node namespace, logging to a file.
-    pub fn start(topo: &Topology, args: &[String]) -> Kproxy {
+    /// Starts `kproxy` with `args` in `topo`'s node namespace, logging to a file. `tools`, if
+    /// given, is searched first for the tools kproxy runs (to fake a failing one).
+    pub fn start(topo: &Topology, args: &[String], tools: Option<&std::path::Path>) -> Kproxy {
         let log = std::env::temp_dir().join(format!("{}-kproxy.log", topo.id));
         let file = std::fs::File::create(&log).expect("log file");
+        let mut path = std::env::var("PATH").unwrap_or_default();
+        if let Some(dir) = tools {
+            path = format!("{}:{path}", dir.display());
+        }
         let child = Command::new("ip")
             .args(["netns", "exec", &topo.node, kproxy_bin()])
             .args(args)
             .env("RUST_LOG", "info,kproxy=debug")
+            .env("PATH", path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file)

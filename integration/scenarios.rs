@@ -63,6 +63,10 @@ pub const ALL: &[(&str, Scenario)] = &[
         "udp_client_recovers_when_its_endpoint_is_replaced",
         semantics::udp_stale_conntrack,
     ),
+    (
+        "rejected_restore_keeps_the_kernel_rules_and_is_retried",
+        restore_failure,
+    ),
 ];
 
 const CLUSTER_IP: &str = "10.96.0.10";
@@ -221,6 +225,17 @@ fn listener_in(ns: &str) -> std::net::TcpListener {
 
 impl Env {
     pub fn new(mode: &str, kind: SourceKind, docs: &[String], extra: &[&str]) -> Env {
+        Env::with_tools(mode, kind, docs, extra, None)
+    }
+
+    /// Like [`Env::new`], with `tools` searched first for the programs kproxy runs.
+    pub fn with_tools(
+        mode: &str,
+        kind: SourceKind,
+        docs: &[String],
+        extra: &[&str],
+        tools: Option<&std::path::Path>,
+    ) -> Env {
         let mut topo = Topology::new(3);
         topo.start_servers(PORT);
         let mut args: Vec<String> = [
@@ -268,7 +283,7 @@ impl Env {
         };
         let mut source = source;
         write_source(&mut source, docs);
-        let mut kproxy = Kproxy::start(&topo, &args);
+        let mut kproxy = Kproxy::start(&topo, &args, tools);
         kproxy.wait_sync_after(0);
         Env { topo, source, kproxy }
     }
@@ -543,4 +558,57 @@ fn watch_resilience(mode: &'static str, kind: SourceKind) {
         assert!(lists >= 2, "no relist after 410: {:?}", server.requests());
     }
     env.kproxy.assert_running();
+}
+
+/// iptables-restore refuses a sync: the kernel keeps the previous rules (traffic still flows
+/// as before), the failure is logged with the offending line and counted, and once the tool
+/// works again the retry programs the change.
+fn restore_failure(mode: &'static str, kind: SourceKind) {
+    if mode != "iptables" {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kpt-tools-{}-{}", std::process::id(), kind.name()));
+    std::fs::create_dir_all(&dir).expect("tools dir");
+    let marker = dir.join("fail");
+    let which = std::process::Command::new("sh")
+        .args(["-c", "command -v iptables-restore"])
+        .output()
+        .expect("sh");
+    let real = String::from_utf8_lossy(&which.stdout).trim().to_string();
+    let wrapper = format!(
+        "#!/bin/sh\nif [ -e {marker} ]; then cat >/dev/null; echo 'iptables-restore v1.8.9 (nf_tables): line 3: RULE_APPEND failed (Invalid argument): rule in chain KPROXY-SERVICES' >&2; exit 1; fi\nexec {real} \"$@\"\n",
+        marker = marker.display()
+    );
+    let script = dir.join("iptables-restore");
+    std::fs::write(&script, wrapper).expect("wrapper");
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .expect("chmod");
+
+    let mut env = Env::with_tools(mode, kind, &objects(&pod_ips(&[0, 1])), &[], Some(&dir));
+    let client = env.topo.pods[2].ns.clone();
+    let url = format!("http://{CLUSTER_IP}/");
+    eventually_backends(&env.topo, &client, &url, 20, &["pod-a", "pod-b"]);
+
+    std::fs::write(&marker, "").expect("marker");
+    env.set(&objects(&pod_ips(&[1])));
+    eventually("the failure is counted", || {
+        (env.kproxy
+            .metric("kubeproxy_sync_proxy_rules_iptables_restore_failures_total")?
+            >= 1.0)
+            .then_some(())
+    });
+    // The kernel still has the old rules: both backends answer.
+    assert_eq!(backends(&env.topo, &client, &url, 20), both());
+    let log = env.kproxy.log_text();
+    assert!(
+        log.contains("offending line") && log.contains("sync failed"),
+        "log:\n{log}"
+    );
+
+    std::fs::remove_file(&marker).expect("unmark");
+    eventually_backends(&env.topo, &client, &url, 20, &["pod-b"]);
+    let _ = std::fs::remove_dir_all(&dir);
 }
