@@ -142,14 +142,14 @@ impl Ep {
 
 /// An EndpointSlice for `service` with `eps` on port 8080 (TCP `http` and UDP `dns`).
 pub fn slice_of(service: &str, eps: &[Ep]) -> String {
-    let family = if eps.iter().any(|e| e.ip.contains(':')) {
-        "IPv6"
+    let (family, suffix) = if eps.iter().any(|e| e.ip.contains(':')) {
+        ("IPv6", "v6abc")
     } else {
-        "IPv4"
+        ("IPv4", "v4abc")
     };
     let eps: Vec<String> = eps.iter().map(Ep::yaml).collect();
     format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-abc12, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: {family}\nports: [{{name: http, port: {PORT}, protocol: TCP}}, {{name: dns, port: {PORT}, protocol: UDP}}]\nendpoints: [{}]",
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-{suffix}, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: {family}\nports: [{{name: http, port: {PORT}, protocol: TCP}}, {{name: dns, port: {PORT}, protocol: UDP}}]\nendpoints: [{}]",
         eps.join(", ")
     )
 }

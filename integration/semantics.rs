@@ -162,6 +162,20 @@ pub fn ipv6(mode: &'static str, kind: SourceKind) {
         body.ends_with("fd00:244:3::2"),
         "pod-c's own IPv6 address, unmasqueraded: {body}"
     );
+    // A dual-stack Service: one slice per family, each cluster IP served by its family's pods.
+    let mut env = env;
+    env.set(&[
+        node_yaml(),
+        service(
+            "dual",
+            "{clusterIP: 10.96.0.26, clusterIPs: [10.96.0.26, 'fd00:96::26'], ipFamilies: [IPv4, IPv6], ipFamilyPolicy: RequireDualStack, ports: [{name: http, port: 80}]}",
+        ),
+        slice_of("dual", &[ep(0)]),
+        slice_of("dual", &[ep(1).v6()]),
+    ]);
+    let pod_c = env.topo.pods[2].ns.clone();
+    eventually_backends(&env.topo, &pod_c, "http://10.96.0.26/", 10, &["pod-a"]);
+    eventually_backends(&env.topo, &pod_c, "http://[fd00:96::26]/", 10, &["pod-b"]);
 }
 
 pub fn load_balancer(mode: &'static str, kind: SourceKind) {
