@@ -145,19 +145,7 @@ pub fn plan_cleanup(old: &UdpPorts, new: &UdpPorts) -> BTreeSet<Flow> {
             continue;
         }
         for gone in had.into_iter().flatten().filter(|ep| !now.endpoints.contains(ep)) {
-            for ip in &now.service_ips {
-                flows.insert(Flow::ServiceToEndpoint {
-                    ip: *ip,
-                    port: now.port,
-                    endpoint: *gone,
-                });
-            }
-            if let Some(np) = now.node_port {
-                flows.insert(Flow::NodePortToEndpoint {
-                    port: np,
-                    endpoint: *gone,
-                });
-            }
+            flows_to_endpoint(now, *gone, &mut flows);
         }
     }
     // Endpoints of a Service that lost all of them (or was deleted) are gone too.
@@ -166,22 +154,24 @@ pub fn plan_cleanup(old: &UdpPorts, new: &UdpPorts) -> BTreeSet<Flow> {
             continue;
         }
         for gone in &before.endpoints {
-            for ip in &before.service_ips {
-                flows.insert(Flow::ServiceToEndpoint {
-                    ip: *ip,
-                    port: before.port,
-                    endpoint: *gone,
-                });
-            }
-            if let Some(np) = before.node_port {
-                flows.insert(Flow::NodePortToEndpoint {
-                    port: np,
-                    endpoint: *gone,
-                });
-            }
+            flows_to_endpoint(before, *gone, &mut flows);
         }
     }
     flows
+}
+
+/// The flows of `port` that were NATed to `endpoint`.
+fn flows_to_endpoint(port: &UdpPort, endpoint: IpAddr, flows: &mut BTreeSet<Flow>) {
+    for ip in &port.service_ips {
+        flows.insert(Flow::ServiceToEndpoint {
+            ip: *ip,
+            port: port.port,
+            endpoint,
+        });
+    }
+    if let Some(np) = port.node_port {
+        flows.insert(Flow::NodePortToEndpoint { port: np, endpoint });
+    }
 }
 
 /// Deletes `flows` with the conntrack tool; returns how many entries went. A missing tool is

@@ -172,37 +172,36 @@ pub fn restore_error(tool: &'static str, input: &str, message: String) -> Datapl
     }
 }
 
-async fn run(cmd: &str, args: &[&str]) -> Result<String> {
+/// Runs `cmd`; its output, and the error to report if its exit code is not acceptable.
+async fn output(cmd: &str, args: &[&str]) -> Result<(std::process::Output, DataplaneError)> {
     let out = Command::new(cmd)
         .args(args)
         .stdin(Stdio::null())
         .output()
         .await
         .map_err(|source| spawn_error(cmd, source))?;
+    let err = DataplaneError::Command {
+        command: format!("{cmd} {}", args.join(" ")),
+        message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    };
+    Ok((out, err))
+}
+
+async fn run(cmd: &str, args: &[&str]) -> Result<String> {
+    let (out, err) = output(cmd, args).await?;
     if !out.status.success() {
-        return Err(DataplaneError::Command {
-            command: format!("{cmd} {}", args.join(" ")),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+        return Err(err);
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs a check-style command: exit 0 is true, exit 1 is false, anything else is an error.
 async fn status(cmd: &str, args: &[&str]) -> Result<bool> {
-    let out = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|source| spawn_error(cmd, source))?;
+    let (out, err) = output(cmd, args).await?;
     match out.status.code() {
         Some(0) => Ok(true),
         Some(1) => Ok(false),
-        _ => Err(DataplaneError::Command {
-            command: format!("{cmd} {}", args.join(" ")),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        }),
+        _ => Err(err),
     }
 }
 

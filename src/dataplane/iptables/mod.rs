@@ -22,7 +22,7 @@ use self::render::{
 use super::conntrack::{delete_flows, plan_cleanup, udp_ports, UdpPorts};
 use super::{Dataplane, Result, SyncStats};
 use crate::config::DetectLocal;
-use crate::model::{ChangeSet, DesiredState, IpFamily, NodeInfo, ServiceKey};
+use crate::model::{ChangeSet, DesiredState, IpFamily, NodeInfo, ServiceKey, ServiceState};
 
 /// One restore input and what it contains.
 #[derive(Debug, Default)]
@@ -57,31 +57,22 @@ impl Planner {
         kernel_chains: Option<&BTreeSet<String>>,
     ) -> Plan {
         let full = changes.full || self.last_config.as_ref() != Some(cfg);
-        let mut nat = TableText::default();
-        let mut filter = TableText::default();
+        let mut deleted: Vec<String> = Vec::new();
         let mut written_services: Vec<ServiceKey> = Vec::new();
 
         if full {
             self.cache.clear();
             for (key, state) in &desired.services {
-                let rules = state
-                    .ports
-                    .iter()
-                    .filter_map(|p| render_port(p, &desired.node, cfg))
-                    .collect();
-                self.cache.insert(key.clone(), Arc::new(rules));
+                self.cache
+                    .insert(key.clone(), render_service(state, &desired.node, cfg));
                 written_services.push(key.clone());
             }
         } else {
             for key in &changes.services {
                 let old = self.cache.remove(key);
                 if let Some(state) = desired.services.get(key) {
-                    let rules: Vec<PortRules> = state
-                        .ports
-                        .iter()
-                        .filter_map(|p| render_port(p, &desired.node, cfg))
-                        .collect();
-                    self.cache.insert(key.clone(), Arc::new(rules));
+                    self.cache
+                        .insert(key.clone(), render_service(state, &desired.node, cfg));
                     written_services.push(key.clone());
                 }
                 // Chains the Service had and no longer has must go.
@@ -95,7 +86,7 @@ impl Planner {
                         .collect();
                     for (chain, _) in old.iter().flat_map(|p| p.nat_chains.iter()) {
                         if !now.contains(chain) {
-                            nat.delete.push(chain.clone());
+                            deleted.push(chain.clone());
                         }
                     }
                 }
@@ -104,37 +95,40 @@ impl Planner {
         self.last_config = Some(cfg.clone());
 
         let (fixed_filter, fixed_nat) = render_fixed(cfg);
-        filter
-            .declare
-            .extend(names::FILTER_CHAINS.iter().map(|c| c.to_string()));
-        nat.declare.extend(names::NAT_CHAINS.iter().map(|c| c.to_string()));
-        filter.rules.extend(fixed_filter);
-        nat.rules.extend(fixed_nat);
+        let jump = render_nodeport_jump(cfg);
+        let mut nat = TableText {
+            delete: deleted,
+            ..TableText::default()
+        };
+        let mut filter = TableText::default();
+        filter.declare.extend(names::FILTER_CHAINS.iter().copied());
+        nat.declare.extend(names::NAT_CHAINS.iter().copied());
+        filter.rules.extend(fixed_filter.iter().map(String::as_str));
+        nat.rules.extend(fixed_nat.iter().map(String::as_str));
 
         let mut plan = Plan::default();
         let mut nat_total = nat.rules.len();
         for rules in self.cache.values() {
             for p in rules.iter() {
-                filter.rules.extend(p.filter.iter().cloned());
-                nat.rules.extend(p.nat_services.iter().cloned());
+                filter.rules.extend(p.filter.iter().map(String::as_str));
+                nat.rules.extend(p.nat_services.iter().map(String::as_str));
                 nat_total += p.nat_services.len() + p.nat_chains.iter().map(|(_, r)| r.len()).sum::<usize>();
                 plan.no_local_endpoints.0 += usize::from(p.no_local_internal);
                 plan.no_local_endpoints.1 += usize::from(p.no_local_external);
             }
         }
-        let jump = render_nodeport_jump(cfg);
         nat_total += jump.len();
-        nat.rules.extend(jump);
+        nat.rules.extend(jump.iter().map(String::as_str));
         for rules in self.cache.values() {
             for p in rules.iter() {
-                nat.rules.extend(p.nat_nodeports.iter().cloned());
+                nat.rules.extend(p.nat_nodeports.iter().map(String::as_str));
             }
         }
         for key in &written_services {
             for p in self.cache[key].iter() {
                 for (chain, rules) in &p.nat_chains {
-                    nat.declare.push(chain.clone());
-                    nat.rules.extend(rules.iter().cloned());
+                    nat.declare.push(chain);
+                    nat.rules.extend(rules.iter().map(String::as_str));
                 }
             }
         }
@@ -142,7 +136,7 @@ impl Planner {
             let wanted: BTreeSet<&str> = nat
                 .declare
                 .iter()
-                .map(String::as_str)
+                .copied()
                 .chain(names::FILTER_CHAINS.iter().copied())
                 .collect();
             nat.delete.extend(
@@ -155,6 +149,8 @@ impl Planner {
         nat.delete.sort();
         nat.delete.dedup();
 
+        let size: usize = filter.rules.iter().chain(nat.rules.iter()).map(|r| r.len() + 1).sum();
+        plan.restore.reserve(size + 64 * (nat.declare.len() + nat.delete.len()));
         filter.write("filter", &mut plan.restore);
         nat.write("nat", &mut plan.restore);
         plan.rules_written = filter.rule_count() + nat.rule_count();
@@ -162,6 +158,11 @@ impl Planner {
         plan.nat_rules = nat_total;
         plan
     }
+}
+
+/// Every port of one Service, for the planner's cache.
+fn render_service(state: &ServiceState, node: &NodeInfo, cfg: &RenderConfig) -> Arc<Vec<PortRules>> {
+    Arc::new(state.ports.iter().filter_map(|p| render_port(p, node, cfg)).collect())
 }
 
 /// Where NodePorts are served, as configured (`--nodeport-addresses`).

@@ -467,20 +467,26 @@ pub fn render_nodeport_jump(cfg: &RenderConfig) -> Vec<String> {
     }
 }
 
-/// One table's part of an iptables-restore input.
+/// One table's part of an iptables-restore input. Borrows the rules (from the planner's cache)
+/// so a sync of a large ruleset does not hold two copies of it.
 #[derive(Debug, Default)]
-pub struct TableText {
-    pub declare: Vec<String>,
-    pub rules: Vec<String>,
+pub struct TableText<'a> {
+    pub declare: Vec<&'a str>,
+    pub rules: Vec<&'a str>,
     pub delete: Vec<String>,
 }
 
-impl TableText {
+impl TableText<'_> {
     /// Appends `*table ... COMMIT` to `out`. Declaring a chain under `--noflush` flushes it, so
     /// every declared chain is rewritten whole and undeclared chains are left untouched.
     pub fn write(&self, table: &str, out: &mut String) {
         let _ = writeln!(out, "*{table}");
-        for chain in self.declare.iter().chain(self.delete.iter()) {
+        for chain in self
+            .declare
+            .iter()
+            .copied()
+            .chain(self.delete.iter().map(String::as_str))
+        {
             let _ = writeln!(out, ":{chain} - [0:0]");
         }
         for rule in &self.rules {
