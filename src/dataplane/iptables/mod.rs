@@ -10,6 +10,7 @@ pub mod render;
 pub mod tracer;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -40,6 +41,7 @@ pub struct Plan {
 pub struct Planner {
     cache: BTreeMap<ServiceKey, Arc<Vec<PortRules>>>,
     last_config: Option<RenderConfig>,
+    written: Written,
 }
 
 impl Planner {
@@ -149,14 +151,54 @@ impl Planner {
         nat.delete.sort();
         nat.delete.dedup();
 
+        let filter_total = filter.rules.len();
+        skip_unchanged(&mut self.written, "filter", &mut filter, names::FILTER_CHAINS, full);
+        skip_unchanged(&mut self.written, "nat", &mut nat, names::NAT_CHAINS, full);
         let size: usize = filter.rules.iter().chain(nat.rules.iter()).map(|r| r.len() + 1).sum();
         plan.restore.reserve(size + 64 * (nat.declare.len() + nat.delete.len()));
         filter.write("filter", &mut plan.restore);
         nat.write("nat", &mut plan.restore);
         plan.rules_written = filter.rule_count() + nat.rule_count();
-        plan.filter_rules = filter.rule_count();
+        plan.filter_rules = filter_total;
         plan.nat_rules = nat_total;
         plan
+    }
+}
+
+/// Hash of each fixed chain's rules as last written, by (table, chain).
+type Written = BTreeMap<(&'static str, &'static str), u64>;
+
+/// Leaves out the fixed chains of `table` whose rules are the same as last written: declaring a
+/// chain flushes it, and rewriting thousands of unchanged dispatch rules for one endpoint change
+/// is what makes syncs of large clusters slow. A full sync writes them all.
+fn skip_unchanged(
+    written: &mut Written,
+    table: &'static str,
+    text: &mut TableText<'_>,
+    fixed: &[&'static str],
+    full: bool,
+) {
+    {
+        let chain_of = |rule: &str| rule.split(' ').nth(1).unwrap_or_default().to_string();
+        let mut skip = BTreeSet::new();
+        for chain in fixed {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            text.rules
+                .iter()
+                .filter(|r| chain_of(r) == *chain)
+                .for_each(|r| r.hash(&mut hasher));
+            let hash = hasher.finish();
+            let key = (table, *chain);
+            if !full && written.get(&key) == Some(&hash) {
+                skip.insert(chain.to_string());
+            }
+            written.insert(key, hash);
+        }
+        if skip.is_empty() {
+            return;
+        }
+        text.declare.retain(|c| !skip.contains(*c));
+        text.rules.retain(|r| !skip.contains(&chain_of(r)));
     }
 }
 

@@ -480,6 +480,9 @@ impl TableText<'_> {
     /// Appends `*table ... COMMIT` to `out`. Declaring a chain under `--noflush` flushes it, so
     /// every declared chain is rewritten whole and undeclared chains are left untouched.
     pub fn write(&self, table: &str, out: &mut String) {
+        if self.declare.is_empty() && self.rules.is_empty() && self.delete.is_empty() {
+            return;
+        }
         let _ = writeln!(out, "*{table}");
         for chain in self
             .declare
