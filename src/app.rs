@@ -17,7 +17,7 @@ use crate::sync::{self, SharedState, SyncTiming};
 use crate::watch::{kube as kube_source, manifests};
 
 /// How often `--manifests` files are checked for changes.
-const MANIFEST_POLL: Duration = Duration::from_millis(500);
+const MANIFEST_POLL: Duration = Duration::from_millis(100);
 
 fn proxier_config(config: &Config, family: IpFamily) -> ProxierConfig {
     ProxierConfig {
