@@ -114,7 +114,11 @@ fn main() -> ExitCode {
     let mut trials = Vec::new();
     for mode in scenarios::MODES {
         for source in [scenarios::SourceKind::Manifests, scenarios::SourceKind::Api] {
-            for (name, scenario) in scenarios::ALL {
+            let api_only = scenarios::API_ONLY
+                .iter()
+                .filter(|_| source == scenarios::SourceKind::Api);
+            let iptables_only = scenarios::IPTABLES_ONLY.iter().filter(|_| *mode == "iptables");
+            for (name, scenario) in scenarios::ALL.iter().chain(api_only).chain(iptables_only) {
                 let trial = Trial::test(format!("{mode}::{}::{name}", source.name()), move || {
                     scenario(mode, source);
                     Ok(())

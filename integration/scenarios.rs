@@ -63,11 +63,16 @@ pub const ALL: &[(&str, Scenario)] = &[
         "udp_client_recovers_when_its_endpoint_is_replaced",
         semantics::udp_stale_conntrack,
     ),
-    (
-        "rejected_restore_keeps_the_kernel_rules_and_is_retried",
-        restore_failure,
-    ),
 ];
+
+/// Scenarios that only mean something for the API source.
+pub const API_ONLY: &[(&str, Scenario)] = &[("master_flag_overrides_the_kubeconfig_server", master_override)];
+
+/// Scenarios about iptables mode itself.
+pub const IPTABLES_ONLY: &[(&str, Scenario)] = &[(
+    "rejected_restore_keeps_the_kernel_rules_and_is_retried",
+    restore_failure,
+)];
 
 const CLUSTER_IP: &str = "10.96.0.10";
 const PORT: u16 = 8080;
@@ -208,6 +213,13 @@ fn object_key(v: &serde_json::Value) -> String {
     )
 }
 
+/// A kubeconfig for a plain-HTTP API server, without credentials.
+fn kubeconfig_yaml(server: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: '{server}'}}\nusers:\n- name: kproxy\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: kproxy}}\ncurrent-context: fake\n"
+    )
+}
+
 /// A listener on 127.0.0.1 inside `ns`, so kproxy (in that namespace) reaches the fake API
 /// server that runs in this process.
 fn listener_in(ns: &str) -> std::net::TcpListener {
@@ -273,7 +285,20 @@ impl Env {
                 let server = runtime
                     .block_on(async { FakeApiServer::start_on(listener).await })
                     .expect("fake API server");
-                args.extend(["--master".into(), server.url()]);
+                // Through a kubeconfig, as a DaemonSet would; with `--master {api}` in `extra`,
+                // the kubeconfig names a dead server and the flag must override it.
+                let overridden = args.iter().any(|a| a == "{api}");
+                for a in args.iter_mut().filter(|a| *a == "{api}") {
+                    *a = server.url();
+                }
+                let kubeconfig_server = if overridden {
+                    "http://127.0.0.1:1".to_string()
+                } else {
+                    server.url()
+                };
+                let kubeconfig = std::env::temp_dir().join(format!("{}-kubeconfig", topo.id));
+                std::fs::write(&kubeconfig, kubeconfig_yaml(&kubeconfig_server)).expect("kubeconfig");
+                args.extend(["--kubeconfig".into(), kubeconfig.display().to_string()]);
                 Source::Api {
                     server,
                     current: BTreeMap::new(),
@@ -564,9 +589,6 @@ fn watch_resilience(mode: &'static str, kind: SourceKind) {
 /// as before), the failure is logged with the offending line and counted, and once the tool
 /// works again the retry programs the change.
 fn restore_failure(mode: &'static str, kind: SourceKind) {
-    if mode != "iptables" {
-        return;
-    }
     let dir = std::env::temp_dir().join(format!("kpt-tools-{}-{}", std::process::id(), kind.name()));
     std::fs::create_dir_all(&dir).expect("tools dir");
     let marker = dir.join("fail");
@@ -611,4 +633,17 @@ fn restore_failure(mode: &'static str, kind: SourceKind) {
     std::fs::remove_file(&marker).expect("unmark");
     eventually_backends(&env.topo, &client, &url, 20, &["pod-b"]);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--master` wins over the kubeconfig's server (which here points nowhere), as in kube-proxy:
+/// an explicit address is all kproxy needs, never a ClusterIP.
+fn master_override(mode: &'static str, kind: SourceKind) {
+    let env = Env::new(mode, kind, &objects(&pod_ips(&[0, 1])), &["--master", "{api}"]);
+    eventually_backends(
+        &env.topo,
+        &env.topo.pods[2].ns,
+        &format!("http://{CLUSTER_IP}/"),
+        20,
+        &["pod-a", "pod-b"],
+    );
 }
