@@ -183,7 +183,7 @@ pub async fn render(config: Config, output: &str) -> anyhow::Result<String> {
     }
     let mut out = String::new();
     for family in [IpFamily::V4, IpFamily::V6] {
-        let cfg = iptables::render_config(&proxier_config(&config, family), &desired.node).await?;
+        let cfg = iptables::render_config(&proxier_config(&config, family), &desired).await?;
         let plan = Planner::new().plan(&desired, &ChangeSet::full(), &cfg, None);
         let tool = if family == IpFamily::V4 {
             "iptables-restore"

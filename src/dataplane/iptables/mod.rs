@@ -263,7 +263,8 @@ pub fn local_detector(detect: &DetectLocal, family: IpFamily, node: &NodeInfo) -
 
 /// Builds the render configuration for this sync; resolves NodePort addresses from the kernel
 /// when `--nodeport-addresses` names CIDRs.
-pub async fn render_config(cfg: &ProxierConfig, node: &NodeInfo) -> Result<RenderConfig> {
+pub async fn render_config(cfg: &ProxierConfig, desired: &DesiredState) -> Result<RenderConfig> {
+    let node = &desired.node;
     let nodeports = match &cfg.nodeport_addresses {
         NodePortAddresses::All => NodePortMatch::AllLocal,
         NodePortAddresses::Primary => NodePortMatch::Addresses(node.addresses.clone()),
@@ -284,6 +285,7 @@ pub async fn render_config(cfg: &ProxierConfig, node: &NodeInfo) -> Result<Rende
         masquerade_mark: 1u32 << cfg.masquerade_bit,
         local_detector: local_detector(&cfg.detect_local, cfg.family, node),
         nodeports,
+        endpoint_comments: desired.endpoint_count() <= render::LARGE_CLUSTER_ENDPOINTS,
     })
 }
 
@@ -294,7 +296,7 @@ impl Dataplane for IptablesProxier {
 
     fn sync<'a>(&'a mut self, desired: &'a DesiredState, changes: &'a ChangeSet) -> BoxFuture<'a, Result<SyncStats>> {
         Box::pin(async move {
-            let cfg = render_config(&self.cfg, &desired.node).await?;
+            let cfg = render_config(&self.cfg, desired).await?;
             let kernel_chains = if changes.full {
                 Some(self.tools.chains("nat").await?)
             } else {

@@ -59,7 +59,14 @@ pub struct RenderConfig {
     pub masquerade_mark: u32,
     pub local_detector: LocalDetector,
     pub nodeports: NodePortMatch,
+    /// Comments on per-endpoint rules. Like kube-proxy, kproxy drops them in large clusters
+    /// (over [`LARGE_CLUSTER_ENDPOINTS`] endpoints): they are a third of the ruleset's bytes and
+    /// iptables-restore's time.
+    pub endpoint_comments: bool,
 }
+
+/// Above this many endpoints, per-endpoint rules carry no comments (kube-proxy's threshold).
+pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
 
 impl RenderConfig {
     fn mark(&self) -> String {
@@ -332,20 +339,24 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     };
     if uses_cluster_chain {
         let mut rules = std::mem::take(&mut cluster_rules);
-        write_balancing(&mut rules, &svc_chain, &spn, sp, &sets.cluster);
+        write_balancing(&mut rules, &svc_chain, &spn, sp, &sets.cluster, cfg.endpoint_comments);
         r.nat_chains.push((svc_chain.clone(), rules));
     }
     if uses_local_chain {
         let mut rules = std::mem::take(&mut local_rules);
-        write_balancing(&mut rules, &svl_chain, &spn, sp, &sets.local);
+        write_balancing(&mut rules, &svl_chain, &spn, sp, &sets.local, cfg.endpoint_comments);
         r.nat_chains.push((svl_chain.clone(), rules));
     }
 
     for ep in &sets.all_reachable {
         let chain = names::sep_chain(name, ep);
-        let comment = quote(&spn);
+        let comment = if cfg.endpoint_comments {
+            format!(" -m comment --comment {}", quote(&spn))
+        } else {
+            String::new()
+        };
         let mut rules = vec![format!(
-            "-A {chain} -m comment --comment {comment} -s {} -j {}",
+            "-A {chain}{comment} -s {} -j {}",
             host(&ep.ip),
             names::MARK_MASQ
         )];
@@ -355,7 +366,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
             String::new()
         };
         rules.push(format!(
-            "-A {chain} -m comment --comment {comment}{affinity} {proto_match} -j DNAT --to-destination {}",
+            "-A {chain}{comment}{affinity} {proto_match} -j DNAT --to-destination {}",
             ep.addr_string()
         ));
         r.nat_chains.push((chain, rules));
@@ -378,6 +389,7 @@ fn write_balancing(
     spn: &str,
     sp: &crate::model::ServicePort,
     endpoints: &[&Endpoint],
+    comments: bool,
 ) {
     let family = IpFamily::of(&endpoints[0].ip);
     if let Some(timeout) = sp.affinity_timeout {
@@ -393,14 +405,21 @@ fn write_balancing(
     let n = endpoints.len();
     for (i, ep) in endpoints.iter().enumerate() {
         let sep = names::sep_chain(&sp.name, ep);
-        let comment = quote(&format!("{spn} -> {}", ep.addr_string()));
+        let comment = if comments {
+            format!(
+                " -m comment --comment {}",
+                quote(&format!("{spn} -> {}", ep.addr_string()))
+            )
+        } else {
+            String::new()
+        };
         if i + 1 < n {
             rules.push(format!(
-                "-A {chain} -m comment --comment {comment} -m statistic --mode random --probability {} -j {sep}",
+                "-A {chain}{comment} -m statistic --mode random --probability {} -j {sep}",
                 probability(n - i)
             ));
         } else {
-            rules.push(format!("-A {chain} -m comment --comment {comment} -j {sep}"));
+            rules.push(format!("-A {chain}{comment} -j {sep}"));
         }
     }
 }

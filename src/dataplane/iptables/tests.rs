@@ -21,6 +21,7 @@ fn config() -> RenderConfig {
         masquerade_mark: 0x4000,
         local_detector: LocalDetector::Cidr("10.244.0.0/16".parse().unwrap()),
         nodeports: NodePortMatch::AllLocal,
+        endpoint_comments: true,
     }
 }
 
@@ -720,6 +721,29 @@ fn partial_sync_rewrites_dispatch_chains_when_they_change() {
     );
     check(
         &kernel,
+        Origin::Remote,
+        "10.244.3.5",
+        "10.96.0.10:80",
+        "10.244.1.2:8080, 10.244.2.2:8080",
+        Some(false),
+    );
+}
+
+#[test]
+fn large_clusters_drop_per_endpoint_comments() {
+    let cfg = RenderConfig {
+        endpoint_comments: false,
+        ..config()
+    };
+    let plan = Planner::new().plan(&desired(&basic()), &ChangeSet::full(), &cfg, None);
+    assert!(!plan.restore.contains("-> 10.244."), "{}", plan.restore);
+    assert!(
+        plan.restore.contains("\"ns/web:http cluster IP\""),
+        "service comments stay"
+    );
+    let rules = ruleset(&desired(&basic()), &cfg);
+    check(
+        &rules,
         Origin::Remote,
         "10.244.3.5",
         "10.96.0.10:80",
