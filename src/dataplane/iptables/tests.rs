@@ -751,3 +751,27 @@ fn large_clusters_drop_per_endpoint_comments() {
         Some(false),
     );
 }
+
+#[test]
+fn nodeport_addresses_limit_where_node_ports_answer() {
+    let cfg = RenderConfig {
+        nodeports: NodePortMatch::Addresses(vec![NODE_IP.parse().unwrap()]),
+        ..config()
+    };
+    let rules = ruleset(&desired(&basic()), &cfg);
+    let tracer = rules.tracer([NODE_IP.parse().unwrap(), "10.244.1.1".parse().unwrap()]);
+    let on_node_ip = tracer
+        .trace(&Packet::tcp(Origin::Remote, "203.0.113.9", &format!("{NODE_IP}:30080")))
+        .unwrap();
+    assert_eq!(
+        on_node_ip.to_string(),
+        "10.244.1.2:8080, 10.244.2.2:8080",
+        "{}",
+        on_node_ip.explain()
+    );
+    // Another local address outside --nodeport-addresses: not a NodePort.
+    let other = tracer
+        .trace(&Packet::tcp(Origin::Remote, "10.244.3.5", "10.244.1.1:30080"))
+        .unwrap();
+    assert_eq!(other.to_string(), "ACCEPT", "{}", other.explain());
+}
