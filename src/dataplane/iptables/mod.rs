@@ -84,11 +84,11 @@ impl Planner {
                         .get(key)
                         .into_iter()
                         .flat_map(|r| r.iter())
-                        .flat_map(|p| p.nat_chains.iter().map(|(c, _)| c))
+                        .flat_map(|p| p.nat_chains.iter().map(|c| &c.name))
                         .collect();
-                    for (chain, _) in old.iter().flat_map(|p| p.nat_chains.iter()) {
-                        if !now.contains(chain) {
-                            deleted.push(chain.clone());
+                    for chain in old.iter().flat_map(|p| p.nat_chains.iter()) {
+                        if !now.contains(&chain.name) {
+                            deleted.push(chain.name.clone());
                         }
                     }
                 }
@@ -114,7 +114,7 @@ impl Planner {
             for p in rules.iter() {
                 filter.rules.extend(p.filter.iter().map(String::as_str));
                 nat.rules.extend(p.nat_services.iter().map(String::as_str));
-                nat_total += p.nat_services.len() + p.nat_chains.iter().map(|(_, r)| r.len()).sum::<usize>();
+                nat_total += p.nat_services.len() + p.nat_chains.iter().map(|c| c.len).sum::<usize>();
                 plan.no_local_endpoints.0 += usize::from(p.no_local_internal);
                 plan.no_local_endpoints.1 += usize::from(p.no_local_external);
             }
@@ -128,9 +128,11 @@ impl Planner {
         }
         for key in &written_services {
             for p in self.cache[key].iter() {
-                for (chain, rules) in &p.nat_chains {
-                    nat.declare.push(chain);
-                    nat.rules.extend(rules.iter().map(String::as_str));
+                for chain in &p.nat_chains {
+                    nat.declare.push(&chain.name);
+                    if chain.len > 0 {
+                        nat.rules.push(&chain.rules);
+                    }
                 }
             }
         }

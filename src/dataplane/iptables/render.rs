@@ -82,11 +82,31 @@ pub struct PortRules {
     /// `-A KPROXY-NODEPORTS` lines of the nat table.
     pub nat_nodeports: Vec<String>,
     /// The port's own nat chains and their rules, in order.
-    pub nat_chains: Vec<(String, Vec<String>)>,
+    pub nat_chains: Vec<Chain>,
     /// Filter-table lines (reject, drop, firewall, health check accept), complete with `-A CHAIN`.
     pub filter: Vec<String>,
     pub no_local_internal: bool,
     pub no_local_external: bool,
+}
+
+/// One generated chain. Its rules are kept as one newline-separated string: a large cluster has
+/// hundreds of thousands of rules, and one allocation per rule would double the cache's size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    pub name: String,
+    /// `-A NAME ...` lines joined by `\n`, without a trailing newline.
+    pub rules: String,
+    pub len: usize,
+}
+
+impl Chain {
+    fn new(name: String, rules: Vec<String>) -> Chain {
+        Chain {
+            name,
+            len: rules.len(),
+            rules: rules.join("\n"),
+        }
+    }
 }
 
 /// kube-proxy's probability for the i-th of n remaining endpoints, with the same precision.
@@ -297,7 +317,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
         if has_external {
             rules.push(format!("-A {ext_chain} -j {external_policy_chain}"));
         }
-        r.nat_chains.push((ext_chain.clone(), rules));
+        r.nat_chains.push(Chain::new(ext_chain.clone(), rules));
     }
 
     if uses_fw {
@@ -326,7 +346,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
                 names::FIREWALL
             ))
         ));
-        r.nat_chains.push((fw_chain.clone(), rules));
+        r.nat_chains.push(Chain::new(fw_chain.clone(), rules));
     }
 
     let uses_cluster_chain = !sets.cluster.is_empty() && uses_cluster_endpoints(sp);
@@ -340,12 +360,12 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     if uses_cluster_chain {
         let mut rules = std::mem::take(&mut cluster_rules);
         write_balancing(&mut rules, &svc_chain, &spn, sp, &sets.cluster, cfg.endpoint_comments);
-        r.nat_chains.push((svc_chain.clone(), rules));
+        r.nat_chains.push(Chain::new(svc_chain.clone(), rules));
     }
     if uses_local_chain {
         let mut rules = std::mem::take(&mut local_rules);
         write_balancing(&mut rules, &svl_chain, &spn, sp, &sets.local, cfg.endpoint_comments);
-        r.nat_chains.push((svl_chain.clone(), rules));
+        r.nat_chains.push(Chain::new(svl_chain.clone(), rules));
     }
 
     for ep in &sets.all_reachable {
@@ -369,7 +389,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
             "-A {chain}{comment}{affinity} {proto_match} -j DNAT --to-destination {}",
             ep.addr_string()
         ));
-        r.nat_chains.push((chain, rules));
+        r.nat_chains.push(Chain::new(chain, rules));
     }
     Some(r)
 }
@@ -521,7 +541,8 @@ impl TableText<'_> {
         out.push_str("COMMIT\n");
     }
 
+    /// Rules in this text (an entry may hold a whole chain's lines).
     pub fn rule_count(&self) -> usize {
-        self.rules.len()
+        self.rules.iter().map(|r| r.matches('\n').count() + 1).sum()
     }
 }
