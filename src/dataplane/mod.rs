@@ -5,6 +5,7 @@
 //! for a full sync, which must repair whatever a failed or foreign change left behind.
 
 pub mod iptables;
+pub mod ipvs;
 
 use futures::future::BoxFuture;
 
