@@ -109,7 +109,7 @@ fn main() -> ExitCode {
         netns::sweep_stale();
     }
     let mut trials = Vec::new();
-    for mode in scenarios::MODES {
+    for mode in scenarios::modes() {
         for source in [scenarios::SourceKind::Manifests, scenarios::SourceKind::Api] {
             for (name, scenario) in scenarios::ALL {
                 let trial = Trial::test(format!("{mode}::{}::{name}", source.name()), move || {

@@ -129,15 +129,16 @@ pub fn render_ruleset(desired: &DesiredIpvs, cfg: &RulesConfig) -> String {
         let _ = writeln!(out, "\t\t{cond}{dst} @cluster-ips {mark}");
     }
     let _ = writeln!(out, "\t\t{dst} @external {mark}\n\t}}");
+    // dstnat (-100), before IPVS's hooks; nft spells it by name only for prerouting.
     for (hook, name) in [("prerouting", "nat-prerouting"), ("output", "nat-output")] {
         let _ = writeln!(
             out,
-            "\tchain {name} {{\n\t\ttype nat hook {hook} priority dstnat; policy accept;\n\t\tjump mark-for-masquerade\n\t}}"
+            "\tchain {name} {{\n\t\ttype nat hook {hook} priority -100; policy accept;\n\t\tjump mark-for-masquerade\n\t}}"
         );
     }
     let _ = writeln!(
         out,
-        "\tchain nat-postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+        "\tchain nat-postrouting {{\n\t\ttype nat hook postrouting priority 100; policy accept;\n\
          \t\t{sel} saddr . {sel} daddr @hairpin masquerade\n\
          \t\tmeta mark & {m:#010x} != 0 meta mark set meta mark ^ {m:#010x} masquerade\n\t}}",
         m = cfg.masquerade_mark
@@ -147,7 +148,7 @@ pub fn render_ruleset(desired: &DesiredIpvs, cfg: &RulesConfig) -> String {
     );
     let _ = writeln!(
         out,
-        "\tchain filter-input {{\n\t\ttype filter hook input priority filter; policy accept;\n{refuse}\
+        "\tchain filter-input {{\n\t\ttype filter hook input priority 0; policy accept;\n{refuse}\
          \t\tct state new {sel} daddr @service-ips {dst} != @service-ports drop\n\t}}"
     );
     let _ = writeln!(
