@@ -12,6 +12,8 @@
 # iptables-nft (for the default-mode --cleanup), their libraries and the kernel modules; then a
 # software-emulated (TCG) boot that runs the tests as PID 1's child and powers off.
 #
+# KPROXY_VM_RUN='shell command' runs that in the guest instead of the tests (with strace and
+# ipvsadm at hand): e.g. to capture what ipvsadm sends, for the netlink encoding's unit tests.
 # Environment: KPROXY_VM_TIMEOUT (seconds for the whole boot, default 1500), KPROXY_VM_ACCEL
 # (tcg by default; kvm only on a host with real hardware virtualisation), KPROXY_VM_SMP (2),
 # KPROXY_VM_NO_APT=1 to skip apt when the tools are installed.
@@ -156,6 +158,10 @@ mknod -m 600 "$STAGE/dev/console" c 5 1 2>/dev/null || true
   printf ' %q' "${TEST_ARGS[@]}"
   echo
 } > "$STAGE/test/env"
+if [ -n "${KPROXY_VM_RUN:-}" ]; then
+  printf '%s\n' "$KPROXY_VM_RUN" > "$STAGE/test/run.sh"
+  if command -v strace >/dev/null; then copy_with_libs "$(command -v strace)" /usr/bin/strace; fi
+fi
 cat > "$STAGE/init" <<'INIT'
 #!/bin/sh
 # PID 1 in the guest: mount, load modules, run the tests, print the result marker, power off.
@@ -175,7 +181,8 @@ while read -r ko; do
 done < /etc/modules.order
 /usr/sbin/ip link set lo up
 . /test/env
-cd /test && ./integration "$@"
+cd /test
+if [ -s /test/run.sh ]; then sh /test/run.sh; else ./integration "$@"; fi
 rc=$?
 echo "@@KPROXY-VM-RESULT rc=$rc uptime=$(cut -d' ' -f1 /proc/uptime)s@@"
 sync

@@ -1,5 +1,5 @@
-//! Encoding checked against bytes laid out by hand from `ip_vs.h` (the same bytes ipvsadm sends
-//! for the same command), and decoding of replies shaped as the kernel sends them.
+//! Encoding checked against bytes laid out by hand from `ip_vs.h` and against bytes captured
+//! from ipvsadm; decoding checked on replies captured from the kernel (see [`captured`]).
 
 use super::*;
 
@@ -231,4 +231,73 @@ fn family_id_and_version() {
     let mut info = Vec::new();
     put_u32(&mut info, INFO_ATTR_VERSION, 0x010201);
     assert_eq!(version_string(decode_info_version(&info).unwrap()), "1.2.1");
+}
+
+/// Generic-netlink payloads (genlmsghdr and attributes, without the nlmsghdr whose family id,
+/// sequence and port differ per run) captured with `strace -xx` from ipvsadm v1.31 talking to
+/// Debian's 6.1.0-56 kernel inside the `scripts/ipvs-vm.sh` guest (`KPROXY_VM_RUN`).
+mod captured {
+    /// `ipvsadm -A -t 10.96.0.10:80 -s rr`
+    pub const NEW_SERVICE: &str = "010100005400018006000100020000000600020006000000140003000a60000a000000000000000000000000060004000050000007000600727200000c00070000000000ffffffff080008000000000008000900ffffffff";
+    /// `ipvsadm -E -t 10.96.0.10:80 -s sh -p 10800`
+    pub const SET_SERVICE: &str = "020100005400018006000100020000000600020006000000140003000a60000a000000000000000000000000060004000050000007000600736800000c00070001000000ffffffff08000800302a000008000900ffffffff";
+    /// `ipvsadm -a -t 10.96.0.10:80 -r 10.244.1.2:8080 -m -w 1` (ipvsadm repeats the full
+    /// service and adds the tunnel attributes; the kernel needs neither)
+    pub const NEW_DEST: &str = "050100005400018006000100020000000600020006000000140003000a60000a000000000000000000000000060004000050000005000600000000000c00070000000000ffffffff080008000000000008000900ffffffff6000028006000b0002000000140001000af40102000000000000000000000000060002001f9000000800030000000000080004000100000005000d000000000006000e000000000006000f000000000008000500000000000800060000000000";
+    /// The real-server dump request of `ipvsadm -Ln` for 10.96.0.10:80.
+    pub const GET_DEST: &str = "080100003000018006000100020000000600020006000000140003000a60000a0000000000000000000000000600040000500000";
+    /// The kernel's answer to the service dump after the edit above: no NLA_F_NESTED on the
+    /// nest, the hashed flag set, and stats the decoder skips.
+    pub const SERVICE_DUMP_REPLY: &str = "010100002c01010006000100020000000600020006000000140003000a60000a000000000000000000000000060004000050000007000600736800000c00070003000000ffffffff08000800302a000008000900ffffffff5c000a000800010000000000080002000000000008000300000000000c00040000000000000000000c0005000000000000000000080006000000000008000700000000000800080000000000080009000000000008000a00000000007c000c000c00010000000000000000000c00020000000000000000000c00030000000000000000000c00040000000000000000000c00050000000000000000000c00060000000000000000000c00070000000000000000000c00080000000000000000000c00090000000000000000000c000a000000000000000000";
+    /// The kernel's answer to IPVS_CMD_GET_INFO: version 1.2.1, 4096 connection buckets.
+    pub const INFO_REPLY: &str = "0e01000008000100010201000800020000100000";
+}
+
+#[test]
+#[cfg(target_endian = "little")]
+fn service_requests_are_byte_for_byte_what_ipvsadm_sends() {
+    let mut svc = VirtualService {
+        key: key(),
+        scheduler: "rr".into(),
+        flags: 0,
+        timeout: 0,
+    };
+    assert_eq!(Request::NewService(svc.clone()).encode(0x20, 1)[16..], hex(captured::NEW_SERVICE));
+    svc.scheduler = "sh".into();
+    svc.flags = SVC_F_PERSISTENT;
+    svc.timeout = 10800;
+    assert_eq!(Request::SetService(svc).encode(0x20, 1)[16..], hex(captured::SET_SERVICE));
+    assert_eq!(encode_dump_dests(0x20, 1, &key())[16..], hex(captured::GET_DEST));
+}
+
+#[test]
+fn ipvsadms_new_dest_names_the_same_real_server_as_ours() {
+    let want = RealServer {
+        addr: "10.244.1.2".parse().unwrap(),
+        port: 8080,
+        weight: 1,
+        fwd_method: FWD_MASQ,
+    };
+    let theirs = hex(captured::NEW_DEST);
+    assert_eq!(theirs[0], cmd::NEW_DEST);
+    assert_eq!(decode_dest(&theirs[4..], &key().addr).unwrap().server, want);
+    let ours = Request::NewDest(key(), want).encode(0x20, 1);
+    assert_eq!(decode_dest(&ours[20..], &key().addr).unwrap().server, want);
+}
+
+#[test]
+fn decodes_the_kernels_own_replies() {
+    let reply = hex(captured::SERVICE_DUMP_REPLY);
+    assert_eq!(reply[0], cmd::NEW_SERVICE);
+    assert_eq!(
+        decode_service(&reply[4..]).unwrap(),
+        Some(VirtualService {
+            key: key(),
+            scheduler: "sh".into(),
+            flags: SVC_F_PERSISTENT,
+            timeout: 10800,
+        })
+    );
+    let info = hex(captured::INFO_REPLY);
+    assert_eq!(version_string(decode_info_version(&info[4..]).unwrap()), "1.2.1");
 }
