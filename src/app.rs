@@ -225,6 +225,12 @@ pub async fn render(config: Config, output: &str) -> anyhow::Result<String> {
         return Ok(services_table(&desired));
     }
     let mut out = String::new();
+    if config.mode == ProxyMode::Ipvs {
+        for family in [IpFamily::V4, IpFamily::V6] {
+            out.push_str(&ipvs::render(&desired, &ipvs_proxier_config(&config, family)).await?);
+        }
+        return Ok(out);
+    }
     for family in [IpFamily::V4, IpFamily::V6] {
         let cfg = iptables::render_config(&proxier_config(&config, family), &desired.node).await?;
         let plan = Planner::new().plan(&desired, &ChangeSet::full(), &cfg, None);

@@ -27,7 +27,7 @@ pub enum Command {
     Render {
         #[command(flatten)]
         flags: Flags,
-        /// `rules`: the exact iptables-restore input; `services`: a `kubectl get svc`-like table.
+        /// `rules`: the exact iptables-restore input (ipvs mode: the virtual services and the nft table); `services`: a `kubectl get svc`-like table.
         #[arg(long, default_value = "rules", value_parser = ["rules", "services"])]
         output: String,
     },

@@ -108,6 +108,42 @@ pub async fn prepare_kernel(cfg: &IpvsConfig) -> Result<String> {
     Ok(version)
 }
 
+fn plan_config(cfg: &ProxierConfig, node_addresses: &BTreeSet<IpAddr>, desired: &DesiredState) -> PlanConfig {
+    PlanConfig {
+        family: cfg.family,
+        scheduler: cfg.ipvs.scheduler.clone(),
+        nodeport_addresses: plan::nodeport_addresses(&cfg.nodeport_addresses, node_addresses, &desired.node)
+            .into_iter()
+            .filter(|ip| IpFamily::of(ip) == cfg.family)
+            .collect(),
+        exclude_cidrs: cfg.ipvs.exclude_cidrs.clone(),
+        graceful_period: cfg.ipvs.graceful_period,
+    }
+}
+
+/// What a full sync would program, for `kproxy render`: the virtual services in
+/// `ipvsadm-save -n` form and the nft input. Reads this host's addresses, changes nothing.
+pub async fn render(desired: &DesiredState, cfg: &ProxierConfig) -> Result<String> {
+    let rtnl = Rtnl::connect()?;
+    let dummy = rtnl.dummy_index().await?;
+    let addresses = rtnl.addresses().await?;
+    let want = plan_desired(desired, &plan_config(cfg, &link::node_addresses(&addresses, dummy), desired));
+    Ok(format!(
+        "# ipvsadm-restore\n{}# nft -f -\n{}",
+        plan::render_save(&want),
+        render_ruleset(&want, &rules_config(cfg, desired))
+    ))
+}
+
+fn rules_config(cfg: &ProxierConfig, desired: &DesiredState) -> RulesConfig {
+    RulesConfig {
+        family: cfg.family,
+        masquerade_all: cfg.masquerade_all,
+        masquerade_mark: 1u32 << cfg.masquerade_bit,
+        local_detector: local_detector(&cfg.detect_local, cfg.family, &desired.node),
+    }
+}
+
 impl IpvsProxier {
     /// Connects to the kernel's IPVS family; fails with [`DataplaneError::Unsupported`] without it.
     pub fn new(cfg: ProxierConfig) -> Result<Self> {
@@ -120,14 +156,6 @@ impl IpvsProxier {
         })
     }
 
-    fn rules_config(&self, desired: &DesiredState) -> RulesConfig {
-        RulesConfig {
-            family: self.cfg.family,
-            masquerade_all: self.cfg.masquerade_all,
-            masquerade_mark: 1u32 << self.cfg.masquerade_bit,
-            local_detector: local_detector(&self.cfg.detect_local, self.cfg.family, &desired.node),
-        }
-    }
 
     async fn sync_inner(&mut self, desired: &DesiredState, changes: &ChangeSet) -> Result<SyncStats> {
         let family = self.cfg.family;
@@ -135,21 +163,7 @@ impl IpvsProxier {
         let rtnl = Rtnl::connect()?;
         let dummy = rtnl.ensure_dummy().await?;
         let addresses = rtnl.addresses().await?;
-        let nodeport_addresses: Vec<IpAddr> = match &self.cfg.nodeport_addresses {
-            NodePortAddresses::All => link::node_addresses(&addresses, Some(dummy)).into_iter().collect(),
-            NodePortAddresses::Primary => desired.node.addresses.clone(),
-            NodePortAddresses::Cidrs(cidrs) => link::node_addresses(&addresses, Some(dummy))
-                .into_iter()
-                .filter(|ip| cidrs.iter().any(|c| c.contains(ip)))
-                .collect(),
-        };
-        let plan_cfg = PlanConfig {
-            family,
-            scheduler: self.cfg.ipvs.scheduler.clone(),
-            nodeport_addresses: nodeport_addresses.into_iter().filter(in_family).collect(),
-            exclude_cidrs: self.cfg.ipvs.exclude_cidrs.clone(),
-            graceful_period: self.cfg.ipvs.graceful_period,
-        };
+        let plan_cfg = plan_config(&self.cfg, &link::node_addresses(&addresses, Some(dummy)), desired);
         let want = plan_desired(desired, &plan_cfg);
 
         let scope = if changes.full {
@@ -192,7 +206,7 @@ impl IpvsProxier {
         for ip in want.bound.iter().filter(|ip| !bound.contains_key(ip)) {
             rtnl.add_address(dummy, *ip).await?;
         }
-        let rules = render_ruleset(&want, &self.rules_config(desired));
+        let rules = render_ruleset(&want, &rules_config(&self.cfg, desired));
         if changes.full || self.last_rules.as_ref() != Some(&rules) {
             self.last_rules = None;
             nft(&["-f", "-"], Some(&rules)).await?;

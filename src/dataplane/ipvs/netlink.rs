@@ -174,7 +174,8 @@ impl std::fmt::Display for Request {
     }
 }
 
-fn addr_port(ip: IpAddr, port: u16) -> String {
+/// `ip:port`, bracketed for IPv6, as ipvsadm writes it.
+pub fn addr_port(ip: IpAddr, port: u16) -> String {
     match ip {
         IpAddr::V4(a) => format!("{a}:{port}"),
         IpAddr::V6(a) => format!("[{a}]:{port}"),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use super::netlink::{RealServer, RealServerState, Request, VirtualService, VsKey, FWD_MASQ, SVC_F_PERSISTENT};
+use super::netlink::{addr_port, RealServer, RealServerState, Request, VirtualService, VsKey, FWD_MASQ, SVC_F_PERSISTENT};
 use crate::model::topology::categorize_endpoints;
 use crate::model::{DesiredState, Endpoint, IpFamily, Protocol, ServiceKey};
 
@@ -162,6 +162,47 @@ pub fn plan_desired(desired: &DesiredState, cfg: &PlanConfig) -> DesiredIpvs {
         }
     }
     out
+}
+
+/// The virtual services in `ipvsadm-save -n` form, for `kproxy render`.
+pub fn render_save(desired: &DesiredIpvs) -> String {
+    let mut out = String::new();
+    for (key, vs) in &desired.services {
+        let kind = match key.protocol {
+            Protocol::Tcp => "-t",
+            Protocol::Udp => "-u",
+            Protocol::Sctp => "--sctp-service",
+        };
+        let vip = addr_port(key.addr, key.port);
+        out.push_str(&format!("-A {kind} {vip} -s {}", vs.service.scheduler));
+        if vs.service.flags & SVC_F_PERSISTENT != 0 {
+            out.push_str(&format!(" -p {}", vs.service.timeout));
+        }
+        out.push('\n');
+        for (&(ip, port), weight) in &vs.servers {
+            out.push_str(&format!("-a {kind} {vip} -r {} -m -w {weight}\n", addr_port(ip, port)));
+        }
+    }
+    out
+}
+
+/// The local addresses NodePorts are served on: `all` are the node's addresses (without the
+/// dummy interface's, loopback and link-local), filtered by `--nodeport-addresses`.
+pub fn nodeport_addresses(
+    setting: &crate::dataplane::iptables::NodePortAddresses,
+    node_addresses: &BTreeSet<IpAddr>,
+    node: &crate::model::NodeInfo,
+) -> Vec<IpAddr> {
+    use crate::dataplane::iptables::NodePortAddresses;
+    match setting {
+        NodePortAddresses::All => node_addresses.iter().copied().collect(),
+        NodePortAddresses::Primary => node.addresses.clone(),
+        NodePortAddresses::Cidrs(cidrs) => node_addresses
+            .iter()
+            .filter(|ip| cidrs.iter().any(|c| c.contains(*ip)))
+            .copied()
+            .collect(),
+    }
 }
 
 /// The kernel's IPVS table as read back over netlink.

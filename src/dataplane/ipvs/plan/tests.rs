@@ -388,3 +388,14 @@ fn other_family_is_ignored() {
     assert_eq!(keys, ["tcp:[2001:db8::1]:30080", "tcp:[fd00::10]:80"]);
     assert!(d.services.values().all(|v| v.servers.keys().all(|(ip, _)| ip.is_ipv6())));
 }
+
+#[test]
+fn render_save_reads_like_ipvsadm() {
+    let mut p = port("web", "10.96.0.10", None);
+    p.affinity_timeout = Some(600);
+    let d = plan_desired(&state(vec![(p, vec![ep("10.244.1.2", "ready", true)])]), &cfg());
+    assert_eq!(
+        render_save(&d),
+        "-A -t 10.96.0.10:80 -s rr -p 600\n-a -t 10.96.0.10:80 -r 10.244.1.2:8080 -m -w 1\n"
+    );
+}
