@@ -19,7 +19,10 @@ pub fn modes() -> Vec<&'static str> {
         .copied()
         .filter(|m| wanted.split(',').any(|w| w.trim() == *m))
         .collect();
-    assert!(!modes.is_empty(), "KPROXY_TEST_MODES={wanted:?} names none of {MODES:?}");
+    assert!(
+        !modes.is_empty(),
+        "KPROXY_TEST_MODES={wanted:?} names none of {MODES:?}"
+    );
     modes
 }
 
@@ -482,14 +485,22 @@ fn cleanup_ipvs(kind: SourceKind) {
     env.topo
         .exec_ok(&node, &["ipvsadm", "-A", "-t", "198.51.100.10:80", "-s", "rr"]);
     env.topo.exec_ok(&node, &["nft", "add table ip other"]);
-    env.topo
-        .exec_ok(&node, &["nft", "add chain ip other input { type filter hook input priority 10; }"]);
+    env.topo.exec_ok(
+        &node,
+        &[
+            "nft",
+            "add chain ip other input { type filter hook input priority 10; }",
+        ],
+    );
     env.set(&objects(&pod_ips(&[0, 1])));
     eventually("kproxy programmed the Service", || {
         proc_ip_vs(&env.topo).contains("0A60000A:0050").then_some(())
     });
     let client = env.topo.pods[2].ns.clone();
-    assert_eq!(backends(&env.topo, &client, &format!("http://{CLUSTER_IP}/"), 10), both());
+    assert_eq!(
+        backends(&env.topo, &client, &format!("http://{CLUSTER_IP}/"), 10),
+        both()
+    );
     env.kproxy.stop();
     for args in [&["--cleanup"][..], &["--proxy-mode", "ipvs", "--cleanup"][..]] {
         let mut cmd = vec![kproxy_bin()];
@@ -504,7 +515,10 @@ fn cleanup_ipvs(kind: SourceKind) {
     let table = proc_ip_vs(&env.topo);
     assert!(!table.contains("0A60000A"), "ClusterIP service left behind:\n{table}");
     assert!(!table.contains(":7580"), "NodePort service left behind:\n{table}");
-    assert!(table.contains("C633640A:0050"), "foreign virtual service removed:\n{table}");
+    assert!(
+        table.contains("C633640A:0050"),
+        "foreign virtual service removed:\n{table}"
+    );
     let tables = env.topo.exec_ok(&node, &["nft", "list", "tables"]);
     assert!(!tables.contains("kproxy"), "kproxy table left behind:\n{tables}");
     assert!(tables.contains("table ip other"), "foreign table removed:\n{tables}");

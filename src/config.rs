@@ -404,13 +404,20 @@ fn ipvs_config(flags: &Flags, file: IpvsSection) -> Result<IpvsConfig> {
     };
     let exclude_cidrs = match &flags.ipvs_exclude_cidrs {
         Some(raw) => parse_cidrs("--ipvs-exclude-cidrs", raw)?,
-        None => parse_cidrs("--ipvs-exclude-cidrs", &file.exclude_cidrs.unwrap_or_default().join(","))?,
+        None => parse_cidrs(
+            "--ipvs-exclude-cidrs",
+            &file.exclude_cidrs.unwrap_or_default().join(","),
+        )?,
     };
     Ok(IpvsConfig {
         scheduler,
         strict_arp: pick(flags.ipvs_strict_arp, file.strict_arp).unwrap_or(false),
         tcp_timeout: timeout("--ipvs-tcp-timeout", &flags.ipvs_tcp_timeout, file.tcp_timeout)?,
-        tcpfin_timeout: timeout("--ipvs-tcpfin-timeout", &flags.ipvs_tcpfin_timeout, file.tcp_fin_timeout)?,
+        tcpfin_timeout: timeout(
+            "--ipvs-tcpfin-timeout",
+            &flags.ipvs_tcpfin_timeout,
+            file.tcp_fin_timeout,
+        )?,
         udp_timeout: timeout("--ipvs-udp-timeout", &flags.ipvs_udp_timeout, file.udp_timeout)?,
         exclude_cidrs,
         graceful_period: timeout("--ipvs-graceful-period", &flags.ipvs_graceful_period, None)?,
@@ -715,7 +722,11 @@ ipvs: {scheduler: wrr, strictARP: true, syncPeriod: 20s, minSyncPeriod: 2s, tcpT
         let c = Config::load(&flags).unwrap();
         std::fs::remove_file(path).ok();
         assert_eq!(c.mode, ProxyMode::Ipvs);
-        assert_eq!(c.sync_period, Duration::from_secs(20), "ipvs.syncPeriod wins in ipvs mode");
+        assert_eq!(
+            c.sync_period,
+            Duration::from_secs(20),
+            "ipvs.syncPeriod wins in ipvs mode"
+        );
         assert_eq!(c.min_sync_period, Duration::from_secs(2));
         assert_eq!(c.ipvs.scheduler, "wrr");
         assert!(c.ipvs.strict_arp);
@@ -732,7 +743,11 @@ ipvs: {scheduler: wrr, strictARP: true, syncPeriod: 20s, minSyncPeriod: 2s, tcpT
             ..Flags::default()
         })
         .unwrap();
-        assert_eq!(c.sync_period, Duration::from_secs(5), "--ipvs-sync-period over --sync-period");
+        assert_eq!(
+            c.sync_period,
+            Duration::from_secs(5),
+            "--ipvs-sync-period over --sync-period"
+        );
         assert_eq!(c.ipvs.scheduler, "rr");
     }
 

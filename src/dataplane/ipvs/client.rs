@@ -4,8 +4,8 @@
 use netlink_sys::{protocols::NETLINK_GENERIC, Socket, SocketAddr};
 
 use super::netlink::{
-    self, decode_replies, encode_dump_dests, encode_dump_services, encode_get_family, encode_get_info, Reply,
-    Request, VsKey, VirtualService, IPVS_FAMILY,
+    self, decode_replies, encode_dump_dests, encode_dump_services, encode_get_family, encode_get_info, Reply, Request,
+    VirtualService, VsKey, IPVS_FAMILY,
 };
 use crate::dataplane::{DataplaneError, Result};
 
@@ -26,7 +26,9 @@ impl IpvsClient {
     /// loaded or built) is [`DataplaneError::Unsupported`]: retrying will not help.
     pub fn connect() -> Result<IpvsClient> {
         let mut socket = Socket::new(NETLINK_GENERIC).map_err(|e| nl_error("opening a generic netlink socket", e))?;
-        socket.bind_auto().map_err(|e| nl_error("binding the netlink socket", e))?;
+        socket
+            .bind_auto()
+            .map_err(|e| nl_error("binding the netlink socket", e))?;
         socket
             .connect(&SocketAddr::new(0, 0))
             .map_err(|e| nl_error("connecting the netlink socket", e))?;
@@ -62,7 +64,9 @@ impl IpvsClient {
     pub fn version(&mut self) -> Result<String> {
         let seq = self.next_seq();
         let replies = self.exchange(&encode_get_info(self.family, seq), seq, "IPVS_CMD_GET_INFO")?;
-        let attrs = replies.first().ok_or_else(|| nl_error("IPVS_CMD_GET_INFO", "no reply"))?;
+        let attrs = replies
+            .first()
+            .ok_or_else(|| nl_error("IPVS_CMD_GET_INFO", "no reply"))?;
         let v = netlink::decode_info_version(attrs).map_err(|e| nl_error("IPVS_CMD_GET_INFO", e))?;
         Ok(netlink::version_string(v))
     }
@@ -90,14 +94,17 @@ impl IpvsClient {
         )?;
         replies
             .iter()
-            .map(|attrs| netlink::decode_dest(attrs, &key.addr).map_err(|e| nl_error(format!("real servers of {key}"), e)))
+            .map(|attrs| {
+                netlink::decode_dest(attrs, &key.addr).map_err(|e| nl_error(format!("real servers of {key}"), e))
+            })
             .collect()
     }
 
     /// Sends one request and waits for the kernel's acknowledgement.
     pub fn execute(&mut self, request: &Request) -> Result<()> {
         let seq = self.next_seq();
-        self.exchange(&request.encode(self.family, seq), seq, request).map(|_| ())
+        self.exchange(&request.encode(self.family, seq), seq, request)
+            .map(|_| ())
     }
 
     /// Sends `msg` and collects the attributes of every data message answering `seq`, until

@@ -151,9 +151,8 @@ pub fn node_addresses(all: &[(u32, IpAddr, u8)], dummy: Option<u32>) -> BTreeSet
 /// read-only, and then a value that is already right must not be an error.
 pub fn ensure_sysctl(name: &str, want: &str) -> Result<()> {
     let path = format!("/proc/sys/{}", name.replace('.', "/"));
-    let current = std::fs::read_to_string(&path).map_err(|e| {
-        DataplaneError::Unsupported(format!("cannot read sysctl {name} ({path}): {e}"))
-    })?;
+    let current = std::fs::read_to_string(&path)
+        .map_err(|e| DataplaneError::Unsupported(format!("cannot read sysctl {name} ({path}): {e}")))?;
     if current.trim() == want {
         return Ok(());
     }

@@ -127,7 +127,10 @@ pub async fn render(desired: &DesiredState, cfg: &ProxierConfig) -> Result<Strin
     let rtnl = Rtnl::connect()?;
     let dummy = rtnl.dummy_index().await?;
     let addresses = rtnl.addresses().await?;
-    let want = plan_desired(desired, &plan_config(cfg, &link::node_addresses(&addresses, dummy), desired));
+    let want = plan_desired(
+        desired,
+        &plan_config(cfg, &link::node_addresses(&addresses, dummy), desired),
+    );
     Ok(format!(
         "# ipvsadm-restore\n{}# nft -f -\n{}",
         plan::render_save(&want),
@@ -155,7 +158,6 @@ impl IpvsProxier {
             last_rules: None,
         })
     }
-
 
     async fn sync_inner(&mut self, desired: &DesiredState, changes: &ChangeSet) -> Result<SyncStats> {
         let family = self.cfg.family;
@@ -188,7 +190,11 @@ impl IpvsProxier {
         }
         let inspect: Vec<VsKey> = match &scope {
             Scope::Full => kernel.services.keys().copied().collect(),
-            Scope::Only(keys) => keys.iter().filter(|k| kernel.services.contains_key(k)).copied().collect(),
+            Scope::Only(keys) => keys
+                .iter()
+                .filter(|k| kernel.services.contains_key(k))
+                .copied()
+                .collect(),
         };
         for key in inspect {
             let dests = self.client.dests(&key)?;

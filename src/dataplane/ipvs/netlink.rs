@@ -169,7 +169,9 @@ impl std::fmt::Display for Request {
                 addr_port(r.addr, r.port)
             ),
             Request::DelDest(k, r) => write!(f, "delete real server {} from {k}", addr_port(r.addr, r.port)),
-            Request::SetTimeouts { tcp, tcp_fin, udp } => write!(f, "set timeouts tcp {tcp}s tcpfin {tcp_fin}s udp {udp}s"),
+            Request::SetTimeouts { tcp, tcp_fin, udp } => {
+                write!(f, "set timeouts tcp {tcp}s tcpfin {tcp_fin}s udp {udp}s")
+            }
         }
     }
 }
@@ -308,24 +310,52 @@ pub fn encode_get_family(name: &str, seq: u32) -> Vec<u8> {
     let mut n = name.as_bytes().to_vec();
     n.push(0);
     put_attr(&mut attrs, CTRL_ATTR_FAMILY_NAME, &n);
-    message(GENL_ID_CTRL, NLM_F_REQUEST | NLM_F_ACK, seq, CTRL_CMD_GETFAMILY, 1, &attrs)
+    message(
+        GENL_ID_CTRL,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        CTRL_CMD_GETFAMILY,
+        1,
+        &attrs,
+    )
 }
 
 /// `IPVS_CMD_GET_INFO`: the kernel's IPVS version.
 pub fn encode_get_info(family: u16, seq: u32) -> Vec<u8> {
-    message(family, NLM_F_REQUEST | NLM_F_ACK, seq, cmd::GET_INFO, IPVS_GENL_VERSION, &[])
+    message(
+        family,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        cmd::GET_INFO,
+        IPVS_GENL_VERSION,
+        &[],
+    )
 }
 
 /// Dump of every virtual service (`ipvsadm -Ln`, first half).
 pub fn encode_dump_services(family: u16, seq: u32) -> Vec<u8> {
-    message(family, NLM_F_REQUEST | NLM_F_DUMP, seq, cmd::GET_SERVICE, IPVS_GENL_VERSION, &[])
+    message(
+        family,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        cmd::GET_SERVICE,
+        IPVS_GENL_VERSION,
+        &[],
+    )
 }
 
 /// Dump of the real servers of one virtual service.
 pub fn encode_dump_dests(family: u16, seq: u32, key: &VsKey) -> Vec<u8> {
     let mut attrs = Vec::new();
     put_nested(&mut attrs, cmd_attr::SERVICE, &service_key_attrs(key));
-    message(family, NLM_F_REQUEST | NLM_F_DUMP, seq, cmd::GET_DEST, IPVS_GENL_VERSION, &attrs)
+    message(
+        family,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        cmd::GET_DEST,
+        IPVS_GENL_VERSION,
+        &attrs,
+    )
 }
 
 impl Request {
@@ -368,7 +398,14 @@ impl Request {
                 cmd::SET_CONFIG
             }
         };
-        message(family, NLM_F_REQUEST | NLM_F_ACK, seq, command, IPVS_GENL_VERSION, &attrs)
+        message(
+            family,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            command,
+            IPVS_GENL_VERSION,
+            &attrs,
+        )
     }
 }
 
@@ -459,17 +496,23 @@ fn find(buf: &[u8], kind: u16) -> Option<&[u8]> {
 }
 
 fn get_u16(buf: &[u8], kind: u16, name: &'static str) -> Result<u16, DecodeError> {
-    find(buf, kind).and_then(|p| u16_at(p, 0)).ok_or(DecodeError::Missing(name))
+    find(buf, kind)
+        .and_then(|p| u16_at(p, 0))
+        .ok_or(DecodeError::Missing(name))
 }
 
 fn get_u32(buf: &[u8], kind: u16, name: &'static str) -> Result<u32, DecodeError> {
-    find(buf, kind).and_then(|p| u32_at(p, 0)).ok_or(DecodeError::Missing(name))
+    find(buf, kind)
+        .and_then(|p| u32_at(p, 0))
+        .ok_or(DecodeError::Missing(name))
 }
 
 fn get_port(buf: &[u8], kind: u16) -> Result<u16, DecodeError> {
     let p = find(buf, kind).ok_or(DecodeError::Missing("port"))?;
     Ok(u16::from_be_bytes(
-        p.get(..2).and_then(|s| s.try_into().ok()).ok_or(DecodeError::Truncated)?,
+        p.get(..2)
+            .and_then(|s| s.try_into().ok())
+            .ok_or(DecodeError::Truncated)?,
     ))
 }
 
@@ -477,11 +520,17 @@ fn get_addr(buf: &[u8], kind: u16, family: u16) -> Result<IpAddr, DecodeError> {
     let p = find(buf, kind).ok_or(DecodeError::Missing("address"))?;
     match family {
         AF_INET => {
-            let o: [u8; 4] = p.get(..4).and_then(|s| s.try_into().ok()).ok_or(DecodeError::Truncated)?;
+            let o: [u8; 4] = p
+                .get(..4)
+                .and_then(|s| s.try_into().ok())
+                .ok_or(DecodeError::Truncated)?;
             Ok(IpAddr::V4(Ipv4Addr::from(o)))
         }
         AF_INET6 => {
-            let o: [u8; 16] = p.get(..16).and_then(|s| s.try_into().ok()).ok_or(DecodeError::Truncated)?;
+            let o: [u8; 16] = p
+                .get(..16)
+                .and_then(|s| s.try_into().ok())
+                .ok_or(DecodeError::Truncated)?;
             Ok(IpAddr::V6(Ipv6Addr::from(o)))
         }
         _ => Err(DecodeError::Bad("address family")),

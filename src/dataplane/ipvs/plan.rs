@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use super::netlink::{addr_port, RealServer, RealServerState, Request, VirtualService, VsKey, FWD_MASQ, SVC_F_PERSISTENT};
+use super::netlink::{
+    addr_port, RealServer, RealServerState, Request, VirtualService, VsKey, FWD_MASQ, SVC_F_PERSISTENT,
+};
 use crate::model::topology::categorize_endpoints;
 use crate::model::{DesiredState, Endpoint, IpFamily, Protocol, ServiceKey};
 
@@ -96,8 +98,16 @@ pub fn plan_desired(desired: &DesiredState, cfg: &PlanConfig) -> DesiredIpvs {
                     .map(|e| ((e.ip, e.port), 1))
                     .collect()
             };
-            let internal = servers(if sp.internal_policy_local { &sets.local } else { &sets.cluster });
-            let external = servers(if sp.external_policy_local { &sets.local } else { &sets.cluster });
+            let internal = servers(if sp.internal_policy_local {
+                &sets.local
+            } else {
+                &sets.cluster
+            });
+            let external = servers(if sp.external_policy_local {
+                &sets.local
+            } else {
+                &sets.cluster
+            });
             if sp.internal_policy_local && sets.local.is_empty() {
                 out.no_local_endpoints.0 += 1;
             }
@@ -329,8 +339,10 @@ fn plan_servers(
     upserts: &mut Vec<Request>,
     removals: &mut Vec<Request>,
 ) {
-    let have: BTreeMap<(IpAddr, u16), &RealServerState> =
-        current.iter().map(|rs| ((rs.server.addr, rs.server.port), rs)).collect();
+    let have: BTreeMap<(IpAddr, u16), &RealServerState> = current
+        .iter()
+        .map(|rs| ((rs.server.addr, rs.server.port), rs))
+        .collect();
     for (&(addr, port), &weight) in &want.servers {
         let rs = real_server(addr, port, weight);
         match have.get(&(addr, port)) {

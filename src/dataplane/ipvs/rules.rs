@@ -106,14 +106,23 @@ pub fn render_ruleset(desired: &DesiredIpvs, cfg: &RulesConfig) -> String {
     let hairpin: Vec<String> = hairpin.into_iter().collect();
 
     let mut out = String::new();
-    let _ = writeln!(out, "add table {fam} {TABLE}\ndelete table {fam} {TABLE}\ntable {fam} {TABLE} {{");
+    let _ = writeln!(
+        out,
+        "add table {fam} {TABLE}\ndelete table {fam} {TABLE}\ntable {fam} {TABLE} {{"
+    );
     set(&mut out, "cluster-ips", &svc_type, None, &cluster);
     set(&mut out, "external", &svc_type, None, &external);
     set(&mut out, "no-endpoints", &svc_type, None, &reject);
     set(&mut out, "no-local-endpoints", &svc_type, None, &drop);
     set(&mut out, "service-ips", addr_type, None, &service_ips);
     set(&mut out, "service-ports", &svc_type, None, &service_ports);
-    set(&mut out, "hairpin", &format!("{addr_type} . {addr_type}"), None, &hairpin);
+    set(
+        &mut out,
+        "hairpin",
+        &format!("{addr_type} . {addr_type}"),
+        None,
+        &hairpin,
+    );
 
     let dst = format!("{sel} daddr . meta l4proto . th dport");
     let mark = format!("meta mark set meta mark | {:#010x}", cfg.masquerade_mark);
@@ -143,9 +152,8 @@ pub fn render_ruleset(desired: &DesiredIpvs, cfg: &RulesConfig) -> String {
          \t\tmeta mark & {m:#010x} != 0 meta mark set meta mark ^ {m:#010x} masquerade\n\t}}",
         m = cfg.masquerade_mark
     );
-    let refuse = format!(
-        "\t\tct state new {dst} @no-endpoints reject\n\t\tct state new {dst} @no-local-endpoints drop\n"
-    );
+    let refuse =
+        format!("\t\tct state new {dst} @no-endpoints reject\n\t\tct state new {dst} @no-local-endpoints drop\n");
     let _ = writeln!(
         out,
         "\tchain filter-input {{\n\t\ttype filter hook input priority 0; policy accept;\n{refuse}\
@@ -205,7 +213,14 @@ mod tests {
     fn desired() -> DesiredIpvs {
         let mut d = DesiredIpvs::default();
         for (k, v) in [
-            vs("10.96.0.10", 80, Traffic::Internal, &["10.244.1.2", "10.244.2.2"], true, true),
+            vs(
+                "10.96.0.10",
+                80,
+                Traffic::Internal,
+                &["10.244.1.2", "10.244.2.2"],
+                true,
+                true,
+            ),
             vs("192.0.2.1", 30080, Traffic::External, &["10.244.1.2"], true, false),
             vs("10.96.0.12", 80, Traffic::Internal, &[], false, true),
         ] {
@@ -270,15 +285,22 @@ mod tests {
         let mut c = cfg();
         c.local_detector = LocalDetector::None;
         let text = render_ruleset(&desired(), &c);
-        assert!(!text.contains("@cluster-ips meta mark"), "no detector: ClusterIP traffic is not masqueraded");
+        assert!(
+            !text.contains("@cluster-ips meta mark"),
+            "no detector: ClusterIP traffic is not masqueraded"
+        );
         c.masquerade_all = true;
-        assert!(render_ruleset(&desired(), &c).contains("\t\tip daddr . meta l4proto . th dport @cluster-ips meta mark"));
+        assert!(
+            render_ruleset(&desired(), &c).contains("\t\tip daddr . meta l4proto . th dport @cluster-ips meta mark")
+        );
         c.masquerade_all = false;
         c.local_detector = LocalDetector::InterfacePrefix("veth".into());
         assert!(render_ruleset(&desired(), &c).contains("iifname != \"veth*\" ip daddr"));
         c.family = IpFamily::V6;
         let text = render_ruleset(&DesiredIpvs::default(), &c);
-        assert!(text.contains("table ip6 kproxy-ipvs {") && text.contains("type ipv6_addr . inet_proto . inet_service"));
+        assert!(
+            text.contains("table ip6 kproxy-ipvs {") && text.contains("type ipv6_addr . inet_proto . inet_service")
+        );
         assert!(!text.contains("elements"), "empty sets have no elements line");
     }
 }

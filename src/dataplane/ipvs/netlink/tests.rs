@@ -218,7 +218,10 @@ fn decodes_dests_and_errors() {
     buf.extend_from_slice(&11u32.to_ne_bytes());
     buf.extend_from_slice(&0u32.to_ne_bytes());
     buf.extend_from_slice(&body);
-    assert_eq!(decode_replies(&buf).unwrap(), vec![Reply::Error { seq: 11, errno: -17 }]);
+    assert_eq!(
+        decode_replies(&buf).unwrap(),
+        vec![Reply::Error { seq: 11, errno: -17 }]
+    );
     assert_eq!(decode_replies(&buf[..20]), Err(DecodeError::Truncated));
 }
 
@@ -245,7 +248,8 @@ mod captured {
     /// service and adds the tunnel attributes; the kernel needs neither)
     pub const NEW_DEST: &str = "050100005400018006000100020000000600020006000000140003000a60000a000000000000000000000000060004000050000005000600000000000c00070000000000ffffffff080008000000000008000900ffffffff6000028006000b0002000000140001000af40102000000000000000000000000060002001f9000000800030000000000080004000100000005000d000000000006000e000000000006000f000000000008000500000000000800060000000000";
     /// The real-server dump request of `ipvsadm -Ln` for 10.96.0.10:80.
-    pub const GET_DEST: &str = "080100003000018006000100020000000600020006000000140003000a60000a0000000000000000000000000600040000500000";
+    pub const GET_DEST: &str =
+        "080100003000018006000100020000000600020006000000140003000a60000a0000000000000000000000000600040000500000";
     /// The kernel's answer to the service dump after the edit above: no NLA_F_NESTED on the
     /// nest, the hashed flag set, and stats the decoder skips.
     pub const SERVICE_DUMP_REPLY: &str = "010100002c01010006000100020000000600020006000000140003000a60000a000000000000000000000000060004000050000007000600736800000c00070003000000ffffffff08000800302a000008000900ffffffff5c000a000800010000000000080002000000000008000300000000000c00040000000000000000000c0005000000000000000000080006000000000008000700000000000800080000000000080009000000000008000a00000000007c000c000c00010000000000000000000c00020000000000000000000c00030000000000000000000c00040000000000000000000c00050000000000000000000c00060000000000000000000c00070000000000000000000c00080000000000000000000c00090000000000000000000c000a000000000000000000";
@@ -262,11 +266,17 @@ fn service_requests_are_byte_for_byte_what_ipvsadm_sends() {
         flags: 0,
         timeout: 0,
     };
-    assert_eq!(Request::NewService(svc.clone()).encode(0x20, 1)[16..], hex(captured::NEW_SERVICE));
+    assert_eq!(
+        Request::NewService(svc.clone()).encode(0x20, 1)[16..],
+        hex(captured::NEW_SERVICE)
+    );
     svc.scheduler = "sh".into();
     svc.flags = SVC_F_PERSISTENT;
     svc.timeout = 10800;
-    assert_eq!(Request::SetService(svc).encode(0x20, 1)[16..], hex(captured::SET_SERVICE));
+    assert_eq!(
+        Request::SetService(svc).encode(0x20, 1)[16..],
+        hex(captured::SET_SERVICE)
+    );
     assert_eq!(encode_dump_dests(0x20, 1, &key())[16..], hex(captured::GET_DEST));
 }
 

@@ -265,7 +265,8 @@ fn graceful_period_bounds_the_wait() {
     };
     let t0 = Instant::now();
     let mut draining = Draining::default();
-    let step = |k: &KernelState, draining: &mut Draining, at| text(&plan_requests(&d, k, &Scope::Full, draining, at, &c));
+    let step =
+        |k: &KernelState, draining: &mut Draining, at| text(&plan_requests(&d, k, &Scope::Full, draining, at, &c));
     assert_eq!(step(&k(1), &mut draining, t0).len(), 1);
     assert!(step(&k(0), &mut draining, t0 + Duration::from_secs(29)).is_empty());
     assert_eq!(
@@ -299,7 +300,10 @@ fn endpoint_back_while_draining_gets_its_weight_back() {
         svc("10.96.0.10", 80),
         vec![rs("10.244.1.2", 1, 0), rs("10.244.2.2", 0, 3)],
     )]);
-    draining.since.insert((key("10.96.0.10", 80), "10.244.2.2".parse().unwrap(), 8080), Instant::now());
+    draining.since.insert(
+        (key("10.96.0.10", 80), "10.244.2.2".parse().unwrap(), 8080),
+        Instant::now(),
+    );
     assert_eq!(
         plan(&both, &k, &mut draining, Instant::now()),
         ["set weight 1 of real server 10.244.2.2:8080 in tcp:10.96.0.10:80"]
@@ -343,7 +347,11 @@ fn external_traffic_policy_local_uses_local_endpoints_on_external_services() {
         &cfg(),
     );
     assert_eq!(d.services[&key("10.96.0.10", 80)].servers.len(), 2, "ClusterIP: all");
-    assert_eq!(d.services[&key(NODE_IP, 30080)].servers.len(), 1, "NodePort: local only");
+    assert_eq!(
+        d.services[&key(NODE_IP, 30080)].servers.len(),
+        1,
+        "NodePort: local only"
+    );
     let ext = &d.services[&key("203.0.113.5", 80)];
     assert!(ext.local_policy && ext.bound && ext.servers.len() == 1);
 
@@ -363,14 +371,18 @@ fn partial_scope_touches_only_the_named_services() {
         vec![ep("10.244.1.2", "ready", true)],
     )]);
     // Both services are off in the kernel, but only web's is in scope.
-    let k = kernel(vec![
-        (svc("10.96.0.10", 80), vec![]),
-        (svc("10.96.0.11", 80), vec![]),
-    ]);
+    let k = kernel(vec![(svc("10.96.0.10", 80), vec![]), (svc("10.96.0.11", 80), vec![])]);
     let d = plan_desired(&desired, &cfg());
     let scope = Scope::Only([key("10.96.0.10", 80)].into_iter().collect());
     assert_eq!(
-        text(&plan_requests(&d, &k, &scope, &mut Draining::default(), Instant::now(), &cfg())),
+        text(&plan_requests(
+            &d,
+            &k,
+            &scope,
+            &mut Draining::default(),
+            Instant::now(),
+            &cfg()
+        )),
         ["add real server 10.244.1.2:8080 to tcp:10.96.0.10:80"]
     );
 }
@@ -379,14 +391,20 @@ fn partial_scope_touches_only_the_named_services() {
 fn other_family_is_ignored() {
     let mut p = port("web", "10.96.0.10", Some(30080));
     p.cluster_ips.push("fd00::10".parse().unwrap());
-    let desired = state(vec![(p, vec![ep("10.244.1.2", "ready", true), ep("fd00::2", "ready", true)])]);
+    let desired = state(vec![(
+        p,
+        vec![ep("10.244.1.2", "ready", true), ep("fd00::2", "ready", true)],
+    )]);
     let mut c = cfg();
     c.family = IpFamily::V6;
     c.nodeport_addresses = vec![NODE_IP.parse().unwrap(), "2001:db8::1".parse().unwrap()];
     let d = plan_desired(&desired, &c);
     let keys: Vec<String> = d.services.keys().map(|k| k.to_string()).collect();
     assert_eq!(keys, ["tcp:[2001:db8::1]:30080", "tcp:[fd00::10]:80"]);
-    assert!(d.services.values().all(|v| v.servers.keys().all(|(ip, _)| ip.is_ipv6())));
+    assert!(d
+        .services
+        .values()
+        .all(|v| v.servers.keys().all(|(ip, _)| ip.is_ipv6())));
 }
 
 #[test]
