@@ -23,9 +23,11 @@ pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// The kproxy binary under test.
+/// The kproxy binary under test: the one cargo built, or `KPROXY_BIN` (set where the test
+/// binary runs away from the build tree, as in the IPVS guest of `scripts/ipvs-vm.sh`).
 pub fn kproxy_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_kproxy")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| std::env::var("KPROXY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_kproxy").to_string()))
 }
 
 /// A running kproxy inside the node namespace; killed on drop.

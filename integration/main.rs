@@ -112,12 +112,12 @@ fn main() -> ExitCode {
         netns::sweep_stale();
     }
     let mut trials = Vec::new();
-    for mode in scenarios::MODES {
+    for mode in scenarios::modes() {
         for source in [scenarios::SourceKind::Manifests, scenarios::SourceKind::Api] {
             let api_only = scenarios::API_ONLY
                 .iter()
                 .filter(|_| source == scenarios::SourceKind::Api);
-            let iptables_only = scenarios::IPTABLES_ONLY.iter().filter(|_| *mode == "iptables");
+            let iptables_only = scenarios::IPTABLES_ONLY.iter().filter(|_| mode == "iptables");
             for (name, scenario) in scenarios::ALL.iter().chain(api_only).chain(iptables_only) {
                 let trial = Trial::test(format!("{mode}::{}::{name}", source.name()), move || {
                     scenario(mode, source);

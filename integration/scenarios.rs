@@ -8,8 +8,24 @@ use crate::harness::{backends, curl, eventually, eventually_backends, kproxy_bin
 use crate::netns::Topology;
 use crate::semantics;
 
-/// Proxy modes the binary supports.
-pub const MODES: &[&str] = &["iptables"];
+/// Proxy modes the scenarios know.
+pub const MODES: &[&str] = &["iptables", "ipvs"];
+
+/// The modes to run: `KPROXY_TEST_MODES` (comma-separated), by default only iptables, because
+/// IPVS needs a kernel that has it (`scripts/ipvs-vm.sh` runs the ipvs ones in a guest that does).
+pub fn modes() -> Vec<&'static str> {
+    let wanted = std::env::var("KPROXY_TEST_MODES").unwrap_or_else(|_| "iptables".into());
+    let modes: Vec<&'static str> = MODES
+        .iter()
+        .copied()
+        .filter(|m| wanted.split(',').any(|w| w.trim() == *m))
+        .collect();
+    assert!(
+        !modes.is_empty(),
+        "KPROXY_TEST_MODES={wanted:?} names none of {MODES:?}"
+    );
+    modes
+}
 
 /// Where kproxy reads desired state from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -473,6 +489,9 @@ fn iptables_save(topo: &Topology) -> String {
 }
 
 fn cleanup(mode: &'static str, kind: SourceKind) {
+    if mode == "ipvs" {
+        return cleanup_ipvs(kind);
+    }
     let mut env = Env::new(mode, kind, &[], &[]);
     // Rules of other software, present before kproxy ran.
     let node = env.topo.node.clone();
@@ -646,4 +665,62 @@ fn master_override(mode: &'static str, kind: SourceKind) {
         20,
         &["pod-a", "pod-b"],
     );
+}
+
+/// The IPVS table of `topo`'s node namespace as the kernel prints it (`/proc/net/ip_vs`:
+/// addresses and ports in hex, e.g. `0A60000A:0050` for 10.96.0.10:80).
+fn proc_ip_vs(topo: &Topology) -> String {
+    topo.exec_ok(&topo.node, &["cat", "/proc/net/ip_vs"])
+}
+
+/// IPVS mode's cleanup: its virtual services, nftables table and dummy interface go, other
+/// software's virtual services and tables stay; `--cleanup` of the default (iptables) mode
+/// removes IPVS leftovers too, and a second run finds nothing to do.
+fn cleanup_ipvs(kind: SourceKind) {
+    let mut env = Env::new("ipvs", kind, &[], &[]);
+    let node = env.topo.node.clone();
+    // Other software's state: a virtual service on an address that is not the node's, and a table.
+    env.topo
+        .exec_ok(&node, &["ipvsadm", "-A", "-t", "198.51.100.10:80", "-s", "rr"]);
+    env.topo.exec_ok(&node, &["nft", "add table ip other"]);
+    env.topo.exec_ok(
+        &node,
+        &[
+            "nft",
+            "add chain ip other input { type filter hook input priority 10; }",
+        ],
+    );
+    env.set(&objects(&pod_ips(&[0, 1])));
+    eventually("kproxy programmed the Service", || {
+        proc_ip_vs(&env.topo).contains("0A60000A:0050").then_some(())
+    });
+    let client = env.topo.pods[2].ns.clone();
+    assert_eq!(
+        backends(&env.topo, &client, &format!("http://{CLUSTER_IP}/"), 10),
+        both()
+    );
+    env.kproxy.stop();
+    for args in [&["--cleanup"][..], &["--proxy-mode", "ipvs", "--cleanup"][..]] {
+        let mut cmd = vec![kproxy_bin()];
+        cmd.extend(args);
+        let out = env.topo.exec(&node, &cmd);
+        assert!(
+            out.status.success(),
+            "kproxy {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let table = proc_ip_vs(&env.topo);
+    assert!(!table.contains("0A60000A"), "ClusterIP service left behind:\n{table}");
+    assert!(!table.contains(":7580"), "NodePort service left behind:\n{table}");
+    assert!(
+        table.contains("C633640A:0050"),
+        "foreign virtual service removed:\n{table}"
+    );
+    let tables = env.topo.exec_ok(&node, &["nft", "list", "tables"]);
+    assert!(!tables.contains("kproxy"), "kproxy table left behind:\n{tables}");
+    assert!(tables.contains("table ip other"), "foreign table removed:\n{tables}");
+    let link = env.topo.exec(&node, &["ip", "link", "show", "kube-ipvs0"]);
+    assert!(!link.status.success(), "kube-ipvs0 left behind");
+    assert!(curl(&env.topo, &client, &format!("http://{CLUSTER_IP}/")).is_err());
 }

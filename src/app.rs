@@ -6,9 +6,10 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, ProxyMode};
 use crate::dataplane::iptables::{self, IptablesProxier, Planner, ProxierConfig};
-use crate::dataplane::{Dataplane, PerFamily};
+use crate::dataplane::ipvs::{self, IpvsProxier};
+use crate::dataplane::{Dataplane, DataplaneError, PerFamily};
 use crate::health::{self, ProxyHealth};
 use crate::healthcheck::HealthCheckServer;
 use crate::model::store::Store;
@@ -46,13 +47,50 @@ async fn families() -> Vec<IpFamily> {
     }
 }
 
-async fn dataplane(config: &Config) -> Box<dyn Dataplane> {
+async fn iptables_dataplane(config: &Config) -> Box<dyn Dataplane> {
     let dps: Vec<Box<dyn Dataplane>> = families()
         .await
         .into_iter()
         .map(|f| Box::new(IptablesProxier::new(proxier_config(config, f))) as Box<dyn Dataplane>)
         .collect();
-    Box::new(PerFamily::new(config.mode.as_str(), dps))
+    Box::new(PerFamily::new(ProxyMode::Iptables.as_str(), dps))
+}
+
+fn ipvs_proxier_config(config: &Config, family: IpFamily) -> ipvs::ProxierConfig {
+    ipvs::ProxierConfig {
+        family,
+        ipvs: config.ipvs.clone(),
+        masquerade_all: config.masquerade_all,
+        masquerade_bit: config.masquerade_bit,
+        detect_local: config.detect_local.clone(),
+        nodeport_addresses: config.nodeport_addresses.clone(),
+    }
+}
+
+/// IPVS mode for IPv4, and IPv6 when the host has it. Fails before programming anything when
+/// the kernel lacks IPVS or nft is missing.
+async fn ipvs_dataplane(config: &Config) -> anyhow::Result<Box<dyn Dataplane>> {
+    let version = ipvs::prepare_kernel(&config.ipvs)
+        .await
+        .context("--proxy-mode ipvs cannot start")?;
+    tracing::info!(version, scheduler = %config.ipvs.scheduler, "IPVS available");
+    let mut families = vec![IpFamily::V4];
+    if std::path::Path::new("/proc/net/if_inet6").exists() {
+        families.push(IpFamily::V6);
+    }
+    let mut dps: Vec<Box<dyn Dataplane>> = Vec::new();
+    for f in families {
+        let dp = IpvsProxier::new(ipvs_proxier_config(config, f)).context("--proxy-mode ipvs cannot start")?;
+        dps.push(Box::new(dp));
+    }
+    Ok(Box::new(PerFamily::new(ProxyMode::Ipvs.as_str(), dps)))
+}
+
+async fn dataplane(config: &Config) -> anyhow::Result<Box<dyn Dataplane>> {
+    match config.mode {
+        ProxyMode::Iptables => Ok(iptables_dataplane(config).await),
+        ProxyMode::Ipvs => ipvs_dataplane(config).await,
+    }
 }
 
 /// Turns SIGINT/SIGTERM into the shutdown signal.
@@ -106,6 +144,8 @@ async fn start_sources(
 
 /// Runs the proxy until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // The dataplane first: a mode the kernel cannot do fails before anything listens or syncs.
+    let dataplane = dataplane(&config).await?;
     let shutdown = shutdown_signal();
     let health = Arc::new(ProxyHealth::new(2 * config.sync_period));
     if let Some(addr) = config.healthz_bind {
@@ -136,14 +176,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         sync_period: config.sync_period,
         retry_initial: Duration::from_secs(1),
     };
-    sync::run(state, dataplane(&config).await, timing, Some(health_checks), shutdown).await;
+    sync::run(state, dataplane, timing, Some(health_checks), shutdown).await;
     Ok(())
 }
 
-/// `--cleanup`: removes every rule kproxy created.
+/// `--cleanup`: removes everything any mode of kproxy created. A mode whose tools or kernel
+/// support are missing here cannot have left anything, unless it is the configured mode.
 pub async fn cleanup(config: Config) -> anyhow::Result<()> {
-    let mut dp = dataplane(&config).await;
-    dp.cleanup().await.context("cleanup failed")?;
+    match iptables_dataplane(&config).await.cleanup().await {
+        Ok(()) => tracing::info!("removed kproxy's iptables rules"),
+        Err(DataplaneError::Unsupported(why)) if config.mode != ProxyMode::Iptables => {
+            tracing::info!("skipping iptables cleanup: {why}")
+        }
+        Err(e) => return Err(e).context("iptables cleanup failed"),
+    }
+    ipvs::cleanup(&config.ipvs.exclude_cidrs)
+        .await
+        .context("IPVS cleanup failed")?;
     tracing::info!("removed kproxy's rules");
     Ok(())
 }
@@ -182,6 +231,12 @@ pub async fn render(config: Config, output: &str) -> anyhow::Result<String> {
         return Ok(services_table(&desired));
     }
     let mut out = String::new();
+    if config.mode == ProxyMode::Ipvs {
+        for family in [IpFamily::V4, IpFamily::V6] {
+            out.push_str(&ipvs::render(&desired, &ipvs_proxier_config(&config, family)).await?);
+        }
+        return Ok(out);
+    }
     for family in [IpFamily::V4, IpFamily::V6] {
         let cfg = iptables::render_config(&proxier_config(&config, family), &desired).await?;
         let plan = Planner::new().plan(&desired, &ChangeSet::full(), &cfg, None);

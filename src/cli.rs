@@ -27,7 +27,7 @@ pub enum Command {
     Render {
         #[command(flatten)]
         flags: Flags,
-        /// `rules`: the exact iptables-restore input; `services`: a `kubectl get svc`-like table.
+        /// `rules`: the exact iptables-restore input (ipvs mode: the virtual services and the nft table); `services`: a `kubectl get svc`-like table.
         #[arg(long, default_value = "rules", value_parser = ["rules", "services"])]
         output: String,
     },
@@ -47,7 +47,7 @@ pub struct Flags {
     /// Node name to use instead of the hostname (the DaemonSet passes $(NODE_NAME)).
     #[arg(long, value_name = "NAME")]
     pub hostname_override: Option<String>,
-    /// Which proxy mode to use: iptables (default).
+    /// Which proxy mode to use: iptables (default) or ipvs.
     #[arg(long, value_name = "MODE")]
     pub proxy_mode: Option<String>,
     /// Pod CIDR range(s) of the cluster, comma-separated; traffic from outside is masqueraded.
@@ -83,6 +83,33 @@ pub struct Flags {
     /// Interval of full resyncs, e.g. 30s, 1m.
     #[arg(long, alias = "iptables-sync-period", value_name = "DURATION")]
     pub sync_period: Option<String>,
+    /// IPVS scheduler: rr (default), wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, mh, fo, ovf, twos.
+    #[arg(long, value_name = "NAME")]
+    pub ipvs_scheduler: Option<String>,
+    /// IPVS mode: minimum interval between syncs (overrides --min-sync-period).
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_min_sync_period: Option<String>,
+    /// IPVS mode: interval of full resyncs (overrides --sync-period).
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_sync_period: Option<String>,
+    /// IPVS mode: set arp_ignore=1 and arp_announce=2, so service addresses are not answered by ARP.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub ipvs_strict_arp: Option<bool>,
+    /// IPVS timeout of idle TCP sessions; 0 leaves the kernel's value.
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_tcp_timeout: Option<String>,
+    /// IPVS timeout of TCP sessions after a FIN; 0 leaves the kernel's value.
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_tcpfin_timeout: Option<String>,
+    /// IPVS timeout of UDP flows; 0 leaves the kernel's value.
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_udp_timeout: Option<String>,
+    /// CIDRs (comma-separated) whose IPVS virtual services kproxy never touches.
+    #[arg(long, value_name = "CIDRS")]
+    pub ipvs_exclude_cidrs: Option<String>,
+    /// IPVS mode: longest wait for a removed real server's connections to drain; 0 waits until they do.
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_graceful_period: Option<String>,
     /// Remove every rule kproxy created, then exit.
     #[arg(long)]
     pub cleanup: bool,

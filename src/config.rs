@@ -81,12 +81,49 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyMode {
     Iptables,
+    Ipvs,
 }
 
 impl ProxyMode {
     pub fn as_str(self) -> &'static str {
         match self {
             ProxyMode::Iptables => "iptables",
+            ProxyMode::Ipvs => "ipvs",
+        }
+    }
+}
+
+/// The schedulers the kernel's IPVS offers (`ip_vs_<name>` modules).
+pub const IPVS_SCHEDULERS: &[&str] = &[
+    "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh", "fo", "ovf", "twos",
+];
+
+/// Settings of IPVS mode (`--ipvs-*` flags, the file's `ipvs:` section).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpvsConfig {
+    /// One of [`IPVS_SCHEDULERS`].
+    pub scheduler: String,
+    pub strict_arp: bool,
+    /// Connection timeouts set in the kernel; zero leaves the kernel's value.
+    pub tcp_timeout: Duration,
+    pub tcpfin_timeout: Duration,
+    pub udp_timeout: Duration,
+    /// Virtual services on these addresses are never modified or deleted.
+    pub exclude_cidrs: Vec<IpNet>,
+    /// Upper bound on waiting for a removed real server to drain; zero waits until it has.
+    pub graceful_period: Duration,
+}
+
+impl Default for IpvsConfig {
+    fn default() -> Self {
+        IpvsConfig {
+            scheduler: "rr".into(),
+            strict_arp: false,
+            tcp_timeout: Duration::ZERO,
+            tcpfin_timeout: Duration::ZERO,
+            udp_timeout: Duration::ZERO,
+            exclude_cidrs: vec![],
+            graceful_period: Duration::ZERO,
         }
     }
 }
@@ -121,6 +158,7 @@ pub struct Config {
     pub service_cluster_ip_range: IpNet,
     pub disable_external_ips: bool,
     pub verbosity: u8,
+    pub ipvs: IpvsConfig,
 }
 
 /// The subset of KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) kproxy reads.
@@ -138,6 +176,7 @@ struct FileConfig {
     cluster_cidr: Option<String>,
     node_port_addresses: Option<Vec<String>>,
     iptables: Option<IptablesSection>,
+    ipvs: Option<IpvsSection>,
     healthz_bind_address: Option<String>,
     metrics_bind_address: Option<String>,
     detect_local_mode: Option<String>,
@@ -162,6 +201,7 @@ const FIELDS: &[&str] = &[
     "clusterCIDR",
     "nodePortAddresses",
     "iptables",
+    "ipvs",
     "healthzBindAddress",
     "metricsBindAddress",
     "detectLocalMode",
@@ -176,7 +216,6 @@ const IGNORED_FIELDS: &[&str] = &[
     "conntrack",
     "enableProfiling",
     "featureGates",
-    "ipvs",
     "nftables",
     "logging",
     "oomScoreAdj",
@@ -199,6 +238,20 @@ const SECTION_FIELDS: &[(&str, &[&str], &[&str])] = &[
         &["localhostNodePorts"],
     ),
     ("detectLocal", &["bridgeInterface", "interfaceNamePrefix"], &[]),
+    (
+        "ipvs",
+        &[
+            "excludeCIDRs",
+            "minSyncPeriod",
+            "scheduler",
+            "strictARP",
+            "syncPeriod",
+            "tcpFinTimeout",
+            "tcpTimeout",
+            "udpTimeout",
+        ],
+        &[],
+    ),
 ];
 
 /// Rejects fields kube-proxy does not define (its strict decoding does the same) and returns
@@ -236,6 +289,21 @@ struct IptablesSection {
     masquerade_bit: Option<i32>,
     min_sync_period: Option<String>,
     sync_period: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IpvsSection {
+    #[serde(rename = "excludeCIDRs")]
+    exclude_cidrs: Option<Vec<String>>,
+    min_sync_period: Option<String>,
+    scheduler: Option<String>,
+    #[serde(rename = "strictARP")]
+    strict_arp: Option<bool>,
+    sync_period: Option<String>,
+    tcp_fin_timeout: Option<String>,
+    tcp_timeout: Option<String>,
+    udp_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -316,6 +384,47 @@ fn parse_period(field: &'static str, raw: &str) -> Result<Duration> {
     parse_duration(raw).ok_or_else(|| invalid(field, raw, "expected a duration such as 200ms, 1s or 30s"))
 }
 
+/// The `--ipvs-*` flags over the file's `ipvs:` section (periods are read with the others).
+fn ipvs_config(flags: &Flags, file: IpvsSection) -> Result<IpvsConfig> {
+    let scheduler = pick(flags.ipvs_scheduler.clone(), file.scheduler)
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "rr".into());
+    if !IPVS_SCHEDULERS.contains(&scheduler.as_str()) {
+        return Err(invalid(
+            "--ipvs-scheduler",
+            &scheduler,
+            format!("expected one of {}", IPVS_SCHEDULERS.join(", ")),
+        ));
+    }
+    let timeout = |field: &'static str, flag: &Option<String>, file: Option<String>| -> Result<Duration> {
+        match pick(flag.clone(), file) {
+            Some(raw) => parse_period(field, &raw),
+            None => Ok(Duration::ZERO),
+        }
+    };
+    let exclude_cidrs = match &flags.ipvs_exclude_cidrs {
+        Some(raw) => parse_cidrs("--ipvs-exclude-cidrs", raw)?,
+        None => parse_cidrs(
+            "--ipvs-exclude-cidrs",
+            &file.exclude_cidrs.unwrap_or_default().join(","),
+        )?,
+    };
+    Ok(IpvsConfig {
+        scheduler,
+        strict_arp: pick(flags.ipvs_strict_arp, file.strict_arp).unwrap_or(false),
+        tcp_timeout: timeout("--ipvs-tcp-timeout", &flags.ipvs_tcp_timeout, file.tcp_timeout)?,
+        tcpfin_timeout: timeout(
+            "--ipvs-tcpfin-timeout",
+            &flags.ipvs_tcpfin_timeout,
+            file.tcp_fin_timeout,
+        )?,
+        udp_timeout: timeout("--ipvs-udp-timeout", &flags.ipvs_udp_timeout, file.udp_timeout)?,
+        exclude_cidrs,
+        graceful_period: timeout("--ipvs-graceful-period", &flags.ipvs_graceful_period, None)?,
+    })
+}
+
 fn default_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_lowercase())
@@ -330,11 +439,13 @@ impl Config {
             None => FileConfig::default(),
         };
         let ipt = file.iptables.unwrap_or_default();
+        let ipvs_file = file.ipvs.unwrap_or_default();
 
         let mode_raw = pick(flags.proxy_mode.clone(), file.mode).unwrap_or_default();
         let mode = match mode_raw.as_str() {
             "" | "iptables" => ProxyMode::Iptables,
-            "ipvs" | "nftables" => {
+            "ipvs" => ProxyMode::Ipvs,
+            "nftables" => {
                 return Err(invalid(
                     "--proxy-mode",
                     &mode_raw,
@@ -439,18 +550,31 @@ impl Config {
             &pick(flags.metrics_bind_address.clone(), file.metrics_bind_address)
                 .unwrap_or_else(|| "127.0.0.1:10249".into()),
         )?;
+        // Each mode reads its own section's periods, as kube-proxy does; the generic ones fill in.
+        let (mode_min, mode_sync) = match mode {
+            ProxyMode::Iptables => (ipt.min_sync_period, ipt.sync_period),
+            ProxyMode::Ipvs => (
+                flags.ipvs_min_sync_period.clone().or(ipvs_file.min_sync_period.clone()),
+                flags.ipvs_sync_period.clone().or(ipvs_file.sync_period.clone()),
+            ),
+        };
         let min_sync_period = parse_period(
             "--min-sync-period",
-            &pick(
-                flags.min_sync_period.clone(),
-                ipt.min_sync_period.or(file.min_sync_period),
-            )
+            &match mode {
+                ProxyMode::Iptables => pick(flags.min_sync_period.clone(), mode_min.or(file.min_sync_period)),
+                ProxyMode::Ipvs => mode_min.or(flags.min_sync_period.clone()).or(file.min_sync_period),
+            }
             .unwrap_or_else(|| "1s".into()),
         )?;
         let sync_period = parse_period(
             "--sync-period",
-            &pick(flags.sync_period.clone(), ipt.sync_period.or(file.sync_period)).unwrap_or_else(|| "30s".into()),
+            &match mode {
+                ProxyMode::Iptables => pick(flags.sync_period.clone(), mode_sync.or(file.sync_period)),
+                ProxyMode::Ipvs => mode_sync.or(flags.sync_period.clone()).or(file.sync_period),
+            }
+            .unwrap_or_else(|| "30s".into()),
         )?;
+        let ipvs = ipvs_config(flags, ipvs_file)?;
         if sync_period.is_zero() {
             return Err(invalid("--sync-period", "0", "must be greater than 0"));
         }
@@ -495,6 +619,7 @@ impl Config {
             service_cluster_ip_range,
             disable_external_ips: flags.disable_external_ips,
             verbosity: flags.verbosity.unwrap_or(0),
+            ipvs,
         })
     }
 }
@@ -577,6 +702,74 @@ conntrack: {maxPerCore: 32768}
         .unwrap_err();
         std::fs::remove_file(path).ok();
         assert!(err.to_string().contains("bogusField"), "{err}");
+    }
+
+    #[test]
+    fn ipvs_flags_and_section() {
+        let path = write_config(
+            r#"
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: ipvs
+syncPeriod: 40s
+ipvs: {scheduler: wrr, strictARP: true, syncPeriod: 20s, minSyncPeriod: 2s, tcpTimeout: 15m, excludeCIDRs: [10.0.0.0/8]}
+"#,
+        );
+        let flags = Flags {
+            config: Some(path.clone()),
+            ipvs_udp_timeout: Some("30s".into()),
+            ipvs_graceful_period: Some("1m".into()),
+            ..Flags::default()
+        };
+        let c = Config::load(&flags).unwrap();
+        std::fs::remove_file(path).ok();
+        assert_eq!(c.mode, ProxyMode::Ipvs);
+        assert_eq!(
+            c.sync_period,
+            Duration::from_secs(20),
+            "ipvs.syncPeriod wins in ipvs mode"
+        );
+        assert_eq!(c.min_sync_period, Duration::from_secs(2));
+        assert_eq!(c.ipvs.scheduler, "wrr");
+        assert!(c.ipvs.strict_arp);
+        assert_eq!(c.ipvs.tcp_timeout, Duration::from_secs(900));
+        assert_eq!(c.ipvs.tcpfin_timeout, Duration::ZERO);
+        assert_eq!(c.ipvs.udp_timeout, Duration::from_secs(30));
+        assert_eq!(c.ipvs.graceful_period, Duration::from_secs(60));
+        assert_eq!(c.ipvs.exclude_cidrs, vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+
+        let c = Config::load(&Flags {
+            proxy_mode: Some("ipvs".into()),
+            ipvs_sync_period: Some("5s".into()),
+            sync_period: Some("9s".into()),
+            ..Flags::default()
+        })
+        .unwrap();
+        assert_eq!(
+            c.sync_period,
+            Duration::from_secs(5),
+            "--ipvs-sync-period over --sync-period"
+        );
+        assert_eq!(c.ipvs.scheduler, "rr");
+    }
+
+    #[test]
+    fn unknown_ipvs_field_or_scheduler_is_an_error() {
+        let path = write_config("kind: KubeProxyConfiguration\nipvs: {schedular: rr}\n");
+        let err = Config::load(&Flags {
+            config: Some(path.clone()),
+            ..Flags::default()
+        })
+        .unwrap_err();
+        std::fs::remove_file(path).ok();
+        assert!(err.to_string().contains("schedular"), "{err}");
+        let err = Config::load(&Flags {
+            proxy_mode: Some("ipvs".into()),
+            ipvs_scheduler: Some("fastest".into()),
+            ..Flags::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("--ipvs-scheduler"), "{err}");
     }
 
     #[test]

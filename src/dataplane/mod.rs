@@ -6,6 +6,7 @@
 
 pub mod conntrack;
 pub mod iptables;
+pub mod ipvs;
 
 use futures::future::BoxFuture;
 

@@ -1,0 +1,149 @@
+//! The one place IPVS requests meet the kernel: a generic-netlink socket, the family lookup,
+//! acknowledged requests and dumps. Calls are short and synchronous (the kernel answers at once).
+
+use netlink_sys::{protocols::NETLINK_GENERIC, Socket, SocketAddr};
+
+use super::netlink::{
+    self, decode_replies, encode_dump_dests, encode_dump_services, encode_get_family, encode_get_info, Reply, Request,
+    VirtualService, VsKey, IPVS_FAMILY,
+};
+use crate::dataplane::{DataplaneError, Result};
+
+/// Errors that name what was asked.
+fn nl_error(what: impl std::fmt::Display, e: impl std::fmt::Display) -> DataplaneError {
+    DataplaneError::Netlink(format!("{what}: {e}"))
+}
+
+/// A connection to the kernel's IPVS family in the current network namespace.
+pub struct IpvsClient {
+    socket: Socket,
+    family: u16,
+    seq: u32,
+}
+
+impl IpvsClient {
+    /// Opens a socket and resolves the IPVS family. A kernel without IPVS (no `ip_vs` module
+    /// loaded or built) is [`DataplaneError::Unsupported`]: retrying will not help.
+    pub fn connect() -> Result<IpvsClient> {
+        let mut socket = Socket::new(NETLINK_GENERIC).map_err(|e| nl_error("opening a generic netlink socket", e))?;
+        socket
+            .bind_auto()
+            .map_err(|e| nl_error("binding the netlink socket", e))?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(|e| nl_error("connecting the netlink socket", e))?;
+        let mut client = IpvsClient {
+            socket,
+            family: netlink::GENL_ID_CTRL,
+            seq: 0,
+        };
+        let seq = client.next_seq();
+        let replies = client.exchange(&encode_get_family(IPVS_FAMILY, seq), seq, "looking up the IPVS family");
+        let attrs = match replies {
+            Ok(mut r) if !r.is_empty() => r.remove(0),
+            Ok(_) => return Err(DataplaneError::Netlink("no reply to the IPVS family lookup".into())),
+            Err(DataplaneError::Netlink(msg)) if msg.contains("(errno 2)") => {
+                return Err(DataplaneError::Unsupported(
+                    "this kernel has no IPVS: the generic netlink family \"IPVS\" does not exist \
+                     (load the ip_vs module, or use --proxy-mode iptables)"
+                        .into(),
+                ))
+            }
+            Err(e) => return Err(e),
+        };
+        client.family = netlink::decode_family_id(&attrs).map_err(|e| nl_error("IPVS family lookup", e))?;
+        Ok(client)
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// The kernel's IPVS version, e.g. `1.2.1`.
+    pub fn version(&mut self) -> Result<String> {
+        let seq = self.next_seq();
+        let replies = self.exchange(&encode_get_info(self.family, seq), seq, "IPVS_CMD_GET_INFO")?;
+        let attrs = replies
+            .first()
+            .ok_or_else(|| nl_error("IPVS_CMD_GET_INFO", "no reply"))?;
+        let v = netlink::decode_info_version(attrs).map_err(|e| nl_error("IPVS_CMD_GET_INFO", e))?;
+        Ok(netlink::version_string(v))
+    }
+
+    /// Every virtual service in the kernel (`ipvsadm -Ln`, services only).
+    pub fn services(&mut self) -> Result<Vec<VirtualService>> {
+        let seq = self.next_seq();
+        let replies = self.exchange(&encode_dump_services(self.family, seq), seq, "listing IPVS services")?;
+        let mut out = Vec::new();
+        for attrs in replies {
+            if let Some(svc) = netlink::decode_service(&attrs).map_err(|e| nl_error("IPVS service dump", e))? {
+                out.push(svc);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The real servers of one virtual service.
+    pub fn dests(&mut self, key: &VsKey) -> Result<Vec<netlink::RealServerState>> {
+        let seq = self.next_seq();
+        let replies = self.exchange(
+            &encode_dump_dests(self.family, seq, key),
+            seq,
+            format!("listing real servers of {key}"),
+        )?;
+        replies
+            .iter()
+            .map(|attrs| {
+                netlink::decode_dest(attrs, &key.addr).map_err(|e| nl_error(format!("real servers of {key}"), e))
+            })
+            .collect()
+    }
+
+    /// Sends one request and waits for the kernel's acknowledgement.
+    pub fn execute(&mut self, request: &Request) -> Result<()> {
+        let seq = self.next_seq();
+        self.exchange(&request.encode(self.family, seq), seq, request)
+            .map(|_| ())
+    }
+
+    /// Sends `msg` and collects the attributes of every data message answering `seq`, until
+    /// the acknowledgement, the end of the dump, or an error.
+    fn exchange(&mut self, msg: &[u8], seq: u32, what: impl std::fmt::Display) -> Result<Vec<Vec<u8>>> {
+        self.socket.send(msg, 0).map_err(|e| nl_error(&what, e))?;
+        let mut out = Vec::new();
+        loop {
+            let (buf, _) = self.socket.recv_from_full().map_err(|e| nl_error(&what, e))?;
+            let multipart = netlink::is_multipart(&buf);
+            let mut finished = false;
+            for reply in decode_replies(&buf).map_err(|e| nl_error(&what, e))? {
+                match reply {
+                    Reply::Data { seq: s, attrs, .. } if s == seq => {
+                        out.push(attrs.to_vec());
+                        // A plain (non-dump) answer is followed by the acknowledgement.
+                    }
+                    Reply::Error { seq: s, errno } if s == seq => {
+                        if errno != 0 {
+                            let err = std::io::Error::from_raw_os_error(-errno);
+                            return Err(DataplaneError::Netlink(format!("{what}: {err} (errno {})", -errno)));
+                        }
+                        finished = true;
+                    }
+                    Reply::Done { seq: s } if s == seq => finished = true,
+                    // A late answer to an earlier request: not ours any more.
+                    _ => {}
+                }
+            }
+            if finished || (!multipart && !out.is_empty() && !msg_wants_ack(msg)) {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+/// Whether a request asked for an acknowledgement (`NLM_F_ACK`), so the loop waits for it.
+fn msg_wants_ack(msg: &[u8]) -> bool {
+    msg.get(6..8)
+        .map(|f| u16::from_ne_bytes([f[0], f[1]]) & 0x4 != 0)
+        .unwrap_or(false)
+}

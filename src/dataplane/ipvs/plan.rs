@@ -1,0 +1,382 @@
+//! Pure planning for IPVS mode: the virtual services a [`DesiredState`] asks for, and the
+//! requests that turn the kernel's current IPVS table into that.
+//!
+//! Nothing here does I/O; the kernel's state comes in as a value read back over netlink, and
+//! time as an `Instant` argument, so every decision (including graceful termination) is testable.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+
+use super::netlink::{
+    addr_port, RealServer, RealServerState, Request, VirtualService, VsKey, FWD_MASQ, SVC_F_PERSISTENT,
+};
+use crate::model::topology::categorize_endpoints;
+use crate::model::{DesiredState, Endpoint, IpFamily, Protocol, ServiceKey};
+
+/// Settings of one planning pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanConfig {
+    pub family: IpFamily,
+    pub scheduler: String,
+    /// The local addresses NodePorts are served on, resolved for this sync.
+    pub nodeport_addresses: Vec<IpAddr>,
+    /// Virtual services on these addresses are never touched.
+    pub exclude_cidrs: Vec<IpNet>,
+    /// Longest wait for a removed real server to drain; zero waits for the connections to end.
+    pub graceful_period: Duration,
+}
+
+/// Which traffic a virtual service receives; decides its endpoints and its masquerading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Traffic {
+    /// A ClusterIP: internal traffic, `internalTrafficPolicy`.
+    Internal,
+    /// A NodePort, externalIP or LoadBalancer IP: `externalTrafficPolicy`.
+    External,
+}
+
+/// One virtual service kproxy wants, with its real servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredVs {
+    pub service: VirtualService,
+    /// Real servers by (address, port), with their weights.
+    pub servers: BTreeMap<(IpAddr, u16), u32>,
+    /// The Service it implements.
+    pub owner: ServiceKey,
+    pub traffic: Traffic,
+    /// The policy for this traffic is Local (only this node's endpoints).
+    pub local_policy: bool,
+    /// The Service has usable endpoints somewhere (no endpoints: reject; none local: drop).
+    pub has_any_endpoint: bool,
+    /// The address is bound to the dummy interface (ClusterIPs, externalIPs, LB IPs).
+    pub bound: bool,
+}
+
+/// Everything IPVS mode wants in the kernel for one family.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DesiredIpvs {
+    pub services: BTreeMap<VsKey, DesiredVs>,
+    /// Addresses to bind to the dummy interface.
+    pub bound: BTreeSet<IpAddr>,
+    /// Service ports with a Local policy and no local endpoint (internal, external).
+    pub no_local_endpoints: (usize, usize),
+}
+
+impl DesiredIpvs {
+    /// The virtual services of each Service, for partial syncs.
+    pub fn owners(&self) -> BTreeMap<ServiceKey, BTreeSet<VsKey>> {
+        let mut out: BTreeMap<ServiceKey, BTreeSet<VsKey>> = BTreeMap::new();
+        for (key, vs) in &self.services {
+            out.entry(vs.owner.clone()).or_default().insert(*key);
+        }
+        out
+    }
+
+    pub fn real_server_count(&self) -> usize {
+        self.services.values().map(|v| v.servers.len()).sum()
+    }
+}
+
+fn of_family(family: IpFamily) -> impl Fn(&&IpAddr) -> bool {
+    move |ip| IpFamily::of(ip) == family
+}
+
+/// The virtual services and bound addresses that implement `desired` for `cfg.family`.
+pub fn plan_desired(desired: &DesiredState, cfg: &PlanConfig) -> DesiredIpvs {
+    let mut out = DesiredIpvs::default();
+    let node = &desired.node;
+    for (owner, state) in &desired.services {
+        for p in &state.ports {
+            let sp = &p.port;
+            let sets = categorize_endpoints(&p.endpoints, sp, &node.name, node.zone.as_deref());
+            let servers = |eps: &[&Endpoint]| -> BTreeMap<(IpAddr, u16), u32> {
+                eps.iter()
+                    .filter(|e| IpFamily::of(&e.ip) == cfg.family)
+                    .map(|e| ((e.ip, e.port), 1))
+                    .collect()
+            };
+            let internal = servers(if sp.internal_policy_local {
+                &sets.local
+            } else {
+                &sets.cluster
+            });
+            let external = servers(if sp.external_policy_local {
+                &sets.local
+            } else {
+                &sets.cluster
+            });
+            if sp.internal_policy_local && sets.local.is_empty() {
+                out.no_local_endpoints.0 += 1;
+            }
+            if sp.external_policy_local && sp.has_external_destinations() && sets.local.is_empty() {
+                out.no_local_endpoints.1 += 1;
+            }
+            let (flags, timeout) = match sp.affinity_timeout {
+                Some(t) => (SVC_F_PERSISTENT, t),
+                None => (0, 0),
+            };
+            let mut add = |addr: IpAddr, port: u16, traffic: Traffic, bound: bool| {
+                let key = VsKey {
+                    addr,
+                    protocol: sp.name.protocol,
+                    port,
+                };
+                let (servers, local_policy) = match traffic {
+                    Traffic::Internal => (&internal, sp.internal_policy_local),
+                    Traffic::External => (&external, sp.external_policy_local),
+                };
+                if out.services.contains_key(&key) {
+                    tracing::debug!(%key, service = %sp.name, "virtual service already taken by another Service port");
+                    return;
+                }
+                if bound {
+                    out.bound.insert(addr);
+                }
+                out.services.insert(
+                    key,
+                    DesiredVs {
+                        service: VirtualService {
+                            key,
+                            scheduler: cfg.scheduler.clone(),
+                            flags,
+                            timeout,
+                        },
+                        servers: servers.clone(),
+                        owner: owner.clone(),
+                        traffic,
+                        local_policy,
+                        has_any_endpoint: sets.has_any,
+                        bound,
+                    },
+                );
+            };
+            for ip in sp.cluster_ips.iter().filter(of_family(cfg.family)) {
+                add(*ip, sp.port, Traffic::Internal, true);
+            }
+            for ip in sp
+                .external_ips
+                .iter()
+                .chain(&sp.load_balancer_ips)
+                .filter(of_family(cfg.family))
+            {
+                add(*ip, sp.port, Traffic::External, true);
+            }
+            if let Some(np) = sp.node_port {
+                for ip in cfg.nodeport_addresses.iter().filter(of_family(cfg.family)) {
+                    add(*ip, np, Traffic::External, false);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The virtual services in `ipvsadm-save -n` form, for `kproxy render`.
+pub fn render_save(desired: &DesiredIpvs) -> String {
+    let mut out = String::new();
+    for (key, vs) in &desired.services {
+        let kind = match key.protocol {
+            Protocol::Tcp => "-t",
+            Protocol::Udp => "-u",
+            Protocol::Sctp => "--sctp-service",
+        };
+        let vip = addr_port(key.addr, key.port);
+        out.push_str(&format!("-A {kind} {vip} -s {}", vs.service.scheduler));
+        if vs.service.flags & SVC_F_PERSISTENT != 0 {
+            out.push_str(&format!(" -p {}", vs.service.timeout));
+        }
+        out.push('\n');
+        for (&(ip, port), weight) in &vs.servers {
+            out.push_str(&format!("-a {kind} {vip} -r {} -m -w {weight}\n", addr_port(ip, port)));
+        }
+    }
+    out
+}
+
+/// The local addresses NodePorts are served on: `all` are the node's addresses (without the
+/// dummy interface's, loopback and link-local), filtered by `--nodeport-addresses`.
+pub fn nodeport_addresses(
+    setting: &crate::dataplane::iptables::NodePortAddresses,
+    node_addresses: &BTreeSet<IpAddr>,
+    node: &crate::model::NodeInfo,
+) -> Vec<IpAddr> {
+    use crate::dataplane::iptables::NodePortAddresses;
+    match setting {
+        NodePortAddresses::All => node_addresses.iter().copied().collect(),
+        NodePortAddresses::Primary => node.addresses.clone(),
+        NodePortAddresses::Cidrs(cidrs) => node_addresses
+            .iter()
+            .filter(|ip| cidrs.iter().any(|c| c.contains(*ip)))
+            .copied()
+            .collect(),
+    }
+}
+
+/// The kernel's IPVS table as read back over netlink.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelState {
+    /// Every virtual service of this family.
+    pub services: BTreeMap<VsKey, VirtualService>,
+    /// Real servers of the services this sync looks at (see [`Scope`]).
+    pub dests: BTreeMap<VsKey, Vec<RealServerState>>,
+    /// Addresses of this network namespace (including the dummy interface's): a virtual
+    /// service on any other address cannot be kproxy's.
+    pub local_addresses: BTreeSet<IpAddr>,
+}
+
+/// Which virtual services a sync compares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every wanted service and every kernel service kproxy may own: repairs anything.
+    Full,
+    /// Only these (the changed Services' old and new ones, and those still draining).
+    Only(BTreeSet<VsKey>),
+}
+
+/// Real servers waiting at weight 0 for their connections to drain, and since when.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Draining {
+    since: BTreeMap<(VsKey, IpAddr, u16), Instant>,
+}
+
+impl Draining {
+    /// Virtual services that still have a draining real server: every sync looks at them.
+    pub fn services(&self) -> BTreeSet<VsKey> {
+        self.since.keys().map(|(k, _, _)| *k).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.since.len()
+    }
+
+    fn forget_service(&mut self, key: &VsKey) {
+        self.since.retain(|(k, _, _), _| k != key);
+    }
+}
+
+/// Whether a kernel virtual service may be changed or deleted by kproxy: its address is local
+/// (bound to the dummy interface or a NodePort address) and not excluded by `--ipvs-exclude-cidrs`.
+pub fn is_owned(key: &VsKey, local_addresses: &BTreeSet<IpAddr>, exclude: &[IpNet]) -> bool {
+    local_addresses.contains(&key.addr) && !exclude.iter().any(|c| c.contains(&key.addr))
+}
+
+/// The requests that make `kernel` match `desired` within `scope`, in a safe order: deletions
+/// of services first, then additions and edits, then removal of real servers.
+/// `draining` is updated for real servers put to weight 0 or finally deleted.
+pub fn plan_requests(
+    desired: &DesiredIpvs,
+    kernel: &KernelState,
+    scope: &Scope,
+    draining: &mut Draining,
+    now: Instant,
+    cfg: &PlanConfig,
+) -> Vec<Request> {
+    let owned = |key: &VsKey| {
+        IpFamily::of(&key.addr) == cfg.family
+            && (is_owned(key, &kernel.local_addresses, &cfg.exclude_cidrs) || desired.services.contains_key(key))
+    };
+    let keys: BTreeSet<VsKey> = match scope {
+        Scope::Full => desired
+            .services
+            .keys()
+            .chain(kernel.services.keys().filter(|k| owned(k)))
+            .copied()
+            .collect(),
+        Scope::Only(keys) => keys.clone(),
+    };
+    let mut deletes = Vec::new();
+    let mut upserts = Vec::new();
+    let mut removals = Vec::new();
+    for key in &keys {
+        match (desired.services.get(key), kernel.services.get(key)) {
+            (Some(want), None) => {
+                upserts.push(Request::NewService(want.service.clone()));
+                for (&(addr, port), &weight) in &want.servers {
+                    upserts.push(Request::NewDest(*key, real_server(addr, port, weight)));
+                }
+                draining.forget_service(key);
+            }
+            (Some(want), Some(have)) => {
+                if want.service != *have {
+                    upserts.push(Request::SetService(want.service.clone()));
+                }
+                let current = kernel.dests.get(key).map(Vec::as_slice).unwrap_or_default();
+                plan_servers(key, want, current, draining, now, cfg, &mut upserts, &mut removals);
+            }
+            (None, Some(_)) if owned(key) => {
+                deletes.push(Request::DelService(*key));
+                draining.forget_service(key);
+            }
+            _ => draining.forget_service(key),
+        }
+    }
+    deletes.extend(upserts);
+    deletes.extend(removals);
+    deletes
+}
+
+fn real_server(addr: IpAddr, port: u16, weight: u32) -> RealServer {
+    RealServer {
+        addr,
+        port,
+        weight,
+        fwd_method: FWD_MASQ,
+    }
+}
+
+/// Real servers of one existing service: add the new, fix weights, and drain the removed.
+#[allow(clippy::too_many_arguments)]
+fn plan_servers(
+    key: &VsKey,
+    want: &DesiredVs,
+    current: &[RealServerState],
+    draining: &mut Draining,
+    now: Instant,
+    cfg: &PlanConfig,
+    upserts: &mut Vec<Request>,
+    removals: &mut Vec<Request>,
+) {
+    let have: BTreeMap<(IpAddr, u16), &RealServerState> = current
+        .iter()
+        .map(|rs| ((rs.server.addr, rs.server.port), rs))
+        .collect();
+    for (&(addr, port), &weight) in &want.servers {
+        let rs = real_server(addr, port, weight);
+        match have.get(&(addr, port)) {
+            None => upserts.push(Request::NewDest(*key, rs)),
+            Some(cur) if cur.server.weight != weight || cur.server.fwd_method != FWD_MASQ => {
+                upserts.push(Request::SetDest(*key, rs))
+            }
+            Some(_) => {}
+        }
+        draining.since.remove(&(*key, addr, port));
+    }
+    for (&(addr, port), cur) in &have {
+        if want.servers.contains_key(&(addr, port)) {
+            continue;
+        }
+        let id = (*key, addr, port);
+        let connections = cur.active_conns + cur.inactive_conns;
+        // UDP and SCTP have no connection end to wait for; kube-proxy deletes them at once too
+        // (expire_nodest_conn then drops their flows on the next packet).
+        let drained = key.protocol != Protocol::Tcp || connections == 0;
+        if drained {
+            removals.push(Request::DelDest(*key, cur.server));
+            draining.since.remove(&id);
+            continue;
+        }
+        let since = *draining.since.entry(id).or_insert(now);
+        if cur.server.weight != 0 {
+            upserts.push(Request::SetDest(*key, real_server(addr, port, 0)));
+        } else if !cfg.graceful_period.is_zero() && now.duration_since(since) >= cfg.graceful_period {
+            removals.push(Request::DelDest(*key, cur.server));
+            draining.since.remove(&id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,306 @@
+//! The netfilter companion of IPVS mode: one nftables table per family, `kproxy-ipvs`, with a
+//! fixed set of chains and rules whose only variable parts are sets.
+//!
+//! IPVS balances, but cannot decide about sources, refuse, or drop. kube-proxy's IPVS mode adds
+//! iptables rules and ipsets for that; kproxy does the same with nftables sets:
+//!
+//! | set | elements | used for |
+//! | --- | --- | --- |
+//! | `cluster-ips` | ClusterIP . proto . port | masquerade when the source is not a pod (per `--detect-local-mode`), or always with `--masquerade-all` |
+//! | `external` | NodePort/externalIP/LB address . proto . port, `externalTrafficPolicy: Cluster` | always masquerade (the reply must come back through this node) |
+//! | `no-endpoints` | any virtual service of a Service without endpoints | reject new connections (refused, not timed out) |
+//! | `no-local-endpoints` | a Local-policy virtual service with endpoints only elsewhere | drop new connections |
+//! | `service-ips`, `service-ports` | addresses on `kube-ipvs0`; their virtual services | drop new connections to other ports of service addresses |
+//! | `hairpin` | endpoint . same endpoint | masquerade a pod reaching itself through its Service |
+//!
+//! Chains: `mark-for-masquerade` (from nat prerouting and output, before IPVS) sets the
+//! masquerade bit; `postrouting` masquerades marked and hairpin connections after IPVS
+//! rewrote the destination (IPVS keeps conntrack with `net.ipv4.vs.conntrack=1`);
+//! `filter-input` (priority 0, before IPVS's LOCAL_IN hook) and `filter-output` (priority
+//! -150, before IPVS's LOCAL_OUT hook) refuse and drop. Only new connections are refused or
+//! dropped, so established ones (e.g. draining real servers) finish.
+//!
+//! The table is replaced in one `nft -f` transaction, so there is never a moment without it.
+
+use std::fmt::Write;
+use std::net::IpAddr;
+
+use super::plan::{DesiredIpvs, Traffic};
+use crate::dataplane::iptables::render::LocalDetector;
+use crate::model::IpFamily;
+
+/// The table's name, the same in the `ip` and `ip6` families.
+pub const TABLE: &str = "kproxy-ipvs";
+
+/// What the rules depend on besides the virtual services.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RulesConfig {
+    pub family: IpFamily,
+    pub masquerade_all: bool,
+    /// The fwmark bit that asks for masquerade (`--iptables-masquerade-bit`, 0x4000 by default).
+    pub masquerade_mark: u32,
+    pub local_detector: LocalDetector,
+}
+
+/// The nft family keyword and the address type and selectors of `family`.
+fn words(family: IpFamily) -> (&'static str, &'static str, &'static str) {
+    match family {
+        IpFamily::V4 => ("ip", "ipv4_addr", "ip"),
+        IpFamily::V6 => ("ip6", "ipv6_addr", "ip6"),
+    }
+}
+
+/// The `nft delete table` command for `family`; the caller tolerates "no such table".
+pub fn delete_table_command(family: IpFamily) -> Vec<String> {
+    let (fam, _, _) = words(family);
+    vec!["delete".into(), "table".into(), fam.into(), TABLE.into()]
+}
+
+fn fmt_addr(ip: &IpAddr) -> String {
+    ip.to_string()
+}
+
+fn set(out: &mut String, name: &str, kind: &str, flags: Option<&str>, elements: &[String]) {
+    let _ = writeln!(out, "\tset {name} {{\n\t\ttype {kind}");
+    if let Some(f) = flags {
+        let _ = writeln!(out, "\t\tflags {f}");
+    }
+    if !elements.is_empty() {
+        let _ = writeln!(out, "\t\telements = {{ {} }}", elements.join(", "));
+    }
+    let _ = writeln!(out, "\t}}");
+}
+
+/// The whole `nft -f` input: the table created if missing, deleted, and written anew, atomically.
+pub fn render_ruleset(desired: &DesiredIpvs, cfg: &RulesConfig) -> String {
+    let (fam, addr_type, sel) = words(cfg.family);
+    let svc_type = format!("{addr_type} . inet_proto . inet_service");
+    let mut cluster = Vec::new();
+    let mut external = Vec::new();
+    let mut reject = Vec::new();
+    let mut drop = Vec::new();
+    let mut service_ports = Vec::new();
+    let mut hairpin = std::collections::BTreeSet::new();
+    for (key, vs) in &desired.services {
+        let elem = format!("{} . {} . {}", fmt_addr(&key.addr), key.protocol, key.port);
+        match vs.traffic {
+            Traffic::Internal => cluster.push(elem.clone()),
+            Traffic::External if !vs.local_policy => external.push(elem.clone()),
+            Traffic::External => {}
+        }
+        if vs.servers.is_empty() {
+            if vs.has_any_endpoint {
+                drop.push(elem.clone());
+            } else {
+                reject.push(elem.clone());
+            }
+        }
+        if vs.bound {
+            service_ports.push(elem);
+        }
+        for (ip, _) in vs.servers.keys() {
+            hairpin.insert(format!("{ip} . {ip}"));
+        }
+    }
+    let service_ips: Vec<String> = desired.bound.iter().map(fmt_addr).collect();
+    let hairpin: Vec<String> = hairpin.into_iter().collect();
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "add table {fam} {TABLE}\ndelete table {fam} {TABLE}\ntable {fam} {TABLE} {{"
+    );
+    set(&mut out, "cluster-ips", &svc_type, None, &cluster);
+    set(&mut out, "external", &svc_type, None, &external);
+    set(&mut out, "no-endpoints", &svc_type, None, &reject);
+    set(&mut out, "no-local-endpoints", &svc_type, None, &drop);
+    set(&mut out, "service-ips", addr_type, None, &service_ips);
+    set(&mut out, "service-ports", &svc_type, None, &service_ports);
+    set(
+        &mut out,
+        "hairpin",
+        &format!("{addr_type} . {addr_type}"),
+        None,
+        &hairpin,
+    );
+
+    let dst = format!("{sel} daddr . meta l4proto . th dport");
+    let mark = format!("meta mark set meta mark | {:#010x}", cfg.masquerade_mark);
+    let _ = writeln!(out, "\tchain mark-for-masquerade {{");
+    let not_local = match &cfg.local_detector {
+        _ if cfg.masquerade_all => Some(String::new()),
+        LocalDetector::None => None,
+        LocalDetector::Cidr(net) => Some(format!("{sel} saddr != {net} ")),
+        LocalDetector::Bridge(b) => Some(format!("iifname != \"{b}\" ")),
+        LocalDetector::InterfacePrefix(p) => Some(format!("iifname != \"{p}*\" ")),
+    };
+    if let Some(cond) = not_local {
+        let _ = writeln!(out, "\t\t{cond}{dst} @cluster-ips {mark}");
+    }
+    let _ = writeln!(out, "\t\t{dst} @external {mark}\n\t}}");
+    // dstnat (-100), before IPVS's hooks; nft spells it by name only for prerouting.
+    for (hook, name) in [("prerouting", "nat-prerouting"), ("output", "nat-output")] {
+        let _ = writeln!(
+            out,
+            "\tchain {name} {{\n\t\ttype nat hook {hook} priority -100; policy accept;\n\t\tjump mark-for-masquerade\n\t}}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\tchain nat-postrouting {{\n\t\ttype nat hook postrouting priority 100; policy accept;\n\
+         \t\t{sel} saddr . {sel} daddr @hairpin masquerade\n\
+         \t\tmeta mark & {m:#010x} != 0 meta mark set meta mark ^ {m:#010x} masquerade\n\t}}",
+        m = cfg.masquerade_mark
+    );
+    let refuse =
+        format!("\t\tct state new {dst} @no-endpoints reject\n\t\tct state new {dst} @no-local-endpoints drop\n");
+    let _ = writeln!(
+        out,
+        "\tchain filter-input {{\n\t\ttype filter hook input priority 0; policy accept;\n{refuse}\
+         \t\tct state new {sel} daddr @service-ips {dst} != @service-ports drop\n\t}}"
+    );
+    let _ = writeln!(
+        out,
+        "\tchain filter-output {{\n\t\ttype filter hook output priority -150; policy accept;\n{refuse}\t}}"
+    );
+    out.push_str("}\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::ipvs::netlink::{VirtualService, VsKey};
+    use crate::dataplane::ipvs::plan::DesiredVs;
+    use crate::model::{Protocol, ServiceKey};
+    use std::collections::BTreeMap;
+
+    fn vs(addr: &str, port: u16, traffic: Traffic, servers: &[&str], has_any: bool, bound: bool) -> (VsKey, DesiredVs) {
+        let key = VsKey {
+            addr: addr.parse().unwrap(),
+            protocol: Protocol::Tcp,
+            port,
+        };
+        let servers: BTreeMap<(IpAddr, u16), u32> = servers.iter().map(|s| ((s.parse().unwrap(), 8080), 1)).collect();
+        (
+            key,
+            DesiredVs {
+                service: VirtualService {
+                    key,
+                    scheduler: "rr".into(),
+                    flags: 0,
+                    timeout: 0,
+                },
+                servers,
+                owner: ServiceKey::new("default", "web"),
+                traffic,
+                local_policy: traffic == Traffic::External && !has_any,
+                has_any_endpoint: has_any,
+                bound,
+            },
+        )
+    }
+
+    fn cfg() -> RulesConfig {
+        RulesConfig {
+            family: IpFamily::V4,
+            masquerade_all: false,
+            masquerade_mark: 0x4000,
+            local_detector: LocalDetector::Cidr("10.244.0.0/16".parse().unwrap()),
+        }
+    }
+
+    fn desired() -> DesiredIpvs {
+        let mut d = DesiredIpvs::default();
+        for (k, v) in [
+            vs(
+                "10.96.0.10",
+                80,
+                Traffic::Internal,
+                &["10.244.1.2", "10.244.2.2"],
+                true,
+                true,
+            ),
+            vs("192.0.2.1", 30080, Traffic::External, &["10.244.1.2"], true, false),
+            vs("10.96.0.12", 80, Traffic::Internal, &[], false, true),
+        ] {
+            if v.bound {
+                d.bound.insert(k.addr);
+            }
+            d.services.insert(k, v);
+        }
+        d
+    }
+
+    /// The elements line of set `name`, or "" when it has none.
+    fn elements(text: &str, name: &str) -> String {
+        let start = text.find(&format!("set {name} {{")).unwrap();
+        let block = &text[start..start + text[start..].find("\t}").unwrap()];
+        block
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("elements = "))
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[test]
+    fn sets_say_what_happens_to_each_virtual_service() {
+        let text = render_ruleset(&desired(), &cfg());
+        assert!(text.starts_with("add table ip kproxy-ipvs\ndelete table ip kproxy-ipvs\ntable ip kproxy-ipvs {"));
+        assert_eq!(
+            elements(&text, "cluster-ips"),
+            "{ 10.96.0.10 . tcp . 80, 10.96.0.12 . tcp . 80 }"
+        );
+        assert_eq!(elements(&text, "external"), "{ 192.0.2.1 . tcp . 30080 }");
+        assert_eq!(elements(&text, "no-endpoints"), "{ 10.96.0.12 . tcp . 80 }");
+        assert_eq!(elements(&text, "no-local-endpoints"), "");
+        assert_eq!(elements(&text, "service-ips"), "{ 10.96.0.10, 10.96.0.12 }");
+        assert_eq!(
+            elements(&text, "hairpin"),
+            "{ 10.244.1.2 . 10.244.1.2, 10.244.2.2 . 10.244.2.2 }"
+        );
+        assert!(text.contains(
+            "ip saddr != 10.244.0.0/16 ip daddr . meta l4proto . th dport @cluster-ips meta mark set meta mark | 0x00004000"
+        ));
+        assert!(text.contains("ct state new ip daddr . meta l4proto . th dport @no-endpoints reject"));
+    }
+
+    #[test]
+    fn local_policy_without_local_endpoints_drops_and_is_not_masqueraded() {
+        let mut d = DesiredIpvs::default();
+        let (k, v) = vs("192.0.2.1", 30081, Traffic::External, &[], false, false);
+        let v = DesiredVs {
+            has_any_endpoint: true,
+            local_policy: true,
+            ..v
+        };
+        d.services.insert(k, v);
+        let text = render_ruleset(&d, &cfg());
+        assert_eq!(elements(&text, "no-local-endpoints"), "{ 192.0.2.1 . tcp . 30081 }");
+        assert_eq!(elements(&text, "external"), "", "source IP is preserved");
+    }
+
+    #[test]
+    fn detectors_and_ipv6() {
+        let mut c = cfg();
+        c.local_detector = LocalDetector::None;
+        let text = render_ruleset(&desired(), &c);
+        assert!(
+            !text.contains("@cluster-ips meta mark"),
+            "no detector: ClusterIP traffic is not masqueraded"
+        );
+        c.masquerade_all = true;
+        assert!(
+            render_ruleset(&desired(), &c).contains("\t\tip daddr . meta l4proto . th dport @cluster-ips meta mark")
+        );
+        c.masquerade_all = false;
+        c.local_detector = LocalDetector::InterfacePrefix("veth".into());
+        assert!(render_ruleset(&desired(), &c).contains("iifname != \"veth*\" ip daddr"));
+        c.family = IpFamily::V6;
+        let text = render_ruleset(&DesiredIpvs::default(), &c);
+        assert!(
+            text.contains("table ip6 kproxy-ipvs {") && text.contains("type ipv6_addr . inet_proto . inet_service")
+        );
+        assert!(!text.contains("elements"), "empty sets have no elements line");
+    }
+}
