@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::dataplane::iptables::{self, IptablesProxier, Planner, ProxierConfig};
 use crate::dataplane::{Dataplane, PerFamily};
 use crate::health::{self, ProxyHealth};
+use crate::ingress;
 use crate::model::store::Store;
 use crate::model::{ChangeSet, DesiredState, IpFamily};
 use crate::sync::{self, SharedState, SyncTiming};
@@ -97,6 +98,9 @@ async fn start_sources(
         }
         None => {
             let client = kube_source::client(config.kubeconfig.as_deref(), config.master.as_deref()).await?;
+            if config.ingress.enabled() {
+                kube_source::spawn_ingress_watchers(client.clone(), state.clone(), shutdown.clone());
+            }
             kube_source::spawn_watchers(client, &config.hostname, state.clone(), shutdown.clone());
         }
     }
@@ -120,6 +124,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
     let state = SharedState::new(Store::new(config.hostname.clone()), health);
+    let ingress = if config.ingress.enabled() {
+        ingress::controller::start(&config.ingress, state.clone(), shutdown.clone()).await?
+    } else {
+        Vec::new()
+    };
     start_sources(&config, &state, &shutdown).await?;
     tracing::info!(
         node = %config.hostname,
@@ -133,6 +142,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         retry_initial: Duration::from_secs(1),
     };
     sync::run(state, dataplane(&config).await, timing, shutdown).await;
+    // The Ingress listeners drain their in-flight requests (bounded by their drain timeout).
+    for handle in ingress {
+        let _ = handle.await;
+    }
     Ok(())
 }
 

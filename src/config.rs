@@ -120,6 +120,46 @@ pub struct Config {
     pub manifests: Option<PathBuf>,
     pub service_cluster_ip_range: IpNet,
     pub verbosity: u8,
+    pub ingress: IngressConfig,
+}
+
+/// The embedded Ingress proxy's settings (flags only: KubeProxyConfiguration has no such section).
+#[derive(Debug, Clone)]
+pub struct IngressConfig {
+    /// `--ingress-http-bind-address`; `None` when disabled (empty value or `--disable-ingress`).
+    pub http_bind: Option<SocketAddr>,
+    /// `--ingress-https-bind-address`; `None` when disabled.
+    pub https_bind: Option<SocketAddr>,
+    /// `--ingress-class`.
+    pub class: String,
+    /// `--ingress-access-log`: one structured line per request at info.
+    pub access_log: bool,
+}
+
+impl IngressConfig {
+    pub fn enabled(&self) -> bool {
+        self.http_bind.is_some() || self.https_bind.is_some()
+    }
+
+    fn from_flags(flags: &Flags) -> Result<IngressConfig> {
+        let disabled = flags.disable_ingress;
+        let bind = |field, raw: &Option<String>, default: &str| -> Result<Option<SocketAddr>> {
+            if disabled {
+                return Ok(None);
+            }
+            parse_bind(field, raw.as_deref().unwrap_or(default))
+        };
+        let class = flags.ingress_class.clone().unwrap_or_else(|| "kproxy".into());
+        if class.trim().is_empty() {
+            return Err(invalid("--ingress-class", &class, "must not be empty"));
+        }
+        Ok(IngressConfig {
+            http_bind: bind("--ingress-http-bind-address", &flags.ingress_http_bind_address, "0.0.0.0:80")?,
+            https_bind: bind("--ingress-https-bind-address", &flags.ingress_https_bind_address, "0.0.0.0:443")?,
+            class,
+            access_log: flags.ingress_access_log,
+        })
+    }
 }
 
 /// The subset of KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) kproxy reads.
@@ -493,6 +533,7 @@ impl Config {
             manifests: flags.manifests.clone(),
             service_cluster_ip_range,
             verbosity: flags.verbosity.unwrap_or(0),
+            ingress: IngressConfig::from_flags(flags)?,
         })
     }
 }

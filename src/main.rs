@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod dataplane;
 mod health;
+mod ingress;
 mod metrics;
 mod model;
 mod sync;

@@ -11,6 +11,7 @@ use tracing::Instrument;
 
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::health::ProxyHealth;
+use crate::ingress::objects::IngressObjects;
 use crate::metrics::metrics;
 use crate::model::store::{Snapshot, Store};
 
@@ -19,6 +20,11 @@ pub struct SharedState {
     store: Mutex<Store>,
     notify: Notify,
     health: Arc<ProxyHealth>,
+    /// Ingress, IngressClass and TLS Secret objects: kept apart from `store` so that their
+    /// changes never wake the sync loop (they need no kernel rules).
+    ingress: Mutex<IngressObjects>,
+    /// Bumped on every change of either, for the Ingress route builder.
+    generation: watch::Sender<u64>,
 }
 
 impl SharedState {
@@ -27,6 +33,8 @@ impl SharedState {
             store: Mutex::new(store),
             notify: Notify::new(),
             health,
+            ingress: Mutex::new(IngressObjects::default()),
+            generation: watch::channel(0).0,
         })
     }
 
@@ -43,6 +51,7 @@ impl SharedState {
             (changed, store.pending_counts(), store.node_eligible())
         };
         if changed {
+            self.generation.send_modify(|g| *g += 1);
             self.health.queued_update();
             self.health.set_node_eligible(eligible);
             let m = metrics();
@@ -51,6 +60,26 @@ impl SharedState {
             m.endpoint_changes(pending.1, 0);
         }
         self.notify.notify_one();
+    }
+
+    /// Runs `f` on the Ingress objects; `f` returns whether anything changed. Never wakes the sync loop.
+    pub fn update_ingress(&self, f: impl FnOnce(&mut IngressObjects) -> bool) {
+        let changed = f(&mut self.ingress.lock().unwrap_or_else(PoisonError::into_inner));
+        if changed {
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// Reads the store and the Ingress objects together (the Ingress route builder).
+    pub fn read<R>(&self, f: impl FnOnce(&Store, &IngressObjects) -> R) -> R {
+        let store = self.lock();
+        let ingress = self.ingress.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&store, &ingress)
+    }
+
+    /// Changes whenever the store or the Ingress objects change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Whether every source has listed completely.
