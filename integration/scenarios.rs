@@ -92,10 +92,10 @@ enum Source {
 }
 
 /// One scenario's world: a topology, a source, and kproxy running on it.
-struct Env {
-    topo: Topology,
+pub struct Env {
+    pub topo: Topology,
     source: Source,
-    kproxy: Kproxy,
+    pub kproxy: Kproxy,
 }
 
 fn object_key(v: &serde_json::Value) -> String {
@@ -125,7 +125,7 @@ fn listener_in(ns: &str) -> std::net::TcpListener {
 }
 
 impl Env {
-    fn new(mode: &str, kind: SourceKind, docs: &[String], extra: &[&str]) -> Env {
+    pub fn new(mode: &str, kind: SourceKind, docs: &[String], extra: &[&str]) -> Env {
         let mut topo = Topology::new(3);
         topo.start_servers(PORT);
         let mut args: Vec<String> = [
@@ -179,7 +179,7 @@ impl Env {
     }
 
     /// Replaces the whole desired state with `docs` (YAML documents).
-    fn set(&mut self, docs: &[String]) {
+    pub fn set(&mut self, docs: &[String]) {
         write_source(&mut self.source, docs);
     }
 }
