@@ -26,6 +26,7 @@ pub const MANIFESTS_ONLY: &[(&str, fn())] = &[
     ("walkthrough_http_then_https", walkthrough),
     ("http2_websocket_and_streamed_upload", protocols),
     ("bad_input", bad_input),
+    ("retry_external_name_https_backend_and_drain", backends_and_drain),
 ];
 
 const BACKEND_PORT: u16 = 80;
@@ -33,23 +34,38 @@ const NODE: &str = "192.0.2.1";
 
 // ---------------------------------------------------------------- the backend
 
-/// `__http NAME PORT`: the backend described in the module doc.
-pub fn serve_backend(name: &str, port: u16) -> ! {
+/// `__http NAME PORT` (or `__https`, with a self-signed certificate): the backend described in
+/// the module doc.
+pub fn serve_backend(name: &str, port: u16, tls: bool) -> ! {
     use http_body_util::{BodyExt, Full};
     use hyper::body::Incoming;
     use hyper::{Request, Response, StatusCode};
     use hyper_util::rt::TokioIo;
+    use rustls_pki_types::pem::PemObject;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let name = name.to_string();
+    let acceptor = tls.then(|| {
+        let (cert, key) = certificate(&[&name]);
+        let cert = rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).expect("cert");
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .expect("server config");
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+    });
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.expect("bind");
         loop {
             let Ok((stream, peer)) = listener.accept().await else { continue };
             let name = name.clone();
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                     let name = name.clone();
@@ -79,7 +95,7 @@ pub fn serve_backend(name: &str, port: u16) -> ! {
                                 .expect("response");
                             return Ok::<_, hyper::Error>(resp);
                         }
-                        if let Some(secs) = target.strip_prefix("/sleep/").and_then(|s| s.parse::<u64>().ok()) {
+                        if let Some(secs) = target.split("/sleep/").nth(1).and_then(|s| s.parse::<u64>().ok()) {
                             tokio::time::sleep(Duration::from_secs(secs)).await;
                         }
                         // Count the body as it streams: never hold it.
@@ -96,10 +112,17 @@ pub fn serve_backend(name: &str, port: u16) -> ! {
                         Ok(Response::new(Full::new(bytes::Bytes::from(text))))
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades()
-                    .await;
+                let http = hyper::server::conn::http1::Builder::new();
+                match acceptor {
+                    None => {
+                        let _ = http.serve_connection(TokioIo::new(stream), service).with_upgrades().await;
+                    }
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).with_upgrades().await;
+                        }
+                    }
+                }
             });
         }
     });
@@ -120,19 +143,10 @@ impl Drop for Backends {
 
 #[must_use]
 fn start_backends(env: &Env, pods: &[usize]) -> Backends {
-    let exe = std::env::current_exe().expect("test binary");
     let mut children = Vec::new();
     for &i in pods {
         let pod = &env.topo.pods[i];
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", &pod.ns])
-            .arg(&exe)
-            .args(["__http", &pod.name, &BACKEND_PORT.to_string()])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("start backend");
-        children.push(child);
+        children.push(spawn_backend(&pod.ns, &pod.name, BACKEND_PORT, "__http"));
         let url = format!("http://{}:{BACKEND_PORT}/", pod.ip);
         eventually(&format!("backend in {} up", pod.name), || {
             let out = env.topo.exec(&pod.ns, &["curl", "-s", "--max-time", "1", &url]);
@@ -140,6 +154,19 @@ fn start_backends(env: &Env, pods: &[usize]) -> Backends {
         });
     }
     Backends(children)
+}
+
+/// Starts this binary's backend mode (`__http` or `__https`) in namespace `ns`.
+fn spawn_backend(ns: &str, name: &str, port: u16, mode: &str) -> std::process::Child {
+    let exe = std::env::current_exe().expect("test binary");
+    std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(&exe)
+        .args([mode, name, &port.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start backend")
 }
 
 // ---------------------------------------------------------------- objects
@@ -730,4 +757,68 @@ fn bad_input() {
     assert!(started.elapsed() < Duration::from_secs(15), "the slow client was disconnected");
     assert!(!r.contains("200 OK"), "{r}");
     assert_eq!(get(&env, "b.test", "/").code, 200, "still serving");
+}
+
+/// One retry on another endpoint when a connect fails; an ExternalName Service resolved by DNS;
+/// `backend-protocol: HTTPS`; and on SIGTERM, a request in flight finishes while new
+/// connections are refused.
+fn backends_and_drain() {
+    let docs = vec![
+        node_doc(),
+        service_doc("flaky", "10.96.0.21"),
+        // pod-c runs no backend: connecting to it is refused.
+        slice_doc("flaky", "http", &[0, 2]),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ext, namespace: default}\nspec: {type: ExternalName, externalName: localhost}".to_string(),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: secure, namespace: default}\nspec: {clusterIP: 10.96.0.23, ports: [{name: https, port: 443, targetPort: 443}]}".to_string(),
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: secure-x1, namespace: default, labels: {kubernetes.io/service-name: secure}}\naddressType: IPv4\nports: [{name: https, port: 443, protocol: TCP}]\nendpoints: [{addresses: [10.244.2.2], conditions: {ready: true}}]".to_string(),
+        ingress_doc(
+            "misc",
+            "",
+            "{ingressClassName: kproxy, rules: [{host: misc.test, http: {paths: [{path: /flaky, pathType: Prefix, backend: {service: {name: flaky, port: {number: 80}}}}, {path: /ext, pathType: Prefix, backend: {service: {name: ext, port: {number: 8088}}}}]}}]}",
+        ),
+        ingress_doc(
+            "secure",
+            "nginx.ingress.kubernetes.io/backend-protocol: HTTPS",
+            "{ingressClassName: kproxy, rules: [{host: secure.test, http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: secure, port: {name: https}}}}]}}]}",
+        ),
+    ];
+    let mut env = Env::new("iptables", SourceKind::Manifests, &docs, &args("kproxy"));
+    let mut backends = start_backends(&env, &[0]);
+    backends.0.push(spawn_backend(&env.topo.node, "node-local", 8088, "__http"));
+    backends.0.push(spawn_backend(&env.topo.pods[1].ns, "pod-b-tls", 443, "__https"));
+    wait_code(&env, "misc.test", "/flaky", 200);
+    for _ in 0..10 {
+        let r = get(&env, "misc.test", "/flaky");
+        assert_eq!((r.code, r.pod()), (200, "pod-a"), "{r:?}");
+    }
+    let errors = env.kproxy.metric("kproxy_ingress_upstream_connect_errors_total{service=\"default/flaky\"}");
+    assert!(errors.unwrap_or(0.0) >= 1.0, "connect errors counted: {errors:?}");
+
+    let r = eventually("ExternalName backend", || Some(get(&env, "misc.test", "/ext")).filter(|r| r.code == 200));
+    assert_eq!(r.pod(), "node-local", "{r:?}");
+    let r = eventually("HTTPS backend", || Some(get(&env, "secure.test", "/")).filter(|r| r.code == 200));
+    assert_eq!(r.pod(), "pod-b-tls", "{r:?}");
+
+    // Graceful drain: a slow request survives SIGTERM; the listener closes at once.
+    let pid = env.kproxy.pid().expect("pid");
+    let client = env.topo.client.clone();
+    let slow = std::thread::spawn(move || {
+        crate::netns::run(
+            "ip",
+            &["netns", "exec", &client, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "20", "--resolve", "misc.test:80:192.0.2.1", "http://misc.test/flaky/sleep/3"],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    crate::netns::must("kill", &["-TERM", &pid.to_string()]);
+    std::thread::sleep(Duration::from_millis(500));
+    let refused = curl(&env, &["--resolve", &format!("misc.test:80:{NODE}"), "http://misc.test/flaky"]);
+    assert_eq!(refused.map(|r| r.code), Err(7), "no new connections while draining");
+    let out = slow.join().expect("slow client");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "the in-flight request completed");
+    eventually("kproxy exits after draining", || {
+        (!std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default().contains("zombie"))
+        .then_some(())
+    });
+    env.kproxy.stop();
 }

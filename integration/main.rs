@@ -98,7 +98,8 @@ fn main() -> ExitCode {
     match argv.get(1).map(String::as_str) {
         Some("__serve") => serve(&argv[2], argv[3].parse().expect("port")),
         Some("__udp") => return udp_client(&argv[2]),
-        Some("__http") => ingress::serve_backend(&argv[2], argv[3].parse().expect("port")),
+        Some("__http") => ingress::serve_backend(&argv[2], argv[3].parse().expect("port"), false),
+        Some("__https") => ingress::serve_backend(&argv[2], argv[3].parse().expect("port"), true),
         _ => {}
     }
     let args = Arguments::from_args();

@@ -339,6 +339,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn ingress_changes_never_wake_the_sync_loop() {
+        use crate::ingress::objects::IngressObject;
+        use k8s_openapi::api::networking::v1::Ingress;
+        let (state, log, _tx) = start(0);
+        make_ready(&state);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let mut generation = state.subscribe();
+        generation.borrow_and_update();
+        for i in 0..5 {
+            let ing: Ingress = serde_yaml::from_str(&format!("metadata: {{name: i{i}, namespace: ns}}")).unwrap();
+            state.update_ingress(|o| Ingress::apply(o, &ing));
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        assert!(generation.has_changed().unwrap(), "the route builder is told");
+        assert_eq!(log.lock().unwrap().len(), 1, "only the initial sync: no iptables work for Ingress");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn changes_are_batched_by_min_interval() {
         let (state, log, _tx) = start(0);
         make_ready(&state);
