@@ -21,6 +21,9 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("annotations", annotations),
 ];
 
+/// Scenarios that need the API source.
+pub const API_ONLY: &[(&str, fn())] = &[("ingress_class_claiming_and_status_with_lease", class_and_status)];
+
 /// Scenarios that need the manifest source (the walkthrough's files are used verbatim).
 pub const MANIFESTS_ONLY: &[(&str, fn())] = &[
     ("walkthrough_http_then_https", walkthrough),
@@ -821,4 +824,39 @@ fn backends_and_drain() {
         .then_some(())
     });
     env.kproxy.stop();
+}
+
+/// IngressClass objects decide what is kproxy's (its controller name, the default-class
+/// annotation), and the elected kproxy writes the served Ingresses' status.
+fn class_and_status() {
+    let rule = |host: &str| format!("rules: [{{host: {host}, http: {{paths: [{{path: /, pathType: Prefix, backend: {{service: {{name: svc-a, port: {{number: 80}}}}}}}}]}}}}]");
+    let docs = vec![
+        node_doc(),
+        service_doc("svc-a", "10.96.0.21"),
+        slice_doc("svc-a", "http", &[0]),
+        "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: mine, annotations: {ingressclass.kubernetes.io/is-default-class: 'true'}}\nspec: {controller: kproxy.io/ingress-controller}".to_string(),
+        "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: theirs}\nspec: {controller: example.com/other}".to_string(),
+        ingress_doc("by-class", "", &format!("{{ingressClassName: mine, {}}}", rule("class.test"))),
+        ingress_doc("by-default", "", &format!("{{{}}}", rule("default.test"))),
+        ingress_doc("not-ours", "", &format!("{{ingressClassName: theirs, {}}}", rule("theirs.test"))),
+    ];
+    let mut a = args("kproxy");
+    a.extend(["--ingress-status-address", "203.0.113.7"]);
+    let env = Env::new("iptables", SourceKind::Api, &docs, &a);
+    let _backends = start_backends(&env, &[0]);
+    wait_code(&env, "class.test", "/", 200);
+    assert_eq!(get(&env, "default.test", "/").code, 200, "class-less Ingress, our class is the default");
+    assert_eq!(get(&env, "theirs.test", "/").code, 404, "another controller's class");
+    let api = env.api().expect("API source");
+    let status = |name: &str| {
+        api.get("networking.k8s.io/v1", "Ingress", Some("default"), name)
+            .and_then(|i| i.pointer("/status/loadBalancer/ingress/0/ip").and_then(|v| v.as_str()).map(str::to_string))
+    };
+    eventually("status written", || (status("by-class").as_deref() == Some("203.0.113.7")).then_some(()));
+    eventually("status written", || (status("by-default").as_deref() == Some("203.0.113.7")).then_some(()));
+    assert_eq!(status("not-ours"), None, "Ingresses of other controllers are left alone");
+    let lease = api
+        .get("coordination.k8s.io/v1", "Lease", Some("kube-system"), "kproxy-ingress-status")
+        .expect("the Lease exists");
+    assert_eq!(lease.pointer("/spec/holderIdentity").and_then(|v| v.as_str()), Some("node-1"));
 }

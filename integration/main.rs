@@ -132,6 +132,13 @@ fn main() -> ExitCode {
             trials.push(trial.with_ignored_flag(!is_root));
         }
     }
+    for (name, scenario) in ingress::API_ONLY {
+        let trial = Trial::test(format!("ingress::api::{name}"), move || {
+            scenario();
+            Ok(())
+        });
+        trials.push(trial.with_ignored_flag(!is_root));
+    }
     for (name, scenario) in ingress::MANIFESTS_ONLY {
         let trial = Trial::test(format!("ingress::manifests::{name}"), move || {
             scenario();

@@ -125,11 +125,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let state = SharedState::new(Store::new(config.hostname.clone()), health);
     let ingress = if config.ingress.enabled() {
-        ingress::controller::start(&config.ingress, state.clone(), shutdown.clone()).await?
+        Some(ingress::controller::start(&config.ingress, state.clone(), shutdown.clone()).await?)
     } else {
-        Vec::new()
+        None
     };
     start_sources(&config, &state, &shutdown).await?;
+    if let (Some(started), None) = (&ingress, &config.manifests) {
+        let client = kube_source::client(config.kubeconfig.as_deref(), config.master.as_deref()).await?;
+        let status = ingress::status::StatusConfig {
+            address: config.ingress.status_address.clone(),
+            namespace: std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "kube-system".into()),
+            identity: config.hostname.clone(),
+        };
+        tokio::spawn(ingress::status::run(
+            client,
+            status,
+            state.clone(),
+            started.routes.clone(),
+            shutdown.clone(),
+        ));
+    }
     tracing::info!(
         node = %config.hostname,
         mode = config.mode.as_str(),
@@ -143,7 +158,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     sync::run(state, dataplane(&config).await, timing, shutdown).await;
     // The Ingress listeners drain their in-flight requests (bounded by their drain timeout).
-    for handle in ingress {
+    for handle in ingress.map(|i| i.handles).unwrap_or_default() {
         let _ = handle.await;
     }
     Ok(())

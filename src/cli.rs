@@ -108,6 +108,10 @@ pub struct Flags {
     /// kproxy.io/ingress-controller are served too.
     #[arg(long, value_name = "NAME")]
     pub ingress_class: Option<String>,
+    /// Address (IP or hostname) the elected kproxy writes to served Ingresses'
+    /// status.loadBalancer.ingress; default: this node's first address.
+    #[arg(long, value_name = "ADDR")]
+    pub ingress_status_address: Option<String>,
     /// Log one line per proxied request (at info).
     #[arg(long)]
     pub ingress_access_log: bool,

@@ -134,6 +134,8 @@ pub struct IngressConfig {
     pub class: String,
     /// `--ingress-access-log`: one structured line per request at info.
     pub access_log: bool,
+    /// `--ingress-status-address`: written to served Ingresses' status (else the node's address).
+    pub status_address: Option<String>,
 }
 
 impl IngressConfig {
@@ -158,6 +160,7 @@ impl IngressConfig {
             https_bind: bind("--ingress-https-bind-address", &flags.ingress_https_bind_address, "0.0.0.0:443")?,
             class,
             access_log: flags.ingress_access_log,
+            status_address: flags.ingress_status_address.clone().filter(|a| !a.trim().is_empty()),
         })
     }
 }

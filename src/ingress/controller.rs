@@ -104,13 +104,21 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Ingre
         .map_err(|source| IngressError::Bind { what, addr, source })
 }
 
+/// A started Ingress proxy.
+pub struct Started {
+    /// Finish once shutdown has drained the connections.
+    pub handles: Vec<tokio::task::JoinHandle<()>>,
+    /// The current route table (for the status writer).
+    pub routes: watch::Receiver<Option<Arc<RouteTable>>>,
+}
+
 /// Binds the listeners (so a taken port fails at start) and starts the route keeper and the
-/// servers. The returned handles finish once shutdown has drained the connections.
+/// servers.
 pub async fn start(
     config: &IngressConfig,
     state: Arc<SharedState>,
     shutdown: watch::Receiver<bool>,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, IngressError> {
+) -> Result<Started, IngressError> {
     let http = match config.http_bind {
         Some(a) => Some(bind("HTTP", a).await?),
         None => None,
@@ -124,7 +132,7 @@ pub async fn start(
     let (routes_tx, routes_rx) = watch::channel(None);
     let https_port = config.https_bind.map_or(443, |a| a.port());
     let proxy = Arc::new(Proxy::new(
-        routes_rx,
+        routes_rx.clone(),
         Clients::new(client_tls_config()?),
         config.access_log,
         https_port,
@@ -151,5 +159,8 @@ pub async fn start(
         class = %config.class,
         "Ingress proxy started; serving nothing until Ingresses, IngressClasses, Secrets, Services and EndpointSlices are listed"
     );
-    Ok(handles)
+    Ok(Started {
+        handles,
+        routes: routes_rx,
+    })
 }

@@ -10,5 +10,6 @@ pub mod controller;
 pub mod objects;
 pub mod proxy;
 pub mod routes;
+pub mod status;
 pub mod tls;
 pub mod upstream;

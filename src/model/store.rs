@@ -315,6 +315,11 @@ impl Store {
         true
     }
 
+    /// This node, as last read.
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+
     /// Whether load balancers should send this node traffic (`nodeEligible` in `/healthz`).
     pub fn node_eligible(&self) -> bool {
         self.node_eligible
