@@ -45,13 +45,19 @@ impl SharedState {
 
     /// Runs `f` on the store and wakes the sync loop. `f` returns whether anything changed.
     pub fn update(&self, f: impl FnOnce(&mut Store) -> bool) {
-        let (changed, pending, eligible) = {
+        let (changed, pending, eligible, became_ready) = {
             let mut store = self.lock();
+            let was_ready = store.is_ready();
             let changed = f(&mut store);
-            (changed, store.pending_counts(), store.node_eligible())
+            let became_ready = !was_ready && store.is_ready();
+            (changed, store.pending_counts(), store.node_eligible(), became_ready)
         };
-        if changed {
+        // The last list can complete without changing anything (a Node equal to the default):
+        // the route builder must still hear that everything is listed now.
+        if changed || became_ready {
             self.generation.send_modify(|g| *g += 1);
+        }
+        if changed {
             self.health.queued_update();
             self.health.set_node_eligible(eligible);
             let m = metrics();

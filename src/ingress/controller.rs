@@ -164,3 +164,38 @@ pub async fn start(
         routes: routes_rx,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::ProxyHealth;
+    use crate::ingress::objects::IngressObject;
+    use k8s_openapi::api::core::v1::{Node, Secret, Service};
+    use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+
+    #[tokio::test(start_paused = true)]
+    async fn no_routes_before_every_source_listed_then_rebuilt_on_changes() {
+        let state = SharedState::new(Store::new("n1"), Arc::new(ProxyHealth::new(Duration::from_secs(60))));
+        let (tx, mut rx) = watch::channel(None);
+        let (_stop, shutdown) = watch::channel(false);
+        let resolver = Arc::new(CertResolver::new(tls::default_certificate().unwrap()));
+        let class = ClassConfig { class: "kproxy".into() };
+        tokio::spawn(keep_routes(state.clone(), class, resolver, tx, shutdown));
+        let ing: Ingress = serde_yaml::from_str(
+            "metadata: {name: web, namespace: ns}\nspec: {ingressClassName: kproxy, rules: [{host: h, http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}]}}]}",
+        )
+        .unwrap();
+        let svc: Service = serde_yaml::from_str("metadata: {name: web, namespace: ns}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}").unwrap();
+        state.update_ingress(|o| Ingress::replace(o, std::slice::from_ref(&ing)) | IngressClass::replace(o, &[]) | Secret::replace(o, &[]));
+        state.update(|s| s.replace_services([&svc]) | s.replace_slices([]));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(rx.borrow().is_none(), "the Node is not listed yet: nothing is served");
+        state.update(|s| s.apply_node(&serde_yaml::from_str::<Node>("metadata: {name: n1}").unwrap()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let table = rx.borrow_and_update().clone().expect("routes once everything is listed");
+        assert_eq!(table.ingresses, ["ns/web"]);
+        state.update_ingress(|o| Ingress::delete(o, &ing));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(rx.borrow().as_ref().unwrap().ingresses.is_empty(), "a deleted Ingress is no longer served");
+    }
+}
