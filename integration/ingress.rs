@@ -75,7 +75,10 @@ pub fn serve_backend(name: &str, port: u16, tls: bool) -> ! {
                     async move {
                         let target = req.uri().path_and_query().map_or("/".to_string(), |p| p.to_string());
                         let mut text = format!("{name} {} {} {target}\n", peer.ip(), req.method());
-                        for h in ["host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip", "connection", "x-hop"] {
+                        if req.uri().scheme().is_some() {
+                            text.push_str("absolute-form target\n");
+                        }
+                        for h in ["host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "x-real-ip", "connection", "x-hop"] {
                             if let Some(v) = req.headers().get(h).and_then(|v| v.to_str().ok()) {
                                 text.push_str(&format!("{h}: {v}\n"));
                             }
@@ -94,6 +97,7 @@ pub fn serve_backend(name: &str, port: u16, tls: bool) -> ! {
                                 .header("upgrade", "websocket")
                                 .header("connection", "Upgrade")
                                 .header("sec-websocket-accept", "test")
+                                .header("x-target-form", if req.uri().scheme().is_some() { "absolute" } else { "origin" })
                                 .body(Full::new(bytes::Bytes::new()))
                                 .expect("response");
                             return Ok::<_, hyper::Error>(resp);
@@ -371,6 +375,7 @@ fn walkthrough() {
     assert!(r.body.contains("host: myapp.example.com\n"), "{}", r.body);
     assert!(r.body.contains("x-forwarded-proto: http\n") && r.body.contains("x-real-ip: 192.0.2.100\n"), "{}", r.body);
     assert!(r.body.contains("x-forwarded-for: 192.0.2.100\n") && r.body.contains("x-forwarded-host: myapp.example.com\n"), "{}", r.body);
+    assert!(r.body.contains("x-forwarded-port: 80\n") && !r.body.contains("absolute-form"), "{}", r.body);
     assert_eq!(get(&env, "other.example.com", "/").code, 404);
 
     let (cert, key) = certificate(&["myapp.example.com"]);
@@ -383,7 +388,7 @@ fn walkthrough() {
     let r = eventually("HTTPS with the Secret's certificate", || {
         get_tls(&env, "myapp.example.com", "/x", Some(&ca), &[]).ok().filter(|r| r.code == 200)
     });
-    assert!(r.body.contains("x-forwarded-proto: https\n"), "{}", r.body);
+    assert!(r.body.contains("x-forwarded-proto: https\n") && r.body.contains("x-forwarded-port: 443\n"), "{}", r.body);
     let r = get(&env, "myapp.example.com", "/path?q=1");
     assert_eq!(r.code, 308);
     assert_eq!(r.header("location").as_deref(), Some("https://myapp.example.com/path?q=1"));
@@ -677,6 +682,7 @@ fn protocols() {
         (head, String::from_utf8_lossy(&out).to_string())
     });
     assert!(echoed.0.starts_with("HTTP/1.1 101"), "{}", echoed.0);
+    assert!(echoed.0.contains("x-target-form: origin"), "{}", echoed.0);
     assert_eq!(echoed.1, "hello websocket");
 
     // 100 MiB, chunked from stdin, streamed through.

@@ -65,6 +65,8 @@ pub struct Proxy {
 struct Conn {
     peer: SocketAddr,
     https: bool,
+    /// The listener's port (`X-Forwarded-Port`).
+    port: u16,
 }
 
 /// Which route served a request, for metrics and the access log.
@@ -287,6 +289,7 @@ impl Proxy {
         set(&mut headers, "x-real-ip", &ip);
         set(&mut headers, "x-forwarded-proto", if conn.https { "https" } else { "http" });
         set(&mut headers, "x-forwarded-host", host);
+        set(&mut headers, "x-forwarded-port", &conn.port.to_string());
         let mut builder = Request::builder().method(req.method().clone()).uri(uri).version(Version::HTTP_11);
         if let Some(h) = builder.headers_mut() {
             *h = headers;
@@ -434,6 +437,11 @@ impl Proxy {
         tokio::spawn(async move {
             let _ = connection.with_upgrades().await;
         });
+        // A connection of its own talks to the origin directly: origin-form request target.
+        let mut head = head;
+        if let Some(pq) = head.uri.path_and_query().cloned() {
+            head.uri = http::Uri::from(pq);
+        }
         let req = Request::from_parts(head, Empty::<Bytes>::new());
         let mut resp = match tokio::time::timeout(read_timeout, sender.send_request(req)).await {
             Ok(Ok(r)) => r,
@@ -489,6 +497,7 @@ pub async fn serve(
         ok = ready => if !ok { return },
         _ = stopped(&mut shutdown) => return,
     }
+    let port = listener.local_addr().map_or(0, |a| a.port());
     tracing::info!(address = ?listener.local_addr().ok(), https, "Ingress listener serving");
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(builder());
@@ -505,7 +514,7 @@ pub async fn serve(
             _ = stopped(&mut shutdown) => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = Conn { peer, https };
+        let conn = Conn { peer, https, port };
         let proxy = proxy.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
