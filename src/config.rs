@@ -610,6 +610,35 @@ conntrack: {maxPerCore: 32768}
     }
 
     #[test]
+    fn ingress_listeners_default_and_turn_off() {
+        let c = Config::load(&Flags::default()).unwrap();
+        assert_eq!(c.ingress.http_bind, Some("0.0.0.0:80".parse().unwrap()));
+        assert_eq!(c.ingress.https_bind, Some("0.0.0.0:443".parse().unwrap()));
+        assert_eq!(c.ingress.class, "kproxy");
+        assert!(c.ingress.enabled() && !c.ingress.access_log);
+        let c = Config::load(&Flags {
+            ingress_http_bind_address: Some(String::new()),
+            ingress_https_bind_address: Some("127.0.0.1:8443".into()),
+            ingress_class: Some("nginx".into()),
+            ..Flags::default()
+        })
+        .unwrap();
+        assert_eq!((c.ingress.http_bind, c.ingress.https_bind), (None, Some("127.0.0.1:8443".parse().unwrap())));
+        assert_eq!(c.ingress.class, "nginx");
+        let c = Config::load(&Flags {
+            disable_ingress: true,
+            ..Flags::default()
+        })
+        .unwrap();
+        assert!(!c.ingress.enabled());
+        assert!(Config::load(&Flags {
+            ingress_http_bind_address: Some("nope".into()),
+            ..Flags::default()
+        })
+        .is_err());
+    }
+
+    #[test]
     fn unknown_field_is_an_error_naming_it() {
         let path = write_config("kind: KubeProxyConfiguration\nbogusField: 1\n");
         let err = Config::load(&Flags {
