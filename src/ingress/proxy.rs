@@ -256,7 +256,7 @@ impl Proxy {
 
     /// The upstream request head for `req`, sent to `authority`; `None` if the rewritten target is invalid.
     fn upstream_head(
-        req: &Request<Incoming>,
+        req: &http::request::Parts,
         conn: Conn,
         host: &str,
         route: &Route,
@@ -264,10 +264,10 @@ impl Proxy {
         upgrade: bool,
     ) -> Option<http::request::Parts> {
         let scheme = if route.settings.backend_https { "https" } else { "http" };
-        let new_path = route.rewrite_path(req.uri().path());
-        let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+        let new_path = route.rewrite_path(req.uri.path());
+        let query = req.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
         let uri: http::Uri = format!("{scheme}://{authority}{new_path}{query}").parse().ok()?;
-        let mut headers = req.headers().clone();
+        let mut headers = req.headers.clone();
         let upgrade_value = headers.get(header::UPGRADE).cloned();
         strip_hop_by_hop(&mut headers);
         if let (true, Some(u)) = (upgrade, upgrade_value) {
@@ -290,7 +290,7 @@ impl Proxy {
         set(&mut headers, "x-forwarded-proto", if conn.https { "https" } else { "http" });
         set(&mut headers, "x-forwarded-host", host);
         set(&mut headers, "x-forwarded-port", &conn.port.to_string());
-        let mut builder = Request::builder().method(req.method().clone()).uri(uri).version(Version::HTTP_11);
+        let mut builder = Request::builder().method(req.method.clone()).uri(uri).version(Version::HTTP_11);
         if let Some(h) = builder.headers_mut() {
             *h = headers;
         }
@@ -317,10 +317,10 @@ impl Proxy {
             .as_ref()
             .and_then(|name| cookie(req.headers(), name).map(str::to_string));
         let balance_key = format!("{service}:{}", backend.port);
-        let endpoints: Vec<SocketAddr> = match &backend.upstream {
+        let endpoints: &[SocketAddr] = match &backend.upstream {
             Upstream::Endpoints(e) if e.is_empty() => return status(StatusCode::SERVICE_UNAVAILABLE),
-            Upstream::Endpoints(e) => e.clone(),
-            Upstream::ExternalName { .. } => Vec::new(),
+            Upstream::Endpoints(e) => e,
+            Upstream::ExternalName { .. } => &[],
         };
         let authority_of = |ep: Option<SocketAddr>| match (&backend.upstream, ep) {
             (Upstream::ExternalName { host, port }, _) => format!("{host}:{port}"),
@@ -328,24 +328,24 @@ impl Proxy {
             (_, None) => String::new(),
         };
         let first = match &backend.upstream {
-            Upstream::Endpoints(_) => self.balancer.pick(&balance_key, &endpoints, affinity_in.as_deref(), None),
+            Upstream::Endpoints(_) => self.balancer.pick(&balance_key, endpoints, affinity_in.as_deref(), None),
             Upstream::ExternalName { .. } => None,
         };
         let upgrade = is_upgrade(&req);
+        let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
         let authority = authority_of(first);
         served.upstream = Some(authority.clone());
-        let Some(head) = Self::upstream_head(&req, conn, host, route, &authority, upgrade) else {
+        let Some(head) = Self::upstream_head(&parts, conn, host, route, &authority, upgrade) else {
             return bad_request("bad request target");
         };
-        if upgrade {
+        if let Some(client_side) = client_side {
             if settings.backend_https {
                 return full(StatusCode::BAD_GATEWAY, "protocol upgrades to HTTPS backends are not supported");
             }
-            let client_side = hyper::upgrade::on(&mut req);
             return self.tunnel(head, client_side, &authority, connect_timeout, read_timeout, &service).await;
         }
         // Stream the body: bounded by proxy-body-size, failing when the client stalls.
-        let body = req.into_body();
         let body: ProxyBody = match settings.body_limit {
             Some(limit) => IdleTimeoutBody::new(Limited::new(body, limit as usize), send_timeout, "client body").boxed(),
             None => IdleTimeoutBody::new(body, send_timeout, "client body").boxed(),
@@ -358,7 +358,7 @@ impl Proxy {
             let Some((head, body, ep)) = attempt.take() else {
                 break Err(status(StatusCode::BAD_GATEWAY));
             };
-            let again = (!retried).then(|| (head.clone(), body.again())).and_then(|(h, b)| Some((h, b?)));
+            let again = if retried { None } else { body.again() };
             let upstream_req = Request::from_parts(head, body);
             match tokio::time::timeout(read_timeout, client.request(upstream_req)).await {
                 Ok(Ok(resp)) => break Ok((resp, ep)),
@@ -366,22 +366,17 @@ impl Proxy {
                     metrics().inc_ingress_connect_error(&service);
                     tracing::debug!(%service, upstream = authority_of(ep), error = %e, "connect failed");
                     // One retry on another endpoint, with the untouched body.
-                    let next = self.balancer.pick(&balance_key, &endpoints, None, ep);
-                    match (again, next) {
-                        (Some((mut head, body)), Some(next)) => {
-                            let authority = next.to_string();
-                            let pq = head.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-                            let scheme = head.uri.scheme_str().unwrap_or("http").to_string();
-                            match format!("{scheme}://{authority}{pq}").parse() {
-                                Ok(uri) => head.uri = uri,
-                                Err(_) => break Err(status(StatusCode::BAD_GATEWAY)),
-                            }
-                            served.upstream = Some(authority);
-                            retried = true;
-                            attempt = Some((head, body, Some(next)));
-                        }
-                        _ => break Err(status(StatusCode::BAD_GATEWAY)),
-                    }
+                    let next = self.balancer.pick(&balance_key, endpoints, None, ep);
+                    let (Some(body), Some(next)) = (again, next) else {
+                        break Err(status(StatusCode::BAD_GATEWAY));
+                    };
+                    let authority = next.to_string();
+                    let Some(head) = Self::upstream_head(&parts, conn, host, route, &authority, false) else {
+                        break Err(status(StatusCode::BAD_GATEWAY));
+                    };
+                    served.upstream = Some(authority);
+                    retried = true;
+                    attempt = Some((head, body, Some(next)));
                 }
                 Ok(Err(e)) => {
                     let e: BoxError = Box::new(e);
