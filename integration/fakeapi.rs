@@ -1434,6 +1434,8 @@ mod selector {
         let pointer = match field.trim() {
             "metadata.name" => "/metadata/name",
             "metadata.namespace" => "/metadata/namespace",
+            // Secrets' field selector (the real server accepts it for Secrets only).
+            "type" => "/type",
             other => return Err(format!("field label not supported: {other}")),
         };
         Ok(FieldRequirement {

@@ -64,6 +64,11 @@ impl Kproxy {
         }
     }
 
+    /// The kproxy process id (`ip netns exec` execs the binary in place).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -7,6 +7,7 @@
 
 mod fakeapi;
 mod harness;
+mod ingress;
 mod netns;
 mod scenarios;
 mod semantics;
@@ -100,6 +101,8 @@ fn main() -> ExitCode {
     match argv.get(1).map(String::as_str) {
         Some("__serve") => serve(&argv[2], argv[3].parse().expect("port")),
         Some("__udp") => return udp_client(&argv[2], argv.get(3).and_then(|p| p.parse().ok()).unwrap_or(0)),
+        Some("__http") => ingress::serve_backend(&argv[2], argv[3].parse().expect("port"), false),
+        Some("__https") => ingress::serve_backend(&argv[2], argv[3].parse().expect("port"), true),
         _ => {}
     }
     let args = Arguments::from_args();
@@ -126,6 +129,29 @@ fn main() -> ExitCode {
                 trials.push(trial.with_ignored_flag(!is_root));
             }
         }
+    }
+    for source in [scenarios::SourceKind::Manifests, scenarios::SourceKind::Api] {
+        for (name, scenario) in ingress::ALL {
+            let trial = Trial::test(format!("ingress::{}::{name}", source.name()), move || {
+                scenario(source);
+                Ok(())
+            });
+            trials.push(trial.with_ignored_flag(!is_root));
+        }
+    }
+    for (name, scenario) in ingress::API_ONLY {
+        let trial = Trial::test(format!("ingress::api::{name}"), move || {
+            scenario();
+            Ok(())
+        });
+        trials.push(trial.with_ignored_flag(!is_root));
+    }
+    for (name, scenario) in ingress::MANIFESTS_ONLY {
+        let trial = Trial::test(format!("ingress::manifests::{name}"), move || {
+            scenario();
+            Ok(())
+        });
+        trials.push(trial.with_ignored_flag(!is_root));
     }
     libtest_mimic::run(&args, trials).exit_code()
 }

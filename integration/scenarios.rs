@@ -329,6 +329,14 @@ impl Env {
         Env { topo, source, kproxy }
     }
 
+    /// The fake API server, when the source is the API.
+    pub fn api(&self) -> Option<&FakeApiServer> {
+        match &self.source {
+            Source::Api { server, .. } => Some(server),
+            Source::Manifests(_) => None,
+        }
+    }
+
     /// Replaces the whole desired state with `docs` (YAML documents).
     pub fn set(&mut self, docs: &[String]) {
         write_source(&mut self.source, docs);

@@ -127,8 +127,6 @@ done
 
 cpu=$(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//')
 {
-  echo "# Benchmarks"
-  echo
   echo "Written by \`scripts/bench.sh $services $endpoints\` on $(date -u +%Y-%m-%d) ($(nproc) cores, $cpu;"
   echo "$(iptables --version | sed 's/ (.*//'))). Single runs on a shared machine: rerun the script to compare."
   echo
@@ -148,5 +146,15 @@ cpu=$(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//')
   echo "re-reading all $services Services from the manifest files (the file source re-reads everything"
   echo "when a file changes; the API source decodes only the changed EndpointSlice); the partial sync"
   echo "writes only the changed Service's chains, and the dispatch chains only if they changed."
-} > "$here/BENCHMARKS.md"
-cat "$here/BENCHMARKS.md"
+} > "$work/section.md"
+# Replace this script's section of BENCHMARKS.md, leaving the other benchmarks' sections alone.
+python3 - "$here/BENCHMARKS.md" "$work/section.md" <<'PY'
+import sys, os
+path, section = sys.argv[1], open(sys.argv[2]).read().strip()
+begin, end = "<!-- scripts/bench.sh: begin -->", "<!-- scripts/bench.sh: end -->"
+text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n## Service proxy: iptables mode\n\n" + begin + "\n" + end + "\n"
+head, _, tail = text.partition(begin)
+_, _, tail = tail.partition(end)
+open(path, "w").write(head + begin + "\n" + section + "\n" + end + tail)
+PY
+sed -n '/scripts\/bench.sh: begin/,/scripts\/bench.sh: end/p' "$here/BENCHMARKS.md"

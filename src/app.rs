@@ -12,6 +12,7 @@ use crate::dataplane::ipvs::{self, IpvsProxier};
 use crate::dataplane::{Dataplane, DataplaneError, PerFamily};
 use crate::health::{self, ProxyHealth};
 use crate::healthcheck::HealthCheckServer;
+use crate::ingress;
 use crate::model::store::Store;
 use crate::model::{ChangeSet, DesiredState, IpFamily};
 use crate::sync::{self, SharedState, SyncTiming};
@@ -136,6 +137,9 @@ async fn start_sources(
         }
         None => {
             let client = kube_source::client(config.kubeconfig.as_deref(), config.master.as_deref()).await?;
+            if config.ingress.enabled() {
+                kube_source::spawn_ingress_watchers(client.clone(), state.clone(), shutdown.clone());
+            }
             kube_source::spawn_watchers(client, &config.hostname, state.clone(), shutdown.clone());
         }
     }
@@ -164,7 +168,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut store = Store::new(config.hostname.clone());
     store.set_ignore_external_ips(config.disable_external_ips);
     let state = SharedState::new(store, health);
+    let ingress = if config.ingress.enabled() {
+        Some(ingress::controller::start(&config.ingress, state.clone(), shutdown.clone()).await?)
+    } else {
+        None
+    };
     start_sources(&config, &state, &shutdown).await?;
+    if let (Some(started), None) = (&ingress, &config.manifests) {
+        let client = kube_source::client(config.kubeconfig.as_deref(), config.master.as_deref()).await?;
+        let status = ingress::status::StatusConfig {
+            address: config.ingress.status_address.clone(),
+            namespace: std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "kube-system".into()),
+            identity: config.hostname.clone(),
+        };
+        tokio::spawn(ingress::status::run(
+            client,
+            status,
+            state.clone(),
+            started.routes.clone(),
+            shutdown.clone(),
+        ));
+    }
     tracing::info!(
         node = %config.hostname,
         mode = config.mode.as_str(),
@@ -177,6 +201,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         retry_initial: Duration::from_secs(1),
     };
     sync::run(state, dataplane, timing, Some(health_checks), shutdown).await;
+    // The Ingress listeners drain their in-flight requests (bounded by their drain timeout).
+    for handle in ingress.map(|i| i.handles).unwrap_or_default() {
+        let _ = handle.await;
+    }
     Ok(())
 }
 

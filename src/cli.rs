@@ -126,6 +126,26 @@ pub struct Flags {
     /// Service can otherwise capture traffic to any IP).
     #[arg(long)]
     pub disable_external_ips: bool,
+    /// Do not serve Ingress (no HTTP/HTTPS listeners, no Ingress watchers).
+    #[arg(long)]
+    pub disable_ingress: bool,
+    /// host:port of the Ingress HTTP listener (default 0.0.0.0:80); empty disables it.
+    #[arg(long, value_name = "ADDR")]
+    pub ingress_http_bind_address: Option<String>,
+    /// host:port of the Ingress HTTPS listener (default 0.0.0.0:443); empty disables it.
+    #[arg(long, value_name = "ADDR")]
+    pub ingress_https_bind_address: Option<String>,
+    /// The IngressClass name kproxy serves (default kproxy); IngressClasses with controller
+    /// kproxy.io/ingress-controller are served too.
+    #[arg(long, value_name = "NAME")]
+    pub ingress_class: Option<String>,
+    /// Address (IP or hostname) the elected kproxy writes to served Ingresses'
+    /// status.loadBalancer.ingress; default: this node's first address.
+    #[arg(long, value_name = "ADDR")]
+    pub ingress_status_address: Option<String>,
+    /// Log one line per proxied request (at info).
+    #[arg(long)]
+    pub ingress_access_log: bool,
     /// Parse flags and --config, print the effective configuration and exit.
     #[arg(long)]
     pub validate: bool,

@@ -159,6 +159,57 @@ pub struct Config {
     pub disable_external_ips: bool,
     pub verbosity: u8,
     pub ipvs: IpvsConfig,
+    pub ingress: IngressConfig,
+}
+
+/// The embedded Ingress proxy's settings (flags only: KubeProxyConfiguration has no such section).
+#[derive(Debug, Clone)]
+pub struct IngressConfig {
+    /// `--ingress-http-bind-address`; `None` when disabled (empty value or `--disable-ingress`).
+    pub http_bind: Option<SocketAddr>,
+    /// `--ingress-https-bind-address`; `None` when disabled.
+    pub https_bind: Option<SocketAddr>,
+    /// `--ingress-class`.
+    pub class: String,
+    /// `--ingress-access-log`: one structured line per request at info.
+    pub access_log: bool,
+    /// `--ingress-status-address`: written to served Ingresses' status (else the node's address).
+    pub status_address: Option<String>,
+}
+
+impl IngressConfig {
+    pub fn enabled(&self) -> bool {
+        self.http_bind.is_some() || self.https_bind.is_some()
+    }
+
+    fn from_flags(flags: &Flags) -> Result<IngressConfig> {
+        let disabled = flags.disable_ingress;
+        let bind = |field, raw: &Option<String>, default: &str| -> Result<Option<SocketAddr>> {
+            if disabled {
+                return Ok(None);
+            }
+            parse_bind(field, raw.as_deref().unwrap_or(default))
+        };
+        let class = flags.ingress_class.clone().unwrap_or_else(|| "kproxy".into());
+        if class.trim().is_empty() {
+            return Err(invalid("--ingress-class", &class, "must not be empty"));
+        }
+        Ok(IngressConfig {
+            http_bind: bind(
+                "--ingress-http-bind-address",
+                &flags.ingress_http_bind_address,
+                "0.0.0.0:80",
+            )?,
+            https_bind: bind(
+                "--ingress-https-bind-address",
+                &flags.ingress_https_bind_address,
+                "0.0.0.0:443",
+            )?,
+            class,
+            access_log: flags.ingress_access_log,
+            status_address: flags.ingress_status_address.clone().filter(|a| !a.trim().is_empty()),
+        })
+    }
 }
 
 /// The subset of KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) kproxy reads.
@@ -620,6 +671,7 @@ impl Config {
             disable_external_ips: flags.disable_external_ips,
             verbosity: flags.verbosity.unwrap_or(0),
             ipvs,
+            ingress: IngressConfig::from_flags(flags)?,
         })
     }
 }
@@ -690,6 +742,38 @@ conntrack: {maxPerCore: 32768}
             DetectLocal::ClusterCidr(vec!["10.244.0.0/16".parse().unwrap()])
         );
         assert!(matches!(c.nodeport_addresses, NodePortAddresses::Cidrs(ref v) if v.len() == 1));
+    }
+
+    #[test]
+    fn ingress_listeners_default_and_turn_off() {
+        let c = Config::load(&Flags::default()).unwrap();
+        assert_eq!(c.ingress.http_bind, Some("0.0.0.0:80".parse().unwrap()));
+        assert_eq!(c.ingress.https_bind, Some("0.0.0.0:443".parse().unwrap()));
+        assert_eq!(c.ingress.class, "kproxy");
+        assert!(c.ingress.enabled() && !c.ingress.access_log);
+        let c = Config::load(&Flags {
+            ingress_http_bind_address: Some(String::new()),
+            ingress_https_bind_address: Some("127.0.0.1:8443".into()),
+            ingress_class: Some("nginx".into()),
+            ..Flags::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (c.ingress.http_bind, c.ingress.https_bind),
+            (None, Some("127.0.0.1:8443".parse().unwrap()))
+        );
+        assert_eq!(c.ingress.class, "nginx");
+        let c = Config::load(&Flags {
+            disable_ingress: true,
+            ..Flags::default()
+        })
+        .unwrap();
+        assert!(!c.ingress.enabled());
+        assert!(Config::load(&Flags {
+            ingress_http_bind_address: Some("nope".into()),
+            ..Flags::default()
+        })
+        .is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod config;
 mod dataplane;
 mod health;
 mod healthcheck;
+mod ingress;
 mod metrics;
 mod model;
 mod sync;

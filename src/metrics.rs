@@ -39,6 +39,9 @@ pub struct Metrics {
     sync_failures: Family,
     programmed_services: Gauge,
     programmed_endpoints: Gauge,
+    ingress_requests: LabeledCounter,
+    ingress_duration: Histogram,
+    ingress_connect_errors: Family,
 }
 
 impl Default for Metrics {
@@ -147,6 +150,23 @@ impl Metrics {
                 "kproxy_programmed_endpoints",
                 "Number of endpoints programmed into the dataplane by the last successful sync",
             ),
+            ingress_requests: LabeledCounter::new(
+                "kproxy_ingress_requests_total",
+                "Requests answered by the Ingress proxy, by Ingress, Service and status code",
+                &["ingress", "service", "code"],
+            ),
+            ingress_duration: Histogram::new(
+                "kproxy_ingress_request_duration_seconds",
+                "Time from a request's arrival to its response head, in seconds",
+                exponential_buckets(0.001, 2.0, 16),
+            ),
+            ingress_connect_errors: Family::new(
+                "kproxy_ingress_upstream_connect_errors_total",
+                "Failed connections from the Ingress proxy to a backend, by Service",
+                Kind::Counter,
+                "service",
+                &[],
+            ),
         }
     }
 
@@ -236,6 +256,21 @@ impl Metrics {
         self.conntrack_deleted.add(entries);
     }
 
+    /// Counts one Ingress request; `ingress` and `service` are empty when no route matched.
+    pub fn inc_ingress_request(&self, ingress: &str, service: &str, code: u16) {
+        self.ingress_requests.inc(&[ingress, service, &code.to_string()]);
+    }
+
+    /// Records the time from a request's arrival to its response head.
+    pub fn observe_ingress_duration(&self, took: Duration) {
+        self.ingress_duration.observe(took.as_secs_f64());
+    }
+
+    /// Counts one failed connection to a backend of `service` (`ns/name`).
+    pub fn inc_ingress_connect_error(&self, service: &str) {
+        self.ingress_connect_errors.add(service, 1.0);
+    }
+
     /// The whole registry in Prometheus text format 0.0.4, always in the same order.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
@@ -258,6 +293,9 @@ impl Metrics {
         self.sync_failures.render(&mut out);
         self.programmed_services.render(&mut out);
         self.programmed_endpoints.render(&mut out);
+        self.ingress_requests.render(&mut out);
+        self.ingress_duration.render(&mut out);
+        self.ingress_connect_errors.render(&mut out);
         out
     }
 }
@@ -474,6 +512,43 @@ impl Family {
     }
 }
 
+/// A counter with several labels; series render sorted by their label values.
+struct LabeledCounter {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+    series: Mutex<BTreeMap<Vec<String>, u64>>,
+}
+
+impl LabeledCounter {
+    fn new(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Self {
+        Self {
+            name,
+            help,
+            labels,
+            series: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn inc(&self, values: &[&str]) {
+        let key: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
+        *lock(&self.series).entry(key).or_insert(0) += 1;
+    }
+
+    fn render(&self, out: &mut String) {
+        write_header(out, self.name, self.help, Kind::Counter);
+        for (values, count) in lock(&self.series).iter() {
+            let labels: Vec<String> = self
+                .labels
+                .iter()
+                .zip(values)
+                .map(|(l, v)| format!("{l}=\"{}\"", escape_label_value(v)))
+                .collect();
+            write_line(out, format_args!("{}{{{}}} {count}", self.name, labels.join(",")));
+        }
+    }
+}
+
 fn write_header(out: &mut String, name: &str, help: &str, kind: Kind) {
     write_line(out, format_args!("# HELP {name} {}", escape_help(help)));
     write_line(out, format_args!("# TYPE {name} {}", kind.as_str()));
@@ -679,6 +754,24 @@ mod tests {
     }
 
     #[test]
+    fn ingress_requests_carry_three_labels() {
+        let m = Metrics::new();
+        m.inc_ingress_request("default/web", "default/svc", 200);
+        m.inc_ingress_request("default/web", "default/svc", 200);
+        m.inc_ingress_request("", "", 404);
+        let text = m.render();
+        assert!(
+            text.lines()
+                .any(|l| l
+                    == r#"kproxy_ingress_requests_total{ingress="default/web",service="default/svc",code="200"} 2"#),
+            "{text}"
+        );
+        assert!(text
+            .lines()
+            .any(|l| l == r#"kproxy_ingress_requests_total{ingress="",service="",code="404"} 1"#));
+    }
+
+    #[test]
     fn special_floats_use_prometheus_spelling() {
         assert_eq!(format_float(f64::INFINITY), "+Inf");
         assert_eq!(format_float(f64::NEG_INFINITY), "-Inf");
@@ -714,6 +807,9 @@ mod tests {
                 "kproxy_sync_failures_total counter",
                 "kproxy_programmed_services gauge",
                 "kproxy_programmed_endpoints gauge",
+                "kproxy_ingress_requests_total counter",
+                "kproxy_ingress_request_duration_seconds histogram",
+                "kproxy_ingress_upstream_connect_errors_total counter",
             ]
         );
         // Each sample belongs to the family declared just before it.

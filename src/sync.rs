@@ -12,6 +12,7 @@ use tracing::Instrument;
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::health::ProxyHealth;
 use crate::healthcheck::HealthCheckServer;
+use crate::ingress::objects::IngressObjects;
 use crate::metrics::metrics;
 use crate::model::store::{Snapshot, Store};
 
@@ -20,6 +21,11 @@ pub struct SharedState {
     store: Mutex<Store>,
     notify: Notify,
     health: Arc<ProxyHealth>,
+    /// Ingress, IngressClass and TLS Secret objects: kept apart from `store` so that their
+    /// changes never wake the sync loop (they need no kernel rules).
+    ingress: Mutex<IngressObjects>,
+    /// Bumped on every change of either, for the Ingress route builder.
+    generation: watch::Sender<u64>,
 }
 
 impl SharedState {
@@ -28,6 +34,8 @@ impl SharedState {
             store: Mutex::new(store),
             notify: Notify::new(),
             health,
+            ingress: Mutex::new(IngressObjects::default()),
+            generation: watch::channel(0).0,
         })
     }
 
@@ -38,11 +46,18 @@ impl SharedState {
 
     /// Runs `f` on the store and wakes the sync loop. `f` returns whether anything changed.
     pub fn update(&self, f: impl FnOnce(&mut Store) -> bool) {
-        let (changed, pending, eligible) = {
+        let (changed, pending, eligible, became_ready) = {
             let mut store = self.lock();
+            let was_ready = store.is_ready();
             let changed = f(&mut store);
-            (changed, store.pending_counts(), store.node_eligible())
+            let became_ready = !was_ready && store.is_ready();
+            (changed, store.pending_counts(), store.node_eligible(), became_ready)
         };
+        // The last list can complete without changing anything (a Node equal to the default):
+        // the route builder must still hear that everything is listed now.
+        if changed || became_ready {
+            self.generation.send_modify(|g| *g += 1);
+        }
         if changed {
             self.health.queued_update();
             self.health.set_node_eligible(eligible);
@@ -52,6 +67,26 @@ impl SharedState {
             m.endpoint_changes(pending.1, 0);
         }
         self.notify.notify_one();
+    }
+
+    /// Runs `f` on the Ingress objects; `f` returns whether anything changed. Never wakes the sync loop.
+    pub fn update_ingress(&self, f: impl FnOnce(&mut IngressObjects) -> bool) {
+        let changed = f(&mut self.ingress.lock().unwrap_or_else(PoisonError::into_inner));
+        if changed {
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// Reads the store and the Ingress objects together (the Ingress route builder).
+    pub fn read<R>(&self, f: impl FnOnce(&Store, &IngressObjects) -> R) -> R {
+        let store = self.lock();
+        let ingress = self.ingress.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&store, &ingress)
+    }
+
+    /// Changes whenever the store or the Ingress objects change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Whether every source has listed completely.
@@ -306,6 +341,28 @@ mod tests {
         make_ready(&state);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(log.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ingress_changes_never_wake_the_sync_loop() {
+        use crate::ingress::objects::IngressObject;
+        use k8s_openapi::api::networking::v1::Ingress;
+        let (state, log, _tx) = start(0);
+        make_ready(&state);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let mut generation = state.subscribe();
+        generation.borrow_and_update();
+        for i in 0..5 {
+            let ing: Ingress = serde_yaml::from_str(&format!("metadata: {{name: i{i}, namespace: ns}}")).unwrap();
+            state.update_ingress(|o| Ingress::apply(o, &ing));
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        assert!(generation.has_changed().unwrap(), "the route builder is told");
+        assert_eq!(
+            log.lock().unwrap().len(),
+            1,
+            "only the initial sync: no iptables work for Ingress"
+        );
     }
 
     #[tokio::test(start_paused = true)]

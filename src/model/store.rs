@@ -48,6 +48,8 @@ pub struct Store {
     /// Slice (namespace, name) to the Service it belongs to, for deletes.
     slice_owner: BTreeMap<(String, String), ServiceKey>,
     slice_notes: BTreeMap<(String, String), String>,
+    /// `spec.externalName` of ExternalName Services: they get no rules, but Ingress may route to them.
+    external_names: BTreeMap<ServiceKey, String>,
     node: NodeInfo,
     /// `--disable-external-ips`.
     ignore_external_ips: bool,
@@ -104,6 +106,7 @@ impl Store {
     /// Adds or updates a Service. Returns true if the proxied state changed.
     pub fn apply_service(&mut self, svc: &Service) -> bool {
         let key = convert::service_key_of(svc);
+        self.set_external_name(svc);
         match convert::convert_service(svc) {
             Ok(ServiceDecision::Proxy {
                 mut ports,
@@ -146,6 +149,7 @@ impl Store {
     pub fn delete_service(&mut self, svc: &Service) -> bool {
         let key = convert::service_key_of(svc);
         self.notes.remove(&key);
+        self.external_names.remove(&key);
         self.set_service(key, None)
     }
 
@@ -159,11 +163,36 @@ impl Store {
         }
         let gone: Vec<ServiceKey> = self.services.keys().filter(|k| !listed.contains(*k)).cloned().collect();
         self.notes.retain(|k, _| listed.contains(k));
+        self.external_names.retain(|k, _| listed.contains(k));
         for key in gone {
             changed |= self.set_service(key, None);
         }
         self.mark_synced(Kind::Service);
         changed
+    }
+
+    fn set_external_name(&mut self, svc: &Service) {
+        let key = convert::service_key_of(svc);
+        let spec = svc.spec.as_ref();
+        match spec
+            .filter(|s| s.type_.as_deref() == Some("ExternalName"))
+            .and_then(|s| s.external_name.clone())
+        {
+            Some(name) => self.external_names.insert(key, name),
+            None => self.external_names.remove(&key),
+        };
+    }
+
+    /// The ports and endpoints of one proxied Service, computed now (the Ingress route builder
+    /// reads this; it does not touch change tracking).
+    pub fn service_state(&self, key: &ServiceKey) -> Option<ServiceState> {
+        let ports = self.services.get(key)?;
+        Some(build_service_state(ports, self.slices.get(key)))
+    }
+
+    /// `spec.externalName` of an ExternalName Service.
+    pub fn external_name(&self, key: &ServiceKey) -> Option<&str> {
+        self.external_names.get(key).map(String::as_str)
     }
 
     fn set_note(&mut self, key: &ServiceKey, note: String) {
@@ -303,6 +332,11 @@ impl Store {
         self.node = info;
         self.full = true;
         true
+    }
+
+    /// This node, as last read.
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
     }
 
     /// Whether load balancers should send this node traffic (`nodeEligible` in `/healthz`).

@@ -1,5 +1,5 @@
 //! Desired state from the Kubernetes API: kube-rs watchers on Services, EndpointSlices and
-//! this node's Node object.
+//! this node's Node object; and, for the Ingress proxy, Ingresses, IngressClasses and TLS Secrets.
 //!
 //! Each watcher's initial list (and every relist after a 410 Gone) is buffered and applied as
 //! one replacement, so the store never sees a half-listed world; later events apply one by one.
@@ -17,6 +17,10 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+
+use crate::ingress::objects::{IngressObject, TLS_SECRET_TYPE};
 use crate::model::store::{Kind, Store};
 use crate::sync::SharedState;
 
@@ -191,5 +195,63 @@ pub fn spawn_watchers(
             shutdown.clone(),
         )),
         tokio::spawn(watch_kind::<Node>(Api::all(client), node, state, shutdown)),
+    ]
+}
+
+/// Feeds one Ingress-side watcher into the Ingress objects until shutdown (same list handling
+/// as [`watch_kind`]; these changes never wake the sync loop).
+async fn watch_ingress_kind<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    state: Arc<SharedState>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    K: IngressObject + Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    let mut buffer: Vec<K> = Vec::new();
+    loop {
+        let event = tokio::select! {
+            e = stream.next() => e,
+            _ = shutdown.changed() => return,
+        };
+        match event {
+            None => return,
+            Some(Ok(Event::Init)) => buffer.clear(),
+            Some(Ok(Event::InitApply(obj))) => buffer.push(obj),
+            Some(Ok(Event::InitDone)) => {
+                let all = std::mem::take(&mut buffer);
+                tracing::debug!(kind = ?K::KIND, objects = all.len(), "listed");
+                state.update_ingress(|s| K::replace(s, &all));
+            }
+            Some(Ok(Event::Apply(obj))) => state.update_ingress(|s| K::apply(s, &obj)),
+            Some(Ok(Event::Delete(obj))) => state.update_ingress(|s| K::delete(s, &obj)),
+            Some(Err(e)) => tracing::warn!(kind = ?K::KIND, error = %e, "watch failed; retrying"),
+        }
+    }
+}
+
+/// Starts the Ingress, IngressClass and TLS Secret watchers (Secrets selected by type, so
+/// kproxy never receives other Secrets).
+pub fn spawn_ingress_watchers(
+    client: Client,
+    state: Arc<SharedState>,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let secrets = watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}"));
+    vec![
+        tokio::spawn(watch_ingress_kind::<Ingress>(
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            state.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(watch_ingress_kind::<IngressClass>(
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            state.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(watch_ingress_kind::<Secret>(Api::all(client), secrets, state, shutdown)),
     ]
 }

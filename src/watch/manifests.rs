@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -38,6 +39,10 @@ pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
     pub nodes: Vec<Node>,
+    pub ingresses: Vec<Ingress>,
+    pub ingress_classes: Vec<IngressClass>,
+    /// Secrets of type kubernetes.io/tls only (the Ingress proxy's certificates).
+    pub secrets: Vec<Secret>,
 }
 
 /// The files under `path`, sorted: the path itself, or the `.yaml`/`.yml`/`.json` files of a
@@ -84,8 +89,8 @@ fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
         .collect()
 }
 
-/// Reads every manifest under `path`. Kinds other than Service, EndpointSlice and Node (a
-/// Deployment, say) are skipped; a document that cannot be parsed is an error naming it.
+/// Reads every manifest under `path`. Kinds other than Service, EndpointSlice, Node, Ingress,
+/// IngressClass and TLS Secrets (a Deployment, say) are skipped; a document that cannot be parsed is an error naming it.
 pub fn read_manifests(path: &Path) -> Result<Objects, ManifestError> {
     let mut objects = Objects::default();
     for file in manifest_files(path)? {
@@ -140,6 +145,25 @@ fn add_document(value: serde_yaml::Value, objects: &mut Objects) -> Result<(), S
         ("v1", "Node") => objects
             .nodes
             .push(serde_yaml::from_value(value).map_err(|e| format!("Node: {e}"))?),
+        ("networking.k8s.io/v1", "Ingress") => objects
+            .ingresses
+            .push(serde_yaml::from_value(value).map_err(|e| format!("Ingress: {e}"))?),
+        ("networking.k8s.io/v1", "IngressClass") => objects
+            .ingress_classes
+            .push(serde_yaml::from_value(value).map_err(|e| format!("IngressClass: {e}"))?),
+        ("v1", "Secret") => {
+            let mut secret: Secret = serde_yaml::from_value(value).map_err(|e| format!("Secret: {e}"))?;
+            if secret.type_.as_deref() == Some(crate::ingress::objects::TLS_SECRET_TYPE) {
+                // The API server merges stringData into data; do the same.
+                if let Some(string_data) = secret.string_data.take() {
+                    let data = secret.data.get_or_insert_with(Default::default);
+                    for (k, v) in string_data {
+                        data.insert(k, k8s_openapi::ByteString(v.into_bytes()));
+                    }
+                }
+                objects.secrets.push(secret);
+            }
+        }
         ("", _) | (_, "") => return Err("not a Kubernetes object (no apiVersion or kind)".into()),
         _ => {
             tracing::debug!(%api_version, %kind, "ignoring manifest of a kind kproxy does not proxy")
@@ -267,6 +291,13 @@ pub fn load_into(state: &SharedState, mut objects: Objects, node_name: &str, ran
         let c = s.apply_node(&node);
         a | b | c
     });
+    state.update_ingress(|s| {
+        use crate::ingress::objects::IngressObject;
+        let a = Ingress::replace(s, &objects.ingresses);
+        let b = IngressClass::replace(s, &objects.ingress_classes);
+        let c = Secret::replace(s, &objects.secrets);
+        a | b | c
+    });
 }
 
 /// Reads the manifests now and again whenever a file changes, until `shutdown`.
@@ -288,6 +319,7 @@ pub async fn run(
                         path = %path.display(),
                         services = objects.services.len(),
                         endpoint_slices = objects.slices.len(),
+                        ingresses = objects.ingresses.len(),
                         "loaded manifests"
                     );
                     load_into(&state, objects, &node_name, &range);
@@ -409,6 +441,16 @@ spec:
         let err = read_manifests(&dir).unwrap_err().to_string();
         std::fs::remove_dir_all(&dir).ok();
         assert!(err.contains("all.yaml") && err.contains("document 2"), "{err}");
+    }
+
+    #[test]
+    fn ingress_kinds_and_tls_secrets_are_read() {
+        let o = read_manifests_str(
+            "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: i}\n---\napiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: c}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: s}\ntype: kubernetes.io/tls\nstringData: {tls.crt: CERT}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: o}\ntype: Opaque\n",
+        );
+        assert_eq!((o.ingresses.len(), o.ingress_classes.len(), o.secrets.len()), (1, 1, 1));
+        let data = o.secrets[0].data.as_ref().unwrap();
+        assert_eq!(data["tls.crt"].0, b"CERT");
     }
 
     #[test]

@@ -1,0 +1,140 @@
+//! Choosing where one request goes: the canary or the main backend, then one endpoint of it
+//! (round-robin, or the one a session-affinity cookie names).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use sha2::{Digest, Sha256};
+
+use super::annotations::Canary;
+
+/// Round-robin positions per backend, and the random source for canary weights.
+#[derive(Debug)]
+pub struct Balancer {
+    next: Mutex<HashMap<String, usize>>,
+    seed: AtomicU64,
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0x9E37_79B9_7F4A_7C15, |d| d.as_nanos() as u64)
+            | 1;
+        Balancer {
+            next: Mutex::new(HashMap::new()),
+            seed: AtomicU64::new(seed),
+        }
+    }
+}
+
+/// The value an affinity cookie carries for an endpoint: a short hash, so pod addresses are not exposed.
+pub fn affinity_value(addr: &SocketAddr) -> String {
+    let d = Sha256::digest(addr.to_string().as_bytes());
+    d[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Balancer {
+    /// A number in 0..100, uniformly enough for canary weights (xorshift64*).
+    fn percent(&self) -> u32 {
+        let mut x = self.seed.load(Ordering::Relaxed);
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.seed.store(x, Ordering::Relaxed);
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as u32 % 100
+    }
+
+    /// Whether this request goes to the canary: the header decides when set to `always` or
+    /// `never`, otherwise the weight.
+    pub fn use_canary(&self, canary: &Canary, header_value: Option<&str>) -> bool {
+        match header_value.map(str::trim) {
+            Some("always") => return true,
+            Some("never") => return false,
+            _ => {}
+        }
+        canary.weight > 0 && self.percent() < canary.weight
+    }
+
+    /// The endpoint for the next request to `backend` (a stable name), skipping `exclude`.
+    /// An affinity value that names a live endpoint pins the request to it.
+    pub fn pick(
+        &self,
+        backend: &str,
+        endpoints: &[SocketAddr],
+        affinity: Option<&str>,
+        exclude: Option<SocketAddr>,
+    ) -> Option<SocketAddr> {
+        if let Some(v) = affinity {
+            if let Some(ep) = endpoints
+                .iter()
+                .find(|e| Some(**e) != exclude && affinity_value(e) == v)
+            {
+                return Some(*ep);
+            }
+        }
+        let candidates: Vec<SocketAddr> = endpoints.iter().copied().filter(|e| Some(*e) != exclude).collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let i = next.entry(backend.to_string()).or_insert(0);
+        let ep = candidates[*i % candidates.len()];
+        *i = i.wrapping_add(1);
+        Some(ep)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eps() -> Vec<SocketAddr> {
+        vec![
+            "10.0.0.1:80".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
+            "10.0.0.3:80".parse().unwrap(),
+        ]
+    }
+
+    #[test]
+    fn round_robin_affinity_and_exclusion() {
+        let b = Balancer::default();
+        let e = eps();
+        let picks: Vec<SocketAddr> = (0..6).map(|_| b.pick("svc", &e, None, None).unwrap()).collect();
+        assert_eq!(picks[..3], e[..]);
+        assert_eq!(picks[3..], e[..]);
+        let pinned = affinity_value(&e[2]);
+        for _ in 0..5 {
+            assert_eq!(b.pick("svc", &e, Some(&pinned), None), Some(e[2]));
+        }
+        assert_eq!(
+            b.pick("svc", &e, Some("stale"), None).map(|a| e.contains(&a)),
+            Some(true)
+        );
+        assert_ne!(
+            b.pick("svc", &e, Some(&pinned), Some(e[2])),
+            Some(e[2]),
+            "a failed endpoint is not retried"
+        );
+        assert_eq!(b.pick("svc", &e[..1], None, Some(e[0])), None);
+        assert_eq!(b.pick("svc", &[], None, None), None);
+    }
+
+    #[test]
+    fn canary_header_then_weight() {
+        let b = Balancer::default();
+        let c = |weight| Canary {
+            weight,
+            header: Some("x".into()),
+        };
+        assert!(b.use_canary(&c(0), Some("always")));
+        assert!(!b.use_canary(&c(100), Some("never")));
+        assert!((0..100).all(|_| b.use_canary(&c(100), None)));
+        assert!((0..100).all(|_| !b.use_canary(&c(0), Some("other"))));
+        let hits = (0..10_000).filter(|_| b.use_canary(&c(30), None)).count();
+        assert!((2_500..3_500).contains(&hits), "{hits}");
+    }
+}

@@ -1,0 +1,212 @@
+//! Keeps the route table and the certificates current, and runs the listeners: the I/O side
+//! around the pure [`super::routes`].
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use super::proxy::{self, Proxy};
+use super::routes::{build_routes, ClassConfig, RouteTable, ServiceLookup};
+use super::tls::{self, CertResolver};
+use super::upstream::{client_tls_config, Clients};
+use crate::config::IngressConfig;
+use crate::model::store::Store;
+use crate::model::ServiceKey;
+use crate::sync::SharedState;
+
+/// Changes arriving within this window are applied together (a relist is many events).
+const REBUILD_DELAY: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    #[error("binding the Ingress {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("backend TLS configuration: {0}")]
+    ClientTls(#[from] rustls::Error),
+}
+
+fn lookup(store: &Store, key: &ServiceKey) -> ServiceLookup {
+    if let Some(name) = store.external_name(key) {
+        return ServiceLookup::ExternalName(name.to_string());
+    }
+    match store.service_state(key) {
+        Some(state) => ServiceLookup::Ports(state),
+        None => ServiceLookup::Missing,
+    }
+}
+
+/// Rebuilds the route table and certificates whenever the store or the Ingress objects change,
+/// once every source has listed (before that the proxy accepts no connection). Each warning is
+/// logged when it first appears, not on every rebuild.
+async fn keep_routes(
+    state: Arc<SharedState>,
+    class: ClassConfig,
+    resolver: Arc<CertResolver>,
+    routes: watch::Sender<Option<Arc<RouteTable>>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut changes = state.subscribe();
+    let mut previous_warnings: BTreeSet<String> = BTreeSet::new();
+    let mut previous_ingresses: Vec<String> = Vec::new();
+    loop {
+        let built = state.read(|store, objects| {
+            if !store.is_ready() || !objects.is_ready() {
+                return None;
+            }
+            let built = build_routes(objects, &class, &|k| lookup(store, k));
+            let tls_problems = resolver.update(&built.table.tls, &objects.secrets);
+            Some((built, tls_problems))
+        });
+        if let Some((built, tls_problems)) = built {
+            let warnings: BTreeSet<String> = built.warnings.into_iter().chain(tls_problems).collect();
+            for w in warnings.difference(&previous_warnings) {
+                tracing::warn!("{w}");
+            }
+            previous_warnings = warnings;
+            if built.table.ingresses != previous_ingresses {
+                tracing::info!(
+                    ingresses = built.table.ingresses.len(),
+                    certificates = built.table.tls.len(),
+                    "Ingress routes updated: {}",
+                    built.table.ingresses.join(", ")
+                );
+                previous_ingresses = built.table.ingresses.clone();
+            }
+            routes.send_replace(Some(Arc::new(built.table)));
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(REBUILD_DELAY) => {}
+            _ = shutdown.changed() => return,
+        }
+        changes.borrow_and_update();
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, IngressError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| IngressError::Bind { what, addr, source })
+}
+
+/// A started Ingress proxy.
+pub struct Started {
+    /// Finish once shutdown has drained the connections.
+    pub handles: Vec<tokio::task::JoinHandle<()>>,
+    /// The current route table (for the status writer).
+    pub routes: watch::Receiver<Option<Arc<RouteTable>>>,
+}
+
+/// Binds the listeners (so a taken port fails at start) and starts the route keeper and the
+/// servers.
+pub async fn start(
+    config: &IngressConfig,
+    state: Arc<SharedState>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Started, IngressError> {
+    let http = match config.http_bind {
+        Some(a) => Some(bind("HTTP", a).await?),
+        None => None,
+    };
+    let https = match config.https_bind {
+        Some(a) => Some(bind("HTTPS", a).await?),
+        None => None,
+    };
+    let resolver = Arc::new(CertResolver::new(tls::default_certificate()?));
+    let server_config = tls::server_config(resolver.clone())?;
+    let (routes_tx, routes_rx) = watch::channel(None);
+    let https_port = config.https_bind.map_or(443, |a| a.port());
+    let proxy = Arc::new(Proxy::new(
+        routes_rx.clone(),
+        Clients::new(client_tls_config()?),
+        config.access_log,
+        https_port,
+    ));
+    let mut handles = vec![tokio::spawn(keep_routes(
+        state,
+        ClassConfig {
+            class: config.class.clone(),
+        },
+        resolver,
+        routes_tx,
+        shutdown.clone(),
+    ))];
+    if let Some(l) = http {
+        handles.push(tokio::spawn(proxy::serve(l, None, proxy.clone(), shutdown.clone())));
+    }
+    if let Some(l) = https {
+        let acceptor = TlsAcceptor::from(server_config);
+        handles.push(tokio::spawn(proxy::serve(l, Some(acceptor), proxy, shutdown)));
+    }
+    tracing::info!(
+        http = ?config.http_bind,
+        https = ?config.https_bind,
+        class = %config.class,
+        "Ingress proxy started; serving nothing until Ingresses, IngressClasses, Secrets, Services and EndpointSlices are listed"
+    );
+    Ok(Started {
+        handles,
+        routes: routes_rx,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::ProxyHealth;
+    use crate::ingress::objects::IngressObject;
+    use k8s_openapi::api::core::v1::{Node, Secret, Service};
+    use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+
+    #[tokio::test(start_paused = true)]
+    async fn no_routes_before_every_source_listed_then_rebuilt_on_changes() {
+        let state = SharedState::new(Store::new("n1"), Arc::new(ProxyHealth::new(Duration::from_secs(60))));
+        let (tx, mut rx) = watch::channel(None);
+        let (_stop, shutdown) = watch::channel(false);
+        let resolver = Arc::new(CertResolver::new(tls::default_certificate().unwrap()));
+        let class = ClassConfig { class: "kproxy".into() };
+        tokio::spawn(keep_routes(state.clone(), class, resolver, tx, shutdown));
+        let ing: Ingress = serde_yaml::from_str(
+            "metadata: {name: web, namespace: ns}\nspec: {ingressClassName: kproxy, rules: [{host: h, http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}]}}]}",
+        )
+        .unwrap();
+        let svc: Service = serde_yaml::from_str(
+            "metadata: {name: web, namespace: ns}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}",
+        )
+        .unwrap();
+        state.update_ingress(|o| {
+            Ingress::replace(o, std::slice::from_ref(&ing)) | IngressClass::replace(o, &[]) | Secret::replace(o, &[])
+        });
+        state.update(|s| s.replace_services([&svc]) | s.replace_slices([]));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(rx.borrow().is_none(), "the Node is not listed yet: nothing is served");
+        state.update(|s| s.apply_node(&serde_yaml::from_str::<Node>("metadata: {name: n1}").unwrap()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let table = rx
+            .borrow_and_update()
+            .clone()
+            .expect("routes once everything is listed");
+        assert_eq!(table.ingresses, ["ns/web"]);
+        state.update_ingress(|o| Ingress::delete(o, &ing));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            rx.borrow().as_ref().unwrap().ingresses.is_empty(),
+            "a deleted Ingress is no longer served"
+        );
+    }
+}

@@ -1,0 +1,289 @@
+//! Talking to backends: pooled keep-alive clients (HTTP and HTTPS), request bodies that can be
+//! handed to a second attempt when the first connect failed, and idle timeouts on streamed bodies.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::body::{Body, Frame, SizeHint};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every body the proxy sends or receives.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RetryBody>;
+
+/// ingress-nginx's defaults.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Backends' certificates are not verified (ingress-nginx's `proxy-ssl-verify: off` default):
+/// pods serve self-signed certificates for names nobody can predict. Signatures are still checked.
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// TLS settings for `backend-protocol: HTTPS`.
+pub fn client_tls_config() -> Result<rustls::ClientConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+        .with_no_client_auth())
+}
+
+fn build_client(tls: rustls::ClientConfig, connect_timeout: Duration) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(64)
+        .build(https)
+}
+
+/// One pooled client per connect timeout in use (the timeout is a property of the connector).
+pub struct Clients {
+    tls: rustls::ClientConfig,
+    by_timeout: Mutex<HashMap<Duration, UpstreamClient>>,
+}
+
+impl Clients {
+    pub fn new(tls: rustls::ClientConfig) -> Self {
+        Clients {
+            tls,
+            by_timeout: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn get(&self, connect_timeout: Duration) -> UpstreamClient {
+        let mut m = self.by_timeout.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(connect_timeout)
+            .or_insert_with(|| build_client(self.tls.clone(), connect_timeout))
+            .clone()
+    }
+}
+
+/// A request body that a second attempt can take over, as long as the first never read from it
+/// (a connect failure happens before the body is polled).
+pub struct RetryBody {
+    slot: Arc<Mutex<Option<ProxyBody>>>,
+    body: Option<ProxyBody>,
+    hint: SizeHint,
+    end: bool,
+}
+
+impl RetryBody {
+    /// Wraps `body`; [`RetryBody::again`] makes another handle on the same body.
+    pub fn new(body: ProxyBody) -> RetryBody {
+        let hint = body.size_hint();
+        let end = body.is_end_stream();
+        RetryBody {
+            slot: Arc::new(Mutex::new(Some(body))),
+            body: None,
+            hint,
+            end,
+        }
+    }
+
+    /// A handle for a retry, if the body was never read.
+    pub fn again(&self) -> Option<RetryBody> {
+        let untouched = self.slot.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+        untouched.then(|| RetryBody {
+            slot: self.slot.clone(),
+            body: None,
+            hint: self.hint,
+            end: self.end,
+        })
+    }
+}
+
+impl Body for RetryBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.body.is_none() {
+            let taken = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+            match taken {
+                Some(b) => self.body = Some(b),
+                None => return Poll::Ready(Some(Err("request body already sent on another attempt".into()))),
+            }
+        }
+        match self.body.as_mut() {
+            Some(b) => Pin::new(b).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.hint
+    }
+}
+
+/// The peer went quiet for longer than the allowed idle time.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: nothing for {after:?}")]
+pub struct IdleTimeout {
+    pub what: &'static str,
+    pub after: Duration,
+}
+
+/// A body that fails when no frame arrives for `timeout` (nginx's read/send timeouts are
+/// "between two successive operations", not for the whole transfer).
+pub struct IdleTimeoutBody<B> {
+    inner: B,
+    what: &'static str,
+    timeout: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> IdleTimeoutBody<B> {
+    pub fn new(inner: B, timeout: Duration, what: &'static str) -> Self {
+        IdleTimeoutBody {
+            inner,
+            what,
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+}
+
+impl<B> Body for IdleTimeoutBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = tokio::time::Instant::now() + this.timeout;
+                this.sleep.as_mut().reset(deadline);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match this.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleTimeout {
+                    what: this.what,
+                    after: this.timeout,
+                })))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+use std::future::Future as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full, StreamBody};
+
+    #[tokio::test]
+    async fn retry_body_moves_to_a_second_attempt_only_if_unread() {
+        let body: ProxyBody = Full::new(Bytes::from_static(b"hello")).map_err(|e| match e {}).boxed();
+        let first = RetryBody::new(body);
+        let second = first.again().unwrap();
+        drop(first);
+        assert_eq!(second.collect().await.unwrap().to_bytes(), "hello");
+
+        let body: ProxyBody = Full::new(Bytes::from_static(b"x")).map_err(|e| match e {}).boxed();
+        let mut first = RetryBody::new(body);
+        let _ = first.frame().await;
+        assert!(first.again().is_none(), "a read body cannot be replayed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_fires_between_frames_not_overall() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let stream = StreamBody::new(tokio_stream_from(rx));
+        let mut body = IdleTimeoutBody::new(stream, Duration::from_secs(5), "upstream read");
+        tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"x")))).await;
+            }
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            drop(tx);
+        });
+        for _ in 0..3 {
+            assert!(body.frame().await.unwrap().is_ok(), "12 s in total, never 5 s idle");
+        }
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("nothing for 5s"), "{err}");
+    }
+
+    fn tokio_stream_from<T: Send + 'static>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures::Stream<Item = T> + Unpin {
+        Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+    }
+}
