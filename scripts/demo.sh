@@ -118,7 +118,8 @@ EOF
 
 echo "==> starting kproxy in $node"
 in_ns "$node" "$kproxy" --manifests "$work/manifests" --hostname-override demo-node \
-  --cluster-cidr 10.244.0.0/16 --healthz-bind-address 127.0.0.1:10256 >"$work/kproxy.log" 2>&1 &
+  --cluster-cidr 10.244.0.0/16 --healthz-bind-address 127.0.0.1:10256 \
+  --ingress-class nginx >"$work/kproxy.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do
   if in_ns "$node" curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:10249/metrics 2>/dev/null | grep -q 200 &&
@@ -139,6 +140,15 @@ echo "==> curl http://$cluster_ip/ from pod myapp-1"
 in_ns "${id}-myapp-1" curl -s --max-time 3 "http://$cluster_ip/"
 echo "==> curl http://192.0.2.1:30080/ from the outside client, 4 times"
 for _ in 1 2 3 4; do in_ns "$client" curl -s --max-time 3 http://192.0.2.1:30080/; done
+echo "==> the walkthrough's Ingresses (class nginx) from the outside client: http://myapp.example.com/"
+echo "    (the host has TLS, so plain HTTP is redirected with 308, as ingress-nginx does)"
+in_ns "$client" curl -s -o /dev/null -w '    %{http_code} -> %{redirect_url}\n' --max-time 3 \
+  --resolve myapp.example.com:80:192.0.2.1 http://myapp.example.com/
+echo "==> https://myapp.example.com/ (the demo has no Secret myapp-tls-secret, so kproxy answers with"
+echo "    its self-signed default certificate: curl -k)"
+for _ in 1 2 3 4; do
+  in_ns "$client" curl -sk --max-time 3 --resolve myapp.example.com:443:192.0.2.1 https://myapp.example.com/
+done
 
 echo "==> kproxy's log"
 grep -E "synced|loaded|allocated" "$work/kproxy.log" | sed 's/^/    /' | head -8
