@@ -9,16 +9,26 @@ use crate::netns::{run, Topology};
 
 /// How long a condition may take before the test fails: generous, because CI machines are slow;
 /// the tests assert behaviour, never speed.
-pub const DEADLINE: Duration = Duration::from_secs(20);
+/// `KPROXY_TEST_DEADLINE` (seconds) raises it where everything is slower, as in the emulated
+/// guest of `scripts/ipvs-vm.sh`.
+pub fn deadline() -> Duration {
+    static SECS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    Duration::from_secs(*SECS.get_or_init(|| {
+        std::env::var("KPROXY_TEST_DEADLINE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20)
+    }))
+}
 
-/// Polls `f` until it returns `Some`, failing the test with `what` after [`DEADLINE`].
+/// Polls `f` until it returns `Some`, failing the test with `what` after [`deadline`].
 pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        assert!(start.elapsed() < deadline(), "timed out waiting for: {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -119,7 +129,7 @@ impl Kproxy {
                 return;
             }
             assert!(
-                start.elapsed() < DEADLINE,
+                start.elapsed() < deadline(),
                 "no sync after #{after}; kproxy log:\n{}",
                 self.log_text()
             );

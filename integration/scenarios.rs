@@ -79,6 +79,7 @@ pub const ALL: &[(&str, Scenario)] = &[
         "udp_client_recovers_when_its_endpoint_is_replaced",
         semantics::udp_stale_conntrack,
     ),
+    ("full_resync_repairs_changes_behind_its_back", resync_repairs),
 ];
 
 /// Scenarios that only mean something for the API source.
@@ -731,4 +732,40 @@ fn cleanup_ipvs(kind: SourceKind) {
     let link = env.topo.exec(&node, &["ip", "link", "show", "kube-ipvs0"]);
     assert!(!link.status.success(), "kube-ipvs0 left behind");
     assert!(curl(&env.topo, &client, &format!("http://{CLUSTER_IP}/")).is_err());
+}
+
+/// Someone deletes kproxy's objects behind its back; the next full resync puts them back.
+fn resync_repairs(mode: &'static str, kind: SourceKind) {
+    let env = Env::new(mode, kind, &objects(&pod_ips(&[0, 1])), &["--sync-period", "2s"]);
+    let url = format!("http://{CLUSTER_IP}/");
+    let node_port = format!("http://{}:30080/", env.topo.node_ip);
+    let (node, client, outside) = (
+        env.topo.node.clone(),
+        env.topo.pods[2].ns.clone(),
+        env.topo.client.clone(),
+    );
+    eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
+    if mode == "ipvs" {
+        env.topo
+            .exec_ok(&node, &["ipvsadm", "-D", "-t", &format!("{CLUSTER_IP}:80")]);
+        env.topo.exec_ok(
+            &node,
+            &[
+                "ipvsadm",
+                "-e",
+                "-t",
+                "192.0.2.1:30080",
+                "-r",
+                "10.244.1.2:8080",
+                "-m",
+                "-w",
+                "0",
+            ],
+        );
+    } else {
+        env.topo
+            .exec_ok(&node, &["iptables", "-t", "nat", "-F", "KPROXY-SERVICES"]);
+    }
+    eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
+    eventually_backends(&env.topo, &outside, &node_port, 10, &["pod-a", "pod-b"]);
 }

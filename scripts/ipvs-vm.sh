@@ -153,7 +153,8 @@ depmod -b "$STAGE" "$KVER"
 mknod -m 600 "$STAGE/dev/console" c 5 1 2>/dev/null || true
 
 {
-  echo "export KPROXY_TEST_MODES=ipvs KPROXY_BIN=/test/kproxy RUST_BACKTRACE=1"
+  # Emulation is several times slower than the host: give each awaited condition a minute.
+  echo "export KPROXY_TEST_MODES=ipvs KPROXY_BIN=/test/kproxy KPROXY_TEST_DEADLINE=60 RUST_BACKTRACE=1"
   printf 'set --'
   printf ' %q' "${TEST_ARGS[@]}"
   echo

@@ -14,6 +14,28 @@ fn nl_error(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Dataplan
     DataplaneError::Netlink(format!("{what}: {e}"))
 }
 
+/// `ENOENT`: the controller's answer for a family that does not exist.
+const ENOENT: i32 = 2;
+
+/// How one request failed: refused by the kernel with an errno, or lost on the socket.
+#[derive(Debug)]
+enum Failure {
+    Kernel(i32),
+    Socket(String),
+}
+
+impl Failure {
+    fn context(self, what: impl std::fmt::Display) -> DataplaneError {
+        match self {
+            Failure::Kernel(errno) => {
+                let err = std::io::Error::from_raw_os_error(errno);
+                DataplaneError::Netlink(format!("{what}: {err} (errno {errno})"))
+            }
+            Failure::Socket(msg) => DataplaneError::Netlink(format!("{what}: {msg}")),
+        }
+    }
+}
+
 /// A connection to the kernel's IPVS family in the current network namespace.
 pub struct IpvsClient {
     socket: Socket,
@@ -38,18 +60,18 @@ impl IpvsClient {
             seq: 0,
         };
         let seq = client.next_seq();
-        let replies = client.exchange(&encode_get_family(IPVS_FAMILY, seq), seq, "looking up the IPVS family");
-        let attrs = match replies {
+        let what = "looking up the IPVS generic netlink family";
+        let attrs = match client.exchange(&encode_get_family(IPVS_FAMILY, seq), seq) {
             Ok(mut r) if !r.is_empty() => r.remove(0),
-            Ok(_) => return Err(DataplaneError::Netlink("no reply to the IPVS family lookup".into())),
-            Err(DataplaneError::Netlink(msg)) if msg.contains("(errno 2)") => {
+            Ok(_) => return Err(nl_error(what, "no reply")),
+            Err(Failure::Kernel(ENOENT)) => {
                 return Err(DataplaneError::Unsupported(
                     "this kernel has no IPVS: the generic netlink family \"IPVS\" does not exist \
                      (load the ip_vs module, or use --proxy-mode iptables)"
                         .into(),
                 ))
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.context(what)),
         };
         client.family = netlink::decode_family_id(&attrs).map_err(|e| nl_error("IPVS family lookup", e))?;
         Ok(client)
@@ -63,7 +85,9 @@ impl IpvsClient {
     /// The kernel's IPVS version, e.g. `1.2.1`.
     pub fn version(&mut self) -> Result<String> {
         let seq = self.next_seq();
-        let replies = self.exchange(&encode_get_info(self.family, seq), seq, "IPVS_CMD_GET_INFO")?;
+        let replies = self
+            .exchange(&encode_get_info(self.family, seq), seq)
+            .map_err(|e| e.context("IPVS_CMD_GET_INFO"))?;
         let attrs = replies
             .first()
             .ok_or_else(|| nl_error("IPVS_CMD_GET_INFO", "no reply"))?;
@@ -74,7 +98,9 @@ impl IpvsClient {
     /// Every virtual service in the kernel (`ipvsadm -Ln`, services only).
     pub fn services(&mut self) -> Result<Vec<VirtualService>> {
         let seq = self.next_seq();
-        let replies = self.exchange(&encode_dump_services(self.family, seq), seq, "listing IPVS services")?;
+        let replies = self
+            .exchange(&encode_dump_services(self.family, seq), seq)
+            .map_err(|e| e.context("listing IPVS services"))?;
         let mut out = Vec::new();
         for attrs in replies {
             if let Some(svc) = netlink::decode_service(&attrs).map_err(|e| nl_error("IPVS service dump", e))? {
@@ -87,63 +113,41 @@ impl IpvsClient {
     /// The real servers of one virtual service.
     pub fn dests(&mut self, key: &VsKey) -> Result<Vec<netlink::RealServerState>> {
         let seq = self.next_seq();
-        let replies = self.exchange(
-            &encode_dump_dests(self.family, seq, key),
-            seq,
-            format!("listing real servers of {key}"),
-        )?;
+        let what = format!("listing real servers of {key}");
+        let replies = self
+            .exchange(&encode_dump_dests(self.family, seq, key), seq)
+            .map_err(|e| e.context(&what))?;
         replies
             .iter()
-            .map(|attrs| {
-                netlink::decode_dest(attrs, &key.addr).map_err(|e| nl_error(format!("real servers of {key}"), e))
-            })
+            .map(|attrs| netlink::decode_dest(attrs, &key.addr).map_err(|e| nl_error(&what, e)))
             .collect()
     }
 
     /// Sends one request and waits for the kernel's acknowledgement.
     pub fn execute(&mut self, request: &Request) -> Result<()> {
         let seq = self.next_seq();
-        self.exchange(&request.encode(self.family, seq), seq, request)
+        self.exchange(&request.encode(self.family, seq), seq)
             .map(|_| ())
+            .map_err(|e| e.context(request))
     }
 
-    /// Sends `msg` and collects the attributes of every data message answering `seq`, until
-    /// the acknowledgement, the end of the dump, or an error.
-    fn exchange(&mut self, msg: &[u8], seq: u32, what: impl std::fmt::Display) -> Result<Vec<Vec<u8>>> {
-        self.socket.send(msg, 0).map_err(|e| nl_error(&what, e))?;
+    /// Sends `msg` (which asks for an acknowledgement or a dump) and collects the attributes of
+    /// every data message answering `seq`, until the acknowledgement or the end of the dump.
+    fn exchange(&mut self, msg: &[u8], seq: u32) -> std::result::Result<Vec<Vec<u8>>, Failure> {
+        let socket = |e: std::io::Error| Failure::Socket(e.to_string());
+        self.socket.send(msg, 0).map_err(socket)?;
         let mut out = Vec::new();
         loop {
-            let (buf, _) = self.socket.recv_from_full().map_err(|e| nl_error(&what, e))?;
-            let multipart = netlink::is_multipart(&buf);
-            let mut finished = false;
-            for reply in decode_replies(&buf).map_err(|e| nl_error(&what, e))? {
+            let (buf, _) = self.socket.recv_from_full().map_err(socket)?;
+            for reply in decode_replies(&buf).map_err(|e| Failure::Socket(e.to_string()))? {
                 match reply {
-                    Reply::Data { seq: s, attrs, .. } if s == seq => {
-                        out.push(attrs.to_vec());
-                        // A plain (non-dump) answer is followed by the acknowledgement.
-                    }
-                    Reply::Error { seq: s, errno } if s == seq => {
-                        if errno != 0 {
-                            let err = std::io::Error::from_raw_os_error(-errno);
-                            return Err(DataplaneError::Netlink(format!("{what}: {err} (errno {})", -errno)));
-                        }
-                        finished = true;
-                    }
-                    Reply::Done { seq: s } if s == seq => finished = true,
+                    Reply::Data { seq: s, attrs, .. } if s == seq => out.push(attrs.to_vec()),
+                    Reply::Error { seq: s, errno: 0 } | Reply::Done { seq: s } if s == seq => return Ok(out),
+                    Reply::Error { seq: s, errno } if s == seq => return Err(Failure::Kernel(-errno)),
                     // A late answer to an earlier request: not ours any more.
                     _ => {}
                 }
             }
-            if finished || (!multipart && !out.is_empty() && !msg_wants_ack(msg)) {
-                return Ok(out);
-            }
         }
     }
-}
-
-/// Whether a request asked for an acknowledgement (`NLM_F_ACK`), so the loop waits for it.
-fn msg_wants_ack(msg: &[u8]) -> bool {
-    msg.get(6..8)
-        .map(|f| u16::from_ne_bytes([f[0], f[1]]) & 0x4 != 0)
-        .unwrap_or(false)
 }

@@ -79,7 +79,11 @@ const STRICT_ARP: &[(&str, &str)] = &[
 /// the IPVS family exists, nft runs, the sysctls hold, the timeouts are set. Every error here
 /// means the mode cannot work, so the caller exits.
 pub async fn prepare_kernel(cfg: &IpvsConfig) -> Result<String> {
-    let mut client = IpvsClient::connect()?;
+    let mut client = match IpvsClient::connect() {
+        // As kube-proxy does: the module may just not be loaded yet.
+        Err(DataplaneError::Unsupported(_)) if load_ip_vs().await => IpvsClient::connect()?,
+        other => other?,
+    };
     let version = client.version()?;
     nft(&["list", "tables"], None).await?;
     for (name, value) in SYSCTLS {
@@ -308,6 +312,22 @@ pub async fn cleanup(exclude: &[ipnet::IpNet]) -> Result<()> {
         tracing::info!(interface = link::DUMMY, "deleted the dummy interface");
     }
     Ok(())
+}
+
+/// `modprobe ip_vs`; whether it succeeded. Without modprobe or the module this is simply false.
+async fn load_ip_vs() -> bool {
+    let loaded = Command::new("modprobe")
+        .arg("ip_vs")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success());
+    if loaded {
+        tracing::info!("loaded the ip_vs kernel module");
+    }
+    loaded
 }
 
 /// Runs `nft` with `args`, feeding `input` on stdin.

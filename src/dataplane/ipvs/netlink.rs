@@ -13,7 +13,6 @@ use crate::model::Protocol;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_MULTI: u16 = 0x2;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
 const NLA_F_NESTED: u16 = 0x8000;
@@ -469,11 +468,6 @@ pub fn decode_replies(buf: &[u8]) -> Result<Vec<Reply<'_>>, DecodeError> {
         at += (len + 3) & !3;
     }
     Ok(out)
-}
-
-/// Whether the kernel set `NLM_F_MULTI` on the first message (a dump in progress).
-pub fn is_multipart(buf: &[u8]) -> bool {
-    u16_at(buf, 6).is_some_and(|f| f & NLM_F_MULTI != 0)
 }
 
 /// Iterates over the attributes in `buf`, yielding (type without flags, payload).

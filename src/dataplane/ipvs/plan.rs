@@ -53,6 +53,9 @@ pub struct DesiredVs {
     pub has_any_endpoint: bool,
     /// The address is bound to the dummy interface (ClusterIPs, externalIPs, LB IPs).
     pub bound: bool,
+    /// `loadBalancerSourceRanges` on a LoadBalancer IP: only these sources may connect.
+    /// Empty: anyone may.
+    pub source_ranges: Vec<IpNet>,
 }
 
 /// Everything IPVS mode wants in the kernel for one family.
@@ -118,7 +121,7 @@ pub fn plan_desired(desired: &DesiredState, cfg: &PlanConfig) -> DesiredIpvs {
                 Some(t) => (SVC_F_PERSISTENT, t),
                 None => (0, 0),
             };
-            let mut add = |addr: IpAddr, port: u16, traffic: Traffic, bound: bool| {
+            let mut add = |addr: IpAddr, port: u16, traffic: Traffic, bound: bool, ranges: &[IpNet]| {
                 let key = VsKey {
                     addr,
                     protocol: sp.name.protocol,
@@ -150,23 +153,26 @@ pub fn plan_desired(desired: &DesiredState, cfg: &PlanConfig) -> DesiredIpvs {
                         local_policy,
                         has_any_endpoint: sets.has_any,
                         bound,
+                        source_ranges: ranges
+                            .iter()
+                            .filter(|n| IpFamily::of(&n.addr()) == cfg.family)
+                            .copied()
+                            .collect(),
                     },
                 );
             };
             for ip in sp.cluster_ips.iter().filter(of_family(cfg.family)) {
-                add(*ip, sp.port, Traffic::Internal, true);
+                add(*ip, sp.port, Traffic::Internal, true, &[]);
             }
-            for ip in sp
-                .external_ips
-                .iter()
-                .chain(&sp.load_balancer_ips)
-                .filter(of_family(cfg.family))
-            {
-                add(*ip, sp.port, Traffic::External, true);
+            for ip in sp.external_ips.iter().filter(of_family(cfg.family)) {
+                add(*ip, sp.port, Traffic::External, true, &[]);
+            }
+            for ip in sp.load_balancer_ips.iter().filter(of_family(cfg.family)) {
+                add(*ip, sp.port, Traffic::External, true, &sp.load_balancer_source_ranges);
             }
             if let Some(np) = sp.node_port {
                 for ip in cfg.nodeport_addresses.iter().filter(of_family(cfg.family)) {
-                    add(*ip, np, Traffic::External, false);
+                    add(*ip, np, Traffic::External, false, &[]);
                 }
             }
         }

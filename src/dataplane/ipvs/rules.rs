@@ -12,6 +12,7 @@
 //! | `no-local-endpoints` | a Local-policy virtual service with endpoints only elsewhere | drop new connections |
 //! | `service-ips`, `service-ports` | addresses on `kube-ipvs0`; their virtual services | drop new connections to other ports of service addresses |
 //! | `hairpin` | endpoint . same endpoint | masquerade a pod reaching itself through its Service |
+//! | `firewall`, `firewall-allow` | LoadBalancer IPs with `loadBalancerSourceRanges`; each with its allowed sources | drop new connections from other sources |
 //!
 //! Chains: `mark-for-masquerade` (from nat prerouting and output, before IPVS) sets the
 //! masquerade bit; `postrouting` masquerades marked and hairpin connections after IPVS
@@ -81,6 +82,8 @@ pub fn render_ruleset(desired: &DesiredIpvs, cfg: &RulesConfig) -> String {
     let mut drop = Vec::new();
     let mut service_ports = Vec::new();
     let mut hairpin = std::collections::BTreeSet::new();
+    let mut firewall = Vec::new();
+    let mut firewall_allow = Vec::new();
     for (key, vs) in &desired.services {
         let elem = format!("{} . {} . {}", fmt_addr(&key.addr), key.protocol, key.port);
         match vs.traffic {
@@ -94,6 +97,10 @@ pub fn render_ruleset(desired: &DesiredIpvs, cfg: &RulesConfig) -> String {
             } else {
                 reject.push(elem.clone());
             }
+        }
+        if !vs.source_ranges.is_empty() {
+            firewall.push(elem.clone());
+            firewall_allow.extend(vs.source_ranges.iter().map(|net| format!("{elem} . {net}")));
         }
         if vs.bound {
             service_ports.push(elem);
@@ -122,6 +129,14 @@ pub fn render_ruleset(desired: &DesiredIpvs, cfg: &RulesConfig) -> String {
         &format!("{addr_type} . {addr_type}"),
         None,
         &hairpin,
+    );
+    set(&mut out, "firewall", &svc_type, None, &firewall);
+    set(
+        &mut out,
+        "firewall-allow",
+        &format!("{svc_type} . {addr_type}"),
+        Some("interval"),
+        &firewall_allow,
     );
 
     let dst = format!("{sel} daddr . meta l4proto . th dport");
@@ -157,6 +172,7 @@ pub fn render_ruleset(desired: &DesiredIpvs, cfg: &RulesConfig) -> String {
     let _ = writeln!(
         out,
         "\tchain filter-input {{\n\t\ttype filter hook input priority 0; policy accept;\n{refuse}\
+         \t\tct state new {dst} @firewall {dst} . {sel} saddr != @firewall-allow drop\n\
          \t\tct state new {sel} daddr @service-ips {dst} != @service-ports drop\n\t}}"
     );
     let _ = writeln!(
@@ -197,6 +213,7 @@ mod tests {
                 local_policy: traffic == Traffic::External && !has_any,
                 has_any_endpoint: has_any,
                 bound,
+                source_ranges: vec![],
             },
         )
     }
@@ -278,6 +295,25 @@ mod tests {
         let text = render_ruleset(&d, &cfg());
         assert_eq!(elements(&text, "no-local-endpoints"), "{ 192.0.2.1 . tcp . 30081 }");
         assert_eq!(elements(&text, "external"), "", "source IP is preserved");
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_drop_other_sources() {
+        let mut d = DesiredIpvs::default();
+        let (k, mut v) = vs("198.51.100.5", 80, Traffic::External, &["10.244.1.2"], true, true);
+        v.local_policy = false;
+        v.source_ranges = vec!["192.0.2.0/24".parse().unwrap(), "203.0.113.7/32".parse().unwrap()];
+        d.bound.insert(k.addr);
+        d.services.insert(k, v);
+        let text = render_ruleset(&d, &cfg());
+        assert_eq!(elements(&text, "firewall"), "{ 198.51.100.5 . tcp . 80 }");
+        assert_eq!(
+            elements(&text, "firewall-allow"),
+            "{ 198.51.100.5 . tcp . 80 . 192.0.2.0/24, 198.51.100.5 . tcp . 80 . 203.0.113.7/32 }"
+        );
+        assert!(text.contains(
+            "ct state new ip daddr . meta l4proto . th dport @firewall ip daddr . meta l4proto . th dport . ip saddr != @firewall-allow drop"
+        ));
     }
 
     #[test]

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// `NLM_F_MULTI`: set by the kernel on every message of a dump.
+const NLM_F_MULTI: u16 = 0x2;
+
 /// 10.96.0.10:80/tcp, as `ipvsadm -A -t 10.96.0.10:80 -s rr` names it.
 fn key() -> VsKey {
     VsKey {
@@ -161,7 +164,6 @@ fn decodes_a_service_dump_as_the_kernel_sends_it() {
     put_nested(&mut attrs, cmd_attr::SERVICE, &svc);
     let mut buf = reply(0x24, NLM_F_MULTI, 5, cmd::NEW_SERVICE, &attrs);
     buf.extend(reply(NLMSG_DONE, NLM_F_MULTI, 5, 0, &[0, 0, 0, 0]));
-    assert!(is_multipart(&buf));
 
     let replies = decode_replies(&buf).unwrap();
     assert_eq!(replies.len(), 2);

@@ -417,3 +417,20 @@ fn render_save_reads_like_ipvsadm() {
         "-A -t 10.96.0.10:80 -s rr -p 600\n-a -t 10.96.0.10:80 -r 10.244.1.2:8080 -m -w 1\n"
     );
 }
+
+#[test]
+fn source_ranges_apply_to_load_balancer_ips_only() {
+    let mut p = port("web", "10.96.0.10", Some(30080));
+    p.load_balancer_ips = vec!["198.51.100.5".parse().unwrap()];
+    p.external_ips = vec!["203.0.113.5".parse().unwrap()];
+    p.load_balancer_source_ranges = vec!["192.0.2.0/24".parse().unwrap(), "2001:db8::/32".parse().unwrap()];
+    let d = plan_desired(&state(vec![(p, vec![ep("10.244.1.2", "ready", true)])]), &cfg());
+    let ranges = |addr: &str, port: u16| d.services[&key(addr, port)].source_ranges.clone();
+    assert_eq!(
+        ranges("198.51.100.5", 80),
+        vec!["192.0.2.0/24".parse::<IpNet>().unwrap()]
+    );
+    assert!(ranges("203.0.113.5", 80).is_empty());
+    assert!(ranges("10.96.0.10", 80).is_empty());
+    assert!(ranges(NODE_IP, 30080).is_empty());
+}
