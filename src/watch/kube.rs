@@ -140,13 +140,25 @@ impl Apply for Node {
     }
 }
 
-/// Feeds one watcher into the store until shutdown.
-async fn watch_kind<K: Apply>(
+/// What one watcher event asks of the objects it feeds.
+enum Change<'a, K> {
+    /// A complete (re)list: replace every object of the kind.
+    Replace(&'a [K]),
+    Apply(&'a K),
+    Delete(&'a K),
+}
+
+/// Runs one watcher until shutdown, buffering each initial list and relist (after a 410 Gone)
+/// so that `apply` sees it whole, never half-listed.
+async fn drive<K>(
     api: Api<K>,
     config: watcher::Config,
-    state: Arc<SharedState>,
+    kind: impl Debug,
     mut shutdown: watch::Receiver<bool>,
-) {
+    apply: impl Fn(Change<'_, K>),
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
     let mut stream = watcher::watcher(api, config).default_backoff().boxed();
     let mut buffer: Vec<K> = Vec::new();
     loop {
@@ -160,15 +172,30 @@ async fn watch_kind<K: Apply>(
             Some(Ok(Event::InitApply(obj))) => buffer.push(obj),
             Some(Ok(Event::InitDone)) => {
                 let all = std::mem::take(&mut buffer);
-                tracing::debug!(kind = ?K::KIND, objects = all.len(), "listed");
-                state.update(|s| K::replace(s, &all));
+                tracing::debug!(?kind, objects = all.len(), "listed");
+                apply(Change::Replace(&all));
             }
-            Some(Ok(Event::Apply(obj))) => state.update(|s| K::apply(s, &obj)),
-            Some(Ok(Event::Delete(obj))) => state.update(|s| K::delete(s, &obj)),
+            Some(Ok(Event::Apply(obj))) => apply(Change::Apply(&obj)),
+            Some(Ok(Event::Delete(obj))) => apply(Change::Delete(&obj)),
             // The watcher retries on its own (with backoff); the store keeps the last state.
-            Some(Err(e)) => tracing::warn!(kind = ?K::KIND, error = %e, "watch failed; retrying"),
+            Some(Err(e)) => tracing::warn!(?kind, error = %e, "watch failed; retrying"),
         }
     }
+}
+
+/// Feeds one watcher into the store until shutdown.
+async fn watch_kind<K: Apply>(
+    api: Api<K>,
+    config: watcher::Config,
+    state: Arc<SharedState>,
+    shutdown: watch::Receiver<bool>,
+) {
+    drive(api, config, K::KIND, shutdown, |change| match change {
+        Change::Replace(all) => state.update(|s| K::replace(s, all)),
+        Change::Apply(obj) => state.update(|s| K::apply(s, obj)),
+        Change::Delete(obj) => state.update(|s| K::delete(s, obj)),
+    })
+    .await
 }
 
 /// Starts the three watchers; they run until `shutdown`.
@@ -198,37 +225,22 @@ pub fn spawn_watchers(
     ]
 }
 
-/// Feeds one Ingress-side watcher into the Ingress objects until shutdown (same list handling
-/// as [`watch_kind`]; these changes never wake the sync loop).
+/// Feeds one Ingress-side watcher into the Ingress objects until shutdown (these changes never
+/// wake the sync loop).
 async fn watch_ingress_kind<K>(
     api: Api<K>,
     config: watcher::Config,
     state: Arc<SharedState>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) where
     K: IngressObject + Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
-    let mut buffer: Vec<K> = Vec::new();
-    loop {
-        let event = tokio::select! {
-            e = stream.next() => e,
-            _ = shutdown.changed() => return,
-        };
-        match event {
-            None => return,
-            Some(Ok(Event::Init)) => buffer.clear(),
-            Some(Ok(Event::InitApply(obj))) => buffer.push(obj),
-            Some(Ok(Event::InitDone)) => {
-                let all = std::mem::take(&mut buffer);
-                tracing::debug!(kind = ?K::KIND, objects = all.len(), "listed");
-                state.update_ingress(|s| K::replace(s, &all));
-            }
-            Some(Ok(Event::Apply(obj))) => state.update_ingress(|s| K::apply(s, &obj)),
-            Some(Ok(Event::Delete(obj))) => state.update_ingress(|s| K::delete(s, &obj)),
-            Some(Err(e)) => tracing::warn!(kind = ?K::KIND, error = %e, "watch failed; retrying"),
-        }
-    }
+    drive(api, config, K::KIND, shutdown, |change| match change {
+        Change::Replace(all) => state.update_ingress(|s| K::replace(s, all)),
+        Change::Apply(obj) => state.update_ingress(|s| K::apply(s, obj)),
+        Change::Delete(obj) => state.update_ingress(|s| K::delete(s, obj)),
+    })
+    .await
 }
 
 /// Starts the Ingress, IngressClass and TLS Secret watchers (Secrets selected by type, so
