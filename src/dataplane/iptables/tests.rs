@@ -57,11 +57,16 @@ fn desired(yaml: &str) -> DesiredState {
 fn ruleset(desired: &DesiredState, cfg: &RenderConfig) -> Ruleset {
     let plan = Planner::new().plan(desired, &ChangeSet::full(), cfg, None);
     let mut rules = Ruleset::parse(&plan.restore).unwrap_or_else(|e| panic!("{e}\n{}", plan.restore));
+    add_jumps(&mut rules);
+    rules
+}
+
+/// The jumps from the built-in chains, inserted as `ensure_jumps` inserts them.
+fn add_jumps(rules: &mut Ruleset) {
     for jump in names::JUMPS {
         let table: Table = jump.table.parse().unwrap();
         rules.insert(table, jump.from, 1, &jump.args()).unwrap();
     }
-    rules
 }
 
 fn trace(rules: &Ruleset, from: Origin, src: &str, dst: &str, udp: bool) -> TraceResult {
@@ -515,11 +520,7 @@ fn partial_sync_writes_only_the_changed_service() {
     )
     .unwrap();
     kernel.restore(&plan.restore).unwrap();
-    for jump in names::JUMPS {
-        kernel
-            .insert(jump.table.parse().unwrap(), jump.from, 1, &jump.args())
-            .unwrap();
-    }
+    add_jumps(&mut kernel);
     check(
         &kernel,
         Origin::Remote,
@@ -624,11 +625,7 @@ fn udp_and_ipv6_render() {
         "IPv4 Services stay out of ip6tables"
     );
     let mut rules = Ruleset::parse(&plan.restore).unwrap();
-    for jump in names::JUMPS {
-        rules
-            .insert(jump.table.parse().unwrap(), jump.from, 1, &jump.args())
-            .unwrap();
-    }
+    add_jumps(&mut rules);
     let r = rules
         .tracer(["fd00::1".parse().unwrap()])
         .trace(&Packet::tcp(Origin::Remote, "fd00:244::9", "[fd00::10]:80"))
@@ -706,11 +703,7 @@ fn partial_sync_rewrites_dispatch_chains_when_they_change() {
 
     let mut kernel = Ruleset::parse(&full.restore).unwrap();
     kernel.restore(&plan.restore).unwrap();
-    for jump in names::JUMPS {
-        kernel
-            .insert(jump.table.parse().unwrap(), jump.from, 1, &jump.args())
-            .unwrap();
-    }
+    add_jumps(&mut kernel);
     check(
         &kernel,
         Origin::Remote,
