@@ -90,6 +90,13 @@ fn check(rules: &Ruleset, from: Origin, src: &str, dst: &str, want: &str, masq: 
     assert_eq!(r.masquerade(), masq, "{src} -> {dst} masquerade\n{}", r.explain());
 }
 
+/// The basic fixture's `web` Service from another pod: both endpoints, not masqueraded.
+#[track_caller]
+fn check_web_from_pod(rules: &Ruleset) {
+    let both = "10.244.1.2:8080, 10.244.2.2:8080";
+    check(rules, Origin::Remote, "10.244.3.5", "10.96.0.10:80", both, Some(false));
+}
+
 fn svc(name: &str, spec: &str) -> String {
     format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec: {spec}")
 }
@@ -585,14 +592,7 @@ fn invalid_service_is_skipped_and_the_rest_still_route() {
     ]
     .join("\n---\n");
     let rules = ruleset(&desired(&yaml), &config());
-    check(
-        &rules,
-        Origin::Remote,
-        "10.244.3.5",
-        "10.96.0.10:80",
-        "10.244.1.2:8080, 10.244.2.2:8080",
-        Some(false),
-    );
+    check_web_from_pod(&rules);
 }
 
 #[test]
@@ -712,14 +712,7 @@ fn partial_sync_rewrites_dispatch_chains_when_they_change() {
         "10.244.2.2:8080",
         Some(false),
     );
-    check(
-        &kernel,
-        Origin::Remote,
-        "10.244.3.5",
-        "10.96.0.10:80",
-        "10.244.1.2:8080, 10.244.2.2:8080",
-        Some(false),
-    );
+    check_web_from_pod(&kernel);
 }
 
 #[test]
@@ -735,14 +728,7 @@ fn large_clusters_drop_per_endpoint_comments() {
         "service comments stay"
     );
     let rules = ruleset(&desired(&basic()), &cfg);
-    check(
-        &rules,
-        Origin::Remote,
-        "10.244.3.5",
-        "10.96.0.10:80",
-        "10.244.1.2:8080, 10.244.2.2:8080",
-        Some(false),
-    );
+    check_web_from_pod(&rules);
 }
 
 #[test]
