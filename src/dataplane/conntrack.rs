@@ -83,40 +83,24 @@ pub enum Flow {
 impl Flow {
     /// The `conntrack` arguments selecting this flow.
     pub fn args(&self) -> Vec<String> {
-        let family = |ip: &IpAddr| if ip.is_ipv6() { "ipv6" } else { "ipv4" };
+        // (address giving the family, original destination, original port, NATed endpoint)
+        let (family, orig_dst, port, dst_nat) = match *self {
+            Flow::ToService { ip, port } => (Some(ip), Some(ip), port, None),
+            Flow::ToNodePort { port } => (None, None, port, None),
+            Flow::ServiceToEndpoint { ip, port, endpoint } => (Some(ip), Some(ip), port, Some(endpoint)),
+            Flow::NodePortToEndpoint { port, endpoint } => (Some(endpoint), None, port, Some(endpoint)),
+        };
         let mut a: Vec<String> = vec!["-D".into()];
-        match self {
-            Flow::ToService { ip, port } => {
-                a.extend(["-f".into(), family(ip).into(), "-p".into(), "udp".into()]);
-                a.extend([
-                    "--orig-dst".into(),
-                    ip.to_string(),
-                    "--orig-port-dst".into(),
-                    port.to_string(),
-                ]);
-            }
-            Flow::ToNodePort { port } => {
-                a.extend(["-p".into(), "udp".into(), "--orig-port-dst".into(), port.to_string()]);
-            }
-            Flow::ServiceToEndpoint { ip, port, endpoint } => {
-                a.extend(["-f".into(), family(ip).into(), "-p".into(), "udp".into()]);
-                a.extend([
-                    "--orig-dst".into(),
-                    ip.to_string(),
-                    "--orig-port-dst".into(),
-                    port.to_string(),
-                ]);
-                a.extend(["--dst-nat".into(), endpoint.to_string()]);
-            }
-            Flow::NodePortToEndpoint { port, endpoint } => {
-                a.extend(["-f".into(), family(endpoint).into(), "-p".into(), "udp".into()]);
-                a.extend([
-                    "--orig-port-dst".into(),
-                    port.to_string(),
-                    "--dst-nat".into(),
-                    endpoint.to_string(),
-                ]);
-            }
+        if let Some(ip) = family {
+            a.extend(["-f".into(), if ip.is_ipv6() { "ipv6" } else { "ipv4" }.into()]);
+        }
+        a.extend(["-p".into(), "udp".into()]);
+        if let Some(ip) = orig_dst {
+            a.extend(["--orig-dst".into(), ip.to_string()]);
+        }
+        a.extend(["--orig-port-dst".into(), port.to_string()]);
+        if let Some(ep) = dst_nat {
+            a.extend(["--dst-nat".into(), ep.to_string()]);
         }
         a
     }
