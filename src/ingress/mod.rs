@@ -7,6 +7,7 @@
 pub mod annotations;
 pub mod balance;
 pub mod controller;
+pub mod framing;
 pub mod objects;
 pub mod proxy;
 pub mod routes;

@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use super::balance::{affinity_value, Balancer};
+use super::framing::{self, FramingWatch};
 use super::routes::{normalize_host, Route, RouteTable, Upstream};
 use super::upstream::{
     BoxError, Clients, IdleTimeoutBody, ProxyBody, RetryBody, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
@@ -164,13 +165,25 @@ impl Proxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: Conn) -> Response<ProxyBody> {
+    /// Serves one request; `conflicting_framing` when its head carried both Content-Length and
+    /// Transfer-Encoding (see [`super::framing`]).
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: Conn,
+        conflicting_framing: bool,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = req.method().clone();
         let uri = req.uri().clone();
         let version = req.version();
         let mut served = Served::default();
-        let resp = self.serve(req, conn, &mut served).await;
+        let resp = if conflicting_framing {
+            // Both framings at once is how requests are smuggled past proxies: refuse, and close.
+            bad_request("both Content-Length and Transfer-Encoding")
+        } else {
+            self.serve(req, conn, &mut served).await
+        };
         let code = resp.status().as_u16();
         let m = metrics();
         m.inc_ingress_request(&served.ingress, &served.service, code);
@@ -195,10 +208,6 @@ impl Proxy {
 
     async fn serve(&self, req: Request<Incoming>, conn: Conn, served: &mut Served) -> Response<ProxyBody> {
         let headers = req.headers();
-        // Both framings at once is how requests are smuggled past proxies: refuse.
-        if headers.contains_key(header::CONTENT_LENGTH) && headers.contains_key(header::TRANSFER_ENCODING) {
-            return bad_request("both Content-Length and Transfer-Encoding");
-        }
         let host = match req.uri().authority() {
             Some(a) => a.as_str().to_string(),
             None => match headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
@@ -539,9 +548,12 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let conn = Conn { peer, https, port };
         let proxy = proxy.clone();
+        let verdict = Arc::new(framing::Verdict::default());
+        let service_verdict = verdict.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
-            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, conn).await) }
+            let conflict = req.version() <= Version::HTTP_11 && service_verdict.next_request_conflicts();
+            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, conn, conflict).await) }
         });
         let watcher = graceful.watcher();
         let builder = builder.clone();
@@ -550,7 +562,7 @@ pub async fn serve(
             match tls {
                 None => {
                     let c = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .serve_connection_with_upgrades(TokioIo::new(FramingWatch::new(stream, verdict)), service)
                         .into_owned();
                     let _ = watcher.watch(c).await;
                 }
@@ -560,7 +572,7 @@ pub async fn serve(
                         return;
                     };
                     let c = builder
-                        .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
+                        .serve_connection_with_upgrades(TokioIo::new(FramingWatch::new(tls_stream, verdict)), service)
                         .into_owned();
                     let _ = watcher.watch(c).await;
                 }
