@@ -359,6 +359,34 @@ fn raw(env: &Env, request: Vec<u8>) -> String {
     })
 }
 
+/// A WebSocket handshake to `host` on the HTTP listener, then two messages echoed through the
+/// upgraded connection: the response head and what came back.
+fn websocket_echo(env: &Env, host: &str) -> (String, String) {
+    let request = format!("GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+    raw_in(env, &format!("{NODE}:80"), move |mut s| {
+        s.write_all(request.as_bytes()).expect("write");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte).unwrap_or(0) == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        let mut out = Vec::new();
+        if head.starts_with("HTTP/1.1 101") {
+            for msg in ["hello", " websocket"] {
+                s.write_all(msg.as_bytes()).expect("write frame");
+                let mut buf = vec![0u8; msg.len()];
+                s.read_exact(&mut buf).expect("echo");
+                out.extend(buf);
+            }
+        }
+        (head, String::from_utf8_lossy(&out).to_string())
+    })
+}
+
 fn status_of(raw: &str) -> u16 {
     raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
@@ -805,27 +833,7 @@ fn protocols() {
     assert!(r.headers.starts_with("HTTP/2 200"), "{}", r.headers);
 
     // Upgrade: after 101 the bytes flow both ways untouched.
-    let echoed = raw_in(&env, &format!("{NODE}:80"), |mut s| {
-        s.write_all(b"GET /ws HTTP/1.1\r\nHost: p.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-            .expect("write");
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if s.read(&mut byte).unwrap_or(0) == 0 {
-                break;
-            }
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&head).to_string();
-        let mut out = Vec::new();
-        for msg in ["hello", " websocket"] {
-            s.write_all(msg.as_bytes()).expect("write frame");
-            let mut buf = vec![0u8; msg.len()];
-            s.read_exact(&mut buf).expect("echo");
-            out.extend(buf);
-        }
-        (head, String::from_utf8_lossy(&out).to_string())
-    });
+    let echoed = websocket_echo(&env, "p.test");
     assert!(echoed.0.starts_with("HTTP/1.1 101"), "{}", echoed.0);
     assert!(echoed.0.contains("x-target-form: origin"), "{}", echoed.0);
     assert_eq!(echoed.1, "hello websocket");
@@ -997,6 +1005,12 @@ fn backends_and_drain() {
         Some(get(&env, "secure.test", "/")).filter(|r| r.code == 200)
     });
     assert_eq!(r.pod(), "pod-b-tls", "{r:?}");
+    let (head, echoed) = websocket_echo(&env, "secure.test");
+    assert!(
+        head.starts_with("HTTP/1.1 101"),
+        "WebSocket to an HTTPS backend: {head}"
+    );
+    assert_eq!(echoed, "hello websocket", "spliced over TLS");
 
     // Graceful drain: a slow request survives SIGTERM; the listener closes at once.
     let pid = env.kproxy.pid().expect("pid");

@@ -370,15 +370,14 @@ impl Proxy {
             return bad_request("bad request target");
         };
         if let Some(client_side) = client_side {
-            if settings.backend_https {
-                return full(
-                    StatusCode::BAD_GATEWAY,
-                    "protocol upgrades to HTTPS backends are not supported",
-                );
-            }
-            return self
-                .tunnel(head, client_side, &authority, connect_timeout, read_timeout, &service)
-                .await;
+            let tunnel = Tunnel {
+                authority: &authority,
+                https: settings.backend_https,
+                connect_timeout,
+                read_timeout,
+                service: &service,
+            };
+            return self.tunnel(head, client_side, tunnel).await;
         }
         // Stream the body: bounded by proxy-body-size, failing when the client stalls.
         let body: ProxyBody = match settings.body_limit {
@@ -443,57 +442,100 @@ impl Proxy {
         Response::from_parts(parts, IdleTimeoutBody::new(body, read_timeout, "upstream body").boxed())
     }
 
-    /// An Upgrade request (WebSocket): a dedicated upstream connection, and after `101` the two
-    /// connections are spliced byte for byte.
+    /// An Upgrade request (WebSocket): a dedicated upstream connection (TLS for HTTPS backends),
+    /// and after `101` the two connections are spliced byte for byte.
     async fn tunnel(
         &self,
         head: http::request::Parts,
         client_side: hyper::upgrade::OnUpgrade,
-        authority: &str,
-        connect_timeout: Duration,
-        read_timeout: Duration,
-        service: &str,
+        to: Tunnel<'_>,
     ) -> Response<ProxyBody> {
-        let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(authority)).await {
-            Ok(Ok(s)) => s,
-            _ => {
-                metrics().inc_ingress_connect_error(service);
+        let connected = tokio::time::timeout(to.connect_timeout, async {
+            let tcp = TcpStream::connect(to.authority).await?;
+            let _ = tcp.set_nodelay(true);
+            if !to.https {
+                return Ok::<_, std::io::Error>(UpstreamIo::Plain(tcp));
+            }
+            let host = to.authority.rsplit_once(':').map_or(to.authority, |(h, _)| h);
+            let name = rustls_pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let tls = self.clients.tunnel_tls().connect(name, tcp).await?;
+            Ok(UpstreamIo::Tls(Box::new(tls)))
+        })
+        .await;
+        let io = match connected {
+            Ok(Ok(io)) => io,
+            Ok(Err(e)) => {
+                metrics().inc_ingress_connect_error(to.service);
+                tracing::debug!(service = to.service, upstream = to.authority, error = %e, "upgrade connect failed");
+                return status(StatusCode::BAD_GATEWAY);
+            }
+            Err(_) => {
+                metrics().inc_ingress_connect_error(to.service);
                 return status(StatusCode::BAD_GATEWAY);
             }
         };
-        let _ = stream.set_nodelay(true);
-        let (mut sender, connection) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-            Ok(x) => x,
-            Err(_) => return status(StatusCode::BAD_GATEWAY),
-        };
-        tokio::spawn(async move {
-            let _ = connection.with_upgrades().await;
-        });
-        // A connection of its own talks to the origin directly: origin-form request target.
-        let mut head = head;
-        if let Some(pq) = head.uri.path_and_query().cloned() {
-            head.uri = http::Uri::from(pq);
+        match io {
+            UpstreamIo::Plain(tcp) => upgrade_over(tcp, head, client_side, to.read_timeout).await,
+            UpstreamIo::Tls(tls) => upgrade_over(*tls, head, client_side, to.read_timeout).await,
         }
-        let req = Request::from_parts(head, Empty::<Bytes>::new());
-        let mut resp = match tokio::time::timeout(read_timeout, sender.send_request(req)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => return status(StatusCode::BAD_GATEWAY),
-            Err(_) => return status(StatusCode::GATEWAY_TIMEOUT),
-        };
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let upstream_side = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                if let (Ok(c), Ok(u)) = tokio::join!(client_side, upstream_side) {
-                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
-                }
-            });
-            let (parts, _) = resp.into_parts();
-            return Response::from_parts(parts, Empty::new().map_err(|e| match e {}).boxed());
-        }
-        let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        Response::from_parts(parts, body.map_err(BoxError::from).boxed())
     }
+}
+
+/// Where an Upgrade request goes.
+struct Tunnel<'a> {
+    authority: &'a str,
+    https: bool,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+    service: &'a str,
+}
+
+enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Sends the Upgrade request over `io` and, on `101`, splices it with the client's connection.
+async fn upgrade_over<IO>(
+    io: IO,
+    mut head: http::request::Parts,
+    client_side: hyper::upgrade::OnUpgrade,
+    read_timeout: Duration,
+) -> Response<ProxyBody>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut sender, connection) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
+        Ok(x) => x,
+        Err(_) => return status(StatusCode::BAD_GATEWAY),
+    };
+    tokio::spawn(async move {
+        let _ = connection.with_upgrades().await;
+    });
+    // A connection of its own talks to the origin directly: origin-form request target.
+    if let Some(pq) = head.uri.path_and_query().cloned() {
+        head.uri = http::Uri::from(pq);
+    }
+    let req = Request::from_parts(head, Empty::<Bytes>::new());
+    let mut resp = match tokio::time::timeout(read_timeout, sender.send_request(req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => return status(StatusCode::BAD_GATEWAY),
+        Err(_) => return status(StatusCode::GATEWAY_TIMEOUT),
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(c), Ok(u)) = tokio::join!(client_side, upstream_side) {
+                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+            }
+        });
+        let (parts, _) = resp.into_parts();
+        return Response::from_parts(parts, Empty::new().map_err(|e| match e {}).boxed());
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
 }
 
 /// Resolves once shutdown has begun (or its sender is gone).

@@ -97,15 +97,25 @@ fn build_client(tls: rustls::ClientConfig, connect_timeout: Duration) -> Upstrea
 /// One pooled client per connect timeout in use (the timeout is a property of the connector).
 pub struct Clients {
     tls: rustls::ClientConfig,
+    /// For the dedicated connections of protocol upgrades: HTTP/1.1 only, as Upgrade is.
+    tunnel_tls: tokio_rustls::TlsConnector,
     by_timeout: Mutex<HashMap<Duration, UpstreamClient>>,
 }
 
 impl Clients {
     pub fn new(tls: rustls::ClientConfig) -> Self {
+        let mut tunnel = tls.clone();
+        tunnel.alpn_protocols = vec![b"http/1.1".to_vec()];
         Clients {
             tls,
+            tunnel_tls: tokio_rustls::TlsConnector::from(Arc::new(tunnel)),
             by_timeout: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// TLS for an upgraded connection to an HTTPS backend.
+    pub fn tunnel_tls(&self) -> &tokio_rustls::TlsConnector {
+        &self.tunnel_tls
     }
 
     pub fn get(&self, connect_timeout: Duration) -> UpstreamClient {
