@@ -1119,4 +1119,32 @@ fn class_and_status() {
         lease.pointer("/spec/holderIdentity").and_then(|v| v.as_str()),
         Some("node-1")
     );
+
+    // Moved to another controller: no longer served, and the address kproxy wrote is removed.
+    let mut moved = api
+        .get("networking.k8s.io/v1", "Ingress", Some("default"), "by-class")
+        .expect("by-class");
+    moved["spec"]["ingressClassName"] = "theirs".into();
+    api.apply(moved).expect("apply");
+    wait_code(&env, "class.test", "/", 404);
+    eventually("status cleared", || status("by-class").is_none().then_some(()));
+    assert_eq!(status("by-default").as_deref(), Some("203.0.113.7"), "still served");
+
+    // On SIGTERM the leader hands the Lease back, so another node takes over at once.
+    let pid = env.kproxy.pid().expect("pid");
+    crate::netns::must("kill", &["-TERM", &pid.to_string()]);
+    eventually("Lease released", || {
+        let lease = api.get(
+            "coordination.k8s.io/v1",
+            "Lease",
+            Some("kube-system"),
+            "kproxy-ingress-status",
+        )?;
+        lease.pointer("/spec/holderIdentity").is_none().then_some(())
+    });
+    assert_eq!(
+        status("by-default").as_deref(),
+        Some("203.0.113.7"),
+        "statuses stay: the other nodes still serve them"
+    );
 }

@@ -174,6 +174,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None
     };
     start_sources(&config, &state, &shutdown).await?;
+    let mut status_task = None;
     if let (Some(started), None) = (&ingress, &config.manifests) {
         let client = kube_source::client(config.kubeconfig.as_deref(), config.master.as_deref()).await?;
         let status = ingress::status::StatusConfig {
@@ -181,13 +182,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             namespace: std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "kube-system".into()),
             identity: config.hostname.clone(),
         };
-        tokio::spawn(ingress::status::run(
+        status_task = Some(tokio::spawn(ingress::status::run(
             client,
             status,
             state.clone(),
             started.routes.clone(),
             shutdown.clone(),
-        ));
+        )));
     }
     tracing::info!(
         node = %config.hostname,
@@ -204,6 +205,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // The Ingress listeners drain their in-flight requests (bounded by their drain timeout).
     for handle in ingress.map(|i| i.handles).unwrap_or_default() {
         let _ = handle.await;
+    }
+    // The status leader hands its Lease back (bounded: the API may be unreachable).
+    if let Some(task) = status_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
     Ok(())
 }
