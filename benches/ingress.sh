@@ -135,8 +135,10 @@ echo "| --- | ---: | ---: | ---: |"
 if [ -n "${BENCH_PERF:-}" ]; then
   kpid=$(pgrep -f "target/release/kproxy --manifests $work/manifests" | head -1)
   perf record -F 499 -g -p "$kpid" -o "$BENCH_PERF" -- sleep "$duration" >/dev/null 2>&1 &
+  perf_pid=$!
   in_ns wrk -t2 -c"$connections" -d"${duration}s" -H "Host: myapp.example.com" http://127.0.0.1:8083/ >/dev/null
-  wait
+  # Only perf: a bare `wait` would also wait for the servers started above.
+  wait "$perf_pid"
   exit 0
 fi
 for target in "backend directly|http://127.0.0.1:8081/" "kproxy|http://127.0.0.1:8083/" "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///')|http://127.0.0.1:8082/"; do

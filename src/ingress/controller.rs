@@ -31,6 +31,11 @@ pub enum IngressError {
         #[source]
         source: std::io::Error,
     },
+    #[error("starting the Ingress proxy threads: {source}")]
+    Worker {
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("backend TLS configuration: {0}")]
@@ -98,10 +103,52 @@ async fn keep_routes(
     }
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, IngressError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| IngressError::Bind { what, addr, source })
+fn bind(what: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, IngressError> {
+    let bound = std::net::TcpListener::bind(addr).and_then(|l| {
+        l.set_nonblocking(true)?;
+        Ok(l)
+    });
+    bound.map_err(|source| IngressError::Bind { what, addr, source })
+}
+
+/// How many proxy threads serve the listeners: one per CPU this process may use.
+fn worker_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 64)
+}
+
+/// One proxy thread: a single-threaded runtime with its own upstream pools, accepting from
+/// the shared listeners. A request's client connection and its upstream connection then live
+/// on the same thread, as in nginx's workers, instead of waking each other across threads.
+fn spawn_worker(
+    index: usize,
+    listeners: Vec<(std::net::TcpListener, Option<TlsAcceptor>)>,
+    proxy: Proxy,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("ingress-{index}"))
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(worker = index, error = %e, "Ingress worker runtime failed to start");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let proxy = Arc::new(proxy);
+                let mut servers = tokio::task::JoinSet::new();
+                for (listener, tls) in listeners {
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => {
+                            servers.spawn(proxy::serve(l, tls, proxy.clone(), shutdown.clone(), index == 0));
+                        }
+                        Err(e) => tracing::error!(worker = index, error = %e, "Ingress listener not usable"),
+                    }
+                }
+                while servers.join_next().await.is_some() {}
+            });
+        })
 }
 
 /// A started Ingress proxy.
@@ -120,23 +167,17 @@ pub async fn start(
     shutdown: watch::Receiver<bool>,
 ) -> Result<Started, IngressError> {
     let http = match config.http_bind {
-        Some(a) => Some(bind("HTTP", a).await?),
+        Some(a) => Some(bind("HTTP", a)?),
         None => None,
     };
     let https = match config.https_bind {
-        Some(a) => Some(bind("HTTPS", a).await?),
+        Some(a) => Some(bind("HTTPS", a)?),
         None => None,
     };
     let resolver = Arc::new(CertResolver::new(tls::default_certificate()?));
     let server_config = tls::server_config(resolver.clone())?;
     let (routes_tx, routes_rx) = watch::channel(None);
     let https_port = config.https_bind.map_or(443, |a| a.port());
-    let proxy = Arc::new(Proxy::new(
-        routes_rx.clone(),
-        Clients::new(client_tls_config()?),
-        config.access_log,
-        https_port,
-    ));
     let mut handles = vec![tokio::spawn(keep_routes(
         state,
         ClassConfig {
@@ -146,17 +187,32 @@ pub async fn start(
         routes_tx,
         shutdown.clone(),
     ))];
-    if let Some(l) = http {
-        handles.push(tokio::spawn(proxy::serve(l, None, proxy.clone(), shutdown.clone())));
-    }
-    if let Some(l) = https {
-        let acceptor = TlsAcceptor::from(server_config);
-        handles.push(tokio::spawn(proxy::serve(l, Some(acceptor), proxy, shutdown)));
+    let acceptor = TlsAcceptor::from(server_config);
+    let workers = worker_count();
+    for index in 0..workers {
+        let mut listeners = Vec::new();
+        for (listener, tls) in [(&http, None), (&https, Some(acceptor.clone()))] {
+            if let Some(l) = listener {
+                listeners.push((l.try_clone().map_err(|source| IngressError::Worker { source })?, tls));
+            }
+        }
+        let proxy = Proxy::new(
+            routes_rx.clone(),
+            Clients::new(client_tls_config()?),
+            config.access_log,
+            https_port,
+        );
+        let thread = spawn_worker(index, listeners, proxy, shutdown.clone())
+            .map_err(|source| IngressError::Worker { source })?;
+        handles.push(tokio::task::spawn_blocking(move || {
+            let _ = thread.join();
+        }));
     }
     tracing::info!(
         http = ?config.http_bind,
         https = ?config.https_bind,
         class = %config.class,
+        workers,
         "Ingress proxy started; serving nothing until Ingresses, IngressClasses, Secrets, Services and EndpointSlices are listed"
     );
     Ok(Started {

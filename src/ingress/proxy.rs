@@ -557,12 +557,14 @@ fn builder() -> auto::Builder<TokioExecutor> {
 }
 
 /// Serves one listener until `shutdown`, then lets in-flight requests finish (up to
-/// [`DRAIN_TIMEOUT`]). Accepts nothing before the first route table exists.
+/// [`DRAIN_TIMEOUT`]). Accepts nothing before the first route table exists. Several workers may
+/// serve the same listener; the one that `announce`s logs when serving begins.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     proxy: Arc<Proxy>,
     mut shutdown: watch::Receiver<bool>,
+    announce: bool,
 ) {
     let https = tls.is_some();
     let mut routes = proxy.routes.clone();
@@ -572,7 +574,9 @@ pub async fn serve(
         _ = stopped(&mut shutdown) => return,
     }
     let port = listener.local_addr().map_or(0, |a| a.port());
-    tracing::info!(address = ?listener.local_addr().ok(), https, "Ingress listener serving");
+    if announce {
+        tracing::info!(address = ?listener.local_addr().ok(), https, "Ingress listener serving");
+    }
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(builder());
     loop {
