@@ -1,7 +1,9 @@
 //! Desired state from YAML files: `--manifests PATH` (a file or a directory, multi-document).
 //!
-//! The files stand in for the API server: they are re-read whenever one changes, and the
-//! complete set replaces the previous one, exactly like a relist. Like the API server, this
+//! The files stand in for the API server: whenever one changes, the complete set replaces the
+//! previous one, exactly like a relist. Only the files that changed are parsed again; the
+//! others' objects are kept from their last read, so one edited file among thousands of
+//! Services costs that file, not all of them. Like the API server, this
 //! source allocates a cluster IP (from `--service-cluster-ip-range`) and node ports to Services
 //! that have none, deterministically, so manifests written for `kubectl apply` work unchanged.
 
@@ -89,29 +91,79 @@ fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
         .collect()
 }
 
+impl Objects {
+    fn extend_from(&mut self, other: &Objects) {
+        self.services.extend_from_slice(&other.services);
+        self.slices.extend_from_slice(&other.slices);
+        self.nodes.extend_from_slice(&other.nodes);
+        self.ingresses.extend_from_slice(&other.ingresses);
+        self.ingress_classes.extend_from_slice(&other.ingress_classes);
+        self.secrets.extend_from_slice(&other.secrets);
+    }
+}
+
 /// Reads every manifest under `path`. Kinds other than Service, EndpointSlice, Node, Ingress,
 /// IngressClass and TLS Secrets (a Deployment, say) are skipped; a document that cannot be parsed is an error naming it.
 pub fn read_manifests(path: &Path) -> Result<Objects, ManifestError> {
+    ParsedFiles::default().read(path)
+}
+
+/// The objects of one file.
+fn read_file(file: &Path) -> Result<Objects, ManifestError> {
     let mut objects = Objects::default();
-    for file in manifest_files(path)? {
-        let text = std::fs::read_to_string(&file).map_err(|source| ManifestError::Read {
-            path: file.clone(),
-            source,
+    let text = std::fs::read_to_string(file).map_err(|source| ManifestError::Read {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let value = serde_yaml::Value::deserialize(doc).map_err(|e| ManifestError::Parse {
+            path: file.to_path_buf(),
+            doc: i + 1,
+            message: e.to_string(),
         })?;
-        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let value = serde_yaml::Value::deserialize(doc).map_err(|e| ManifestError::Parse {
-                path: file.clone(),
-                doc: i + 1,
-                message: e.to_string(),
-            })?;
-            add_document(value, &mut objects).map_err(|message| ManifestError::Parse {
-                path: file.clone(),
-                doc: i + 1,
-                message,
-            })?;
-        }
+        add_document(value, &mut objects).map_err(|message| ManifestError::Parse {
+            path: file.to_path_buf(),
+            doc: i + 1,
+            message,
+        })?;
     }
     Ok(objects)
+}
+
+/// Each file's objects as last parsed, with the size and modification time they were read at.
+#[derive(Default)]
+struct ParsedFiles {
+    files: std::collections::BTreeMap<PathBuf, (u64, Option<SystemTime>, Objects)>,
+}
+
+impl ParsedFiles {
+    /// Every object under `path`, parsing again only the files whose size or modification time
+    /// changed (and new ones). On error nothing of the failed file is kept, so it is read again.
+    fn read(&mut self, path: &Path) -> Result<Objects, ManifestError> {
+        let files = manifest_files(path)?;
+        self.files.retain(|f, _| files.binary_search(f).is_ok());
+        let mut all = Objects::default();
+        for file in files {
+            let meta = std::fs::metadata(&file).map_err(|source| ManifestError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            let stamp = (meta.len(), meta.modified().ok());
+            let fresh = self
+                .files
+                .get(&file)
+                .is_some_and(|(len, mtime, _)| (*len, *mtime) == stamp);
+            if !fresh {
+                self.files.remove(&file);
+                let objects = read_file(&file)?;
+                self.files.insert(file.clone(), (stamp.0, stamp.1, objects));
+            }
+            if let Some((_, _, objects)) = self.files.get(&file) {
+                all.extend_from(objects);
+            }
+        }
+        Ok(all)
+    }
 }
 
 fn add_document(value: serde_yaml::Value, objects: &mut Objects) -> Result<(), String> {
@@ -310,10 +362,11 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut last: Option<Vec<_>> = None;
+    let mut parsed = ParsedFiles::default();
     loop {
         let print = fingerprint(&path);
         if last.as_ref() != Some(&print) {
-            match read_manifests(&path) {
+            match parsed.read(&path) {
                 Ok(objects) => {
                     tracing::info!(
                         path = %path.display(),
@@ -430,6 +483,49 @@ spec:
         let pa = a.ports.as_ref().unwrap()[0].node_port.unwrap();
         let pb = b.ports.as_ref().unwrap()[0].node_port.unwrap();
         assert!((30000..=32767).contains(&pa) && pa != pb);
+    }
+
+    #[test]
+    fn only_changed_files_are_parsed_again() {
+        let dir = tmp("cache", "");
+        std::fs::remove_file(dir.join("all.yaml")).unwrap();
+        let svc = |name: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: 10.96.0.9, ports: [{{port: 80}}]}}\n")
+        };
+        let (a, b) = (dir.join("a.yaml"), dir.join("b.yaml"));
+        std::fs::write(&a, svc("a")).unwrap();
+        std::fs::write(&b, svc("b")).unwrap();
+        let mut parsed = ParsedFiles::default();
+        assert_eq!(parsed.read(&dir).unwrap().services.len(), 2);
+
+        // b's bytes go bad behind the cache's back (same size, same modification time): it is
+        // not parsed again while a changes.
+        let stamp = std::fs::metadata(&b).unwrap().modified().unwrap();
+        std::fs::write(&b, "!".repeat(svc("b").len())).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&b)
+            .unwrap()
+            .set_modified(stamp)
+            .unwrap();
+        std::fs::write(&a, svc("a2")).unwrap();
+        let names: Vec<String> = parsed
+            .read(&dir)
+            .unwrap()
+            .services
+            .iter()
+            .filter_map(|s| s.metadata.name.clone())
+            .collect();
+        assert_eq!(names, ["a2", "b"]);
+
+        // Once b's stamp changes it is read, and its error names it.
+        std::fs::write(&b, "!: [").unwrap();
+        let err = parsed.read(&dir).unwrap_err().to_string();
+        assert!(err.contains("b.yaml"), "{err}");
+        // A removed file's objects are gone.
+        std::fs::remove_file(&b).unwrap();
+        assert_eq!(parsed.read(&dir).unwrap().services.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
