@@ -142,10 +142,10 @@ cpu=$(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//')
   echo "(iptables, nft backend) and 29.5 s (nftables mode); one change 0.5 s (iptables) to 1.8 s"
   echo "(nftables); 211-295 MiB resident. Through iptables-legacy it syncs 10,000 Services in 7.9 s."
   echo
-  echo "The full sync is dominated by iptables-restore itself. The change latency includes"
-  echo "re-reading all $services Services from the manifest files (the file source re-reads everything"
-  echo "when a file changes; the API source decodes only the changed EndpointSlice); the partial sync"
-  echo "writes only the changed Service's chains, and the dispatch chains only if they changed."
+  echo "The full sync is dominated by iptables-restore itself. The change latency includes the"
+  echo "manifest source noticing the file (it polls every 100 ms), parsing that one file again and"
+  echo "replacing the store's objects with the full set, as a relist would; the partial sync writes"
+  echo "only the changed Service's chains, and the dispatch chains only if they changed."
 } > "$work/section.md"
 # Replace this script's section of BENCHMARKS.md, leaving the other benchmarks' sections alone.
 python3 - "$here/BENCHMARKS.md" "$work/section.md" <<'PY'

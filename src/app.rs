@@ -126,14 +126,9 @@ async fn start_sources(
 ) -> anyhow::Result<()> {
     match &config.manifests {
         Some(path) => {
-            tokio::spawn(manifests::run(
-                state.clone(),
-                path.clone(),
-                config.hostname.clone(),
-                config.service_cluster_ip_range,
-                MANIFEST_POLL,
-                shutdown.clone(),
-            ));
+            let source =
+                manifests::ManifestSource::new(path.clone(), config.hostname.clone(), config.service_cluster_ip_range);
+            tokio::spawn(manifests::run(state.clone(), source, MANIFEST_POLL, shutdown.clone()));
         }
         None => {
             let client = kube_source::client(config.kubeconfig.as_deref(), config.master.as_deref()).await?;
@@ -238,8 +233,9 @@ async fn desired_once(config: &Config) -> anyhow::Result<DesiredState> {
     let state = SharedState::new(store, health);
     match &config.manifests {
         Some(path) => {
-            let objects = manifests::read_manifests(path)?;
-            manifests::load_into(&state, objects, &config.hostname, &config.service_cluster_ip_range);
+            let mut source =
+                manifests::ManifestSource::new(path.clone(), config.hostname.clone(), config.service_cluster_ip_range);
+            source.refresh(&state)?;
         }
         None => {
             let (_tx, rx) = watch::channel(false);

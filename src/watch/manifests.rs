@@ -7,8 +7,7 @@
 //! source allocates a cluster IP (from `--service-cluster-ip-range`) and node ports to Services
 //! that have none, deterministically, so manifests written for `kubectl apply` work unchanged.
 
-use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -17,10 +16,12 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use super::allocate::{allocate, Assigned, ServiceId, Taken};
+use crate::ingress::objects::IngressObject;
 use crate::sync::SharedState;
 
 #[derive(Debug, thiserror::Error)]
@@ -77,35 +78,43 @@ fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
     Ok(out)
 }
 
-/// A fingerprint of the files (names, sizes, modification times) to notice changes cheaply.
-fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    manifest_files(path)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|p| {
-            let meta = std::fs::metadata(&p).ok();
-            let len = meta.as_ref().map_or(0, |m| m.len());
-            let mtime = meta.and_then(|m| m.modified().ok());
-            (p, len, mtime)
-        })
-        .collect()
+/// A file's size and modification time: a change in either means it must be read again.
+type Stamp = (u64, Option<SystemTime>);
+
+fn stamp_of(file: &Path) -> Result<Stamp, ManifestError> {
+    let meta = std::fs::metadata(file).map_err(|source| ManifestError::Read {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    Ok((meta.len(), meta.modified().ok()))
 }
 
 impl Objects {
-    fn extend_from(&mut self, other: &Objects) {
-        self.services.extend_from_slice(&other.services);
-        self.slices.extend_from_slice(&other.slices);
-        self.nodes.extend_from_slice(&other.nodes);
-        self.ingresses.extend_from_slice(&other.ingresses);
-        self.ingress_classes.extend_from_slice(&other.ingress_classes);
-        self.secrets.extend_from_slice(&other.secrets);
+    fn extend(&mut self, other: Objects) {
+        self.services.extend(other.services);
+        self.slices.extend(other.slices);
+        self.nodes.extend(other.nodes);
+        self.ingresses.extend(other.ingresses);
+        self.ingress_classes.extend(other.ingress_classes);
+        self.secrets.extend(other.secrets);
     }
-}
 
-/// Reads every manifest under `path`. Kinds other than Service, EndpointSlice, Node, Ingress,
-/// IngressClass and TLS Secrets (a Deployment, say) are skipped; a document that cannot be parsed is an error naming it.
-pub fn read_manifests(path: &Path) -> Result<Objects, ManifestError> {
-    ParsedFiles::default().read(path)
+    /// The identity of every object.
+    fn ids(&self) -> Vec<ObjectId> {
+        let id = |kind: Kind, m: &ObjectMeta| ObjectId {
+            kind,
+            namespace: m.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: m.name.clone().unwrap_or_default(),
+        };
+        let mut ids = Vec::new();
+        ids.extend(self.services.iter().map(|o| id(Kind::Service, &o.metadata)));
+        ids.extend(self.slices.iter().map(|o| id(Kind::EndpointSlice, &o.metadata)));
+        ids.extend(self.nodes.iter().map(|o| id(Kind::Node, &o.metadata)));
+        ids.extend(self.ingresses.iter().map(|o| id(Kind::Ingress, &o.metadata)));
+        ids.extend(self.ingress_classes.iter().map(|o| id(Kind::IngressClass, &o.metadata)));
+        ids.extend(self.secrets.iter().map(|o| id(Kind::Secret, &o.metadata)));
+        ids
+    }
 }
 
 /// The objects of one file.
@@ -130,39 +139,284 @@ fn read_file(file: &Path) -> Result<Objects, ManifestError> {
     Ok(objects)
 }
 
-/// Each file's objects as last parsed, with the size and modification time they were read at.
-#[derive(Default)]
-struct ParsedFiles {
-    files: std::collections::BTreeMap<PathBuf, (u64, Option<SystemTime>, Objects)>,
+/// The kinds the manifest source reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+    Ingress,
+    IngressClass,
+    Secret,
 }
 
-impl ParsedFiles {
-    /// Every object under `path`, parsing again only the files whose size or modification time
-    /// changed (and new ones). On error nothing of the failed file is kept, so it is read again.
-    fn read(&mut self, path: &Path) -> Result<Objects, ManifestError> {
-        let files = manifest_files(path)?;
-        self.files.retain(|f, _| files.binary_search(f).is_ok());
-        let mut all = Objects::default();
-        for file in files {
-            let meta = std::fs::metadata(&file).map_err(|source| ManifestError::Read {
-                path: file.clone(),
-                source,
-            })?;
-            let stamp = (meta.len(), meta.modified().ok());
-            let fresh = self
-                .files
-                .get(&file)
-                .is_some_and(|(len, mtime, _)| (*len, *mtime) == stamp);
-            if !fresh {
-                self.files.remove(&file);
-                let objects = read_file(&file)?;
-                self.files.insert(file.clone(), (stamp.0, stamp.1, objects));
-            }
-            if let Some((_, _, objects)) = self.files.get(&file) {
-                all.extend_from(objects);
+/// Which object: its kind, namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct ObjectId {
+    kind: Kind,
+    namespace: String,
+    name: String,
+}
+
+impl ObjectId {
+    fn meta(&self) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(self.name.clone()),
+            namespace: Some(self.namespace.clone()),
+            ..ObjectMeta::default()
+        }
+    }
+}
+
+/// One file as last read: its stamp, which objects it defines, and what its Services were given.
+struct FileRecord {
+    stamp: Stamp,
+    ids: Vec<ObjectId>,
+    assigned: BTreeMap<ServiceId, Assigned>,
+}
+
+/// What one refresh did, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Refreshed {
+    pub files_read: usize,
+    pub applied: usize,
+    pub deleted: usize,
+}
+
+/// The manifest files as a source of changes. Each refresh parses only the files that are new
+/// or changed (by size or modification time) and turns them into the store's per-object
+/// updates and deletions, as a watch would; the first one lists every kind, as a relist would.
+/// Between refreshes only identities and allocations are kept, not the objects.
+pub struct ManifestSource {
+    path: PathBuf,
+    node_name: String,
+    range: IpNet,
+    files: BTreeMap<PathBuf, FileRecord>,
+    listed: bool,
+    /// The changed files of a refresh that failed, not read again until one of them changes.
+    failed: Option<Vec<(PathBuf, Stamp)>>,
+}
+
+impl ManifestSource {
+    pub fn new(path: PathBuf, node_name: String, range: IpNet) -> Self {
+        ManifestSource {
+            path,
+            node_name,
+            range,
+            files: BTreeMap::new(),
+            listed: false,
+            failed: None,
+        }
+    }
+
+    /// Brings `state` in line with the files. `Ok(None)` when nothing changed. On error (a file
+    /// that cannot be read or parsed, naming it) nothing is applied: the previous objects keep
+    /// serving, since a half-written file must not drop Services.
+    pub fn refresh(&mut self, state: &SharedState) -> Result<Option<Refreshed>, ManifestError> {
+        let files = manifest_files(&self.path)?;
+        let mut changed = Vec::new();
+        for file in &files {
+            let stamp = stamp_of(file)?;
+            if self.files.get(file).map(|r| r.stamp) != Some(stamp) {
+                changed.push((file.clone(), stamp));
             }
         }
-        Ok(all)
+        let removed: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|f| files.binary_search(f).is_err())
+            .cloned()
+            .collect();
+        if self.listed && changed.is_empty() && removed.is_empty() {
+            return Ok(None);
+        }
+        if self.failed.as_ref() == Some(&changed) && removed.is_empty() {
+            return Ok(None);
+        }
+        let mut parsed = Vec::new();
+        for (file, stamp) in &changed {
+            match read_file(file) {
+                Ok(objects) => parsed.push((file.clone(), *stamp, objects)),
+                Err(e) => {
+                    self.failed = Some(changed);
+                    return Err(e);
+                }
+            }
+        }
+        self.failed = None;
+
+        // What the untouched files hold stays; what the touched ones held is replaced.
+        let touched: BTreeSet<&PathBuf> = changed.iter().map(|(f, _)| f).chain(&removed).collect();
+        let mut taken = Taken::default();
+        let mut kept_ids = BTreeSet::new();
+        let mut old_ids = BTreeSet::new();
+        let mut previous = BTreeMap::new();
+        for (file, record) in &self.files {
+            if touched.contains(file) {
+                old_ids.extend(record.ids.iter().cloned());
+                previous.extend(record.assigned.iter().map(|(k, v)| (k.clone(), v.clone())));
+            } else {
+                kept_ids.extend(record.ids.iter().cloned());
+                record.assigned.values().for_each(|a| taken.add(a));
+            }
+        }
+        let mut new = Objects::default();
+        let mut records = Vec::new();
+        for (file, stamp, mut objects) in parsed {
+            allocate(&mut objects.services, &self.range, &mut taken, &previous);
+            let assigned = objects
+                .services
+                .iter()
+                .map(|s| {
+                    let m = &s.metadata;
+                    let id = (
+                        m.namespace.clone().unwrap_or_else(|| "default".into()),
+                        m.name.clone().unwrap_or_default(),
+                    );
+                    (id, Assigned::of(s))
+                })
+                .collect();
+            records.push((
+                file,
+                FileRecord {
+                    stamp,
+                    ids: objects.ids(),
+                    assigned,
+                },
+            ));
+            new.extend(objects);
+        }
+        let new_ids: BTreeSet<ObjectId> = new.ids().into_iter().collect();
+        let gone: Vec<ObjectId> = old_ids
+            .into_iter()
+            .filter(|id| !new_ids.contains(id) && !kept_ids.contains(id))
+            .collect();
+        let done = Refreshed {
+            files_read: records.len(),
+            applied: new_ids.len(),
+            deleted: gone.len(),
+        };
+        if self.listed {
+            self.apply_changes(state, &new, &gone);
+        } else {
+            self.list(state, &new);
+        }
+        for file in touched {
+            self.files.remove(file);
+        }
+        self.files.extend(records);
+        self.listed = true;
+        Ok(Some(done))
+    }
+
+    /// This node's Node object from `objects`, else a bare one with its name (no addresses).
+    fn node_from(&self, objects: &Objects) -> Node {
+        objects
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
+            .cloned()
+            .unwrap_or_else(|| Node {
+                metadata: ObjectMeta {
+                    name: Some(self.node_name.clone()),
+                    ..ObjectMeta::default()
+                },
+                ..Node::default()
+            })
+    }
+
+    /// The first refresh: every kind listed completely.
+    fn list(&self, state: &SharedState, all: &Objects) {
+        let node = self.node_from(all);
+        state.update(|s| {
+            let a = s.replace_services(all.services.iter());
+            let b = s.replace_slices(all.slices.iter());
+            let c = s.apply_node(&node);
+            a | b | c
+        });
+        state.update_ingress(|s| {
+            let a = Ingress::replace(s, &all.ingresses);
+            let b = IngressClass::replace(s, &all.ingress_classes);
+            let c = Secret::replace(s, &all.secrets);
+            a | b | c
+        });
+    }
+
+    /// Later refreshes: the changed files' objects applied, and those no file defines any more deleted.
+    fn apply_changes(&self, state: &SharedState, new: &Objects, gone: &[ObjectId]) {
+        let node_gone = gone.iter().any(|id| id.kind == Kind::Node && id.name == self.node_name);
+        let node_here = new
+            .nodes
+            .iter()
+            .any(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()));
+        state.update(|s| {
+            let mut changed = false;
+            for id in gone {
+                changed |= match id.kind {
+                    Kind::Service => s.delete_service(&Service {
+                        metadata: id.meta(),
+                        ..Service::default()
+                    }),
+                    Kind::EndpointSlice => s.delete_slice(&EndpointSlice {
+                        metadata: id.meta(),
+                        ..EndpointSlice::default()
+                    }),
+                    _ => false,
+                };
+            }
+            for svc in &new.services {
+                changed |= s.apply_service(svc);
+            }
+            for slice in &new.slices {
+                changed |= s.apply_slice(slice);
+            }
+            if node_here || node_gone {
+                changed |= s.apply_node(&self.node_from(new));
+            }
+            changed
+        });
+        state.update_ingress(|s| {
+            let mut changed = false;
+            for id in gone {
+                changed |= match id.kind {
+                    Kind::Ingress => Ingress::delete(
+                        s,
+                        &Ingress {
+                            metadata: id.meta(),
+                            ..Ingress::default()
+                        },
+                    ),
+                    Kind::IngressClass => IngressClass::delete(
+                        s,
+                        &IngressClass {
+                            metadata: ObjectMeta {
+                                name: Some(id.name.clone()),
+                                ..ObjectMeta::default()
+                            },
+                            ..IngressClass::default()
+                        },
+                    ),
+                    Kind::Secret => Secret::delete(
+                        s,
+                        &Secret {
+                            metadata: id.meta(),
+                            ..Secret::default()
+                        },
+                    ),
+                    _ => false,
+                };
+            }
+            for o in &new.ingresses {
+                changed |= Ingress::apply(s, o);
+            }
+            for o in &new.ingress_classes {
+                changed |= IngressClass::apply(s, o);
+            }
+            for o in &new.secrets {
+                changed |= Secret::apply(s, o);
+            }
+            changed
+        });
     }
 }
 
@@ -224,163 +478,24 @@ fn add_document(value: serde_yaml::Value, objects: &mut Objects) -> Result<(), S
     Ok(())
 }
 
-/// Gives Services without a cluster IP one from `range`, and NodePort/LoadBalancer ports without
-/// a node port one from 30000-32767, as the API server would. Deterministic: a hash of the
-/// Service's name picks the start, collisions move to the next free value.
-pub fn allocate(services: &mut [Service], range: &IpNet) {
-    let mut used_ips: BTreeSet<IpAddr> = BTreeSet::new();
-    let mut used_ports: BTreeSet<i32> = BTreeSet::new();
-    for svc in services.iter() {
-        if let Some(spec) = &svc.spec {
-            if let Some(ip) = spec.cluster_ip.as_ref().and_then(|ip| ip.parse().ok()) {
-                used_ips.insert(ip);
-            }
-            used_ports.extend(spec.ports.iter().flatten().filter_map(|p| p.node_port));
-        }
-    }
-    // Sorted by name so the allocation does not depend on file order.
-    let mut order: Vec<usize> = (0..services.len()).collect();
-    order.sort_by_key(|i| {
-        let m = &services[*i].metadata;
-        (
-            m.namespace.clone().unwrap_or_default(),
-            m.name.clone().unwrap_or_default(),
-        )
-    });
-    for i in order {
-        let svc = &mut services[i];
-        let key = format!(
-            "{}/{}",
-            svc.metadata.namespace.as_deref().unwrap_or("default"),
-            svc.metadata.name.as_deref().unwrap_or_default()
-        );
-        let Some(spec) = svc.spec.as_mut() else {
-            continue;
-        };
-        let svc_type = spec.type_.clone().unwrap_or_else(|| "ClusterIP".into());
-        if svc_type == "ExternalName" {
-            continue;
-        }
-        if spec.cluster_ip.as_deref().unwrap_or_default().is_empty() && spec.cluster_ips.is_none() {
-            if let Some(ip) = pick_ip(range, &key, &used_ips) {
-                tracing::info!(service = %key, %ip, "allocated cluster IP");
-                used_ips.insert(ip);
-                spec.cluster_ip = Some(ip.to_string());
-            }
-        }
-        if matches!(svc_type.as_str(), "NodePort" | "LoadBalancer") {
-            for (n, port) in spec.ports.iter_mut().flatten().enumerate() {
-                if port.node_port.unwrap_or(0) == 0 {
-                    let np = pick_node_port(&format!("{key}#{n}"), &used_ports);
-                    tracing::info!(service = %key, node_port = np, "allocated node port");
-                    used_ports.insert(np);
-                    port.node_port = Some(np);
-                }
-            }
-        }
-    }
-}
-
-fn hash64(s: &str) -> u64 {
-    let d = Sha256::digest(s.as_bytes());
-    u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
-}
-
-fn pick_ip(range: &IpNet, key: &str, used: &BTreeSet<IpAddr>) -> Option<IpAddr> {
-    let hosts: Vec<IpAddr> = match range {
-        // The first address is the network and the second is kept for `kubernetes.default`.
-        IpNet::V4(n) => {
-            let size = 1u64 << (32 - n.prefix_len());
-            if size < 4 {
-                return None;
-            }
-            let base = u32::from(n.network()) as u64;
-            let start = hash64(key) % (size - 3);
-            return (0..size - 3)
-                .map(|i| IpAddr::from(std::net::Ipv4Addr::from((base + 2 + (start + i) % (size - 3)) as u32)))
-                .find(|ip| !used.contains(ip));
-        }
-        IpNet::V6(n) => {
-            let base = u128::from(n.network());
-            let span = 1u128 << (128 - n.prefix_len()).min(64);
-            let start = u128::from(hash64(key)) % (span - 3);
-            (0..1024u128)
-                .map(|i| IpAddr::from(std::net::Ipv6Addr::from(base + 2 + (start + i) % (span - 3))))
-                .collect()
-        }
-    };
-    hosts.into_iter().find(|ip| !used.contains(ip))
-}
-
-fn pick_node_port(key: &str, used: &BTreeSet<i32>) -> i32 {
-    const LOW: i32 = 30000;
-    const SIZE: i32 = 2768;
-    let start = (hash64(key) % SIZE as u64) as i32;
-    (0..SIZE)
-        .map(|i| LOW + (start + i) % SIZE)
-        .find(|p| !used.contains(p))
-        .unwrap_or(LOW)
-}
-
-/// Pushes the manifests' objects into the store, as one complete list of every kind.
-pub fn load_into(state: &SharedState, mut objects: Objects, node_name: &str, range: &IpNet) {
-    allocate(&mut objects.services, range);
-    let node = objects
-        .nodes
-        .iter()
-        .find(|n| n.metadata.name.as_deref() == Some(node_name))
-        .cloned()
-        .unwrap_or_else(|| Node {
-            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                name: Some(node_name.to_string()),
-                ..Default::default()
-            },
-            ..Default::default()
-        });
-    state.update(|s| {
-        let a = s.replace_services(objects.services.iter());
-        let b = s.replace_slices(objects.slices.iter());
-        let c = s.apply_node(&node);
-        a | b | c
-    });
-    state.update_ingress(|s| {
-        use crate::ingress::objects::IngressObject;
-        let a = Ingress::replace(s, &objects.ingresses);
-        let b = IngressClass::replace(s, &objects.ingress_classes);
-        let c = Secret::replace(s, &objects.secrets);
-        a | b | c
-    });
-}
-
 /// Reads the manifests now and again whenever a file changes, until `shutdown`.
 pub async fn run(
     state: Arc<SharedState>,
-    path: PathBuf,
-    node_name: String,
-    range: IpNet,
+    mut source: ManifestSource,
     poll: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut last: Option<Vec<_>> = None;
-    let mut parsed = ParsedFiles::default();
     loop {
-        let print = fingerprint(&path);
-        if last.as_ref() != Some(&print) {
-            match parsed.read(&path) {
-                Ok(objects) => {
-                    tracing::info!(
-                        path = %path.display(),
-                        services = objects.services.len(),
-                        endpoint_slices = objects.slices.len(),
-                        ingresses = objects.ingresses.len(),
-                        "loaded manifests"
-                    );
-                    load_into(&state, objects, &node_name, &range);
-                }
-                // Keep serving the last good set: a half-written file must not drop Services.
-                Err(e) => tracing::error!("{e}; keeping the previously loaded manifests"),
-            }
-            last = Some(print);
+        match source.refresh(&state) {
+            Ok(Some(r)) => tracing::info!(
+                path = %source.path.display(),
+                files_read = r.files_read,
+                objects_applied = r.applied,
+                objects_deleted = r.deleted,
+                "loaded manifests"
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::error!("{e}; keeping the previously loaded manifests"),
         }
         tokio::select! {
             _ = tokio::time::sleep(poll) => {}
@@ -392,6 +507,20 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::ProxyHealth;
+    use crate::model::store::Store;
+    use crate::model::ServiceKey;
+    use std::net::IpAddr;
+
+    /// Reads every manifest under `path`. Kinds other than Service, EndpointSlice, Node, Ingress,
+    /// IngressClass and TLS Secrets (a Deployment, say) are skipped; a document that cannot be parsed is an error naming it.
+    fn read_manifests(path: &Path) -> Result<Objects, ManifestError> {
+        let mut all = Objects::default();
+        for file in manifest_files(path)? {
+            all.extend(read_file(&file)?);
+        }
+        Ok(all)
+    }
 
     fn tmp(name: &str, text: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("kproxy-manifests-{}-{name}", std::process::id()));
@@ -442,7 +571,7 @@ spec:
         std::fs::remove_dir_all(&dir).ok();
         assert_eq!(objects.services.len(), 1);
         let range: IpNet = "10.96.0.0/12".parse().unwrap();
-        allocate(&mut objects.services, &range);
+        allocate(&mut objects.services, &range, &mut Taken::default(), &BTreeMap::new());
         let ip: IpAddr = objects.services[0]
             .spec
             .as_ref()
@@ -455,7 +584,7 @@ spec:
         assert!(range.contains(&ip));
         // Deterministic.
         let mut again = read_manifests_str(WALKTHROUGH);
-        allocate(&mut again.services, &range);
+        allocate(&mut again.services, &range, &mut Taken::default(), &BTreeMap::new());
         assert_eq!(
             again.services[0].spec.as_ref().unwrap().cluster_ip,
             Some(ip.to_string())
@@ -475,7 +604,12 @@ spec:
         let mut o = read_manifests_str(
             "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {type: NodePort, ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {type: NodePort, ports: [{port: 80}]}\n",
         );
-        allocate(&mut o.services, &"10.96.0.0/30".parse().unwrap());
+        allocate(
+            &mut o.services,
+            &"10.96.0.0/30".parse().unwrap(),
+            &mut Taken::default(),
+            &BTreeMap::new(),
+        );
         let a = o.services[0].spec.as_ref().unwrap();
         let b = o.services[1].spec.as_ref().unwrap();
         assert_eq!(a.cluster_ip.as_deref(), Some("10.96.0.2"));
@@ -486,45 +620,58 @@ spec:
     }
 
     #[test]
-    fn only_changed_files_are_parsed_again() {
-        let dir = tmp("cache", "");
+    fn only_changed_files_are_read_and_turned_into_changes() {
+        let dir = tmp("source", "");
         std::fs::remove_file(dir.join("all.yaml")).unwrap();
-        let svc = |name: &str| {
-            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: 10.96.0.9, ports: [{{port: 80}}]}}\n")
+        let svc = |name: &str, port: u16| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{type: NodePort, ports: [{{port: {port}}}]}}\n")
         };
         let (a, b) = (dir.join("a.yaml"), dir.join("b.yaml"));
-        std::fs::write(&a, svc("a")).unwrap();
-        std::fs::write(&b, svc("b")).unwrap();
-        let mut parsed = ParsedFiles::default();
-        assert_eq!(parsed.read(&dir).unwrap().services.len(), 2);
+        std::fs::write(&a, svc("a", 80)).unwrap();
+        std::fs::write(&b, svc("b", 80)).unwrap();
+        let state = SharedState::new(Store::new("n1"), Arc::new(ProxyHealth::new(Duration::from_secs(60))));
+        let mut source = ManifestSource::new(dir.clone(), "n1".into(), "10.96.0.0/12".parse().unwrap());
+        let first = source.refresh(&state).unwrap().unwrap();
+        assert_eq!((first.files_read, first.applied, first.deleted), (2, 2, 0));
+        assert_eq!(source.refresh(&state).unwrap(), None, "nothing changed");
+        let port_of = |name: &str| {
+            state.read(|store, _| {
+                let st = store.service_state(&ServiceKey::new("default", name))?;
+                let p = st.ports.first()?.port.clone();
+                Some((p.cluster_ips.clone(), p.node_port, p.port))
+            })
+        };
+        let (a_ips, a_node_port, _) = port_of("a").unwrap();
 
-        // b's bytes go bad behind the cache's back (same size, same modification time): it is
-        // not parsed again while a changes.
+        // b's bytes go bad behind the source's back (same size, same modification time): it is
+        // not read again while a changes, and b keeps being served.
         let stamp = std::fs::metadata(&b).unwrap().modified().unwrap();
-        std::fs::write(&b, "!".repeat(svc("b").len())).unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&b)
-            .unwrap()
-            .set_modified(stamp)
-            .unwrap();
-        std::fs::write(&a, svc("a2")).unwrap();
-        let names: Vec<String> = parsed
-            .read(&dir)
-            .unwrap()
-            .services
-            .iter()
-            .filter_map(|s| s.metadata.name.clone())
-            .collect();
-        assert_eq!(names, ["a2", "b"]);
+        std::fs::write(&b, "!".repeat(svc("b", 80).len())).unwrap();
+        let file = std::fs::File::options().write(true).open(&b).unwrap();
+        file.set_modified(stamp).unwrap();
+        std::fs::write(&a, svc("a", 8080)).unwrap();
+        let second = source.refresh(&state).unwrap().unwrap();
+        assert_eq!((second.files_read, second.applied, second.deleted), (1, 1, 0));
+        assert_eq!(
+            port_of("a"),
+            Some((a_ips, a_node_port, 8080)),
+            "an edited Service keeps its cluster IP and node port"
+        );
+        assert!(port_of("b").is_some());
 
-        // Once b's stamp changes it is read, and its error names it.
-        std::fs::write(&b, "!: [").unwrap();
-        let err = parsed.read(&dir).unwrap_err().to_string();
+        // Once b's stamp changes it is read; its error names it, once, and nothing is lost.
+        std::fs::write(&b, "kind: [").unwrap();
+        let err = source.refresh(&state).unwrap_err().to_string();
         assert!(err.contains("b.yaml"), "{err}");
-        // A removed file's objects are gone.
+        assert_eq!(source.refresh(&state).unwrap(), None, "not read again until it changes");
+        assert!(port_of("b").is_some(), "the last good b keeps serving");
+
+        // A removed file's objects are deleted.
         std::fs::remove_file(&b).unwrap();
-        assert_eq!(parsed.read(&dir).unwrap().services.len(), 1);
+        let third = source.refresh(&state).unwrap().unwrap();
+        assert_eq!(third.deleted, 1);
+        assert_eq!(port_of("b"), None);
+        assert!(port_of("a").is_some());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
