@@ -9,12 +9,13 @@ use crate::netns::Topology;
 use crate::semantics;
 
 /// Proxy modes the scenarios know.
-pub const MODES: &[&str] = &["iptables", "ipvs"];
+pub const MODES: &[&str] = &["iptables", "nftables", "ipvs"];
 
-/// The modes to run: `KPROXY_TEST_MODES` (comma-separated), by default only iptables, because
-/// IPVS needs a kernel that has it (`scripts/ipvs-vm.sh` runs the ipvs ones in a guest that does).
+/// The modes to run: `KPROXY_TEST_MODES` (comma-separated), by default iptables and nftables,
+/// because IPVS needs a kernel that has it (`scripts/ipvs-vm.sh` runs the ipvs ones in a guest
+/// that does).
 pub fn modes() -> Vec<&'static str> {
-    let wanted = std::env::var("KPROXY_TEST_MODES").unwrap_or_else(|_| "iptables".into());
+    let wanted = std::env::var("KPROXY_TEST_MODES").unwrap_or_else(|_| "iptables,nftables".into());
     let modes: Vec<&'static str> = MODES
         .iter()
         .copied()
@@ -501,6 +502,9 @@ fn cleanup(mode: &'static str, kind: SourceKind) {
     if mode == "ipvs" {
         return cleanup_ipvs(kind);
     }
+    if mode == "nftables" {
+        return cleanup_nftables(kind);
+    }
     let mut env = Env::new(mode, kind, &[], &[]);
     // Rules of other software, present before kproxy ran.
     let node = env.topo.node.clone();
@@ -734,6 +738,44 @@ fn cleanup_ipvs(kind: SourceKind) {
     assert!(curl(&env.topo, &client, &format!("http://{CLUSTER_IP}/")).is_err());
 }
 
+/// nftables mode's cleanup: both `kproxy` tables go, other software's tables stay; `--cleanup`
+/// of the default (iptables) mode removes them too, and a second run finds nothing to do.
+fn cleanup_nftables(kind: SourceKind) {
+    let mut env = Env::new("nftables", kind, &[], &[]);
+    let node = env.topo.node.clone();
+    env.topo.exec_ok(&node, &["nft", "add table ip other"]);
+    env.topo.exec_ok(
+        &node,
+        &[
+            "nft",
+            "add chain ip other input { type filter hook input priority 10; }",
+        ],
+    );
+    env.set(&objects(&pod_ips(&[0, 1])));
+    let client = env.topo.pods[2].ns.clone();
+    eventually_backends(&env.topo, &client, &format!("http://{CLUSTER_IP}/"), 10, &["pod-a", "pod-b"]);
+    let tables = env.topo.exec_ok(&node, &["nft", "list", "tables"]);
+    assert!(
+        tables.contains("table ip kproxy") && tables.contains("table ip6 kproxy"),
+        "{tables}"
+    );
+    env.kproxy.stop();
+    for args in [&["--cleanup"][..], &["--proxy-mode", "nftables", "--cleanup"][..]] {
+        let mut cmd = vec![kproxy_bin()];
+        cmd.extend(args);
+        let out = env.topo.exec(&node, &cmd);
+        assert!(
+            out.status.success(),
+            "kproxy {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let tables = env.topo.exec_ok(&node, &["nft", "list", "tables"]);
+    assert!(!tables.contains("kproxy"), "kproxy table left behind:\n{tables}");
+    assert!(tables.contains("table ip other"), "foreign table removed:\n{tables}");
+    assert!(curl(&env.topo, &client, &format!("http://{CLUSTER_IP}/")).is_err());
+}
+
 /// Someone deletes kproxy's objects behind its back; the next full resync puts them back.
 fn resync_repairs(mode: &'static str, kind: SourceKind) {
     let env = Env::new(mode, kind, &objects(&pod_ips(&[0, 1])), &["--sync-period", "2s"]);
@@ -762,6 +804,11 @@ fn resync_repairs(mode: &'static str, kind: SourceKind) {
                 "0",
             ],
         );
+    } else if mode == "nftables" {
+        env.topo
+            .exec_ok(&node, &["nft", "flush chain ip kproxy services"]);
+        env.topo
+            .exec_ok(&node, &["nft", "flush map ip kproxy service-nodeports"]);
     } else {
         env.topo
             .exec_ok(&node, &["iptables", "-t", "nat", "-F", "KPROXY-SERVICES"]);
