@@ -92,6 +92,12 @@ pub const IPTABLES_ONLY: &[(&str, Scenario)] = &[(
     restore_failure,
 )];
 
+/// Scenarios about nftables mode itself.
+pub const NFTABLES_ONLY: &[(&str, Scenario)] = &[(
+    "rejected_transaction_keeps_the_kernel_rules_and_is_retried",
+    nft_failure,
+)];
+
 const CLUSTER_IP: &str = "10.96.0.10";
 const PORT: u16 = 8080;
 
@@ -667,6 +673,54 @@ fn restore_failure(mode: &'static str, kind: SourceKind) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// nft refuses a transaction: the kernel keeps the previous table (traffic still flows as
+/// before), the failure is logged with the offending line and counted, and once nft accepts
+/// again the retry (a full sync) programs the change.
+fn nft_failure(mode: &'static str, kind: SourceKind) {
+    let dir = std::env::temp_dir().join(format!("kpt-nft-{}-{}", std::process::id(), kind.name()));
+    std::fs::create_dir_all(&dir).expect("tools dir");
+    let marker = dir.join("fail");
+    let which = std::process::Command::new("sh")
+        .args(["-c", "command -v nft"])
+        .output()
+        .expect("sh");
+    let real = String::from_utf8_lossy(&which.stdout).trim().to_string();
+    // Only transactions fail; listing the table still works.
+    let wrapper = format!(
+        "#!/bin/sh\nif [ -e {marker} ] && [ \"$1\" = -f ]; then cat >/dev/null; echo '/dev/stdin:3:1-20: Error: Could not process rule: No such file or directory' >&2; exit 1; fi\nexec {real} \"$@\"\n",
+        marker = marker.display()
+    );
+    let script = dir.join("nft");
+    std::fs::write(&script, wrapper).expect("wrapper");
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .expect("chmod");
+
+    let mut env = Env::with_tools(mode, kind, &objects(&pod_ips(&[0, 1])), &[], Some(&dir));
+    let client = env.topo.pods[2].ns.clone();
+    let url = format!("http://{CLUSTER_IP}/");
+    eventually_backends(&env.topo, &client, &url, 20, &["pod-a", "pod-b"]);
+
+    std::fs::write(&marker, "").expect("marker");
+    env.set(&objects(&pod_ips(&[1])));
+    eventually("the failure is counted", || {
+        (env.kproxy.metric("kproxy_sync_failures_total{mode=\"nftables\"}")? >= 1.0).then_some(())
+    });
+    // The kernel still has the old rules: both backends answer.
+    assert_eq!(backends(&env.topo, &client, &url, 20), both());
+    let log = env.kproxy.log_text();
+    assert!(
+        log.contains("offending line") && log.contains("sync failed"),
+        "log:\n{log}"
+    );
+
+    std::fs::remove_file(&marker).expect("unmark");
+    eventually_backends(&env.topo, &client, &url, 20, &["pod-b"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `--master` wins over the kubeconfig's server (which here points nowhere), as in kube-proxy:
 /// an explicit address is all kproxy needs, never a ClusterIP.
 fn master_override(mode: &'static str, kind: SourceKind) {
@@ -753,7 +807,13 @@ fn cleanup_nftables(kind: SourceKind) {
     );
     env.set(&objects(&pod_ips(&[0, 1])));
     let client = env.topo.pods[2].ns.clone();
-    eventually_backends(&env.topo, &client, &format!("http://{CLUSTER_IP}/"), 10, &["pod-a", "pod-b"]);
+    eventually_backends(
+        &env.topo,
+        &client,
+        &format!("http://{CLUSTER_IP}/"),
+        10,
+        &["pod-a", "pod-b"],
+    );
     let tables = env.topo.exec_ok(&node, &["nft", "list", "tables"]);
     assert!(
         tables.contains("table ip kproxy") && tables.contains("table ip6 kproxy"),
@@ -805,8 +865,7 @@ fn resync_repairs(mode: &'static str, kind: SourceKind) {
             ],
         );
     } else if mode == "nftables" {
-        env.topo
-            .exec_ok(&node, &["nft", "flush chain ip kproxy services"]);
+        env.topo.exec_ok(&node, &["nft", "flush chain ip kproxy services"]);
         env.topo
             .exec_ok(&node, &["nft", "flush map ip kproxy service-nodeports"]);
     } else {
