@@ -146,7 +146,43 @@ fn write_elements(out: &mut String, verb: &str, t: &str, elements: &BTreeMap<&'s
 #[derive(Debug, Default)]
 pub struct Planner {
     cache: BTreeMap<ServiceKey, Written>,
+    /// Which Service wrote each map element. Two Services can claim the same address and port
+    /// (an externalIP both list); a map holds one verdict per key, and adding a second would
+    /// make nft refuse the whole transaction, so the first claim wins, as the first matching
+    /// rule does in iptables mode.
+    owners: BTreeMap<(&'static str, String), ServiceKey>,
     last_config: Option<RenderConfig>,
+}
+
+impl Planner {
+    /// Drops from `written` the elements another Service already owns, and records the rest as `key`'s.
+    fn claim(&mut self, key: &ServiceKey, written: &mut Written) {
+        written.elements.retain(|element, _| match self.owners.get(element) {
+            Some(owner) if owner != key => {
+                tracing::warn!(
+                    service = %key,
+                    owner = %owner,
+                    map = element.0,
+                    element = %element.1,
+                    "two Services claim the same address and port; the first one keeps it"
+                );
+                false
+            }
+            _ => {
+                self.owners.insert(element.clone(), key.clone());
+                true
+            }
+        });
+    }
+
+    /// Forgets `key`'s claims.
+    fn release(&mut self, key: &ServiceKey, written: &Written) {
+        for element in written.elements.keys() {
+            if self.owners.get(element) == Some(key) {
+                self.owners.remove(element);
+            }
+        }
+    }
 }
 
 impl Planner {
@@ -171,6 +207,7 @@ impl Planner {
 
         if full {
             let old = std::mem::take(&mut self.cache);
+            self.owners.clear();
             render_fixed_declarations(cfg, &mut tx.declare);
             for (chain, rule) in render_fixed_rules(cfg) {
                 let _ = writeln!(tx.rules, "add rule {t} {chain} {rule}");
@@ -178,7 +215,8 @@ impl Planner {
             }
             for (key, state) in &desired.services {
                 let ports = render_service(state, &desired.node, cfg);
-                let written = Written::of(&ports);
+                let mut written = Written::of(&ports);
+                self.claim(key, &mut written);
                 write_service(&mut tx, &t, w, None, &written, &ports);
                 self.cache.insert(key.clone(), written);
             }
@@ -208,10 +246,14 @@ impl Planner {
         } else {
             for key in &changes.services {
                 let old = self.cache.remove(key);
+                if let Some(old) = &old {
+                    self.release(key, old);
+                }
                 let (ports, written) = match desired.services.get(key) {
                     Some(state) => {
                         let ports = render_service(state, &desired.node, cfg);
-                        let written = Written::of(&ports);
+                        let mut written = Written::of(&ports);
+                        self.claim(key, &mut written);
                         (ports, written)
                     }
                     None => (Vec::new(), Written::default()),
