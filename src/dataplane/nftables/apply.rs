@@ -91,17 +91,23 @@ pub fn nft_error(input: &str, message: String) -> DataplaneError {
     }
 }
 
-/// The chains and sets of `family`'s table; none when it does not exist.
+/// The chains and sets of `family`'s table; none when it does not exist. Listed without rules
+/// or elements (`-t`), which for a large table would be megabytes of text.
 pub async fn list(family: IpFamily) -> Result<KernelObjects> {
     let fam = words(family).family;
-    match nft(&["-t", "list", "table", fam, names::TABLE], None).await? {
-        Ok(text) => Ok(KernelObjects::parse(&text)),
-        Err(message) if message.contains("No such file") => Ok(KernelObjects::default()),
-        Err(message) => Err(DataplaneError::Command {
-            command: format!("nft -t list table {fam} {}", names::TABLE),
-            message,
-        }),
+    let mut objects = KernelObjects::default();
+    for what in ["chains", "sets"] {
+        match nft(&["-t", "list", what, fam], None).await? {
+            Ok(text) => objects.add_listing(&format!("table {fam} {}", names::TABLE), &text),
+            Err(message) => {
+                return Err(DataplaneError::Command {
+                    command: format!("nft -t list {what} {fam}"),
+                    message,
+                })
+            }
+        }
     }
+    Ok(objects)
 }
 
 /// Deletes `family`'s table; whether there was one.
@@ -110,6 +116,8 @@ pub async fn delete_table(family: IpFamily) -> Result<bool> {
     match nft(&["delete", "table", fam, names::TABLE], None).await? {
         Ok(_) => Ok(true),
         Err(message) if message.contains("No such file") => Ok(false),
+        // A kernel without nf_tables cannot hold the table.
+        Err(message) if message.contains("not supported") => Err(DataplaneError::Unsupported(message)),
         Err(message) => Err(DataplaneError::Command {
             command: format!("nft delete table {fam} {}", names::TABLE),
             message,

@@ -27,29 +27,36 @@ pub struct KernelObjects {
 }
 
 impl KernelObjects {
-    /// Parses `nft -t list table …` output.
-    pub fn parse(listing: &str) -> KernelObjects {
-        let mut objects = KernelObjects::default();
+    /// Adds the chains and sets of table `header` (`table ip kproxy`) found in an
+    /// `nft -t list chains|sets …` listing, which may show other tables too.
+    pub fn add_listing(&mut self, header: &str, listing: &str) {
+        let open = format!("{header} {{");
+        let mut inside = false;
         for line in listing.lines() {
-            let line = line.trim();
-            let Some(rest) = line.strip_suffix(" {") else {
+            if !line.starts_with(char::is_whitespace) {
+                inside = line == open;
+                continue;
+            }
+            let Some(rest) = line.trim().strip_suffix(" {") else {
                 continue;
             };
-            let (kind, name) = match rest.split_once(' ') {
-                Some((kind, name)) => (kind, name.trim_matches('"').to_string()),
-                None => continue,
+            if !inside {
+                continue;
+            }
+            let Some((kind, name)) = rest.split_once(' ') else {
+                continue;
             };
+            let name = name.trim_matches('"').to_string();
             match kind {
                 "chain" => {
-                    objects.chains.insert(name);
+                    self.chains.insert(name);
                 }
                 "set" | "map" => {
-                    objects.sets.insert(name);
+                    self.sets.insert(name);
                 }
                 _ => {}
             }
         }
-        objects
     }
 }
 

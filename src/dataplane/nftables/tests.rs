@@ -414,9 +414,16 @@ fn removed_service_loses_its_chains_sets_and_elements() {
 #[test]
 fn full_sync_deletes_what_the_kernel_has_and_nobody_wants() {
     let d = desired(&representative());
-    let kernel = KernelObjects::parse(
-        "table ip kproxy {\n\tset affinity-XXXX-ns/old/tcp/http__10.244.9.9/80 {\n\t\ttype ipv4_addr\n\t}\n\tmap service-ips {\n\t}\n\tchain service-XXXX-ns/old/tcp/http {\n\t}\n\tchain services {\n\t}\n}\n",
+    let mut kernel = KernelObjects::default();
+    kernel.add_listing(
+        "table ip kproxy",
+        "table ip kproxy {\n\tchain service-XXXX-ns/old/tcp/http {\n\t}\n\tchain services {\n\t}\n}\ntable ip other {\n\tchain foo {\n\t}\n}\n",
     );
+    kernel.add_listing(
+        "table ip kproxy",
+        "table ip kproxy {\n\tset affinity-XXXX-ns/old/tcp/http__10.244.9.9/80 {\n\t\ttype ipv4_addr\n\t\tflags dynamic,timeout\n\t}\n\tmap service-ips {\n\t}\n}\n",
+    );
+    assert!(!kernel.chains.contains("foo"), "other tables are not kproxy's");
     assert!(kernel.chains.contains("services"));
     let plan = Planner::new().plan(&d, &ChangeSet::full(), &config(), Some(&kernel));
     assert!(plan.full);
