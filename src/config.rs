@@ -801,6 +801,36 @@ conntrack: {maxPerCore: 32768}
     }
 
     #[test]
+    fn nftables_mode_reads_its_own_section() {
+        let path = write_config(
+            r#"
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: nftables
+iptables: {masqueradeAll: false, syncPeriod: 50s}
+nftables: {masqueradeAll: true, masqueradeBit: 12, syncPeriod: 20s, minSyncPeriod: 2s}
+"#,
+        );
+        let c = Config::load(&Flags {
+            config: Some(path.clone()),
+            ..Flags::default()
+        })
+        .unwrap();
+        std::fs::remove_file(path).ok();
+        assert_eq!(c.mode, ProxyMode::Nftables);
+        assert!(c.masquerade_all);
+        assert_eq!(c.masquerade_bit, 12);
+        assert_eq!(c.sync_period, Duration::from_secs(20));
+        assert_eq!(c.min_sync_period, Duration::from_secs(2));
+        let flag = Config::load(&Flags {
+            proxy_mode: Some("nftables".into()),
+            ..Flags::default()
+        })
+        .unwrap();
+        assert_eq!(flag.mode, ProxyMode::Nftables);
+    }
+
+    #[test]
     fn ipvs_flags_and_section() {
         let path = write_config(
             r#"
