@@ -121,7 +121,13 @@ fn main() -> ExitCode {
                 .iter()
                 .filter(|_| source == scenarios::SourceKind::Api);
             let iptables_only = scenarios::IPTABLES_ONLY.iter().filter(|_| mode == "iptables");
-            for (name, scenario) in scenarios::ALL.iter().chain(api_only).chain(iptables_only) {
+            let nftables_only = scenarios::NFTABLES_ONLY.iter().filter(|_| mode == "nftables");
+            for (name, scenario) in scenarios::ALL
+                .iter()
+                .chain(api_only)
+                .chain(iptables_only)
+                .chain(nftables_only)
+            {
                 let trial = Trial::test(format!("{mode}::{}::{name}", source.name()), move || {
                     scenario(mode, source);
                     Ok(())

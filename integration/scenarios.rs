@@ -9,12 +9,13 @@ use crate::netns::Topology;
 use crate::semantics;
 
 /// Proxy modes the scenarios know.
-pub const MODES: &[&str] = &["iptables", "ipvs"];
+pub const MODES: &[&str] = &["iptables", "nftables", "ipvs"];
 
-/// The modes to run: `KPROXY_TEST_MODES` (comma-separated), by default only iptables, because
-/// IPVS needs a kernel that has it (`scripts/ipvs-vm.sh` runs the ipvs ones in a guest that does).
+/// The modes to run: `KPROXY_TEST_MODES` (comma-separated), by default iptables and nftables,
+/// because IPVS needs a kernel that has it (`scripts/ipvs-vm.sh` runs the ipvs ones in a guest
+/// that does).
 pub fn modes() -> Vec<&'static str> {
-    let wanted = std::env::var("KPROXY_TEST_MODES").unwrap_or_else(|_| "iptables".into());
+    let wanted = std::env::var("KPROXY_TEST_MODES").unwrap_or_else(|_| "iptables,nftables".into());
     let modes: Vec<&'static str> = MODES
         .iter()
         .copied()
@@ -89,6 +90,12 @@ pub const API_ONLY: &[(&str, Scenario)] = &[("master_flag_overrides_the_kubeconf
 pub const IPTABLES_ONLY: &[(&str, Scenario)] = &[(
     "rejected_restore_keeps_the_kernel_rules_and_is_retried",
     restore_failure,
+)];
+
+/// Scenarios about nftables mode itself.
+pub const NFTABLES_ONLY: &[(&str, Scenario)] = &[(
+    "rejected_transaction_keeps_the_kernel_rules_and_is_retried",
+    nft_failure,
 )];
 
 const CLUSTER_IP: &str = "10.96.0.10";
@@ -501,6 +508,9 @@ fn cleanup(mode: &'static str, kind: SourceKind) {
     if mode == "ipvs" {
         return cleanup_ipvs(kind);
     }
+    if mode == "nftables" {
+        return cleanup_nftables(kind);
+    }
     let mut env = Env::new(mode, kind, &[], &[]);
     // Rules of other software, present before kproxy ran.
     let node = env.topo.node.clone();
@@ -663,6 +673,54 @@ fn restore_failure(mode: &'static str, kind: SourceKind) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// nft refuses a transaction: the kernel keeps the previous table (traffic still flows as
+/// before), the failure is logged with the offending line and counted, and once nft accepts
+/// again the retry (a full sync) programs the change.
+fn nft_failure(mode: &'static str, kind: SourceKind) {
+    let dir = std::env::temp_dir().join(format!("kpt-nft-{}-{}", std::process::id(), kind.name()));
+    std::fs::create_dir_all(&dir).expect("tools dir");
+    let marker = dir.join("fail");
+    let which = std::process::Command::new("sh")
+        .args(["-c", "command -v nft"])
+        .output()
+        .expect("sh");
+    let real = String::from_utf8_lossy(&which.stdout).trim().to_string();
+    // Only transactions fail; listing the table still works.
+    let wrapper = format!(
+        "#!/bin/sh\nif [ -e {marker} ] && [ \"$1\" = -f ]; then cat >/dev/null; echo '/dev/stdin:3:1-20: Error: Could not process rule: No such file or directory' >&2; exit 1; fi\nexec {real} \"$@\"\n",
+        marker = marker.display()
+    );
+    let script = dir.join("nft");
+    std::fs::write(&script, wrapper).expect("wrapper");
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .expect("chmod");
+
+    let mut env = Env::with_tools(mode, kind, &objects(&pod_ips(&[0, 1])), &[], Some(&dir));
+    let client = env.topo.pods[2].ns.clone();
+    let url = format!("http://{CLUSTER_IP}/");
+    eventually_backends(&env.topo, &client, &url, 20, &["pod-a", "pod-b"]);
+
+    std::fs::write(&marker, "").expect("marker");
+    env.set(&objects(&pod_ips(&[1])));
+    eventually("the failure is counted", || {
+        (env.kproxy.metric("kproxy_sync_failures_total{mode=\"nftables\"}")? >= 1.0).then_some(())
+    });
+    // The kernel still has the old rules: both backends answer.
+    assert_eq!(backends(&env.topo, &client, &url, 20), both());
+    let log = env.kproxy.log_text();
+    assert!(
+        log.contains("offending line") && log.contains("sync failed"),
+        "log:\n{log}"
+    );
+
+    std::fs::remove_file(&marker).expect("unmark");
+    eventually_backends(&env.topo, &client, &url, 20, &["pod-b"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `--master` wins over the kubeconfig's server (which here points nowhere), as in kube-proxy:
 /// an explicit address is all kproxy needs, never a ClusterIP.
 fn master_override(mode: &'static str, kind: SourceKind) {
@@ -734,6 +792,50 @@ fn cleanup_ipvs(kind: SourceKind) {
     assert!(curl(&env.topo, &client, &format!("http://{CLUSTER_IP}/")).is_err());
 }
 
+/// nftables mode's cleanup: both `kproxy` tables go, other software's tables stay; `--cleanup`
+/// of the default (iptables) mode removes them too, and a second run finds nothing to do.
+fn cleanup_nftables(kind: SourceKind) {
+    let mut env = Env::new("nftables", kind, &[], &[]);
+    let node = env.topo.node.clone();
+    env.topo.exec_ok(&node, &["nft", "add table ip other"]);
+    env.topo.exec_ok(
+        &node,
+        &[
+            "nft",
+            "add chain ip other input { type filter hook input priority 10; }",
+        ],
+    );
+    env.set(&objects(&pod_ips(&[0, 1])));
+    let client = env.topo.pods[2].ns.clone();
+    eventually_backends(
+        &env.topo,
+        &client,
+        &format!("http://{CLUSTER_IP}/"),
+        10,
+        &["pod-a", "pod-b"],
+    );
+    let tables = env.topo.exec_ok(&node, &["nft", "list", "tables"]);
+    assert!(
+        tables.contains("table ip kproxy") && tables.contains("table ip6 kproxy"),
+        "{tables}"
+    );
+    env.kproxy.stop();
+    for args in [&["--cleanup"][..], &["--proxy-mode", "nftables", "--cleanup"][..]] {
+        let mut cmd = vec![kproxy_bin()];
+        cmd.extend(args);
+        let out = env.topo.exec(&node, &cmd);
+        assert!(
+            out.status.success(),
+            "kproxy {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let tables = env.topo.exec_ok(&node, &["nft", "list", "tables"]);
+    assert!(!tables.contains("kproxy"), "kproxy table left behind:\n{tables}");
+    assert!(tables.contains("table ip other"), "foreign table removed:\n{tables}");
+    assert!(curl(&env.topo, &client, &format!("http://{CLUSTER_IP}/")).is_err());
+}
+
 /// Someone deletes kproxy's objects behind its back; the next full resync puts them back.
 fn resync_repairs(mode: &'static str, kind: SourceKind) {
     let env = Env::new(mode, kind, &objects(&pod_ips(&[0, 1])), &["--sync-period", "2s"]);
@@ -762,6 +864,10 @@ fn resync_repairs(mode: &'static str, kind: SourceKind) {
                 "0",
             ],
         );
+    } else if mode == "nftables" {
+        env.topo.exec_ok(&node, &["nft", "flush chain ip kproxy services"]);
+        env.topo
+            .exec_ok(&node, &["nft", "flush map ip kproxy service-nodeports"]);
     } else {
         env.topo
             .exec_ok(&node, &["iptables", "-t", "nat", "-F", "KPROXY-SERVICES"]);

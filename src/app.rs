@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use crate::config::{Config, ProxyMode};
 use crate::dataplane::iptables::{self, IptablesProxier, Planner, ProxierConfig};
 use crate::dataplane::ipvs::{self, IpvsProxier};
+use crate::dataplane::nftables::{self, NftablesProxier};
 use crate::dataplane::{Dataplane, DataplaneError, PerFamily};
 use crate::health::{self, ProxyHealth};
 use crate::healthcheck::HealthCheckServer;
@@ -87,10 +88,33 @@ async fn ipvs_dataplane(config: &Config) -> anyhow::Result<Box<dyn Dataplane>> {
     Ok(Box::new(PerFamily::new(ProxyMode::Ipvs.as_str(), dps)))
 }
 
+/// The families nftables mode programs: IPv4, and IPv6 when the host has it.
+fn nftables_families() -> Vec<IpFamily> {
+    let mut families = vec![IpFamily::V4];
+    if std::path::Path::new("/proc/net/if_inet6").exists() {
+        families.push(IpFamily::V6);
+    }
+    families
+}
+
+/// nftables mode, one `kproxy` table per family. Fails before programming anything when nft
+/// is missing or the kernel does not answer it.
+async fn nftables_dataplane(config: &Config) -> anyhow::Result<Box<dyn Dataplane>> {
+    nftables::apply::check()
+        .await
+        .context("--proxy-mode nftables cannot start")?;
+    let dps: Vec<Box<dyn Dataplane>> = nftables_families()
+        .into_iter()
+        .map(|f| Box::new(NftablesProxier::new(proxier_config(config, f))) as Box<dyn Dataplane>)
+        .collect();
+    Ok(Box::new(PerFamily::new(ProxyMode::Nftables.as_str(), dps)))
+}
+
 async fn dataplane(config: &Config) -> anyhow::Result<Box<dyn Dataplane>> {
     match config.mode {
         ProxyMode::Iptables => Ok(iptables_dataplane(config).await),
         ProxyMode::Ipvs => ipvs_dataplane(config).await,
+        ProxyMode::Nftables => nftables_dataplane(config).await,
     }
 }
 
@@ -221,6 +245,13 @@ pub async fn cleanup(config: Config) -> anyhow::Result<()> {
     ipvs::cleanup(&config.ipvs.exclude_cidrs)
         .await
         .context("IPVS cleanup failed")?;
+    match nftables::cleanup().await {
+        Ok(()) => {}
+        Err(DataplaneError::Unsupported(why)) if config.mode != ProxyMode::Nftables => {
+            tracing::info!("skipping nftables cleanup: {why}")
+        }
+        Err(e) => return Err(e).context("nftables cleanup failed"),
+    }
     tracing::info!("removed kproxy's rules");
     Ok(())
 }
@@ -263,6 +294,13 @@ pub async fn render(config: Config, output: &str) -> anyhow::Result<String> {
     if config.mode == ProxyMode::Ipvs {
         for family in [IpFamily::V4, IpFamily::V6] {
             out.push_str(&ipvs::render(&desired, &ipvs_proxier_config(&config, family)).await?);
+        }
+        return Ok(out);
+    }
+    if config.mode == ProxyMode::Nftables {
+        for family in [IpFamily::V4, IpFamily::V6] {
+            out.push_str("# nft -f -\n");
+            out.push_str(&nftables::render(&desired, &proxier_config(&config, family)).await?);
         }
         return Ok(out);
     }

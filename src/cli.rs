@@ -47,7 +47,7 @@ pub struct Flags {
     /// Node name to use instead of the hostname (the DaemonSet passes $(NODE_NAME)).
     #[arg(long, value_name = "NAME")]
     pub hostname_override: Option<String>,
-    /// Which proxy mode to use: iptables (default) or ipvs.
+    /// Which proxy mode to use: iptables (default), ipvs or nftables.
     #[arg(long, value_name = "MODE")]
     pub proxy_mode: Option<String>,
     /// Pod CIDR range(s) of the cluster, comma-separated; traffic from outside is masqueraded.

@@ -82,6 +82,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 pub enum ProxyMode {
     Iptables,
     Ipvs,
+    Nftables,
 }
 
 impl ProxyMode {
@@ -89,6 +90,7 @@ impl ProxyMode {
         match self {
             ProxyMode::Iptables => "iptables",
             ProxyMode::Ipvs => "ipvs",
+            ProxyMode::Nftables => "nftables",
         }
     }
 }
@@ -227,6 +229,8 @@ struct FileConfig {
     cluster_cidr: Option<String>,
     node_port_addresses: Option<Vec<String>>,
     iptables: Option<IptablesSection>,
+    /// kube-proxy's `nftables` section has the same fields, read in nftables mode.
+    nftables: Option<IptablesSection>,
     ipvs: Option<IpvsSection>,
     healthz_bind_address: Option<String>,
     metrics_bind_address: Option<String>,
@@ -252,6 +256,7 @@ const FIELDS: &[&str] = &[
     "clusterCIDR",
     "nodePortAddresses",
     "iptables",
+    "nftables",
     "ipvs",
     "healthzBindAddress",
     "metricsBindAddress",
@@ -267,7 +272,6 @@ const IGNORED_FIELDS: &[&str] = &[
     "conntrack",
     "enableProfiling",
     "featureGates",
-    "nftables",
     "logging",
     "oomScoreAdj",
     "portRange",
@@ -287,6 +291,11 @@ const SECTION_FIELDS: &[(&str, &[&str], &[&str])] = &[
         "iptables",
         &["masqueradeAll", "masqueradeBit", "minSyncPeriod", "syncPeriod"],
         &["localhostNodePorts"],
+    ),
+    (
+        "nftables",
+        &["masqueradeAll", "masqueradeBit", "minSyncPeriod", "syncPeriod"],
+        &[],
     ),
     ("detectLocal", &["bridgeInterface", "interfaceNamePrefix"], &[]),
     (
@@ -496,13 +505,7 @@ impl Config {
         let mode = match mode_raw.as_str() {
             "" | "iptables" => ProxyMode::Iptables,
             "ipvs" => ProxyMode::Ipvs,
-            "nftables" => {
-                return Err(invalid(
-                    "--proxy-mode",
-                    &mode_raw,
-                    "not implemented in this build of kproxy yet; use iptables",
-                ))
-            }
+            "nftables" => ProxyMode::Nftables,
             _ => {
                 return Err(invalid(
                     "--proxy-mode",
@@ -510,6 +513,11 @@ impl Config {
                     "expected iptables, ipvs or nftables",
                 ))
             }
+        };
+        // nftables mode reads its own section, with the iptables section's fields.
+        let ipt = match mode {
+            ProxyMode::Nftables => file.nftables.unwrap_or_default(),
+            _ => ipt,
         };
 
         let cluster_cidrs = match pick(flags.cluster_cidr.clone(), file.cluster_cidr) {
@@ -603,7 +611,7 @@ impl Config {
         )?;
         // Each mode reads its own section's periods, as kube-proxy does; the generic ones fill in.
         let (mode_min, mode_sync) = match mode {
-            ProxyMode::Iptables => (ipt.min_sync_period, ipt.sync_period),
+            ProxyMode::Iptables | ProxyMode::Nftables => (ipt.min_sync_period, ipt.sync_period),
             ProxyMode::Ipvs => (
                 flags.ipvs_min_sync_period.clone().or(ipvs_file.min_sync_period.clone()),
                 flags.ipvs_sync_period.clone().or(ipvs_file.sync_period.clone()),
@@ -612,7 +620,9 @@ impl Config {
         let min_sync_period = parse_period(
             "--min-sync-period",
             &match mode {
-                ProxyMode::Iptables => pick(flags.min_sync_period.clone(), mode_min.or(file.min_sync_period)),
+                ProxyMode::Iptables | ProxyMode::Nftables => {
+                    pick(flags.min_sync_period.clone(), mode_min.or(file.min_sync_period))
+                }
                 ProxyMode::Ipvs => mode_min.or(flags.min_sync_period.clone()).or(file.min_sync_period),
             }
             .unwrap_or_else(|| "1s".into()),
@@ -620,7 +630,9 @@ impl Config {
         let sync_period = parse_period(
             "--sync-period",
             &match mode {
-                ProxyMode::Iptables => pick(flags.sync_period.clone(), mode_sync.or(file.sync_period)),
+                ProxyMode::Iptables | ProxyMode::Nftables => {
+                    pick(flags.sync_period.clone(), mode_sync.or(file.sync_period))
+                }
                 ProxyMode::Ipvs => mode_sync.or(flags.sync_period.clone()).or(file.sync_period),
             }
             .unwrap_or_else(|| "30s".into()),
@@ -786,6 +798,36 @@ conntrack: {maxPerCore: 32768}
         .unwrap_err();
         std::fs::remove_file(path).ok();
         assert!(err.to_string().contains("bogusField"), "{err}");
+    }
+
+    #[test]
+    fn nftables_mode_reads_its_own_section() {
+        let path = write_config(
+            r#"
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: nftables
+iptables: {masqueradeAll: false, syncPeriod: 50s}
+nftables: {masqueradeAll: true, masqueradeBit: 12, syncPeriod: 20s, minSyncPeriod: 2s}
+"#,
+        );
+        let c = Config::load(&Flags {
+            config: Some(path.clone()),
+            ..Flags::default()
+        })
+        .unwrap();
+        std::fs::remove_file(path).ok();
+        assert_eq!(c.mode, ProxyMode::Nftables);
+        assert!(c.masquerade_all);
+        assert_eq!(c.masquerade_bit, 12);
+        assert_eq!(c.sync_period, Duration::from_secs(20));
+        assert_eq!(c.min_sync_period, Duration::from_secs(2));
+        let flag = Config::load(&Flags {
+            proxy_mode: Some("nftables".into()),
+            ..Flags::default()
+        })
+        .unwrap();
+        assert_eq!(flag.mode, ProxyMode::Nftables);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod conntrack;
 pub mod iptables;
 pub mod ipvs;
+pub mod nftables;
 
 use futures::future::BoxFuture;
 

@@ -1,0 +1,179 @@
+//! Every nftables name kproxy writes: the table, fixed chains and maps, generated chains and sets.
+//!
+//! Generated names follow upstream kube-proxy's nftables scheme: a kind, 8 base32 characters of a
+//! SHA-256 over the readable part (so names differing only in case or truncation never clash),
+//! and the readable part itself (`ns/name/proto/port`, plus `__ip/port` for an endpoint). They
+//! fit nft's 256-character limit because Kubernetes names are at most 63 characters.
+
+use sha2::{Digest, Sha256};
+
+use crate::model::{Endpoint, ServicePortName};
+
+/// The table, in both the `ip` and `ip6` families; not `kube-proxy`, so a real kube-proxy
+/// on the same node never shares it.
+pub const TABLE: &str = "kproxy";
+
+pub const NAT_PREROUTING: &str = "nat-prerouting";
+pub const NAT_OUTPUT: &str = "nat-output";
+pub const NAT_POSTROUTING: &str = "nat-postrouting";
+pub const FILTER_PREROUTING: &str = "filter-prerouting";
+pub const FILTER_INPUT: &str = "filter-input";
+pub const FILTER_FORWARD: &str = "filter-forward";
+pub const FILTER_OUTPUT: &str = "filter-output";
+
+pub const SERVICES: &str = "services";
+pub const MASQUERADING: &str = "masquerading";
+pub const MARK_MASQ: &str = "mark-for-masquerade";
+pub const SERVICE_ENDPOINTS_CHECK: &str = "service-endpoints-check";
+pub const NODEPORT_ENDPOINTS_CHECK: &str = "nodeport-endpoints-check";
+pub const FIREWALL_CHECK: &str = "firewall-check";
+pub const REJECT_CHAIN: &str = "reject-chain";
+
+/// Non-base chains that exist whatever the Services.
+pub const REGULAR_CHAINS: &[&str] = &[
+    SERVICES,
+    MASQUERADING,
+    MARK_MASQ,
+    SERVICE_ENDPOINTS_CHECK,
+    NODEPORT_ENDPOINTS_CHECK,
+    FIREWALL_CHECK,
+    REJECT_CHAIN,
+];
+
+/// `address . protocol . port : verdict`, where Service traffic is dispatched.
+pub const SERVICE_IPS: &str = "service-ips";
+/// `protocol . port : verdict` for NodePorts on the node's addresses.
+pub const SERVICE_NODEPORTS: &str = "service-nodeports";
+/// Service addresses whose new connections are refused (no endpoints) or dropped (no local ones).
+pub const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
+pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+/// Load balancer addresses with `loadBalancerSourceRanges`, to their firewall chain.
+pub const FIREWALL_IPS: &str = "firewall-ips";
+
+pub const MAPS: &[&str] = &[
+    SERVICE_IPS,
+    SERVICE_NODEPORTS,
+    NO_ENDPOINT_SERVICES,
+    NO_ENDPOINT_NODEPORTS,
+    FIREWALL_IPS,
+];
+
+/// Every chain that is not generated per Service: the base chains and [`REGULAR_CHAINS`].
+pub fn fixed_chains() -> impl Iterator<Item = &'static str> {
+    [
+        NAT_PREROUTING,
+        NAT_OUTPUT,
+        NAT_POSTROUTING,
+        FILTER_PREROUTING,
+        FILTER_INPUT,
+        FILTER_FORWARD,
+        FILTER_OUTPUT,
+    ]
+    .into_iter()
+    .chain(REGULAR_CHAINS.iter().copied())
+}
+
+/// RFC 4648 base32 of the first 5 bytes of SHA-256(`input`): 8 characters.
+fn hash8(input: &str) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let digest = Sha256::digest(input.as_bytes());
+    let bits = digest[..5].iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+    (0..8)
+        .rev()
+        .map(|i| char::from(ALPHABET[((bits >> (i * 5)) & 31) as usize]))
+        .collect()
+}
+
+/// `ns/name/proto/port`: the readable part of a Service port's names.
+fn port_base(name: &ServicePortName) -> String {
+    format!(
+        "{}/{}/{}/{}",
+        name.service.namespace, name.service.name, name.protocol, name.port
+    )
+}
+
+/// nft identifiers allow letters, digits, `/ - _ .`; IPv6 colons become dots.
+fn endpoint_base(name: &ServicePortName, ep: &Endpoint) -> String {
+    format!(
+        "{}__{}/{}",
+        port_base(name),
+        ep.ip.to_string().replace(':', "."),
+        ep.port
+    )
+}
+
+fn generated(kind: &str, base: &str) -> String {
+    format!("{kind}-{}-{base}", hash8(base))
+}
+
+/// `service-…`: Cluster-policy load balancing for one Service port.
+pub fn service_chain(name: &ServicePortName) -> String {
+    generated("service", &port_base(name))
+}
+
+/// `local-…`: Local-policy load balancing.
+pub fn local_chain(name: &ServicePortName) -> String {
+    generated("local", &port_base(name))
+}
+
+/// `external-…`: entry for NodePort, externalIP and load-balancer traffic.
+pub fn external_chain(name: &ServicePortName) -> String {
+    generated("external", &port_base(name))
+}
+
+/// `firewall-…`: loadBalancerSourceRanges filter.
+pub fn firewall_chain(name: &ServicePortName) -> String {
+    generated("firewall", &port_base(name))
+}
+
+/// `endpoint-…`: DNAT to one endpoint.
+pub fn endpoint_chain(name: &ServicePortName, ep: &Endpoint) -> String {
+    generated("endpoint", &endpoint_base(name, ep))
+}
+
+/// `affinity-…`: clients recently sent to one endpoint (sessionAffinity ClientIP).
+pub fn affinity_set(name: &ServicePortName, ep: &Endpoint) -> String {
+    generated("affinity", &endpoint_base(name, ep))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Protocol, ServiceKey};
+
+    #[test]
+    fn names_are_stable_readable_and_short_enough() {
+        let name = ServicePortName {
+            service: ServiceKey::new("default", "web"),
+            port: "http".into(),
+            protocol: Protocol::Tcp,
+        };
+        let chain = service_chain(&name);
+        assert!(
+            chain.starts_with("service-") && chain.ends_with("-default/web/tcp/http"),
+            "{chain}"
+        );
+        assert_eq!(chain, service_chain(&name));
+        assert_ne!(chain, local_chain(&name));
+        let long = ServicePortName {
+            service: ServiceKey::new("n".repeat(63), "s".repeat(63)),
+            port: "p".repeat(15),
+            protocol: Protocol::Sctp,
+        };
+        let ep = Endpoint {
+            ip: "fd00:1234:5678:9abc:def0:1234:5678:9abc".parse().unwrap(),
+            port: 65535,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: None,
+            zone: None,
+            zone_hints: Default::default(),
+            node_hints: Default::default(),
+            is_local: false,
+        };
+        let set = affinity_set(&long, &ep);
+        assert!(set.len() < 256, "{}", set.len());
+        assert!(!set.contains(':'), "{set}");
+    }
+}
