@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Benchmark: kproxy in a network namespace with N Services x M endpoints (default 5000 x 10),
-# from manifest files, for each iptables backend (nft and legacy). Measures the first full sync,
+# from manifest files, in nftables mode and in iptables mode with each iptables backend (nft and
+# legacy). Measures the first full sync,
 # one EndpointSlice change (the partial sync, and the time from the slice's
 # last-change-trigger-time to rules in the kernel, via kproxy's own
 # kubeproxy_network_programming_duration_seconds), the render cost alone (no kernel), and
 # resident memory. Writes the figures to BENCHMARKS.md. Never run by the tests.
 #
-# usage: sudo scripts/bench.sh [SERVICES] [ENDPOINTS] [BACKENDS]   (BACKENDS: "nft legacy")
+# usage: sudo scripts/bench.sh [SERVICES] [ENDPOINTS] [VARIANTS]   (VARIANTS: "nftables nft legacy";
+#        nft and legacy are iptables mode through that iptables backend)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 services=${1:-5000}
 endpoints=${2:-10}
-backends=${3:-nft legacy}
+backends=${3:-nftables nft legacy}
 [ "$(id -u)" = 0 ] || { echo "bench.sh: needs root" >&2; exit 1; }
 
 cargo build --quiet --release --manifest-path "$here/Cargo.toml"
@@ -94,7 +96,11 @@ wait_metric() { # NAME MIN SECONDS
 
 rows=""
 for backend in $backends; do
-  echo "==> backend $backend"
+  case $backend in
+    nftables) mode=nftables label="nftables" ;;
+    *) mode=iptables label="iptables ($backend)" ;;
+  esac
+  echo "==> $label"
   tools=$work/tools-$backend
   mkdir -p "$tools"
   for t in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do
@@ -104,7 +110,8 @@ for backend in $backends; do
   ip netns add "$ns"
   ip netns exec "$ns" ip link set lo up
   PATH="$tools:$PATH" ip netns exec "$ns" "$kproxy" --manifests "$work/m" --hostname-override bench-node \
-    --cluster-cidr 10.128.0.0/9 --min-sync-period 0s --sync-period 1h \
+    --proxy-mode "$mode" --cluster-cidr 10.128.0.0/9 --min-sync-period 0s --sync-period 1h \
+    --ingress-http-bind-address "" --ingress-https-bind-address "" \
     --healthz-bind-address 127.0.0.1:10256 > "$work/kproxy.log" 2>&1 &
   pid=$!
   wait_metric kubeproxy_sync_full_proxy_rules_duration_seconds_count 1 3600
@@ -116,11 +123,15 @@ for backend in $backends; do
   programming_s=$(metric kubeproxy_network_programming_duration_seconds_sum)
   rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
   hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
-  PATH="$tools:$PATH" ip netns exec "$ns" iptables-save -t nat > "$work/nat.txt"
+  if [ "$mode" = nftables ]; then
+    ip netns exec "$ns" nft list table ip kproxy > "$work/nat.txt"
+  else
+    PATH="$tools:$PATH" ip netns exec "$ns" iptables-save -t nat > "$work/nat.txt"
+  fi
   grep -q '10.255.0.1:8080' "$work/nat.txt" || { echo "the change is not in the kernel" >&2; exit 1; }
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
   ip netns del "$ns"
-  rows="$rows$(printf '| %s | %.2f s | %.3f s | %.3f s | %d / %d / %d MiB |' "$backend" "$full_s" "$partial_s" \
+  rows="$rows$(printf '| %s | %.2f s | %.3f s | %.3f s | %d / %d / %d MiB |' "$label" "$full_s" "$partial_s" \
     "$programming_s" $((rss_full / 1024)) $((rss / 1024)) $((hwm / 1024)))
 "
 done
@@ -130,9 +141,9 @@ cpu=$(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//')
   echo "Written by \`scripts/bench.sh $services $endpoints\` on $(date -u +%Y-%m-%d) ($(nproc) cores, $cpu;"
   echo "$(iptables --version | sed 's/ (.*//'))). Single runs on a shared machine: rerun the script to compare."
   echo
-  echo "iptables mode, $services Services x $endpoints endpoints ($rules rules), from manifest files:"
+  echo "$services Services x $endpoints endpoints ($rules rules in iptables mode), from manifest files:"
   echo
-  echo "| iptables backend | first full sync | one EndpointSlice change: partial sync | change: trigger time to kernel | memory after first sync / after change / peak |"
+  echo "| mode (iptables backend) | first full sync | one EndpointSlice change: partial sync | change: trigger time to kernel | memory after first sync / after change / peak |"
   echo "| --- | --- | --- | --- | --- |"
   printf "%s" "$rows"
   echo
@@ -142,7 +153,7 @@ cpu=$(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//')
   echo "(iptables, nft backend) and 29.5 s (nftables mode); one change 0.5 s (iptables) to 1.8 s"
   echo "(nftables); 211-295 MiB resident. Through iptables-legacy it syncs 10,000 Services in 7.9 s."
   echo
-  echo "The full sync is dominated by iptables-restore itself. The change latency includes the"
+  echo "In iptables mode the full sync is dominated by iptables-restore itself. The change latency includes the"
   echo "manifest source noticing the file (it polls every 100 ms), parsing that one file again and"
   echo "replacing the store's objects with the full set, as a relist would; the partial sync writes"
   echo "only the changed Service's chains, and the dispatch chains only if they changed."
