@@ -2,9 +2,10 @@
 //! IP family (`ip kproxy`, `ip6 kproxy`).
 //!
 //! Service traffic is dispatched by verdict maps keyed by `address . protocol . port`
-//! (`service-ips`, `service-nodeports`) to per-Service-port chains, which pick an endpoint with
-//! `numgen random` and jump to a per-endpoint chain that marks hairpin traffic for masquerade
-//! and DNATs. See `docs/nftables.md`. [`plan`] is pure; [`apply`] runs nft.
+//! (`service-ips`, `service-nodeports`) to per-Service-port chains, which DNAT straight to an
+//! endpoint picked with `numgen random` from an anonymous map (Services with session affinity
+//! go through per-endpoint chains that record the client first). Hairpin traffic is masqueraded
+//! after DNAT through one shared set. See `docs/nftables.md`. [`plan`] is pure; [`apply`] runs nft.
 
 pub mod apply;
 pub mod names;

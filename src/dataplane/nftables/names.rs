@@ -50,12 +50,18 @@ pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
 /// Load balancer addresses with `loadBalancerSourceRanges`, to their firewall chain.
 pub const FIREWALL_IPS: &str = "firewall-ips";
 
+/// Set of `endpoint . endpoint` addresses: a DNATed connection from an endpoint to itself
+/// (hairpin) is masqueraded in `nat-postrouting`, so the reply comes back through the node.
+pub const HAIRPIN: &str = "hairpin";
+
+/// The fixed maps and sets.
 pub const MAPS: &[&str] = &[
     SERVICE_IPS,
     SERVICE_NODEPORTS,
     NO_ENDPOINT_SERVICES,
     NO_ENDPOINT_NODEPORTS,
     FIREWALL_IPS,
+    HAIRPIN,
 ];
 
 /// Every chain that is not generated per Service: the base chains and [`REGULAR_CHAINS`].

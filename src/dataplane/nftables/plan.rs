@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
 
 use super::names;
 use super::render::{
@@ -69,6 +70,8 @@ struct Written {
     sets: BTreeMap<String, u32>,
     /// (map, key) to verdict.
     elements: BTreeMap<(&'static str, String), String>,
+    /// Endpoint addresses in the hairpin set on this Service's behalf.
+    hairpin: BTreeSet<IpAddr>,
     rules: usize,
     no_local: (usize, usize),
 }
@@ -89,6 +92,7 @@ impl Written {
             for e in &p.elements {
                 w.elements.insert((e.map, e.key.clone()), e.value.clone());
             }
+            w.hairpin.extend(p.hairpin.iter().copied());
             w.no_local.0 += usize::from(p.no_local_internal);
             w.no_local.1 += usize::from(p.no_local_external);
         }
@@ -158,6 +162,9 @@ pub struct Planner {
     /// make nft refuse the whole transaction, so the first claim wins, as the first matching
     /// rule does in iptables mode.
     owners: BTreeMap<(&'static str, String), ServiceKey>,
+    /// How many Services have each endpoint address in the hairpin set (several Services can
+    /// select the same Pod); the element goes when the last one lets go.
+    hairpin: BTreeMap<IpAddr, usize>,
     last_config: Option<RenderConfig>,
 }
 
@@ -215,6 +222,7 @@ impl Planner {
         if full {
             let old = std::mem::take(&mut self.cache);
             self.owners.clear();
+            self.hairpin.clear();
             render_fixed_declarations(cfg, &mut tx.declare);
             for (chain, rule) in render_fixed_rules(cfg) {
                 let _ = writeln!(tx.rules, "add rule {t} {chain} {rule}");
@@ -225,8 +233,13 @@ impl Planner {
                 let mut written = Written::of(&ports);
                 self.claim(key, &mut written);
                 write_service(&mut tx, &t, w, None, &written, &ports);
+                for ip in &written.hairpin {
+                    *self.hairpin.entry(*ip).or_default() += 1;
+                }
                 self.cache.insert(key.clone(), written);
             }
+            let hairpin = tx.add_elements.entry(names::HAIRPIN).or_default();
+            hairpin.extend(self.hairpin.keys().map(|ip| format!("{ip} . {ip}")));
             // Whatever the table holds that this sync did not write goes: chains and sets of
             // Services deleted while kproxy was not running, or added by hand.
             let mut wanted_chains: BTreeSet<&str> = names::fixed_chains().collect();
@@ -251,6 +264,8 @@ impl Planner {
                 let _ = writeln!(tx.delete_sets, "delete set {t} {set}");
             }
         } else {
+            // Hairpin addresses whose count went from zero or to zero.
+            let mut touched: BTreeMap<IpAddr, bool> = BTreeMap::new();
             for key in &changes.services {
                 let old = self.cache.remove(key);
                 if let Some(old) = &old {
@@ -266,8 +281,29 @@ impl Planner {
                     None => (Vec::new(), Written::default()),
                 };
                 write_service(&mut tx, &t, w, old.as_ref(), &written, &ports);
+                for ip in old.iter().flat_map(|o| o.hairpin.iter()) {
+                    touched.entry(*ip).or_insert_with(|| self.hairpin.contains_key(ip));
+                    if let Some(n) = self.hairpin.get_mut(ip) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.hairpin.remove(ip);
+                        }
+                    }
+                }
+                for ip in &written.hairpin {
+                    touched.entry(*ip).or_insert_with(|| self.hairpin.contains_key(ip));
+                    *self.hairpin.entry(*ip).or_default() += 1;
+                }
                 if desired.services.contains_key(key) {
                     self.cache.insert(key.clone(), written);
+                }
+            }
+            for (ip, was) in touched {
+                let element = format!("{ip} . {ip}");
+                match (was, self.hairpin.contains_key(&ip)) {
+                    (true, false) => tx.delete_elements.entry(names::HAIRPIN).or_default().push(element),
+                    (false, true) => tx.add_elements.entry(names::HAIRPIN).or_default().push(element),
+                    _ => {}
                 }
             }
         }

@@ -73,6 +73,8 @@ pub struct PortRules {
     pub chains: Vec<Chain>,
     pub sets: Vec<AffinitySet>,
     pub elements: Vec<Element>,
+    /// Addresses of the endpoints this port can DNAT to, for the shared hairpin set.
+    pub hairpin: Vec<IpAddr>,
     pub no_local_internal: bool,
     pub no_local_external: bool,
 }
@@ -85,6 +87,11 @@ fn if_local(d: &LocalDetector, w: Words, negate: bool) -> Option<String> {
         LocalDetector::Bridge(br) => Some(format!("iifname {op}\"{br}\"")),
         LocalDetector::InterfacePrefix(p) => Some(format!("iifname {op}\"{p}*\"")),
     }
+}
+
+/// `ip . port` as a `dnat to … map` element wants it.
+fn dnat_concat(ep: &Endpoint) -> String {
+    format!("{} . {}", ep.ip, ep.port)
 }
 
 /// `ip:port` as `dnat to` wants it.
@@ -287,32 +294,57 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
         });
     }
 
-    for ep in &sets.all_reachable {
-        let chain = names::endpoint_chain(name, ep);
-        let mut rules = vec![format!("{} saddr {} jump {}", w.sel, ep.ip, names::MARK_MASQ)];
-        if let Some(timeout) = sp.affinity_timeout {
+    r.hairpin = sets.all_reachable.iter().map(|ep| ep.ip).collect();
+    // Endpoint chains only where session affinity needs them: they record the client in the
+    // endpoint's affinity set before DNAT. Without affinity the Service chain DNATs directly.
+    if let Some(timeout) = sp.affinity_timeout {
+        for ep in &sets.all_reachable {
             let set = names::affinity_set(name, ep);
-            rules.push(format!("update @{set} {{ {} saddr }}", w.sel));
+            let rules = vec![
+                format!("update @{set} {{ {} saddr }}", w.sel),
+                format!("meta l4proto {proto} dnat to {}", dnat_target(ep)),
+            ];
             r.sets.push(AffinitySet { name: set, timeout });
+            r.chains.push(Chain {
+                name: names::endpoint_chain(name, ep),
+                rules,
+            });
         }
-        rules.push(format!("meta l4proto {proto} dnat to {}", dnat_target(ep)));
-        r.chains.push(Chain { name: chain, rules });
     }
     Some(r)
 }
 
-/// Affinity lookups first (a client seen recently goes where it went before), then an even
-/// random pick among the endpoints.
+/// With session affinity: affinity lookups first (a client seen recently goes where it went
+/// before), then an even random pick among the endpoint chains. Without: an even random pick
+/// straight to `dnat`, through an anonymous `numgen` map of `address . port`.
 fn write_balancing(rules: &mut Vec<String>, sp: &ServicePort, endpoints: &[&Endpoint], w: Words) {
-    if sp.affinity_timeout.is_some() {
-        for ep in endpoints {
-            rules.push(format!(
-                "{} saddr @{} goto {}",
-                w.sel,
-                names::affinity_set(&sp.name, ep),
-                names::endpoint_chain(&sp.name, ep)
-            ));
+    let proto = sp.name.protocol.as_str();
+    if sp.affinity_timeout.is_none() {
+        if let [only] = endpoints {
+            rules.push(format!("meta l4proto {proto} dnat to {}", dnat_target(only)));
+            return;
         }
+        let mut rule = format!(
+            "meta l4proto {proto} dnat to numgen random mod {} map {{ ",
+            endpoints.len()
+        );
+        for (i, ep) in endpoints.iter().enumerate() {
+            if i > 0 {
+                rule.push_str(", ");
+            }
+            let _ = write!(rule, "{i} : {}", dnat_concat(ep));
+        }
+        rule.push_str(" }");
+        rules.push(rule);
+        return;
+    }
+    for ep in endpoints {
+        rules.push(format!(
+            "{} saddr @{} goto {}",
+            w.sel,
+            names::affinity_set(&sp.name, ep),
+            names::endpoint_chain(&sp.name, ep)
+        ));
     }
     if let [only] = endpoints {
         rules.push(format!("goto {}", names::endpoint_chain(&sp.name, only)));
@@ -364,6 +396,14 @@ pub fn render_fixed_declarations(cfg: &RenderConfig, out: &mut String) {
         let _ = writeln!(out, "add map {t} {map} {{ type {key} : verdict; }}");
         let _ = writeln!(out, "flush map {t} {map}");
     }
+    let _ = writeln!(
+        out,
+        "add set {t} {} {{ type {} . {}; }}",
+        names::HAIRPIN,
+        w.addr_type,
+        w.addr_type
+    );
+    let _ = writeln!(out, "flush set {t} {}", names::HAIRPIN);
     for chain in names::fixed_chains() {
         let _ = writeln!(out, "flush chain {t} {chain}");
     }
@@ -391,6 +431,15 @@ pub fn render_fixed_rules(cfg: &RenderConfig) -> Vec<(&'static str, String)> {
     let mut rules = vec![
         (names::NAT_PREROUTING, format!("jump {}", names::SERVICES)),
         (names::NAT_OUTPUT, format!("jump {}", names::SERVICES)),
+        // After DNAT: an endpoint reaching itself through its Service (hairpin).
+        (
+            names::NAT_POSTROUTING,
+            format!(
+                "ct status dnat {sel} saddr . {sel} daddr @{} jump {}",
+                names::HAIRPIN,
+                names::MARK_MASQ
+            ),
+        ),
         (names::NAT_POSTROUTING, format!("jump {}", names::MASQUERADING)),
         (
             names::FILTER_PREROUTING,

@@ -184,7 +184,7 @@ fn service_addresses_dispatch_to_their_chains_or_are_refused() {
     assert!(ips.contains(&format!("10.96.0.40 . tcp . 80 : goto {itp_local}")));
     assert_eq!(
         rules(&plan.text, &itp_local).last().copied(),
-        Some(format!("goto {}", endpoint(&port("itp"), "10.244.1.2")).as_str())
+        Some("meta l4proto tcp dnat to 10.244.1.2:8080")
     );
     assert_eq!(plan.no_local_endpoints, (0, 1));
     // Terminating endpoints serve when nothing is ready.
@@ -213,22 +213,29 @@ fn endpoint(port: &crate::model::ServicePortName, ip: &str) -> String {
 fn balancing_masquerade_and_dnat() {
     let (_, plan) = full(&desired(&representative()), &config());
     let web = rules(&plan.text, &names::service_chain(&port("web")));
-    let (a, b) = (
-        endpoint(&port("web"), "10.244.1.2"),
-        endpoint(&port("web"), "10.244.2.2"),
-    );
     assert_eq!(
         web,
         [
-            "ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade".to_string(),
-            format!("numgen random mod 2 vmap {{ 0 : goto {a}, 1 : goto {b} }}"),
+            "ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade",
+            "meta l4proto tcp dnat to numgen random mod 2 map { 0 : 10.244.1.2 . 8080, 1 : 10.244.2.2 . 8080 }",
         ]
     );
+    // Without session affinity there are no endpoint chains at all.
+    let a = endpoint(&port("web"), "10.244.1.2");
+    assert!(!plan.text.contains(&a), "{}", plan.text);
+    // Hairpin: one set of endpoint . endpoint, checked after DNAT.
     assert_eq!(
-        rules(&plan.text, &a),
+        added(&plan.text, names::HAIRPIN),
+        BTreeSet::from([
+            "10.244.1.2 . 10.244.1.2".to_string(),
+            "10.244.2.2 . 10.244.2.2".to_string()
+        ])
+    );
+    assert_eq!(
+        rules(&plan.text, names::NAT_POSTROUTING),
         [
-            "ip saddr 10.244.1.2 jump mark-for-masquerade",
-            "meta l4proto tcp dnat to 10.244.1.2:8080"
+            "ct status dnat ip saddr . ip daddr @hairpin jump mark-for-masquerade",
+            "jump masquerading"
         ]
     );
     let ext = rules(&plan.text, &names::external_chain(&port("np")));
@@ -258,12 +265,16 @@ fn session_affinity_uses_timed_sets_per_endpoint() {
         "{sticky:?}"
     );
     assert!(sticky[3].starts_with("numgen random mod 2"), "{sticky:?}");
-    let sets: Vec<&str> = plan.text.lines().filter(|l| l.starts_with("add set ")).collect();
+    let sets: Vec<&str> = plan
+        .text
+        .lines()
+        .filter(|l| l.starts_with("add set ip kproxy affinity-"))
+        .collect();
     assert_eq!(sets.len(), 2, "{sets:?}");
     assert!(sets[0].ends_with("{ type ipv4_addr; flags dynamic,timeout; timeout 600s; }"));
     let ep = rules(&plan.text, &endpoint(&port("sticky"), "10.244.2.2"));
     assert!(
-        ep[1].starts_with("update @affinity-") && ep[1].ends_with(" { ip saddr }"),
+        ep[0].starts_with("update @affinity-") && ep[0].ends_with(" { ip saddr }"),
         "{ep:?}"
     );
 }
@@ -304,7 +315,7 @@ fn masquerade_all_and_detectors() {
     };
     let (_, plan) = full(&d, &cfg);
     assert!(
-        rules(&plan.text, &web)[0].starts_with("numgen"),
+        rules(&plan.text, &web)[0].starts_with("meta l4proto tcp dnat to numgen"),
         "no detector: sources are kept"
     );
     let cfg = RenderConfig {
@@ -344,27 +355,22 @@ fn partial_sync_writes_only_the_changed_service() {
     let plan = partial(&mut planner, &desired(&changed), &["web"]);
     assert!(!plan.full);
     let web = names::service_chain(&port("web"));
-    let gone = endpoint(&port("web"), "10.244.2.2");
-    let kept = endpoint(&port("web"), "10.244.1.2");
     let t = &plan.text;
     assert!(t.contains(&format!("flush chain ip kproxy {web}\n")), "{t}");
-    assert_eq!(rules(t, &web).last().copied(), Some(format!("goto {kept}").as_str()));
-    assert!(
-        t.contains(&format!("flush chain ip kproxy {gone}\n"))
-            && t.contains(&format!("delete chain ip kproxy {gone}\n"))
+    assert_eq!(
+        rules(t, &web).last().copied(),
+        Some("meta l4proto tcp dnat to 10.244.1.2:8080")
     );
+    assert!(!t.contains("delete chain"), "{t}");
     assert!(
-        rules(t, &kept).is_empty() && !t.contains(&format!("chain ip kproxy {kept}\n")),
-        "an unchanged endpoint chain is not rewritten"
+        !t.contains("element"),
+        "dispatch and hairpin elements did not change:\n{t}"
     );
-    assert!(!t.contains("add element"), "the dispatch elements did not change:\n{t}");
     assert!(
         !t.contains("ns/np/") && !t.contains("ns/sticky/"),
         "other Services untouched:\n{t}"
     );
     assert!(!t.contains("add chain ip kproxy services"), "fixed chains untouched");
-    // The gone chain is deleted after its last user (the service chain) was flushed.
-    assert!(t.find(&format!("delete chain ip kproxy {gone}")) > t.find(&format!("flush chain ip kproxy {web}")));
     assert_eq!(plan.rules_written, 2, "the service chain's two rules");
 }
 
@@ -398,6 +404,9 @@ fn removed_service_loses_its_chains_sets_and_elements() {
     // Elements go before the chains they point to, chains before the sets their rules use.
     assert!(t.find("delete element") < t.find("delete chain"));
     assert!(t.find("delete chain") < t.find("delete set"));
+
+    // 10.244.2.2 is still another Service's endpoint: its hairpin element stays.
+    assert!(!t.contains("hairpin"), "{t}");
 
     // Emptying a Service moves its address from dispatch to refusal.
     let emptied = yaml.replace(&slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]), "");
@@ -448,7 +457,10 @@ fn ipv6_renders_its_own_table() {
     assert!(t.starts_with("add table ip6 kproxy\n"));
     assert!(t.contains("add map ip6 kproxy service-ips { type ipv6_addr . inet_proto . inet_service : verdict; }"));
     assert!(t.contains("add element ip6 kproxy service-ips { fd00::10 . tcp . 80 : goto service-"));
-    assert!(t.contains("meta l4proto tcp dnat to [fd00:244::2]:8080"));
+    assert!(t.contains(
+        "meta l4proto tcp dnat to numgen random mod 2 map { 0 : fd00:244::2 . 8080, 1 : fd00:244::3 . 8080 }"
+    ));
+    assert!(t.contains("add element ip6 kproxy hairpin { fd00:244::2 . fd00:244::2, fd00:244::3 . fd00:244::3 }"));
     assert!(t.contains("ip6 saddr != fd00:244::/64 jump mark-for-masquerade"));
     assert!(!t.contains("10.96.0.10"), "IPv4 Services belong to the other table");
 }
@@ -509,7 +521,20 @@ fn kernel_accepts_full_and_partial_transactions() {
         &desired(&without.join("\n---\n")),
         &["sticky", "fw", "empty"],
     );
-    kernel_accepts(&[&first.text, &v6.text, &again.text, &p1.text, &p2.text]);
+    // 10.244.3.2 is new to the node: it joins the hairpin set, and leaves it with its last user.
+    assert!(
+        added(&p1.text, names::HAIRPIN).contains("10.244.3.2 . 10.244.3.2"),
+        "{}",
+        p1.text
+    );
+    let p3 = partial(&mut planner, &desired(&yaml), &["web", "sticky", "fw", "empty"]);
+    assert!(
+        p3.text
+            .contains("delete element ip kproxy hairpin { 10.244.3.2 . 10.244.3.2 }"),
+        "{}",
+        p3.text
+    );
+    kernel_accepts(&[&first.text, &v6.text, &again.text, &p1.text, &p2.text, &p3.text]);
 }
 
 #[test]
