@@ -128,7 +128,7 @@ for backend in $backends; do
   else
     PATH="$tools:$PATH" ip netns exec "$ns" iptables-save -t nat > "$work/nat.txt"
   fi
-  grep -q '10.255.0.1:8080' "$work/nat.txt" || { echo "the change is not in the kernel" >&2; exit 1; }
+  grep -qE '10\.255\.0\.1(:| \. )8080' "$work/nat.txt" || { echo "the change is not in the kernel" >&2; exit 1; }
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
   ip netns del "$ns"
   rows="$rows$(printf '| %s | %.2f s | %.3f s | %.3f s | %d / %d / %d MiB |' "$label" "$full_s" "$partial_s" \
