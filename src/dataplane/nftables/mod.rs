@@ -3,7 +3,7 @@
 //!
 //! Service traffic is dispatched by verdict maps keyed by `address . protocol . port`
 //! (`service-ips`, `service-nodeports`) to per-Service-port chains, which DNAT straight to an
-//! endpoint picked with `numgen random` from an anonymous map (Services with session affinity
+//! endpoint picked by a cascade of `numgen random` rules (Services with session affinity
 //! go through per-endpoint chains that record the client first). Hairpin traffic is masqueraded
 //! after DNAT through one shared set. See `docs/nftables.md`. [`plan`] is pure; [`apply`] runs nft.
 

@@ -217,7 +217,8 @@ fn balancing_masquerade_and_dnat() {
         web,
         [
             "ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade",
-            "meta l4proto tcp dnat to numgen random mod 2 map { 0 : 10.244.1.2 . 8080, 1 : 10.244.2.2 . 8080 }",
+            "meta l4proto tcp numgen random mod 2 0 dnat to 10.244.1.2:8080",
+            "meta l4proto tcp dnat to 10.244.2.2:8080",
         ]
     );
     // Without session affinity there are no endpoint chains at all.
@@ -315,7 +316,7 @@ fn masquerade_all_and_detectors() {
     };
     let (_, plan) = full(&d, &cfg);
     assert!(
-        rules(&plan.text, &web)[0].starts_with("meta l4proto tcp dnat to numgen"),
+        rules(&plan.text, &web)[0].starts_with("meta l4proto tcp numgen random mod 2 0 dnat"),
         "no detector: sources are kept"
     );
     let cfg = RenderConfig {
@@ -457,9 +458,9 @@ fn ipv6_renders_its_own_table() {
     assert!(t.starts_with("add table ip6 kproxy\n"));
     assert!(t.contains("add map ip6 kproxy service-ips { type ipv6_addr . inet_proto . inet_service : verdict; }"));
     assert!(t.contains("add element ip6 kproxy service-ips { fd00::10 . tcp . 80 : goto service-"));
-    assert!(t.contains(
-        "meta l4proto tcp dnat to numgen random mod 2 map { 0 : fd00:244::2 . 8080, 1 : fd00:244::3 . 8080 }"
-    ));
+    assert!(
+        t.contains("meta l4proto tcp numgen random mod 2 0 dnat to [fd00:244::2]:8080\nadd rule ip6 kproxy service-")
+    );
     assert!(t.contains("add element ip6 kproxy hairpin { fd00:244::2 . fd00:244::2, fd00:244::3 . fd00:244::3 }"));
     assert!(t.contains("ip6 saddr != fd00:244::/64 jump mark-for-masquerade"));
     assert!(!t.contains("10.96.0.10"), "IPv4 Services belong to the other table");
