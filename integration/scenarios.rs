@@ -87,10 +87,16 @@ pub const ALL: &[(&str, Scenario)] = &[
 pub const API_ONLY: &[(&str, Scenario)] = &[("master_flag_overrides_the_kubeconfig_server", master_override)];
 
 /// Scenarios about iptables mode itself.
-pub const IPTABLES_ONLY: &[(&str, Scenario)] = &[(
-    "rejected_restore_keeps_the_kernel_rules_and_is_retried",
-    restore_failure,
-)];
+pub const IPTABLES_ONLY: &[(&str, Scenario)] = &[
+    (
+        "rejected_restore_keeps_the_kernel_rules_and_is_retried",
+        restore_failure,
+    ),
+    (
+        "switching_to_nftables_and_back_removes_the_previous_modes_rules",
+        mode_switch,
+    ),
+];
 
 /// Scenarios about nftables mode itself.
 pub const NFTABLES_ONLY: &[(&str, Scenario)] = &[(
@@ -224,6 +230,7 @@ pub struct Env {
     pub topo: Topology,
     source: Source,
     pub kproxy: Kproxy,
+    args: Vec<String>,
 }
 
 fn object_key(v: &serde_json::Value) -> String {
@@ -334,7 +341,23 @@ impl Env {
         write_source(&mut source, docs);
         let mut kproxy = Kproxy::start(&topo, &args, tools);
         kproxy.wait_sync_after(0);
-        Env { topo, source, kproxy }
+        Env {
+            topo,
+            source,
+            kproxy,
+            args,
+        }
+    }
+
+    /// Stops kproxy and starts it again in `mode` on the same source, as an operator switching
+    /// a node's proxy mode would.
+    pub fn restart_in(&mut self, mode: &str) {
+        self.kproxy.stop();
+        if let Some(i) = self.args.iter().position(|a| a == "--proxy-mode") {
+            self.args[i + 1] = mode.to_string();
+        }
+        self.kproxy = Kproxy::start(&self.topo, &self.args, None);
+        self.kproxy.wait_sync_after(0);
     }
 
     /// The fake API server, when the source is the API.
@@ -498,6 +521,36 @@ fn bad_objects(mode: &'static str, kind: SourceKind) {
     for name in ["default/bad-ip", "default/bad-port", "default/orphan"] {
         assert!(log.contains(name), "log does not name {name}:\n{log}");
     }
+}
+
+/// iptables mode, then nftables, then iptables again on the same node: each start removes the
+/// previous mode's rules (which would otherwise keep catching Service traffic), and the Service
+/// answers throughout.
+fn mode_switch(mode: &'static str, kind: SourceKind) {
+    let mut env = Env::new(mode, kind, &objects(&pod_ips(&[0, 1])), &[]);
+    let url = format!("http://{CLUSTER_IP}/");
+    let pod = env.topo.pods[2].ns.clone();
+    let node = env.topo.node.clone();
+    assert!(iptables_save(&env.topo).contains("KPROXY-SVC-"));
+    assert_eq!(backends(&env.topo, &pod, &url, 30), both(), "iptables mode");
+
+    env.restart_in("nftables");
+    let save = iptables_save(&env.topo);
+    assert!(!save.contains("KPROXY"), "iptables mode's rules left behind:\n{save}");
+    assert!(env
+        .topo
+        .exec_ok(&node, &["nft", "list", "tables"])
+        .contains("table ip kproxy"));
+    assert_eq!(backends(&env.topo, &pod, &url, 30), both(), "nftables mode");
+
+    env.restart_in("iptables");
+    let tables = env.topo.exec_ok(&node, &["nft", "list", "tables"]);
+    assert!(
+        !tables.contains("kproxy"),
+        "nftables mode's tables left behind:\n{tables}"
+    );
+    assert!(iptables_save(&env.topo).contains("KPROXY-SVC-"));
+    assert_eq!(backends(&env.topo, &pod, &url, 30), both(), "iptables mode again");
 }
 
 fn iptables_save(topo: &Topology) -> String {

@@ -169,6 +169,7 @@ async fn start_sources(
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // The dataplane first: a mode the kernel cannot do fails before anything listens or syncs.
     let dataplane = dataplane(&config).await?;
+    cleanup_other_modes(&config).await;
     let shutdown = shutdown_signal();
     let health = Arc::new(ProxyHealth::new(2 * config.sync_period));
     if let Some(addr) = config.healthz_bind {
@@ -230,6 +231,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
     Ok(())
+}
+
+/// Removes what the other modes left, as kube-proxy does when it starts: after a switch (from
+/// iptables to nftables, say) the old mode's rules would still catch Service traffic and send it
+/// to endpoints nobody updates. Each mode owns disjoint objects (`KPROXY-*` chains; IPVS virtual
+/// services on `kube-ipvs0` and the `kproxy-ipvs` tables; the `kproxy` tables), so this never
+/// touches the configured mode's. A failure is a warning: the configured mode does not need it.
+async fn cleanup_other_modes(config: &Config) {
+    let report = |mode: &str, result: Result<(), DataplaneError>| match result {
+        Ok(()) => tracing::debug!(mode, "no leftovers of another mode, or removed"),
+        Err(DataplaneError::Unsupported(why)) => tracing::debug!(mode, "nothing to clean up: {why}"),
+        Err(e) => tracing::warn!(mode, error = %e, "removing another mode's leftovers failed"),
+    };
+    if config.mode != ProxyMode::Iptables {
+        report("iptables", iptables_dataplane(config).await.cleanup().await);
+    }
+    if config.mode != ProxyMode::Ipvs {
+        report("ipvs", ipvs::cleanup(&config.ipvs.exclude_cidrs).await);
+    }
+    if config.mode != ProxyMode::Nftables {
+        report("nftables", nftables::cleanup().await);
+    }
 }
 
 /// `--cleanup`: removes everything any mode of kproxy created. A mode whose tools or kernel
