@@ -8,6 +8,7 @@ pub mod conntrack;
 pub mod iptables;
 pub mod ipvs;
 pub mod nftables;
+pub mod port_policy;
 
 use futures::future::BoxFuture;
 

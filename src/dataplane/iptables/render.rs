@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::names::{self, quote};
+use crate::dataplane::port_policy::{FamilyView, PortPolicy};
 use crate::model::topology::{categorize_endpoints, uses_cluster_endpoints, uses_local_endpoints};
 use crate::model::{Endpoint, IpFamily, NodeInfo, PortState};
 
@@ -123,22 +124,19 @@ fn host(ip: &IpAddr) -> String {
 pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Option<PortRules> {
     let sp = &*ps.port;
     let family = cfg.family;
-    let cluster_ip = *sp.cluster_ips.iter().find(|ip| IpFamily::of(ip) == family)?;
-    let in_family = |ip: &&IpAddr| IpFamily::of(ip) == family;
-    let external_ips: Vec<&IpAddr> = sp.external_ips.iter().filter(in_family).collect();
-    let lb_ips: Vec<&IpAddr> = sp.load_balancer_ips.iter().filter(in_family).collect();
-    let source_ranges: Vec<&IpNet> = sp
-        .load_balancer_source_ranges
-        .iter()
-        .filter(|n| IpFamily::of(&n.addr()) == family)
-        .collect();
-    let endpoints: Vec<Endpoint> = ps
-        .endpoints
-        .iter()
-        .filter(|e| IpFamily::of(&e.ip) == family)
-        .cloned()
-        .collect();
-    let sets = categorize_endpoints(&endpoints, sp, &node.name, node.zone.as_deref());
+    let view = FamilyView::of(ps, family)?;
+    let sets = categorize_endpoints(&view.endpoints, sp, &node.name, node.zone.as_deref());
+    let PortPolicy {
+        externally_accessible,
+        has_endpoints,
+        has_internal,
+        has_external,
+        internal_local,
+        external_local: external_policy_local,
+        uses_firewall: uses_fw,
+    } = PortPolicy::decide(sp, &view, &sets);
+    let cluster_ip = view.cluster_ip;
+    let (external_ips, lb_ips, source_ranges) = (&view.external_ips, &view.lb_ips, &view.source_ranges);
 
     let name = &sp.name;
     let spn = name.to_string();
@@ -148,25 +146,8 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     let svl_chain = names::svl_chain(name);
     let ext_chain = names::ext_chain(name);
     let fw_chain = names::fw_chain(name);
-    let externally_accessible = sp.node_port.is_some() || !external_ips.is_empty() || !lb_ips.is_empty();
-
-    let has_endpoints = sets.has_any;
-    let mut has_internal = has_endpoints;
-    let mut has_external = has_endpoints;
-    let internal_chain = if sp.internal_policy_local {
-        has_internal &= !sets.local.is_empty();
-        &svl_chain
-    } else {
-        &svc_chain
-    };
-    let external_policy_local = sp.external_policy_local && externally_accessible;
-    let external_policy_chain = if external_policy_local {
-        has_external &= !sets.local.is_empty();
-        &svl_chain
-    } else {
-        &svc_chain
-    };
-    let uses_fw = has_endpoints && !lb_ips.is_empty() && !source_ranges.is_empty();
+    let internal_chain = if internal_local { &svl_chain } else { &svc_chain };
+    let external_policy_chain = if external_policy_local { &svl_chain } else { &svc_chain };
     let lb_chain = if uses_fw { &fw_chain } else { &ext_chain };
 
     let (internal_filter, external_filter) = if !has_endpoints {
@@ -200,7 +181,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
         ));
     }
 
-    for ip in &external_ips {
+    for ip in external_ips {
         let ip = host(ip);
         if has_endpoints {
             r.nat_services.push(format!(
@@ -218,7 +199,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
         }
     }
 
-    for ip in &lb_ips {
+    for ip in lb_ips {
         let ip = host(ip);
         if has_endpoints {
             r.nat_services.push(format!(
@@ -324,7 +305,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
         let comment = quote(&format!("{spn} loadbalancer IP"));
         let mut rules = Vec::new();
         let mut allow_from_node = false;
-        for net in &source_ranges {
+        for net in source_ranges {
             rules.push(format!(
                 "-A {fw_chain} -m comment --comment {comment} -s {net} -j {ext_chain}"
             ));
@@ -332,7 +313,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
         }
         if allow_from_node {
             // A node reaching its own LB VIP loops back with the VIP as source.
-            for ip in &lb_ips {
+            for ip in lb_ips {
                 rules.push(format!(
                     "-A {fw_chain} -m comment --comment {comment} -s {} -j {ext_chain}",
                     host(ip)

@@ -7,10 +7,9 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use ipnet::IpNet;
-
 use super::names;
 use crate::dataplane::iptables::render::{LocalDetector, NodePortMatch, RenderConfig};
+use crate::dataplane::port_policy::{FamilyView, PortPolicy};
 use crate::model::topology::{categorize_endpoints, uses_cluster_endpoints, uses_local_endpoints};
 use crate::model::{Endpoint, IpFamily, NodeInfo, PortState, ServicePort};
 
@@ -108,22 +107,19 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     let sp = &*ps.port;
     let family = cfg.family;
     let w = words(family);
-    let cluster_ip = *sp.cluster_ips.iter().find(|ip| IpFamily::of(ip) == family)?;
-    let in_family = |ip: &&IpAddr| IpFamily::of(ip) == family;
-    let external_ips: Vec<&IpAddr> = sp.external_ips.iter().filter(in_family).collect();
-    let lb_ips: Vec<&IpAddr> = sp.load_balancer_ips.iter().filter(in_family).collect();
-    let source_ranges: Vec<&IpNet> = sp
-        .load_balancer_source_ranges
-        .iter()
-        .filter(|n| IpFamily::of(&n.addr()) == family)
-        .collect();
-    let endpoints: Vec<Endpoint> = ps
-        .endpoints
-        .iter()
-        .filter(|e| IpFamily::of(&e.ip) == family)
-        .cloned()
-        .collect();
-    let sets = categorize_endpoints(&endpoints, sp, &node.name, node.zone.as_deref());
+    let view = FamilyView::of(ps, family)?;
+    let sets = categorize_endpoints(&view.endpoints, sp, &node.name, node.zone.as_deref());
+    let PortPolicy {
+        externally_accessible,
+        has_endpoints,
+        has_internal,
+        has_external,
+        internal_local,
+        external_local: external_policy_local,
+        uses_firewall: uses_fw,
+    } = PortPolicy::decide(sp, &view, &sets);
+    let cluster_ip = view.cluster_ip;
+    let (external_ips, lb_ips, source_ranges) = (&view.external_ips, &view.lb_ips, &view.source_ranges);
 
     let name = &sp.name;
     let proto = name.protocol.as_str();
@@ -131,25 +127,12 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     let local_chain = names::local_chain(name);
     let ext_chain = names::external_chain(name);
     let fw_chain = names::firewall_chain(name);
-    let externally_accessible = sp.node_port.is_some() || !external_ips.is_empty() || !lb_ips.is_empty();
-
-    let has_endpoints = sets.has_any;
-    let mut has_internal = has_endpoints;
-    let mut has_external = has_endpoints;
-    let internal_chain = if sp.internal_policy_local {
-        has_internal &= !sets.local.is_empty();
-        &local_chain
-    } else {
-        &svc_chain
-    };
-    let external_policy_local = sp.external_policy_local && externally_accessible;
+    let internal_chain = if internal_local { &local_chain } else { &svc_chain };
     let external_policy_chain = if external_policy_local {
-        has_external &= !sets.local.is_empty();
         &local_chain
     } else {
         &svc_chain
     };
-    let uses_fw = has_endpoints && !lb_ips.is_empty() && !source_ranges.is_empty();
     // Without any endpoint new connections are refused; with endpoints elsewhere only (Local
     // policy) they are dropped, so a load balancer's health check moves traffic away.
     let refuse = if has_endpoints {
@@ -189,7 +172,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
         }
     }
     if uses_fw {
-        for ip in &lb_ips {
+        for ip in lb_ips {
             r.elements.push(element(
                 names::FIREWALL_IPS,
                 svc_key(ip, sp, port),
