@@ -676,23 +676,37 @@ fn watch_resilience(mode: &'static str, kind: SourceKind) {
     env.kproxy.assert_running();
 }
 
-/// iptables-restore refuses a sync: the kernel keeps the previous rules (traffic still flows
-/// as before), the failure is logged with the offending line and counted, and once the tool
+/// A rule-writing tool that refuses syncs on demand, put first in kproxy's PATH.
+struct RefusingTool {
+    /// The program kproxy runs.
+    tool: &'static str,
+    /// A shell condition on the arguments: which runs fail (the others always work).
+    fails_when: &'static str,
+    /// What the failing run prints, as the real tool would.
+    message: &'static str,
+    /// The metric that counts the refused syncs.
+    metric: &'static str,
+}
+
+/// The tool refuses a sync: the kernel keeps the previous rules (traffic still flows as
+/// before), the failure is logged with the offending line and counted, and once the tool
 /// works again the retry programs the change.
-fn restore_failure(mode: &'static str, kind: SourceKind) {
-    let dir = std::env::temp_dir().join(format!("kpt-tools-{}-{}", std::process::id(), kind.name()));
+fn refused_sync_keeps_the_kernel_rules(mode: &'static str, kind: SourceKind, refusing: RefusingTool) {
+    let dir = std::env::temp_dir().join(format!("kpt-{}-{}-{}", refusing.tool, std::process::id(), kind.name()));
     std::fs::create_dir_all(&dir).expect("tools dir");
     let marker = dir.join("fail");
     let which = std::process::Command::new("sh")
-        .args(["-c", "command -v iptables-restore"])
+        .args(["-c", &format!("command -v {}", refusing.tool)])
         .output()
         .expect("sh");
     let real = String::from_utf8_lossy(&which.stdout).trim().to_string();
     let wrapper = format!(
-        "#!/bin/sh\nif [ -e {marker} ]; then cat >/dev/null; echo 'iptables-restore v1.8.9 (nf_tables): line 3: RULE_APPEND failed (Invalid argument): rule in chain KPROXY-SERVICES' >&2; exit 1; fi\nexec {real} \"$@\"\n",
-        marker = marker.display()
+        "#!/bin/sh\nif [ -e {marker} ] && {fails_when}; then cat >/dev/null; echo '{message}' >&2; exit 1; fi\nexec {real} \"$@\"\n",
+        marker = marker.display(),
+        fails_when = refusing.fails_when,
+        message = refusing.message,
     );
-    let script = dir.join("iptables-restore");
+    let script = dir.join(refusing.tool);
     std::fs::write(&script, wrapper).expect("wrapper");
     std::process::Command::new("chmod")
         .arg("+x")
@@ -708,10 +722,7 @@ fn restore_failure(mode: &'static str, kind: SourceKind) {
     std::fs::write(&marker, "").expect("marker");
     env.set(&objects(&pod_ips(&[1])));
     eventually("the failure is counted", || {
-        (env.kproxy
-            .metric("kubeproxy_sync_proxy_rules_iptables_restore_failures_total")?
-            >= 1.0)
-            .then_some(())
+        (env.kproxy.metric(refusing.metric)? >= 1.0).then_some(())
     });
     // The kernel still has the old rules: both backends answer.
     assert_eq!(backends(&env.topo, &client, &url, 20), both());
@@ -726,52 +737,25 @@ fn restore_failure(mode: &'static str, kind: SourceKind) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// nft refuses a transaction: the kernel keeps the previous table (traffic still flows as
-/// before), the failure is logged with the offending line and counted, and once nft accepts
-/// again the retry (a full sync) programs the change.
+fn restore_failure(mode: &'static str, kind: SourceKind) {
+    let refusing = RefusingTool {
+        tool: "iptables-restore",
+        fails_when: "true",
+        message: "iptables-restore v1.8.9 (nf_tables): line 3: RULE_APPEND failed (Invalid argument): rule in chain KPROXY-SERVICES",
+        metric: "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+    };
+    refused_sync_keeps_the_kernel_rules(mode, kind, refusing);
+}
+
+/// Only nft's transactions fail; listing the table still works. The retry is a full sync.
 fn nft_failure(mode: &'static str, kind: SourceKind) {
-    let dir = std::env::temp_dir().join(format!("kpt-nft-{}-{}", std::process::id(), kind.name()));
-    std::fs::create_dir_all(&dir).expect("tools dir");
-    let marker = dir.join("fail");
-    let which = std::process::Command::new("sh")
-        .args(["-c", "command -v nft"])
-        .output()
-        .expect("sh");
-    let real = String::from_utf8_lossy(&which.stdout).trim().to_string();
-    // Only transactions fail; listing the table still works.
-    let wrapper = format!(
-        "#!/bin/sh\nif [ -e {marker} ] && [ \"$1\" = -f ]; then cat >/dev/null; echo '/dev/stdin:3:1-20: Error: Could not process rule: No such file or directory' >&2; exit 1; fi\nexec {real} \"$@\"\n",
-        marker = marker.display()
-    );
-    let script = dir.join("nft");
-    std::fs::write(&script, wrapper).expect("wrapper");
-    std::process::Command::new("chmod")
-        .arg("+x")
-        .arg(&script)
-        .status()
-        .expect("chmod");
-
-    let mut env = Env::with_tools(mode, kind, &objects(&pod_ips(&[0, 1])), &[], Some(&dir));
-    let client = env.topo.pods[2].ns.clone();
-    let url = format!("http://{CLUSTER_IP}/");
-    eventually_backends(&env.topo, &client, &url, 20, &["pod-a", "pod-b"]);
-
-    std::fs::write(&marker, "").expect("marker");
-    env.set(&objects(&pod_ips(&[1])));
-    eventually("the failure is counted", || {
-        (env.kproxy.metric("kproxy_sync_failures_total{mode=\"nftables\"}")? >= 1.0).then_some(())
-    });
-    // The kernel still has the old rules: both backends answer.
-    assert_eq!(backends(&env.topo, &client, &url, 20), both());
-    let log = env.kproxy.log_text();
-    assert!(
-        log.contains("offending line") && log.contains("sync failed"),
-        "log:\n{log}"
-    );
-
-    std::fs::remove_file(&marker).expect("unmark");
-    eventually_backends(&env.topo, &client, &url, 20, &["pod-b"]);
-    let _ = std::fs::remove_dir_all(&dir);
+    let refusing = RefusingTool {
+        tool: "nft",
+        fails_when: "[ \"$1\" = -f ]",
+        message: "/dev/stdin:3:1-20: Error: Could not process rule: No such file or directory",
+        metric: "kproxy_sync_failures_total{mode=\"nftables\"}",
+    };
+    refused_sync_keeps_the_kernel_rules(mode, kind, refusing);
 }
 
 /// `--master` wins over the kubeconfig's server (which here points nowhere), as in kube-proxy:
