@@ -51,6 +51,27 @@ pub enum DataplaneError {
 }
 
 impl DataplaneError {
+    /// `input` refused by `tool`: [`DataplaneError::Rejected`] quoting the input line the tool
+    /// named, else a plain failure of `command`.
+    pub fn refused(tool: &'static str, command: &str, input: &str, line: Option<usize>, message: String) -> Self {
+        match line {
+            Some(line) => DataplaneError::Rejected {
+                tool,
+                line,
+                text: input
+                    .lines()
+                    .nth(line.saturating_sub(1))
+                    .unwrap_or_default()
+                    .to_string(),
+                message,
+            },
+            None => DataplaneError::Command {
+                command: command.to_string(),
+                message,
+            },
+        }
+    }
+
     /// Whether the sync runner should retry (with backoff) rather than give up.
     pub fn is_retryable(&self) -> bool {
         !matches!(self, DataplaneError::Unsupported(_))

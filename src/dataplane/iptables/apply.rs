@@ -154,22 +154,7 @@ pub fn restore_error(tool: &'static str, input: &str, message: String) -> Datapl
         .nth(1)
         .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|n| n.parse::<usize>().ok());
-    match line {
-        Some(line) => DataplaneError::Rejected {
-            tool,
-            line,
-            text: input
-                .lines()
-                .nth(line.saturating_sub(1))
-                .unwrap_or_default()
-                .to_string(),
-            message,
-        },
-        None => DataplaneError::Command {
-            command: tool.to_string(),
-            message,
-        },
-    }
+    DataplaneError::refused(tool, tool, input, line, message)
 }
 
 /// Runs `cmd`; its output, and the error to report if its exit code is not acceptable.

@@ -73,22 +73,7 @@ pub fn nft_error(input: &str, message: String) -> DataplaneError {
         let (n, _) = rest.split_once(':')?;
         n.parse::<usize>().ok()
     });
-    match line {
-        Some(line) => DataplaneError::Rejected {
-            tool: NFT,
-            line,
-            text: input
-                .lines()
-                .nth(line.saturating_sub(1))
-                .unwrap_or_default()
-                .to_string(),
-            message,
-        },
-        None => DataplaneError::Command {
-            command: "nft -f -".into(),
-            message,
-        },
-    }
+    DataplaneError::refused(NFT, "nft -f -", input, line, message)
 }
 
 /// The chains and sets of `family`'s table; none when it does not exist. Listed without rules
