@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 /// `namespace/name` of a Service.
 pub type ServiceId = (String, String);
 
-fn id_of(svc: &Service) -> ServiceId {
+/// Which Service (an unset namespace is `default`, as kubectl applies it).
+pub fn id_of(svc: &Service) -> ServiceId {
     (
         svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
         svc.metadata.name.clone().unwrap_or_default(),

@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::allocate::{allocate, Assigned, ServiceId, Taken};
+use super::allocate::{allocate, id_of, Assigned, ServiceId, Taken};
 use crate::ingress::objects::IngressObject;
 use crate::sync::SharedState;
 
@@ -264,18 +264,7 @@ impl ManifestSource {
         let mut records = Vec::new();
         for (file, stamp, mut objects) in parsed {
             allocate(&mut objects.services, &self.range, &mut taken, &previous);
-            let assigned = objects
-                .services
-                .iter()
-                .map(|s| {
-                    let m = &s.metadata;
-                    let id = (
-                        m.namespace.clone().unwrap_or_else(|| "default".into()),
-                        m.name.clone().unwrap_or_default(),
-                    );
-                    (id, Assigned::of(s))
-                })
-                .collect();
+            let assigned = objects.services.iter().map(|s| (id_of(s), Assigned::of(s))).collect();
             records.push((
                 file,
                 FileRecord {
