@@ -3,9 +3,11 @@
 //! state (manifest files and a fake API server).
 //!
 //! This binary is also its own test server: `__serve NAME PORT` answers HTTP on TCP and echoes
-//! on UDP with the pod name and the peer address; `__udp ADDR` is a one-shot UDP client.
+//! on UDP with the pod name and the peer address; `__udp ADDR` is a one-shot UDP client;
+//! `__fakeapi ...` runs the fake API server standalone, for benchmarks (see `fakeapi_cli.rs`).
 
 mod fakeapi;
+mod fakeapi_cli;
 mod harness;
 mod ingress;
 mod netns;
@@ -103,6 +105,7 @@ fn main() -> ExitCode {
         Some("__udp") => return udp_client(&argv[2], argv.get(3).and_then(|p| p.parse().ok()).unwrap_or(0)),
         Some("__http") => ingress::serve_backend(&argv[2], argv[3].parse().expect("port"), false),
         Some("__https") => ingress::serve_backend(&argv[2], argv[3].parse().expect("port"), true),
+        Some("__fakeapi") => return fakeapi_cli::main(&argv[2..]),
         _ => {}
     }
     let args = Arguments::from_args();

@@ -1,0 +1,264 @@
+#!/usr/bin/env bash
+# Benchmark: kproxy's memory and first full sync through the Kubernetes API path, as it runs in
+# production (kube-rs watchers, paginated lists, the Ingress proxy on), against the standalone
+# fake API server (`integration __fakeapi`, see integration/fakeapi_cli.rs) serving N Services
+# x M endpoints shaped as a real kube-apiserver returns them (managedFields and all).
+#
+# For each mode and size, in a throwaway network namespace: starts the fake API and kproxy,
+# waits for the first full sync, then measures
+#   - first full sync: from kproxy's start to rules in the kernel (wall clock, includes the
+#     lists), and the sync itself (kubeproxy_sync_full_proxy_rules_duration_seconds);
+#   - peak RSS (VmHWM) after the first sync, and steady RSS (VmRSS) 10 s later;
+#   - one EndpointSlice change written through the API: trigger time to kernel
+#     (kubeproxy_network_programming_duration_seconds), checked in the kernel's rules;
+# and prints the memory growth per Service between sizes. Writes its section of BENCHMARKS.md,
+# the raw figures to docs/benchmarks/api-rss.tsv and a plot of RSS against the number of
+# Services per mode to docs/benchmarks/api-rss.png (python3 + matplotlib; installed into
+# target/bench-venv when missing). Never run by the tests.
+#
+# usage: sudo scripts/bench-api.sh [SIZES] [MODES] [ENDPOINTS]
+#   SIZES     default "1000 5000 10000"
+#   MODES     default "nftables legacy": nftables mode, and iptables mode through that iptables
+#             backend (legacy or nft; nft is not in the default: iptables-nft takes tens of
+#             minutes for one restore at 5000 Services, see BENCHMARKS.md)
+#   ENDPOINTS default 10
+# env: KPROXY_BENCH_NO_WRITE=1 prints the figures without touching BENCHMARKS.md or the plot;
+#      KPROXY_BENCH_HEAPTRACK=DIR runs kproxy under heaptrack and leaves the profiles in DIR.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+sizes=${1:-1000 5000 10000}
+modes=${2:-nftables legacy}
+endpoints=${3:-10}
+[ "$(id -u)" = 0 ] || { echo "bench-api.sh: needs root" >&2; exit 1; }
+for tool in curl python3 ip; do
+  command -v "$tool" >/dev/null || { echo "bench-api.sh: needs $tool" >&2; exit 1; }
+done
+
+echo "==> building (release)"
+cargo build --quiet --release --manifest-path "$here/Cargo.toml"
+fakeapi=$(cargo test --quiet --release --no-run --test integration --manifest-path "$here/Cargo.toml" \
+  --message-format=json 2>/dev/null |
+  python3 -c 'import sys, json
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "integration":
+        print(m["executable"])')
+[ -x "$fakeapi" ] || { echo "bench-api.sh: the integration test binary was not built" >&2; exit 1; }
+kproxy=$here/target/release/kproxy
+
+work=$(mktemp -d /tmp/kproxy-bench-api.XXXXXX)
+ns=kpbapi$$
+pid="" api_pid=""
+stop() { # PID
+  [ -n "$1" ] || return 0
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+cleanup() {
+  set +e
+  stop "$pid"; pid=
+  stop "$api_pid"; api_pid=
+  ip netns del "$ns" 2>/dev/null
+  [ -n "${KEEP:-}" ] || rm -rf "$work"
+}
+trap cleanup EXIT
+
+api=http://127.0.0.1:6443
+metric() { ip netns exec "$ns" curl -s --max-time 2 http://127.0.0.1:10249/metrics | awk -v n="$1" '$1 == n {print $2}'; }
+wait_metric() { # NAME MIN SECONDS
+  local deadline=$((SECONDS + $3)) c
+  while [ $SECONDS -lt $deadline ]; do
+    c=$(metric "$1" 2>/dev/null || true)
+    [ -n "$c" ] && [ "${c%.*}" -ge "$2" ] && return 0
+    kill -0 "$pid" 2>/dev/null || { tail -50 "$work/kproxy.log" >&2; return 1; }
+    sleep 0.1
+  done
+  echo "timed out waiting for $1" >&2
+  return 1
+}
+# The process to measure: kproxy itself, also when it runs under heaptrack.
+kproxy_pid() {
+  if [ -n "${KPROXY_BENCH_HEAPTRACK:-}" ]; then
+    pgrep -P "$pid" -x kproxy || pgrep -f "^$kproxy " | head -1
+  else
+    echo "$pid"
+  fi
+}
+status_kib() { awk -v k="$1:" '$1 == k {print $2}' "/proc/$(kproxy_pid)/status"; }
+
+# One EndpointSlice of the last Service with new endpoints and a trigger time of now.
+changed_slice() { # SERVICES
+  python3 - "$1" "$endpoints" <<'PY'
+import sys, json, datetime
+n, m = int(sys.argv[1]), int(sys.argv[2])
+i = n - 1
+now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+print(json.dumps({
+    "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+    "metadata": {"name": f"svc-{i}-ep", "namespace": f"ns-{i % 10}",
+                 "labels": {"kubernetes.io/service-name": f"svc-{i}"},
+                 "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": now}},
+    "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    "endpoints": [{"addresses": [f"10.255.{j}.{1 + j}"], "conditions": {"ready": True}, "nodeName": "node-0"}
+                  for j in range(m)],
+}))
+PY
+}
+
+tsv=$work/api-rss.tsv
+printf 'mode\tservices\tendpoints\tstart_to_rules_s\tfull_sync_s\tpeak_kib\tsteady_kib\tprogramming_s\n' > "$tsv"
+for mode_arg in $modes; do
+  case $mode_arg in
+    nftables) mode=nftables label="nftables" ;;
+    legacy | nft) mode=iptables label="iptables ($mode_arg)" ;;
+    *) echo "bench-api.sh: unknown mode $mode_arg (nftables, legacy, nft)" >&2; exit 2 ;;
+  esac
+  tools=$work/tools-$mode_arg
+  mkdir -p "$tools"
+  if [ "$mode" = iptables ]; then
+    for t in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do
+      ln -sf "$(command -v "${t/iptables/iptables-$mode_arg}")" "$tools/$t"
+    done
+  fi
+  for n in $sizes; do
+    echo "==> $label, $n Services x $endpoints endpoints"
+    ip netns add "$ns"
+    ip netns exec "$ns" ip link set lo up
+    ip netns exec "$ns" "$fakeapi" __fakeapi --listen 127.0.0.1:6443 --services "$n" --endpoints "$endpoints" \
+      --node bench-node > "$work/fakeapi.log" 2>&1 &
+    api_pid=$!
+    until grep -q '^fakeapi: serving' "$work/fakeapi.log"; do
+      kill -0 "$api_pid" 2>/dev/null || { cat "$work/fakeapi.log" >&2; exit 1; }
+      sleep 0.2
+    done
+    run=()
+    if [ -n "${KPROXY_BENCH_HEAPTRACK:-}" ]; then
+      mkdir -p "$KPROXY_BENCH_HEAPTRACK"
+      run=(heaptrack -o "$KPROXY_BENCH_HEAPTRACK/heaptrack.$mode_arg.$n")
+    fi
+    start=$(date +%s.%N)
+    PATH="$tools:$PATH" ip netns exec "$ns" "${run[@]}" "$kproxy" --master "$api" --hostname-override bench-node \
+      --proxy-mode "$mode" --cluster-cidr 10.128.0.0/9 --sync-period 1h \
+      --healthz-bind-address 127.0.0.1:10256 --metrics-bind-address 127.0.0.1:10249 > "$work/kproxy.log" 2>&1 &
+    pid=$!
+    wait_metric kubeproxy_sync_full_proxy_rules_duration_seconds_count 1 3600
+    to_rules=$(echo "$(date +%s.%N) - $start" | bc)
+    full_s=$(metric kubeproxy_sync_full_proxy_rules_duration_seconds_sum)
+    sleep 10
+    steady=$(status_kib VmRSS)
+    peak=$(status_kib VmHWM)
+    changed_slice "$n" > "$work/slice.json"
+    # The first sync observed the listed slices' trigger times too: count only the change.
+    programmed_before=$(metric kubeproxy_network_programming_duration_seconds_sum)
+    programmed_count=$(metric kubeproxy_network_programming_duration_seconds_count)
+    last=$((n - 1))
+    ip netns exec "$ns" curl -sf -o /dev/null -X PUT -H 'Content-Type: application/json' --data @"$work/slice.json" \
+      "$api/apis/discovery.k8s.io/v1/namespaces/ns-$((last % 10))/endpointslices/svc-$last-ep"
+    # Any sync that programs it counts (a failed sync, say on a busy xtables lock, makes the next one full).
+    wait_metric kubeproxy_network_programming_duration_seconds_count $((${programmed_count%.*} + 1)) 600
+    programming_s=$(echo "$(metric kubeproxy_network_programming_duration_seconds_sum) - $programmed_before" | bc)
+    if [ "$mode" = nftables ]; then
+      ip netns exec "$ns" nft list table ip kproxy > "$work/rules.txt"
+    else
+      PATH="$tools:$PATH" ip netns exec "$ns" iptables-save -t nat > "$work/rules.txt"
+    fi
+    grep -qE '10\.255\.0\.1(:| \. )8080' "$work/rules.txt" || { echo "the change is not in the kernel" >&2; exit 1; }
+    stop "$pid"; pid=
+    stop "$api_pid"; api_pid=
+    ip netns del "$ns"
+    printf '%s\t%s\t%s\t%.2f\t%.3f\t%s\t%s\t%.3f\n' "$mode_arg" "$n" "$endpoints" "$to_rules" "$full_s" "$peak" \
+      "$steady" "$programming_s" | tee -a "$tsv"
+  done
+done
+
+cpu=$(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//')
+python3 - "$tsv" "$work/section.md" "$(date -u +%Y-%m-%d)" "$(nproc) cores, $cpu" <<'PY'
+import sys, csv
+tsv, out, day, machine = sys.argv[1:5]
+rows = list(csv.DictReader(open(tsv), delimiter="\t"))
+mib = lambda kib: int(kib) / 1024
+labels = {"nftables": "nftables", "legacy": "iptables (legacy)", "nft": "iptables (nft)"}
+sizes = sorted({int(r["services"]) for r in rows})
+eps = rows[0]["endpoints"] if rows else "10"
+lines = [
+    f"Written by `scripts/bench-api.sh \"{' '.join(map(str, sizes))}\"` on {day} ({machine}). Single runs on a",
+    "shared machine: rerun the script to compare. Through the API path as in production (kube-rs",
+    "watchers, lists paginated by 500, the Ingress proxy on) against `integration __fakeapi`, whose",
+    f"objects carry what a real kube-apiserver adds (managedFields, last-applied annotations); {eps} endpoints",
+    "per Service, every tenth Service a NodePort. Peak is VmHWM after the first sync, steady is VmRSS",
+    "10 s later; the change is one EndpointSlice written through the API, trigger time to kernel.",
+    "",
+    "| mode | Services | start to rules in the kernel | first full sync | peak RSS | steady RSS | one change |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+]
+for r in rows:
+    lines.append(f"| {labels[r['mode']]} | {int(r['services']):,} | {float(r['start_to_rules_s']):.2f} s | "
+                 f"{float(r['full_sync_s']):.2f} s | {mib(r['peak_kib']):.0f} MiB | {mib(r['steady_kib']):.0f} MiB | "
+                 f"{float(r['programming_s']) * 1000:.0f} ms |")
+lines.append("")
+growth = []
+for mode in dict.fromkeys(r["mode"] for r in rows):
+    pts = sorted((int(r["services"]), int(r["steady_kib"]), int(r["peak_kib"])) for r in rows if r["mode"] == mode)
+    if len(pts) >= 2:
+        (n0, s0, p0), (n1, s1, p1) = pts[0], pts[-1]
+        growth.append(f"{labels[mode]}: steady {(s1 - s0) / (n1 - n0):.1f} KiB, peak {(p1 - p0) / (n1 - n0):.1f} KiB"
+                      f" per Service ({n0:,} to {n1:,})")
+if growth:
+    lines.append("Memory growth per Service (with its " + eps + " endpoints): " + "; ".join(growth) + ".")
+    lines.append("")
+lines.append("![RSS against Services](docs/benchmarks/api-rss.png)")
+open(out, "w").write("\n".join(lines) + "\n")
+PY
+cat "$work/section.md"
+[ -z "${KPROXY_BENCH_NO_WRITE:-}" ] || exit 0
+
+mkdir -p "$here/docs/benchmarks"
+cp "$tsv" "$here/docs/benchmarks/api-rss.tsv"
+py=python3
+if ! python3 -c 'import matplotlib' 2>/dev/null; then
+  venv=$here/target/bench-venv
+  if [ ! -x "$venv/bin/python3" ] || ! "$venv/bin/python3" -c 'import matplotlib' 2>/dev/null; then
+    echo "==> installing matplotlib into $venv"
+    python3 -m venv "$venv" && "$venv/bin/pip" install --quiet matplotlib
+  fi
+  py=$venv/bin/python3
+fi
+"$py" - "$tsv" "$here/docs/benchmarks/api-rss.png" <<'PY'
+import sys, csv
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+labels = {"nftables": "nftables", "legacy": "iptables (legacy)", "nft": "iptables (nft)"}
+fig, ax = plt.subplots(figsize=(7, 4.5))
+for i, mode in enumerate(dict.fromkeys(r["mode"] for r in rows)):
+    pts = sorted((int(r["services"]), int(r["peak_kib"]) / 1024, int(r["steady_kib"]) / 1024)
+                 for r in rows if r["mode"] == mode)
+    color = f"C{i}"
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=f"{labels[mode]}: peak")
+    ax.plot([p[0] for p in pts], [p[2] for p in pts], "s--", color=color, label=f"{labels[mode]}: steady")
+ax.axhline(80, color="grey", lw=0.8, ls=":")
+ax.axhline(60, color="grey", lw=0.8, ls=":")
+ax.set_xlabel("Services (10 endpoints each)")
+ax.set_ylabel("resident memory (MiB)")
+ax.set_title("kproxy through the API path")
+ax.set_ylim(bottom=0)
+ax.grid(alpha=0.3)
+ax.legend(fontsize=8)
+fig.tight_layout()
+fig.savefig(sys.argv[2], dpi=110)
+PY
+# Replace this script's section of BENCHMARKS.md, leaving the other benchmarks' sections alone.
+python3 - "$here/BENCHMARKS.md" "$work/section.md" <<'PY'
+import sys
+path, section = sys.argv[1], open(sys.argv[2]).read().strip()
+begin, end = "<!-- scripts/bench-api.sh: begin -->", "<!-- scripts/bench-api.sh: end -->"
+text = open(path).read()
+if begin not in text:
+    text = text.rstrip() + "\n\n## Memory through the API path\n\n" + begin + "\n" + end + "\n"
+head, _, tail = text.partition(begin)
+_, _, tail = tail.partition(end)
+open(path, "w").write(head + begin + "\n" + section + "\n" + end + tail)
+PY
+echo "==> wrote BENCHMARKS.md and docs/benchmarks/api-rss.png"
