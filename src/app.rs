@@ -380,8 +380,8 @@ pub fn services_table(desired: &DesiredState) -> String {
             .collect();
         eps.dedup();
         rows.push([
-            key.namespace.clone(),
-            key.name.clone(),
+            key.namespace.to_string(),
+            key.name.to_string(),
             ips(&sp.cluster_ips),
             if external.is_empty() {
                 "<none>".into()

@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use super::intern::intern;
 use super::{Endpoint, NodeInfo, Protocol, ServiceKey, ServicePort, ServicePortName};
 
 /// Label that hands a Service to another proxy implementation (kube-proxy skips these too).
@@ -24,8 +25,10 @@ pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-t
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` default, as the API server sets it.
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
+/// Taint the cluster autoscaler puts on a node it is about to remove.
+const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ConvertError {
     #[error("Service {service}: invalid cluster IP {ip:?}")]
     ClusterIp { service: ServiceKey, ip: String },
@@ -68,8 +71,8 @@ pub enum ServiceDecision {
 
 pub fn service_key_of(svc: &Service) -> ServiceKey {
     ServiceKey::new(
-        svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
-        svc.metadata.name.clone().unwrap_or_default(),
+        svc.metadata.namespace.as_deref().unwrap_or("default"),
+        svc.metadata.name.as_deref().unwrap_or_default(),
     )
 }
 
@@ -239,23 +242,75 @@ fn parse_ips<'a>(
     out
 }
 
-/// One port entry of an EndpointSlice.
+/// One port of an EndpointSlice, with the slice's endpoints on that port: sorted by address,
+/// one per address (a ready copy wins), so a Service port served by this slice alone shares
+/// this very list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlicePort {
-    pub name: String,
+    pub name: Arc<str>,
     pub port: u16,
     pub protocol: Protocol,
+    pub endpoints: Arc<[Endpoint]>,
 }
 
 /// An EndpointSlice reduced to what proxying needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SliceInfo {
     pub service: ServiceKey,
-    pub name: String,
     pub ports: Vec<SlicePort>,
-    /// Endpoints with `port` 0: the port comes from the matching [`SlicePort`].
-    pub endpoints: Vec<Endpoint>,
     pub trigger_time: Option<SystemTime>,
+}
+
+/// An EndpointSlice's namespace and name, printed `ns/name`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SliceKey {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+}
+
+impl SliceKey {
+    pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
+        SliceKey {
+            namespace: intern(namespace.as_ref()),
+            name: Arc::from(name.as_ref()),
+        }
+    }
+
+    /// The key of `slice` (namespace `default` when unset, as the manifest source allows).
+    pub fn of(slice: &EndpointSlice) -> Self {
+        SliceKey::new(
+            slice.metadata.namespace.as_deref().unwrap_or("default"),
+            slice.metadata.name.as_deref().unwrap_or_default(),
+        )
+    }
+}
+
+impl std::fmt::Display for SliceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// An EndpointSlice converted as it arrives: everything the store needs, the object itself
+/// already dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvertedSlice {
+    pub key: SliceKey,
+    /// `Ok(None)`: a slice proxying ignores (FQDN address type).
+    pub info: Result<Option<SliceInfo>, ConvertError>,
+    /// Parts (ports, endpoints) dropped as invalid, each naming the slice.
+    pub warnings: Vec<String>,
+}
+
+/// Converts an EndpointSlice for the store, for the node named `node_name`.
+pub fn convert_slice_object(slice: &EndpointSlice, node_name: &str) -> ConvertedSlice {
+    let mut warnings = Vec::new();
+    let info = convert_endpoint_slice(slice, node_name, &mut warnings);
+    ConvertedSlice {
+        key: SliceKey::of(slice),
+        info,
+        warnings,
+    }
 }
 
 /// Converts a discovery.k8s.io/v1 EndpointSlice. Returns `Ok(None)` for slices proxying ignores
@@ -265,14 +320,14 @@ pub fn convert_endpoint_slice(
     node_name: &str,
     warnings: &mut Vec<String>,
 ) -> Result<Option<SliceInfo>, ConvertError> {
-    let namespace = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-    let name = slice.metadata.name.clone().unwrap_or_default();
+    let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
+    let name = slice.metadata.name.as_deref().unwrap_or_default();
     let what = || format!("EndpointSlice {namespace}/{name}");
     let Some(service_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
         return Err(ConvertError::Object {
             kind: "EndpointSlice",
-            namespace,
-            name,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
             reason: format!("has no {LABEL_SERVICE_NAME} label, so it belongs to no Service"),
         });
     };
@@ -281,23 +336,7 @@ pub fn convert_endpoint_slice(
         "IPv6" => crate::model::IpFamily::V6,
         _ => return Ok(None),
     };
-    let mut ports = Vec::new();
-    for p in slice.ports.iter().flatten() {
-        let pname = p.name.clone().unwrap_or_default();
-        let Some(protocol) = Protocol::from_k8s(p.protocol.as_deref()) else {
-            warnings.push(format!("{}: skipping port {pname:?}: unknown protocol", what()));
-            continue;
-        };
-        match p.port.and_then(valid_port) {
-            Some(port) => ports.push(SlicePort {
-                name: pname,
-                port,
-                protocol,
-            }),
-            None => warnings.push(format!("{}: skipping port {pname:?}: missing or out of range", what())),
-        }
-    }
-    let mut endpoints = Vec::new();
+    let mut endpoints = Vec::with_capacity(slice.endpoints.len());
     for ep in &slice.endpoints {
         // kube-proxy uses the first address only: the API defines the rest as fungible.
         let Some(raw) = ep.addresses.first() else {
@@ -326,21 +365,40 @@ pub fn convert_endpoint_slice(
             ready,
             serving,
             terminating,
-            node_name: ep.node_name.clone(),
-            zone: ep.zone.clone(),
+            node_name: ep.node_name.as_deref().map(intern),
+            zone: ep.zone.as_deref().map(intern),
             zone_hints: hints
                 .and_then(|h| h.for_zones.as_ref())
                 .into_iter()
                 .flatten()
-                .map(|z| z.name.clone())
+                .map(|z| z.name.as_str())
                 .collect(),
             node_hints: hints
                 .and_then(|h| h.for_nodes.as_ref())
                 .into_iter()
                 .flatten()
-                .map(|n| n.name.clone())
+                .map(|n| n.name.as_str())
                 .collect(),
             is_local: ep.node_name.as_deref() == Some(node_name),
+        });
+    }
+    let endpoints = dedup_by_address(endpoints);
+    let mut ports = Vec::new();
+    for p in slice.ports.iter().flatten() {
+        let pname = p.name.as_deref().unwrap_or_default();
+        let Some(protocol) = Protocol::from_k8s(p.protocol.as_deref()) else {
+            warnings.push(format!("{}: skipping port {pname:?}: unknown protocol", what()));
+            continue;
+        };
+        let Some(port) = p.port.and_then(valid_port) else {
+            warnings.push(format!("{}: skipping port {pname:?}: missing or out of range", what()));
+            continue;
+        };
+        ports.push(SlicePort {
+            name: intern(pname),
+            port,
+            protocol,
+            endpoints: endpoints.iter().map(|ep| Endpoint { port, ..ep.clone() }).collect(),
         });
     }
     let trigger_time = slice
@@ -351,37 +409,100 @@ pub fn convert_endpoint_slice(
         .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
         .map(SystemTime::from);
     Ok(Some(SliceInfo {
-        service: ServiceKey::new(namespace.clone(), service_name.clone()),
-        name,
+        service: ServiceKey::new(namespace, service_name),
         ports,
-        endpoints,
         trigger_time,
     }))
 }
 
+/// One endpoint per address, sorted by address: the first ready copy wins, else the first.
+fn dedup_by_address(endpoints: Vec<Endpoint>) -> Vec<Endpoint> {
+    let mut by_ip: BTreeMap<IpAddr, Endpoint> = BTreeMap::new();
+    for ep in endpoints {
+        match by_ip.get(&ep.ip) {
+            Some(existing) if existing.ready || !ep.ready => {}
+            _ => {
+                by_ip.insert(ep.ip, ep);
+            }
+        }
+    }
+    by_ip.into_values().collect()
+}
+
 /// The endpoints of one Service port, merged over all slices of its Service: matched by port
-/// name and protocol, deduplicated by address (a ready copy wins), sorted.
-pub fn merge_endpoints<'a>(port: &ServicePortName, slices: impl Iterator<Item = &'a SliceInfo>) -> Vec<Endpoint> {
-    let mut merged: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
-    for slice in slices {
-        for sp in slice
+/// name and protocol, deduplicated by address (a ready copy wins; among equals, the first
+/// slice's), sorted. When one slice alone serves the port, its list is shared, not copied.
+pub fn merge_endpoints<'a>(port: &ServicePortName, slices: impl Iterator<Item = &'a SliceInfo>) -> Arc<[Endpoint]> {
+    let mut matching = slices.flat_map(|slice| {
+        slice
             .ports
             .iter()
-            .filter(|sp| sp.name == port.port && sp.protocol == port.protocol)
-        {
-            for ep in &slice.endpoints {
-                let mut ep = ep.clone();
-                ep.port = sp.port;
-                match merged.get(&(ep.ip, ep.port)) {
-                    Some(existing) if existing.ready || !ep.ready => {}
-                    _ => {
-                        merged.insert((ep.ip, ep.port), ep);
-                    }
+            .filter(|sp| *sp.name == *port.port && sp.protocol == port.protocol)
+    });
+    let Some(first) = matching.next() else {
+        return Arc::from([]);
+    };
+    let Some(second) = matching.next() else {
+        return first.endpoints.clone();
+    };
+    let mut merged: BTreeMap<(IpAddr, u16), &Endpoint> = BTreeMap::new();
+    for sp in [first, second].into_iter().chain(matching) {
+        for ep in sp.endpoints.iter() {
+            match merged.get(&(ep.ip, ep.port)) {
+                Some(existing) if existing.ready || !ep.ready => {}
+                _ => {
+                    merged.insert((ep.ip, ep.port), ep);
                 }
             }
         }
     }
-    merged.into_values().collect()
+    merged.into_values().cloned().collect()
+}
+
+/// A Service converted as it arrives: the store's whole record of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvertedService {
+    pub key: ServiceKey,
+    /// `spec.externalName` of an ExternalName Service: no rules, but Ingress may route to it.
+    pub external_name: Option<String>,
+    pub decision: Result<ServiceDecision, ConvertError>,
+}
+
+/// Converts a Service for the store.
+pub fn convert_service_object(svc: &Service) -> ConvertedService {
+    let external_name = svc
+        .spec
+        .as_ref()
+        .filter(|s| s.type_.as_deref() == Some("ExternalName"))
+        .and_then(|s| s.external_name.clone());
+    ConvertedService {
+        key: service_key_of(svc),
+        external_name,
+        decision: convert_service(svc),
+    }
+}
+
+/// This node as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvertedNode {
+    pub info: NodeInfo,
+    /// False while the node is being deleted or drained by the cluster autoscaler: kube-proxy
+    /// then reports it unhealthy so load balancers stop sending it traffic.
+    pub eligible: bool,
+}
+
+/// Converts this node's Node object for the store.
+pub fn convert_node_object(node: &Node) -> ConvertedNode {
+    let deleting = node.metadata.deletion_timestamp.is_some();
+    let draining = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
+    ConvertedNode {
+        info: convert_node(node),
+        eligible: !(deleting || draining),
+    }
 }
 
 /// Converts the v1 Node kproxy runs on.

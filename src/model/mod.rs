@@ -2,8 +2,13 @@
 //!
 //! Nothing here does I/O. Kubernetes objects enter through [`convert`], are kept and
 //! change-tracked by [`store`], and leave as a [`DesiredState`] that every dataplane renders.
+//!
+//! Compact by design, because it is paid on every node: names that repeat are shared
+//! ([`intern`]), a key clones without allocating, and a Service port's endpoints are one shared
+//! list ([`PortState::endpoints`]) that the EndpointSlice it came from holds too.
 
 pub mod convert;
+pub mod intern;
 pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -64,18 +69,21 @@ impl IpFamily {
     }
 }
 
-/// A Service's namespace and name (Kubernetes' NamespacedName), printed `ns/name`.
+pub use intern::Names;
+
+/// A Service's namespace and name (Kubernetes' NamespacedName), printed `ns/name`. Cloning
+/// shares both strings; the namespace is interned.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ServiceKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
         ServiceKey {
-            namespace: namespace.into(),
-            name: name.into(),
+            namespace: intern::intern(namespace.as_ref()),
+            name: Arc::from(name.as_ref()),
         }
     }
 }
@@ -133,7 +141,8 @@ impl ServicePort {
     }
 }
 
-/// One backend of one Service port, merged from all EndpointSlices of the Service.
+/// One backend of one Service port, merged from all EndpointSlices of the Service. Node and
+/// zone names are interned, so an endpoint owns no string of its own.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Endpoint {
     pub ip: IpAddr,
@@ -141,13 +150,13 @@ pub struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
     /// `hints.forZones`, empty when the slice carries no hints. The EndpointSlice controller
     /// writes them for `trafficDistribution: PreferClose`/`PreferSameZone` (and Topology Aware Routing).
-    pub zone_hints: BTreeSet<String>,
+    pub zone_hints: Names,
     /// `hints.forNodes`, written for `trafficDistribution: PreferSameNode`.
-    pub node_hints: BTreeSet<String>,
+    pub node_hints: Names,
     /// `nodeName` equals this node's name (set at conversion time).
     pub is_local: bool,
 }
@@ -181,7 +190,9 @@ pub struct ServiceState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortState {
     pub port: Arc<ServicePort>,
-    pub endpoints: Vec<Endpoint>,
+    /// Sorted by address. Shared with the EndpointSlice when the port's endpoints all come
+    /// from one slice (the common case), so they are kept once.
+    pub endpoints: Arc<[Endpoint]>,
 }
 
 /// What the node should implement: every proxied Service, keyed for stable iteration order.

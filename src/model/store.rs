@@ -11,13 +11,10 @@ use std::time::SystemTime;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::convert::{self, ServiceDecision, SliceInfo};
+use super::convert::{self, ConvertedNode, ConvertedService, ConvertedSlice, ServiceDecision, SliceInfo, SliceKey};
 use super::{ChangeSet, DesiredState, NodeInfo, PortState, ServiceKey, ServicePort, ServiceState};
 
 /// The kinds a source lists; kproxy programs nothing until each has been listed once.
-/// Taint the cluster autoscaler puts on a node it is about to remove.
-const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
     Service,
@@ -37,6 +34,10 @@ pub struct Snapshot {
     pub endpoint_changes: usize,
 }
 
+/// The EndpointSlices of one Service, by name. Most Services have one or two, so a sorted
+/// vector, not a map (a map's first node alone holds room for eleven).
+type ServiceSlices = Vec<(Arc<str>, SliceInfo)>;
+
 #[derive(Debug, Default)]
 pub struct Store {
     node_name: String,
@@ -44,10 +45,10 @@ pub struct Store {
     services: BTreeMap<ServiceKey, Vec<Arc<ServicePort>>>,
     /// The last conversion error or skip note per Service, so a relist does not repeat warnings.
     notes: BTreeMap<ServiceKey, String>,
-    slices: BTreeMap<ServiceKey, BTreeMap<String, SliceInfo>>,
-    /// Slice (namespace, name) to the Service it belongs to, for deletes.
-    slice_owner: BTreeMap<(String, String), ServiceKey>,
-    slice_notes: BTreeMap<(String, String), String>,
+    slices: BTreeMap<ServiceKey, ServiceSlices>,
+    /// The Service each slice belongs to, for deletes.
+    slice_owner: BTreeMap<SliceKey, ServiceKey>,
+    slice_notes: BTreeMap<SliceKey, String>,
     /// `spec.externalName` of ExternalName Services: they get no rules, but Ingress may route to them.
     external_names: BTreeMap<ServiceKey, String>,
     node: NodeInfo,
@@ -105,9 +106,21 @@ impl Store {
 
     /// Adds or updates a Service. Returns true if the proxied state changed.
     pub fn apply_service(&mut self, svc: &Service) -> bool {
-        let key = convert::service_key_of(svc);
-        self.set_external_name(svc);
-        match convert::convert_service(svc) {
+        self.apply_converted_service(convert::convert_service_object(svc))
+    }
+
+    /// Adds or updates a Service converted on arrival. Returns true if the proxied state changed.
+    pub fn apply_converted_service(&mut self, svc: ConvertedService) -> bool {
+        let ConvertedService {
+            key,
+            external_name,
+            decision,
+        } = svc;
+        match external_name {
+            Some(name) => self.external_names.insert(key.clone(), name),
+            None => self.external_names.remove(&key),
+        };
+        match decision {
             Ok(ServiceDecision::Proxy {
                 mut ports,
                 mut warnings,
@@ -147,19 +160,28 @@ impl Store {
     }
 
     pub fn delete_service(&mut self, svc: &Service) -> bool {
-        let key = convert::service_key_of(svc);
-        self.notes.remove(&key);
-        self.external_names.remove(&key);
-        self.set_service(key, None)
+        self.delete_service_key(&convert::service_key_of(svc))
+    }
+
+    /// Deletes the Service named `key`. Returns true if the proxied state changed.
+    pub fn delete_service_key(&mut self, key: &ServiceKey) -> bool {
+        self.notes.remove(key);
+        self.external_names.remove(key);
+        self.set_service(key.clone(), None)
     }
 
     /// Replaces every Service with `all` (a relist, or the manifest files re-read).
     pub fn replace_services<'a>(&mut self, all: impl IntoIterator<Item = &'a Service>) -> bool {
+        self.replace_converted_services(all.into_iter().map(convert::convert_service_object))
+    }
+
+    /// Replaces every Service with `all`, converted on arrival (a relist staged whole).
+    pub fn replace_converted_services(&mut self, all: impl IntoIterator<Item = ConvertedService>) -> bool {
         let mut listed = BTreeSet::new();
         let mut changed = false;
         for svc in all {
-            listed.insert(convert::service_key_of(svc));
-            changed |= self.apply_service(svc);
+            listed.insert(svc.key.clone());
+            changed |= self.apply_converted_service(svc);
         }
         let gone: Vec<ServiceKey> = self.services.keys().filter(|k| !listed.contains(*k)).cloned().collect();
         self.notes.retain(|k, _| listed.contains(k));
@@ -171,23 +193,11 @@ impl Store {
         changed
     }
 
-    fn set_external_name(&mut self, svc: &Service) {
-        let key = convert::service_key_of(svc);
-        let spec = svc.spec.as_ref();
-        match spec
-            .filter(|s| s.type_.as_deref() == Some("ExternalName"))
-            .and_then(|s| s.external_name.clone())
-        {
-            Some(name) => self.external_names.insert(key, name),
-            None => self.external_names.remove(&key),
-        };
-    }
-
     /// The ports and endpoints of one proxied Service, computed now (the Ingress route builder
     /// reads this; it does not touch change tracking).
     pub fn service_state(&self, key: &ServiceKey) -> Option<ServiceState> {
         let ports = self.services.get(key)?;
-        Some(build_service_state(ports, self.slices.get(key)))
+        Some(build_service_state(ports, self.slices.get(key).map(Vec::as_slice)))
     }
 
     /// `spec.externalName` of an ExternalName Service.
@@ -223,75 +233,92 @@ impl Store {
 
     /// Adds or updates an EndpointSlice. Returns true if the proxied state changed.
     pub fn apply_slice(&mut self, slice: &EndpointSlice) -> bool {
-        let id = slice_id(slice);
-        let mut warnings = Vec::new();
-        let converted = convert::convert_endpoint_slice(slice, &self.node_name, &mut warnings);
-        let note = match &converted {
+        let converted = convert::convert_slice_object(slice, &self.node_name);
+        self.apply_converted_slice(converted)
+    }
+
+    /// Adds or updates an EndpointSlice converted on arrival (for this store's node, see
+    /// [`Self::node_name`]). Returns true if the proxied state changed.
+    pub fn apply_converted_slice(&mut self, slice: ConvertedSlice) -> bool {
+        let ConvertedSlice { key, info, warnings } = slice;
+        let note = match &info {
             Err(e) => e.to_string(),
             Ok(_) => warnings.join("; "),
         };
-        if self.slice_notes.get(&id) != Some(&note) {
-            match &converted {
+        if self.slice_notes.get(&key) != Some(&note) {
+            match &info {
                 Err(e) => tracing::warn!("skipping {e}"),
                 Ok(_) => warnings.iter().for_each(|w| tracing::warn!("{w}")),
             }
             if note.is_empty() {
-                self.slice_notes.remove(&id);
+                self.slice_notes.remove(&key);
             } else {
-                self.slice_notes.insert(id.clone(), note);
+                self.slice_notes.insert(key.clone(), note);
             }
         }
-        match converted {
-            Ok(Some(info)) => self.set_slice(id, Some(info)),
-            Ok(None) | Err(_) => self.set_slice(id, None),
+        match info {
+            Ok(Some(info)) => self.set_slice(key, Some(info)),
+            Ok(None) | Err(_) => self.set_slice(key, None),
         }
     }
 
     pub fn delete_slice(&mut self, slice: &EndpointSlice) -> bool {
-        let id = slice_id(slice);
-        self.slice_notes.remove(&id);
-        self.set_slice(id, None)
+        self.delete_slice_key(&SliceKey::of(slice))
+    }
+
+    /// Deletes the EndpointSlice named `key`. Returns true if the proxied state changed.
+    pub fn delete_slice_key(&mut self, key: &SliceKey) -> bool {
+        self.slice_notes.remove(key);
+        self.set_slice(key.clone(), None)
     }
 
     /// Replaces every EndpointSlice with `all`.
     pub fn replace_slices<'a>(&mut self, all: impl IntoIterator<Item = &'a EndpointSlice>) -> bool {
+        let node = self.node_name.clone();
+        self.replace_converted_slices(all.into_iter().map(|s| convert::convert_slice_object(s, &node)))
+    }
+
+    /// Replaces every EndpointSlice with `all`, converted on arrival (a relist staged whole).
+    pub fn replace_converted_slices(&mut self, all: impl IntoIterator<Item = ConvertedSlice>) -> bool {
         let mut listed = BTreeSet::new();
         let mut changed = false;
         for slice in all {
-            listed.insert(slice_id(slice));
-            changed |= self.apply_slice(slice);
+            listed.insert(slice.key.clone());
+            changed |= self.apply_converted_slice(slice);
         }
-        let gone: Vec<_> = self
+        let gone: Vec<SliceKey> = self
             .slice_owner
             .keys()
-            .filter(|id| !listed.contains(*id))
+            .filter(|key| !listed.contains(*key))
             .cloned()
             .collect();
-        self.slice_notes.retain(|id, _| listed.contains(id));
-        for id in gone {
-            changed |= self.set_slice(id, None);
+        self.slice_notes.retain(|key, _| listed.contains(key));
+        for key in gone {
+            changed |= self.set_slice(key, None);
         }
         self.mark_synced(Kind::EndpointSlice);
         changed
     }
 
-    fn set_slice(&mut self, id: (String, String), info: Option<SliceInfo>) -> bool {
-        let old_owner = self.slice_owner.get(&id).cloned();
+    fn set_slice(&mut self, key: SliceKey, info: Option<SliceInfo>) -> bool {
+        let old_owner = self.slice_owner.get(&key).cloned();
         let old = old_owner
             .as_ref()
             .and_then(|owner| self.slices.get(owner))
-            .and_then(|m| m.get(&id.1));
+            .and_then(|slices| find_slice(slices, &key.name).map(|i| &slices[i].1));
         if old == info.as_ref() {
             return false;
         }
         if let Some(owner) = old_owner {
-            if let Some(m) = self.slices.get_mut(&owner) {
-                m.remove(&id.1);
-                if m.is_empty() {
+            if let Some(slices) = self.slices.get_mut(&owner) {
+                if let Some(i) = find_slice(slices, &key.name) {
+                    slices.remove(i);
+                }
+                if slices.is_empty() {
                     self.slices.remove(&owner);
                 }
             }
-            self.slice_owner.remove(&id);
+            self.slice_owner.remove(&key);
             self.dirty.insert(owner);
         }
         if let Some(info) = info {
@@ -299,8 +326,10 @@ impl Store {
                 self.trigger_times.push(t);
             }
             let owner = info.service.clone();
-            self.slice_owner.insert(id.clone(), owner.clone());
-            self.slices.entry(owner.clone()).or_default().insert(id.1, info);
+            self.slice_owner.insert(key.clone(), owner.clone());
+            let slices = self.slices.entry(owner.clone()).or_default();
+            let at = slices.partition_point(|(name, _)| **name < *key.name);
+            slices.insert(at, (key.name, info));
             self.dirty.insert(owner);
         }
         self.endpoint_changes += 1;
@@ -309,19 +338,17 @@ impl Store {
 
     /// Sets this node's information; a change forces a full sync (local addresses, zone).
     pub fn apply_node(&mut self, node: &Node) -> bool {
-        let mut info = convert::convert_node(node);
+        self.apply_converted_node(convert::convert_node_object(node))
+    }
+
+    /// Sets this node's information, converted on arrival.
+    pub fn apply_converted_node(&mut self, node: ConvertedNode) -> bool {
+        let ConvertedNode { mut info, eligible } = node;
         if info.name.is_empty() {
             info.name = self.node_name.clone();
         }
         self.mark_synced(Kind::Node);
-        // kube-proxy reports such a node unhealthy so load balancers stop sending it traffic.
-        let deleting = node.metadata.deletion_timestamp.is_some();
-        let draining = node
-            .spec
-            .as_ref()
-            .and_then(|s| s.taints.as_ref())
-            .is_some_and(|t| t.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
-        self.node_eligible = !(deleting || draining);
+        self.node_eligible = eligible;
         if info == self.node {
             return false;
         }
@@ -360,7 +387,7 @@ impl Store {
         for key in &dirty {
             match self.services.get(key) {
                 Some(ports) => {
-                    let state = build_service_state(ports, self.slices.get(key));
+                    let state = build_service_state(ports, self.slices.get(key).map(Vec::as_slice));
                     self.state.insert(key.clone(), Arc::new(state));
                 }
                 None => {
@@ -385,23 +412,21 @@ impl Store {
     }
 }
 
-fn slice_id(slice: &EndpointSlice) -> (String, String) {
-    (
-        slice.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
-        slice.metadata.name.clone().unwrap_or_default(),
-    )
+fn find_slice(slices: &ServiceSlices, name: &str) -> Option<usize> {
+    slices.binary_search_by(|(n, _)| (**n).cmp(name)).ok()
 }
 
-/// The per-port endpoints of one Service, from all its slices.
-pub fn build_service_state(ports: &[Arc<ServicePort>], slices: Option<&BTreeMap<String, SliceInfo>>) -> ServiceState {
+/// The per-port endpoints of one Service, from all its slices (by slice name).
+pub fn build_service_state(ports: &[Arc<ServicePort>], slices: Option<&[(Arc<str>, SliceInfo)]>) -> ServiceState {
     ServiceState {
         ports: ports
             .iter()
             .map(|p| PortState {
                 port: p.clone(),
-                endpoints: slices
-                    .map(|s| convert::merge_endpoints(&p.name, s.values()))
-                    .unwrap_or_default(),
+                endpoints: match slices {
+                    Some(s) => convert::merge_endpoints(&p.name, s.iter().map(|(_, info)| info)),
+                    None => Arc::from([]),
+                },
             })
             .collect(),
     }

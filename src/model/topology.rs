@@ -182,7 +182,7 @@ mod tests {
             node_name: Some(if local { "me" } else { "other" }.into()),
             zone: None,
             zone_hints: zones.iter().map(|z| z.to_string()).collect(),
-            node_hints: BTreeSet::new(),
+            node_hints: Default::default(),
             is_local: local,
         }
     }
@@ -283,9 +283,9 @@ mod tests {
     #[test]
     fn node_hints_prefer_same_node() {
         let mut a = ep("10.0.0.1", "ready", true, &[]);
-        a.node_hints.insert("me".into());
+        a.node_hints = ["me"].into_iter().collect();
         let mut b = ep("10.0.0.2", "ready", false, &[]);
-        b.node_hints.insert("other".into());
+        b.node_hints = ["other"].into_iter().collect();
         let eps = [a, b];
         let sets = categorize_endpoints(&eps, &port(false, false, false), "me", None);
         assert_eq!(ips(&sets.cluster), ["10.0.0.1"]);

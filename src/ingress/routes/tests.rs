@@ -120,7 +120,7 @@ fn build(ingresses: &[Ingress]) -> Built {
 /// The Service a request reaches, or "404".
 fn target(t: &RouteTable, host: &str, path: &str) -> String {
     t.route(host, path)
-        .map_or("404".into(), |r| r.backend.service.name.clone())
+        .map_or("404".into(), |r| r.backend.service.name.to_string())
 }
 
 /// (path, pathType, service) of one rule.
@@ -456,9 +456,9 @@ fn tls_hosts_and_canary() {
     assert_eq!(b.warnings.len(), 1, "canary without main: {:?}", b.warnings);
     let r = b.table.route("a.example.com", "/").unwrap();
     assert!(r.host_tls);
-    assert_eq!(r.backend.service.name, "a");
+    assert_eq!(&*r.backend.service.name, "a");
     let c = r.canary.as_ref().unwrap();
-    assert_eq!((c.canary.weight, c.route.backend.service.name.as_str()), (20, "b"));
+    assert_eq!((c.canary.weight, &*c.route.backend.service.name), (20, "b"));
     assert!(b.table.host_has_tls("x.example.com"));
     assert!(
         b.table.host_has_tls("other.test"),

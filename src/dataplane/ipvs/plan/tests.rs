@@ -1,6 +1,5 @@
 //! The plan from (kernel state, desired state) pairs.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use super::*;
@@ -49,8 +48,8 @@ fn ep(ip: &str, state: &str, local: bool) -> Endpoint {
         terminating: state == "terminating",
         node_name: Some(if local { "node-1" } else { "node-2" }.into()),
         zone: None,
-        zone_hints: BTreeSet::new(),
-        node_hints: BTreeSet::new(),
+        zone_hints: Default::default(),
+        node_hints: Default::default(),
         is_local: local,
     }
 }
@@ -68,7 +67,7 @@ fn state(ports: Vec<(ServicePort, Vec<Endpoint>)>) -> DesiredState {
         let mut s: ServiceState = (**entry).clone();
         s.ports.push(PortState {
             port: Arc::new(p),
-            endpoints,
+            endpoints: endpoints.into(),
         });
         *entry = Arc::new(s);
     }
