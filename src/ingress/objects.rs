@@ -1,12 +1,19 @@
-//! The Ingress-side objects kproxy knows: Ingresses, IngressClasses and TLS Secrets, as the
-//! sources listed them. Kept raw: the route builder converts them all at once, so a change of
-//! one object never needs incremental bookkeeping here.
+//! The Ingress-side objects kproxy knows: Ingresses, IngressClasses and TLS Secrets, reduced as
+//! they arrive to the fields the route builder, the status writer and the certificate resolver
+//! read (no managedFields, no `kubectl` last-applied copy, no labels; of a Secret, only its
+//! certificate and key). The route builder converts them all at once, so a change of one
+//! object needs no incremental bookkeeping here.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass, IngressClassSpec, IngressStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::ByteString;
 use kube::ResourceExt;
+
+use super::annotations::{KPROXY_PREFIX, NGINX_PREFIX};
+use super::routes::{DEFAULT_CLASS_ANNOTATION, LEGACY_CLASS_ANNOTATION};
 
 /// The kinds the Ingress proxy waits for before it serves anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -18,6 +25,8 @@ pub enum IngressKind {
 
 /// Only Secrets of this type are kept (and watched: the API watcher selects on it).
 pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
+/// The keys of a TLS Secret kproxy serves; any other data (`ca.crt`, ...) is dropped.
+pub const TLS_SECRET_KEYS: [&str; 2] = ["tls.crt", "tls.key"];
 
 /// `namespace/name` of a namespaced object; IngressClasses are keyed by name alone.
 pub type ObjectKey = (String, String);
@@ -34,79 +43,164 @@ pub struct IngressObjects {
     synced: BTreeSet<IngressKind>,
 }
 
-/// How one kind is kept in [`IngressObjects`]. Each method returns whether anything changed.
-pub trait IngressObject: Sized {
+/// How one kind is converted and kept in [`IngressObjects`]. The `*_converted` methods take
+/// what [`IngressObject::convert`] made of an object as it arrived (the API watchers stage a
+/// list so); the others convert first. Each returns whether anything changed.
+pub trait IngressObject: Sized + PartialEq {
     const KIND: IngressKind;
-    fn apply(objects: &mut IngressObjects, obj: &Self) -> bool;
-    fn delete(objects: &mut IngressObjects, obj: &Self) -> bool;
+    /// How an object of the kind is named.
+    type Key: Ord + Clone + Send + 'static;
+
+    fn key(obj: &Self) -> Self::Key;
+    /// What is kept of `obj`; `None` when nothing is (a Secret that is not TLS).
+    fn convert(obj: &Self) -> Option<Self>;
+    fn kept(objects: &mut IngressObjects) -> &mut BTreeMap<Self::Key, Self>;
+
+    /// Stores what [`IngressObject::convert`] made of an object (`None`: forget it).
+    fn apply_converted(objects: &mut IngressObjects, key: Self::Key, kept: Option<Self>) -> bool {
+        let map = Self::kept(objects);
+        match kept {
+            Some(obj) if map.get(&key) == Some(&obj) => false,
+            Some(obj) => {
+                map.insert(key, obj);
+                true
+            }
+            None => map.remove(&key).is_some(),
+        }
+    }
+
+    fn delete_key(objects: &mut IngressObjects, key: &Self::Key) -> bool {
+        Self::kept(objects).remove(key).is_some()
+    }
+
+    /// A complete list, converted: replaces every object of the kind and marks it synced.
+    fn replace_converted(objects: &mut IngressObjects, all: Vec<(Self::Key, Option<Self>)>) -> bool {
+        let first = objects.synced.insert(Self::KIND);
+        let new: BTreeMap<Self::Key, Self> = all.into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+        let map = Self::kept(objects);
+        if *map == new {
+            return first;
+        }
+        *map = new;
+        true
+    }
+
+    fn apply(objects: &mut IngressObjects, obj: &Self) -> bool {
+        Self::apply_converted(objects, Self::key(obj), Self::convert(obj))
+    }
+
+    fn delete(objects: &mut IngressObjects, obj: &Self) -> bool {
+        Self::delete_key(objects, &Self::key(obj))
+    }
+
     /// A complete list: replaces every object of the kind and marks it synced.
-    fn replace(objects: &mut IngressObjects, all: &[Self]) -> bool;
+    fn replace(objects: &mut IngressObjects, all: &[Self]) -> bool {
+        let converted = all.iter().map(|o| (Self::key(o), Self::convert(o))).collect();
+        Self::replace_converted(objects, converted)
+    }
 }
 
-fn upsert<K: PartialEq + Clone, V: Ord>(map: &mut BTreeMap<V, K>, key: V, obj: &K) -> bool {
-    if map.get(&key) == Some(obj) {
-        return false;
+/// The metadata kproxy reads of an Ingress-side object: its name, namespace and creation time
+/// (the oldest Ingress wins a conflict), and the annotations `keep` selects.
+fn slim_meta(meta: &ObjectMeta, keep: impl Fn(&str) -> bool) -> ObjectMeta {
+    let annotations: BTreeMap<String, String> = meta
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(k, _)| keep(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    ObjectMeta {
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        creation_timestamp: meta.creation_timestamp.clone(),
+        annotations: (!annotations.is_empty()).then_some(annotations),
+        ..ObjectMeta::default()
     }
-    map.insert(key, obj.clone());
-    true
-}
-
-fn replace_map<K: PartialEq + Clone, V: Ord + Clone>(map: &mut BTreeMap<V, K>, all: Vec<(V, &K)>) -> bool {
-    let new: BTreeMap<V, K> = all.into_iter().map(|(k, v)| (k, v.clone())).collect();
-    if *map == new {
-        return false;
-    }
-    *map = new;
-    true
 }
 
 impl IngressObject for Ingress {
     const KIND: IngressKind = IngressKind::Ingress;
-    fn apply(objects: &mut IngressObjects, obj: &Self) -> bool {
-        upsert(&mut objects.ingresses, key_of(obj), obj)
+    type Key = ObjectKey;
+
+    fn key(obj: &Self) -> ObjectKey {
+        key_of(obj)
     }
-    fn delete(objects: &mut IngressObjects, obj: &Self) -> bool {
-        objects.ingresses.remove(&key_of(obj)).is_some()
+
+    /// The spec, the class and proxy annotations, and the load balancer status (which the
+    /// status writer compares against).
+    fn convert(obj: &Self) -> Option<Self> {
+        let routing =
+            |k: &str| k.starts_with(NGINX_PREFIX) || k.starts_with(KPROXY_PREFIX) || k == LEGACY_CLASS_ANNOTATION;
+        let load_balancer = obj.status.as_ref().and_then(|s| s.load_balancer.clone());
+        Some(Ingress {
+            metadata: slim_meta(&obj.metadata, routing),
+            spec: obj.spec.clone(),
+            status: load_balancer.map(|lb| IngressStatus {
+                load_balancer: Some(lb),
+            }),
+        })
     }
-    fn replace(objects: &mut IngressObjects, all: &[Self]) -> bool {
-        let first = objects.synced.insert(Self::KIND);
-        replace_map(&mut objects.ingresses, all.iter().map(|o| (key_of(o), o)).collect()) | first
+
+    fn kept(objects: &mut IngressObjects) -> &mut BTreeMap<ObjectKey, Self> {
+        &mut objects.ingresses
     }
 }
 
 impl IngressObject for IngressClass {
     const KIND: IngressKind = IngressKind::IngressClass;
-    fn apply(objects: &mut IngressObjects, obj: &Self) -> bool {
-        upsert(&mut objects.classes, obj.name_any(), obj)
-    }
-    fn delete(objects: &mut IngressObjects, obj: &Self) -> bool {
-        objects.classes.remove(&obj.name_any()).is_some()
-    }
-    fn replace(objects: &mut IngressObjects, all: &[Self]) -> bool {
-        let first = objects.synced.insert(Self::KIND);
-        replace_map(&mut objects.classes, all.iter().map(|o| (o.name_any(), o)).collect()) | first
-    }
-}
+    type Key = String;
 
-fn is_tls(secret: &Secret) -> bool {
-    secret.type_.as_deref() == Some(TLS_SECRET_TYPE)
+    fn key(obj: &Self) -> String {
+        obj.name_any()
+    }
+
+    /// The controller and the default-class annotation.
+    fn convert(obj: &Self) -> Option<Self> {
+        Some(IngressClass {
+            metadata: slim_meta(&obj.metadata, |k| k == DEFAULT_CLASS_ANNOTATION),
+            spec: obj.spec.as_ref().map(|s| IngressClassSpec {
+                controller: s.controller.clone(),
+                parameters: None,
+            }),
+        })
+    }
+
+    fn kept(objects: &mut IngressObjects) -> &mut BTreeMap<String, Self> {
+        &mut objects.classes
+    }
 }
 
 impl IngressObject for Secret {
     const KIND: IngressKind = IngressKind::Secret;
-    fn apply(objects: &mut IngressObjects, obj: &Self) -> bool {
-        if !is_tls(obj) {
-            return Self::delete(objects, obj);
+    type Key = ObjectKey;
+
+    fn key(obj: &Self) -> ObjectKey {
+        key_of(obj)
+    }
+
+    /// A TLS Secret's certificate and key; nothing of any other Secret.
+    fn convert(obj: &Self) -> Option<Self> {
+        if obj.type_.as_deref() != Some(TLS_SECRET_TYPE) {
+            return None;
         }
-        upsert(&mut objects.secrets, key_of(obj), obj)
+        let data: BTreeMap<String, ByteString> = obj
+            .data
+            .iter()
+            .flatten()
+            .filter(|(k, _)| TLS_SECRET_KEYS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Some(Secret {
+            metadata: slim_meta(&obj.metadata, |_| false),
+            type_: obj.type_.clone(),
+            data: Some(data),
+            ..Secret::default()
+        })
     }
-    fn delete(objects: &mut IngressObjects, obj: &Self) -> bool {
-        objects.secrets.remove(&key_of(obj)).is_some()
-    }
-    fn replace(objects: &mut IngressObjects, all: &[Self]) -> bool {
-        let first = objects.synced.insert(Self::KIND);
-        let tls = all.iter().filter(|s| is_tls(s)).map(|o| (key_of(o), o)).collect();
-        replace_map(&mut objects.secrets, tls) | first
+
+    fn kept(objects: &mut IngressObjects) -> &mut BTreeMap<ObjectKey, Self> {
+        &mut objects.secrets
     }
 }
 
@@ -124,7 +218,10 @@ mod tests {
     use super::*;
 
     fn secret(name: &str, ty: &str) -> Secret {
-        serde_yaml::from_str(&format!("metadata: {{name: {name}, namespace: ns}}\ntype: {ty}")).unwrap()
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}, namespace: ns}}\ntype: {ty}\ndata: {{tls.crt: Y2VydA==, tls.key: a2V5, ca.crt: Y2E=}}"
+        ))
+        .unwrap()
     }
 
     #[test]
@@ -142,5 +239,58 @@ mod tests {
         Ingress::replace(&mut o, &[]);
         IngressClass::replace(&mut o, &[]);
         assert!(o.is_ready());
+    }
+
+    #[test]
+    fn a_tls_secret_keeps_only_its_certificate_and_key() {
+        let mut s = secret("a", TLS_SECRET_TYPE);
+        s.metadata.labels = Some(BTreeMap::from([("app".into(), "web".into())]));
+        s.metadata.uid = Some("u".into());
+        let kept = Secret::convert(&s).unwrap();
+        let data = kept.data.as_ref().unwrap();
+        assert_eq!(data.keys().collect::<Vec<_>>(), ["tls.crt", "tls.key"]);
+        assert_eq!(data["tls.crt"].0, b"cert");
+        assert_eq!(
+            (kept.metadata.name.as_deref(), kept.metadata.namespace.as_deref()),
+            (Some("a"), Some("ns"))
+        );
+        assert!(kept.metadata.labels.is_none() && kept.metadata.uid.is_none());
+    }
+
+    #[test]
+    fn an_ingress_keeps_what_routing_and_status_read() {
+        let ing: Ingress = serde_yaml::from_str(
+            r#"
+metadata:
+  name: web
+  namespace: ns
+  creationTimestamp: "2025-01-01T00:00:00Z"
+  labels: {app: web}
+  annotations:
+    kubectl.kubernetes.io/last-applied-configuration: "{...}"
+    nginx.ingress.kubernetes.io/rewrite-target: /
+    kubernetes.io/ingress.class: nginx
+  managedFields: [{manager: kubectl, operation: Update, fieldsType: FieldsV1, fieldsV1: {f:spec: {}}}]
+spec: {ingressClassName: nginx, rules: [{host: a.test}]}
+status: {loadBalancer: {ingress: [{ip: 192.0.2.1}]}}
+"#,
+        )
+        .unwrap();
+        let kept = Ingress::convert(&ing).unwrap();
+        let annotations = kept.metadata.annotations.as_ref().unwrap();
+        assert_eq!(
+            annotations.keys().collect::<Vec<_>>(),
+            [
+                "kubernetes.io/ingress.class",
+                "nginx.ingress.kubernetes.io/rewrite-target"
+            ]
+        );
+        assert!(kept.metadata.managed_fields.is_none() && kept.metadata.labels.is_none());
+        assert_eq!(kept.metadata.creation_timestamp, ing.metadata.creation_timestamp);
+        assert_eq!(kept.spec, ing.spec);
+        assert_eq!(kept.status, ing.status);
+        let mut o = IngressObjects::default();
+        assert!(Ingress::apply(&mut o, &ing));
+        assert!(!Ingress::apply(&mut o, &ing), "the same object again changes nothing");
     }
 }
