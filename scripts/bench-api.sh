@@ -23,7 +23,8 @@
 #             minutes for one restore at 5000 Services, see BENCHMARKS.md)
 #   ENDPOINTS default 10
 # env: KPROXY_BENCH_NO_WRITE=1 prints the figures without touching BENCHMARKS.md or the plot;
-#      KPROXY_BENCH_HEAPTRACK=DIR runs kproxy under heaptrack and leaves the profiles in DIR.
+#      KPROXY_BENCH_HEAPTRACK=DIR runs kproxy (built with the system allocator, so heaptrack
+#      sees its allocations) under heaptrack and leaves the profiles in DIR; implies NO_WRITE.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,7 +37,10 @@ for tool in curl python3 ip; do
 done
 
 echo "==> building (release)"
-cargo build --quiet --release --manifest-path "$here/Cargo.toml"
+features=()
+# heaptrack interposes malloc: profile with the system allocator (a figure of its own).
+[ -z "${KPROXY_BENCH_HEAPTRACK:-}" ] || features=(--features system-allocator)
+cargo build --quiet --release --manifest-path "$here/Cargo.toml" "${features[@]}"
 fakeapi=$(cargo test --quiet --release --no-run --test integration --manifest-path "$here/Cargo.toml" \
   --message-format=json 2>/dev/null |
   python3 -c 'import sys, json
@@ -164,6 +168,8 @@ for mode_arg in $modes; do
       PATH="$tools:$PATH" ip netns exec "$ns" iptables-save -t nat > "$work/rules.txt"
     fi
     grep -qE '10\.255\.0\.1(:| \. )8080' "$work/rules.txt" || { echo "the change is not in the kernel" >&2; exit 1; }
+    # Under heaptrack, end kproxy itself (SIGTERM) so heaptrack writes its profile.
+    [ -z "${KPROXY_BENCH_HEAPTRACK:-}" ] || kill "$(kproxy_pid)"
     stop "$pid"; pid=
     stop "$api_pid"; api_pid=
     ip netns del "$ns"
@@ -211,7 +217,7 @@ lines.append("![RSS against Services](docs/benchmarks/api-rss.png)")
 open(out, "w").write("\n".join(lines) + "\n")
 PY
 cat "$work/section.md"
-[ -z "${KPROXY_BENCH_NO_WRITE:-}" ] || exit 0
+[ -z "${KPROXY_BENCH_NO_WRITE:-}${KPROXY_BENCH_HEAPTRACK:-}" ] || exit 0
 
 mkdir -p "$here/docs/benchmarks"
 cp "$tsv" "$here/docs/benchmarks/api-rss.tsv"

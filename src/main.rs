@@ -18,6 +18,7 @@ use std::process::ExitCode;
 /// mimalloc hands freed pages back to the kernel soon after a burst (a relist, a re-read of
 /// large manifests, a full sync of a big ruleset); glibc's allocator kept them, which doubled
 /// kproxy's resident memory in large clusters.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
