@@ -156,7 +156,7 @@ pub fn convert_service(svc: &Service) -> Result<ServiceDecision, ConvertError> {
         .and_then(|p| u16::try_from(p).ok())
         .filter(|p| *p != 0);
 
-    let mut ports = Vec::new();
+    let mut ports = Vec::with_capacity(spec.ports.as_ref().map_or(0, Vec::len));
     let mut seen: BTreeMap<(String, Protocol), String> = BTreeMap::new();
     for p in spec.ports.iter().flatten() {
         let port_name = p.name.clone().unwrap_or_default();
@@ -219,6 +219,7 @@ pub fn convert_service(svc: &Service) -> Result<ServiceDecision, ConvertError> {
     if ports.is_empty() && warnings.is_empty() {
         return Err(ConvertError::NoPorts { service: key });
     }
+    ports.shrink_to_fit();
     Ok(ServiceDecision::Proxy { ports, warnings })
 }
 
@@ -383,7 +384,8 @@ pub fn convert_endpoint_slice(
         });
     }
     let endpoints = dedup_by_address(endpoints);
-    let mut ports = Vec::new();
+    // Exactly as long as needed: kept for as long as the slice is.
+    let mut ports = Vec::with_capacity(slice.ports.as_ref().map_or(0, Vec::len));
     for p in slice.ports.iter().flatten() {
         let pname = p.name.as_deref().unwrap_or_default();
         let Some(protocol) = Protocol::from_k8s(p.protocol.as_deref()) else {
@@ -408,6 +410,7 @@ pub fn convert_endpoint_slice(
         .and_then(|a| a.get(ANNOTATION_TRIGGER_TIME))
         .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
         .map(SystemTime::from);
+    ports.shrink_to_fit();
     Ok(Some(SliceInfo {
         service: ServiceKey::new(namespace, service_name),
         ports,

@@ -235,3 +235,20 @@ impl ChangeSet {
 }
 
 pub mod topology;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The model is paid once per endpoint on every node: keep its values small (a guard
+    /// against a field that quietly owns a String again).
+    #[test]
+    fn values_stay_compact() {
+        assert!(
+            std::mem::size_of::<Endpoint>() <= 88,
+            "{}",
+            std::mem::size_of::<Endpoint>()
+        );
+        assert_eq!(std::mem::size_of::<ServiceKey>(), 32);
+    }
+}

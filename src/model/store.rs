@@ -329,6 +329,8 @@ impl Store {
             self.slice_owner.insert(key.clone(), owner.clone());
             let slices = self.slices.entry(owner.clone()).or_default();
             let at = slices.partition_point(|(name, _)| **name < *key.name);
+            // One more, not double: most Services keep their one or two slices for good.
+            slices.reserve_exact(1);
             slices.insert(at, (key.name, info));
             self.dirty.insert(owner);
         }

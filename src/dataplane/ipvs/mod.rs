@@ -23,6 +23,7 @@ use std::process::Stdio;
 use std::time::Instant;
 
 use futures::future::BoxFuture;
+use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
@@ -53,9 +54,15 @@ pub struct IpvsProxier {
     client: IpvsClient,
     draining: Draining,
     /// Virtual services of each Service after the last successful sync.
-    owners: BTreeMap<ServiceKey, BTreeSet<VsKey>>,
-    /// The nft input last applied, to skip an unchanged table on partial syncs.
-    last_rules: Option<String>,
+    owners: BTreeMap<ServiceKey, Box<[VsKey]>>,
+    /// SHA-256 of the nft input last applied, to skip an unchanged table on partial syncs (the
+    /// digest, not the text: the text is rendered anew each sync anyway).
+    last_rules: Option<[u8; 32]>,
+}
+
+/// What [`IpvsProxier::last_rules`] remembers of an nft input.
+fn rules_digest(rules: &str) -> [u8; 32] {
+    Sha256::digest(rules.as_bytes()).into()
 }
 
 /// Sysctls IPVS mode needs, as kube-proxy sets them.
@@ -217,11 +224,13 @@ impl IpvsProxier {
             rtnl.add_address(dummy, *ip).await?;
         }
         let rules = render_ruleset(&want, &rules_config(&self.cfg, desired));
-        if changes.full || self.last_rules.as_ref() != Some(&rules) {
+        let digest = rules_digest(&rules);
+        if changes.full || self.last_rules != Some(digest) {
             self.last_rules = None;
             nft(&["-f", "-"], Some(&rules)).await?;
-            self.last_rules = Some(rules);
+            self.last_rules = Some(digest);
         }
+        drop(rules);
         for req in &requests {
             tracing::debug!(family = ?family, "IPVS: {req}");
             self.client.execute(req)?;

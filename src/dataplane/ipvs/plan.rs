@@ -69,13 +69,15 @@ pub struct DesiredIpvs {
 }
 
 impl DesiredIpvs {
-    /// The virtual services of each Service, for partial syncs.
-    pub fn owners(&self) -> BTreeMap<ServiceKey, BTreeSet<VsKey>> {
-        let mut out: BTreeMap<ServiceKey, BTreeSet<VsKey>> = BTreeMap::new();
+    /// The virtual services of each Service, for partial syncs: kept between syncs, so a
+    /// sorted slice each (most Services have one or two), not a set.
+    pub fn owners(&self) -> BTreeMap<ServiceKey, Box<[VsKey]>> {
+        let mut out: BTreeMap<ServiceKey, Vec<VsKey>> = BTreeMap::new();
         for (key, vs) in &self.services {
-            out.entry(vs.owner.clone()).or_default().insert(*key);
+            out.entry(vs.owner.clone()).or_default().push(*key);
         }
-        out
+        // `services` iterates in key order, so each list is sorted already.
+        out.into_iter().map(|(k, v)| (k, v.into_boxed_slice())).collect()
     }
 
     pub fn real_server_count(&self) -> usize {
