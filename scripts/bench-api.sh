@@ -42,7 +42,7 @@ features=()
 [ -z "${KPROXY_BENCH_HEAPTRACK:-}" ] || features=(--features system-allocator)
 cargo build --quiet --release --manifest-path "$here/Cargo.toml" "${features[@]}"
 fakeapi=$(cargo test --quiet --release --no-run --test integration --manifest-path "$here/Cargo.toml" \
-  --message-format=json 2>/dev/null |
+  "${features[@]}" --message-format=json 2>/dev/null |
   python3 -c 'import sys, json
 for line in sys.stdin:
     m = json.loads(line)
@@ -168,11 +168,23 @@ for mode_arg in $modes; do
       PATH="$tools:$PATH" ip netns exec "$ns" iptables-save -t nat > "$work/rules.txt"
     fi
     grep -qE '10\.255\.0\.1(:| \. )8080' "$work/rules.txt" || { echo "the change is not in the kernel" >&2; exit 1; }
-    # Under heaptrack, end kproxy itself (SIGTERM) so heaptrack writes its profile.
-    [ -z "${KPROXY_BENCH_HEAPTRACK:-}" ] || kill "$(kproxy_pid)"
+    # Under heaptrack, kill kproxy itself without a chance to free anything: what the profile
+    # counts as leaked is then the steady state (heaptrack's peak is the peak).
+    [ -z "${KPROXY_BENCH_HEAPTRACK:-}" ] || kill -KILL "$(kproxy_pid)"
     stop "$pid"; pid=
     stop "$api_pid"; api_pid=
     ip netns del "$ns"
+    if [ -n "${KPROXY_BENCH_HEAPTRACK:-}" ]; then
+      profile=
+      for ext in zst gz; do
+        [ -f "$KPROXY_BENCH_HEAPTRACK/heaptrack.$mode_arg.$n.$ext" ] && profile=$KPROXY_BENCH_HEAPTRACK/heaptrack.$mode_arg.$n.$ext
+      done
+      for cost in peak leaked; do
+        heaptrack_print -f "$profile" --print-flamegraph "$profile.$cost.folded" --flamegraph-cost-type "$cost" >/dev/null
+        echo "heap breakdown ($cost; leaked = live when killed, the steady state):"
+        python3 "$here/scripts/heap-breakdown.py" "$profile.$cost.folded"
+      done
+    fi
     printf '%s\t%s\t%s\t%.2f\t%.3f\t%s\t%s\t%.3f\n' "$mode_arg" "$n" "$endpoints" "$to_rules" "$full_s" "$peak" \
       "$steady" "$programming_s" | tee -a "$tsv"
   done
