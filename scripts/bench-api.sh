@@ -18,9 +18,9 @@
 #
 # usage: sudo scripts/bench-api.sh [SIZES] [MODES] [ENDPOINTS]
 #   SIZES     default "1000 5000 10000"
-#   MODES     default "nftables legacy": nftables mode, and iptables mode through that iptables
-#             backend (legacy or nft; nft is not in the default: iptables-nft takes tens of
-#             minutes for one restore at 5000 Services, see BENCHMARKS.md)
+#   MODES     default "nftables legacy nft": nftables mode, and iptables mode through that
+#             iptables backend; nft only up to KPROXY_BENCH_NFT_MAX Services (default 1000):
+#             iptables-nft takes tens of minutes for one restore at 5000 (see BENCHMARKS.md)
 #   ENDPOINTS default 10
 # env: KPROXY_BENCH_NO_WRITE=1 prints the figures without touching BENCHMARKS.md or the plot;
 #      KPROXY_BENCH_HEAPTRACK=DIR runs kproxy (built with the system allocator, so heaptrack
@@ -29,7 +29,8 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 sizes=${1:-1000 5000 10000}
-modes=${2:-nftables legacy}
+modes=${2:-nftables legacy nft}
+nft_max=${KPROXY_BENCH_NFT_MAX:-1000}
 endpoints=${3:-10}
 [ "$(id -u)" = 0 ] || { echo "bench-api.sh: needs root" >&2; exit 1; }
 for tool in curl python3 ip; do
@@ -126,6 +127,10 @@ for mode_arg in $modes; do
     done
   fi
   for n in $sizes; do
+    if [ "$mode_arg" = nft ] && [ "$n" -gt "$nft_max" ]; then
+      echo "==> $label, $n Services: skipped (above KPROXY_BENCH_NFT_MAX=$nft_max)"
+      continue
+    fi
     echo "==> $label, $n Services x $endpoints endpoints"
     ip netns add "$ns"
     ip netns exec "$ns" ip link set lo up
@@ -191,7 +196,8 @@ for mode_arg in $modes; do
 done
 
 cpu=$(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//')
-python3 - "$tsv" "$work/section.md" "$(date -u +%Y-%m-%d)" "$(nproc) cores, $cpu" <<'PY'
+python3 - "$tsv" "$work/section.md" "$(date -u +%Y-%m-%d)" "$(nproc) cores, $cpu" \
+  "$here/docs/benchmarks/api-rss-before.tsv" <<'PY'
 import sys, csv
 tsv, out, day, machine = sys.argv[1:5]
 rows = list(csv.DictReader(open(tsv), delimiter="\t"))
@@ -225,6 +231,25 @@ for mode in dict.fromkeys(r["mode"] for r in rows):
 if growth:
     lines.append("Memory growth per Service (with its " + eps + " endpoints): " + "; ".join(growth) + ".")
     lines.append("")
+before_path = sys.argv[5] if len(sys.argv) > 5 else ""
+import os
+if before_path and os.path.exists(before_path):
+    before = {(r["mode"], r["services"]): r for r in csv.DictReader(open(before_path), delimiter="\t")}
+    pairs = [(r, before.get((r["mode"], r["services"]))) for r in rows]
+    pairs = [(a, b) for a, b in pairs if b]
+    if pairs:
+        lines += [
+            "Before and after the compact model and convert-on-arrival watchers, same script and machine",
+            "(before: docs/benchmarks/api-rss-before.tsv):",
+            "",
+            "| mode | Services | peak RSS before / after | steady RSS before / after | start to rules before / after |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for a, b in pairs:
+            lines.append(f"| {labels[a['mode']]} | {int(a['services']):,} | {mib(b['peak_kib']):.0f} / {mib(a['peak_kib']):.0f} MiB | "
+                         f"{mib(b['steady_kib']):.0f} / {mib(a['steady_kib']):.0f} MiB | "
+                         f"{float(b['start_to_rules_s']):.1f} / {float(a['start_to_rules_s']):.1f} s |")
+        lines.append("")
 lines.append("![RSS against Services](docs/benchmarks/api-rss.png)")
 open(out, "w").write("\n".join(lines) + "\n")
 PY
@@ -256,6 +281,15 @@ for i, mode in enumerate(dict.fromkeys(r["mode"] for r in rows)):
     color = f"C{i}"
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=f"{labels[mode]}: peak")
     ax.plot([p[0] for p in pts], [p[2] for p in pts], "s--", color=color, label=f"{labels[mode]}: steady")
+import os
+before_path = os.path.join(os.path.dirname(sys.argv[2]), "api-rss-before.tsv")
+if os.path.exists(before_path):
+    old = list(csv.DictReader(open(before_path), delimiter="\t"))
+    for i, mode in enumerate(dict.fromkeys(r["mode"] for r in rows)):
+        pts = sorted((int(r["services"]), int(r["peak_kib"]) / 1024) for r in old if r["mode"] == mode)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "x:", color=f"C{i}", alpha=0.5,
+                    label=f"{labels[mode]}: peak before")
 ax.axhline(80, color="grey", lw=0.8, ls=":")
 ax.axhline(60, color="grey", lw=0.8, ls=":")
 ax.set_xlabel("Services (10 endpoints each)")

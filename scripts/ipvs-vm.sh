@@ -16,7 +16,8 @@
 # ipvsadm at hand): e.g. to capture what ipvsadm sends, for the netlink encoding's unit tests.
 # Environment: KPROXY_VM_TIMEOUT (seconds for the whole boot, default 1500), KPROXY_VM_ACCEL
 # (tcg by default; kvm only on a host with real hardware virtualisation), KPROXY_VM_SMP (2),
-# KPROXY_VM_NO_APT=1 to skip apt when the tools are installed.
+# KPROXY_VM_NO_APT=1 to skip apt when the tools are installed, KPROXY_VM_RELEASE=1 for release
+# builds of both binaries (benchmarks: scripts/bench-ipvs-vm.sh).
 # Exit codes: the tests' code; 90 when the guest gives no result (crash or timeout); 2 on setup errors.
 set -euo pipefail
 
@@ -89,15 +90,17 @@ fi
 
 # ---- 3. the binaries under test ----
 step "building kproxy and the integration tests"
-cargo build --locked --bin kproxy
-TESTBIN=$(cargo test --locked --no-run --test integration --message-format=json |
+PROFILE=() BINDIR=debug
+if [ -n "${KPROXY_VM_RELEASE:-}" ]; then PROFILE=(--release) BINDIR=release; fi
+cargo build --locked "${PROFILE[@]}" --bin kproxy
+TESTBIN=$(cargo test --locked "${PROFILE[@]}" --no-run --test integration --message-format=json |
   python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "integration" and m.get("executable"):
         print(m["executable"])')
 [ -x "$TESTBIN" ] || die "no integration test binary"
-KPROXY=$ROOT/target/debug/kproxy
+KPROXY=$ROOT/target/$BINDIR/kproxy
 
 # ---- 4. the initramfs ----
 step "building the initramfs (kernel $KVER)"
