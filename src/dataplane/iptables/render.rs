@@ -4,7 +4,6 @@
 //! re-renders only the Services that changed and splices the cached rules of the others into the
 //! dispatch chains.
 
-use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -484,46 +483,5 @@ pub fn render_nodeport_jump(cfg: &RenderConfig) -> Vec<String> {
                 )
             })
             .collect(),
-    }
-}
-
-/// One table's part of an iptables-restore input. Borrows the rules (from the planner's cache)
-/// so a sync of a large ruleset does not hold two copies of it.
-#[derive(Debug, Default)]
-pub struct TableText<'a> {
-    pub declare: Vec<&'a str>,
-    pub rules: Vec<&'a str>,
-    pub delete: Vec<String>,
-}
-
-impl TableText<'_> {
-    /// Appends `*table ... COMMIT` to `out`. Declaring a chain under `--noflush` flushes it, so
-    /// every declared chain is rewritten whole and undeclared chains are left untouched.
-    pub fn write(&self, table: &str, out: &mut String) {
-        if self.declare.is_empty() && self.rules.is_empty() && self.delete.is_empty() {
-            return;
-        }
-        let _ = writeln!(out, "*{table}");
-        for chain in self
-            .declare
-            .iter()
-            .copied()
-            .chain(self.delete.iter().map(String::as_str))
-        {
-            let _ = writeln!(out, ":{chain} - [0:0]");
-        }
-        for rule in &self.rules {
-            out.push_str(rule);
-            out.push('\n');
-        }
-        for chain in &self.delete {
-            let _ = writeln!(out, "-X {chain}");
-        }
-        out.push_str("COMMIT\n");
-    }
-
-    /// Rules in this text (an entry may hold a whole chain's lines).
-    pub fn rule_count(&self) -> usize {
-        self.rules.iter().map(|r| r.matches('\n').count() + 1).sum()
     }
 }
