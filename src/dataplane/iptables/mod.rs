@@ -115,7 +115,7 @@ impl Dataplane for IptablesProxier {
             let cfg = render_config(&self.cfg, desired).await?;
             // Only a full sync looks at the kernel (one iptables-save per table): partial syncs
             // know from the planner what they wrote.
-            let kernel = if changes.full {
+            let kernel = if self.planner.plans_full(changes, &cfg) {
                 Some(self.tools.kernel_state().await?)
             } else {
                 None
@@ -145,6 +145,12 @@ impl Dataplane for IptablesProxier {
 
     fn cleanup(&mut self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move { self.tools.cleanup().await })
+    }
+
+    /// A refused restore changes no table (each is committed whole), and the planner rolls
+    /// back to what was committed before.
+    fn partial_after_failure(&self) -> bool {
+        true
     }
 }
 

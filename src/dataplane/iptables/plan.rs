@@ -133,6 +133,11 @@ impl Planner {
         Planner::default()
     }
 
+    /// Whether [`Planner::plan`] will plan a full sync: asked for, or the configuration changed.
+    pub fn plans_full(&self, changes: &ChangeSet, cfg: &RenderConfig) -> bool {
+        changes.full || self.config.as_ref() != Some(cfg)
+    }
+
     /// Plans one sync. A full sync (asked for, or forced by a configuration change) writes
     /// every chain, puts in the jumps from the built-in chains that `kernel` lacks, and
     /// deletes kproxy's chains `kernel` has that nothing wants; `None` is an empty kernel.
@@ -146,7 +151,7 @@ impl Planner {
         cfg: &RenderConfig,
         kernel: Option<&KernelState>,
     ) -> Plan {
-        let full = changes.full || self.config.as_ref() != Some(cfg);
+        let full = self.plans_full(changes, cfg);
         let mut nat = TableText::default();
         let mut filter = TableText::default();
 
