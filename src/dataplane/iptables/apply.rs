@@ -126,7 +126,7 @@ impl Tools {
                 delete: chains.into_iter().collect(),
                 ..TableText::default()
             };
-            text.write(table, &mut input);
+            input.push_str(&text.into_text(table));
         }
         if input.is_empty() {
             return Ok(());

@@ -288,8 +288,11 @@ impl Planner {
             plan.no_local_endpoints.1 += s.no_local.1;
         }
         plan.rules_written = filter.rules + nat.rules;
-        filter.write("filter", &mut plan.restore);
-        nat.write("nat", &mut plan.restore);
+        // The nat text is most of a large input: build it in place of its rules, then put the
+        // (small) filter text in front, rather than hold two copies.
+        let filter = filter.into_text("filter");
+        plan.restore = nat.into_text("nat");
+        plan.restore.insert_str(0, &filter);
         plan
     }
 
@@ -355,7 +358,7 @@ impl TableText {
         }
     }
 
-    /// Appends `*table ... COMMIT` to `out`; nothing if there is nothing to do.
+    /// `*table ... COMMIT`, written over the rules' own buffer; empty if there is nothing to do.
     ///
     /// Every chain is declared before any rule, sorted by name, with kproxy's most referenced
     /// chain (KPROXY-MARK-MASQ, the target of two rules per endpoint) last. This is for
@@ -366,9 +369,9 @@ impl TableText {
     /// newest first, that it searches for each rule's jump target, so the chain declared last
     /// is found first. Same rules, same tables: a third less CPU for iptables-restore at
     /// 10,000 Services (BENCHMARKS.md).
-    pub fn write(&self, table: &str, out: &mut String) {
+    pub fn into_text(self, table: &str) -> String {
         if self.declare.is_empty() && self.body.is_empty() && self.delete.is_empty() && self.jumps.is_empty() {
-            return;
+            return String::new();
         }
         let mut chains: Vec<&str> = self
             .declare
@@ -378,12 +381,14 @@ impl TableText {
             .collect();
         chains.sort_unstable_by_key(|c| (*c == names::MARK_MASQ, *c));
         chains.dedup();
-        out.reserve(self.body.len() + chains.len() * 40 + 64 * (self.jumps.len() + self.delete.len()) + 32);
-        let _ = writeln!(out, "*{table}");
+        let mut head = String::with_capacity(chains.len() * 40 + 16);
+        let _ = writeln!(head, "*{table}");
         for chain in chains {
-            let _ = writeln!(out, ":{chain} - [0:0]");
+            let _ = writeln!(head, ":{chain} - [0:0]");
         }
-        out.push_str(&self.body);
+        let mut out = self.body;
+        out.reserve(head.len() + 64 * (self.jumps.len() + self.delete.len()) + 8);
+        out.insert_str(0, &head);
         for jump in &self.jumps {
             out.push_str(jump);
             out.push('\n');
@@ -392,5 +397,6 @@ impl TableText {
             let _ = writeln!(out, "-X {chain}");
         }
         out.push_str("COMMIT\n");
+        out
     }
 }
