@@ -1,6 +1,7 @@
 //! kproxy: a kube-proxy replacement. Parses flags, sets up logging, and hands over to `app`.
 #![forbid(unsafe_code)]
 
+mod api_client;
 mod app;
 mod cli;
 mod config;
