@@ -31,6 +31,8 @@ pub struct Plan {
     /// The exact text for `iptables-restore --noflush`.
     pub restore: String,
     pub rules_written: usize,
+    /// Rules written per table by this sync (kubeproxy_sync_proxy_rules_iptables_last).
+    pub written: (usize, usize),
     pub filter_rules: usize,
     pub nat_rules: usize,
     pub no_local_endpoints: (usize, usize),
@@ -161,6 +163,7 @@ impl Planner {
         filter.write("filter", &mut plan.restore);
         nat.write("nat", &mut plan.restore);
         plan.rules_written = filter.rule_count() + nat.rule_count();
+        plan.written = (filter.rule_count(), nat.rule_count());
         plan.filter_rules = filter_total;
         plan.nat_rules = nat_total;
         plan
@@ -228,6 +231,12 @@ pub struct ProxierConfig {
     pub masquerade_bit: u8,
     pub detect_local: DetectLocal,
     pub nodeport_addresses: NodePortAddresses,
+    /// `iptables.localhostNodePorts`, already narrowed to NodePorts on loopback addresses.
+    pub localhost_nodeports: bool,
+    /// Count into kube-proxy's nfacct counters (only once they exist: xt_nfacct refuses others).
+    pub nfacct: bool,
+    /// `--conntrack-tcp-be-liberal`: no ctstate INVALID drop rule.
+    pub conntrack_tcp_liberal: bool,
 }
 
 /// The iptables (or ip6tables) dataplane for one IP family.
@@ -288,6 +297,9 @@ pub async fn render_config(cfg: &ProxierConfig, desired: &DesiredState) -> Resul
         local_detector: local_detector(&cfg.detect_local, cfg.family, node),
         nodeports,
         endpoint_comments: desired.endpoint_count() <= render::LARGE_CLUSTER_ENDPOINTS,
+        localhost_nodeports: cfg.localhost_nodeports && cfg.family == IpFamily::V4,
+        nfacct: cfg.nfacct,
+        conntrack_tcp_liberal: cfg.conntrack_tcp_liberal,
     })
 }
 
@@ -313,6 +325,7 @@ impl Dataplane for IptablesProxier {
             if changes.full {
                 self.tools.ensure_jumps().await?;
             }
+            crate::metrics::metrics().set_iptables_rules_last(plan.written.0, plan.written.1);
             let udp = udp_ports(desired, self.cfg.family);
             if let Some(old) = &self.udp {
                 delete_flows(&plan_cleanup(old, &udp)).await;
