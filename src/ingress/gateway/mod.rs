@@ -9,6 +9,7 @@
 //! of the elected kproxy ([`writer`], planned by the pure [`status`]).
 
 pub mod build;
+pub mod listen;
 pub mod listeners;
 pub mod objects;
 pub mod proxy;
@@ -17,6 +18,8 @@ pub mod rules;
 pub mod status;
 pub mod table;
 pub mod types;
+pub mod watch;
+pub mod writer;
 
 #[cfg(test)]
 mod tests;
