@@ -241,3 +241,16 @@ fn mirror<B>(req: &Request<B>, host: &str, route: &Route, clients: &Clients) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::sampled;
+
+    #[test]
+    fn mirrors_sample_their_fraction_of_requests() {
+        assert!((0..100).all(|_| sampled(100, 100)));
+        let hits = (0..20_000).filter(|_| sampled(1, 4)).count();
+        assert!((4_500..5_500).contains(&hits), "{hits}");
+        assert_eq!((0..1000).filter(|_| sampled(0, 100)).count(), 0);
+    }
+}
