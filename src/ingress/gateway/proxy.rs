@@ -62,10 +62,11 @@ fn text(status: StatusCode, body: &str) -> Response<ProxyBody> {
 /// over TLS) for `host` (as the client sent it, maybe with a port).
 pub fn decide<B>(table: &RouteTable, port: u16, https: bool, host: &str, req: &Request<B>) -> Decision {
     let gw = &table.gateway;
-    let ingress_port = gw.is_ingress_port(port);
-    if gw.ports.is_empty() && ingress_port {
+    // Without Gateway listeners every listener is an Ingress one.
+    if gw.ports.is_empty() {
         return Decision::Ingress;
     }
+    let ingress_port = gw.is_ingress_port(port);
     let host = normalize_host(host);
     let listener = gw.listener(port, &host);
     if ingress_port {
