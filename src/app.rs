@@ -235,6 +235,7 @@ async fn start_sources(
             .await?;
             if config.ingress.enabled() {
                 kube_source::spawn_ingress_watchers(client.clone(), state.clone(), shutdown.clone());
+                ingress::gateway::watch::spawn_watchers(client.clone(), state.clone(), shutdown.clone());
             }
             kube_source::spawn_watchers(client, &config.hostname, state.clone(), shutdown.clone());
         }
