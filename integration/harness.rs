@@ -114,6 +114,24 @@ impl Kproxy {
             .and_then(|v| v.parse().ok())
     }
 
+    /// The whole /metrics page.
+    pub fn metrics_text(&self) -> String {
+        let out = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.node_ns,
+                "curl",
+                "-s",
+                "--max-time",
+                "2",
+                "http://127.0.0.1:10249/metrics",
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Number of successful syncs so far.
     pub fn syncs(&self) -> u64 {
         self.metric("kubeproxy_sync_proxy_rules_duration_seconds_count")

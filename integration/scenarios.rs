@@ -59,6 +59,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("bad_objects_are_skipped_and_others_keep_working", bad_objects),
     ("cleanup_removes_only_kproxy_rules", cleanup),
     ("healthz_and_metrics", healthz_and_metrics),
+    ("localhost_nodeports_as_kube_proxy", localhost_nodeports),
     ("watch_survives_dropped_streams_and_410_gone", watch_resilience),
     (
         "session_affinity_keeps_a_client_on_one_backend",
@@ -649,6 +650,66 @@ fn healthz_and_metrics(mode: &'static str, kind: SourceKind) {
         Some(3.0),
         "web:http, web:dns, empty"
     );
+    // The families node dashboards read, as every Kubernetes component exports them.
+    let text = env.kproxy.metrics_text();
+    let declared = |name: &str| text.lines().any(|l| l.starts_with(&format!("# TYPE {name} ")));
+    let mut names = vec![
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_start_time_seconds",
+        "process_open_fds",
+        "process_max_fds",
+        "kubernetes_build_info",
+        "kubeproxy_sync_proxy_rules_iptables_last",
+    ];
+    if kind == SourceKind::Api {
+        names.extend(["rest_client_requests_total", "rest_client_request_duration_seconds"]);
+    }
+    if mode == "iptables" {
+        // nfacct-backed, read from the kernel: iptables mode creates the counters.
+        names.extend([
+            "kubeproxy_iptables_ct_state_invalid_dropped_packets_total",
+            "kubeproxy_iptables_localhost_nodeports_accepted_packets_total",
+        ]);
+    }
+    for name in names {
+        assert!(declared(name), "metric {name} missing from /metrics:\n{text}");
+    }
+    if kind == SourceKind::Api {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("rest_client_requests_total{code=\"200\"") && l.contains("method=\"GET\"")),
+            "the API requests are counted:\n{text}"
+        );
+    }
+}
+
+/// `iptables.localhostNodePorts` (on by default): in iptables mode a NodePort answers on
+/// 127.0.0.1 of the node (route_localnet), and the packets are counted in the nfacct-backed
+/// metric; nftables and IPVS modes never serve NodePorts on loopback, as upstream.
+fn localhost_nodeports(mode: &'static str, kind: SourceKind) {
+    let env = Env::new(mode, kind, &objects(&pod_ips(&[0, 1])), &[]);
+    let client = env.topo.pods[2].ns.clone();
+    eventually_backends(
+        &env.topo,
+        &client,
+        &format!("http://{CLUSTER_IP}/"),
+        5,
+        &["pod-a", "pod-b"],
+    );
+    let node = env.topo.node.clone();
+    let got = curl(&env.topo, &node, "http://127.0.0.1:30080/");
+    let metric = "kubeproxy_iptables_localhost_nodeports_accepted_packets_total";
+    if mode == "iptables" {
+        let body = got.unwrap_or_else(|e| panic!("127.0.0.1:30080 from the node: curl exit {e}"));
+        assert!(body.starts_with("pod-"), "{body}");
+        assert!(
+            env.kproxy.metric(metric).unwrap_or(0.0) >= 1.0,
+            "the accepted packet is counted"
+        );
+    } else {
+        assert!(got.is_err(), "{mode} mode serves no NodePort on loopback: {got:?}");
+    }
 }
 
 fn watch_resilience(mode: &'static str, kind: SourceKind) {

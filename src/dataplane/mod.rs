@@ -7,6 +7,7 @@
 pub mod conntrack;
 pub mod iptables;
 pub mod ipvs;
+pub mod nfacct;
 pub mod nftables;
 pub mod port_policy;
 

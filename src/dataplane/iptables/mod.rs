@@ -42,6 +42,12 @@ pub struct ProxierConfig {
     pub masquerade_bit: u8,
     pub detect_local: DetectLocal,
     pub nodeport_addresses: NodePortAddresses,
+    /// `iptables.localhostNodePorts`, already narrowed to NodePorts on loopback addresses.
+    pub localhost_nodeports: bool,
+    /// Count into kube-proxy's nfacct counters (only once they exist: xt_nfacct refuses others).
+    pub nfacct: bool,
+    /// `--conntrack-tcp-be-liberal`: no ctstate INVALID drop rule.
+    pub conntrack_tcp_liberal: bool,
 }
 
 /// The iptables (or ip6tables) dataplane for one IP family.
@@ -102,6 +108,9 @@ pub async fn render_config(cfg: &ProxierConfig, desired: &DesiredState) -> Resul
         local_detector: local_detector(&cfg.detect_local, cfg.family, node),
         nodeports,
         endpoint_comments: desired.endpoint_count() <= render::LARGE_CLUSTER_ENDPOINTS,
+        localhost_nodeports: cfg.localhost_nodeports && cfg.family == IpFamily::V4,
+        nfacct: cfg.nfacct,
+        conntrack_tcp_liberal: cfg.conntrack_tcp_liberal,
     })
 }
 
@@ -129,6 +138,7 @@ impl Dataplane for IptablesProxier {
                 }
             }
             self.planner.commit();
+            crate::metrics::metrics().set_iptables_rules_last(plan.written.0, plan.written.1);
             let udp = udp_ports(desired, self.cfg.family);
             if let Some(old) = &self.udp {
                 delete_flows(&plan_cleanup(old, &udp)).await;

@@ -33,6 +33,8 @@ pub struct Plan {
     pub restore: String,
     /// Rules written by this input.
     pub rules_written: usize,
+    /// Rules written per table, filter and nat (kubeproxy_sync_proxy_rules_iptables_last).
+    pub written: (usize, usize),
     /// Rules kproxy owns in each table once the input is applied.
     pub filter_rules: usize,
     pub nat_rules: usize,
@@ -288,6 +290,7 @@ impl Planner {
             plan.no_local_endpoints.1 += s.no_local.1;
         }
         plan.rules_written = filter.rules + nat.rules;
+        plan.written = (filter.rules, nat.rules);
         // The nat text is most of a large input: build it in place of its rules, then put the
         // (small) filter text in front, rather than hold two copies.
         let filter = filter.into_text("filter");

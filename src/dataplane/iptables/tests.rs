@@ -23,6 +23,9 @@ fn config() -> RenderConfig {
         local_detector: LocalDetector::Cidr("10.244.0.0/16".parse().unwrap()),
         nodeports: NodePortMatch::AllLocal,
         endpoint_comments: true,
+        localhost_nodeports: false,
+        nfacct: false,
+        conntrack_tcp_liberal: false,
     }
 }
 
@@ -856,6 +859,9 @@ fn partial_sync_rewrites_dispatch_chains_when_they_change() {
 fn large_clusters_drop_per_endpoint_comments() {
     let cfg = RenderConfig {
         endpoint_comments: false,
+        localhost_nodeports: false,
+        nfacct: false,
+        conntrack_tcp_liberal: false,
         ..config()
     };
     let plan = Planner::new().plan(&desired(&basic()), &ChangeSet::full(), &cfg, None);

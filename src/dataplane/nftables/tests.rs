@@ -21,6 +21,9 @@ fn config() -> RenderConfig {
         local_detector: LocalDetector::Cidr("10.244.0.0/16".parse().unwrap()),
         nodeports: NodePortMatch::AllLocal,
         endpoint_comments: true,
+        localhost_nodeports: false,
+        nfacct: false,
+        conntrack_tcp_liberal: false,
     }
 }
 
