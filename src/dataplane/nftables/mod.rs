@@ -9,8 +9,10 @@
 
 pub mod apply;
 pub mod names;
+pub mod netlink;
 pub mod plan;
 pub mod render;
+pub mod rule;
 
 use futures::future::BoxFuture;
 
