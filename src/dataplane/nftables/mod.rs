@@ -13,6 +13,7 @@ pub mod netlink;
 pub mod plan;
 pub mod render;
 pub mod rule;
+pub mod socket;
 
 use futures::future::BoxFuture;
 

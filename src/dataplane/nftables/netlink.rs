@@ -255,11 +255,15 @@ impl Request {
 
     /// Appends this request as message `seq` to `buf`.
     pub fn encode(&self, seq: u32, buf: &mut Vec<u8>) {
+        self.encode_with(seq, 0, buf)
+    }
+
+    fn encode_with(&self, seq: u32, extra_flags: u16, buf: &mut Vec<u8>) {
         let table = self.table();
         let mut w = Writer { buf };
         let start = w.begin_message(
             (SUBSYS_NFTABLES << 8) | u16::from(self.kind()),
-            self.flags(),
+            self.flags() | extra_flags,
             seq,
             nfproto(table.family),
             0,
@@ -351,6 +355,8 @@ impl Request {
 /// `NFNL_MSG_BATCH_BEGIN` (checking `genid` unless it is 0), `requests` as messages
 /// `first_seq`, `first_seq + 1`, …, and `NFNL_MSG_BATCH_END`. The begin message has
 /// sequence number `first_seq - 1`, which is where the kernel reports a refused generation.
+/// The first request asks for an echo: the kernel announces the commit's new generation
+/// (`NFT_MSG_NEWGEN`) only to a batch whose first message does.
 pub fn encode_batch<'a>(genid: u32, first_seq: u32, requests: impl IntoIterator<Item = &'a Request>) -> Vec<u8> {
     let mut buf = Vec::with_capacity(4096);
     let mut w = Writer { buf: &mut buf };
@@ -368,7 +374,8 @@ pub fn encode_batch<'a>(genid: u32, first_seq: u32, requests: impl IntoIterator<
     w.end_message(s);
     let mut seq = first_seq;
     for r in requests {
-        r.encode(seq, w.buf);
+        let echo = if seq == first_seq { NLM_F_ECHO } else { 0 };
+        r.encode_with(seq, echo, w.buf);
         seq = seq.wrapping_add(1);
     }
     let mut w = Writer { buf: &mut buf };
