@@ -51,6 +51,16 @@ impl Kproxy {
     /// Starts `kproxy` with `args` in `topo`'s node namespace, logging to a file. `tools`, if
     /// given, is searched first for the tools kproxy runs (to fake a failing one).
     pub fn start(topo: &Topology, args: &[String], tools: Option<&std::path::Path>) -> Kproxy {
+        Kproxy::start_with_env(topo, args, tools, &[])
+    }
+
+    /// Like [`Kproxy::start`], with extra environment variables for kproxy.
+    pub fn start_with_env(
+        topo: &Topology,
+        args: &[String],
+        tools: Option<&std::path::Path>,
+        env: &[(&str, String)],
+    ) -> Kproxy {
         let log = std::env::temp_dir().join(format!("{}-kproxy.log", topo.id));
         let file = std::fs::File::create(&log).expect("log file");
         let mut path = std::env::var("PATH").unwrap_or_default();
@@ -62,6 +72,7 @@ impl Kproxy {
             .args(args)
             .env("RUST_LOG", "info,kproxy=debug")
             .env("PATH", path)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file)

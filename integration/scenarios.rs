@@ -268,16 +268,18 @@ fn listener_in(ns: &str) -> std::net::TcpListener {
 
 impl Env {
     pub fn new(mode: &str, kind: SourceKind, docs: &[String], extra: &[&str]) -> Env {
-        Env::with_tools(mode, kind, docs, extra, None)
+        Env::with_tools(mode, kind, docs, extra, None, &[])
     }
 
-    /// Like [`Env::new`], with `tools` searched first for the programs kproxy runs.
+    /// Like [`Env::new`], with `tools` searched first for the programs kproxy runs and `env`
+    /// in kproxy's environment.
     pub fn with_tools(
         mode: &str,
         kind: SourceKind,
         docs: &[String],
         extra: &[&str],
         tools: Option<&std::path::Path>,
+        env: &[(&str, String)],
     ) -> Env {
         let mut topo = Topology::new(3);
         topo.start_servers(PORT);
@@ -339,7 +341,7 @@ impl Env {
         };
         let mut source = source;
         write_source(&mut source, docs);
-        let mut kproxy = Kproxy::start(&topo, &args, tools);
+        let mut kproxy = Kproxy::start_with_env(&topo, &args, tools, env);
         kproxy.wait_sync_after(0);
         Env {
             topo,
@@ -676,45 +678,66 @@ fn watch_resilience(mode: &'static str, kind: SourceKind) {
     env.kproxy.assert_running();
 }
 
-/// A rule-writing tool that refuses syncs on demand, put first in kproxy's PATH.
-struct RefusingTool {
-    /// The program kproxy runs.
-    tool: &'static str,
-    /// A shell condition on the arguments: which runs fail (the others always work).
-    fails_when: &'static str,
-    /// What the failing run prints, as the real tool would.
-    message: &'static str,
-    /// The metric that counts the refused syncs.
-    metric: &'static str,
+/// How a scenario makes kproxy's next transactions fail while a marker file exists.
+enum Refusal {
+    /// A wrapper of the rule-writing tool, first in kproxy's PATH, failing as the real tool
+    /// would: the program, a shell condition on its arguments (which runs fail), and what it
+    /// prints.
+    Tool {
+        tool: &'static str,
+        fails_when: &'static str,
+        message: &'static str,
+    },
+    /// nftables mode's test hook (`KPROXY_TEST_NFT_REFUSE`): each transaction carries one
+    /// request for a chain that does not exist, and the kernel itself refuses it.
+    Kernel,
 }
 
-/// The tool refuses a sync: the kernel keeps the previous rules (traffic still flows as
-/// before), the failure is logged with the offending line and counted, and once the tool
-/// works again the retry programs the change.
-fn refused_sync_keeps_the_kernel_rules(mode: &'static str, kind: SourceKind, refusing: RefusingTool) {
-    let dir = std::env::temp_dir().join(format!("kpt-{}-{}-{}", refusing.tool, std::process::id(), kind.name()));
+struct Refusing {
+    how: Refusal,
+    /// The metric that counts the refused syncs.
+    metric: &'static str,
+    /// What the log of a refused sync must say.
+    logged: &'static [&'static str],
+}
+
+/// The kernel refuses a sync: it keeps the previous rules (traffic still flows as before),
+/// the failure is logged naming what was refused and counted, and once transactions work
+/// again the retry programs the change.
+fn refused_sync_keeps_the_kernel_rules(mode: &'static str, kind: SourceKind, refusing: Refusing) {
+    let dir = std::env::temp_dir().join(format!("kpt-{mode}-{}-{}", std::process::id(), kind.name()));
     std::fs::create_dir_all(&dir).expect("tools dir");
     let marker = dir.join("fail");
-    let which = std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {}", refusing.tool)])
-        .output()
-        .expect("sh");
-    let real = String::from_utf8_lossy(&which.stdout).trim().to_string();
-    let wrapper = format!(
-        "#!/bin/sh\nif [ -e {marker} ] && {fails_when}; then cat >/dev/null; echo '{message}' >&2; exit 1; fi\nexec {real} \"$@\"\n",
-        marker = marker.display(),
-        fails_when = refusing.fails_when,
-        message = refusing.message,
-    );
-    let script = dir.join(refusing.tool);
-    std::fs::write(&script, wrapper).expect("wrapper");
-    std::process::Command::new("chmod")
-        .arg("+x")
-        .arg(&script)
-        .status()
-        .expect("chmod");
+    let mut env = Vec::new();
+    let mut tools = None;
+    match refusing.how {
+        Refusal::Tool {
+            tool,
+            fails_when,
+            message,
+        } => {
+            let which = std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .expect("sh");
+            let real = String::from_utf8_lossy(&which.stdout).trim().to_string();
+            let wrapper = format!(
+                "#!/bin/sh\nif [ -e {marker} ] && {fails_when}; then cat >/dev/null; echo '{message}' >&2; exit 1; fi\nexec {real} \"$@\"\n",
+                marker = marker.display(),
+            );
+            let script = dir.join(tool);
+            std::fs::write(&script, wrapper).expect("wrapper");
+            std::process::Command::new("chmod")
+                .arg("+x")
+                .arg(&script)
+                .status()
+                .expect("chmod");
+            tools = Some(dir.as_path());
+        }
+        Refusal::Kernel => env.push(("KPROXY_TEST_NFT_REFUSE", marker.display().to_string())),
+    }
 
-    let mut env = Env::with_tools(mode, kind, &objects(&pod_ips(&[0, 1])), &[], Some(&dir));
+    let mut env = Env::with_tools(mode, kind, &objects(&pod_ips(&[0, 1])), &[], tools, &env);
     let client = env.topo.pods[2].ns.clone();
     let url = format!("http://{CLUSTER_IP}/");
     eventually_backends(&env.topo, &client, &url, 20, &["pod-a", "pod-b"]);
@@ -727,10 +750,9 @@ fn refused_sync_keeps_the_kernel_rules(mode: &'static str, kind: SourceKind, ref
     // The kernel still has the old rules: both backends answer.
     assert_eq!(backends(&env.topo, &client, &url, 20), both());
     let log = env.kproxy.log_text();
-    assert!(
-        log.contains("offending line") && log.contains("sync failed"),
-        "log:\n{log}"
-    );
+    for what in refusing.logged {
+        assert!(log.contains(what), "log does not say {what:?}:\n{log}");
+    }
 
     std::fs::remove_file(&marker).expect("unmark");
     eventually_backends(&env.topo, &client, &url, 20, &["pod-b"]);
@@ -738,22 +760,30 @@ fn refused_sync_keeps_the_kernel_rules(mode: &'static str, kind: SourceKind, ref
 }
 
 fn restore_failure(mode: &'static str, kind: SourceKind) {
-    let refusing = RefusingTool {
-        tool: "iptables-restore",
-        fails_when: "true",
-        message: "iptables-restore v1.8.9 (nf_tables): line 3: RULE_APPEND failed (Invalid argument): rule in chain KPROXY-SERVICES",
+    let refusing = Refusing {
+        how: Refusal::Tool {
+            tool: "iptables-restore",
+            fails_when: "true",
+            message: "iptables-restore v1.8.9 (nf_tables): line 3: RULE_APPEND failed (Invalid argument): rule in chain KPROXY-SERVICES",
+        },
         metric: "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+        logged: &["offending line", "sync failed"],
     };
     refused_sync_keeps_the_kernel_rules(mode, kind, refusing);
 }
 
-/// Only nft's transactions fail; listing the table still works. The retry is a full sync.
+/// The kernel refuses nftables mode's transaction: the log names the refused command and
+/// the Service it was for. The retry reads the table back and programs the change.
 fn nft_failure(mode: &'static str, kind: SourceKind) {
-    let refusing = RefusingTool {
-        tool: "nft",
-        fails_when: "[ \"$1\" = -f ]",
-        message: "/dev/stdin:3:1-20: Error: Could not process rule: No such file or directory",
+    let refusing = Refusing {
+        how: Refusal::Kernel,
         metric: "kproxy_sync_failures_total{mode=\"nftables\"}",
+        logged: &[
+            "nf_tables refused the transaction at `replace rule ip kproxy service-",
+            "(Service default/web)",
+            "No such file or directory",
+            "sync failed",
+        ],
     };
     refused_sync_keeps_the_kernel_rules(mode, kind, refusing);
 }

@@ -60,7 +60,7 @@ pub struct ChainState {
 
 /// One family's `kproxy` table, compactly: as kproxy committed it, or as the kernel lists it.
 /// Elements of the dynamic (affinity) sets are the packet path's and are not kept.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct TableState {
     pub exists: bool,
     pub chains: HashMap<String, ChainState>,
@@ -69,6 +69,33 @@ pub struct TableState {
     /// Fixed set name to element key to a hash of its data.
     pub elements: HashMap<String, HashMap<Vec<u8>, Hash>>,
 }
+
+/// Equal when they hold the same objects: a set without elements is a set without elements,
+/// whether or not an empty entry for it is kept.
+impl PartialEq for TableState {
+    fn eq(&self, other: &Self) -> bool {
+        let non_empty = |t: &TableState| -> Vec<(String, Vec<(Vec<u8>, Hash)>)> {
+            let mut v: Vec<_> = t
+                .elements
+                .iter()
+                .filter(|(_, e)| !e.is_empty())
+                .map(|(s, e)| {
+                    let mut e: Vec<_> = e.iter().map(|(k, h)| (k.clone(), *h)).collect();
+                    e.sort();
+                    (s.clone(), e)
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        self.exists == other.exists
+            && self.chains == other.chains
+            && self.sets == other.sets
+            && non_empty(self) == non_empty(other)
+    }
+}
+
+impl Eq for TableState {}
 
 impl TableState {
     pub fn rule_count(&self) -> usize {
@@ -822,7 +849,6 @@ impl Planner {
             if skipped(&owner) {
                 continue;
             }
-            differences += 1;
             match (owner, k) {
                 (Some(o), _) => {
                     dirty.insert(o);
@@ -830,6 +856,7 @@ impl Planner {
                 (None, Some(_)) if strays => found.chains.push(name.clone()),
                 (None, _) => continue,
             }
+            differences += 1;
             match k {
                 Some(k) => self.state.chains.insert(name, k.clone()),
                 None => self.state.chains.remove(&name),
@@ -845,7 +872,6 @@ impl Planner {
             if skipped(&owner) {
                 continue;
             }
-            differences += 1;
             match (owner, k) {
                 (Some(o), _) => {
                     dirty.insert(o);
@@ -853,6 +879,7 @@ impl Planner {
                 (None, Some(_)) if strays => found.sets.push(name.clone()),
                 (None, _) => continue,
             }
+            differences += 1;
             match k {
                 Some(k) => self.state.sets.insert(name, *k),
                 None => self.state.sets.remove(&name),
@@ -892,7 +919,6 @@ impl Planner {
                 if skipped(&owner) {
                     continue;
                 }
-                differences += 1;
                 match (owner, kv) {
                     (Some(o), _) => {
                         dirty.insert(o);
@@ -900,6 +926,7 @@ impl Planner {
                     (None, Some(_)) if strays => found.elements.push((set.clone(), key.clone())),
                     (None, _) => continue,
                 }
+                differences += 1;
                 let entry = self.state.elements.entry(set.clone()).or_default();
                 match kv {
                     Some(v) => entry.insert(key, v),

@@ -1,1 +1,705 @@
-//! placeholder
+//! The planner's transactions: what a full and a partial sync write, checked by meaning (which
+//! map elements point where, which chains and rules are touched, by handle), what a check
+//! repairs, and, as root, what the kernel holds after netlink wrote it in a throwaway network
+//! namespace (read back, it equals what the planner committed; nft lists it).
+
+use std::collections::{BTreeSet, HashSet};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::apply::{apply_plan, plan_text, read_table, Kernel};
+use super::command::Command;
+use super::names;
+use super::plan::{Owner, Plan, Planner};
+use super::socket::tests::{in_netns, nft};
+use crate::dataplane::iptables::render::{LocalDetector, NodePortMatch, RenderConfig};
+use crate::model::store::Store;
+use crate::model::{ChangeSet, DesiredState, IpFamily, ServiceKey};
+
+fn config() -> RenderConfig {
+    RenderConfig {
+        family: IpFamily::V4,
+        masquerade_all: false,
+        masquerade_mark: 0x4000,
+        local_detector: LocalDetector::Cidr("10.244.0.0/16".parse().unwrap()),
+        nodeports: NodePortMatch::AllLocal,
+        endpoint_comments: false,
+    }
+}
+
+fn v6_config() -> RenderConfig {
+    RenderConfig {
+        family: IpFamily::V6,
+        local_detector: LocalDetector::Cidr("fd00:244::/64".parse().unwrap()),
+        ..config()
+    }
+}
+
+fn desired(yaml: &str) -> DesiredState {
+    let mut store = Store::new("node-1");
+    let mut services: Vec<Service> = vec![];
+    let mut slices: Vec<EndpointSlice> = vec![];
+    for doc in yaml.split("\n---\n") {
+        let v: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
+        match v.get("kind").and_then(|k| k.as_str()) {
+            Some("Service") => services.push(serde_yaml::from_value(v).unwrap()),
+            Some("EndpointSlice") => slices.push(serde_yaml::from_value(v).unwrap()),
+            other => panic!("unexpected kind {other:?}"),
+        }
+    }
+    store.replace_services(services.iter());
+    store.replace_slices(slices.iter());
+    let node: Node = serde_yaml::from_str(
+        "metadata: {name: node-1, labels: {topology.kubernetes.io/zone: zone-a}}\nstatus: {addresses: [{type: InternalIP, address: 192.0.2.1}]}",
+    )
+    .unwrap();
+    store.apply_node(&node);
+    store.snapshot().desired
+}
+
+fn svc(name: &str, spec: &str) -> String {
+    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec: {spec}")
+}
+
+/// A slice with endpoints given as `ip[@node][:state]`, state = ready (default) or terminating.
+fn slice(service: &str, port_name: &str, port: u16, endpoints: &[&str]) -> String {
+    let v6 = endpoints.iter().any(|e| e.contains("::"));
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|e| {
+            let (rest, state) = match e.rsplit_once('~') {
+                Some((rest, state)) => (rest, state),
+                None => (*e, "ready"),
+            };
+            let (ip, node) = rest.split_once('@').unwrap_or((rest, "node-2"));
+            let cond = match state {
+                "ready" => "{ready: true, serving: true, terminating: false}",
+                _ => "{ready: false, serving: true, terminating: true}",
+            };
+            format!("{{addresses: ['{ip}'], nodeName: {node}, conditions: {cond}}}")
+        })
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-x, namespace: ns, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: {}\nports: [{{name: {port_name}, port: {port}, protocol: TCP}}]\nendpoints: [{}]",
+        if v6 { "IPv6" } else { "IPv4" },
+        eps.join(", ")
+    )
+}
+
+/// One of every kind of Service the mode handles.
+fn representative() -> String {
+    [
+        svc("web", "{clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}"),
+        slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]),
+        svc(
+            "np",
+            "{type: NodePort, clusterIP: 10.96.0.11, ports: [{name: http, port: 80, nodePort: 30080}]}",
+        ),
+        slice("np", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]),
+        svc(
+            "empty",
+            "{type: NodePort, clusterIP: 10.96.0.12, ports: [{name: http, port: 80, nodePort: 30081}]}",
+        ),
+        svc(
+            "lb",
+            "{type: LoadBalancer, clusterIP: 10.96.0.20, externalTrafficPolicy: Local, healthCheckNodePort: 32000, externalIPs: [198.51.100.20], ports: [{name: http, port: 80, nodePort: 30090}]}",
+        ),
+        slice("lb", "http", 8080, &["10.244.2.2"]),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: fw, namespace: ns}\nspec: {type: LoadBalancer, clusterIP: 10.96.0.50, loadBalancerSourceRanges: [203.0.113.0/24, 192.0.2.0/24], ports: [{name: http, port: 80, nodePort: 30100}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.50}]}}".to_string(),
+        slice("fw", "http", 8080, &["10.244.2.2"]),
+        svc(
+            "sticky",
+            "{clusterIP: 10.96.0.30, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}, ports: [{name: http, port: 80}]}",
+        ),
+        slice("sticky", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]),
+        svc("itp", "{clusterIP: 10.96.0.40, internalTrafficPolicy: Local, ports: [{name: http, port: 80}]}"),
+        slice("itp", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]),
+        svc("term", "{clusterIP: 10.96.0.41, ports: [{name: http, port: 80}]}"),
+        slice("term", "http", 8080, &["10.244.1.2~terminating"]),
+        svc("dns", "{clusterIP: 10.96.0.53, ports: [{name: dns, port: 53, protocol: UDP}]}"),
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: dns-x, namespace: ns, labels: {kubernetes.io/service-name: dns}}\naddressType: IPv4\nports: [{name: dns, port: 5353, protocol: UDP}]\nendpoints: [{addresses: [10.244.1.2]}]".to_string(),
+        svc("v6", "{clusterIP: 'fd00::10', ipFamilies: [IPv6], type: NodePort, ports: [{name: http, port: 80, nodePort: 30200}]}"),
+        slice("v6", "http", 8080, &["fd00:244::2@node-1", "fd00:244::3"]),
+    ]
+    .join("\n---\n")
+}
+
+/// Plans a full sync of `d` on a fresh planner (the table is empty), pretending the kernel
+/// committed it.
+fn full(d: &DesiredState, cfg: &RenderConfig) -> (Planner, Plan) {
+    let mut planner = Planner::new(cfg.family);
+    planner.adopt(Default::default());
+    let plan = planner.plan(d, &ChangeSet::full(), cfg);
+    echo(&mut planner, &plan);
+    (planner, plan)
+}
+
+/// Gives every new rule a handle, as the kernel's echo would.
+fn echo(planner: &mut Planner, plan: &Plan) {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1000);
+    for unit in &plan.units {
+        let handles: Vec<Option<u64>> = unit
+            .commands
+            .iter()
+            .map(|(_, c)| match c {
+                Command::AddRule { .. } => Some(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+                Command::ReplaceRule { handle, .. } => Some(*handle),
+                _ => None,
+            })
+            .collect();
+        assert!(planner.commit(unit, &handles));
+    }
+}
+
+fn partial(planner: &mut Planner, d: &DesiredState, services: &[&str]) -> Plan {
+    let changes = ChangeSet {
+        full: false,
+        services: services.iter().map(|s| ServiceKey::new("ns", *s)).collect(),
+    };
+    let plan = planner.plan(d, &changes, &config());
+    echo(planner, &plan);
+    plan
+}
+
+fn text(plan: &Plan) -> String {
+    plan_text(plan, IpFamily::V4)
+}
+
+/// The elements the transaction adds to `map`, as `key : verdict` strings.
+fn added(text: &str, map: &str) -> BTreeSet<String> {
+    let prefix = format!("add element ip kproxy {map} {{ ");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&prefix)?.strip_suffix(" }"))
+        .flat_map(|l| l.split(", ").map(str::to_string).collect::<Vec<_>>())
+        .collect()
+}
+
+fn port(svc: &str) -> crate::model::ServicePortName {
+    crate::model::ServicePortName {
+        service: ServiceKey::new("ns", svc),
+        port: "http".into(),
+        protocol: crate::model::Protocol::Tcp,
+    }
+}
+
+/// Rules the transaction appends to `chain`.
+fn rules<'a>(text: &'a str, chain: &str) -> Vec<&'a str> {
+    let prefix = format!("add rule ip kproxy {chain} ");
+    text.lines().filter_map(|l| l.strip_prefix(&prefix)).collect()
+}
+
+fn endpoint(port: &crate::model::ServicePortName, ip: &str) -> String {
+    let ep = crate::model::Endpoint {
+        ip: ip.parse().unwrap(),
+        port: 8080,
+        ready: true,
+        serving: true,
+        terminating: false,
+        node_name: None,
+        zone: None,
+        zone_hints: Default::default(),
+        node_hints: Default::default(),
+        is_local: false,
+    };
+    names::endpoint_chain(port, &ep)
+}
+
+#[test]
+fn service_addresses_dispatch_to_their_chains_or_are_refused() {
+    let (planner, plan) = full(&desired(&representative()), &config());
+    let t = text(&plan);
+    let ips = added(&t, names::SERVICE_IPS);
+    let web = names::service_chain(&port("web"));
+    assert!(ips.contains(&format!("10.96.0.10 . tcp . 80 : goto {web}")), "{ips:?}");
+    let np_ext = names::external_chain(&port("np"));
+    assert!(added(&t, names::SERVICE_NODEPORTS).contains(&format!("tcp . 30080 : goto {np_ext}")));
+    // No endpoints at all: refused, on the cluster IP and the NodePort.
+    assert!(added(&t, names::NO_ENDPOINT_SERVICES).contains("10.96.0.12 . tcp . 80 : goto reject-chain"));
+    assert!(added(&t, names::NO_ENDPOINT_NODEPORTS).contains("tcp . 30081 : goto reject-chain"));
+    assert!(!ips.iter().any(|e| e.starts_with("10.96.0.12 ")));
+    // externalTrafficPolicy Local with its only endpoint on another node: external traffic is
+    // dropped (not refused), cluster traffic still works.
+    let drops = added(&t, names::NO_ENDPOINT_SERVICES);
+    assert!(drops.contains("198.51.100.20 . tcp . 80 : drop"), "{drops:?}");
+    assert!(added(&t, names::NO_ENDPOINT_NODEPORTS).contains("tcp . 30090 : drop"));
+    assert!(ips.contains(&format!(
+        "10.96.0.20 . tcp . 80 : goto {}",
+        names::service_chain(&port("lb"))
+    )));
+    // internalTrafficPolicy Local: the local chain with the local endpoint only.
+    let itp_local = names::local_chain(&port("itp"));
+    assert!(ips.contains(&format!("10.96.0.40 . tcp . 80 : goto {itp_local}")));
+    assert_eq!(
+        rules(&t, &itp_local).last().copied(),
+        Some("meta l4proto tcp dnat to 10.244.1.2:8080")
+    );
+    assert_eq!(planner.totals().1, (0, 1));
+    // Terminating endpoints serve when nothing is ready.
+    assert!(ips
+        .iter()
+        .any(|e| e.starts_with("10.96.0.41 . tcp . 80 : goto service-")));
+}
+
+#[test]
+fn balancing_masquerade_and_dnat() {
+    let (_, plan) = full(&desired(&representative()), &config());
+    let t = text(&plan);
+    let web = rules(&t, &names::service_chain(&port("web")));
+    assert_eq!(
+        web,
+        [
+            "ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade",
+            "meta l4proto tcp numgen random mod 2 0 dnat to 10.244.1.2:8080",
+            "meta l4proto tcp dnat to 10.244.2.2:8080",
+        ]
+    );
+    // Without session affinity there are no endpoint chains at all.
+    let a = endpoint(&port("web"), "10.244.1.2");
+    assert!(!t.contains(&a), "{t}");
+    // Hairpin: one set of endpoint . endpoint, checked after DNAT.
+    assert_eq!(
+        added(&t, names::HAIRPIN),
+        BTreeSet::from([
+            "10.244.1.2 . 10.244.1.2".to_string(),
+            "10.244.2.2 . 10.244.2.2".to_string()
+        ])
+    );
+    assert_eq!(
+        rules(&t, names::NAT_POSTROUTING),
+        [
+            "ct status dnat ip saddr . ip daddr @hairpin jump mark-for-masquerade",
+            "jump masquerading"
+        ]
+    );
+    let ext = rules(&t, &names::external_chain(&port("np")));
+    assert_eq!(
+        ext,
+        [
+            "jump mark-for-masquerade".to_string(),
+            format!("goto {}", names::service_chain(&port("np")))
+        ]
+    );
+    assert_eq!(
+        rules(&t, names::MASQUERADING),
+        [
+            "meta mark & 0x4000 == 0 return",
+            "meta mark set meta mark ^ 0x4000",
+            "masquerade fully-random"
+        ]
+    );
+}
+
+#[test]
+fn session_affinity_uses_timed_sets_per_endpoint() {
+    let (_, plan) = full(&desired(&representative()), &config());
+    let t = text(&plan);
+    let sticky = rules(&t, &names::service_chain(&port("sticky")));
+    assert!(
+        sticky[1].starts_with("ip saddr @affinity-") && sticky[1].contains(" goto endpoint-"),
+        "{sticky:?}"
+    );
+    // The pick among endpoint chains: a cascade too, no anonymous map.
+    assert!(
+        sticky[3].starts_with("numgen random mod 2 0 goto endpoint-"),
+        "{sticky:?}"
+    );
+    assert!(sticky[4].starts_with("goto endpoint-"), "{sticky:?}");
+    let sets: Vec<&str> = t
+        .lines()
+        .filter(|l| l.starts_with("add set ip kproxy affinity-"))
+        .collect();
+    assert_eq!(sets.len(), 2, "{sets:?}");
+    assert!(sets[0].ends_with("{ type ipv4_addr; flags dynamic,timeout; timeout 600s; }"));
+    let ep = rules(&t, &endpoint(&port("sticky"), "10.244.2.2"));
+    assert!(
+        ep[0].starts_with("update @affinity-") && ep[0].ends_with(" { ip saddr }"),
+        "{ep:?}"
+    );
+}
+
+#[test]
+fn load_balancer_source_ranges_filter_before_dnat() {
+    let (_, plan) = full(&desired(&representative()), &config());
+    let t = text(&plan);
+    let fw = names::firewall_chain(&port("fw"));
+    assert!(added(&t, names::FIREWALL_IPS).contains(&format!("198.51.100.50 . tcp . 80 : goto {fw}")));
+    // 192.0.2.0/24 holds the node's address: the node reaching its own VIP is allowed too.
+    assert_eq!(
+        rules(&t, &fw),
+        [
+            "ip saddr 203.0.113.0/24 return",
+            "ip saddr 192.0.2.0/24 return",
+            "ip saddr 198.51.100.50 return",
+            "drop"
+        ]
+    );
+}
+
+#[test]
+fn masquerade_all_and_detectors() {
+    let d = desired(&representative());
+    let web = names::service_chain(&port("web"));
+    let first = |cfg: &RenderConfig| {
+        let t = text(&full(&d, cfg).1);
+        rules(&t, &web)[0].to_string()
+    };
+    let all = RenderConfig {
+        masquerade_all: true,
+        ..config()
+    };
+    assert_eq!(first(&all), "ip daddr 10.96.0.10 tcp dport 80 jump mark-for-masquerade");
+    let none = RenderConfig {
+        local_detector: LocalDetector::None,
+        ..config()
+    };
+    assert!(
+        first(&none).starts_with("meta l4proto tcp numgen random mod 2 0 dnat"),
+        "no detector: sources are kept"
+    );
+    let prefix = RenderConfig {
+        local_detector: LocalDetector::InterfacePrefix("veth".into()),
+        ..config()
+    };
+    assert!(first(&prefix).contains("iifname != \"veth*\" jump mark-for-masquerade"));
+}
+
+#[test]
+fn nodeport_addresses_limit_where_node_ports_answer() {
+    let d = desired(&representative());
+    let t = text(&full(&d, &config()).1);
+    assert!(rules(&t, names::SERVICES)
+        .contains(&"fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports"));
+    let cfg = RenderConfig {
+        nodeports: NodePortMatch::Addresses(vec!["192.0.2.1".parse().unwrap(), "fd00::1".parse().unwrap()]),
+        ..config()
+    };
+    let t = text(&full(&d, &cfg).1);
+    assert_eq!(
+        rules(&t, names::SERVICES),
+        [
+            "ip daddr . meta l4proto . th dport vmap @service-ips",
+            "ip daddr 192.0.2.1 meta l4proto . th dport vmap @service-nodeports"
+        ]
+    );
+}
+
+#[test]
+fn partial_sync_rewrites_only_the_changed_rules_by_handle() {
+    let yaml = representative();
+    let (mut planner, _) = full(&desired(&yaml), &config());
+    assert!(partial(&mut planner, &desired(&yaml), &[]).units.is_empty());
+    assert!(
+        partial(&mut planner, &desired(&yaml), &["web"]).units.is_empty(),
+        "an unchanged Service writes nothing"
+    );
+
+    // web's second endpoint is replaced: exactly its dnat rule is rewritten, in place.
+    let web = names::service_chain(&port("web"));
+    let handles_before: Vec<u64> = planner.state.chains[&web].rules.iter().map(|r| r.handle).collect();
+    let changed = yaml.replace(
+        &slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]),
+        &slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.3.2"]),
+    );
+    let plan = partial(&mut planner, &desired(&changed), &["web"]);
+    let t = text(&plan);
+    assert_eq!(
+        t.lines().filter(|l| !l.contains("hairpin")).collect::<Vec<_>>(),
+        [format!(
+            "replace rule ip kproxy {web} handle {} meta l4proto tcp dnat to 10.244.3.2:8080",
+            handles_before[2]
+        )],
+        "{t}"
+    );
+    // 10.244.2.2 is still another Service's endpoint; 10.244.3.2 is new to the node.
+    assert!(added(&t, names::HAIRPIN).contains("10.244.3.2 . 10.244.3.2"), "{t}");
+    assert!(!t.contains("delete element ip kproxy hairpin"), "{t}");
+    let handles_after: Vec<u64> = planner.state.chains[&web].rules.iter().map(|r| r.handle).collect();
+    assert_eq!(handles_before, handles_after, "replaced rules keep their handles");
+
+    // web loses an endpoint: the cascade's first dnat changes, the last rule goes by handle.
+    let fewer = yaml.replace(
+        &slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]),
+        &slice("web", "http", 8080, &["10.244.1.2@node-1"]),
+    );
+    let plan = partial(&mut planner, &desired(&fewer), &["web"]);
+    let t = text(&plan);
+    let lines: Vec<&str> = t.lines().filter(|l| !l.contains("hairpin")).collect();
+    assert_eq!(
+        lines,
+        [
+            format!(
+                "replace rule ip kproxy {web} handle {} meta l4proto tcp dnat to 10.244.1.2:8080",
+                handles_before[1]
+            ),
+            format!("delete rule ip kproxy {web} handle {}", handles_before[2]),
+        ],
+        "{t}"
+    );
+    assert!(
+        !t.contains("ns/np/") && !t.contains("ns/sticky/"),
+        "other Services untouched:\n{t}"
+    );
+    assert_eq!(plan.units.len(), 1, "one unit: one transaction for the Service");
+    assert_eq!(planner.state.chains[&web].rules.len(), 2);
+}
+
+#[test]
+fn removed_service_loses_its_chains_sets_and_elements() {
+    let yaml = representative();
+    let (mut planner, _) = full(&desired(&yaml), &config());
+    let without: Vec<&str> = yaml
+        .split("\n---\n")
+        .filter(|doc| !doc.contains("name: sticky"))
+        .collect();
+    let plan = partial(&mut planner, &desired(&without.join("\n---\n")), &["sticky"]);
+    let t = text(&plan);
+    let svc = names::service_chain(&port("sticky"));
+    assert!(
+        t.contains("delete element ip kproxy service-ips { 10.96.0.30 . tcp . 80 }"),
+        "{t}"
+    );
+    for chain in [
+        svc.clone(),
+        endpoint(&port("sticky"), "10.244.1.2"),
+        endpoint(&port("sticky"), "10.244.2.2"),
+    ] {
+        assert!(
+            t.contains(&format!("delete chain ip kproxy {chain}\n")),
+            "{chain} not deleted:\n{t}"
+        );
+        assert!(!planner.state.chains.contains_key(&chain));
+    }
+    assert_eq!(t.matches("delete set ip kproxy affinity-").count(), 2, "{t}");
+    assert!(!t.contains("add "), "nothing is added:\n{t}");
+    // Elements go before the chains they point to, chains before the sets their rules use.
+    assert!(t.find("delete element") < t.find("delete chain"));
+    assert!(t.find("delete chain") < t.find("delete set"));
+    // 10.244.2.2 is still another Service's endpoint: its hairpin element stays.
+    assert!(!t.contains("hairpin"), "{t}");
+
+    // Emptying a Service moves its address from dispatch to refusal.
+    let emptied = yaml.replace(&slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]), "");
+    let emptied: Vec<&str> = emptied.split("\n---\n").filter(|d| !d.is_empty()).collect();
+    let t = text(&partial(&mut planner, &desired(&emptied.join("\n---\n")), &["web"]));
+    assert!(t.contains("delete element ip kproxy service-ips { 10.96.0.10 . tcp . 80 }"));
+    assert!(t.contains("add element ip kproxy no-endpoint-services { 10.96.0.10 . tcp . 80 : goto reject-chain }"));
+}
+
+#[test]
+fn a_full_sync_of_unchanged_services_writes_nothing() {
+    let yaml = representative();
+    let d = desired(&yaml);
+    let (mut planner, _) = full(&d, &config());
+    // Same state objects: not even rendered; equal ones (a relist): rendered, nothing differs.
+    assert!(planner.plan(&d, &ChangeSet::full(), &config()).units.is_empty());
+    assert!(planner
+        .plan(&desired(&yaml), &ChangeSet::full(), &config())
+        .units
+        .is_empty());
+    // A changed configuration renders everything, and writes only what it changes.
+    let cfg = RenderConfig {
+        masquerade_mark: 0x8000,
+        ..config()
+    };
+    let plan = planner.plan(&d, &ChangeSet::full(), &cfg);
+    let t = text(&plan);
+    assert_eq!(t.lines().count(), 3, "the three mark rules:\n{t}");
+    assert!(t.lines().all(|l| l.starts_with("replace rule")), "{t}");
+}
+
+/// The committed table with `f` applied: what the kernel would list after a foreign change.
+fn kernel_after(planner: &Planner, f: impl FnOnce(&mut super::plan::TableState)) -> super::plan::TableState {
+    let mut k = planner.state.clone();
+    f(&mut k);
+    k
+}
+
+#[test]
+fn a_check_repairs_only_what_differs() {
+    let d = desired(&representative());
+    let (mut planner, _) = full(&d, &config());
+    let none = HashSet::new();
+    let same = planner.state.clone();
+    assert_eq!(planner.reconcile(same, &none, true).1, 0, "nothing differs");
+
+    let web = names::service_chain(&port("web"));
+    let np = names::external_chain(&port("np"));
+    let kernel = kernel_after(&planner, |k| {
+        // Someone flushes `services`, deletes web's last rule, removes a NodePort element,
+        // adds a chain of their own and an element nobody owns.
+        k.chains.get_mut(names::SERVICES).unwrap().rules.clear();
+        k.chains.get_mut(&web).unwrap().rules.pop();
+        let np_key = super::rule::Key::ProtoPort(crate::model::Protocol::Tcp, 30080).bytes();
+        k.elements.get_mut(names::SERVICE_NODEPORTS).unwrap().remove(&np_key);
+        k.chains.insert("intruder".into(), Default::default());
+        let stray = super::rule::Key::ProtoPort(crate::model::Protocol::Udp, 31999).bytes();
+        k.elements.get_mut(names::SERVICE_NODEPORTS).unwrap().insert(stray, 7);
+    });
+    let (plan, differences) = planner.reconcile(kernel, &none, true);
+    assert_eq!(differences, 5);
+    let t = text(&plan);
+    let services = rules(&t, names::SERVICES);
+    assert_eq!(services.len(), 2, "services refilled:\n{t}");
+    assert_eq!(rules(&t, &web), ["meta l4proto tcp dnat to 10.244.2.2:8080"], "{t}");
+    assert!(
+        added(&t, names::SERVICE_NODEPORTS).contains(&format!("tcp . 30080 : goto {np}")),
+        "{t}"
+    );
+    assert!(
+        t.contains("delete element ip kproxy service-nodeports { udp . 31999 }"),
+        "{t}"
+    );
+    assert!(t.contains("delete chain ip kproxy intruder"), "{t}");
+    assert!(!t.contains("ns/sticky/"), "untouched Services are not rewritten:\n{t}");
+    echo(&mut planner, &plan);
+
+    // A listing older than a commit of web's: web is not second-guessed, strays are kept.
+    let kernel = kernel_after(&planner, |k| {
+        k.chains.get_mut(&web).unwrap().rules.pop();
+        k.chains.insert("maybe-just-deleted".into(), Default::default());
+    });
+    let skip = HashSet::from([Owner::Service(ServiceKey::new("ns", "web"))]);
+    let (plan, differences) = planner.reconcile(kernel, &skip, false);
+    assert_eq!((plan.units.len(), differences), (0, 0));
+}
+
+#[test]
+fn after_a_read_back_everything_is_compared_and_strays_deleted() {
+    let d = desired(&representative());
+    let (planner, _) = full(&d, &config());
+    let mut kernel = planner.state.clone();
+    kernel
+        .chains
+        .insert("service-XXXX-ns/old/tcp/http".into(), Default::default());
+    kernel
+        .sets
+        .insert("affinity-XXXX-ns/old/tcp/http__10.244.9.9/80".into(), 1);
+    let mut fresh = Planner::new(IpFamily::V4);
+    fresh.adopt(kernel);
+    let plan = fresh.plan(&d, &ChangeSet::full(), &config());
+    assert_eq!(
+        text(&plan),
+        "delete chain ip kproxy service-XXXX-ns/old/tcp/http\ndelete set ip kproxy affinity-XXXX-ns/old/tcp/http__10.244.9.9/80\n",
+        "a restart against a table it wrote rewrites nothing"
+    );
+}
+
+#[test]
+fn ipv6_renders_its_own_table() {
+    let d = desired(&representative());
+    let (_, plan) = full(&d, &v6_config());
+    let t = plan_text(&plan, IpFamily::V6);
+    assert!(t.starts_with("add table ip6 kproxy\n"));
+    assert!(t.contains("add map ip6 kproxy service-ips { type ipv6_addr . inet_proto . inet_service : verdict; }"));
+    assert!(t.contains("add element ip6 kproxy service-ips { fd00::10 . tcp . 80 : goto service-"));
+    assert!(t.contains("meta l4proto tcp numgen random mod 2 0 dnat to [fd00:244::2]:8080\n"));
+    assert!(t.contains("add element ip6 kproxy hairpin { fd00:244::2 . fd00:244::2, fd00:244::3 . fd00:244::3 }"));
+    assert!(t.contains("ip6 saddr != fd00:244::/64 jump mark-for-masquerade"));
+    assert!(!t.contains("10.96.0.10"), "IPv4 Services belong to the other table");
+}
+
+#[test]
+fn two_services_claiming_one_external_ip_do_not_break_the_transaction() {
+    let a = svc(
+        "a",
+        "{clusterIP: 10.96.0.60, externalIPs: [198.51.100.60], ports: [{name: http, port: 80}]}",
+    );
+    let b = svc(
+        "b",
+        "{clusterIP: 10.96.0.61, externalIPs: [198.51.100.60], ports: [{name: http, port: 80}]}",
+    );
+    let yaml = [
+        a.clone(),
+        slice("a", "http", 8080, &["10.244.1.2"]),
+        b,
+        slice("b", "http", 8080, &["10.244.2.2"]),
+    ]
+    .join("\n---\n");
+    let (mut planner, plan) = full(&desired(&yaml), &config());
+    let claims: Vec<String> = added(&text(&plan), names::SERVICE_IPS)
+        .into_iter()
+        .filter(|e| e.starts_with("198.51.100.60 "))
+        .collect();
+    assert_eq!(
+        claims,
+        [format!(
+            "198.51.100.60 . tcp . 80 : goto {}",
+            names::external_chain(&port("a"))
+        )]
+    );
+    // b changes: it still does not get the address.
+    let t = text(&partial(
+        &mut planner,
+        &desired(&yaml.replace("10.244.2.2", "10.244.3.2")),
+        &["b"],
+    ));
+    assert!(!t.contains("198.51.100.60"), "{t}");
+    // a goes away: b gets the address in the same sync, even if b itself did not change.
+    let without_a = yaml.replace(&format!("{a}\n---\n"), "");
+    let t = text(&partial(&mut planner, &desired(&without_a), &["a"]));
+    assert!(t
+        .lines()
+        .any(|l| l.starts_with("delete element ip kproxy service-ips {") && l.contains("198.51.100.60 . tcp . 80")));
+    assert!(t.contains(&format!(
+        "198.51.100.60 . tcp . 80 : goto {}",
+        names::external_chain(&port("b"))
+    )));
+}
+
+/// Applies one plan per step through netlink in a fresh network namespace; after each, the
+/// table read back equals what the planner committed. Skipped without root.
+#[test]
+fn the_kernel_holds_what_the_planner_committed() {
+    let yaml = representative();
+    let changed = yaml
+        .replace(
+            &slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]),
+            &slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.3.2"]),
+        )
+        .replace("timeoutSeconds: 600", "timeoutSeconds: 60");
+    let without: String = changed
+        .split("\n---\n")
+        .filter(|doc| !doc.contains("name: sticky") && !doc.contains("name: fw"))
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    let steps: Vec<(String, Vec<&'static str>)> = vec![
+        (yaml.clone(), vec![]),
+        (changed, vec!["web", "sticky"]),
+        (without, vec!["sticky", "fw", "empty"]),
+        (yaml.clone(), vec!["web", "sticky", "fw", "empty"]),
+    ];
+    let Some(()) = in_netns(move || {
+        for cfg in [config(), v6_config()] {
+            let family = cfg.family;
+            let mut kernel = Kernel::connect(family).unwrap();
+            let mut planner = Planner::new(family);
+            planner.adopt(Default::default());
+            for (i, (doc, services)) in steps.iter().enumerate() {
+                let changes = if i == 0 {
+                    ChangeSet::full()
+                } else {
+                    ChangeSet {
+                        full: false,
+                        services: services.iter().map(|s| ServiceKey::new("ns", *s)).collect(),
+                    }
+                };
+                let plan = planner.plan(&desired(doc), &changes, &cfg);
+                apply_plan(&mut kernel, &mut planner, &plan)
+                    .unwrap_or_else(|e| panic!("step {i}: {e}\n{}", plan_text(&plan, family)));
+                let (listed, _, snapshot) = read_table(&mut kernel.sock, kernel.table).unwrap();
+                assert!(snapshot);
+                assert_eq!(listed, planner.state, "step {i}: the kernel holds what was committed");
+            }
+        }
+        let listing = nft(&["list", "ruleset"]);
+        assert!(listing.contains("table ip kproxy") && listing.contains("table ip6 kproxy"));
+        assert!(
+            listing.contains("numgen random mod 2 0 dnat to 10.244.1.2:8080"),
+            "{listing}"
+        );
+    }) else {
+        eprintln!("skipping: needs root (network namespaces)");
+        return;
+    };
+}

@@ -519,7 +519,13 @@ fn a_batch_carries_the_generation_it_was_planned_against() {
         &[28, 0, 0, 0, 16, 0, 1, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10, 8, 0, 1, 0, 0, 0, 0, 0x0b]
     );
     let table = encode_one(&Request::AddTable(V4));
-    assert_eq!(&batch[28..28 + 8], &table[..8], "the request follows");
+    assert_eq!(&batch[28..28 + 6], &table[..6], "the request follows");
+    let flags = u16::from_ne_bytes(batch[34..36].try_into().unwrap());
+    assert_eq!(
+        flags,
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_ECHO,
+        "the first asks for an echo"
+    );
     assert_eq!(u32::from_ne_bytes(batch[36..40].try_into().unwrap()), 5, "as message 5");
     let end = &batch[batch.len() - 20..];
     assert_eq!(end, &[20, 0, 0, 0, 17, 0, 1, 0, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10]);
