@@ -49,12 +49,8 @@ pub struct Kproxy {
 
 impl Kproxy {
     /// Starts `kproxy` with `args` in `topo`'s node namespace, logging to a file. `tools`, if
-    /// given, is searched first for the tools kproxy runs (to fake a failing one).
-    pub fn start(topo: &Topology, args: &[String], tools: Option<&std::path::Path>) -> Kproxy {
-        Kproxy::start_with_env(topo, args, tools, &[])
-    }
-
-    /// Like [`Kproxy::start`], with extra environment variables for kproxy.
+    /// given, is searched first for the tools kproxy runs (to fake a failing one); `env` is
+    /// added to kproxy's environment (and may set PATH).
     pub fn start_with_env(
         topo: &Topology,
         args: &[String],

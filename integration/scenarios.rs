@@ -99,10 +99,16 @@ pub const IPTABLES_ONLY: &[(&str, Scenario)] = &[
 ];
 
 /// Scenarios about nftables mode itself.
-pub const NFTABLES_ONLY: &[(&str, Scenario)] = &[(
-    "rejected_transaction_keeps_the_kernel_rules_and_is_retried",
-    nft_failure,
-)];
+pub const NFTABLES_ONLY: &[(&str, Scenario)] = &[
+    (
+        "rejected_transaction_keeps_the_kernel_rules_and_is_retried",
+        nft_failure,
+    ),
+    (
+        "a_change_behind_its_back_is_noticed_by_generation_and_repaired",
+        foreign_change,
+    ),
+];
 
 const CLUSTER_IP: &str = "10.96.0.10";
 const PORT: u16 = 8080;
@@ -266,6 +272,42 @@ fn listener_in(ns: &str) -> std::net::TcpListener {
     .expect("listener thread")
 }
 
+/// A PATH with every program of this one except `nft`: kproxy runs without it in every mode
+/// but IPVS (whose companion table is still written by nft), which proves that nftables mode,
+/// its cleanup and the mode-switch cleanup of the other modes never start nft.
+pub fn path_without_nft() -> &'static str {
+    static DIR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("kproxy-no-nft-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("no-nft dir");
+        let path = std::env::var("PATH").unwrap_or_default();
+        for d in path.split(':').filter(|d| !d.is_empty()) {
+            for entry in std::fs::read_dir(d).into_iter().flatten().flatten() {
+                let name = entry.file_name();
+                if name == "nft" || dir.join(&name).exists() {
+                    continue;
+                }
+                let _ = std::os::unix::fs::symlink(entry.path(), dir.join(&name));
+            }
+        }
+        dir.display().to_string()
+    })
+}
+
+/// kproxy's PATH for `mode`: `tools` first, then everything but nft (see [`path_without_nft`]).
+fn kproxy_path(mode: &str, tools: Option<&std::path::Path>) -> String {
+    let base = if mode == "ipvs" {
+        std::env::var("PATH").unwrap_or_default()
+    } else {
+        path_without_nft().to_string()
+    };
+    match tools {
+        Some(t) => format!("{}:{base}", t.display()),
+        None => base,
+    }
+}
+
 impl Env {
     pub fn new(mode: &str, kind: SourceKind, docs: &[String], extra: &[&str]) -> Env {
         Env::with_tools(mode, kind, docs, extra, None, &[])
@@ -341,7 +383,9 @@ impl Env {
         };
         let mut source = source;
         write_source(&mut source, docs);
-        let mut kproxy = Kproxy::start_with_env(&topo, &args, tools, env);
+        let mut env = env.to_vec();
+        env.push(("PATH", kproxy_path(mode, tools)));
+        let mut kproxy = Kproxy::start_with_env(&topo, &args, None, &env);
         kproxy.wait_sync_after(0);
         Env {
             topo,
@@ -358,7 +402,7 @@ impl Env {
         if let Some(i) = self.args.iter().position(|a| a == "--proxy-mode") {
             self.args[i + 1] = mode.to_string();
         }
-        self.kproxy = Kproxy::start(&self.topo, &self.args, None);
+        self.kproxy = Kproxy::start_with_env(&self.topo, &self.args, None, &[("PATH", kproxy_path(mode, None))]);
         self.kproxy.wait_sync_after(0);
     }
 
@@ -788,6 +832,74 @@ fn nft_failure(mode: &'static str, kind: SourceKind) {
     refused_sync_keeps_the_kernel_rules(mode, kind, refusing);
 }
 
+/// Someone rewrites one of kproxy's dnat rules (to an address nobody serves), adds a rule of
+/// their own to a kproxy chain and deletes the NodePort's map element. There is no periodic
+/// resync to find it (`--sync-period 1h`): kproxy's next transaction, for an unrelated
+/// Service, is refused for the changed ruleset generation, and kproxy checks its table and
+/// repairs exactly that.
+fn foreign_change(mode: &'static str, kind: SourceKind) {
+    let docs = objects(&pod_ips(&[0, 1]));
+    let mut env = Env::new(mode, kind, &docs, &["--sync-period", "1h"]);
+    let url = format!("http://{CLUSTER_IP}/");
+    let node_port = format!("http://{}:30080/", env.topo.node_ip);
+    let (node, client, outside) = (
+        env.topo.node.clone(),
+        env.topo.pods[2].ns.clone(),
+        env.topo.client.clone(),
+    );
+    eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
+    let pod_b = pod_ips(&[1]).remove(0);
+    let listing = env.topo.exec_ok(&node, &["nft", "-a", "list", "table", "ip", "kproxy"]);
+    let mut chain = "";
+    let mut target = None;
+    for line in listing.lines() {
+        // `nft -a` lists `chain NAME { # handle N`.
+        if let Some(c) = line.trim().strip_prefix("chain ").and_then(|c| c.split(" {").next()) {
+            chain = c;
+        }
+        if line.contains(&format!("dnat to {pod_b}:8080")) && line.contains("tcp") {
+            target = Some((chain.to_string(), line.rsplit(' ').next().unwrap().to_string()));
+        }
+    }
+    let (chain, handle) = target.unwrap_or_else(|| panic!("no dnat to {pod_b}:\n{listing}"));
+    let dead = "10.244.250.250";
+    env.topo.exec_ok(
+        &node,
+        &[
+            "nft",
+            &format!("replace rule ip kproxy {chain} handle {handle} meta l4proto tcp dnat to {dead}:8080"),
+        ],
+    );
+    env.topo.exec_ok(
+        &node,
+        &[
+            "nft",
+            &format!("insert rule ip kproxy {chain} ip saddr 203.0.113.9 drop"),
+        ],
+    );
+    env.topo.exec_ok(
+        &node,
+        &["nft", "delete element ip kproxy service-nodeports { tcp . 30080 }"],
+    );
+    let syncs = env.kproxy.syncs();
+    let mut changed = docs.clone();
+    changed.push(service(
+        "other",
+        "{clusterIP: 10.96.0.13, ports: [{name: http, port: 80}]}",
+    ));
+    env.set(&changed);
+    env.kproxy.wait_sync_after(syncs);
+    eventually("the table is repaired", || {
+        let now = env.topo.exec_ok(&node, &["nft", "list", "table", "ip", "kproxy"]);
+        (!now.contains(dead) && !now.contains("203.0.113.9") && now.contains("tcp . 30080 :")).then_some(())
+    });
+    eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
+    eventually_backends(&env.topo, &outside, &node_port, 10, &["pod-a", "pod-b"]);
+    let log = env.kproxy.log_text();
+    assert!(log.contains("the ruleset changed behind kproxy's back"), "{log}");
+    assert!(log.contains("repairing"), "{log}");
+}
+
 /// `--master` wins over the kubeconfig's server (which here points nowhere), as in kube-proxy:
 /// an explicit address is all kproxy needs, never a ClusterIP.
 fn master_override(mode: &'static str, kind: SourceKind) {
@@ -887,8 +999,10 @@ fn cleanup_nftables(kind: SourceKind) {
         "{tables}"
     );
     env.kproxy.stop();
+    // Without nft on the PATH: the cleanup deletes the tables over netlink.
+    let path = format!("PATH={}", path_without_nft());
     for args in [&["--cleanup"][..], &["--proxy-mode", "nftables", "--cleanup"][..]] {
-        let mut cmd = vec![kproxy_bin()];
+        let mut cmd = vec!["env", &path, kproxy_bin()];
         cmd.extend(args);
         let out = env.topo.exec(&node, &cmd);
         assert!(
