@@ -108,6 +108,10 @@ pub const NFTABLES_ONLY: &[(&str, Scenario)] = &[
         "a_change_behind_its_back_is_noticed_by_generation_and_repaired",
         foreign_change,
     ),
+    (
+        "nft_1_0_6_and_1_1_3_list_what_netlink_wrote_and_render_means_the_same",
+        nft_listings,
+    ),
 ];
 
 const CLUSTER_IP: &str = "10.96.0.10";
@@ -898,6 +902,129 @@ fn foreign_change(mode: &'static str, kind: SourceKind) {
     let log = env.kproxy.log_text();
     assert!(log.contains("the ruleset changed behind kproxy's back"), "{log}");
     assert!(log.contains("repairing"), "{log}");
+}
+
+/// nft 1.1.3 (Debian trixie's), fetched and unpacked under target/ by scripts/nft-trixie.sh.
+fn nft_trixie() -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/nft-trixie.sh");
+    let out = std::process::Command::new(script)
+        .output()
+        .expect("scripts/nft-trixie.sh");
+    assert!(
+        out.status.success(),
+        "scripts/nft-trixie.sh failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `nft -j list ruleset` without what differs between two equal rulesets: handles, and the
+/// order of set elements (a hash set lists in its own random order).
+fn ruleset_json(topo: &Topology, ns: &str) -> serde_json::Value {
+    fn normalize(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.remove("handle");
+                for (k, x) in m.iter_mut() {
+                    normalize(x);
+                    if k == "elem" {
+                        if let serde_json::Value::Array(a) = x {
+                            a.sort_by_key(|e| e.to_string());
+                        }
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(normalize),
+            _ => {}
+        }
+    }
+    let mut v: serde_json::Value =
+        serde_json::from_str(&topo.exec_ok(ns, &["nft", "-j", "list", "ruleset"])).expect("nft -j");
+    normalize(&mut v);
+    v
+}
+
+/// What kproxy writes over netlink, as nft 1.0.6 and nft 1.1.3 list it: both print kproxy's
+/// tables, and what each prints parses again (`nft -c -f`). And `kproxy render` prints nft
+/// input that, loaded with `nft -f` into an empty namespace, lists exactly as the table
+/// kproxy wrote.
+fn nft_listings(mode: &'static str, kind: SourceKind) {
+    let mut docs = objects(&pod_ips(&[0, 1]));
+    docs.push(service(
+        "sticky",
+        "{clusterIP: 10.96.0.30, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}, ports: [{name: http, port: 80}]}",
+    ));
+    docs.push(slice("sticky", &pod_ips(&[0, 1])));
+    docs.push("apiVersion: v1\nkind: Service\nmetadata: {name: fw, namespace: default}\nspec: {type: LoadBalancer, clusterIP: 10.96.0.50, externalIPs: [198.51.100.51], externalTrafficPolicy: Local, loadBalancerSourceRanges: [203.0.113.0/24], ports: [{name: http, port: 80, nodePort: 30100}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.50}]}}".to_string());
+    docs.push(slice("fw", &pod_ips(&[0])));
+    docs.push(service(
+        "web6",
+        "{clusterIP: 'fd00:96::10', ipFamilies: [IPv6], ports: [{name: http, port: 80}]}",
+    ));
+    docs.push(slice_of("web6", &[ep(0).v6(), ep(1).v6()]));
+    let env = Env::new(mode, kind, &docs, &[]);
+    let node = env.topo.node.clone();
+    let trixie = nft_trixie();
+    let listing_dir = std::env::temp_dir().join(format!("{}-listings", env.topo.id));
+    std::fs::create_dir_all(&listing_dir).expect("listing dir");
+    for (name, nft) in [("1.0.6", "nft".to_string()), ("1.1.3", trixie.clone())] {
+        let out = env.topo.exec_ok(&node, &[&nft, "list", "ruleset"]);
+        for want in [
+            "table ip kproxy {",
+            "table ip6 kproxy {",
+            "map service-ips {",
+            "dnat to 10.244.1.2:8080",
+        ] {
+            assert!(out.contains(want), "nft {name} does not print {want:?}:\n{out}");
+        }
+        assert!(out.contains("update @affinity-"), "nft {name}:\n{out}");
+        let file = listing_dir.join(format!("{name}.nft"));
+        std::fs::write(&file, &out).expect("listing");
+        // Each release reads what it printed, and the newer one what the older printed. (nft
+        // 1.0.6 cannot read 1.1.3's names for output-hook priorities, `priority dstnat`, in
+        // any ruleset: that is nft's, not the writer's.)
+        let readers: &[(&str, &str)] = if name == "1.0.6" {
+            &[("1.0.6", "nft"), ("1.1.3", trixie.as_str())]
+        } else {
+            &[("1.1.3", trixie.as_str())]
+        };
+        for &(reader, nft) in readers {
+            let check = env.topo.exec(&node, &[nft, "-c", "-f", &file.display().to_string()]);
+            assert!(
+                check.status.success(),
+                "nft {reader} cannot parse what nft {name} listed: {}\n{out}",
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+    }
+
+    // kproxy render, with the agent's own flags and source, loaded by nft into an empty
+    // namespace, means what netlink wrote.
+    let mut render_args = vec![kproxy_bin(), "render"];
+    render_args.extend(env.args.iter().map(String::as_str));
+    let render = env.topo.exec_ok(&node, &render_args);
+    let render_file = listing_dir.join("render.nft");
+    std::fs::write(&render_file, &render).expect("render");
+    let other = format!("{}r", env.topo.id);
+    crate::netns::run("ip", &["netns", "add", &other]);
+    let loaded = env
+        .topo
+        .exec(&other, &["nft", "-f", &render_file.display().to_string()]);
+    let written = ruleset_json(&env.topo, &node);
+    let rendered = if loaded.status.success() {
+        Some(ruleset_json(&env.topo, &other))
+    } else {
+        None
+    };
+    crate::netns::run("ip", &["netns", "del", &other]);
+    let _ = std::fs::remove_dir_all(&listing_dir);
+    let rendered = rendered.unwrap_or_else(|| {
+        panic!(
+            "nft -f refused kproxy render's output: {}\n{render}",
+            String::from_utf8_lossy(&loaded.stderr)
+        )
+    });
+    assert_eq!(written, rendered, "netlink wrote what render prints");
 }
 
 /// `--master` wins over the kubeconfig's server (which here points nowhere), as in kube-proxy:
