@@ -190,11 +190,6 @@ impl Command {
             _ => 0,
         }
     }
-
-    /// Whether the kernel echoes this command (a new or replaced rule).
-    pub fn echoes(&self) -> bool {
-        matches!(self, Command::AddRule { .. } | Command::ReplaceRule { .. })
-    }
 }
 
 /// A command in nft syntax for `family`'s table.

@@ -254,6 +254,7 @@ impl Request {
     }
 
     /// Appends this request as message `seq` to `buf`.
+    #[cfg(test)]
     pub fn encode(&self, seq: u32, buf: &mut Vec<u8>) {
         self.encode_with(seq, 0, buf)
     }

@@ -74,7 +74,8 @@ pub struct TableState {
 /// whether or not an empty entry for it is kept.
 impl PartialEq for TableState {
     fn eq(&self, other: &Self) -> bool {
-        let non_empty = |t: &TableState| -> Vec<(String, Vec<(Vec<u8>, Hash)>)> {
+        type Sorted = Vec<(String, Vec<(Vec<u8>, Hash)>)>;
+        let non_empty = |t: &TableState| -> Sorted {
             let mut v: Vec<_> = t
                 .elements
                 .iter()
@@ -170,7 +171,6 @@ impl Unit {
 #[derive(Debug, Default)]
 pub struct Plan {
     pub units: Vec<Unit>,
-    pub full: bool,
 }
 
 impl Plan {
@@ -256,7 +256,7 @@ impl Builder<'_> {
     fn chain(&mut self, name: &str, hook: Option<&BaseHook>, rules: &[Rule], flush: bool) {
         let family = self.family;
         let lowered: Vec<Vec<Expr>> = rules.iter().map(|r| r.lower(family)).collect();
-        let hashes: Vec<Hash> = lowered.iter().map(|e| hash_of(e)).collect();
+        let hashes: Vec<Hash> = lowered.iter().map(hash_of).collect();
         let old = self.state.chains.get(name).cloned();
         let mut next = ChainState {
             hook: hook.cloned(),
@@ -438,10 +438,6 @@ impl Planner {
         }
     }
 
-    pub fn family(&self) -> IpFamily {
-        self.family
-    }
-
     /// Takes `kernel` (read back from the kernel) as the committed table and forgets what was
     /// owned: the next plan renders everything against it.
     pub fn adopt(&mut self, kernel: TableState) {
@@ -469,10 +465,7 @@ impl Planner {
     /// Plans one sync of `desired`.
     pub fn plan(&mut self, desired: &DesiredState, changes: &ChangeSet, cfg: &RenderConfig) -> Plan {
         let all = self.fresh || self.cfg.as_ref() != Some(cfg) || self.node.as_ref() != Some(&desired.node);
-        let mut plan = Plan {
-            units: Vec::new(),
-            full: all || changes.full,
-        };
+        let mut plan = Plan { units: Vec::new() };
         self.cfg = Some(cfg.clone());
         self.node = Some(desired.node.clone());
         if all {
@@ -645,8 +638,8 @@ impl Planner {
         }
 
         let hairpin_now: Vec<(IpAddr, bool)> = hairpin_was
-            .iter()
-            .map(|(ip, _)| (*ip, self.hairpin.contains_key(ip)))
+            .keys()
+            .map(|ip| (*ip, self.hairpin.contains_key(ip)))
             .collect();
         let mut b = self.builder(Owner::Service(key.clone()));
         let mut recreated = false;

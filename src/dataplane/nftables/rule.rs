@@ -182,6 +182,7 @@ impl Rule {
     }
 
     /// The nft text of this rule, for `family`'s table.
+    #[cfg(test)]
     pub fn text(&self, family: IpFamily) -> String {
         RuleText(self, family).to_string()
     }
@@ -193,14 +194,6 @@ impl Rule {
             s.lower(family, &mut out);
         }
         out
-    }
-
-    /// Chains this rule jumps or goes to.
-    pub fn targets(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().filter_map(|s| match s {
-            Stmt::Verdict(v) => v.chain(),
-            _ => None,
-        })
     }
 }
 

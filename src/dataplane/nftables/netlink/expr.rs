@@ -72,16 +72,6 @@ const DATA_VERDICT: u16 = 2;
 const VERDICT_CODE: u16 = 1;
 const VERDICT_CHAIN: u16 = 2;
 
-impl Verdict {
-    /// The chain a jump or goto targets.
-    pub fn chain(&self) -> Option<&str> {
-        match self {
-            Verdict::Jump(c) | Verdict::Goto(c) => Some(c),
-            _ => None,
-        }
-    }
-}
-
 /// `struct nft_data`: a value (key, register contents) or a verdict.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Data {

@@ -7,7 +7,6 @@
 pub const NLMSG_ERROR: u16 = 2;
 pub const NLMSG_DONE: u16 = 3;
 pub const NLM_F_REQUEST: u16 = 0x1;
-pub const NLM_F_MULTI: u16 = 0x2;
 pub const NLM_F_ACK: u16 = 0x4;
 pub const NLM_F_ECHO: u16 = 0x8;
 /// Set on dump messages when the ruleset changed during the dump: the listing is not a snapshot.
@@ -23,9 +22,6 @@ pub const NLM_F_ACK_TLVS: u16 = 0x200;
 const NLMSGERR_ATTR_MSG: u16 = 1;
 pub const NLA_F_NESTED: u16 = 0x8000;
 const NLA_TYPE_MASK: u16 = 0x3fff;
-
-/// Header length of a netlink message plus the `struct nfgenmsg` that nfnetlink adds.
-pub const HEADER_LEN: usize = 16 + 4;
 
 /// Appends attributes and messages to one buffer (a whole batch is one buffer).
 pub struct Writer<'a> {
