@@ -173,7 +173,7 @@ class Watcher:
             with self.cv:
                 self.seen.setdefault(a, int(t))
                 self.cv.notify_all()
-    def wait(self, addr, timeout=30):
+    def wait(self, addr, timeout=180):
         end = time.time() + timeout
         with self.cv:
             while addr not in self.seen:

@@ -252,28 +252,35 @@ pub fn read_table(sock: &mut NftSocket, table: Table) -> Result<(TableState, u32
                 Ok(())
             })?
             .unwrap_or(false);
-        interrupted |= sock
-            .dump(Dump::Rules(table, None), |kind, _, a| {
-                if kind != msg::NEWRULE {
-                    return Ok(());
-                }
-                let r = decode_rule(a)?;
-                if r.table == table.name {
-                    // A rule with someone's comment is someone's rule, even if it matches.
-                    let hash = match &r.userdata {
-                        None => hash_of(&r.exprs),
-                        Some(u) => hash_of(&(&r.exprs, u)),
-                    };
-                    state
-                        .chains
-                        .entry(r.chain)
-                        .or_default()
-                        .rules
-                        .push(RuleState { handle: r.handle, hash });
-                }
-                Ok(())
-            })?
-            .unwrap_or(false);
+        // Chain by chain: a whole-table rule dump walks the table again for every part.
+        let mut names: Vec<String> = state.chains.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let mut rules = Vec::new();
+            interrupted |= sock
+                .dump(Dump::Rules(table, Some(&name)), |kind, _, a| {
+                    if kind != msg::NEWRULE {
+                        return Ok(());
+                    }
+                    let r = decode_rule(a)?;
+                    if r.table == table.name && r.chain == name {
+                        // A rule with someone's comment is someone's rule, even if it matches.
+                        let hash = match &r.userdata {
+                            None => hash_of(&r.exprs),
+                            Some(u) => hash_of(&(&r.exprs, u)),
+                        };
+                        rules.push(RuleState {
+                            handle: r.handle,
+                            hash,
+                        });
+                    }
+                    Ok(())
+                })?
+                .unwrap_or(false);
+            if let Some(c) = state.chains.get_mut(&name) {
+                c.rules = rules;
+            }
+        }
         let mut sets = Vec::new();
         interrupted |= sock
             .dump(Dump::Sets(table), |kind, _, a| {

@@ -59,7 +59,14 @@ pub struct NftSocket {
     socket: Socket,
     seq: u32,
     sndbuf: usize,
+    /// One datagram at a time. Large, because the kernel sizes the parts of a dump by the
+    /// reader's buffer (up to 32 KiB), and a dump restarts its walk of the table for every
+    /// part: small parts make listing a large table quadratic.
+    buf: Vec<u8>,
 }
+
+/// Receive buffer per `recv`: a dump part or a batch's answers.
+const RECV_BUF: usize = 1 << 20;
 
 impl NftSocket {
     /// Opens the socket. Fails with [`DataplaneError::Unsupported`] where nf_tables cannot be
@@ -88,7 +95,15 @@ impl NftSocket {
             socket,
             seq: std::process::id().wrapping_mul(1 << 16),
             sndbuf: 0,
+            buf: vec![0; RECV_BUF],
         })
+    }
+
+    /// Reads one datagram.
+    fn recv(&mut self) -> std::io::Result<Vec<u8>> {
+        let mut b = &mut self.buf[..];
+        let n = self.socket.recv(&mut b, 0)?;
+        Ok(self.buf[..n].to_vec())
     }
 
     fn next_seq(&mut self, n: u32) -> u32 {
@@ -116,10 +131,7 @@ impl NftSocket {
         self.send(&encode_get_gen(seq))
             .map_err(|e| nl_error("NFT_MSG_GETGEN", e))?;
         loop {
-            let (buf, _) = self
-                .socket
-                .recv_from_full()
-                .map_err(|e| nl_error("NFT_MSG_GETGEN", e))?;
+            let buf = self.recv().map_err(|e| nl_error("NFT_MSG_GETGEN", e))?;
             for reply in decode_replies(&buf).map_err(|e| nl_error("NFT_MSG_GETGEN", e))? {
                 match reply {
                     Reply::Message {
@@ -161,8 +173,8 @@ impl NftSocket {
         // Everything was queued before `send` returned: read until the queue is empty.
         let _ = self.socket.set_non_blocking(true);
         loop {
-            let data = match self.socket.recv_from_full() {
-                Ok((data, _)) => data,
+            let data = match self.recv() {
+                Ok(data) => data,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 // ENOBUFS: the queue overflowed and some of the answer is gone; read the rest.
@@ -251,7 +263,7 @@ impl NftSocket {
         self.send(&encode_dump(seq, what)).map_err(|e| nl_error(&label, e))?;
         let mut interrupted = false;
         loop {
-            let (buf, _) = self.socket.recv_from_full().map_err(|e| nl_error(&label, e))?;
+            let buf = self.recv().map_err(|e| nl_error(&label, e))?;
             for reply in decode_replies(&buf).map_err(|e| nl_error(&label, e))? {
                 match reply {
                     Reply::Message {
