@@ -8,8 +8,8 @@
 #     a listener on NFNLGRP_NFTABLES in the node namespace);
 #   - file -> kernel: the same from the file's rename, which adds the manifest source's 100 ms
 #     polling (an API watch delivers the change at once);
-#   - both again with --sync-period 10s, so that changes arrive while periodic resyncs (and the
-#     netlink writer's checks) run;
+#   - both again with --sync-period 4s (half as many changes), so that changes arrive while
+#     periodic resyncs (and the netlink writer's checks) run;
 #   - kproxy's CPU time per change (utime+stime over the changes, less its idle rate).
 # Writes its section of BENCHMARKS.md and docs/bench-nftables.png. Never run by the tests.
 #
@@ -260,11 +260,11 @@ for n in sizes:
             cpu_ms = ((cpu_ticks(run.proc.pid) - c0) / HZ - idle_rate * (time.time() - tc)) / changes * 1000
             src_a = source_latencies(log, a)
             run.stop()
-            print(f"    {changes} changes, --sync-period 10s", flush=True)
-            run = Run(binary, d, ns, "10s", log)
+            print(f"    {changes // 2} changes, --sync-period 4s", flush=True)
+            run = Run(binary, d, ns, "4s", log)
             wait_metric(ns, "kubeproxy_sync_full_proxy_rules_duration_seconds_count", 1, run.proc, 3600)
             t_start = time.time_ns()
-            b = change_loop(d, n, watcher, log, changes, changes)
+            b = change_loop(d, n, watcher, log, changes, changes // 2)
             # Let the resync in progress (if any) finish, so its log line is there.
             time.sleep(1)
             src_b = source_latencies(log, b)
@@ -294,7 +294,7 @@ for label, style in [("netlink", "-o"), ("nft -f", "--s")]:
     xs = [r["n"] for r in rs]
     ax.plot(xs, [r["a_src"][1] for r in rs], style, label=f"{label}: p99")
     ax.plot(xs, [r["a_src"][0] for r in rs], style, alpha=0.5, label=f"{label}: median")
-    ax.plot(xs, [r["b_src"][1] for r in rs], style, alpha=0.8, linestyle=":", label=f"{label}: p99 with resyncs every 10 s")
+    ax.plot(xs, [r["b_src"][1] for r in rs], style, alpha=0.8, linestyle=":", label=f"{label}: p99 with resyncs every 4 s")
 ax.set_yscale("log")
 ax.axhline(10, color="grey", linewidth=0.8)
 ax.set_xlabel("Services (x 10 endpoints)")
@@ -313,12 +313,12 @@ lines = [
     + (", every Service with session affinity" if affinity else "") + ". Single runs on a shared",
     f"machine: rerun the script to compare. Plot: [docs/bench-nftables{tag}.png](docs/bench-nftables{tag}.png).",
     "",
-    "| Services x 10 | writer | first full sync | change: source -> kernel, median / p99 / max | change: file -> kernel, median / p99 | with resyncs every 10 s: source -> kernel, median / p99 / max (changes during a resync) | kproxy CPU per change | memory after first sync |",
+    "| Services x 10 | writer | first full sync | change: source -> kernel, median / p99 / max | change: file -> kernel, median / p99 | with resyncs every 4 s: source -> kernel, median / p99 / max (changes during a resync) | kproxy CPU per change | memory after first sync |",
     "| --- | --- | --- | --- | --- | --- | --- | --- |",
 ]
 for r in rows:
     lines.append(f"| {r['n']:,} | {r['writer']} | {r['full_s']:.2f} s | {' / '.join(f(x) for x in r['a_src'])} ms | "
-                 f"{' / '.join(f(x) for x in r['a_file'])} ms | {' / '.join(f(x) for x in r['b_src'])} ms ({r['during']} of {changes}, {r['resyncs']} resyncs) | "
+                 f"{' / '.join(f(x) for x in r['a_file'])} ms | {' / '.join(f(x) for x in r['b_src'])} ms ({r['during']} of {changes // 2}, {r['resyncs']} resyncs) | "
                  f"{r['cpu_ms']:.2f} ms | {r['rss']} MiB |")
 lines += [
     "",
