@@ -269,10 +269,7 @@ pub fn read_table(sock: &mut NftSocket, table: Table) -> Result<(TableState, u32
                             None => hash_of(&r.exprs),
                             Some(u) => hash_of(&(&r.exprs, u)),
                         };
-                        rules.push(RuleState {
-                            handle: r.handle,
-                            hash,
-                        });
+                        rules.push(RuleState { handle: r.handle, hash });
                     }
                     Ok(())
                 })?
