@@ -36,6 +36,14 @@ pub enum DataplaneError {
         text: String,
         message: String,
     },
+    /// nf_tables refused a netlink transaction at `command` (nft syntax), written on behalf of
+    /// `owner` (a Service, or kproxy's fixed chains); the kernel kept its previous rules.
+    #[error("nf_tables refused the transaction at `{command}` ({owner}): {message}")]
+    Refused {
+        command: String,
+        owner: String,
+        message: String,
+    },
     #[error("{command} failed: {message}")]
     Command { command: String, message: String },
     #[error("could not run {command}: {source}")]
