@@ -511,7 +511,7 @@ fn core_routing(kind: SourceKind) {
     );
     let m = env
         .kproxy
-        .metric("kproxy_ingress_requests_total{ingress=\"httproute/gateway-conformance-infra/gateway-conformance-infra-test\",service=\"gateway-conformance-infra/infra-backend-v1\",code=\"200\"}");
+        .metric("kproxy_ingress_requests_total{code=\"200\",ingress=\"httproute/gateway-conformance-infra/gateway-conformance-infra-test\",service=\"gateway-conformance-infra/infra-backend-v1\"}");
     assert!(m.unwrap_or(0.0) >= 1.0, "Gateway requests are counted by route: {m:?}");
 }
 
