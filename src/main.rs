@@ -1,18 +1,6 @@
 //! kproxy: a kube-proxy replacement. Parses flags, sets up logging, and hands over to `app`.
 #![forbid(unsafe_code)]
 
-mod app;
-mod cli;
-mod config;
-mod dataplane;
-mod health;
-mod healthcheck;
-mod ingress;
-mod metrics;
-mod model;
-mod sync;
-mod watch;
-
 use std::process::ExitCode;
 
 /// mimalloc hands freed pages back to the kernel soon after a burst (a relist, a re-read of
@@ -23,8 +11,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command};
-use crate::config::Config;
+use kproxy::app;
+use kproxy::cli::{Cli, Command};
+use kproxy::config::Config;
 
 /// kube-proxy's klog verbosity mapped to tracing levels; RUST_LOG, when set, wins.
 fn init_tracing(verbosity: u8) {
