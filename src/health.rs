@@ -23,7 +23,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -278,10 +278,24 @@ pub fn format_rfc3339(t: SystemTime) -> String {
 
 /// Binds `addr` for one of the servers below. Port 0 picks a free port; read it back with
 /// `local_addr()`.
+///
+/// With `SO_REUSEPORT`: a DaemonSet update (`maxSurge: 1`) starts the new kproxy beside the
+/// old one on the same host network, and both must hold the health, metrics and health check
+/// node ports until the old one exits. A port held by another program (which did not set
+/// the option) still fails.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| HealthError::Bind { addr, source })
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        socket.listen(1024)
+    };
+    listen().map_err(|source| HealthError::Bind { addr, source })
 }
 
 /// Serves `/healthz` (sync loop keeping up and Node eligible) and `/livez` (sync loop keeping
@@ -718,11 +732,20 @@ mod tests {
 
     #[tokio::test]
     async fn bind_failure_names_the_address() {
-        let taken = local_listener().await;
+        // Held by a socket without SO_REUSEPORT, as another program's would be.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = taken.local_addr().expect("local addr");
 
         let err = bind(addr).await.expect_err("port is taken");
         assert!(matches!(err, HealthError::Bind { addr: a, .. } if a == addr));
         assert!(err.to_string().contains(&addr.to_string()));
+    }
+
+    #[tokio::test]
+    async fn two_kproxies_share_a_port_during_an_update() {
+        let old = local_listener().await;
+        let addr = old.local_addr().expect("local addr");
+        let new = bind(addr).await.expect("the new kproxy binds beside the old one");
+        assert_eq!(new.local_addr().expect("local addr"), addr);
     }
 }
