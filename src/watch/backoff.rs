@@ -13,16 +13,25 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 /// The first delay's ceiling.
 pub const INITIAL: Duration = Duration::from_millis(500);
 /// No delay is longer: the API's return is followed within this (plus the request itself).
 pub const CAP: Duration = Duration::from_secs(4);
+/// A failure this long after the previous one starts a new outage, from [`INITIAL`].
+pub const QUIET: Duration = Duration::from_secs(30);
 
-/// The watchers' retry policy, for kube-rs's `WatchStreamExt::backoff`: reset by kube-rs after
-/// every successful event, so each outage starts again from [`INITIAL`].
+/// The watchers' retry policy, for kube-rs's `WatchStreamExt::backoff`.
+///
+/// Each outage starts from [`INITIAL`]: a failure [`QUIET`] or more after the previous one
+/// starts over. kube-rs's `reset()` cannot tell that: it is called after every successful
+/// item, and the watcher emits one (`Init`) before each list attempt, failed ones included,
+/// so honouring it would keep an outage at the first step forever.
 pub struct WatchBackoff {
-    /// Failures since the last reset.
+    /// Failures in this outage.
     attempt: u32,
+    last_failure: Option<Instant>,
     rng: fastrand::Rng,
 }
 
@@ -38,7 +47,11 @@ impl WatchBackoff {
     }
 
     fn with_rng(rng: fastrand::Rng) -> Self {
-        WatchBackoff { attempt: 0, rng }
+        WatchBackoff {
+            attempt: 0,
+            last_failure: None,
+            rng,
+        }
     }
 }
 
@@ -59,6 +72,11 @@ impl Iterator for WatchBackoff {
 
     /// Never `None`: a watcher never gives up on the API.
     fn next(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        if self.last_failure.is_some_and(|t| now.duration_since(t) >= QUIET) {
+            self.attempt = 0;
+        }
+        self.last_failure = Some(now);
         let top = ceiling(self.attempt);
         self.attempt = self.attempt.saturating_add(1);
         // Uniform in [top/2, top]: at least half the step, so retries stay spread out but a
@@ -68,9 +86,8 @@ impl Iterator for WatchBackoff {
 }
 
 impl kube::runtime::utils::Backoff for WatchBackoff {
-    fn reset(&mut self) {
-        self.attempt = 0;
-    }
+    /// Ignored: see the type's documentation.
+    fn reset(&mut self) {}
 }
 
 #[cfg(test)]
@@ -97,14 +114,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn reset_starts_over() {
+    #[tokio::test(start_paused = true)]
+    async fn the_events_between_failed_attempts_do_not_reset_it() {
+        // kube-rs resets after the `Init` event that precedes each (failing) list.
+        let mut backoff = WatchBackoff::with_seed(1);
+        for attempt in 0..6 {
+            let delay = backoff.next().expect("a delay");
+            assert!(delay >= ceiling(attempt) / 2, "attempt {attempt}: {delay:?}");
+            backoff.reset();
+            tokio::time::advance(delay).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_after_a_quiet_period_starts_over() {
         let mut backoff = WatchBackoff::with_seed(1);
         for _ in 0..10 {
             backoff.next();
         }
-        backoff.reset();
-        assert!(backoff.next().expect("a delay") <= INITIAL);
+        tokio::time::advance(QUIET - Duration::from_millis(1)).await;
+        assert!(backoff.next().expect("a delay") >= CAP / 2, "still the same outage");
+        tokio::time::advance(QUIET).await;
+        assert!(backoff.next().expect("a delay") <= INITIAL, "a new outage");
     }
 
     #[test]
