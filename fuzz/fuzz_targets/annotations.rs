@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use kproxy::ingress::annotations::{parse, parse_size, KPROXY_PREFIX, NGINX_PREFIX};
 use arbitrary::Arbitrary;
+use kproxy::ingress::annotations::{parse, parse_size, KPROXY_PREFIX, NGINX_PREFIX};
 use libfuzzer_sys::fuzz_target;
 
 const NAMES: &[&str] = &[

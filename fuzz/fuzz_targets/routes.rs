@@ -6,14 +6,14 @@
 
 use std::collections::BTreeMap;
 
+use arbitrary::{Arbitrary, Unstructured};
 use k8s_openapi::api::networking::v1::{
-    HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule, IngressServiceBackend,
-    IngressSpec, IngressTLS, ServiceBackendPort,
+    HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule, IngressServiceBackend, IngressSpec,
+    IngressTLS, ServiceBackendPort,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kproxy::ingress::objects::IngressObject;
 use kproxy::ingress::routes::{build_routes, ClassConfig};
-use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 
 /// The Services the Ingresses may name: endpoints, no endpoints, ExternalName, and one that
@@ -48,7 +48,16 @@ spec: {controller: example.com/other}
 ";
 const SERVICE_NAMES: &[&str] = &["web", "empty", "ext", "missing"];
 const PORT_NAMES: &[&str] = &["http", "https", "nope", ""];
-const HOSTS: &[&str] = &["a.test", "*.test", "b.a.test", "A.Test.", "*.a.test", "x.test:8080", "", "*"];
+const HOSTS: &[&str] = &[
+    "a.test",
+    "*.test",
+    "b.a.test",
+    "A.Test.",
+    "*.a.test",
+    "x.test:8080",
+    "",
+    "*",
+];
 const PATHS: &[&str] = &["/", "/a", "/a/", "/a/b", "/something(/|$)(.*)", "/[", "a", "//"];
 const PATH_TYPES: &[&str] = &["Exact", "Prefix", "ImplementationSpecific", "Other"];
 const ANNOTATIONS: &[&str] = &[
@@ -61,7 +70,9 @@ const ANNOTATIONS: &[&str] = &[
     "nginx.ingress.kubernetes.io/backend-protocol",
     "nginx.ingress.kubernetes.io/affinity",
 ];
-const VALUES: &[&str] = &["true", "false", "/$2", "/$1/$9", "50", "100", "X-Canary", "HTTPS", "cookie"];
+const VALUES: &[&str] = &[
+    "true", "false", "/$2", "/$1/$9", "50", "100", "X-Canary", "HTTPS", "cookie",
+];
 
 #[derive(Arbitrary, Debug)]
 enum Pick {
@@ -157,7 +168,12 @@ fn ingress(i: &Ing) -> Ingress {
     let annotations: BTreeMap<String, String> = i
         .annotations
         .iter()
-        .map(|(k, v)| (ANNOTATIONS[usize::from(*k) % ANNOTATIONS.len()].to_string(), v.get(VALUES)))
+        .map(|(k, v)| {
+            (
+                ANNOTATIONS[usize::from(*k) % ANNOTATIONS.len()].to_string(),
+                v.get(VALUES),
+            )
+        })
         .collect();
     let created = k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + i64::from(i.created)).ok();
     Ingress {
