@@ -219,10 +219,10 @@ done <"${hostpath_types}"
 pass "manifests/: ${typed_count} typed hostPath volume(s) checked"
 
 # --- proxy modes in the kind scripts ------------------------------------------
-# Every mode kproxy has (ProxyMode's names in src/config.rs) is accepted by
+# Every mode kproxy has (ProxyMode's names in src/config/mod.rs) is accepted by
 # check_proxy_mode and named in each kind script's usage.
-kproxy_modes=$(sed -n 's/^[[:space:]]*ProxyMode::[A-Za-z]* => "\([a-z]*\)",*$/\1/p' src/config.rs | sort -u)
-[[ -n "${kproxy_modes}" ]] || fail "src/config.rs: found no ProxyMode names (ProxyMode::X => \"name\")"
+kproxy_modes=$(sed -n 's/^[[:space:]]*ProxyMode::[A-Za-z]* => "\([a-z]*\)",*$/\1/p' src/config/mod.rs | sort -u)
+[[ -n "${kproxy_modes}" ]] || fail "src/config/mod.rs: found no ProxyMode names (ProxyMode::X => \"name\")"
 for mode in ${kproxy_modes}; do
     # shellcheck source=scripts/lib-kind.sh
     if (source scripts/lib-kind.sh && trap - ERR && check_proxy_mode "${mode}") >/dev/null 2>&1; then

@@ -7,7 +7,7 @@
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck disable=SC2034
 kproxy_image=${KPROXY_IMAGE:-kproxy:dev}
-# Every mode kproxy has (check-deploy.sh compares this with src/config.rs).
+# Every mode kproxy has (check-deploy.sh compares this with src/config/mod.rs).
 proxy_modes="iptables ipvs nftables"
 
 if [[ -t 1 ]]; then
