@@ -8,6 +8,8 @@
 
 mod fakeapi;
 mod fakeapi_cli;
+mod faults;
+mod gateway;
 mod harness;
 mod ingress;
 mod netns;
@@ -106,6 +108,11 @@ fn main() -> ExitCode {
         Some("__http") => ingress::serve_backend(&argv[2], argv[3].parse().expect("port"), false),
         Some("__https") => ingress::serve_backend(&argv[2], argv[3].parse().expect("port"), true),
         Some("__fakeapi") => return fakeapi_cli::main(&argv[2..]),
+        Some("__gwecho") => gateway::serve_echo(
+            &argv[2],
+            argv[3].parse().expect("port"),
+            argv.get(4).map(String::as_str),
+        ),
         _ => {}
     }
     let args = Arguments::from_args();
@@ -139,6 +146,27 @@ fn main() -> ExitCode {
             }
         }
     }
+    for mode in scenarios::modes() {
+        for (name, scenario) in faults::MANIFESTS {
+            let trial = Trial::test(format!("{mode}::manifests::{name}"), move || {
+                scenario(mode);
+                Ok(())
+            });
+            trials.push(trial.with_ignored_flag(!is_root));
+        }
+    }
+    trials.push(Trial::test("fakeapi::goes_down_and_comes_back", || {
+        faults::fake_api_goes_down_and_comes_back();
+        Ok(())
+    }));
+    let first_mode = scenarios::modes()[0];
+    for (name, scenario) in faults::API {
+        let trial = Trial::test(format!("{first_mode}::api::{name}"), move || {
+            scenario(first_mode);
+            Ok(())
+        });
+        trials.push(trial.with_ignored_flag(!is_root));
+    }
     for source in [scenarios::SourceKind::Manifests, scenarios::SourceKind::Api] {
         for (name, scenario) in ingress::ALL {
             let trial = Trial::test(format!("ingress::{}::{name}", source.name()), move || {
@@ -150,6 +178,29 @@ fn main() -> ExitCode {
     }
     for (name, scenario) in ingress::API_ONLY {
         let trial = Trial::test(format!("ingress::api::{name}"), move || {
+            scenario();
+            Ok(())
+        });
+        trials.push(trial.with_ignored_flag(!is_root));
+    }
+    for source in [scenarios::SourceKind::Manifests, scenarios::SourceKind::Api] {
+        for (name, scenario) in gateway::ALL {
+            let trial = Trial::test(format!("gateway::{}::{name}", source.name()), move || {
+                scenario(source);
+                Ok(())
+            });
+            trials.push(trial.with_ignored_flag(!is_root));
+        }
+    }
+    for (name, scenario) in gateway::API_ONLY {
+        let trial = Trial::test(format!("gateway::api::{name}"), move || {
+            scenario();
+            Ok(())
+        });
+        trials.push(trial.with_ignored_flag(!is_root));
+    }
+    for (name, scenario) in gateway::MANIFESTS_ONLY {
+        let trial = Trial::test(format!("gateway::manifests::{name}"), move || {
             scenario();
             Ok(())
         });

@@ -10,8 +10,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use super::gateway::build::GatewayConfig;
+use super::gateway::listen::{serve_published, GatewayListeners, Published};
 use super::proxy::{self, Proxy};
-use super::routes::{build_routes, ClassConfig, RouteTable, ServiceLookup};
+use super::routes::{build_table, ClassConfig, RouteTable, ServiceLookup};
 use super::tls::{self, CertResolver};
 use super::upstream::{client_tls_config, Clients};
 use crate::config::IngressConfig;
@@ -52,27 +54,56 @@ fn lookup(store: &Store, key: &ServiceKey) -> ServiceLookup {
     }
 }
 
+/// What the route keeper serves besides the Ingress routes: the Gateway API listeners.
+struct GatewaySide {
+    config: GatewayConfig,
+    listeners: GatewayListeners,
+}
+
 /// Rebuilds the route table and certificates whenever the store or the Ingress objects change,
 /// once every source has listed (before that the proxy accepts no connection). Each warning is
-/// logged when it first appears, not on every rebuild.
+/// logged when it first appears, not on every rebuild. Gateway listeners on ports of their own
+/// are bound and closed here too; a port that cannot be bound is reported in the Gateway's
+/// status by the next build.
 async fn keep_routes(
     state: Arc<SharedState>,
     class: ClassConfig,
     resolver: Arc<CertResolver>,
+    mut gateway: GatewaySide,
     routes: watch::Sender<Option<Arc<RouteTable>>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut changes = state.subscribe();
     let mut previous_warnings: BTreeSet<String> = BTreeSet::new();
     let mut previous_ingresses: Vec<String> = Vec::new();
+    let mut previous_routes: Vec<String> = Vec::new();
     loop {
         let built = state.read(|store, objects| {
             if !store.is_ready() || !objects.is_ready() {
                 return None;
             }
-            let built = build_routes(objects, &class, &|k| lookup(store, k));
-            let tls_problems = resolver.update(&built.table.tls, &objects.secrets);
-            Some((built, tls_problems))
+            // A second round when binding a port failed (or worked again): the status says so.
+            let mut built = None;
+            for _ in 0..2 {
+                gateway.config.unavailable = gateway.listeners.failed().clone();
+                let b = build_table(objects, &class, &gateway.config, &|k| lookup(store, k));
+                let mut certs = b.table.tls.clone();
+                if let Some(port) = gateway.config.ingress_https {
+                    certs.extend(b.gateway_tls.get(&port).into_iter().flatten().cloned());
+                }
+                let mut problems = resolver.update(&certs, &objects.secrets);
+                problems.extend(
+                    gateway
+                        .listeners
+                        .sync(&b.gateway_listen, &b.gateway_tls, &objects.secrets),
+                );
+                let settled = *gateway.listeners.failed() == gateway.config.unavailable;
+                built = Some((b, problems));
+                if settled {
+                    break;
+                }
+            }
+            built
         });
         if let Some((built, tls_problems)) = built {
             let warnings: BTreeSet<String> = built.warnings.into_iter().chain(tls_problems).collect();
@@ -88,6 +119,14 @@ async fn keep_routes(
                     built.table.ingresses.join(", ")
                 );
                 previous_ingresses = built.table.ingresses.clone();
+            }
+            if built.table.gateway_routes != previous_routes {
+                tracing::info!(
+                    httproutes = built.table.gateway_routes.len(),
+                    listener_ports = built.table.gateway.ports.len(),
+                    "Gateway API routes updated"
+                );
+                previous_routes = built.table.gateway_routes.clone();
             }
             routes.send_replace(Some(Arc::new(built.table)));
         }
@@ -122,6 +161,7 @@ fn worker_count() -> usize {
 fn spawn_worker(
     index: usize,
     listeners: Vec<(std::net::TcpListener, Option<TlsAcceptor>)>,
+    gateway_listeners: Published,
     proxy: Proxy,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -146,6 +186,12 @@ fn spawn_worker(
                         Err(e) => tracing::error!(worker = index, error = %e, "Ingress listener not usable"),
                     }
                 }
+                servers.spawn(serve_published(
+                    gateway_listeners,
+                    proxy.clone(),
+                    shutdown.clone(),
+                    index == 0,
+                ));
                 while servers.join_next().await.is_some() {}
             });
         })
@@ -178,12 +224,27 @@ pub async fn start(
     let server_config = tls::server_config(resolver.clone())?;
     let (routes_tx, routes_rx) = watch::channel(None);
     let https_port = config.https_bind.map_or(443, |a| a.port());
+    // Gateway listeners on ports of their own listen on the Ingress listeners' address.
+    let gateway_ip = config
+        .http_bind
+        .or(config.https_bind)
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+    let gateway = GatewaySide {
+        config: GatewayConfig {
+            ingress_http: config.http_bind.map(|a| a.port()),
+            ingress_https: config.https_bind.map(|a| a.port()),
+            ..GatewayConfig::default()
+        },
+        listeners: GatewayListeners::new(gateway_ip, tls::default_certificate()?),
+    };
+    let published = gateway.listeners.subscribe();
     let mut handles = vec![tokio::spawn(keep_routes(
         state,
         ClassConfig {
             class: config.class.clone(),
         },
         resolver,
+        gateway,
         routes_tx,
         shutdown.clone(),
     ))];
@@ -202,7 +263,7 @@ pub async fn start(
             config.access_log,
             https_port,
         );
-        let thread = spawn_worker(index, listeners, proxy, shutdown.clone())
+        let thread = spawn_worker(index, listeners, published.clone(), proxy, shutdown.clone())
             .map_err(|source| IngressError::Worker { source })?;
         handles.push(tokio::task::spawn_blocking(move || {
             let _ = thread.join();
@@ -236,7 +297,11 @@ mod tests {
         let (_stop, shutdown) = watch::channel(false);
         let resolver = Arc::new(CertResolver::new(tls::default_certificate().unwrap()));
         let class = ClassConfig { class: "kproxy".into() };
-        tokio::spawn(keep_routes(state.clone(), class, resolver, tx, shutdown));
+        let gateway = GatewaySide {
+            config: GatewayConfig::default(),
+            listeners: GatewayListeners::new([127, 0, 0, 1].into(), tls::default_certificate().unwrap()),
+        };
+        tokio::spawn(keep_routes(state.clone(), class, resolver, gateway, tx, shutdown));
         let ing: Ingress = serde_yaml::from_str(
             "metadata: {name: web, namespace: ns}\nspec: {ingressClassName: kproxy, rules: [{host: h, http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}]}}]}",
         )

@@ -8,6 +8,7 @@ pub mod annotations;
 pub mod balance;
 pub mod controller;
 pub mod framing;
+pub mod gateway;
 pub mod objects;
 pub mod proxy;
 pub mod routes;

@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::balance::{affinity_value, Balancer};
 use super::framing::{self, FramingWatch};
+use super::gateway::proxy::{decide, Decision};
 use super::routes::{normalize_host, Route, RouteTable, Upstream};
 use super::upstream::{
     BoxError, Clients, IdleTimeoutBody, ProxyBody, RetryBody, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
@@ -218,6 +219,22 @@ impl Proxy {
         let Some(table) = self.routes.borrow().clone() else {
             return status(StatusCode::SERVICE_UNAVAILABLE);
         };
+        // Gateway API listeners first (their own ports, and the hosts they match best on an
+        // Ingress port): see super::gateway::proxy.
+        match decide(&table, conn.port, conn.https, &host, &req) {
+            Decision::Ingress => {}
+            Decision::Respond(r) => return r,
+            Decision::Forward(f) => {
+                let mut req = req;
+                let upstream_host = f.prepare(&mut req, &host, &self.clients);
+                served.ingress = f.route().ingress.clone();
+                served.service = f.route().backend.service.to_string();
+                let resp = f
+                    .within(self.forward(req, conn, &upstream_host, f.route(), served))
+                    .await;
+                return f.finish(resp);
+            }
+        }
         let path = req.uri().path().to_string();
         let Some(main) = table.route(&host, &path) else {
             if !conn.https && table.host_has_tls(&host) {

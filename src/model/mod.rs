@@ -9,6 +9,7 @@
 
 pub mod convert;
 pub mod intern;
+pub mod node_ips;
 pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -54,6 +54,8 @@ pub struct Store {
     node: NodeInfo,
     /// `--disable-external-ips`.
     ignore_external_ips: bool,
+    /// `--bind-address`: this node's primary IP, in place of its family's first Node address.
+    bind_address: Option<std::net::IpAddr>,
     /// False while this node is being deleted or drained by the cluster autoscaler.
     node_eligible: bool,
     /// Derived per-Service state, recomputed for `dirty` keys only.
@@ -85,6 +87,11 @@ impl Store {
     /// Drops `spec.externalIPs` from every Service (`--disable-external-ips`).
     pub fn set_ignore_external_ips(&mut self, ignore: bool) {
         self.ignore_external_ips = ignore;
+    }
+
+    /// `--bind-address`, as kube-proxy uses it: the primary node IP (see [`super::node_ips`]).
+    pub fn set_bind_address(&mut self, bind: Option<std::net::IpAddr>) {
+        self.bind_address = bind;
     }
 
     /// True once every kind has been listed completely: before that, a sync would program a
@@ -346,6 +353,7 @@ impl Store {
     /// Sets this node's information, converted on arrival.
     pub fn apply_converted_node(&mut self, node: ConvertedNode) -> bool {
         let ConvertedNode { mut info, eligible } = node;
+        info.addresses = super::node_ips::with_bind_address(&info.addresses, self.bind_address);
         if info.name.is_empty() {
             info.name = self.node_name.clone();
         }
