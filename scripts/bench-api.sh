@@ -24,7 +24,11 @@
 #   ENDPOINTS default 10
 # env: KPROXY_BENCH_NO_WRITE=1 prints the figures without touching BENCHMARKS.md or the plot;
 #      KPROXY_BENCH_HEAPTRACK=DIR runs kproxy (built with the system allocator, so heaptrack
-#      sees its allocations) under heaptrack and leaves the profiles in DIR; implies NO_WRITE.
+#      sees its allocations) under heaptrack and leaves the profiles in DIR; implies NO_WRITE;
+#      KPROXY_BENCH_INGRESS=N adds the Ingress side: N Ingresses (class kproxy, one TLS host
+#      each, backend Service svc-I), N TLS Secrets (a real 2048-bit RSA certificate and key),
+#      N Opaque Secrets of 4 KiB that kproxy must never receive, and two IngressClasses;
+#      implies NO_WRITE (compare with a run without it for what the Ingress side costs).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -41,6 +45,7 @@ echo "==> building (release)"
 features=()
 # heaptrack interposes malloc: profile with the system allocator (a figure of its own).
 [ -z "${KPROXY_BENCH_HEAPTRACK:-}" ] || features=(--features system-allocator)
+[ -z "${KPROXY_BENCH_HEAPTRACK:-}${KPROXY_BENCH_INGRESS:-}" ] || export KPROXY_BENCH_NO_WRITE=1
 cargo build --quiet --release --manifest-path "$here/Cargo.toml" "${features[@]}"
 fakeapi=$(cargo test --quiet --release --no-run --test integration --manifest-path "$here/Cargo.toml" \
   "${features[@]}" --message-format=json 2>/dev/null |
@@ -68,6 +73,48 @@ cleanup() {
   [ -n "${KEEP:-}" ] || rm -rf "$work"
 }
 trap cleanup EXIT
+
+# The Ingress side's objects, as files the fake API loads before its generated objects.
+extra=()
+if [ -n "${KPROXY_BENCH_INGRESS:-}" ]; then
+  command -v openssl >/dev/null || { echo "bench-api.sh: KPROXY_BENCH_INGRESS needs openssl" >&2; exit 1; }
+  mkdir -p "$work/objects"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=bench.example \
+    -keyout "$work/tls.key" -out "$work/tls.crt" 2>/dev/null
+  python3 - "$KPROXY_BENCH_INGRESS" "$work/tls.crt" "$work/tls.key" "$work/objects/ingress.json" <<'PY'
+import sys, json, base64
+n, crt, key, out = int(sys.argv[1]), open(sys.argv[2], "rb").read(), open(sys.argv[3], "rb").read(), sys.argv[4]
+b64 = lambda b: base64.b64encode(b).decode()
+items = [
+    {"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass", "metadata": {"name": "kproxy"},
+     "spec": {"controller": "kproxy.io/ingress-controller"}},
+    {"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass", "metadata": {"name": "nginx"},
+     "spec": {"controller": "k8s.io/ingress-nginx"}},
+]
+for i in range(n):
+    ns = f"ns-{i % 10}"
+    spec = {"ingressClassName": "kproxy",
+            "tls": [{"hosts": [f"svc-{i}.bench.example"], "secretName": f"tls-{i}"}],
+            "rules": [{"host": f"svc-{i}.bench.example", "http": {"paths": [
+                {"path": "/", "pathType": "Prefix",
+                 "backend": {"service": {"name": f"svc-{i}", "port": {"number": 80}}}}]}}]}
+    ing = {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+           "metadata": {"name": f"ing-{i}", "namespace": ns,
+                        "annotations": {"nginx.ingress.kubernetes.io/rewrite-target": "/"}},
+           "spec": spec}
+    # What kubectl apply leaves on a real object: its own copy of the object.
+    ing["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] = json.dumps(ing)
+    items.append(ing)
+    items.append({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                  "metadata": {"name": f"tls-{i}", "namespace": ns, "labels": {"app": "bench"}},
+                  "data": {"tls.crt": b64(crt), "tls.key": b64(key), "ca.crt": b64(crt)}})
+    items.append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                  "metadata": {"name": f"opaque-{i}", "namespace": ns},
+                  "data": {"blob": b64(bytes(4096))}})
+json.dump({"apiVersion": "v1", "kind": "List", "items": items}, open(out, "w"))
+PY
+  extra=("$work/objects")
+fi
 
 api=http://127.0.0.1:6443
 metric() { ip netns exec "$ns" curl -s --max-time 2 http://127.0.0.1:10249/metrics | awk -v n="$1" '$1 == n {print $2}'; }
@@ -135,7 +182,7 @@ for mode_arg in $modes; do
     ip netns add "$ns"
     ip netns exec "$ns" ip link set lo up
     ip netns exec "$ns" "$fakeapi" __fakeapi --listen 127.0.0.1:6443 --services "$n" --endpoints "$endpoints" \
-      --node bench-node > "$work/fakeapi.log" 2>&1 &
+      --node bench-node "${extra[@]}" > "$work/fakeapi.log" 2>&1 &
     api_pid=$!
     until grep -q '^fakeapi: serving' "$work/fakeapi.log"; do
       kill -0 "$api_pid" 2>/dev/null || { cat "$work/fakeapi.log" >&2; exit 1; }
