@@ -25,9 +25,10 @@ sizes=${1:-1000 5000 10000}
 # The guest's part: busybox sh, with ip, curl and the two binaries in /test.
 guest=$(cat <<'GUEST'
 cd /test
+# busybox's sh runs its own ip applet whatever PATH says, and that one has no netns.
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # clock ticks (USER_HZ = 100)
 kib() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
-metric() { ip netns exec bench curl -s --max-time 5 http://127.0.0.1:10249/metrics | awk -v n="$1" '$1 == n {print $2}'; }
+metric() { /usr/sbin/ip netns exec bench curl -s --max-time 5 http://127.0.0.1:10249/metrics | awk -v n="$1" '$1 == n {print $2}'; }
 wait_metric() { # NAME MIN
   while :; do
     c=$(metric "$1"); c=${c%.*}
@@ -37,14 +38,14 @@ wait_metric() { # NAME MIN
   done
 }
 for n in $SIZES; do
-  ip netns add bench
-  ip netns exec bench ip link set lo up
-  ip netns exec bench ./integration __fakeapi --listen 127.0.0.1:6443 --services "$n" --endpoints 10 \
+  /usr/sbin/ip netns add bench
+  /usr/sbin/ip netns exec bench ip link set lo up
+  /usr/sbin/ip netns exec bench ./integration __fakeapi --listen 127.0.0.1:6443 --services "$n" --endpoints 10 \
     --node bench-node --shape minimal > /tmp/api.log 2>&1 &
   api=$!
   until grep -q '^fakeapi: serving' /tmp/api.log; do sleep 1; done
   start=$(cut -d' ' -f1 /proc/uptime)
-  ip netns exec bench ./kproxy --master http://127.0.0.1:6443 --hostname-override bench-node --proxy-mode ipvs \
+  /usr/sbin/ip netns exec bench ./kproxy --master http://127.0.0.1:6443 --hostname-override bench-node --proxy-mode ipvs \
     --cluster-cidr 10.128.0.0/9 --sync-period 1h --ipvs-sync-period 1h --min-sync-period 0s --ipvs-min-sync-period 0s \
     --healthz-bind-address 127.0.0.1:10256 --metrics-bind-address 127.0.0.1:10249 > /tmp/kp.log 2>&1 &
   kp=$!
@@ -55,7 +56,7 @@ for n in $SIZES; do
   sleep 5
   # A full resync: this node's addresses change.
   c0=$(cpu "$kp"); s0=$(metric kubeproxy_sync_full_proxy_rules_duration_seconds_sum)
-  ip netns exec bench curl -sf -o /dev/null -X PATCH -H 'Content-Type: application/merge-patch+json' \
+  /usr/sbin/ip netns exec bench curl -sf -o /dev/null -X PATCH -H 'Content-Type: application/merge-patch+json' \
     --data '{"status":{"addresses":[{"type":"InternalIP","address":"192.0.2.1"},{"type":"InternalIP","address":"192.0.2.2"}]}}' \
     http://127.0.0.1:6443/api/v1/nodes/bench-node/status
   wait_metric kubeproxy_sync_full_proxy_rules_duration_seconds_count 2 || exit 1
@@ -66,18 +67,18 @@ for n in $SIZES; do
   last=$((n - 1))
   c0=$(cpu "$kp"); p0=$(metric kubeproxy_sync_partial_proxy_rules_duration_seconds_count); p0=${p0%.*}
   ps0=$(metric kubeproxy_sync_partial_proxy_rules_duration_seconds_sum)
-  ip netns exec bench curl -sf -o /dev/null -X PATCH -H 'Content-Type: application/merge-patch+json' \
+  /usr/sbin/ip netns exec bench curl -sf -o /dev/null -X PATCH -H 'Content-Type: application/merge-patch+json' \
     --data '{"endpoints":[{"addresses":["10.255.0.1"],"conditions":{"ready":true}}]}' \
     "http://127.0.0.1:6443/apis/discovery.k8s.io/v1/namespaces/ns-$((last % 10))/endpointslices/svc-$last-ep"
   wait_metric kubeproxy_sync_partial_proxy_rules_duration_seconds_count $(( ${p0:-0} + 1 )) || exit 1
   partial_cpu=$(( $(cpu "$kp") - c0 ))
   partial_sync=$(awk -v a="$(metric kubeproxy_sync_partial_proxy_rules_duration_seconds_sum)" -v b="${ps0:-0}" 'BEGIN {print a - b}')
-  ip netns exec bench ipvsadm -Ln | grep -q '10.255.0.1:8080' || echo "warning: the changed endpoint is not in IPVS"
-  vs=$(ip netns exec bench ipvsadm -Ln | grep -c '^TCP')
+  /usr/sbin/ip netns exec bench ipvsadm -Ln | grep -q '10.255.0.1:8080' || echo "warning: the changed endpoint is not in IPVS"
+  vs=$(/usr/sbin/ip netns exec bench ipvsadm -Ln | grep -c '^TCP')
   echo "@@BENCH services=$n virtual_services=$vs first_wall_s=$first_wall first_cpu_ticks=$first_cpu first_sync_s=$first_sync full_cpu_ticks=$full_cpu full_sync_s=$full_sync partial_cpu_ticks=$partial_cpu partial_sync_s=$partial_sync peak_kib=$(kib "$kp" VmHWM) steady_kib=$(kib "$kp" VmRSS)@@"
   kill "$kp"; wait "$kp"
   kill "$api"; wait "$api"
-  ip netns del bench
+  /usr/sbin/ip netns del bench
 done
 GUEST
 )
