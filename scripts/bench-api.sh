@@ -286,8 +286,9 @@ if before_path and os.path.exists(before_path):
     pairs = [(a, b) for a, b in pairs if b]
     if pairs:
         lines += [
-            "Before and after the compact model and convert-on-arrival watchers, same script and machine",
-            "(before: docs/benchmarks/api-rss-before.tsv):",
+            "Before: main at 8abff48, before the compact model and the convert-on-arrival watchers (its",
+            "nftables mode wrote through `nft -f`), same script and machine (docs/benchmarks/api-rss-before.tsv).",
+            "After: this tree, which includes everything merged since (nftables mode's netlink writer among it):",
             "",
             "| mode | Services | peak RSS before / after | steady RSS before / after | start to rules before / after |",
             "| --- | ---: | ---: | ---: | ---: |",
