@@ -349,6 +349,11 @@ impl Env {
         }
     }
 
+    /// The arguments kproxy was started with.
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
     /// Stops kproxy and starts it again in `mode` on the same source, as an operator switching
     /// a node's proxy mode would.
     pub fn restart_in(&mut self, mode: &str) {

@@ -131,10 +131,7 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(b.pick(svc, &e, Some(&pinned), None), Some(e[2]));
         }
-        assert_eq!(
-            b.pick(svc, &e, Some("stale"), None).map(|a| e.contains(&a)),
-            Some(true)
-        );
+        assert_eq!(b.pick(svc, &e, Some("stale"), None).map(|a| e.contains(&a)), Some(true));
         assert_ne!(
             b.pick(svc, &e, Some(&pinned), Some(e[2])),
             Some(e[2]),

@@ -280,12 +280,20 @@ fn start_connection(w: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, port: u
             None => ClientIo::Plain(stream),
             Some(acceptor) => {
                 // Boxed: the handshake's state is large and short-lived.
-                let handshake = Box::pin(tokio::time::timeout(proxy::TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)));
+                let handshake = Box::pin(tokio::time::timeout(
+                    proxy::TLS_HANDSHAKE_TIMEOUT,
+                    acceptor.accept(stream),
+                ));
                 let Ok(Ok(tls_stream)) = handshake.await else {
                     return;
                 };
                 if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                    Box::pin(h1::serve_h2(w, h1::Prefixed::new(ClientIo::Tls(Box::new(tls_stream)), Vec::new()), conn)).await;
+                    Box::pin(h1::serve_h2(
+                        w,
+                        h1::Prefixed::new(ClientIo::Tls(Box::new(tls_stream)), Vec::new()),
+                        conn,
+                    ))
+                    .await;
                     return;
                 }
                 ClientIo::Tls(Box::new(tls_stream))

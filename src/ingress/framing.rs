@@ -333,12 +333,22 @@ impl ChunkError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunk {
     /// Hex digits of a chunk size; `digits` seen so far.
-    Size { size: u64, digits: u8 },
+    Size {
+        size: u64,
+        digits: u8,
+    },
     /// After the size: optional whitespace, then extensions, to the end of the line.
-    Ext { size: u64, len: usize },
+    Ext {
+        size: u64,
+        len: usize,
+    },
     /// The LF of a chunk-size line.
-    SizeLf { size: u64 },
-    Data { left: u64 },
+    SizeLf {
+        size: u64,
+    },
+    Data {
+        left: u64,
+    },
     DataCr,
     DataLf,
     /// At the start of a trailer line (or of the empty line that ends the body).
@@ -445,7 +455,10 @@ impl ChunkedDecoder {
             };
             i += 1;
         }
-        Ok(Step { consumed: i, data: None })
+        Ok(Step {
+            consumed: i,
+            data: None,
+        })
     }
 
     fn after_size(&mut self, size: u64) -> Chunk {
@@ -506,7 +519,11 @@ mod tests {
         let (data, done, used) = decode_all(body).unwrap();
         assert_eq!(data, b"hello world");
         assert!(done);
-        assert_eq!(&body[used..], b"GET / HTTP/1.1\r\n", "the next request starts right after");
+        assert_eq!(
+            &body[used..],
+            b"GET / HTTP/1.1\r\n",
+            "the next request starts right after"
+        );
         let (data, done, _) = decode_all(b"A\nabcdefghij\n0\n\n").unwrap();
         assert_eq!((data.as_slice(), done), (&b"abcdefghij"[..], true), "bare LF lines");
         let (_, done, _) = decode_all(b"5\r\nhel").unwrap();
@@ -523,7 +540,12 @@ mod tests {
             b"fffffffffffffffff\r\n",
             b"-5\r\n",
         ] {
-            assert_eq!(decode_all(bad), Err(ChunkError::Malformed), "{}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                decode_all(bad),
+                Err(ChunkError::Malformed),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
         let mut long = b"5;".to_vec();
         long.extend(std::iter::repeat_n(b'x', MAX_CHUNK_EXT));
@@ -561,16 +583,28 @@ mod tests {
             head(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap().close,
             false
         );
-        assert_eq!(head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap().close, true);
         assert_eq!(
-            head(b"POST / HTTP/1.1\r\nContent-Length: 3, 3\r\nContent-Length: 3\r\n\r\n").unwrap().body,
+            head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap().close,
+            true
+        );
+        assert_eq!(
+            head(b"POST / HTTP/1.1\r\nContent-Length: 3, 3\r\nContent-Length: 3\r\n\r\n")
+                .unwrap()
+                .body,
             Body::Length(3)
         );
         assert_eq!(head(b"GET / HTTP/1.1\r\nHost: a").unwrap_err(), HeadError::Partial);
         let up = head(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\r\n").unwrap();
         assert!(up.upgrade);
-        assert!(!head(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").unwrap().upgrade, "no Connection: upgrade");
-        assert!(head(b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n").unwrap().expect_continue);
+        assert!(
+            !head(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").unwrap().upgrade,
+            "no Connection: upgrade"
+        );
+        assert!(
+            head(b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n")
+                .unwrap()
+                .expect_continue
+        );
     }
 
     #[test]
@@ -588,20 +622,47 @@ mod tests {
                 b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
                 HeadError::Malformed("conflicting Content-Length"),
             ),
-            (b"POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n", HeadError::Malformed("bad Content-Length")),
-            (b"POST / HTTP/1.1\r\nContent-Length: 1 2\r\n\r\n", HeadError::Malformed("bad Content-Length")),
-            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", HeadError::UnknownCoding),
-            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", HeadError::UnknownCoding),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+                HeadError::Malformed("bad Content-Length"),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1 2\r\n\r\n",
+                HeadError::Malformed("bad Content-Length"),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+                HeadError::UnknownCoding,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                HeadError::UnknownCoding,
+            ),
             (
                 b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
                 HeadError::UnknownCoding,
             ),
-            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", HeadError::UnknownCoding),
-            (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", HeadError::Malformed("more than one Host")),
-            (b"GET / HTTP/1.1\r\nX : y\r\n\r\n", HeadError::Malformed("malformed request")),
-            (b"GET / HTTP/1.1\r\nX: y\r\n folded\r\n\r\n", HeadError::Malformed("malformed request")),
+            (
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                HeadError::UnknownCoding,
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                HeadError::Malformed("more than one Host"),
+            ),
+            (
+                b"GET / HTTP/1.1\r\nX : y\r\n\r\n",
+                HeadError::Malformed("malformed request"),
+            ),
+            (
+                b"GET / HTTP/1.1\r\nX: y\r\n folded\r\n\r\n",
+                HeadError::Malformed("malformed request"),
+            ),
             (b"GARBAGE\r\n\r\n", HeadError::Malformed("malformed request")),
-            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", HeadError::Malformed("unsupported HTTP version")),
+            (
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+                HeadError::Malformed("unsupported HTTP version"),
+            ),
         ] {
             assert_eq!(head(raw), Err(want), "{}", String::from_utf8_lossy(raw));
         }
@@ -627,10 +688,7 @@ mod tests {
         let raw = b"\r\nGET / HTTP/1.1\r\nHost: a\r\nX-Empty:\r\nX-Two:  b c \r\n\r\nbody";
         let h = head(raw).unwrap();
         let all: Vec<(&[u8], &[u8])> = headers(raw, h.len).collect();
-        assert_eq!(
-            all,
-            [(&b"Host"[..], &b"a"[..]), (b"X-Empty", b""), (b"X-Two", b"b c")]
-        );
+        assert_eq!(all, [(&b"Host"[..], &b"a"[..]), (b"X-Empty", b""), (b"X-Two", b"b c")]);
         let bare = b"GET / HTTP/1.1\nHost: a\n\n";
         let h = head(bare).unwrap();
         assert_eq!(headers(bare, h.len).count(), 1);
@@ -657,6 +715,9 @@ mod tests {
         .unwrap();
         assert_eq!((r.body, r.close), (Body::Chunked, true), "never reused after both");
         assert_eq!(parse_response(b"HTTP/1.1 200", false), Err(ResponseError::Partial));
-        assert_eq!(parse_response(b"HTTP/1.1 abc\r\n\r\n", false), Err(ResponseError::Malformed));
+        assert_eq!(
+            parse_response(b"HTTP/1.1 abc\r\n\r\n", false),
+            Err(ResponseError::Malformed)
+        );
     }
 }

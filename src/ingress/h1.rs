@@ -30,9 +30,7 @@ use super::balance::affinity_value;
 use super::framing::{self, Body, ChunkError, ChunkedDecoder, HeadError, RequestHead, ResponseHead};
 use super::proxy::{Action, Answer, Conn, Decision, Proxy, RequestView};
 use super::routes::{Route, RouteTable, Upstream};
-use super::upstream::{
-    Dest, Pool, UpstreamIo, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, DEFAULT_SEND_TIMEOUT,
-};
+use super::upstream::{Dest, Pool, UpstreamIo, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, DEFAULT_SEND_TIMEOUT};
 use crate::metrics::metrics;
 
 /// Time to send a complete request head, from its first byte (or from the connection's start
@@ -163,7 +161,10 @@ impl Worker {
 
     /// A scratch vector for writing heads.
     fn take_head(&self) -> Vec<u8> {
-        self.heads.borrow_mut().pop().unwrap_or_else(|| Vec::with_capacity(2048))
+        self.heads
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(2048))
     }
 
     fn give_head(&self, mut v: Vec<u8>) {
@@ -195,11 +196,9 @@ impl ClientIo {
     fn has_pending(&mut self) -> bool {
         match self {
             ClientIo::Plain(_) => false,
-            ClientIo::Tls(s) => s
-                .get_mut()
-                .1
-                .process_new_packets()
-                .map_or(true, |state| state.plaintext_bytes_to_read() > 0 || state.peer_has_closed()),
+            ClientIo::Tls(s) => s.get_mut().1.process_new_packets().map_or(true, |state| {
+                state.plaintext_bytes_to_read() > 0 || state.peer_has_closed()
+            }),
         }
     }
 }
@@ -497,7 +496,17 @@ async fn request(w: &Worker, io: &mut ClientIo, conn: Conn, mut buf: Buf, first:
     };
     let outcome = match &table {
         Some(table) => route_and_forward(w, io, conn, &mut buf, &head, table, &mut rec).await,
-        None => local(w, io, &mut buf, &head, &Answer::status(StatusCode::SERVICE_UNAVAILABLE), &mut rec).await,
+        None => {
+            local(
+                w,
+                io,
+                &mut buf,
+                &head,
+                &Answer::status(StatusCode::SERVICE_UNAVAILABLE),
+                &mut rec,
+            )
+            .await
+        }
     };
     record(conn, &rec);
     match outcome {
@@ -652,14 +661,23 @@ fn plan<'t>(
         Some(h) if !h.is_empty() => h,
         _ => return Err((None, Answer::text(StatusCode::BAD_REQUEST, "no Host").closing())),
     };
-    let view = HeadView { buf: bytes, len: head.len };
+    let view = HeadView {
+        buf: bytes,
+        len: head.len,
+    };
     let declared = match head.body {
         Body::Length(n) => Some(n),
         _ => None,
     };
-    let decision: Decision<'t> = w
-        .proxy
-        .decide(table, host, target.path, target.path_and_query, conn.https, declared, &view);
+    let decision: Decision<'t> = w.proxy.decide(
+        table,
+        host,
+        target.path,
+        target.path_and_query,
+        conn.https,
+        declared,
+        &view,
+    );
     let (route, endpoint, affinity_in) = match (decision.route, decision.action) {
         (route, Action::Answer(a)) => return Err((route, a)),
         (Some(route), Action::Forward { endpoint, affinity_in }) => (route, endpoint, affinity_in),
@@ -725,7 +743,13 @@ fn skip_request_header(name: &[u8]) -> bool {
 
 /// Response headers not forwarded as they came: hop-by-hop, and the framing kproxy writes.
 fn skip_response_header(name: &[u8], own_framing: bool, upgraded: bool) -> bool {
-    const HOP: &[&[u8]] = &[b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding"];
+    const HOP: &[&[u8]] = &[
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+    ];
     if HOP.iter().any(|s| s.eq_ignore_ascii_case(name)) {
         return true;
     }
@@ -1087,7 +1111,9 @@ async fn forward<'t>(
                 tracing::debug!(service = %route.backend.service, upstream = %dest, error = %e, "connect failed");
                 // One retry on another endpoint: nothing was sent yet.
                 let next = match (&route.backend.upstream, endpoint, connect_retried) {
-                    (Upstream::Endpoints(eps), Some(ep), false) => w.proxy.balancer().pick(&route.backend, eps, None, Some(ep)),
+                    (Upstream::Endpoints(eps), Some(ep), false) => {
+                        w.proxy.balancer().pick(&route.backend, eps, None, Some(ep))
+                    }
                     _ => None,
                 };
                 match next.and_then(|n| dest_of(route, Some(n)).map(|d| (n, d))) {
@@ -1175,8 +1201,20 @@ async fn forward<'t>(
         }
         _ => None,
     };
-    let client_close = plan.close || w.draining() || early || !body_done || plan.upgrade;
-    let relayed = relay_response(io, &mut up.io, &mut ubuf, &mut out, &plan, &resp, client_close, set_cookie, lim.read).await;
+    // A declined Upgrade leaves an HTTP/1 connection: the next request is parsed as any other.
+    let client_close = plan.close || w.draining() || early || !body_done;
+    let relayed = relay_response(
+        io,
+        &mut up.io,
+        &mut ubuf,
+        &mut out,
+        &plan,
+        &resp,
+        client_close,
+        set_cookie,
+        lim.read,
+    )
+    .await;
     w.give_buf(ubuf);
     w.give_head(out);
     match relayed {
