@@ -18,7 +18,11 @@ else
   cargo build --quiet --release --bin kproxy --manifest-path "$here/Cargo.toml"
   kproxy=$here/target/release/kproxy
 fi
-ulimit -n $((n * 2 + 1024))
+# Each side holds N descriptors; raise the soft limit as far as the hard one allows.
+want=$((n + 2048))
+hard=$(ulimit -Hn)
+[ "$hard" = unlimited ] || [ "$hard" -ge "$want" ] || { echo "ingress-idle.sh: open files hard limit $hard < $want" >&2; exit 1; }
+ulimit -n "$want"
 
 ns=kpidle-$$
 work=$(mktemp -d /tmp/kproxy-idle.XXXXXX)
@@ -57,11 +61,11 @@ http {
 CONF
 cat >"$work/proxy.conf" <<CONF
 worker_processes $(nproc);
-worker_rlimit_nofile $((n * 2 + 1024));
+worker_rlimit_nofile $want;
 daemon off;
 pid $work/proxy.pid;
 error_log $work/proxy.err;
-events { worker_connections $((n * 2 + 1024)); }
+events { worker_connections $want; }
 http {
   access_log off;
   keepalive_timeout 300s;

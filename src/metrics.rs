@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The process-wide registry, created on first use.
@@ -261,6 +261,12 @@ impl Metrics {
         self.ingress_requests.inc(&[ingress, service, &code.to_string()]);
     }
 
+    /// The counter of Ingress requests for these labels, for a worker to keep and increment
+    /// without looking it up (or allocating its labels) on every request.
+    pub fn ingress_request_counter(&self, ingress: &str, service: &str, code: u16) -> Arc<AtomicU64> {
+        self.ingress_requests.series(&[ingress, service, &code.to_string()])
+    }
+
     /// Records the time from a request's arrival to its response head.
     pub fn observe_ingress_duration(&self, took: Duration) {
         self.ingress_duration.observe(took.as_secs_f64());
@@ -409,28 +415,22 @@ struct Histogram {
     help: &'static str,
     /// Upper bounds, ascending, without the implicit `+Inf`.
     bounds: Vec<f64>,
-    state: Mutex<HistogramState>,
-}
-
-struct HistogramState {
     /// Per-bucket (not cumulative) counts; one more than `bounds`, the last being `+Inf`.
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
+    /// Atomics, not a lock: the Ingress workers observe one value per request.
+    counts: Vec<AtomicU64>,
+    /// The sum of observations, as `f64` bits.
+    sum: AtomicU64,
 }
 
 impl Histogram {
     fn new(name: &'static str, help: &'static str, bounds: Vec<f64>) -> Self {
-        let counts = vec![0; bounds.len() + 1];
+        let counts = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
         Self {
             name,
             help,
             bounds,
-            state: Mutex::new(HistogramState {
-                counts,
-                sum: 0.0,
-                count: 0,
-            }),
+            counts,
+            sum: AtomicU64::new(0f64.to_bits()),
         }
     }
 
@@ -441,26 +441,30 @@ impl Histogram {
             .iter()
             .position(|bound| value <= *bound)
             .unwrap_or(self.bounds.len());
-        let mut state = lock(&self.state);
-        state.counts[bucket] += 1;
-        state.sum += value;
-        state.count += 1;
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        let _ = self.sum.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+            Some((f64::from_bits(bits) + value).to_bits())
+        });
     }
 
     fn render(&self, out: &mut String) {
         write_header(out, self.name, self.help, Kind::Histogram);
-        let state = lock(&self.state);
+        // Read once: the count is the buckets' total, so the series stay consistent with
+        // each other even while observations come in.
+        let counts: Vec<u64> = self.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
         let mut cumulative = 0;
-        for (bound, count) in self.bounds.iter().zip(&state.counts) {
+        for (bound, count) in self.bounds.iter().zip(&counts) {
             cumulative += count;
             write_line(
                 out,
                 format_args!("{}_bucket{{le=\"{}\"}} {cumulative}", self.name, format_float(*bound)),
             );
         }
-        write_line(out, format_args!("{}_bucket{{le=\"+Inf\"}} {}", self.name, state.count));
-        write_line(out, format_args!("{}_sum {}", self.name, format_float(state.sum)));
-        write_line(out, format_args!("{}_count {}", self.name, state.count));
+        let total: u64 = counts.iter().sum();
+        let sum = f64::from_bits(self.sum.load(Ordering::Relaxed));
+        write_line(out, format_args!("{}_bucket{{le=\"+Inf\"}} {total}", self.name));
+        write_line(out, format_args!("{}_sum {}", self.name, format_float(sum)));
+        write_line(out, format_args!("{}_count {total}", self.name));
     }
 }
 
@@ -517,7 +521,8 @@ struct LabeledCounter {
     name: &'static str,
     help: &'static str,
     labels: &'static [&'static str],
-    series: Mutex<BTreeMap<Vec<String>, u64>>,
+    /// Each series' count is shared with the callers that hold it (see [`LabeledCounter::series`]).
+    series: Mutex<BTreeMap<Vec<String>, Arc<AtomicU64>>>,
 }
 
 impl LabeledCounter {
@@ -531,13 +536,19 @@ impl LabeledCounter {
     }
 
     fn inc(&self, values: &[&str]) {
+        self.series(values).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The count of one series, created at zero, for callers that count often.
+    fn series(&self, values: &[&str]) -> Arc<AtomicU64> {
         let key: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
-        *lock(&self.series).entry(key).or_insert(0) += 1;
+        lock(&self.series).entry(key).or_default().clone()
     }
 
     fn render(&self, out: &mut String) {
         write_header(out, self.name, self.help, Kind::Counter);
         for (values, count) in lock(&self.series).iter() {
+            let count = count.load(Ordering::Relaxed);
             let labels: Vec<String> = self
                 .labels
                 .iter()

@@ -84,6 +84,21 @@ pub struct RequestHead {
     pub upgrade: bool,
     /// `Expect: 100-continue`.
     pub expect_continue: bool,
+    /// A `Connection` header names other headers (hop-by-hop, not to be forwarded).
+    pub connection_names: bool,
+    /// The request carries `X-Forwarded-For`.
+    pub forwarded_for: bool,
+}
+
+/// Whether a `Connection` value lists anything besides `close`, `keep-alive` and `upgrade`.
+fn names_headers(value: &[u8]) -> bool {
+    value.split(|&b| b == b',').any(|t| {
+        let t = t.trim_ascii();
+        !t.is_empty()
+            && !t.eq_ignore_ascii_case(b"close")
+            && !t.eq_ignore_ascii_case(b"keep-alive")
+            && !t.eq_ignore_ascii_case(b"upgrade")
+    })
 }
 
 impl RequestHead {
@@ -153,6 +168,8 @@ pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
         close: false,
         upgrade: false,
         expect_continue: false,
+        connection_names: false,
+        forwarded_for: false,
     };
     let mut length: Option<u64> = None;
     let mut coding: Option<&[u8]> = None;
@@ -187,10 +204,13 @@ pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
             saw_close |= has_token(value, "close");
             saw_keep_alive |= has_token(value, "keep-alive");
             connection_upgrade |= has_token(value, "upgrade");
+            head.connection_names |= names_headers(value);
         } else if name.eq_ignore_ascii_case(b"upgrade") {
             has_upgrade = true;
         } else if name.eq_ignore_ascii_case(b"expect") {
             head.expect_continue = value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        } else if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            head.forwarded_for = true;
         }
     }
     // `close` wins over `keep-alive`; HTTP/1.0 closes unless it asks to keep the connection.
@@ -239,6 +259,8 @@ pub struct ResponseHead {
     /// The backend closes after this response (`Connection: close`, HTTP/1.0 without
     /// keep-alive, or a body delimited by the close).
     pub close: bool,
+    /// A `Connection` header names other headers.
+    pub connection_names: bool,
 }
 
 /// Why a backend's response head is not usable: the request fails with 502.
@@ -265,6 +287,7 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, Re
     let mut length: Option<u64> = None;
     let mut chunked = None;
     let (mut saw_close, mut saw_keep_alive) = (false, false);
+    let mut connection_names = false;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
@@ -281,6 +304,7 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, Re
         } else if name.eq_ignore_ascii_case(b"connection") {
             saw_close |= has_token(h.value, "close");
             saw_keep_alive |= has_token(h.value, "keep-alive");
+            connection_names |= names_headers(h.value);
         }
     }
     let mut close = saw_close || (minor == 0 && !saw_keep_alive);
@@ -306,6 +330,7 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, Re
         minor,
         body,
         close,
+        connection_names,
     })
 }
 

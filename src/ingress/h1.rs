@@ -13,10 +13,12 @@
 //! waits, bufferless, for the next request.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::io::{IoSlice, Write as _};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -102,6 +104,8 @@ pub struct Worker {
     buffers: RefCell<Vec<Vec<u8>>>,
     heads: RefCell<Vec<Vec<u8>>>,
     shutdown: watch::Receiver<bool>,
+    /// Request counters by (route, status code), for the current route table.
+    counters: RefCell<HashMap<(usize, u16), Arc<AtomicU64>>>,
     /// Connections open on this worker (the drain waits for them).
     pub open: Cell<usize>,
     pub closed: tokio::sync::Notify,
@@ -118,6 +122,7 @@ impl Worker {
             buffers: RefCell::new(Vec::new()),
             heads: RefCell::new(Vec::new()),
             shutdown,
+            counters: RefCell::new(HashMap::new()),
             open: Cell::new(0),
             closed: tokio::sync::Notify::new(),
         }
@@ -137,6 +142,8 @@ impl Worker {
         let mut rx = self.routes_rx.borrow_mut();
         if rx.has_changed().unwrap_or(false) || self.routes.borrow().is_none() {
             *self.routes.borrow_mut() = rx.borrow_and_update().clone();
+            // Keyed by routes of the old table.
+            self.counters.borrow_mut().clear();
         }
         self.routes.borrow().clone()
     }
@@ -438,16 +445,37 @@ struct Record<'t> {
     line: Option<(String, String, &'static str)>,
 }
 
-fn record(conn: Conn, r: &Record<'_>) {
+fn record(w: &Worker, table: Option<&Arc<RouteTable>>, conn: Conn, r: &Record<'_>) {
     let m = metrics();
-    let service = r.route.map(|route| route.backend.service.to_string());
-    m.inc_ingress_request(
-        r.route.map_or("", |route| route.ingress.as_str()),
-        service.as_deref().unwrap_or(""),
-        r.code,
-    );
+    let labels = || {
+        (
+            r.route.map_or("", |route| route.ingress.as_str()),
+            r.route
+                .map(|route| route.backend.service.to_string())
+                .unwrap_or_default(),
+        )
+    };
+    // The worker keeps each series' counter while the route table that keys it is current.
+    let current = match (table, w.routes.borrow().as_ref()) {
+        (Some(t), Some(c)) => Arc::ptr_eq(t, c),
+        (None, None) => true,
+        _ => false,
+    };
+    if current {
+        let key = (r.route.map_or(0, |route| route as *const Route as usize), r.code);
+        let mut counters = w.counters.borrow_mut();
+        let counter = counters.entry(key).or_insert_with(|| {
+            let (ingress, service) = labels();
+            m.ingress_request_counter(ingress, &service, r.code)
+        });
+        counter.fetch_add(1, Ordering::Relaxed);
+    } else {
+        let (ingress, service) = labels();
+        m.inc_ingress_request(ingress, &service, r.code);
+    }
     m.observe_ingress_duration(r.started.elapsed());
     if let Some((method, uri, version)) = &r.line {
+        let service = r.route.map(|route| route.backend.service.to_string());
         tracing::info!(
             target: "kproxy::access",
             client = %conn.peer.ip(),
@@ -508,7 +536,7 @@ async fn request(w: &Worker, io: &mut ClientIo, conn: Conn, mut buf: Buf, first:
             .await
         }
     };
-    record(conn, &rec);
+    record(w, table.as_ref(), conn, &rec);
     match outcome {
         Outcome::KeepAlive if buf.is_empty() => {
             w.give_buf(buf);
@@ -798,17 +826,16 @@ fn write_upstream_head(out: &mut Vec<u8>, buf: &[u8], req: &Forwarding<'_>, body
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(req.host.as_bytes());
     out.extend_from_slice(b"\r\n");
-    let (named, n) = connection_names(buf, head.len);
+    let (named, n) = if head.connection_names {
+        connection_names(buf, head.len)
+    } else {
+        ([&[][..]; 8], 0)
+    };
     let named = &named[..n];
     let mut upgrade_value: Option<&[u8]> = None;
-    let mut has_xff = false;
     for (name, value) in framing::headers(buf, head.len) {
         if name.eq_ignore_ascii_case(b"upgrade") {
             upgrade_value = Some(value);
-        }
-        if name.eq_ignore_ascii_case(b"x-forwarded-for") && !value.is_empty() {
-            has_xff = true;
-            continue;
         }
         if skip_request_header(name) || named.iter().any(|c| c.eq_ignore_ascii_case(name)) {
             continue;
@@ -820,7 +847,9 @@ fn write_upstream_head(out: &mut Vec<u8>, buf: &[u8], req: &Forwarding<'_>, body
     }
     match body {
         Body::Length(n) => {
-            let _ = write!(out, "content-length: {n}\r\n");
+            out.extend_from_slice(b"content-length: ");
+            push_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
         }
         Body::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Body::None | Body::UntilClose => {}
@@ -832,7 +861,7 @@ fn write_upstream_head(out: &mut Vec<u8>, buf: &[u8], req: &Forwarding<'_>, body
     }
     // X-Forwarded-For: what the client sent (every such header, in order), then the client.
     out.extend_from_slice(b"x-forwarded-for: ");
-    if has_xff {
+    if head.forwarded_for {
         for (name, value) in framing::headers(buf, head.len) {
             if name.eq_ignore_ascii_case(b"x-forwarded-for") && !value.is_empty() {
                 out.extend_from_slice(value);
@@ -840,8 +869,11 @@ fn write_upstream_head(out: &mut Vec<u8>, buf: &[u8], req: &Forwarding<'_>, body
             }
         }
     }
-    let ip = req.conn.peer.ip().to_canonical();
-    let _ = write!(out, "{ip}\r\nx-real-ip: {ip}\r\n");
+    let ip = req.conn.ip_text();
+    out.extend_from_slice(ip);
+    out.extend_from_slice(b"\r\nx-real-ip: ");
+    out.extend_from_slice(ip);
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(if req.conn.https {
         b"x-forwarded-proto: https\r\n"
     } else {
@@ -849,7 +881,24 @@ fn write_upstream_head(out: &mut Vec<u8>, buf: &[u8], req: &Forwarding<'_>, body
     });
     out.extend_from_slice(b"x-forwarded-host: ");
     out.extend_from_slice(req.host.as_bytes());
-    let _ = write!(out, "\r\nx-forwarded-port: {}\r\n\r\n", req.conn.port);
+    out.extend_from_slice(b"\r\nx-forwarded-port: ");
+    push_decimal(out, u64::from(req.conn.port));
+    out.extend_from_slice(b"\r\n\r\n");
+}
+
+/// Appends `n` in decimal (what `write!` does, without the formatting machinery).
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 /// Why forwarding a request body stopped early.
@@ -1262,9 +1311,17 @@ async fn relay_response(
         } else {
             reason
         };
-        let _ = write!(out, "HTTP/1.1 {} {reason}\r\n", resp.code);
+        out.extend_from_slice(b"HTTP/1.1 ");
+        push_decimal(out, u64::from(resp.code));
+        out.push(b' ');
+        out.extend_from_slice(reason.as_bytes());
+        out.extend_from_slice(b"\r\n");
         let own_framing = resp.body != Body::None;
-        let (named, n) = connection_names(bytes, resp.len);
+        let (named, n) = if resp.connection_names {
+            connection_names(bytes, resp.len)
+        } else {
+            ([&[][..]; 8], 0)
+        };
         let named = &named[..n];
         let mut has_date = false;
         for (name, value) in framing::headers(bytes, resp.len) {
@@ -1290,7 +1347,9 @@ async fn relay_response(
     }
     match resp.body {
         Body::Length(n) => {
-            let _ = write!(out, "content-length: {n}\r\n");
+            out.extend_from_slice(b"content-length: ");
+            push_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
         }
         _ if rechunk => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         _ => {}

@@ -76,6 +76,30 @@ pub struct Conn {
     pub https: bool,
     /// The listener's port (`X-Forwarded-Port`).
     pub port: u16,
+    /// The client's address as `X-Forwarded-For` and `X-Real-IP` carry it, formatted once.
+    ip: [u8; 39],
+    ip_len: u8,
+}
+
+impl Conn {
+    pub fn new(peer: SocketAddr, https: bool, port: u16) -> Self {
+        let mut ip = [0u8; 39];
+        let mut cursor = std::io::Cursor::new(&mut ip[..]);
+        let _ = std::io::Write::write_fmt(&mut cursor, format_args!("{}", peer.ip().to_canonical()));
+        let ip_len = cursor.position() as u8;
+        Conn {
+            peer,
+            https,
+            port,
+            ip,
+            ip_len,
+        }
+    }
+
+    /// The client's IP address (IPv4-mapped IPv6 addresses as IPv4).
+    pub fn ip_text(&self) -> &[u8] {
+        &self.ip[..self.ip_len as usize]
+    }
 }
 
 /// A request's headers as routing reads them, whatever protocol carried them.
