@@ -17,6 +17,10 @@
 #          SHAPES: any of "keepalive newconn 1mib https" (default: all four)
 #        BENCH_PERF=FILE sudo benches/ingress.sh [DURATION]   records a perf profile of kproxy
 #          under the keep-alive shape instead (perf report -i FILE)
+#        BENCH_COUNT=1|DIR sudo benches/ingress.sh [DURATION]   counts instead of timing: user-space
+#          instructions per request (valgrind's callgrind) and system calls per request (strace
+#          -c) of kproxy and nginx, keep-alive shape; deterministic, unlike times on a shared machine
+#          (with a directory, the callgrind files are kept there for callgrind_annotate)
 #        BENCH_WRITE=0 ...   print the results without rewriting BENCHMARKS.md and the plots
 #        KPROXY_BIN=PATH ...   measure that binary instead of building target/release/kproxy
 # needs: wrk, nginx (nginx-light), curl, openssl, iproute2; python3 with matplotlib for the
@@ -179,6 +183,63 @@ if [ -n "${BENCH_PERF:-}" ]; then
   # Only perf: a bare `wait` would also wait for the servers started above.
   wait "$perf_pid"
   echo "profile in $BENCH_PERF"
+  exit 0
+fi
+
+if [ -n "${BENCH_COUNT:-}" ]; then
+  # Second instances on their own ports: kproxy under callgrind, and nginx with one process.
+  sed -e "s/^worker_processes .*/worker_processes 1;\nmaster_process off;/" -e "s/8082 reuseport/8092 reuseport/" \
+    -e "s/8442 ssl reuseport/8452 ssl reuseport/" -e "s|pid $work/proxy.pid|pid $work/proxy2.pid|" "$work/proxy.conf" >"$work/proxy2.conf"
+  count_one() { # name, url, command...
+    local name=$1 url=$2
+    shift 2
+    local out="$work/cg.$name"
+    in_ns valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" "$@" >/dev/null 2>"$work/cg.$name.log" &
+    pids+=($!)
+    for _ in $(seq 1 300); do
+      in_ns curl -sf -H "Host: myapp.example.com" "$url" >/dev/null && break
+      sleep 0.2
+    done
+    local pid
+    pid=$(pgrep -f "callgrind-out-file=$out" | tail -1)
+    callgrind_control -i on "$pid" >/dev/null
+    local wrk_out requests
+    wrk_out=$(in_ns wrk -t1 -c8 -d"${duration}s" -H "Host: myapp.example.com" "$url")
+    requests=$(awk '/requests in/ {print $1}' <<<"$wrk_out")
+    callgrind_control -d "$pid" >/dev/null
+    [ -d "${BENCH_COUNT}" ] && cp "$out".* "$BENCH_COUNT/"
+    sleep 1
+    local ir
+    ir=$(cat "$out".[0-9]* 2>/dev/null | awk '/^totals:/ {s += $2} END {print s + 0}')
+    kill "$pid" 2>/dev/null || true
+    # System calls per request, at full speed.
+    local target_pid
+    case $name in
+      kproxy) target_pid=$kproxy_pid ;;
+      nginx) target_pid=$(pgrep -P "$(echo "$nginx_pids" | awk '{print $1}')" | tr '\n' ',' | sed 's/,$//') ;;
+    esac
+    local port_url
+    case $name in kproxy) port_url=http://127.0.0.1:8083/ ;; nginx) port_url=http://127.0.0.1:8082/ ;; esac
+    strace -c -f -qq -o "$work/strace.$name" -p "$target_pid" &
+    local strace_pid=$!
+    sleep 0.5
+    wrk_out=$(in_ns wrk -t1 -c8 -d"${duration}s" -H "Host: myapp.example.com" "$port_url")
+    kill -INT "$strace_pid"
+    wait "$strace_pid" 2>/dev/null || true
+    local sreq calls
+    sreq=$(awk '/requests in/ {print $1}' <<<"$wrk_out")
+    calls=$(awk '$NF == "total" {print $(NF-2)}' "$work/strace.$name")
+    awk -v n="$name" -v ir="$ir" -v r="$requests" -v c="$calls" -v s="$sreq" \
+      'BEGIN { printf "| %s | %d | %.0f | %d | %.2f |\n", n, r, ir / r, s, c / s }'
+    echo "system calls of $name (strace -c):" >&2
+    cat "$work/strace.$name" >&2
+  }
+  echo "| proxy | requests under callgrind | user-space instructions per request | requests under strace | system calls per request |"
+  echo "| --- | ---: | ---: | ---: | ---: |"
+  count_one kproxy http://127.0.0.1:8093/ "$kproxy" --manifests "$work/manifests" --hostname-override bench-node \
+    --healthz-bind-address "" --metrics-bind-address "" \
+    --ingress-http-bind-address 127.0.0.1:8093 --ingress-https-bind-address ""
+  count_one nginx http://127.0.0.1:8092/ nginx -c "$work/proxy2.conf"
   exit 0
 fi
 

@@ -36,7 +36,13 @@ pub fn sweep_stale() {
     let list = must("ip", &["netns", "list"]);
     for line in list.lines() {
         let name = line.split_whitespace().next().unwrap_or_default();
-        if name.starts_with(NS_PREFIX) {
+        // `kpt<pid>x<n>`: a namespace of a test run that is still going (another worktree's,
+        // on a shared machine) is not stale.
+        let owner = name
+            .strip_prefix(NS_PREFIX)
+            .and_then(|rest| rest.split('x').next())
+            .filter(|pid| !pid.is_empty() && std::path::Path::new(&format!("/proc/{pid}")).exists());
+        if name.starts_with(NS_PREFIX) && owner.is_none() {
             kill_all_in(name);
             let _ = run("ip", &["netns", "del", name]);
         }

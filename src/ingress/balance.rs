@@ -1,7 +1,6 @@
 //! Choosing where one request goes: the canary or the main backend, then one endpoint of it
 //! (round-robin, or the one a session-affinity cookie names).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -20,7 +19,7 @@ const MAX_POSITIONS: usize = 4096;
 #[derive(Debug)]
 pub struct Balancer {
     /// Keyed by the backend's address in the current route table: no allocation per request.
-    next: Mutex<HashMap<usize, usize>>,
+    next: Mutex<foldhash::HashMap<usize, usize>>,
     seed: AtomicU64,
 }
 
@@ -31,7 +30,7 @@ impl Default for Balancer {
             .map_or(0x9E37_79B9_7F4A_7C15, |d| d.as_nanos() as u64)
             | 1;
         Balancer {
-            next: Mutex::new(HashMap::new()),
+            next: Mutex::new(foldhash::HashMap::default()),
             seed: AtomicU64::new(seed),
         }
     }

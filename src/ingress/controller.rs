@@ -213,6 +213,7 @@ async fn run_worker(index: usize, w: Rc<Worker>, sockets: WorkerSockets, mut shu
         })
     };
     stopped(&mut shutdown).await;
+    w.start_draining();
     for a in accepting {
         let _ = a.await;
     }

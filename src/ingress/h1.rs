@@ -13,7 +13,6 @@
 //! waits, bufferless, for the next request.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::io::{IoSlice, Write as _};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -104,8 +103,9 @@ pub struct Worker {
     buffers: RefCell<Vec<Vec<u8>>>,
     heads: RefCell<Vec<Vec<u8>>>,
     shutdown: watch::Receiver<bool>,
+    draining: Cell<bool>,
     /// Request counters by (route, status code), for the current route table.
-    counters: RefCell<HashMap<(usize, u16), Arc<AtomicU64>>>,
+    counters: RefCell<foldhash::HashMap<(usize, u16), Arc<AtomicU64>>>,
     /// Connections open on this worker (the drain waits for them).
     pub open: Cell<usize>,
     pub closed: tokio::sync::Notify,
@@ -114,6 +114,7 @@ pub struct Worker {
 impl Worker {
     pub fn new(proxy: Arc<Proxy>, pool: Pool, shutdown: watch::Receiver<bool>) -> Self {
         let routes_rx = proxy.routes().clone();
+        let draining = Cell::new(*shutdown.borrow());
         Worker {
             proxy,
             pool,
@@ -121,15 +122,23 @@ impl Worker {
             routes_rx: RefCell::new(routes_rx),
             buffers: RefCell::new(Vec::new()),
             heads: RefCell::new(Vec::new()),
+            draining,
             shutdown,
-            counters: RefCell::new(HashMap::new()),
+            counters: RefCell::new(foldhash::HashMap::default()),
             open: Cell::new(0),
             closed: tokio::sync::Notify::new(),
         }
     }
 
+    /// Whether the worker drains: answers say `Connection: close`. A flag of the worker's own,
+    /// read on every request, rather than the shutdown channel's lock shared by all threads.
     fn draining(&self) -> bool {
-        *self.shutdown.borrow()
+        self.draining.get()
+    }
+
+    /// Called by the worker once shutdown began.
+    pub fn start_draining(&self) {
+        self.draining.set(true);
     }
 
     /// Becomes true when the worker drains.
@@ -301,9 +310,15 @@ pub async fn serve(w: Rc<Worker>, mut io: ClientIo, conn: Conn) -> Served {
     let mut carry: Option<Buf> = None;
     let mut first = true;
     let mut shutdown = w.shutdown.clone();
+    // One wait for the drain for the connection's whole life: registering a new one on every
+    // idle wait would cost a lock shared by all workers per request.
+    let draining_began = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    tokio::pin!(draining_began);
+    let mut draining = *w.shutdown.borrow();
     loop {
         if carry.is_none() && !io.has_pending() {
-            let draining = *shutdown.borrow();
             let idle = match (first, draining) {
                 (_, true) => DRAIN_IDLE_GRACE,
                 (true, false) => HEADER_READ_TIMEOUT,
@@ -312,8 +327,9 @@ pub async fn serve(w: Rc<Worker>, mut io: ClientIo, conn: Conn) -> Served {
             let ready = tokio::select! {
                 r = io.tcp().readable() => r.is_ok(),
                 _ = tokio::time::sleep(idle) => false,
-                _ = shutdown.wait_for(|s| *s), if !draining => {
+                _ = &mut draining_began, if !draining => {
                     // Draining began: give the idle connection its last-call grace.
+                    draining = true;
                     continue;
                 }
             };
@@ -439,7 +455,7 @@ impl RequestView for HeadView<'_> {
 struct Record<'t> {
     started: Instant,
     route: Option<&'t Route>,
-    upstream: Option<String>,
+    upstream: Option<Dest>,
     code: u16,
     /// Method, target and version, kept only when the access log is on.
     line: Option<(String, String, &'static str)>,
@@ -485,7 +501,7 @@ fn record(w: &Worker, table: Option<&Arc<RouteTable>>, conn: Conn, r: &Record<'_
             status = r.code,
             ingress = r.route.map_or("", |route| route.ingress.as_str()),
             service = service.as_deref().unwrap_or(""),
-            upstream = r.upstream.as_deref().unwrap_or("-"),
+            upstream = %r.upstream.as_ref().map_or_else(|| "-".to_string(), Dest::to_string),
             duration_ms = r.started.elapsed().as_secs_f64() * 1000.0,
             "request"
         );
@@ -749,6 +765,10 @@ struct Forwarding<'a> {
 /// Request headers that are not forwarded as they came: hop-by-hop ones (RFC 9110 section
 /// 7.6.1), framing (written anew), `Expect` (answered here), and the forwarding headers kproxy sets.
 fn skip_request_header(name: &[u8]) -> bool {
+    // Every name below is 2 to 17 bytes long, and most headers clients send are not among them.
+    if !(2..=17).contains(&name.len()) {
+        return false;
+    }
     const SKIP: &[&[u8]] = &[
         b"connection",
         b"keep-alive",
@@ -766,7 +786,8 @@ fn skip_request_header(name: &[u8]) -> bool {
         b"x-forwarded-host",
         b"x-forwarded-port",
     ];
-    SKIP.iter().any(|s| s.eq_ignore_ascii_case(name))
+    SKIP.iter()
+        .any(|s| s.len() == name.len() && s.eq_ignore_ascii_case(name))
 }
 
 /// Response headers not forwarded as they came: hop-by-hop, and the framing kproxy writes.
@@ -1148,10 +1169,11 @@ async fn forward<'t>(
     let mut connect_retried = false;
     let mut stale_retried = false;
     let (mut up, mut ubuf, resp, early) = loop {
-        rec.upstream = Some(dest.to_string());
+        rec.upstream = Some(dest.clone());
         let got = match (fresh, w.pool.checkout(&dest)) {
             (false, Some(u)) => Ok(u),
-            _ => w.pool.connect(&dest, lim.connect).await,
+            // Boxed: the connect (and TLS handshake) state is large and needed only now.
+            _ => Box::pin(w.pool.connect(&dest, lim.connect)).await,
         };
         let mut up = match got {
             Ok(u) => u,
@@ -1198,7 +1220,7 @@ async fn forward<'t>(
             if plan.expect_continue && body.sent == 0 {
                 let _ = io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
             }
-            match stream_body(io, &mut up.io, buf, &mut body, &mut out, lim.send).await {
+            match Box::pin(stream_body(io, &mut up.io, buf, &mut body, &mut out, lim.send)).await {
                 Ok(()) => {}
                 Err(BodyError::EarlyAnswer) => early = true,
                 Err(e) => {
@@ -1234,7 +1256,7 @@ async fn forward<'t>(
     let body_done = body.done();
     if plan.upgrade && resp.code == 101 {
         w.give_head(out);
-        return splice(io, buf, up.io, ubuf, &resp).await;
+        return Box::pin(splice(io, buf, up.io, ubuf, &resp)).await;
     }
     if resp.code == 101 {
         // Not asked for: nothing sensible can follow.

@@ -362,7 +362,8 @@ pub struct Pooled {
 /// One worker's idle keep-alive connections to backends. Single-threaded: a worker's
 /// requests and their backend connections never leave its thread.
 pub struct Pool {
-    idle: RefCell<HashMap<Dest, Vec<(UpstreamIo, Instant)>>>,
+    /// foldhash: SipHash's DoS resistance buys nothing for keys kproxy chooses itself.
+    idle: RefCell<foldhash::HashMap<Dest, Vec<(UpstreamIo, Instant)>>>,
     tls: tokio_rustls::TlsConnector,
     /// Requests sent, and connections opened for them: the reuse rate is 1 - opened / requests.
     pub requests: Cell<u64>,
@@ -375,7 +376,7 @@ impl Pool {
         let mut tls = tls;
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Pool {
-            idle: RefCell::new(HashMap::new()),
+            idle: RefCell::new(foldhash::HashMap::default()),
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
             requests: Cell::new(0),
             opened: Cell::new(0),
