@@ -202,12 +202,12 @@ if [ -n "${BENCH_COUNT:-}" ]; then
     done
     local pid
     pid=$(pgrep -f "callgrind-out-file=$out" | tail -1)
-    callgrind_control -i on "$pid" >/dev/null
+    callgrind_control -i on "$pid" >/dev/null 2>&1
     local wrk_out requests
     wrk_out=$(in_ns wrk -t1 -c8 -d"${duration}s" -H "Host: myapp.example.com" "$url")
     requests=$(awk '/requests in/ {print $1}' <<<"$wrk_out")
-    callgrind_control -d "$pid" >/dev/null
-    [ -d "${BENCH_COUNT}" ] && cp "$out".* "$BENCH_COUNT/"
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    if [ -d "${BENCH_COUNT}" ]; then cp "$out".* "$BENCH_COUNT/"; fi
     sleep 1
     local ir
     ir=$(cat "$out".[0-9]* 2>/dev/null | awk '/^totals:/ {s += $2} END {print s + 0}')

@@ -229,23 +229,43 @@ pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
 
 /// Every header line of the head at the start of `buf` (already parsed by [`parse_request`]
 /// or [`parse_response`]), in order, as (name, value).
-pub fn headers(buf: &[u8], head_len: usize) -> impl Iterator<Item = (&[u8], &[u8])> {
+pub fn headers(buf: &[u8], head_len: usize) -> HeaderLines<'_> {
     let head = &buf[..head_len];
-    let mut lines = head.split(|&b| b == b'\n');
+    let mut at = 0;
     // Leading empty lines, then the start line.
-    for line in lines.by_ref() {
+    while let Some(nl) = memchr::memchr(b'\n', &head[at..]) {
+        let line = &head[at..at + nl];
+        at += nl + 1;
         if !line.trim_ascii().is_empty() {
             break;
         }
     }
-    lines.map_while(|line| {
+    HeaderLines { head, at }
+}
+
+/// The header lines of a head, found with memchr: this walk runs for every forwarded request
+/// and answer.
+pub struct HeaderLines<'b> {
+    head: &'b [u8],
+    at: usize,
+}
+
+impl<'b> Iterator for HeaderLines<'b> {
+    type Item = (&'b [u8], &'b [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let rest = &self.head[self.at..];
+        let nl = memchr::memchr(b'\n', rest)?;
+        self.at += nl + 1;
+        let line = &rest[..nl];
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
+            self.at = self.head.len();
             return None;
         }
-        let colon = line.iter().position(|&b| b == b':')?;
+        let colon = memchr::memchr(b':', line)?;
         Some((&line[..colon], line[colon + 1..].trim_ascii()))
-    })
+    }
 }
 
 /// A backend's response head.

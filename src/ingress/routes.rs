@@ -201,9 +201,10 @@ pub struct TlsBinding {
 /// Every route kproxy serves, ready to match requests.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
-    exact: HashMap<String, HostRules>,
+    /// foldhash: looked up on every request; its keys come from Ingresses, never from requests.
+    exact: HashMap<String, HostRules, foldhash::fast::RandomState>,
     /// Keyed by the suffix after `*.`.
-    wildcard: HashMap<String, HostRules>,
+    wildcard: HashMap<String, HostRules, foldhash::fast::RandomState>,
     any: HostRules,
     default: Option<Arc<Route>>,
     /// `spec.tls` of claimed Ingresses, oldest Ingress first.
@@ -214,6 +215,12 @@ pub struct RouteTable {
 
 /// Lowercase host without port or trailing dot.
 pub fn normalize_host(host: &str) -> String {
+    host_key(host).into_owned()
+}
+
+/// [`normalize_host`] without a copy when the host already is lowercase (the route lookup of
+/// every request: no allocation).
+fn host_key(host: &str) -> std::borrow::Cow<'_, str> {
     let host = host.trim();
     let without_port = if let Some(rest) = host.strip_prefix('[') {
         rest.split(']').next().unwrap_or(rest)
@@ -223,7 +230,12 @@ pub fn normalize_host(host: &str) -> String {
             _ => host,
         }
     };
-    without_port.trim_end_matches('.').to_ascii_lowercase()
+    let name = without_port.trim_end_matches('.');
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
 }
 
 /// Whether `pattern` (exact, or `*.suffix` for exactly one label) covers `host`.
@@ -240,8 +252,8 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
 impl RouteTable {
     /// The route for a request, or `None` (404). `host` may carry a port; `path` has no query.
     pub fn route(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
-        let host = normalize_host(host);
-        if let Some(rules) = self.exact.get(&host) {
+        let host = host_key(host);
+        if let Some(rules) = self.exact.get(host.as_ref()) {
             return rules.find(path);
         }
         if let Some((_, suffix)) = host.split_once('.') {
