@@ -4,7 +4,8 @@
 //! This binary's `__http NAME PORT` mode is the backend: it answers `NAME PEER METHOD TARGET`
 //! followed by the forwarding headers it saw, counts streamed request bodies, sleeps on
 //! `/sleep/N`, echoes bytes after a `101 Switching Protocols` for Upgrade requests (except on
-//! paths containing `/no-upgrade`), and answers `/__seen` with every request line it served.
+//! paths containing `/no-upgrade`), answers `/bytes/N` with N bytes, and `/__seen` with every
+//! request line it served.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -133,6 +134,9 @@ pub fn serve_backend(name: &str, port: u16, tls: bool) -> ! {
                                 .body(Full::new(bytes::Bytes::new()))
                                 .expect("response");
                             return Ok::<_, hyper::Error>(resp);
+                        }
+                        if let Some(n) = target.split("/bytes/").nth(1).and_then(|s| s.parse::<usize>().ok()) {
+                            return Ok(Response::new(Full::new(bytes::Bytes::from(vec![b'x'; n]))));
                         }
                         if let Some(secs) = target.split("/sleep/").nth(1).and_then(|s| s.parse::<u64>().ok()) {
                             tokio::time::sleep(Duration::from_secs(secs)).await;
@@ -849,6 +853,11 @@ fn protocols() {
     let env = Env::new("iptables", SourceKind::Manifests, &docs, &args("kproxy"));
     let _backends = start_backends(&env, &[0]);
     wait_code(&env, "p.test", "/", 200);
+    // Answers larger than the socket takes at once, over TLS with HTTP/1.1 and HTTP/2.
+    for proto in ["--http1.1", "--http2"] {
+        let r = get_tls(&env, "p.test", "/bytes/4194304", None, &[proto]).expect("4 MiB over TLS");
+        assert_eq!((r.code, r.body.len()), (200, 4_194_304), "{proto}");
+    }
     let r = get_tls(&env, "p.test", "/h2", None, &["--http2"]).expect("h2 over TLS");
     assert!(r.headers.starts_with("HTTP/2 200"), "{}", r.headers);
     assert!(
@@ -1037,6 +1046,12 @@ fn backends_and_drain() {
         Some(get(&env, "secure.test", "/")).filter(|r| r.code == 200)
     });
     assert_eq!(r.pod(), "pod-b-tls", "{r:?}");
+    let big = get(&env, "secure.test", "/bytes/3000000");
+    assert_eq!(
+        (big.code, big.body.len()),
+        (200, 3_000_000),
+        "a large answer from an HTTPS backend"
+    );
     let (head, echoed) = websocket_echo(&env, "secure.test");
     assert!(
         head.starts_with("HTTP/1.1 101"),

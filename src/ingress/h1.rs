@@ -615,7 +615,11 @@ async fn answer(w: &Worker, io: &mut ClientIo, a: &Answer, close: bool, head_onl
         out.extend_from_slice(a.text.as_bytes());
         out.push(b'\n');
     }
-    let r = io.write_all(&out).await;
+    // TLS keeps what the socket did not take yet: flush, or the answer's end may wait there.
+    let r = match io.write_all(&out).await {
+        Ok(()) => io.flush().await,
+        Err(e) => Err(e),
+    };
     w.give_head(out);
     r
 }
@@ -1092,7 +1096,11 @@ async fn stream_body(
         out.clear();
         let used = body.encode(buf.filled(), out)?;
         buf.consume(used);
-        match tokio::time::timeout(send_timeout, up.write_all(out)).await {
+        let sent = async {
+            up.write_all(out).await?;
+            up.flush().await
+        };
+        match tokio::time::timeout(send_timeout, sent).await {
             Ok(Ok(())) => {}
             _ => return Err(BodyError::Upstream),
         }
@@ -1202,7 +1210,11 @@ async fn forward<'t>(
             }
         };
         w.pool.requests.set(w.pool.requests.get() + 1);
-        match tokio::time::timeout(lim.send, up.io.write_all(&out)).await {
+        let sent = async {
+            up.io.write_all(&out).await?;
+            up.io.flush().await
+        };
+        match tokio::time::timeout(lim.send, sent).await {
             Ok(Ok(())) => {}
             // A pooled connection the backend closed meanwhile: the same request on a new one.
             Ok(Err(_)) if up.reused => {
@@ -1218,7 +1230,9 @@ async fn forward<'t>(
         let mut early = false;
         if streamed {
             if plan.expect_continue && body.sent == 0 {
-                let _ = io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                if io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_ok() {
+                    let _ = io.flush().await;
+                }
             }
             match Box::pin(stream_body(io, &mut up.io, buf, &mut body, &mut out, lim.send)).await {
                 Ok(()) => {}
@@ -1450,6 +1464,7 @@ async fn relay_response(
             }
         }
     }
+    io.flush().await.map_err(|_| ())?;
     Ok(close)
 }
 
@@ -1487,7 +1502,13 @@ async fn splice(io: &mut ClientIo, buf: &mut Buf, mut up: UpstreamIo, mut ub: Bu
         head.extend_from_slice(b"\r\n");
     }
     ub.consume(resp.len);
-    if write_two(io, &head, ub.filled()).await.is_err() || up.write_all(buf.filled()).await.is_err() {
+    let handed = async {
+        write_two(io, &head, ub.filled()).await?;
+        io.flush().await?;
+        up.write_all(buf.filled()).await?;
+        up.flush().await
+    };
+    if handed.await.is_err() {
         return Outcome::Close;
     }
     buf.consume(buf.filled().len());
