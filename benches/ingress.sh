@@ -20,7 +20,8 @@
 #        BENCH_COUNT=1|DIR sudo benches/ingress.sh [DURATION]   counts instead of timing: user-space
 #          instructions per request (valgrind's callgrind) and system calls per request (strace
 #          -c) of kproxy and nginx, keep-alive shape; deterministic, unlike times on a shared machine
-#          (with a directory, the callgrind files are kept there for callgrind_annotate)
+#          (with a directory, the callgrind files are kept there for callgrind_annotate); with
+#          SHAPES "newconn", a new connection per request
 #        BENCH_WRITE=0 ...   print the results without rewriting BENCHMARKS.md and the plots
 #        KPROXY_BIN=PATH ...   measure that binary instead of building target/release/kproxy
 # needs: wrk, nginx (nginx-light), curl, openssl, iproute2; python3 with matplotlib for the
@@ -204,7 +205,7 @@ if [ -n "${BENCH_COUNT:-}" ]; then
     pid=$(pgrep -f "callgrind-out-file=$out" | tail -1)
     callgrind_control -i on "$pid" >/dev/null 2>&1
     local wrk_out requests
-    wrk_out=$(in_ns wrk -t1 -c8 -d"${duration}s" -H "Host: myapp.example.com" "$url")
+    wrk_out=$(in_ns wrk -t1 -c8 -d"${duration}s" -H "Host: myapp.example.com" "${count_extra[@]}" "$url")
     requests=$(awk '/requests in/ {print $1}' <<<"$wrk_out")
     callgrind_control -d "$pid" >/dev/null 2>&1
     if [ -d "${BENCH_COUNT}" ]; then cp "$out".* "$BENCH_COUNT/"; fi
@@ -223,7 +224,7 @@ if [ -n "${BENCH_COUNT:-}" ]; then
     strace -c -f -qq -o "$work/strace.$name" -p "$target_pid" &
     local strace_pid=$!
     sleep 0.5
-    wrk_out=$(in_ns wrk -t1 -c8 -d"${duration}s" -H "Host: myapp.example.com" "$port_url")
+    wrk_out=$(in_ns wrk -t1 -c8 -d"${duration}s" -H "Host: myapp.example.com" "${count_extra[@]}" "$port_url")
     kill -INT "$strace_pid"
     wait "$strace_pid" 2>/dev/null || true
     local sreq calls
@@ -234,6 +235,9 @@ if [ -n "${BENCH_COUNT:-}" ]; then
     echo "system calls of $name (strace -c):" >&2
     cat "$work/strace.$name" >&2
   }
+  # The shape: keepalive (default), or newconn with the third argument.
+  count_extra=(-H "X-Shape: keepalive")
+  [ "$shapes" = newconn ] && count_extra=(-H "Connection: close")
   echo "| proxy | requests under callgrind | user-space instructions per request | requests under strace | system calls per request |"
   echo "| --- | ---: | ---: | ---: | ---: |"
   count_one kproxy http://127.0.0.1:8093/ "$kproxy" --manifests "$work/manifests" --hostname-override bench-node \

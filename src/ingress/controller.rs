@@ -267,8 +267,8 @@ async fn serve_listener(w: Rc<Worker>, listener: TcpListener, tls: Option<TlsAcc
 }
 
 /// Serves one accepted connection on this worker.
+/// TCP_NODELAY comes from the listening socket (Linux copies it to accepted ones).
 fn start_connection(w: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, port: u16, tls: Option<TlsAcceptor>) {
-    let _ = stream.set_nodelay(true);
     let conn = Conn::new(peer, tls.is_some(), port);
     let guard = OpenConnection::new(w.clone());
     tokio::task::spawn_local(async move {

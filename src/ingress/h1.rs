@@ -104,6 +104,7 @@ pub struct Worker {
     heads: RefCell<Vec<Vec<u8>>>,
     shutdown: watch::Receiver<bool>,
     draining: Cell<bool>,
+    drain: tokio::sync::Notify,
     /// Request counters by (route, status code), for the current route table.
     counters: RefCell<foldhash::HashMap<(usize, u16), Arc<AtomicU64>>>,
     /// Connections open on this worker (the drain waits for them).
@@ -123,6 +124,7 @@ impl Worker {
             buffers: RefCell::new(Vec::new()),
             heads: RefCell::new(Vec::new()),
             draining,
+            drain: tokio::sync::Notify::new(),
             shutdown,
             counters: RefCell::new(foldhash::HashMap::default()),
             open: Cell::new(0),
@@ -136,9 +138,10 @@ impl Worker {
         self.draining.get()
     }
 
-    /// Called by the worker once shutdown began.
+    /// Called by the worker once shutdown began: idle connections get their last call.
     pub fn start_draining(&self) {
         self.draining.set(true);
+        self.drain.notify_waiters();
     }
 
     /// Becomes true when the worker drains.
@@ -309,14 +312,12 @@ pub enum Served {
 pub async fn serve(w: Rc<Worker>, mut io: ClientIo, conn: Conn) -> Served {
     let mut carry: Option<Buf> = None;
     let mut first = true;
-    let mut shutdown = w.shutdown.clone();
-    // One wait for the drain for the connection's whole life: registering a new one on every
-    // idle wait would cost a lock shared by all workers per request.
-    let draining_began = async move {
-        let _ = shutdown.wait_for(|s| *s).await;
-    };
+    // One wait for the drain for the connection's whole life, on the worker's own Notify:
+    // registering on the shutdown channel on every idle wait cost a lock shared by all workers.
+    let draining_began = w.drain.notified();
     tokio::pin!(draining_began);
-    let mut draining = *w.shutdown.borrow();
+    draining_began.as_mut().enable();
+    let mut draining = w.draining();
     loop {
         if carry.is_none() && !io.has_pending() {
             let idle = match (first, draining) {
@@ -355,7 +356,10 @@ pub async fn serve(w: Rc<Worker>, mut io: ClientIo, conn: Conn) -> Served {
     if let Some(buf) = carry {
         w.give_buf(buf);
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+    // TLS says goodbye with close_notify; plain TCP's FIN is sent by the close itself.
+    if let ClientIo::Tls(_) = io {
+        let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+    }
     Served::Done
 }
 
