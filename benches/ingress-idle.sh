@@ -181,7 +181,9 @@ measure() {
   read -r opened <&"${CLIENT[0]}"
   sleep 2
   after=$(rss "$@")
-  exec {CLIENT[1]}>&-
+  # Closing the client's stdin makes it close its connections and exit.
+  local to_client=${CLIENT[1]}
+  exec {to_client}>&-
   wait "$CLIENT_PID" 2>/dev/null || true
   awk -v name="$name" -v mode="$mode" -v o="$opened" -v b="$before" -v a="$after" \
     'BEGIN { printf "| %s | %s | %d | %.1f | %.1f | %.2f |\n", name, mode == "tls" ? "HTTPS (TLS 1.3)" : "HTTP/1.1", o, b / 1024, a / 1024, (a - b) / o }'

@@ -174,8 +174,8 @@ for url in http://127.0.0.1:8081/ http://127.0.0.1:8082/ http://127.0.0.1:8083/ 
     || { echo "$url does not answer" >&2; cat "$work/kproxy.log" >&2; exit 1; }
 done
 kproxy_pid=$(pgrep -f -- "--manifests $work/manifests" | head -1)
-nginx_pids=$(pgrep -f "nginx -c $work/proxy.conf" | tr '\n' ' ')
-nginx_pids="$nginx_pids $(pgrep -P "$(echo "$nginx_pids" | awk '{print $1}')" | tr '\n' ' ')"
+nginx_master=$(pgrep -f "nginx -c $work/proxy.conf" | head -1)
+mapfile -t nginx_pids < <(echo "$nginx_master"; pgrep -P "$nginx_master")
 
 if [ -n "${BENCH_PERF:-}" ]; then
   perf record -F 999 -g -p "$kproxy_pid" -o "$BENCH_PERF" -- sleep "$duration" >/dev/null 2>&1 &
@@ -217,7 +217,7 @@ if [ -n "${BENCH_COUNT:-}" ]; then
     local target_pid
     case $name in
       kproxy) target_pid=$kproxy_pid ;;
-      nginx) target_pid=$(pgrep -P "$(echo "$nginx_pids" | awk '{print $1}')" | tr '\n' ',' | sed 's/,$//') ;;
+      nginx) target_pid=$(pgrep -P "$nginx_master" | tr '\n' ',' | sed 's/,$//') ;;
     esac
     local port_url
     case $name in kproxy) port_url=http://127.0.0.1:8083/ ;; nginx) port_url=http://127.0.0.1:8082/ ;; esac
@@ -305,9 +305,9 @@ for run in $(seq 1 "$runs"); do
     # Alternate which goes first, so neither always runs on a machine warmed by the other.
     if [ $((run % 2)) = 1 ]; then
       measure "$shape" kproxy "$run" "$k" "$kproxy_pid"
-      measure "$shape" "nginx" "$run" "$n" $nginx_pids
+      measure "$shape" "nginx" "$run" "$n" "${nginx_pids[@]}"
     else
-      measure "$shape" "nginx" "$run" "$n" $nginx_pids
+      measure "$shape" "nginx" "$run" "$n" "${nginx_pids[@]}"
       measure "$shape" kproxy "$run" "$k" "$kproxy_pid"
     fi
   done

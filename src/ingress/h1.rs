@@ -1233,10 +1233,8 @@ async fn forward<'t>(
         let streamed = !body.done();
         let mut early = false;
         if streamed {
-            if plan.expect_continue && body.sent == 0 {
-                if io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_ok() {
-                    let _ = io.flush().await;
-                }
+            if plan.expect_continue && body.sent == 0 && io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_ok() {
+                let _ = io.flush().await;
             }
             match Box::pin(stream_body(io, &mut up.io, buf, &mut body, &mut out, lim.send)).await {
                 Ok(()) => {}
