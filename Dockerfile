@@ -3,7 +3,9 @@
 # kproxy's node image: the kproxy binary, plus the userspace tools its proxy
 # modes call: iptables (both the nft and the legacy backend, behind a wrapper
 # that picks the one the host already uses, as kube-proxy's image does),
-# nftables, conntrack, and kmod for loading IPVS modules.
+# nftables (only for IPVS mode's companion table: nftables mode talks to
+# nf_tables over netlink and never runs nft), conntrack, and kmod for loading
+# IPVS modules.
 #
 #   docker build -t kproxy:dev .
 #

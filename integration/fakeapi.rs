@@ -16,9 +16,19 @@
 //! [`FakeApiServer::set_fail_lists`], and wait for clients with
 //! [`FakeApiServer::wait_for_request`] and [`FakeApiServer::wait_for_watch`].
 //!
-//! Not modelled: discovery (`/api`, `/apis`), admission and validation, finalizers (deletion is
-//! immediate), strategic merge (done as a JSON merge patch), server-side apply's field
-//! ownership, authentication.
+//! Custom resources are served as the real server serves them, once their
+//! CustomResourceDefinition is applied ([`FakeApiServer::install_crds`]): every served version
+//! of the CRD reads and writes the same objects (stored in the storage version, each answer in
+//! the version asked for), a group/version/resource without an installed CRD answers 404, and
+//! with the `status` subresource, writes of the object keep its status (a test's
+//! [`FakeApiServer::apply`] of an object without `status` too, as `kubectl apply` would),
+//! writes of `status` change nothing else, and `metadata.generation` grows with the spec only.
+//! Deleting a CRD deletes its objects.
+//!
+//! Not modelled: discovery (`/api`, `/apis`), admission and validation (including CRD schemas,
+//! their defaults and CEL rules), conversion webhooks (versions differ by apiVersion only),
+//! finalizers (deletion is immediate), strategic merge (done as a JSON merge patch),
+//! server-side apply's field ownership, authentication.
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::collections::BTreeMap;
@@ -121,9 +131,51 @@ impl FakeApiServer {
     /// An identical object is a no-op, as on the real server. Returns the stored object.
     pub fn apply(&self, object: Value) -> Result<Value, FakeApiError> {
         let field = |pointer: &'static str| text(&object, pointer).ok_or(FakeApiError::Invalid(pointer));
-        let resource = Resource::of(field("/apiVersion")?, field("/kind")?);
+        let (api_version, kind) = (field("/apiVersion")?.to_string(), field("/kind")?.to_string());
         field("/metadata/name")?;
-        Ok(self.shared.update(|st| st.write(&resource, object)))
+        self.shared.update(|st| {
+            let served = st.served_kind(&api_version, &kind)?;
+            let mut object = object;
+            object["apiVersion"] = json!(served.canonical.api_version);
+            if served.status_subresource && object.get("status").is_none() {
+                let live = st.store.live(&served.canonical, &ObjectKey::of(&object));
+                if let Some(status) = live.and_then(|l| l.get("status")).cloned() {
+                    object["status"] = status;
+                }
+            }
+            let stored = st.write(&served.canonical, object);
+            if kind == "CustomResourceDefinition" && api_version == CRD_API_VERSION {
+                st.install(&stored);
+            }
+            Ok(in_version(stored, &api_version))
+        })
+    }
+
+    /// Applies every CustomResourceDefinition in the YAML files of `dir` (other documents are
+    /// ignored), as `kubectl apply -f dir` would.
+    pub fn install_crds(&self, dir: &std::path::Path) -> Result<usize, FakeApiError> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| FakeApiError::NotFound(format!("{}: {e}", dir.display())))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+            .collect();
+        files.sort();
+        let mut n = 0;
+        for file in files {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| FakeApiError::NotFound(format!("{}: {e}", file.display())))?;
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let Ok(v) = <Value as serde::Deserialize>::deserialize(doc) else {
+                    continue;
+                };
+                if text_of(&v, "/kind") == Some("CustomResourceDefinition") {
+                    self.apply(v)?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Deletes an object at once; open watches get `DELETED` with the deletion's
@@ -135,17 +187,25 @@ impl FakeApiServer {
         namespace: Option<&str>,
         name: &str,
     ) -> Result<Value, FakeApiError> {
-        let resource = Resource::of(api_version, kind);
         let key = ObjectKey::new(namespace, name);
-        let gone = self.shared.update(|st| st.remove(&resource, &key));
-        gone.ok_or_else(|| FakeApiError::NotFound(format!("{kind} {}", key.display())))
+        self.shared.update(|st| {
+            let served = st.served_kind(api_version, kind)?;
+            let gone = st.remove(&served.canonical, &key);
+            let gone = gone.ok_or_else(|| FakeApiError::NotFound(format!("{kind} {}", key.display())))?;
+            if kind == "CustomResourceDefinition" && api_version == CRD_API_VERSION {
+                st.uninstall(&gone);
+            }
+            Ok(in_version(gone, api_version))
+        })
     }
 
     /// The stored object, with the metadata the server set, e.g. to check a status a client wrote.
     pub fn get(&self, api_version: &str, kind: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
-        let resource = Resource::of(api_version, kind);
         let key = ObjectKey::new(namespace, name);
-        self.shared.lock().store.live(&resource, &key).cloned()
+        let st = self.shared.lock();
+        let served = st.served_kind(api_version, kind).ok()?;
+        let live = st.store.live(&served.canonical, &key).cloned()?;
+        Some(in_version(live, api_version))
     }
 
     /// The current global resourceVersion.
@@ -255,6 +315,66 @@ fn text<'v>(object: &'v Value, pointer: &str) -> Option<&'v str> {
     object.pointer(pointer).and_then(Value::as_str)
 }
 
+fn text_of<'v>(object: &'v Value, pointer: &str) -> Option<&'v str> {
+    text(object, pointer)
+}
+
+const CRD_API_VERSION: &str = "apiextensions.k8s.io/v1";
+
+/// API groups the server has built in; every other group needs a CustomResourceDefinition.
+const BUILT_IN_GROUPS: &[&str] = &[
+    "",
+    "admissionregistration.k8s.io",
+    "apiextensions.k8s.io",
+    "apiregistration.k8s.io",
+    "apps",
+    "authentication.k8s.io",
+    "authorization.k8s.io",
+    "autoscaling",
+    "batch",
+    "certificates.k8s.io",
+    "coordination.k8s.io",
+    "discovery.k8s.io",
+    "events.k8s.io",
+    "flowcontrol.apiserver.k8s.io",
+    "networking.k8s.io",
+    "node.k8s.io",
+    "policy",
+    "rbac.authorization.k8s.io",
+    "resource.k8s.io",
+    "scheduling.k8s.io",
+    "storage.k8s.io",
+];
+
+/// An object as seen through `api_version` (custom resources are stored in one version and
+/// served in every version of their CRD).
+fn in_version(mut object: Value, api_version: &str) -> Value {
+    if object.get("apiVersion").is_some() {
+        object["apiVersion"] = json!(api_version);
+    }
+    object
+}
+
+/// What a CustomResourceDefinition makes the server serve.
+#[derive(Debug, Clone)]
+struct Crd {
+    kind: String,
+    /// Served versions.
+    versions: Vec<String>,
+    storage: String,
+    /// Versions with the `status` subresource.
+    status: Vec<String>,
+}
+
+/// A collection as a request (or a test) names it, resolved.
+#[derive(Debug, Clone)]
+struct Served {
+    /// Where its objects are stored (a custom resource's storage version).
+    canonical: Resource,
+    /// Whether `status` is a subresource: writes of the object keep it.
+    status_subresource: bool,
+}
+
 struct Shared {
     addr: SocketAddr,
     state: Mutex<State>,
@@ -283,9 +403,123 @@ struct State {
     next_watch: u64,
     requests: Vec<String>,
     fail_lists: u32,
+    /// Installed CRDs by group and plural.
+    crds: BTreeMap<(String, String), Crd>,
 }
 
 impl State {
+    /// Resolves a collection: built-in ones as they are, custom ones through their CRD (404
+    /// when it is not installed or does not serve the version).
+    fn served(&self, resource: &Resource) -> Result<Served, Failure> {
+        let group = resource.group();
+        if BUILT_IN_GROUPS.contains(&group) {
+            return Ok(Served {
+                canonical: resource.clone(),
+                status_subresource: true,
+            });
+        }
+        let version = resource.api_version.rsplit('/').next().unwrap_or_default();
+        let crd = self
+            .crds
+            .get(&(group.to_string(), resource.plural.clone()))
+            .filter(|c| c.versions.iter().any(|v| v == version));
+        let Some(crd) = crd else {
+            return Err(Failure::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ));
+        };
+        Ok(Served {
+            canonical: Resource {
+                api_version: format!("{group}/{}", crd.storage),
+                plural: resource.plural.clone(),
+            },
+            status_subresource: crd.status.iter().any(|v| v == version),
+        })
+    }
+
+    /// The kind of a collection's objects.
+    fn kind(&self, resource: &Resource) -> String {
+        let crd = self.crds.get(&(resource.group().to_string(), resource.plural.clone()));
+        crd.map_or_else(|| self.store.kind(resource), |c| c.kind.clone())
+    }
+
+    /// Resolves an apiVersion and kind, as a test names an object.
+    fn served_kind(&self, api_version: &str, kind: &str) -> Result<Served, FakeApiError> {
+        let group = api_version.split_once('/').map_or("", |(g, _)| g);
+        let by_kind = self.crds.iter().find(|((g, _), c)| g == group && c.kind == kind);
+        let resource = match by_kind {
+            Some(((_, plural), _)) => Resource {
+                api_version: api_version.to_string(),
+                plural: plural.clone(),
+            },
+            None => Resource::of(api_version, kind),
+        };
+        self.served(&resource)
+            .map_err(|_| FakeApiError::NotFound(format!("{api_version} {kind}: no CustomResourceDefinition installed")))
+    }
+
+    /// Serves what a CRD object defines.
+    fn install(&mut self, crd: &Value) {
+        let (Some(group), Some(plural), Some(kind)) = (
+            text(crd, "/spec/group"),
+            text(crd, "/spec/names/plural"),
+            text(crd, "/spec/names/kind"),
+        ) else {
+            return;
+        };
+        let versions = crd
+            .pointer("/spec/versions")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let served = |v: &&Value| v.get("served").and_then(Value::as_bool).unwrap_or(false);
+        let name = |v: &Value| text(v, "/name").unwrap_or_default().to_string();
+        let entry = Crd {
+            kind: kind.to_string(),
+            versions: versions.iter().filter(served).map(name).collect(),
+            storage: versions
+                .iter()
+                .find(|v| v.get("storage").and_then(Value::as_bool) == Some(true))
+                .map(name)
+                .unwrap_or_default(),
+            status: versions
+                .iter()
+                .filter(|v| v.pointer("/subresources/status").is_some())
+                .map(name)
+                .collect(),
+        };
+        self.crds.insert((group.to_string(), plural.to_string()), entry);
+    }
+
+    /// Stops serving a deleted CRD's resources: its objects are deleted (watches see them
+    /// go) and its watches end.
+    fn uninstall(&mut self, crd: &Value) {
+        let (Some(group), Some(plural)) = (text(crd, "/spec/group"), text(crd, "/spec/names/plural")) else {
+            return;
+        };
+        let Some(entry) = self.crds.remove(&(group.to_string(), plural.to_string())) else {
+            return;
+        };
+        let resource = Resource {
+            api_version: format!("{group}/{}", entry.storage),
+            plural: plural.to_string(),
+        };
+        let now = self.store.resource_version();
+        let keys: Vec<ObjectKey> = self.store.snapshot(&resource, now).map(|(k, _)| k.clone()).collect();
+        for key in keys {
+            self.remove(&resource, &key);
+        }
+        self.watches.retain(|_, open| {
+            let ours = open.resource == resource;
+            if ours {
+                let _ = open.tx.send(WatchFrame::End);
+            }
+            !ours
+        });
+    }
+
     /// Stores `object` (create or replace), tells the watches, and returns the stored object.
     fn write(&mut self, resource: &Resource, object: Value) -> Value {
         let (stored, change) = self.store.put(resource, object);
@@ -305,7 +539,7 @@ impl State {
     /// does a watch's replay and registration, so each watch gets every write once, in order.
     fn publish(&mut self, resource: &Resource, change: &Change) {
         self.watches.retain(|_, open| {
-            let event = (open.resource == *resource).then(|| watch_event(&open.filter, change));
+            let event = (open.resource == *resource).then(|| watch_event(&open.filter, change, &open.api_version));
             let Some(Some(line)) = event else { return true };
             open.rv = change.rv;
             open.tx.send(WatchFrame::Line(line)).is_ok()
@@ -317,6 +551,8 @@ impl State {
 struct OpenWatch {
     request: String,
     resource: Resource,
+    /// The apiVersion the client watches in (its objects are rewritten to it).
+    api_version: String,
     kind: String,
     filter: Filter,
     bookmarks: bool,
@@ -329,7 +565,7 @@ impl OpenWatch {
     /// False when the client has gone.
     fn send_bookmark(&mut self, rv: u64, initial_events_end: bool) -> bool {
         self.rv = rv;
-        let line = bookmark_event(&self.kind, &self.resource, rv, initial_events_end);
+        let line = bookmark_event(&self.kind, &self.api_version, rv, initial_events_end);
         self.tx.send(WatchFrame::Line(line)).is_ok()
     }
 }
@@ -346,15 +582,16 @@ enum WatchFrame {
 /// The event a watch with `filter` sees for `change`, as the real watch cache computes it:
 /// entering the selector is `ADDED`, leaving it is `DELETED` with the old object at the new
 /// resourceVersion.
-fn watch_event(filter: &Filter, change: &Change) -> Option<Bytes> {
+fn watch_event(filter: &Filter, change: &Change, api_version: &str) -> Option<Bytes> {
     let now = !change.deleted && filter.matches(&change.object);
     let before = change.prev.as_ref().is_some_and(|prev| filter.matches(prev));
+    let object = || in_version(change.object.clone(), api_version);
     match (before, now) {
-        (true, true) => Some(event_line("MODIFIED", &change.object)),
-        (false, true) => Some(event_line("ADDED", &change.object)),
-        (true, false) if change.deleted => Some(event_line("DELETED", &change.object)),
+        (true, true) => Some(event_line("MODIFIED", &object())),
+        (false, true) => Some(event_line("ADDED", &object())),
+        (true, false) if change.deleted => Some(event_line("DELETED", &object())),
         (true, false) => {
-            let mut gone = change.prev.clone().unwrap_or_default();
+            let mut gone = in_version(change.prev.clone().unwrap_or_default(), api_version);
             store::set_resource_version(&mut gone, change.rv);
             Some(event_line("DELETED", &gone))
         }
@@ -367,12 +604,12 @@ fn event_line(kind: &str, object: &Value) -> Bytes {
     Bytes::from(format!("{{\"type\":{},\"object\":{object}}}\n", json!(kind)))
 }
 
-fn bookmark_event(kind: &str, resource: &Resource, rv: u64, initial_events_end: bool) -> Bytes {
+fn bookmark_event(kind: &str, api_version: &str, rv: u64, initial_events_end: bool) -> Bytes {
     let mut metadata = json!({ "resourceVersion": rv.to_string() });
     if initial_events_end {
         metadata["annotations"] = json!({ "k8s.io/initial-events-end": "true" });
     }
-    let object = json!({ "kind": kind, "apiVersion": resource.api_version, "metadata": metadata });
+    let object = json!({ "kind": kind, "apiVersion": api_version, "metadata": metadata });
     event_line("BOOKMARK", &object)
 }
 
@@ -486,7 +723,50 @@ enum Route {
     Object(Resource, ObjectKey, Option<String>),
 }
 
+/// How a request's collection is served: in which apiVersion, with a status subresource or not.
+struct ServedAs {
+    api_version: String,
+    status_subresource: bool,
+}
+
+impl ServedAs {
+    fn answer(&self, object: &Value) -> Value {
+        in_version(object.clone(), &self.api_version)
+    }
+}
+
 impl Route {
+    /// The route with its collection resolved to where its objects are stored.
+    fn served(self, st: &State) -> Result<(Route, ServedAs), Failure> {
+        let resolve = |resource: Resource| -> Result<(Resource, ServedAs), Failure> {
+            let served = st.served(&resource)?;
+            Ok((
+                served.canonical,
+                ServedAs {
+                    api_version: resource.api_version,
+                    status_subresource: served.status_subresource,
+                },
+            ))
+        };
+        match self {
+            Route::Version => Ok((
+                Route::Version,
+                ServedAs {
+                    api_version: String::new(),
+                    status_subresource: false,
+                },
+            )),
+            Route::Collection(resource, namespace) => {
+                let (canonical, served) = resolve(resource)?;
+                Ok((Route::Collection(canonical, namespace), served))
+            }
+            Route::Object(resource, key, sub) => {
+                let (canonical, served) = resolve(resource)?;
+                Ok((Route::Object(canonical, key, sub), served))
+            }
+        }
+    }
+
     fn parse(path: &str) -> Option<Self> {
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         if segments.iter().any(|segment| segment.is_empty()) {
@@ -528,32 +808,41 @@ async fn answer(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     shared.update(|st| st.requests.push(line.clone()));
     let query = parse_query(&raw_query);
     let watch = matches!(param(&query, "watch"), Some("true" | "1"));
-    let reply = match (req.method().clone(), Route::parse(req.uri().path())) {
+    // Custom resources: stored in their CRD's storage version, answered in the one asked for.
+    let route = Route::parse(req.uri().path()).map(|route| route.served(&shared.lock()));
+    let route = match route {
+        Some(Err(failure)) => return Ok(failure.into_response()),
+        Some(Ok(route)) => Some(route),
+        None => None,
+    };
+    let reply = match (req.method().clone(), route) {
         (_, None) => Err(Failure::new(
             404,
             "NotFound",
             "the server could not find the requested resource",
         )),
-        (Method::GET, Some(Route::Version)) => Ok(json_response(StatusCode::OK, &version())),
-        (Method::GET, Some(Route::Collection(resource, namespace))) if watch => {
-            start_watch(&shared, line, resource, namespace.as_deref(), &query)
+        (Method::GET, Some((Route::Version, _))) => Ok(json_response(StatusCode::OK, &version())),
+        (Method::GET, Some((Route::Collection(resource, namespace), served))) if watch => {
+            start_watch(&shared, line, resource, served, namespace.as_deref(), &query)
         }
-        (Method::GET, Some(Route::Collection(resource, namespace))) => {
-            shared.update(|st| list(st, &resource, namespace.as_deref(), &query))
+        (Method::GET, Some((Route::Collection(resource, namespace), served))) => {
+            shared.update(|st| list(st, &resource, &served.api_version, namespace.as_deref(), &query))
         }
-        (Method::GET, Some(Route::Object(resource, key, subresource))) => {
+        (Method::GET, Some((Route::Object(resource, key, subresource), served))) => {
             let st = shared.lock();
+            let status_ok = subresource.as_deref() == Some("status") && served.status_subresource;
             match (st.store.live(&resource, &key), subresource.as_deref()) {
-                (Some(object), None | Some("status")) => Ok(json_response(StatusCode::OK, object)),
+                (Some(object), None) => Ok(json_response(StatusCode::OK, &served.answer(object))),
+                (Some(object), Some(_)) if status_ok => Ok(json_response(StatusCode::OK, &served.answer(object))),
                 _ => Err(Failure::not_found(&resource, &key.name)),
             }
         }
-        (Method::DELETE, Some(Route::Object(resource, key, None))) => {
+        (Method::DELETE, Some((Route::Object(resource, key, None), served))) => {
             let gone = shared.update(|st| st.remove(&resource, &key));
             let gone = gone.ok_or_else(|| Failure::not_found(&resource, &key.name));
-            gone.map(|gone| json_response(StatusCode::OK, &gone))
+            gone.map(|gone| json_response(StatusCode::OK, &served.answer(&gone)))
         }
-        (Method::POST | Method::PUT | Method::PATCH, Some(route)) => write(&shared, route, req).await,
+        (Method::POST | Method::PUT | Method::PATCH, Some((route, served))) => write(&shared, route, served, req).await,
         (method, Some(_)) => Err(Failure::new(
             405,
             "MethodNotAllowed",
@@ -625,7 +914,7 @@ fn percent_decode(text: &str) -> String {
 
 /// One list page, read from one snapshot: the first page's resourceVersion travels in the
 /// `continue` token, so later pages ignore writes made since, and expire with compaction.
-fn list(st: &mut State, resource: &Resource, namespace: Option<&str>, query: &Query) -> Reply {
+fn list(st: &mut State, resource: &Resource, api_version: &str, namespace: Option<&str>, query: &Query) -> Reply {
     if st.fail_lists > 0 {
         st.fail_lists -= 1;
         return Err(Failure::new(
@@ -679,8 +968,8 @@ fn list(st: &mut State, resource: &Resource, namespace: Option<&str>, query: &Qu
         })
         .collect();
     let list = json!({
-        "kind": format!("{}List", st.store.kind(resource)),
-        "apiVersion": resource.api_version,
+        "kind": format!("{}List", st.kind(resource)),
+        "apiVersion": api_version,
         "metadata": metadata,
         "items": items,
     });
@@ -729,6 +1018,7 @@ fn start_watch(
     shared: &Arc<Shared>,
     request: String,
     resource: Resource,
+    served: ServedAs,
     namespace: Option<&str>,
     query: &Query,
 ) -> Reply {
@@ -752,8 +1042,9 @@ fn start_watch(
         };
         let mut open = OpenWatch {
             request,
-            kind: st.store.kind(&resource),
+            kind: st.kind(&resource),
             resource,
+            api_version: served.api_version,
             filter,
             bookmarks,
             rv: current,
@@ -766,7 +1057,7 @@ fn start_watch(
                 let objects = st.store.snapshot(&open.resource, current).map(|(_, object)| object);
                 objects
                     .filter(|object| open.filter.matches(object))
-                    .for_each(|object| send(event_line("ADDED", object)));
+                    .for_each(|object| send(event_line("ADDED", &in_version(object.clone(), &open.api_version))));
                 if initial_events {
                     open.send_bookmark(current, true);
                 }
@@ -786,7 +1077,7 @@ fn start_watch(
                 let changes = st.store.changes_since(&open.resource, rv);
                 changes
                     .iter()
-                    .filter_map(|change| watch_event(&open.filter, change))
+                    .filter_map(|change| watch_event(&open.filter, change, &open.api_version))
                     .for_each(send);
             }
         }
@@ -871,7 +1162,7 @@ const MERGE_PATCH: &str = "application/merge-patch+json";
 const STRATEGIC_MERGE_PATCH: &str = "application/strategic-merge-patch+json";
 const APPLY_PATCH: &str = "application/apply-patch+yaml";
 
-async fn write(shared: &Shared, route: Route, req: Request<Incoming>) -> Reply {
+async fn write(shared: &Shared, route: Route, served: ServedAs, req: Request<Incoming>) -> Reply {
     let method = req.method().clone();
     let content_type = req.headers().get(CONTENT_TYPE).and_then(|value| value.to_str().ok());
     let content_type = content_type.unwrap_or_default().split(';').next().unwrap_or_default();
@@ -887,11 +1178,14 @@ async fn write(shared: &Shared, route: Route, req: Request<Incoming>) -> Reply {
     }
     match (method, route) {
         (Method::POST, Route::Collection(resource, namespace)) => {
-            shared.update(|st| create(st, &resource, namespace.as_deref(), body))
+            let created = shared.update(|st| create(st, &resource, namespace.as_deref(), body))?;
+            Ok(json_response(StatusCode::CREATED, &served.answer(&created)))
         }
         (Method::PUT | Method::PATCH, Route::Object(resource, key, subresource)) => {
             let subresource = subresource.as_deref();
-            shared.update(|st| update(st, &resource, &key, subresource, patch.as_deref(), &body))
+            let write = |st: &mut State| update(st, &resource, &key, subresource, &served, patch.as_deref(), &body);
+            let (code, stored) = shared.update(write)?;
+            Ok(json_response(code, &served.answer(&stored)))
         }
         (method, _) => Err(Failure::new(
             405,
@@ -901,13 +1195,13 @@ async fn write(shared: &Shared, route: Route, req: Request<Incoming>) -> Reply {
     }
 }
 
-fn create(st: &mut State, resource: &Resource, namespace: Option<&str>, mut object: Value) -> Reply {
+fn create(st: &mut State, resource: &Resource, namespace: Option<&str>, mut object: Value) -> Result<Value, Failure> {
     if !object.is_object() || !object["metadata"].is_object() {
         return Err(Failure::bad_request("the body is not an object with metadata"));
     }
     object["apiVersion"] = json!(resource.api_version);
     if text(&object, "/kind").is_none() {
-        object["kind"] = json!(st.store.kind(resource));
+        object["kind"] = json!(st.kind(resource));
     }
     if let Some(namespace) = namespace {
         if text(&object, "/metadata/namespace").is_some_and(|given| given != namespace) {
@@ -932,22 +1226,28 @@ fn create(st: &mut State, resource: &Resource, namespace: Option<&str>, mut obje
             "already exists",
         ));
     }
-    Ok(json_response(StatusCode::CREATED, &st.write(resource, object)))
+    let stored = st.write(resource, object);
+    if resource.api_version == CRD_API_VERSION && resource.plural == "customresourcedefinitions" {
+        st.install(&stored);
+    }
+    Ok(stored)
 }
 
-/// `PUT` or `PATCH` of an object or of its `status`. As for kinds with a status subresource,
-/// writing the object keeps its status, and writing `status` changes nothing else.
+/// `PUT` or `PATCH` of an object or of its `status`. For kinds with a status subresource,
+/// writing the object keeps its status, and writing `status` changes nothing else; kinds
+/// without one (custom resources whose CRD declares none) have no `status` to write.
 fn update(
     st: &mut State,
     resource: &Resource,
     key: &ObjectKey,
     subresource: Option<&str>,
+    served: &ServedAs,
     patch: Option<&str>,
     body: &Value,
-) -> Reply {
+) -> Result<(StatusCode, Value), Failure> {
     let status_write = match subresource {
         None => false,
-        Some("status") => true,
+        Some("status") if served.status_subresource => true,
         Some(_) => return Err(Failure::not_found(resource, &key.name)),
     };
     let live = st.store.live(resource, key).cloned();
@@ -956,7 +1256,7 @@ fn update(
         (Some(MERGE_PATCH | STRATEGIC_MERGE_PATCH), Some(live)) => merged(live.clone(), body),
         // Server-side apply without field ownership: a merge patch that may create.
         (Some(APPLY_PATCH), live) => {
-            let empty = json!({ "kind": st.store.kind(resource), "metadata": {} });
+            let empty = json!({ "kind": st.kind(resource), "metadata": {} });
             merged(live.clone().unwrap_or(empty), body)
         }
         (None | Some(MERGE_PATCH | STRATEGIC_MERGE_PATCH), None) => {
@@ -989,16 +1289,16 @@ fn update(
     }
     let code = match &live {
         Some(live) => {
-            object = if status_write {
-                with_status_of(live.clone(), &object)
-            } else {
-                with_status_of(object, live)
-            };
+            if status_write {
+                object = with_status_of(live.clone(), &object);
+            } else if served.status_subresource {
+                object = with_status_of(object, live);
+            }
             StatusCode::OK
         }
         None => StatusCode::CREATED,
     };
-    Ok(json_response(code, &st.write(resource, object)))
+    Ok((code, st.write(resource, object)))
 }
 
 /// `object` with the `status` of `from` (or none if `from` has none).
@@ -1045,6 +1345,7 @@ mod store {
     /// English rules the built-in resources follow.
     const KNOWN_KINDS: &[(&str, &str)] = &[
         ("configmaps", "ConfigMap"),
+        ("customresourcedefinitions", "CustomResourceDefinition"),
         ("endpoints", "Endpoints"),
         ("endpointslices", "EndpointSlice"),
         ("events", "Event"),
@@ -1058,6 +1359,7 @@ mod store {
         ("networkpolicies", "NetworkPolicy"),
         ("nodes", "Node"),
         ("pods", "Pod"),
+        ("referencegrants", "ReferenceGrant"),
         ("secrets", "Secret"),
         ("serviceaccounts", "ServiceAccount"),
         ("services", "Service"),

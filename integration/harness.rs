@@ -49,8 +49,14 @@ pub struct Kproxy {
 
 impl Kproxy {
     /// Starts `kproxy` with `args` in `topo`'s node namespace, logging to a file. `tools`, if
-    /// given, is searched first for the tools kproxy runs (to fake a failing one).
-    pub fn start(topo: &Topology, args: &[String], tools: Option<&std::path::Path>) -> Kproxy {
+    /// given, is searched first for the tools kproxy runs (to fake a failing one); `env` is
+    /// added to kproxy's environment (and may set PATH).
+    pub fn start_with_env(
+        topo: &Topology,
+        args: &[String],
+        tools: Option<&std::path::Path>,
+        env: &[(&str, String)],
+    ) -> Kproxy {
         let log = std::env::temp_dir().join(format!("{}-kproxy.log", topo.id));
         let file = std::fs::File::create(&log).expect("log file");
         let mut path = std::env::var("PATH").unwrap_or_default();
@@ -62,6 +68,7 @@ impl Kproxy {
             .args(args)
             .env("RUST_LOG", "info,kproxy=debug")
             .env("PATH", path)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file)
@@ -112,6 +119,24 @@ impl Kproxy {
             .find(|l| l.split_whitespace().next() == Some(name))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse().ok())
+    }
+
+    /// The whole /metrics page.
+    pub fn metrics_text(&self) -> String {
+        let out = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.node_ns,
+                "curl",
+                "-s",
+                "--max-time",
+                "2",
+                "http://127.0.0.1:10249/metrics",
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Number of successful syncs so far.

@@ -611,7 +611,7 @@ fn host_and_path_table(kind: SourceKind) {
     let m = |code: &str| {
         env.kproxy
             .metric(&format!(
-                "kproxy_ingress_requests_total{{ingress=\"default/table\",service=\"default/svc-a\",code=\"{code}\"}}"
+                "kproxy_ingress_requests_total{{code=\"{code}\",ingress=\"default/table\",service=\"default/svc-a\"}}"
             ))
             .unwrap_or(0.0)
     };

@@ -6,6 +6,7 @@
 //! on UDP with the pod name and the peer address; `__udp ADDR` is a one-shot UDP client.
 
 mod fakeapi;
+mod gateway;
 mod harness;
 mod ingress;
 mod netns;
@@ -103,6 +104,11 @@ fn main() -> ExitCode {
         Some("__udp") => return udp_client(&argv[2], argv.get(3).and_then(|p| p.parse().ok()).unwrap_or(0)),
         Some("__http") => ingress::serve_backend(&argv[2], argv[3].parse().expect("port"), false),
         Some("__https") => ingress::serve_backend(&argv[2], argv[3].parse().expect("port"), true),
+        Some("__gwecho") => gateway::serve_echo(
+            &argv[2],
+            argv[3].parse().expect("port"),
+            argv.get(4).map(String::as_str),
+        ),
         _ => {}
     }
     let args = Arguments::from_args();
@@ -147,6 +153,29 @@ fn main() -> ExitCode {
     }
     for (name, scenario) in ingress::API_ONLY {
         let trial = Trial::test(format!("ingress::api::{name}"), move || {
+            scenario();
+            Ok(())
+        });
+        trials.push(trial.with_ignored_flag(!is_root));
+    }
+    for source in [scenarios::SourceKind::Manifests, scenarios::SourceKind::Api] {
+        for (name, scenario) in gateway::ALL {
+            let trial = Trial::test(format!("gateway::{}::{name}", source.name()), move || {
+                scenario(source);
+                Ok(())
+            });
+            trials.push(trial.with_ignored_flag(!is_root));
+        }
+    }
+    for (name, scenario) in gateway::API_ONLY {
+        let trial = Trial::test(format!("gateway::api::{name}"), move || {
+            scenario();
+            Ok(())
+        });
+        trials.push(trial.with_ignored_flag(!is_root));
+    }
+    for (name, scenario) in gateway::MANIFESTS_ONLY {
+        let trial = Trial::test(format!("gateway::manifests::{name}"), move || {
             scenario();
             Ok(())
         });

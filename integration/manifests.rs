@@ -168,6 +168,47 @@ fn join_path(parent: String, child: &str) -> String {
     }
 }
 
+/// Gateway API's GatewayClass (k8s-openapi has no type for it): the fields of the v1 schema.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[allow(dead_code)] // read for unknown-field checking only
+struct GatewayClass {
+    api_version: String,
+    kind: String,
+    metadata: ObjectMeta,
+    spec: GatewayClassSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[allow(dead_code)]
+struct GatewayClassSpec {
+    controller_name: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    parameters_ref: Option<Value>,
+}
+
+impl k8s_openapi::Resource for GatewayClass {
+    const API_VERSION: &'static str = "gateway.networking.k8s.io/v1";
+    const GROUP: &'static str = "gateway.networking.k8s.io";
+    const KIND: &'static str = "GatewayClass";
+    const VERSION: &'static str = "v1";
+    const URL_PATH_SEGMENT: &'static str = "gatewayclasses";
+    type Scope = k8s_openapi::ClusterResourceScope;
+}
+
+impl Metadata for GatewayClass {
+    type Ty = ObjectMeta;
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 /// Decodes a document by its apiVersion and kind.
 fn decode(doc: &Document) -> Result<Object, String> {
     let field = |name: &str| doc.value.get(name).and_then(Value::as_str).unwrap_or("").to_owned();
@@ -183,6 +224,13 @@ fn decode(doc: &Document) -> Result<Object, String> {
         ("apps/v1", "DaemonSet") => Object::DaemonSet(Box::new(decode_strict(doc)?)),
         ("batch/v1", "Job") => decode_strict::<Job>(doc).map(|_| Object::Other)?,
         ("networking.k8s.io/v1", "IngressClass") => Object::IngressClass(decode_strict(doc)?),
+        ("gateway.networking.k8s.io/v1", "GatewayClass") => {
+            let class: GatewayClass = decode_strict(doc)?;
+            if class.spec.controller_name != "kproxy.io/gateway-controller" {
+                return Err(format!("{}: a GatewayClass of another controller", doc.origin()));
+            }
+            Object::Other
+        }
         _ => {
             return Err(format!(
                 "{}: apiVersion {api_version:?} kind {kind:?} is not a kind this test knows; \
@@ -664,8 +712,15 @@ fn rbac_grants_no_wildcards_and_writes_only_what_kproxy_writes() {
         .collect();
     assert!(!rules.is_empty(), "no RBAC rules in manifests/");
     let writes = ["create", "update", "patch", "delete", "deletecollection"];
-    // What kproxy may write, by resource: Ingress status, Events, its Lease.
-    let writable = ["ingresses/status", "events", "leases"];
+    // What kproxy may write, by resource: Ingress and Gateway API status, Events, its Lease.
+    let writable = [
+        "ingresses/status",
+        "gatewayclasses/status",
+        "gateways/status",
+        "httproutes/status",
+        "events",
+        "leases",
+    ];
     let mut errors = Vec::new();
     for (origin, rule) in rules {
         let mut all = rule

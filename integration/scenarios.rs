@@ -59,6 +59,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("bad_objects_are_skipped_and_others_keep_working", bad_objects),
     ("cleanup_removes_only_kproxy_rules", cleanup),
     ("healthz_and_metrics", healthz_and_metrics),
+    ("localhost_nodeports_as_kube_proxy", localhost_nodeports),
     ("watch_survives_dropped_streams_and_410_gone", watch_resilience),
     (
         "session_affinity_keeps_a_client_on_one_backend",
@@ -99,10 +100,20 @@ pub const IPTABLES_ONLY: &[(&str, Scenario)] = &[
 ];
 
 /// Scenarios about nftables mode itself.
-pub const NFTABLES_ONLY: &[(&str, Scenario)] = &[(
-    "rejected_transaction_keeps_the_kernel_rules_and_is_retried",
-    nft_failure,
-)];
+pub const NFTABLES_ONLY: &[(&str, Scenario)] = &[
+    (
+        "rejected_transaction_keeps_the_kernel_rules_and_is_retried",
+        nft_failure,
+    ),
+    (
+        "a_change_behind_its_back_is_noticed_by_generation_and_repaired",
+        foreign_change,
+    ),
+    (
+        "nft_1_0_6_and_1_1_3_list_what_netlink_wrote_and_render_means_the_same",
+        nft_listings,
+    ),
+];
 
 const CLUSTER_IP: &str = "10.96.0.10";
 const PORT: u16 = 8080;
@@ -266,18 +277,56 @@ fn listener_in(ns: &str) -> std::net::TcpListener {
     .expect("listener thread")
 }
 
+/// A PATH with every program of this one except `nft`: kproxy runs without it in every mode
+/// but IPVS (whose companion table is still written by nft), which proves that nftables mode,
+/// its cleanup and the mode-switch cleanup of the other modes never start nft.
+pub fn path_without_nft() -> &'static str {
+    static DIR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("kproxy-no-nft-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("no-nft dir");
+        let path = std::env::var("PATH").unwrap_or_default();
+        for d in path.split(':').filter(|d| !d.is_empty()) {
+            for entry in std::fs::read_dir(d).into_iter().flatten().flatten() {
+                let name = entry.file_name();
+                if name == "nft" || dir.join(&name).exists() {
+                    continue;
+                }
+                let _ = std::os::unix::fs::symlink(entry.path(), dir.join(&name));
+            }
+        }
+        dir.display().to_string()
+    })
+}
+
+/// kproxy's PATH for `mode`: `tools` first, then everything but nft (see [`path_without_nft`]).
+fn kproxy_path(mode: &str, tools: Option<&std::path::Path>) -> String {
+    let base = if mode == "ipvs" {
+        std::env::var("PATH").unwrap_or_default()
+    } else {
+        path_without_nft().to_string()
+    };
+    match tools {
+        Some(t) => format!("{}:{base}", t.display()),
+        None => base,
+    }
+}
+
 impl Env {
     pub fn new(mode: &str, kind: SourceKind, docs: &[String], extra: &[&str]) -> Env {
-        Env::with_tools(mode, kind, docs, extra, None)
+        Env::with_tools(mode, kind, docs, extra, None, &[])
     }
 
-    /// Like [`Env::new`], with `tools` searched first for the programs kproxy runs.
+    /// Like [`Env::new`], with `tools` searched first for the programs kproxy runs and `env`
+    /// in kproxy's environment.
     pub fn with_tools(
         mode: &str,
         kind: SourceKind,
         docs: &[String],
         extra: &[&str],
         tools: Option<&std::path::Path>,
+        env: &[(&str, String)],
     ) -> Env {
         let mut topo = Topology::new(3);
         topo.start_servers(PORT);
@@ -339,7 +388,9 @@ impl Env {
         };
         let mut source = source;
         write_source(&mut source, docs);
-        let mut kproxy = Kproxy::start(&topo, &args, tools);
+        let mut env = env.to_vec();
+        env.push(("PATH", kproxy_path(mode, tools)));
+        let mut kproxy = Kproxy::start_with_env(&topo, &args, None, &env);
         kproxy.wait_sync_after(0);
         Env {
             topo,
@@ -361,7 +412,7 @@ impl Env {
         if let Some(i) = self.args.iter().position(|a| a == "--proxy-mode") {
             self.args[i + 1] = mode.to_string();
         }
-        self.kproxy = Kproxy::start(&self.topo, &self.args, None);
+        self.kproxy = Kproxy::start_with_env(&self.topo, &self.args, None, &[("PATH", kproxy_path(mode, None))]);
         self.kproxy.wait_sync_after(0);
     }
 
@@ -654,6 +705,66 @@ fn healthz_and_metrics(mode: &'static str, kind: SourceKind) {
         Some(3.0),
         "web:http, web:dns, empty"
     );
+    // The families node dashboards read, as every Kubernetes component exports them.
+    let text = env.kproxy.metrics_text();
+    let declared = |name: &str| text.lines().any(|l| l.starts_with(&format!("# TYPE {name} ")));
+    let mut names = vec![
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_start_time_seconds",
+        "process_open_fds",
+        "process_max_fds",
+        "kubernetes_build_info",
+        "kubeproxy_sync_proxy_rules_iptables_last",
+    ];
+    if kind == SourceKind::Api {
+        names.extend(["rest_client_requests_total", "rest_client_request_duration_seconds"]);
+    }
+    if mode == "iptables" {
+        // nfacct-backed, read from the kernel: iptables mode creates the counters.
+        names.extend([
+            "kubeproxy_iptables_ct_state_invalid_dropped_packets_total",
+            "kubeproxy_iptables_localhost_nodeports_accepted_packets_total",
+        ]);
+    }
+    for name in names {
+        assert!(declared(name), "metric {name} missing from /metrics:\n{text}");
+    }
+    if kind == SourceKind::Api {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("rest_client_requests_total{code=\"200\"") && l.contains("method=\"GET\"")),
+            "the API requests are counted:\n{text}"
+        );
+    }
+}
+
+/// `iptables.localhostNodePorts` (on by default): in iptables mode a NodePort answers on
+/// 127.0.0.1 of the node (route_localnet), and the packets are counted in the nfacct-backed
+/// metric; nftables and IPVS modes never serve NodePorts on loopback, as upstream.
+fn localhost_nodeports(mode: &'static str, kind: SourceKind) {
+    let env = Env::new(mode, kind, &objects(&pod_ips(&[0, 1])), &[]);
+    let client = env.topo.pods[2].ns.clone();
+    eventually_backends(
+        &env.topo,
+        &client,
+        &format!("http://{CLUSTER_IP}/"),
+        5,
+        &["pod-a", "pod-b"],
+    );
+    let node = env.topo.node.clone();
+    let got = curl(&env.topo, &node, "http://127.0.0.1:30080/");
+    let metric = "kubeproxy_iptables_localhost_nodeports_accepted_packets_total";
+    if mode == "iptables" {
+        let body = got.unwrap_or_else(|e| panic!("127.0.0.1:30080 from the node: curl exit {e}"));
+        assert!(body.starts_with("pod-"), "{body}");
+        assert!(
+            env.kproxy.metric(metric).unwrap_or(0.0) >= 1.0,
+            "the accepted packet is counted"
+        );
+    } else {
+        assert!(got.is_err(), "{mode} mode serves no NodePort on loopback: {got:?}");
+    }
 }
 
 fn watch_resilience(mode: &'static str, kind: SourceKind) {
@@ -681,45 +792,66 @@ fn watch_resilience(mode: &'static str, kind: SourceKind) {
     env.kproxy.assert_running();
 }
 
-/// A rule-writing tool that refuses syncs on demand, put first in kproxy's PATH.
-struct RefusingTool {
-    /// The program kproxy runs.
-    tool: &'static str,
-    /// A shell condition on the arguments: which runs fail (the others always work).
-    fails_when: &'static str,
-    /// What the failing run prints, as the real tool would.
-    message: &'static str,
-    /// The metric that counts the refused syncs.
-    metric: &'static str,
+/// How a scenario makes kproxy's next transactions fail while a marker file exists.
+enum Refusal {
+    /// A wrapper of the rule-writing tool, first in kproxy's PATH, failing as the real tool
+    /// would: the program, a shell condition on its arguments (which runs fail), and what it
+    /// prints.
+    Tool {
+        tool: &'static str,
+        fails_when: &'static str,
+        message: &'static str,
+    },
+    /// nftables mode's test hook (`KPROXY_TEST_NFT_REFUSE`): each transaction carries one
+    /// request for a chain that does not exist, and the kernel itself refuses it.
+    Kernel,
 }
 
-/// The tool refuses a sync: the kernel keeps the previous rules (traffic still flows as
-/// before), the failure is logged with the offending line and counted, and once the tool
-/// works again the retry programs the change.
-fn refused_sync_keeps_the_kernel_rules(mode: &'static str, kind: SourceKind, refusing: RefusingTool) {
-    let dir = std::env::temp_dir().join(format!("kpt-{}-{}-{}", refusing.tool, std::process::id(), kind.name()));
+struct Refusing {
+    how: Refusal,
+    /// The metric that counts the refused syncs.
+    metric: &'static str,
+    /// What the log of a refused sync must say.
+    logged: &'static [&'static str],
+}
+
+/// The kernel refuses a sync: it keeps the previous rules (traffic still flows as before),
+/// the failure is logged naming what was refused and counted, and once transactions work
+/// again the retry programs the change.
+fn refused_sync_keeps_the_kernel_rules(mode: &'static str, kind: SourceKind, refusing: Refusing) {
+    let dir = std::env::temp_dir().join(format!("kpt-{mode}-{}-{}", std::process::id(), kind.name()));
     std::fs::create_dir_all(&dir).expect("tools dir");
     let marker = dir.join("fail");
-    let which = std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {}", refusing.tool)])
-        .output()
-        .expect("sh");
-    let real = String::from_utf8_lossy(&which.stdout).trim().to_string();
-    let wrapper = format!(
-        "#!/bin/sh\nif [ -e {marker} ] && {fails_when}; then cat >/dev/null; echo '{message}' >&2; exit 1; fi\nexec {real} \"$@\"\n",
-        marker = marker.display(),
-        fails_when = refusing.fails_when,
-        message = refusing.message,
-    );
-    let script = dir.join(refusing.tool);
-    std::fs::write(&script, wrapper).expect("wrapper");
-    std::process::Command::new("chmod")
-        .arg("+x")
-        .arg(&script)
-        .status()
-        .expect("chmod");
+    let mut env = Vec::new();
+    let mut tools = None;
+    match refusing.how {
+        Refusal::Tool {
+            tool,
+            fails_when,
+            message,
+        } => {
+            let which = std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .expect("sh");
+            let real = String::from_utf8_lossy(&which.stdout).trim().to_string();
+            let wrapper = format!(
+                "#!/bin/sh\nif [ -e {marker} ] && {fails_when}; then cat >/dev/null; echo '{message}' >&2; exit 1; fi\nexec {real} \"$@\"\n",
+                marker = marker.display(),
+            );
+            let script = dir.join(tool);
+            std::fs::write(&script, wrapper).expect("wrapper");
+            std::process::Command::new("chmod")
+                .arg("+x")
+                .arg(&script)
+                .status()
+                .expect("chmod");
+            tools = Some(dir.as_path());
+        }
+        Refusal::Kernel => env.push(("KPROXY_TEST_NFT_REFUSE", marker.display().to_string())),
+    }
 
-    let mut env = Env::with_tools(mode, kind, &objects(&pod_ips(&[0, 1])), &[], Some(&dir));
+    let mut env = Env::with_tools(mode, kind, &objects(&pod_ips(&[0, 1])), &[], tools, &env);
     let client = env.topo.pods[2].ns.clone();
     let url = format!("http://{CLUSTER_IP}/");
     eventually_backends(&env.topo, &client, &url, 20, &["pod-a", "pod-b"]);
@@ -732,10 +864,9 @@ fn refused_sync_keeps_the_kernel_rules(mode: &'static str, kind: SourceKind, ref
     // The kernel still has the old rules: both backends answer.
     assert_eq!(backends(&env.topo, &client, &url, 20), both());
     let log = env.kproxy.log_text();
-    assert!(
-        log.contains("offending line") && log.contains("sync failed"),
-        "log:\n{log}"
-    );
+    for what in refusing.logged {
+        assert!(log.contains(what), "log does not say {what:?}:\n{log}");
+    }
 
     std::fs::remove_file(&marker).expect("unmark");
     eventually_backends(&env.topo, &client, &url, 20, &["pod-b"]);
@@ -743,24 +874,223 @@ fn refused_sync_keeps_the_kernel_rules(mode: &'static str, kind: SourceKind, ref
 }
 
 fn restore_failure(mode: &'static str, kind: SourceKind) {
-    let refusing = RefusingTool {
-        tool: "iptables-restore",
-        fails_when: "true",
-        message: "iptables-restore v1.8.9 (nf_tables): line 3: RULE_APPEND failed (Invalid argument): rule in chain KPROXY-SERVICES",
+    let refusing = Refusing {
+        how: Refusal::Tool {
+            tool: "iptables-restore",
+            fails_when: "true",
+            message: "iptables-restore v1.8.9 (nf_tables): line 3: RULE_APPEND failed (Invalid argument): rule in chain KPROXY-SERVICES",
+        },
         metric: "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+        logged: &["offending line", "sync failed"],
     };
     refused_sync_keeps_the_kernel_rules(mode, kind, refusing);
 }
 
-/// Only nft's transactions fail; listing the table still works. The retry is a full sync.
+/// The kernel refuses nftables mode's transaction: the log names the refused command and
+/// the Service it was for. The retry reads the table back and programs the change.
 fn nft_failure(mode: &'static str, kind: SourceKind) {
-    let refusing = RefusingTool {
-        tool: "nft",
-        fails_when: "[ \"$1\" = -f ]",
-        message: "/dev/stdin:3:1-20: Error: Could not process rule: No such file or directory",
+    let refusing = Refusing {
+        how: Refusal::Kernel,
         metric: "kproxy_sync_failures_total{mode=\"nftables\"}",
+        logged: &[
+            "nf_tables refused the transaction at `replace rule ip kproxy service-",
+            "(Service default/web)",
+            "No such file or directory",
+            "sync failed",
+        ],
     };
     refused_sync_keeps_the_kernel_rules(mode, kind, refusing);
+}
+
+/// Someone rewrites one of kproxy's dnat rules (to an address nobody serves), adds a rule of
+/// their own to a kproxy chain and deletes the NodePort's map element. There is no periodic
+/// resync to find it (`--sync-period 1h`): kproxy's next transaction, for an unrelated
+/// Service, is refused for the changed ruleset generation, and kproxy checks its table and
+/// repairs exactly that.
+fn foreign_change(mode: &'static str, kind: SourceKind) {
+    let docs = objects(&pod_ips(&[0, 1]));
+    let mut env = Env::new(mode, kind, &docs, &["--sync-period", "1h"]);
+    let url = format!("http://{CLUSTER_IP}/");
+    let node_port = format!("http://{}:30080/", env.topo.node_ip);
+    let (node, client, outside) = (
+        env.topo.node.clone(),
+        env.topo.pods[2].ns.clone(),
+        env.topo.client.clone(),
+    );
+    eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
+    let pod_b = pod_ips(&[1]).remove(0);
+    let listing = env.topo.exec_ok(&node, &["nft", "-a", "list", "table", "ip", "kproxy"]);
+    let mut chain = "";
+    let mut target = None;
+    for line in listing.lines() {
+        // `nft -a` lists `chain NAME { # handle N`.
+        if let Some(c) = line.trim().strip_prefix("chain ").and_then(|c| c.split(" {").next()) {
+            chain = c;
+        }
+        if line.contains(&format!("dnat to {pod_b}:8080")) && line.contains("tcp") {
+            target = Some((chain.to_string(), line.rsplit(' ').next().unwrap().to_string()));
+        }
+    }
+    let (chain, handle) = target.unwrap_or_else(|| panic!("no dnat to {pod_b}:\n{listing}"));
+    let dead = "10.244.250.250";
+    env.topo.exec_ok(
+        &node,
+        &[
+            "nft",
+            &format!("replace rule ip kproxy {chain} handle {handle} meta l4proto tcp dnat to {dead}:8080"),
+        ],
+    );
+    env.topo.exec_ok(
+        &node,
+        &[
+            "nft",
+            &format!("insert rule ip kproxy {chain} ip saddr 203.0.113.9 drop"),
+        ],
+    );
+    env.topo.exec_ok(
+        &node,
+        &["nft", "delete element ip kproxy service-nodeports { tcp . 30080 }"],
+    );
+    let syncs = env.kproxy.syncs();
+    let mut changed = docs.clone();
+    changed.push(service(
+        "other",
+        "{clusterIP: 10.96.0.13, ports: [{name: http, port: 80}]}",
+    ));
+    env.set(&changed);
+    env.kproxy.wait_sync_after(syncs);
+    eventually("the table is repaired", || {
+        let now = env.topo.exec_ok(&node, &["nft", "list", "table", "ip", "kproxy"]);
+        (!now.contains(dead) && !now.contains("203.0.113.9") && now.contains("tcp . 30080 :")).then_some(())
+    });
+    eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
+    eventually_backends(&env.topo, &outside, &node_port, 10, &["pod-a", "pod-b"]);
+    let log = env.kproxy.log_text();
+    assert!(log.contains("the ruleset changed behind kproxy's back"), "{log}");
+    assert!(log.contains("repairing"), "{log}");
+}
+
+/// nft 1.1.3 (Debian trixie's), fetched and unpacked under target/ by scripts/nft-trixie.sh.
+fn nft_trixie() -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/nft-trixie.sh");
+    let out = std::process::Command::new(script)
+        .output()
+        .expect("scripts/nft-trixie.sh");
+    assert!(
+        out.status.success(),
+        "scripts/nft-trixie.sh failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `nft -j list ruleset` without what differs between two equal rulesets: handles, and the
+/// order of set elements (a hash set lists in its own random order).
+fn ruleset_json(topo: &Topology, ns: &str) -> serde_json::Value {
+    fn normalize(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.remove("handle");
+                for (k, x) in m.iter_mut() {
+                    normalize(x);
+                    if k == "elem" {
+                        if let serde_json::Value::Array(a) = x {
+                            a.sort_by_key(|e| e.to_string());
+                        }
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(normalize),
+            _ => {}
+        }
+    }
+    let mut v: serde_json::Value =
+        serde_json::from_str(&topo.exec_ok(ns, &["nft", "-j", "list", "ruleset"])).expect("nft -j");
+    normalize(&mut v);
+    v
+}
+
+/// What kproxy writes over netlink, as nft 1.0.6 and nft 1.1.3 list it: both print kproxy's
+/// tables, and what each prints parses again (`nft -c -f`). And `kproxy render` prints nft
+/// input that, loaded with `nft -f` into an empty namespace, lists exactly as the table
+/// kproxy wrote.
+fn nft_listings(mode: &'static str, kind: SourceKind) {
+    let mut docs = objects(&pod_ips(&[0, 1]));
+    docs.push(service(
+        "sticky",
+        "{clusterIP: 10.96.0.30, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}, ports: [{name: http, port: 80}]}",
+    ));
+    docs.push(slice("sticky", &pod_ips(&[0, 1])));
+    docs.push("apiVersion: v1\nkind: Service\nmetadata: {name: fw, namespace: default}\nspec: {type: LoadBalancer, clusterIP: 10.96.0.50, externalIPs: [198.51.100.51], externalTrafficPolicy: Local, loadBalancerSourceRanges: [203.0.113.0/24], ports: [{name: http, port: 80, nodePort: 30100}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.50}]}}".to_string());
+    docs.push(slice("fw", &pod_ips(&[0])));
+    docs.push(service(
+        "web6",
+        "{clusterIP: 'fd00:96::10', ipFamilies: [IPv6], ports: [{name: http, port: 80}]}",
+    ));
+    docs.push(slice_of("web6", &[ep(0).v6(), ep(1).v6()]));
+    let env = Env::new(mode, kind, &docs, &[]);
+    let node = env.topo.node.clone();
+    let trixie = nft_trixie();
+    let listing_dir = std::env::temp_dir().join(format!("{}-listings", env.topo.id));
+    std::fs::create_dir_all(&listing_dir).expect("listing dir");
+    for (name, nft) in [("1.0.6", "nft".to_string()), ("1.1.3", trixie.clone())] {
+        let out = env.topo.exec_ok(&node, &[&nft, "list", "ruleset"]);
+        for want in [
+            "table ip kproxy {",
+            "table ip6 kproxy {",
+            "map service-ips {",
+            "dnat to 10.244.1.2:8080",
+        ] {
+            assert!(out.contains(want), "nft {name} does not print {want:?}:\n{out}");
+        }
+        assert!(out.contains("update @affinity-"), "nft {name}:\n{out}");
+        let file = listing_dir.join(format!("{name}.nft"));
+        std::fs::write(&file, &out).expect("listing");
+        // Each release reads what it printed, and the newer one what the older printed. (nft
+        // 1.0.6 cannot read 1.1.3's names for output-hook priorities, `priority dstnat`, in
+        // any ruleset: that is nft's, not the writer's.)
+        let readers: &[(&str, &str)] = if name == "1.0.6" {
+            &[("1.0.6", "nft"), ("1.1.3", trixie.as_str())]
+        } else {
+            &[("1.1.3", trixie.as_str())]
+        };
+        for &(reader, nft) in readers {
+            let check = env.topo.exec(&node, &[nft, "-c", "-f", &file.display().to_string()]);
+            assert!(
+                check.status.success(),
+                "nft {reader} cannot parse what nft {name} listed: {}\n{out}",
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+    }
+
+    // kproxy render, with the agent's own flags and source, loaded by nft into an empty
+    // namespace, means what netlink wrote.
+    let mut render_args = vec![kproxy_bin(), "render"];
+    render_args.extend(env.args.iter().map(String::as_str));
+    let render = env.topo.exec_ok(&node, &render_args);
+    let render_file = listing_dir.join("render.nft");
+    std::fs::write(&render_file, &render).expect("render");
+    let other = format!("{}r", env.topo.id);
+    crate::netns::run("ip", &["netns", "add", &other]);
+    let loaded = env
+        .topo
+        .exec(&other, &["nft", "-f", &render_file.display().to_string()]);
+    let written = ruleset_json(&env.topo, &node);
+    let rendered = if loaded.status.success() {
+        Some(ruleset_json(&env.topo, &other))
+    } else {
+        None
+    };
+    crate::netns::run("ip", &["netns", "del", &other]);
+    let _ = std::fs::remove_dir_all(&listing_dir);
+    let rendered = rendered.unwrap_or_else(|| {
+        panic!(
+            "nft -f refused kproxy render's output: {}\n{render}",
+            String::from_utf8_lossy(&loaded.stderr)
+        )
+    });
+    assert_eq!(written, rendered, "netlink wrote what render prints");
 }
 
 /// `--master` wins over the kubeconfig's server (which here points nowhere), as in kube-proxy:
@@ -862,8 +1192,10 @@ fn cleanup_nftables(kind: SourceKind) {
         "{tables}"
     );
     env.kproxy.stop();
+    // Without nft on the PATH: the cleanup deletes the tables over netlink.
+    let path = format!("PATH={}", path_without_nft());
     for args in [&["--cleanup"][..], &["--proxy-mode", "nftables", "--cleanup"][..]] {
-        let mut cmd = vec![kproxy_bin()];
+        let mut cmd = vec!["env", &path, kproxy_bin()];
         cmd.extend(args);
         let out = env.topo.exec(&node, &cmd);
         assert!(

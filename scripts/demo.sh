@@ -14,9 +14,10 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 keep=0
 [ "${1:-}" = "--keep" ] && keep=1
 [ "$(id -u)" = 0 ] || { echo "demo.sh: needs root (network namespaces, iptables)" >&2; exit 1; }
-for tool in ip iptables-restore curl python3; do
-  command -v "$tool" >/dev/null || { echo "demo.sh: missing $tool (apt-get install iproute2 iptables curl python3)" >&2; exit 1; }
-done
+# shellcheck source=scripts/lib-setup.sh
+. "$here/scripts/lib-setup.sh"
+ensure_cargo demo.sh
+ensure_commands demo.sh ip:iproute2 iptables-restore:iptables conntrack:conntrack curl:curl python3:python3
 
 echo "==> building kproxy"
 cargo build --quiet --release --manifest-path "$here/Cargo.toml"

@@ -1,10 +1,26 @@
 #!/usr/bin/env bash
-# kproxy's test command (what .ci/run calls): unit tests, manifest validation, the
-# network-namespace integration tests with real packets (root; as non-root they are listed as
-# ignored), the static checks of the deployment scripts, and, as root, the IPVS scenarios in a
-# qemu guest booting Debian's kernel (this kernel has no IPVS; KPROXY_SKIP_VM=1 skips them).
+# kproxy's test command (what .ci/run calls): unit tests, manifest validation, the drop-in
+# checks against kube-proxy v1.33's configuration and flags, the network-namespace integration
+# tests with real packets (root; as non-root they are listed as ignored), the static checks of
+# the deployment scripts, and, as root, the IPVS scenarios in a qemu guest booting Debian's
+# kernel (this kernel has no IPVS; KPROXY_SKIP_VM=1 skips them).
+#
+# On a fresh machine it first installs, as root with apt, the tools the tests run (iptables,
+# nftables, conntrack, iproute2, curl, python3, shellcheck) and says which it installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib-setup.sh
+. scripts/lib-setup.sh
+ensure_cargo test.sh
+if [ "$(id -u)" = 0 ]; then
+  ensure_commands test.sh \
+    iptables:iptables ip6tables:iptables iptables-restore:iptables iptables-legacy:iptables \
+    nft:nftables conntrack:conntrack ip:iproute2 curl:curl python3:python3 \
+    shellcheck:shellcheck update-ca-certificates:ca-certificates
+else
+  # The namespace tests need root and are skipped without it; the static checks need shellcheck.
+  ensure_commands test.sh shellcheck:shellcheck
+fi
 cargo test --locked
 bash scripts/check-deploy.sh
 if [ "$(id -u)" = 0 ] && [ -z "${KPROXY_SKIP_VM:-}" ]; then

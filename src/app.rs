@@ -29,7 +29,25 @@ fn proxier_config(config: &Config, family: IpFamily) -> ProxierConfig {
         masquerade_bit: config.masquerade_bit,
         detect_local: config.detect_local.clone(),
         nodeport_addresses: config.nodeport_addresses.clone(),
+        localhost_nodeports: crate::node_setup::localhost_nodeports(config),
+        nfacct: false,
+        conntrack_tcp_liberal: config.kube.conntrack.tcp_be_liberal,
     }
+}
+
+/// kube-proxy's nfacct counters, created when the iptables proxier starts; without them (no
+/// nfacct in the kernel) the rules do not count and the two metrics are absent, as upstream.
+fn ensure_nfacct() -> bool {
+    use crate::dataplane::nfacct;
+    [nfacct::CT_STATE_INVALID_DROPPED, nfacct::LOCALHOST_NODEPORTS_ACCEPTED]
+        .iter()
+        .all(|name| match nfacct::ensure(name) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "nfacct counter unavailable; its metric will not be updated");
+                false
+            }
+        })
 }
 
 /// The families this host can program: IPv4 always, IPv6 when ip6tables' nat table works.
@@ -49,11 +67,17 @@ async fn families() -> Vec<IpFamily> {
     }
 }
 
-async fn iptables_dataplane(config: &Config) -> Box<dyn Dataplane> {
+async fn iptables_dataplane(config: &Config, nfacct: bool) -> Box<dyn Dataplane> {
     let dps: Vec<Box<dyn Dataplane>> = families()
         .await
         .into_iter()
-        .map(|f| Box::new(IptablesProxier::new(proxier_config(config, f))) as Box<dyn Dataplane>)
+        .map(|f| {
+            let cfg = ProxierConfig {
+                nfacct,
+                ..proxier_config(config, f)
+            };
+            Box::new(IptablesProxier::new(cfg)) as Box<dyn Dataplane>
+        })
         .collect();
     Box::new(PerFamily::new(ProxyMode::Iptables.as_str(), dps))
 }
@@ -112,9 +136,57 @@ async fn nftables_dataplane(config: &Config) -> anyhow::Result<Box<dyn Dataplane
 
 async fn dataplane(config: &Config) -> anyhow::Result<Box<dyn Dataplane>> {
     match config.mode {
-        ProxyMode::Iptables => Ok(iptables_dataplane(config).await),
+        ProxyMode::Iptables => Ok(iptables_dataplane(config, ensure_nfacct()).await),
         ProxyMode::Ipvs => ipvs_dataplane(config).await,
         ProxyMode::Nftables => nftables_dataplane(config).await,
+    }
+}
+
+/// `--kube-api-qps`, `--kube-api-burst` (clientConnection.qps/burst).
+fn api_limits(config: &Config) -> (f32, i32) {
+    let c = &config.kube.client_connection;
+    (c.qps, c.burst)
+}
+
+/// How often a health or metrics port that could not be bound is tried again (kube-proxy's).
+const BIND_RETRY: Duration = Duration::from_secs(5);
+
+/// A listener now, or one still to be bound.
+enum Pending {
+    Bound(tokio::net::TcpListener),
+    Retry(std::net::SocketAddr, &'static str),
+}
+
+impl Pending {
+    /// The listener, retrying the bind every [`BIND_RETRY`] until it works or shutdown.
+    async fn resolve(self, shutdown: &watch::Receiver<bool>) -> Option<tokio::net::TcpListener> {
+        let (addr, server) = match self {
+            Pending::Bound(l) => return Some(l),
+            Pending::Retry(addr, server) => (addr, server),
+        };
+        loop {
+            if *shutdown.borrow() {
+                return None;
+            }
+            tokio::time::sleep(BIND_RETRY).await;
+            match health::bind(addr).await {
+                Ok(l) => return Some(l),
+                Err(e) => tracing::error!(server, error = %e, "cannot bind the {server} server; retrying"),
+            }
+        }
+    }
+}
+
+/// kube-proxy's `--bind-address-hard-fail`: a port that cannot be bound is fatal with it, and
+/// without it logged and retried while the proxy runs.
+async fn bind_server(addr: std::net::SocketAddr, hard_fail: bool, server: &'static str) -> anyhow::Result<Pending> {
+    match health::bind(addr).await {
+        Ok(l) => Ok(Pending::Bound(l)),
+        Err(e) if hard_fail => Err(e.into()),
+        Err(e) => {
+            tracing::error!(server, error = %e, "cannot bind the {server} server; retrying every 5s (--bind-address-hard-fail makes this fatal)");
+            Ok(Pending::Retry(addr, server))
+        }
     }
 }
 
@@ -155,9 +227,15 @@ async fn start_sources(
             tokio::spawn(manifests::run(state.clone(), source, MANIFEST_POLL, shutdown.clone()));
         }
         None => {
-            let client = kube_source::client(config.kubeconfig.as_deref(), config.master.as_deref()).await?;
+            let client = kube_source::client(
+                config.kubeconfig.as_deref(),
+                config.master.as_deref(),
+                api_limits(config),
+            )
+            .await?;
             if config.ingress.enabled() {
                 kube_source::spawn_ingress_watchers(client.clone(), state.clone(), shutdown.clone());
+                ingress::gateway::watch::spawn_watchers(client.clone(), state.clone(), shutdown.clone());
             }
             kube_source::spawn_watchers(client, &config.hostname, state.clone(), shutdown.clone());
         }
@@ -173,20 +251,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
     let health = Arc::new(ProxyHealth::new(2 * config.sync_period));
     if let Some(addr) = config.healthz_bind {
-        let listener = health::bind(addr).await?;
-        tokio::spawn(health::serve_healthz_on(listener, health.clone(), shutdown.clone()));
+        let listener = bind_server(addr, config.bind_address_hard_fail, "healthz").await?;
+        let (health, shutdown) = (health.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Some(listener) = listener.resolve(&shutdown).await {
+                let _ = health::serve_healthz_on(listener, health, shutdown).await;
+            }
+        });
     }
     if let Some(addr) = config.metrics_bind {
-        let listener = health::bind(addr).await?;
-        tokio::spawn(health::serve_metrics_on(
-            listener,
-            config.mode.as_str(),
-            shutdown.clone(),
-        ));
+        let listener = bind_server(addr, config.bind_address_hard_fail, "metrics").await?;
+        let (mode, shutdown) = (config.mode.as_str(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Some(listener) = listener.resolve(&shutdown).await {
+                let _ = health::serve_metrics_on(listener, mode, shutdown).await;
+            }
+        });
     }
     let health_checks = HealthCheckServer::new(health.clone());
     let mut store = Store::new(config.hostname.clone());
     store.set_ignore_external_ips(config.disable_external_ips);
+    store.set_bind_address(config.bind_address);
     let state = SharedState::new(store, health);
     let ingress = if config.ingress.enabled() {
         Some(ingress::controller::start(&config.ingress, state.clone(), shutdown.clone()).await?)
@@ -196,7 +281,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     start_sources(&config, &state, &shutdown).await?;
     let mut status_task = None;
     if let (Some(started), None) = (&ingress, &config.manifests) {
-        let client = kube_source::client(config.kubeconfig.as_deref(), config.master.as_deref()).await?;
+        let client = kube_source::client(
+            config.kubeconfig.as_deref(),
+            config.master.as_deref(),
+            api_limits(&config),
+        )
+        .await?;
         let status = ingress::status::StatusConfig {
             address: config.ingress.status_address.clone(),
             namespace: std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "kube-system".into()),
@@ -209,6 +299,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             started.routes.clone(),
             shutdown.clone(),
         )));
+    }
+    if !config.feature_gates.set.is_empty() {
+        tracing::info!(gates = ?config.feature_gates.set, "feature gates set");
     }
     tracing::info!(
         node = %config.hostname,
@@ -245,7 +338,7 @@ async fn cleanup_other_modes(config: &Config) {
         Err(e) => tracing::warn!(mode, error = %e, "removing another mode's leftovers failed"),
     };
     if config.mode != ProxyMode::Iptables {
-        report("iptables", iptables_dataplane(config).await.cleanup().await);
+        report("iptables", iptables_dataplane(config, false).await.cleanup().await);
     }
     if config.mode != ProxyMode::Ipvs {
         report("ipvs", ipvs::cleanup(&config.ipvs.exclude_cidrs).await);
@@ -258,7 +351,7 @@ async fn cleanup_other_modes(config: &Config) {
 /// `--cleanup`: removes everything any mode of kproxy created. A mode whose tools or kernel
 /// support are missing here cannot have left anything, unless it is the configured mode.
 pub async fn cleanup(config: Config) -> anyhow::Result<()> {
-    match iptables_dataplane(&config).await.cleanup().await {
+    match iptables_dataplane(&config, false).await.cleanup().await {
         Ok(()) => tracing::info!("removed kproxy's iptables rules"),
         Err(DataplaneError::Unsupported(why)) if config.mode != ProxyMode::Iptables => {
             tracing::info!("skipping iptables cleanup: {why}")
@@ -284,6 +377,7 @@ async fn desired_once(config: &Config) -> anyhow::Result<DesiredState> {
     let health = Arc::new(ProxyHealth::new(2 * config.sync_period));
     let mut store = Store::new(config.hostname.clone());
     store.set_ignore_external_ips(config.disable_external_ips);
+    store.set_bind_address(config.bind_address);
     let state = SharedState::new(store, health);
     match &config.manifests {
         Some(path) => {

@@ -1,6 +1,7 @@
 //! kproxy: a kube-proxy replacement. Parses flags, sets up logging, and hands over to `app`.
 #![forbid(unsafe_code)]
 
+mod api_client;
 mod app;
 mod cli;
 mod config;
@@ -10,6 +11,7 @@ mod healthcheck;
 mod ingress;
 mod metrics;
 mod model;
+mod node_setup;
 mod sync;
 mod watch;
 
@@ -23,11 +25,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, KUBE_VERSION};
 use crate::config::Config;
 
 /// kube-proxy's klog verbosity mapped to tracing levels; RUST_LOG, when set, wins.
-fn init_tracing(verbosity: u8) {
+/// `--logging-format json` writes one JSON object per line (ts, level, msg, fields), as
+/// component-base's JSON logger does.
+fn init_tracing(verbosity: u8, json: bool) {
     let level = match verbosity {
         0..=3 => "info",
         4 => "debug",
@@ -35,13 +39,36 @@ fn init_tracing(verbosity: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},kube=warn,hyper=warn,tower=warn")));
-    // Colours only on a terminal: log files and `kubectl logs` get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init();
+    } else {
+        // Colours only on a terminal: log files and `kubectl logs` get plain text.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        builder.with_ansi(ansi).init();
+    }
+}
+
+/// `--version` as kube-proxy prints it (`Kubernetes vX.Y.Z`), and `--version=raw`.
+fn print_version(raw: bool) {
+    let kproxy = env!("CARGO_PKG_VERSION");
+    if raw {
+        println!(
+            "version.Info{{Major:\"1\", Minor:\"33\", GitVersion:\"{KUBE_VERSION}\", GitCommit:\"\", GitTreeState:\"\", \
+             BuildDate:\"\", GoVersion:\"\", Compiler:\"rustc\", Platform:\"{}/{}\", Kproxy:\"{kproxy}\"}}",
+            std::env::consts::OS,
+            std::env::consts::ARCH
+        );
+    } else {
+        println!("Kubernetes {KUBE_VERSION} (kproxy {kproxy})");
+    }
 }
 
 fn main() -> ExitCode {
@@ -50,6 +77,17 @@ fn main() -> ExitCode {
         Some(Command::Render { flags, output }) => (flags, Some(output)),
         None => (cli.flags, None),
     };
+    match flags.version.as_deref() {
+        Some("raw") => {
+            print_version(true);
+            return ExitCode::SUCCESS;
+        }
+        Some(v) if config::parse_go_bool(v) == Some(true) => {
+            print_version(false);
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
+    }
     let config = match Config::load(&flags) {
         Ok(c) => c,
         Err(e) => {
@@ -57,9 +95,30 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(config.verbosity);
+    init_tracing(config.verbosity, config.log_json);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    if let Some(path) = flags
+        .write_config_to
+        .as_ref()
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+    {
+        if let Err(e) = std::fs::write(&path, config::v1alpha1::encode(&config.kube)) {
+            eprintln!("kproxy: writing {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        tracing::info!(file = %path.display(), "Wrote configuration");
+        return ExitCode::SUCCESS;
+    }
     if flags.validate {
         println!("{config:#?}");
+        return ExitCode::SUCCESS;
+    }
+    if config.init_only {
+        node_setup::run(&config);
+        tracing::info!("--init-only: node setup done");
         return ExitCode::SUCCESS;
     }
     // kube and the Ingress proxy share one rustls; install its provider before any TLS use.
@@ -78,7 +137,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        if flags.cleanup {
+        if config.cleanup {
             return app::cleanup(config).await;
         }
         if let Some(output) = render_output {
@@ -86,6 +145,7 @@ fn main() -> ExitCode {
             print!("{text}");
             return Ok(());
         }
+        node_setup::run(&config);
         app::run(config).await
     });
     match result {

@@ -1,15 +1,24 @@
-//! Prometheus metrics under kube-proxy's names, rendered in text exposition format 0.0.4.
+//! Prometheus metrics under kube-proxy's names, plus the process and client metrics of every
+//! Kubernetes component, exposed with the `prometheus` crate.
 //!
-//! Hand-written rather than a metrics crate: the set is small and fixed, values change once per
-//! sync (never per packet), and a fixed render order keeps the output deterministic. Names, help
-//! texts and bucket layouts follow upstream `pkg/proxy/metrics` so existing kube-proxy dashboards
-//! and alerts keep working; metrics of our own are prefixed `kproxy_`.
+//! Names, help texts and bucket layouts of the `kubeproxy_*` families follow upstream
+//! `pkg/proxy/metrics`, so kube-proxy's dashboards and alerts keep working; `process_*` come
+//! from the crate's process collector (procfs, as Go's client reads it), `kubernetes_build_info`
+//! and `rest_client_*` follow component-base and client-go; kproxy's own are prefixed `kproxy_`.
+//! Two kube-proxy counters are read from the kernel at scrape time, as upstream reads them:
+//! the nfacct objects that kproxy's iptables rules count into.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::dataplane::nfacct;
 
 /// The process-wide registry, created on first use.
 pub fn metrics() -> &'static Metrics {
@@ -20,28 +29,32 @@ pub fn metrics() -> &'static Metrics {
 /// Every metric kproxy exports. Use [`metrics()`] in the program; tests build their own with
 /// [`Metrics::new`] so they do not see each other's observations.
 pub struct Metrics {
+    registry: Registry,
     sync_duration: Histogram,
     sync_full_duration: Histogram,
     sync_partial_duration: Histogram,
     last_sync: Gauge,
     last_queued: Gauge,
     network_programming: Histogram,
-    service_changes_pending: Gauge,
-    service_changes_total: Counter,
-    endpoint_changes_pending: Gauge,
-    endpoint_changes_total: Counter,
-    iptables_restore_failures: Counter,
-    iptables_rules: Family,
-    no_local_endpoints: Family,
-    healthz_total: Family,
-    livez_total: Family,
-    conntrack_deleted: Counter,
-    sync_failures: Family,
-    programmed_services: Gauge,
-    programmed_endpoints: Gauge,
-    ingress_requests: LabeledCounter,
+    service_changes_pending: IntGauge,
+    service_changes_total: IntCounter,
+    endpoint_changes_pending: IntGauge,
+    endpoint_changes_total: IntCounter,
+    iptables_restore_failures: IntCounter,
+    iptables_rules: GaugeVec,
+    iptables_rules_last: GaugeVec,
+    no_local_endpoints: GaugeVec,
+    healthz_total: IntCounterVec,
+    livez_total: IntCounterVec,
+    conntrack_deleted: IntCounter,
+    sync_failures: IntCounterVec,
+    programmed_services: IntGauge,
+    programmed_endpoints: IntGauge,
+    ingress_requests: IntCounterVec,
     ingress_duration: Histogram,
-    ingress_connect_errors: Family,
+    ingress_connect_errors: IntCounterVec,
+    rest_requests: IntCounterVec,
+    rest_duration: HistogramVec,
 }
 
 impl Default for Metrics {
@@ -50,123 +63,223 @@ impl Default for Metrics {
     }
 }
 
+// Names and help texts are constants and the registry is new: registration cannot fail.
+fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+    registry.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    register(
+        registry,
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid histogram"),
+    )
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
+    register(registry, Gauge::new(name, help).expect("valid gauge"))
+}
+
+fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    register(registry, IntGauge::new(name, help).expect("valid gauge"))
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    register(registry, IntCounter::new(name, help).expect("valid counter"))
+}
+
+/// A family with one label, its listed values present (at zero) from the start, as upstream's.
+fn gauge_vec(registry: &Registry, name: &str, help: &str, label: &str, preset: &[&str]) -> GaugeVec {
+    let v = register(
+        registry,
+        GaugeVec::new(Opts::new(name, help), &[label]).expect("valid gauge vec"),
+    );
+    for p in preset {
+        v.with_label_values(&[p]);
+    }
+    v
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str], preset: &[&str]) -> IntCounterVec {
+    let v = register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter vec"),
+    );
+    for p in preset {
+        v.with_label_values(&[p]);
+    }
+    v
+}
+
 impl Metrics {
     /// A registry with every counter, gauge and histogram at zero.
     pub fn new() -> Self {
-        let sync_buckets = exponential_buckets(0.001, 2.0, 15);
+        let r = Registry::new();
+        let sync_buckets = prometheus::exponential_buckets(0.001, 2.0, 15).expect("valid buckets");
+        if let Err(e) = r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())) {
+            tracing::debug!(error = %e, "process metrics unavailable");
+        }
+        register(&r, build_info());
+        if let Err(e) = r.register(Box::new(NfacctCollector::new())) {
+            tracing::debug!(error = %e, "nfacct metrics unavailable");
+        }
         Self {
-            sync_duration: Histogram::new(
+            sync_duration: histogram(
+                &r,
                 "kubeproxy_sync_proxy_rules_duration_seconds",
                 "SyncProxyRules latency in seconds",
                 sync_buckets.clone(),
             ),
-            sync_full_duration: Histogram::new(
+            sync_full_duration: histogram(
+                &r,
                 "kubeproxy_sync_full_proxy_rules_duration_seconds",
                 "SyncProxyRules latency in seconds for full resyncs",
                 sync_buckets.clone(),
             ),
-            sync_partial_duration: Histogram::new(
+            sync_partial_duration: histogram(
+                &r,
                 "kubeproxy_sync_partial_proxy_rules_duration_seconds",
                 "SyncProxyRules latency in seconds for partial resyncs",
                 sync_buckets,
             ),
-            last_sync: Gauge::new(
+            last_sync: gauge(
+                &r,
                 "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
                 "The last time proxy rules were successfully synced",
             ),
-            last_queued: Gauge::new(
+            last_queued: gauge(
+                &r,
                 "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
                 "The last time a sync of proxy rules was queued",
             ),
-            network_programming: Histogram::new(
+            network_programming: histogram(
+                &r,
                 "kubeproxy_network_programming_duration_seconds",
                 "In Cluster Network Programming Latency in seconds",
                 network_programming_buckets(),
             ),
-            service_changes_pending: Gauge::new(
+            service_changes_pending: int_gauge(
+                &r,
                 "kubeproxy_sync_proxy_rules_service_changes_pending",
                 "Pending proxy rules Service changes",
             ),
-            service_changes_total: Counter::new(
+            service_changes_total: counter(
+                &r,
                 "kubeproxy_sync_proxy_rules_service_changes_total",
                 "Cumulative proxy rules Service changes",
             ),
-            endpoint_changes_pending: Gauge::new(
+            endpoint_changes_pending: int_gauge(
+                &r,
                 "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
                 "Pending proxy rules Endpoint changes",
             ),
-            endpoint_changes_total: Counter::new(
+            endpoint_changes_total: counter(
+                &r,
                 "kubeproxy_sync_proxy_rules_endpoint_changes_total",
                 "Cumulative proxy rules Endpoint changes",
             ),
-            iptables_restore_failures: Counter::new(
+            iptables_restore_failures: counter(
+                &r,
                 "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
                 "Cumulative proxy iptables restore failures",
             ),
-            iptables_rules: Family::new(
+            iptables_rules: gauge_vec(
+                &r,
                 "kubeproxy_sync_proxy_rules_iptables_total",
                 "Total number of iptables rules owned by kube-proxy",
-                Kind::Gauge,
                 "table",
                 &["filter", "nat"],
             ),
-            no_local_endpoints: Family::new(
+            iptables_rules_last: gauge_vec(
+                &r,
+                "kubeproxy_sync_proxy_rules_iptables_last",
+                "Number of iptables rules written by kube-proxy in last sync",
+                "table",
+                &["filter", "nat"],
+            ),
+            no_local_endpoints: gauge_vec(
+                &r,
                 "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
                 "Number of services with a Local traffic policy and no endpoints",
-                Kind::Gauge,
                 "traffic_policy",
                 &["internal", "external"],
             ),
-            healthz_total: Family::new(
+            healthz_total: counter_vec(
+                &r,
                 "kubeproxy_proxy_healthz_total",
                 "Cumulative proxy healthz HTTP status",
-                Kind::Counter,
-                "code",
+                &["code"],
                 &["200", "503"],
             ),
-            livez_total: Family::new(
+            livez_total: counter_vec(
+                &r,
                 "kubeproxy_proxy_livez_total",
                 "Cumulative proxy livez HTTP status",
-                Kind::Counter,
-                "code",
+                &["code"],
                 &["200", "503"],
             ),
-            conntrack_deleted: Counter::new(
+            conntrack_deleted: counter(
+                &r,
                 "kubeproxy_conntrack_reconciler_deleted_entries_total",
                 "Cumulative conntrack flows deleted by conntrack reconciler",
             ),
-            sync_failures: Family::new(
+            sync_failures: counter_vec(
+                &r,
                 "kproxy_sync_failures_total",
                 "Cumulative failed syncs of proxy rules, by proxy mode",
-                Kind::Counter,
-                "mode",
+                &["mode"],
                 &[],
             ),
-            programmed_services: Gauge::new(
+            programmed_services: int_gauge(
+                &r,
                 "kproxy_programmed_services",
                 "Number of services programmed into the dataplane by the last successful sync",
             ),
-            programmed_endpoints: Gauge::new(
+            programmed_endpoints: int_gauge(
+                &r,
                 "kproxy_programmed_endpoints",
                 "Number of endpoints programmed into the dataplane by the last successful sync",
             ),
-            ingress_requests: LabeledCounter::new(
+            ingress_requests: counter_vec(
+                &r,
                 "kproxy_ingress_requests_total",
                 "Requests answered by the Ingress proxy, by Ingress, Service and status code",
                 &["ingress", "service", "code"],
-            ),
-            ingress_duration: Histogram::new(
-                "kproxy_ingress_request_duration_seconds",
-                "Time from a request's arrival to its response head, in seconds",
-                exponential_buckets(0.001, 2.0, 16),
-            ),
-            ingress_connect_errors: Family::new(
-                "kproxy_ingress_upstream_connect_errors_total",
-                "Failed connections from the Ingress proxy to a backend, by Service",
-                Kind::Counter,
-                "service",
                 &[],
             ),
+            ingress_duration: histogram(
+                &r,
+                "kproxy_ingress_request_duration_seconds",
+                "Time from a request's arrival to its response head, in seconds",
+                prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets"),
+            ),
+            ingress_connect_errors: counter_vec(
+                &r,
+                "kproxy_ingress_upstream_connect_errors_total",
+                "Failed connections from the Ingress proxy to a backend, by Service",
+                &["service"],
+                &[],
+            ),
+            rest_requests: counter_vec(
+                &r,
+                "rest_client_requests_total",
+                "Number of HTTP requests, partitioned by status code, method, and host.",
+                &["code", "host", "method"],
+                &[],
+            ),
+            rest_duration: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "rest_client_request_duration_seconds",
+                        "Request latency in seconds. Broken down by verb, and host.",
+                    )
+                    .buckets(vec![0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0]),
+                    &["host", "verb"],
+                )
+                .expect("valid histogram vec"),
+            ),
+            registry: r,
         }
     }
 
@@ -202,69 +315,85 @@ impl Metrics {
     /// Sets the number of Service changes waiting for a sync and adds `new` freshly seen ones to
     /// the cumulative count.
     pub fn service_changes(&self, pending: usize, new: u64) {
-        self.service_changes_pending.set(pending as f64);
-        self.service_changes_total.add(new);
+        self.service_changes_pending.set(pending as i64);
+        self.service_changes_total.inc_by(new);
     }
 
     /// Sets the number of EndpointSlice changes waiting for a sync and adds `new` freshly seen
     /// ones to the cumulative count.
     pub fn endpoint_changes(&self, pending: usize, new: u64) {
-        self.endpoint_changes_pending.set(pending as f64);
-        self.endpoint_changes_total.add(new);
+        self.endpoint_changes_pending.set(pending as i64);
+        self.endpoint_changes_total.inc_by(new);
     }
 
     /// Counts one failed `iptables-restore` (also used by IPVS mode for its iptables part).
     pub fn inc_iptables_restore_failures(&self) {
-        self.iptables_restore_failures.add(1);
+        self.iptables_restore_failures.inc();
     }
 
     /// Sets the number of rules per table written by the last full iptables sync.
     pub fn set_iptables_rules(&self, filter: usize, nat: usize) {
-        self.iptables_rules.set("filter", filter as f64);
-        self.iptables_rules.set("nat", nat as f64);
+        self.iptables_rules.with_label_values(&["filter"]).set(filter as f64);
+        self.iptables_rules.with_label_values(&["nat"]).set(nat as f64);
+    }
+
+    /// Sets the number of rules per table the last iptables sync wrote (partial or full).
+    pub fn set_iptables_rules_last(&self, filter: usize, nat: usize) {
+        self.iptables_rules_last
+            .with_label_values(&["filter"])
+            .set(filter as f64);
+        self.iptables_rules_last.with_label_values(&["nat"]).set(nat as f64);
     }
 
     /// Sets how many Services with a Local traffic policy have no local endpoint, per policy.
     pub fn set_no_local_endpoints(&self, internal: usize, external: usize) {
-        self.no_local_endpoints.set("internal", internal as f64);
-        self.no_local_endpoints.set("external", external as f64);
+        self.no_local_endpoints
+            .with_label_values(&["internal"])
+            .set(internal as f64);
+        self.no_local_endpoints
+            .with_label_values(&["external"])
+            .set(external as f64);
     }
 
     /// Counts one `/healthz` answer by HTTP status code.
     pub fn inc_healthz(&self, code: u16) {
-        self.healthz_total.add(&code.to_string(), 1.0);
+        self.healthz_total.with_label_values(&[&code.to_string()]).inc();
     }
 
     /// Counts one `/livez` answer by HTTP status code.
     pub fn inc_livez(&self, code: u16) {
-        self.livez_total.add(&code.to_string(), 1.0);
+        self.livez_total.with_label_values(&[&code.to_string()]).inc();
     }
 
     /// Counts one failed sync of any kind for the given proxy mode (`iptables`, `nftables`, `ipvs`).
     pub fn inc_sync_failures(&self, mode: &str) {
-        self.sync_failures.add(mode, 1.0);
+        self.sync_failures.with_label_values(&[mode]).inc();
     }
 
     /// Sets the number of Services and endpoints the last successful sync programmed.
     pub fn set_programmed(&self, services: usize, endpoints: usize) {
-        self.programmed_services.set(services as f64);
-        self.programmed_endpoints.set(endpoints as f64);
+        self.programmed_services.set(services as i64);
+        self.programmed_endpoints.set(endpoints as i64);
     }
 
     /// Adds conntrack entries deleted because their endpoint went away.
     pub fn add_conntrack_deleted(&self, entries: u64) {
-        self.conntrack_deleted.add(entries);
+        self.conntrack_deleted.inc_by(entries);
     }
 
     /// Counts one Ingress request; `ingress` and `service` are empty when no route matched.
     pub fn inc_ingress_request(&self, ingress: &str, service: &str, code: u16) {
-        self.ingress_requests.inc(&[ingress, service, &code.to_string()]);
+        self.ingress_requests
+            .with_label_values(&[ingress, service, &code.to_string()])
+            .inc();
     }
 
     /// The counter of Ingress requests for these labels, for a worker to keep and increment
     /// without looking it up (or allocating its labels) on every request.
-    pub fn ingress_request_counter(&self, ingress: &str, service: &str, code: u16) -> Arc<AtomicU64> {
-        self.ingress_requests.series(&[ingress, service, &code.to_string()])
+    /// The handle is the registry's own series (a clone shares its count).
+    pub fn ingress_request_counter(&self, ingress: &str, service: &str, code: u16) -> IntCounter {
+        self.ingress_requests
+            .with_label_values(&[ingress, service, &code.to_string()])
     }
 
     /// Records the time from a request's arrival to its response head.
@@ -274,334 +403,118 @@ impl Metrics {
 
     /// Counts one failed connection to a backend of `service` (`ns/name`).
     pub fn inc_ingress_connect_error(&self, service: &str) {
-        self.ingress_connect_errors.add(service, 1.0);
+        self.ingress_connect_errors.with_label_values(&[service]).inc();
     }
 
-    /// The whole registry in Prometheus text format 0.0.4, always in the same order.
+    /// One request to the API server, as client-go counts it: `code` is the HTTP status or
+    /// `<error>` when no response came; the latency runs until the response head.
+    pub fn observe_rest_request(&self, host: &str, method: &str, code: &str, took: Duration) {
+        self.rest_requests.with_label_values(&[code, host, method]).inc();
+        self.rest_duration
+            .with_label_values(&[host, method])
+            .observe(took.as_secs_f64());
+    }
+
+    /// The whole registry in Prometheus text format 0.0.4, families sorted by name.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(16 * 1024);
-        self.sync_duration.render(&mut out);
-        self.sync_full_duration.render(&mut out);
-        self.sync_partial_duration.render(&mut out);
-        self.last_sync.render(&mut out);
-        self.last_queued.render(&mut out);
-        self.network_programming.render(&mut out);
-        self.service_changes_pending.render(&mut out);
-        self.service_changes_total.render(&mut out);
-        self.endpoint_changes_pending.render(&mut out);
-        self.endpoint_changes_total.render(&mut out);
-        self.iptables_restore_failures.render(&mut out);
-        self.iptables_rules.render(&mut out);
-        self.no_local_endpoints.render(&mut out);
-        self.healthz_total.render(&mut out);
-        self.livez_total.render(&mut out);
-        self.conntrack_deleted.render(&mut out);
-        self.sync_failures.render(&mut out);
-        self.programmed_services.render(&mut out);
-        self.programmed_endpoints.render(&mut out);
-        self.ingress_requests.render(&mut out);
-        self.ingress_duration.render(&mut out);
-        self.ingress_connect_errors.render(&mut out);
-        out
+        let families = self.registry.gather();
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
     }
 }
 
-/// Prometheus' `ExponentialBuckets`: `count` upper bounds from `start`, each `factor` times the last.
-fn exponential_buckets(start: f64, factor: f64, count: usize) -> Vec<f64> {
-    std::iter::successors(Some(start), |b| Some(b * factor))
-        .take(count)
-        .collect()
+/// component-base's `kubernetes_build_info`: constant 1, labelled with the version kproxy
+/// stands in for.
+fn build_info() -> IntGauge {
+    let opts = Opts::new(
+        "kubernetes_build_info",
+        "A metric with a constant '1' value labeled by major, minor, git version, git commit, git tree state, build date, Go version, and compiler from which Kubernetes was built, and platform on which it is running.",
+    )
+    .const_label("major", "1")
+    .const_label("minor", "33")
+    .const_label("git_version", crate::cli::KUBE_VERSION)
+    .const_label("git_commit", option_env!("KPROXY_GIT_COMMIT").unwrap_or(""))
+    .const_label("git_tree_state", "")
+    .const_label("build_date", "")
+    .const_label("go_version", "")
+    .const_label("compiler", "rustc")
+    .const_label("platform", format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH));
+    let g = IntGauge::with_opts(opts).expect("valid build info");
+    g.set(1);
+    g
 }
 
-/// Prometheus' `LinearBuckets`: `count` upper bounds from `start`, `width` apart.
-fn linear_buckets(start: f64, width: f64, count: usize) -> Vec<f64> {
-    (0..count).map(|i| start + width * i as f64).collect()
+/// kube-proxy's two nfacct-backed counters, read from the kernel at every scrape (as its
+/// custom collectors do). A counter the kernel does not have (another mode, no nfacct support)
+/// is left out of the scrape, as upstream leaves it out.
+struct NfacctCollector {
+    descs: Vec<Desc>,
+}
+
+const NFACCT_METRICS: [(&str, &str, &str); 2] = [
+    (
+        "kubeproxy_iptables_ct_state_invalid_dropped_packets_total",
+        "packets dropped by iptables to work around conntrack problems",
+        nfacct::CT_STATE_INVALID_DROPPED,
+    ),
+    (
+        "kubeproxy_iptables_localhost_nodeports_accepted_packets_total",
+        "Number of packets accepted on nodeports of loopback interface",
+        nfacct::LOCALHOST_NODEPORTS_ACCEPTED,
+    ),
+];
+
+impl NfacctCollector {
+    fn new() -> Self {
+        let descs = NFACCT_METRICS
+            .iter()
+            .filter_map(|(name, help, _)| {
+                Desc::new(name.to_string(), help.to_string(), vec![], Default::default()).ok()
+            })
+            .collect();
+        NfacctCollector { descs }
+    }
+}
+
+impl Collector for NfacctCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Ok(counters) = nfacct::list() else {
+            return vec![];
+        };
+        NFACCT_METRICS
+            .iter()
+            .filter_map(|(name, help, object)| {
+                let packets = counters.iter().find(|c| c.name == *object)?.packets;
+                let c = IntCounter::new(*name, *help).ok()?;
+                c.inc_by(packets);
+                c.collect().into_iter().next()
+            })
+            .collect()
+    }
 }
 
 /// Upstream's network programming layout. It is built with component-base's `MergeBuckets`,
 /// which starts from a 0 bound, so `le="0"` is part of the exported series and kept here.
 fn network_programming_buckets() -> Vec<f64> {
     let mut buckets = vec![0.0];
-    buckets.extend(linear_buckets(0.25, 0.25, 2)); // 0.25s, 0.5s
-    buckets.extend(linear_buckets(1.0, 1.0, 59)); // 1s .. 59s
-    buckets.extend(linear_buckets(60.0, 5.0, 12)); // 60s .. 115s
-    buckets.extend(linear_buckets(120.0, 30.0, 7)); // 2min .. 5min
+    let linear = |start: f64, width: f64, count: usize| (0..count).map(move |i| start + width * i as f64);
+    buckets.extend(linear(0.25, 0.25, 2)); // 0.25s, 0.5s
+    buckets.extend(linear(1.0, 1.0, 59)); // 1s .. 59s
+    buckets.extend(linear(60.0, 5.0, 12)); // 60s .. 115s
+    buckets.extend(linear(120.0, 30.0, 7)); // 2min .. 5min
     buckets
 }
 
 /// Seconds since the Unix epoch; a clock set before 1970 reads as 0 rather than failing a sync.
 fn unix_seconds(at: SystemTime) -> f64 {
     at.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
-
-/// Values are single numbers updated in one step, so a panic while a lock was held cannot leave
-/// them half-written: keep serving them rather than poisoning `/metrics` for the process lifetime.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-#[derive(Clone, Copy)]
-enum Kind {
-    Counter,
-    Gauge,
-    Histogram,
-}
-
-impl Kind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
-            Kind::Histogram => "histogram",
-        }
-    }
-}
-
-struct Counter {
-    name: &'static str,
-    help: &'static str,
-    value: AtomicU64,
-}
-
-impl Counter {
-    fn new(name: &'static str, help: &'static str) -> Self {
-        Self {
-            name,
-            help,
-            value: AtomicU64::new(0),
-        }
-    }
-
-    fn add(&self, n: u64) {
-        self.value.fetch_add(n, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String) {
-        write_header(out, self.name, self.help, Kind::Counter);
-        let value = self.value.load(Ordering::Relaxed);
-        write_line(out, format_args!("{} {value}", self.name));
-    }
-}
-
-struct Gauge {
-    name: &'static str,
-    help: &'static str,
-    /// An `f64` kept as its bit pattern, because std has no atomic float.
-    bits: AtomicU64,
-}
-
-impl Gauge {
-    fn new(name: &'static str, help: &'static str) -> Self {
-        Self {
-            name,
-            help,
-            bits: AtomicU64::new(0.0_f64.to_bits()),
-        }
-    }
-
-    fn set(&self, value: f64) {
-        self.bits.store(value.to_bits(), Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String) {
-        write_header(out, self.name, self.help, Kind::Gauge);
-        let value = f64::from_bits(self.bits.load(Ordering::Relaxed));
-        write_line(out, format_args!("{} {}", self.name, format_float(value)));
-    }
-}
-
-struct Histogram {
-    name: &'static str,
-    help: &'static str,
-    /// Upper bounds, ascending, without the implicit `+Inf`.
-    bounds: Vec<f64>,
-    /// Per-bucket (not cumulative) counts; one more than `bounds`, the last being `+Inf`.
-    /// Atomics, not a lock: the Ingress workers observe one value per request.
-    counts: Vec<AtomicU64>,
-    /// The sum of observations, as `f64` bits.
-    sum: AtomicU64,
-}
-
-impl Histogram {
-    fn new(name: &'static str, help: &'static str, bounds: Vec<f64>) -> Self {
-        let counts = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
-        Self {
-            name,
-            help,
-            bounds,
-            counts,
-            sum: AtomicU64::new(0f64.to_bits()),
-        }
-    }
-
-    fn observe(&self, value: f64) {
-        // `le` is inclusive: a value equal to a bound belongs to that bucket.
-        let bucket = self
-            .bounds
-            .iter()
-            .position(|bound| value <= *bound)
-            .unwrap_or(self.bounds.len());
-        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
-        let _ = self.sum.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-            Some((f64::from_bits(bits) + value).to_bits())
-        });
-    }
-
-    fn render(&self, out: &mut String) {
-        write_header(out, self.name, self.help, Kind::Histogram);
-        // Read once: the count is the buckets' total, so the series stay consistent with
-        // each other even while observations come in.
-        let counts: Vec<u64> = self.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-        let mut cumulative = 0;
-        for (bound, count) in self.bounds.iter().zip(&counts) {
-            cumulative += count;
-            write_line(
-                out,
-                format_args!("{}_bucket{{le=\"{}\"}} {cumulative}", self.name, format_float(*bound)),
-            );
-        }
-        let total: u64 = counts.iter().sum();
-        let sum = f64::from_bits(self.sum.load(Ordering::Relaxed));
-        write_line(out, format_args!("{}_bucket{{le=\"+Inf\"}} {total}", self.name));
-        write_line(out, format_args!("{}_sum {}", self.name, format_float(sum)));
-        write_line(out, format_args!("{}_count {total}", self.name));
-    }
-}
-
-/// A counter or gauge with one label. Series are kept in a `BTreeMap` so they render sorted.
-struct Family {
-    name: &'static str,
-    help: &'static str,
-    kind: Kind,
-    label: &'static str,
-    series: Mutex<BTreeMap<String, f64>>,
-}
-
-impl Family {
-    /// `known` label values are exported as 0 from the start, so a dashboard sees the series
-    /// before the first event instead of a gap.
-    fn new(name: &'static str, help: &'static str, kind: Kind, label: &'static str, known: &[&str]) -> Self {
-        let series = known.iter().map(|v| ((*v).to_owned(), 0.0)).collect();
-        Self {
-            name,
-            help,
-            kind,
-            label,
-            series: Mutex::new(series),
-        }
-    }
-
-    fn set(&self, label_value: &str, value: f64) {
-        lock(&self.series).insert(label_value.to_owned(), value);
-    }
-
-    fn add(&self, label_value: &str, delta: f64) {
-        *lock(&self.series).entry(label_value.to_owned()).or_insert(0.0) += delta;
-    }
-
-    fn render(&self, out: &mut String) {
-        write_header(out, self.name, self.help, self.kind);
-        for (label_value, value) in lock(&self.series).iter() {
-            write_line(
-                out,
-                format_args!(
-                    "{}{{{}=\"{}\"}} {}",
-                    self.name,
-                    self.label,
-                    escape_label_value(label_value),
-                    format_float(*value)
-                ),
-            );
-        }
-    }
-}
-
-/// A counter with several labels; series render sorted by their label values.
-struct LabeledCounter {
-    name: &'static str,
-    help: &'static str,
-    labels: &'static [&'static str],
-    /// Each series' count is shared with the callers that hold it (see [`LabeledCounter::series`]).
-    series: Mutex<BTreeMap<Vec<String>, Arc<AtomicU64>>>,
-}
-
-impl LabeledCounter {
-    fn new(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Self {
-        Self {
-            name,
-            help,
-            labels,
-            series: Mutex::new(BTreeMap::new()),
-        }
-    }
-
-    fn inc(&self, values: &[&str]) {
-        self.series(values).fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The count of one series, created at zero, for callers that count often.
-    fn series(&self, values: &[&str]) -> Arc<AtomicU64> {
-        let key: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
-        lock(&self.series).entry(key).or_default().clone()
-    }
-
-    fn render(&self, out: &mut String) {
-        write_header(out, self.name, self.help, Kind::Counter);
-        for (values, count) in lock(&self.series).iter() {
-            let count = count.load(Ordering::Relaxed);
-            let labels: Vec<String> = self
-                .labels
-                .iter()
-                .zip(values)
-                .map(|(l, v)| format!("{l}=\"{}\"", escape_label_value(v)))
-                .collect();
-            write_line(out, format_args!("{}{{{}}} {count}", self.name, labels.join(",")));
-        }
-    }
-}
-
-fn write_header(out: &mut String, name: &str, help: &str, kind: Kind) {
-    write_line(out, format_args!("# HELP {name} {}", escape_help(help)));
-    write_line(out, format_args!("# TYPE {name} {}", kind.as_str()));
-}
-
-fn write_line(out: &mut String, line: std::fmt::Arguments<'_>) {
-    // Formatting into a String cannot fail; the Result exists only for io-backed writers.
-    let _ = out.write_fmt(line);
-    out.push('\n');
-}
-
-/// Numbers as Prometheus parses them: Rust's shortest round-trip form, which never uses an
-/// exponent, plus the spellings of the special values that Rust would print differently.
-fn format_float(value: f64) -> String {
-    if value.is_nan() {
-        "NaN".to_owned()
-    } else if value == f64::INFINITY {
-        "+Inf".to_owned()
-    } else if value == f64::NEG_INFINITY {
-        "-Inf".to_owned()
-    } else {
-        value.to_string()
-    }
-}
-
-/// Text format 0.0.4: in HELP, only backslash and newline are escaped.
-fn escape_help(help: &str) -> String {
-    help.replace('\\', "\\\\").replace('\n', "\\n")
-}
-
-/// Text format 0.0.4: in label values, backslash, double quote and newline are escaped.
-fn escape_label_value(value: &str) -> String {
-    let mut escaped = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => escaped.push_str("\\\\"),
-            '"' => escaped.push_str("\\\""),
-            '\n' => escaped.push_str("\\n"),
-            other => escaped.push(other),
-        }
-    }
-    escaped
 }
 
 #[cfg(test)]
@@ -761,7 +674,6 @@ mod tests {
         assert!(text
             .lines()
             .any(|l| l == r#"kproxy_sync_failures_total{mode="a\"b\\c\nd"} 1"#));
-        assert_eq!(escape_help("a\\b\nc\"d"), r#"a\\b\nc"d"#);
     }
 
     #[test]
@@ -774,55 +686,61 @@ mod tests {
         assert!(
             text.lines()
                 .any(|l| l
-                    == r#"kproxy_ingress_requests_total{ingress="default/web",service="default/svc",code="200"} 2"#),
+                    == r#"kproxy_ingress_requests_total{code="200",ingress="default/web",service="default/svc"} 2"#),
             "{text}"
         );
         assert!(text
             .lines()
-            .any(|l| l == r#"kproxy_ingress_requests_total{ingress="",service="",code="404"} 1"#));
+            .any(|l| l == r#"kproxy_ingress_requests_total{code="404",ingress="",service=""} 1"#));
     }
 
     #[test]
-    fn special_floats_use_prometheus_spelling() {
-        assert_eq!(format_float(f64::INFINITY), "+Inf");
-        assert_eq!(format_float(f64::NEG_INFINITY), "-Inf");
-        assert_eq!(format_float(f64::NAN), "NaN");
-        assert_eq!(format_float(1e-7), "0.0000001");
-    }
-
-    #[test]
-    fn every_family_is_declared_once_in_a_fixed_order() {
+    fn every_family_is_declared_once_sorted_by_name() {
         let m = Metrics::new();
+        // process_* values move between two scrapes; everything else renders the same.
+        let stable = |t: String| {
+            t.lines()
+                .filter(|l| !l.contains("process_"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(stable(m.render()), stable(m.render()), "render must be deterministic");
         let text = m.render();
-        assert_eq!(text, m.render(), "render must be deterministic");
         let types: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).collect();
-        assert_eq!(
-            types,
-            [
-                "kubeproxy_sync_proxy_rules_duration_seconds histogram",
-                "kubeproxy_sync_full_proxy_rules_duration_seconds histogram",
-                "kubeproxy_sync_partial_proxy_rules_duration_seconds histogram",
-                "kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge",
-                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds gauge",
-                "kubeproxy_network_programming_duration_seconds histogram",
-                "kubeproxy_sync_proxy_rules_service_changes_pending gauge",
-                "kubeproxy_sync_proxy_rules_service_changes_total counter",
-                "kubeproxy_sync_proxy_rules_endpoint_changes_pending gauge",
-                "kubeproxy_sync_proxy_rules_endpoint_changes_total counter",
-                "kubeproxy_sync_proxy_rules_iptables_restore_failures_total counter",
-                "kubeproxy_sync_proxy_rules_iptables_total gauge",
-                "kubeproxy_sync_proxy_rules_no_local_endpoints_total gauge",
-                "kubeproxy_proxy_healthz_total counter",
-                "kubeproxy_proxy_livez_total counter",
-                "kubeproxy_conntrack_reconciler_deleted_entries_total counter",
-                "kproxy_sync_failures_total counter",
-                "kproxy_programmed_services gauge",
-                "kproxy_programmed_endpoints gauge",
-                "kproxy_ingress_requests_total counter",
-                "kproxy_ingress_request_duration_seconds histogram",
-                "kproxy_ingress_upstream_connect_errors_total counter",
-            ]
-        );
+        let mut sorted = types.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(types, sorted, "one declaration per family, sorted by name");
+        for want in [
+            "kubeproxy_sync_proxy_rules_duration_seconds histogram",
+            "kubeproxy_sync_full_proxy_rules_duration_seconds histogram",
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds histogram",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge",
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds gauge",
+            "kubeproxy_network_programming_duration_seconds histogram",
+            "kubeproxy_sync_proxy_rules_service_changes_pending gauge",
+            "kubeproxy_sync_proxy_rules_service_changes_total counter",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending gauge",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total counter",
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total counter",
+            "kubeproxy_sync_proxy_rules_iptables_total gauge",
+            "kubeproxy_sync_proxy_rules_iptables_last gauge",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total gauge",
+            "kubeproxy_proxy_healthz_total counter",
+            "kubeproxy_proxy_livez_total counter",
+            "kubeproxy_conntrack_reconciler_deleted_entries_total counter",
+            "kproxy_programmed_services gauge",
+            "kproxy_programmed_endpoints gauge",
+            "kproxy_ingress_request_duration_seconds histogram",
+            "kubernetes_build_info gauge",
+            "process_cpu_seconds_total counter",
+            "process_resident_memory_bytes gauge",
+            "process_start_time_seconds gauge",
+            "process_open_fds gauge",
+            "process_max_fds gauge",
+        ] {
+            assert!(types.contains(&want), "missing {want}");
+        }
         // Each sample belongs to the family declared just before it.
         let mut current = "";
         for line in text.lines() {
@@ -832,6 +750,28 @@ mod tests {
                 assert!(line.starts_with(current), "{line} outside its family {current}");
             }
         }
+    }
+
+    #[test]
+    fn client_requests_as_client_go_counts_them() {
+        let m = Metrics::new();
+        m.observe_rest_request("10.0.0.1:6443", "GET", "200", Duration::from_millis(30));
+        m.observe_rest_request("10.0.0.1:6443", "GET", "200", Duration::from_millis(3));
+        let text = m.render();
+        assert!(text
+            .lines()
+            .any(|l| l == r#"rest_client_requests_total{code="200",host="10.0.0.1:6443",method="GET"} 2"#));
+        assert!(
+            text.lines()
+                .any(|l| l
+                    == r#"rest_client_request_duration_seconds_bucket{host="10.0.0.1:6443",verb="GET",le="0.005"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l
+                    == r#"rest_client_request_duration_seconds_bucket{host="10.0.0.1:6443",verb="GET",le="0.1"} 2"#)
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The sync loop: batches changes, bounds how often the dataplane is programmed, resyncs
 //! periodically, retries with backoff after a failure. Never two syncs at once (one task).
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -15,6 +16,7 @@ use crate::healthcheck::HealthCheckServer;
 use crate::ingress::objects::IngressObjects;
 use crate::metrics::metrics;
 use crate::model::store::{Snapshot, Store};
+use crate::model::ServiceKey;
 
 /// The store shared by the sources (writers) and the sync loop (reader).
 pub struct SharedState {
@@ -112,16 +114,14 @@ impl SharedState {
         }
         Some(store.snapshot())
     }
-
-    fn force_full(&self) {
-        self.lock().force_full();
-    }
 }
 
 /// How often syncs may and must happen.
 #[derive(Debug, Clone, Copy)]
 pub struct SyncTiming {
-    /// At most one sync per this interval (`--min-sync-period`).
+    /// At most one sync per this interval, measured from the start of the previous one
+    /// (`--min-sync-period`): the first change after a quiet spell is programmed at once, a
+    /// burst of changes in one batch per interval.
     pub min_interval: Duration,
     /// A full resync at least this often (`--sync-period`).
     pub sync_period: Duration,
@@ -129,7 +129,22 @@ pub struct SyncTiming {
     pub retry_initial: Duration,
 }
 
+/// When the runner must next do a full sync, and why.
+#[derive(Debug, Clone, Copy)]
+enum FullSync {
+    /// The periodic resync, this long after the last successful full sync started.
+    Periodic,
+    /// A sync failed: a full one is owed, at `at`; `delay` is the backoff that led there.
+    Retry { at: Instant, delay: Duration },
+}
+
 /// Drives `dataplane` from `state` until `shutdown` turns true.
+///
+/// A change is programmed as soon as the minimum interval allows, also while or right after a
+/// long full sync ran (its snapshot was taken before the change, so the next sync carries it).
+/// After a failure a full sync is retried with backoff; a dataplane that stays consistent when
+/// a sync fails ([`Dataplane::partial_after_failure`]) keeps getting partial syncs for changes
+/// meanwhile, so a full sync that keeps failing never holds every change back.
 pub async fn run(
     state: Arc<SharedState>,
     mut dataplane: Box<dyn Dataplane>,
@@ -138,57 +153,67 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mode = dataplane.mode();
-    let mut last_sync: Option<Instant> = None;
+    let partial_after_failure = dataplane.partial_after_failure();
+    let mut last_start: Option<Instant> = None;
     let mut last_full = Instant::now();
-    let mut retry: Option<(Instant, Duration)> = None;
+    let mut full_sync = FullSync::Periodic;
+    // What syncs that failed were to program: their Services, for the next partial sync, and
+    // their changes' trigger times, so the programming latency counts the wait.
+    let mut carried: BTreeSet<ServiceKey> = BTreeSet::new();
+    let mut carried_triggers: Vec<SystemTime> = Vec::new();
     loop {
         let now = Instant::now();
-        let periodic_due = last_full + timing.sync_period;
-        // After a failure nothing runs before the backoff expires, changes or not.
-        let mut earliest = last_sync.map_or(now, |t| t + timing.min_interval);
-        if let Some((at, _)) = retry {
-            earliest = earliest.max(at);
+        let earliest = last_start.map_or(now, |t| t + timing.min_interval);
+        let full_due = match full_sync {
+            FullSync::Periodic => last_full + timing.sync_period,
+            FullSync::Retry { at, .. } => at,
         }
-        // Wait for a change (then not before `earliest`), the periodic resync, or the retry.
-        let wake_at = retry.map_or(periodic_due, |(at, _)| at);
+        .max(earliest);
+        // A change waits for the owed full sync only where a partial one cannot be trusted.
+        let change_due = match full_sync {
+            FullSync::Retry { .. } if !partial_after_failure => full_due,
+            _ => earliest,
+        };
         tokio::select! {
             _ = state.notify.notified() => {
-                if Instant::now() < earliest {
-                    // Batch: let more changes pile up until the minimum interval has passed.
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(earliest) => {}
-                        _ = shutdown.changed() => return,
-                    }
+                // Batch: let more changes pile up until the minimum interval has passed.
+                tokio::select! {
+                    _ = tokio::time::sleep_until(change_due) => {}
+                    _ = shutdown.changed() => return,
                 }
             }
-            _ = tokio::time::sleep_until(wake_at) => {}
+            _ = tokio::time::sleep_until(full_due) => {}
             _ = shutdown.changed() => return,
         }
         if *shutdown.borrow() {
             return;
         }
         let now = Instant::now();
-        let periodic = now >= periodic_due;
-        let retrying = retry.is_some_and(|(at, _)| now >= at);
-        let Some(snapshot) = state.take_snapshot(periodic || retrying) else {
-            if periodic {
+        let Some(mut snapshot) = state.take_snapshot(now >= full_due) else {
+            if now >= full_due {
                 // Not ready yet: try the periodic sync again one period later.
                 last_full = now;
             }
             continue;
         };
         let full = snapshot.changes.full;
-        last_sync = Some(now);
+        if !full {
+            snapshot.changes.services.extend(carried.iter().cloned());
+        }
+        snapshot.trigger_times.extend(carried_triggers.iter().copied());
+        last_start = Some(now);
         match sync_once(dataplane.as_mut(), &snapshot).await {
             Ok(()) => {
                 state.health.updated();
                 if let Some(hc) = health_checks.as_mut() {
                     hc.sync(&snapshot.desired).await;
                 }
+                carried.clear();
+                carried_triggers.clear();
                 if full {
                     last_full = now;
+                    full_sync = FullSync::Periodic;
                 }
-                retry = None;
             }
             Err(err) => {
                 metrics().inc_sync_failures(mode);
@@ -196,15 +221,29 @@ pub async fn run(
                 {
                     metrics().inc_iptables_restore_failures();
                 }
-                state.force_full();
-                // A missing tool or kernel feature will not fix itself in a second.
-                let delay = if err.is_retryable() {
-                    retry.map_or(timing.retry_initial, |(_, d)| (d * 2).min(timing.sync_period))
-                } else {
-                    timing.sync_period
+                carried.extend(std::mem::take(&mut snapshot.changes.services));
+                carried_triggers = std::mem::take(&mut snapshot.trigger_times);
+                // A missing tool or kernel feature will not fix itself in a second. A partial
+                // sync failing meanwhile leaves the owed full sync where it was.
+                full_sync = match (err.is_retryable(), full_sync, full) {
+                    (true, retry @ FullSync::Retry { .. }, false) => retry,
+                    (retryable, previous, _) => {
+                        let delay = match (retryable, previous) {
+                            (false, _) => timing.sync_period,
+                            (true, FullSync::Retry { delay, .. }) => (delay * 2).min(timing.sync_period),
+                            (true, FullSync::Periodic) => timing.retry_initial,
+                        };
+                        FullSync::Retry {
+                            at: Instant::now() + delay,
+                            delay,
+                        }
+                    }
                 };
-                tracing::error!(error = %err, retry_in = ?delay, "sync failed; the kernel keeps its previous rules");
-                retry = Some((Instant::now() + delay, delay));
+                let retry_in = match full_sync {
+                    FullSync::Retry { at, .. } => at.saturating_duration_since(Instant::now()),
+                    FullSync::Periodic => timing.sync_period,
+                };
+                tracing::error!(error = %err, ?retry_in, "sync failed; the kernel keeps its previous rules");
             }
         }
     }
@@ -260,13 +299,38 @@ mod tests {
     use futures::future::BoxFuture;
     use k8s_openapi::api::core::v1::{Node, Service};
 
-    /// (when, full, services) per sync.
-    type SyncLog = Arc<Mutex<Vec<(Instant, bool, usize)>>>;
+    /// One call of the dataplane.
+    #[derive(Debug, Clone)]
+    struct Call {
+        start: Instant,
+        end: Instant,
+        full: bool,
+        services: usize,
+        changed: BTreeSet<ServiceKey>,
+        ok: bool,
+    }
 
-    /// Records syncs; fails the first `fail` of them.
+    type SyncLog = Arc<Mutex<Vec<Call>>>;
+
+    /// How the fake dataplane behaves.
+    #[derive(Debug, Clone, Default)]
+    struct Behaviour {
+        /// Fail this many syncs first.
+        fail_first: usize,
+        /// Fail every full sync after the first one.
+        fail_later_full: bool,
+        /// Fail every partial sync.
+        fail_partial: bool,
+        /// How long a full sync takes.
+        full_takes: Duration,
+        partial_after_failure: bool,
+    }
+
+    /// Records syncs and behaves as told.
     struct Recorder {
         log: SyncLog,
-        fail: usize,
+        how: Behaviour,
+        calls: usize,
     }
 
     impl Dataplane for Recorder {
@@ -278,13 +342,25 @@ mod tests {
             desired: &'a DesiredState,
             changes: &'a ChangeSet,
         ) -> BoxFuture<'a, Result<SyncStats>> {
-            self.log
-                .lock()
-                .unwrap()
-                .push((Instant::now(), changes.full, desired.services.len()));
-            let fail = self.fail > 0;
-            self.fail = self.fail.saturating_sub(1);
+            self.calls += 1;
+            let how = &self.how;
+            let fail = self.calls <= how.fail_first
+                || (changes.full && how.fail_later_full && self.calls > 1)
+                || (!changes.full && how.fail_partial);
+            let takes = if changes.full { how.full_takes } else { Duration::ZERO };
+            let log = self.log.clone();
+            let mut call = Call {
+                start: Instant::now(),
+                end: Instant::now(),
+                full: changes.full,
+                services: desired.services.len(),
+                changed: changes.services.clone(),
+                ok: !fail,
+            };
             Box::pin(async move {
+                tokio::time::sleep(takes).await;
+                call.end = Instant::now();
+                log.lock().unwrap().push(call);
                 if fail {
                     Err(DataplaneError::Command {
                         command: "test".into(),
@@ -298,6 +374,9 @@ mod tests {
         fn cleanup(&mut self) -> BoxFuture<'_, Result<()>> {
             Box::pin(async { Ok(()) })
         }
+        fn partial_after_failure(&self) -> bool {
+            self.how.partial_after_failure
+        }
     }
 
     fn svc(name: &str) -> Service {
@@ -305,6 +384,10 @@ mod tests {
             "metadata: {{name: {name}}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}"
         ))
         .unwrap()
+    }
+
+    fn key(name: &str) -> ServiceKey {
+        ServiceKey::new("default", name)
     }
 
     fn timing() -> SyncTiming {
@@ -316,11 +399,25 @@ mod tests {
     }
 
     fn start(fail: usize) -> (Arc<SharedState>, SyncLog, watch::Sender<bool>) {
+        start_with(
+            Behaviour {
+                fail_first: fail,
+                ..Behaviour::default()
+            },
+            timing(),
+        )
+    }
+
+    fn start_with(how: Behaviour, timing: SyncTiming) -> (Arc<SharedState>, SyncLog, watch::Sender<bool>) {
         let state = SharedState::new(Store::new("n1"), Arc::new(ProxyHealth::new(Duration::from_secs(60))));
         let log = Arc::new(Mutex::new(vec![]));
         let (tx, rx) = watch::channel(false);
-        let dp = Box::new(Recorder { log: log.clone(), fail });
-        tokio::spawn(run(state.clone(), dp, timing(), None, rx));
+        let dp = Box::new(Recorder {
+            log: log.clone(),
+            how,
+            calls: 0,
+        });
+        tokio::spawn(run(state.clone(), dp, timing, None, rx));
         (state, log, tx)
     }
 
@@ -330,6 +427,10 @@ mod tests {
             s.replace_slices([]);
             s.apply_node(&serde_yaml::from_str::<Node>("metadata: {name: n1}").unwrap())
         });
+    }
+
+    fn calls(log: &SyncLog) -> Vec<Call> {
+        log.lock().unwrap().clone()
     }
 
     #[tokio::test(start_paused = true)]
@@ -370,17 +471,44 @@ mod tests {
         let (state, log, _tx) = start(0);
         make_ready(&state);
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let t0 = log.lock().unwrap()[0].0;
+        let t0 = calls(&log)[0].start;
         for i in 0..5 {
             state.update(|s| s.apply_service(&svc(&format!("b{i}"))));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let log = log.lock().unwrap();
+        let log = calls(&log);
         assert_eq!(log.len(), 2, "five changes, one batched partial sync");
-        assert!(!log[1].1, "partial");
-        assert_eq!(log[1].2, 6);
-        assert!(log[1].0 - t0 >= Duration::from_secs(1));
+        assert!(!log[1].full, "partial");
+        assert_eq!(log[1].services, 6);
+        assert_eq!(log[1].changed.len(), 5);
+        assert_eq!(
+            log[1].start - t0,
+            Duration::from_secs(1),
+            "one minimum interval after the first"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_quiet_spell_the_first_change_is_programmed_at_once() {
+        let (state, log, _tx) = start(0);
+        make_ready(&state);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let changed_at = Instant::now();
+        state.update(|s| s.apply_service(&svc("b")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Three more within the minimum interval: one more sync, one interval after the first.
+        for name in ["c", "d", "e"] {
+            state.update(|s| s.apply_service(&svc(name)));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let log = calls(&log);
+        assert_eq!(log.len(), 3, "{log:?}");
+        assert_eq!(log[1].start, changed_at, "no wait for the first change");
+        assert_eq!(log[1].changed, BTreeSet::from([key("b")]));
+        assert_eq!(log[2].start - log[1].start, Duration::from_secs(1));
+        assert_eq!(log[2].changed, BTreeSet::from([key("c"), key("d"), key("e")]));
     }
 
     #[tokio::test(start_paused = true)]
@@ -388,9 +516,54 @@ mod tests {
         let (state, log, _tx) = start(0);
         make_ready(&state);
         tokio::time::sleep(Duration::from_secs(61)).await;
-        let log = log.lock().unwrap();
+        let log = calls(&log);
         assert_eq!(log.len(), 3);
-        assert!(log.iter().all(|(_, full, _)| *full));
+        assert!(log.iter().all(|c| c.full));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_during_a_long_full_sync_is_programmed_right_after_it() {
+        let how = Behaviour {
+            full_takes: Duration::from_secs(10),
+            ..Behaviour::default()
+        };
+        let (state, log, _tx) = start_with(how, timing());
+        make_ready(&state);
+        // During the first (full) sync.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        state.update(|s| s.apply_service(&svc("b")));
+        // During the periodic resync, 30 s after the first started.
+        tokio::time::sleep(Duration::from_secs(32)).await;
+        state.update(|s| s.apply_service(&svc("c")));
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let log = calls(&log);
+        let kinds: Vec<bool> = log.iter().map(|c| c.full).collect();
+        assert_eq!(kinds, [true, false, true, false], "{log:?}");
+        assert_eq!(log[1].start, log[0].end, "no minimum interval nor period in between");
+        assert_eq!(log[1].changed, BTreeSet::from([key("b")]));
+        assert_eq!(log[2].start - log[0].start, Duration::from_secs(30));
+        assert_eq!(log[3].start, log[2].end);
+        assert_eq!(log[3].changed, BTreeSet::from([key("c")]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_full_sync_still_counts_against_the_minimum_interval() {
+        let how = Behaviour {
+            full_takes: Duration::from_secs(2),
+            ..Behaviour::default()
+        };
+        let timing = SyncTiming {
+            min_interval: Duration::from_secs(5),
+            ..timing()
+        };
+        let (state, log, _tx) = start_with(how, timing);
+        make_ready(&state);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        state.update(|s| s.apply_service(&svc("b")));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let log = calls(&log);
+        assert_eq!(log.len(), 2, "{log:?}");
+        assert_eq!(log[1].start - log[0].start, Duration::from_secs(5));
     }
 
     #[tokio::test(start_paused = true)]
@@ -398,10 +571,90 @@ mod tests {
         let (state, log, _tx) = start(3);
         make_ready(&state);
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let log = log.lock().unwrap();
+        let log = calls(&log);
         assert_eq!(log.len(), 4, "initial + 3 retries (1s, 2s, 4s) until success");
-        assert!(log.iter().all(|(_, full, _)| *full));
-        let gaps: Vec<u64> = log.windows(2).map(|w| (w[1].0 - w[0].0).as_secs()).collect();
+        assert!(log.iter().all(|c| c.full));
+        let gaps: Vec<u64> = log.windows(2).map(|w| (w[1].start - w[0].start).as_secs()).collect();
         assert_eq!(gaps, [1, 2, 4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_failure_changes_wait_for_the_full_retry_where_partial_syncs_cannot_be_trusted() {
+        let (state, log, _tx) = start(1);
+        make_ready(&state);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        state.update(|s| s.apply_service(&svc("b")));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let log = calls(&log);
+        assert_eq!(log.len(), 2, "{log:?}");
+        assert!(log[1].full && log[1].ok);
+        assert_eq!(log[1].start - log[0].start, Duration::from_secs(1));
+        assert_eq!(log[1].services, 2, "the change is in the retry");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_sync_that_keeps_failing_does_not_starve_partial_syncs() {
+        let how = Behaviour {
+            fail_later_full: true,
+            partial_after_failure: true,
+            ..Behaviour::default()
+        };
+        let (state, log, _tx) = start_with(how, timing());
+        make_ready(&state);
+        // The periodic resync at 30 s fails, and so does every full retry after it.
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        let changed_at = Instant::now();
+        state.update(|s| s.apply_service(&svc("b")));
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        let log = calls(&log);
+        let partial: Vec<&Call> = log.iter().filter(|c| !c.full).collect();
+        assert_eq!(partial.len(), 1, "{log:?}");
+        assert_eq!(
+            partial[0].start, changed_at,
+            "programmed at once, the full retry notwithstanding"
+        );
+        assert!(partial[0].ok && partial[0].changed.contains(&key("b")));
+        let retries: Vec<u64> = log
+            .iter()
+            .filter(|c| c.full)
+            .skip(1)
+            .map(|c| (c.start - log[0].start).as_secs())
+            .collect();
+        assert_eq!(&retries[..5], [30, 31, 33, 37, 45], "backoff goes on: {log:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_services_of_a_failed_partial_sync_are_carried_to_the_next() {
+        let how = Behaviour {
+            fail_partial: true,
+            partial_after_failure: true,
+            ..Behaviour::default()
+        };
+        let timing = SyncTiming {
+            retry_initial: Duration::from_secs(5),
+            ..timing()
+        };
+        let (state, log, _tx) = start_with(how, timing);
+        make_ready(&state);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        state.update(|s| s.apply_service(&svc("b")));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        state.update(|s| s.apply_service(&svc("c")));
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let log = calls(&log);
+        // The partial sync of `b` fails; `c` comes a minimum interval later and carries `b`;
+        // that fails too, and the full retry (5 s after the first failure) writes everything.
+        assert_eq!(log.len(), 4, "{log:?}");
+        assert!(!log[1].full && !log[1].ok, "{log:?}");
+        assert_eq!(log[1].changed, BTreeSet::from([key("b")]));
+        assert!(!log[2].full, "{log:?}");
+        assert_eq!(log[2].start - log[1].start, Duration::from_secs(1));
+        assert_eq!(log[2].changed, BTreeSet::from([key("b"), key("c")]));
+        assert!(log[3].full && log[3].ok, "{log:?}");
+        assert_eq!(
+            log[3].start - log[1].start,
+            Duration::from_secs(5),
+            "the second failure does not push it"
+        );
     }
 }

@@ -7,6 +7,7 @@
 pub mod conntrack;
 pub mod iptables;
 pub mod ipvs;
+pub mod nfacct;
 pub mod nftables;
 pub mod port_policy;
 
@@ -33,6 +34,14 @@ pub enum DataplaneError {
         tool: &'static str,
         line: usize,
         text: String,
+        message: String,
+    },
+    /// nf_tables refused a netlink transaction at `command` (nft syntax), written on behalf of
+    /// `owner` (a Service, or kproxy's fixed chains); the kernel kept its previous rules.
+    #[error("nf_tables refused the transaction at `{command}` ({owner}): {message}")]
+    Refused {
+        command: String,
+        owner: String,
         message: String,
     },
     #[error("{command} failed: {message}")]
@@ -93,6 +102,15 @@ pub trait Dataplane: Send {
 
     /// Removes everything this mode ever created. Idempotent: succeeds when nothing is left.
     fn cleanup(&mut self) -> BoxFuture<'_, Result<()>>;
+
+    /// Whether a failed sync leaves this dataplane able to take partial change sets: the kernel
+    /// and the dataplane's own record of it are as they were before the call. The runner then
+    /// keeps programming changes (carrying the failed call's Services along) while it retries
+    /// the full sync with backoff; otherwise every sync after a failure is full, and changes
+    /// wait for the retry.
+    fn partial_after_failure(&self) -> bool {
+        false
+    }
 }
 
 /// One dataplane per IP family (iptables and ip6tables), synced in turn as one.
@@ -138,5 +156,9 @@ impl Dataplane for PerFamily {
             }
             Ok(())
         })
+    }
+
+    fn partial_after_failure(&self) -> bool {
+        self.families.iter().all(|dp| dp.partial_after_failure())
     }
 }

@@ -12,9 +12,11 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use super::gateway::build::GatewayConfig;
+use super::gateway::listen::{GatewayListeners, Published};
 use super::h1::{self, ClientIo, Worker};
 use super::proxy::{self, Conn, Proxy};
-use super::routes::{build_routes, ClassConfig, RouteTable, ServiceLookup};
+use super::routes::{build_table, ClassConfig, RouteTable, ServiceLookup};
 use super::tls::{self, CertResolver};
 use super::upstream::{client_tls_config, Clients, Pool};
 use crate::config::IngressConfig;
@@ -55,27 +57,56 @@ fn lookup(store: &Store, key: &ServiceKey) -> ServiceLookup {
     }
 }
 
+/// What the route keeper serves besides the Ingress routes: the Gateway API listeners.
+struct GatewaySide {
+    config: GatewayConfig,
+    listeners: GatewayListeners,
+}
+
 /// Rebuilds the route table and certificates whenever the store or the Ingress objects change,
 /// once every source has listed (before that the proxy accepts no connection). Each warning is
-/// logged when it first appears, not on every rebuild.
+/// logged when it first appears, not on every rebuild. Gateway listeners on ports of their own
+/// are bound and closed here too; a port that cannot be bound is reported in the Gateway's
+/// status by the next build.
 async fn keep_routes(
     state: Arc<SharedState>,
     class: ClassConfig,
     resolver: Arc<CertResolver>,
+    mut gateway: GatewaySide,
     routes: watch::Sender<Option<Arc<RouteTable>>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut changes = state.subscribe();
     let mut previous_warnings: BTreeSet<String> = BTreeSet::new();
     let mut previous_ingresses: Vec<String> = Vec::new();
+    let mut previous_routes: Vec<String> = Vec::new();
     loop {
         let built = state.read(|store, objects| {
             if !store.is_ready() || !objects.is_ready() {
                 return None;
             }
-            let built = build_routes(objects, &class, &|k| lookup(store, k));
-            let tls_problems = resolver.update(&built.table.tls, &objects.secrets);
-            Some((built, tls_problems))
+            // A second round when binding a port failed (or worked again): the status says so.
+            let mut built = None;
+            for _ in 0..2 {
+                gateway.config.unavailable = gateway.listeners.failed().clone();
+                let b = build_table(objects, &class, &gateway.config, &|k| lookup(store, k));
+                let mut certs = b.table.tls.clone();
+                if let Some(port) = gateway.config.ingress_https {
+                    certs.extend(b.gateway_tls.get(&port).into_iter().flatten().cloned());
+                }
+                let mut problems = resolver.update(&certs, &objects.secrets);
+                problems.extend(
+                    gateway
+                        .listeners
+                        .sync(&b.gateway_listen, &b.gateway_tls, &objects.secrets),
+                );
+                let settled = *gateway.listeners.failed() == gateway.config.unavailable;
+                built = Some((b, problems));
+                if settled {
+                    break;
+                }
+            }
+            built
         });
         if let Some((built, tls_problems)) = built {
             let warnings: BTreeSet<String> = built.warnings.into_iter().chain(tls_problems).collect();
@@ -91,6 +122,14 @@ async fn keep_routes(
                     built.table.ingresses.join(", ")
                 );
                 previous_ingresses = built.table.ingresses.clone();
+            }
+            if built.table.gateway_routes != previous_routes {
+                tracing::info!(
+                    httproutes = built.table.gateway_routes.len(),
+                    listener_ports = built.table.gateway.ports.len(),
+                    "Gateway API routes updated"
+                );
+                previous_routes = built.table.gateway_routes.clone();
             }
             routes.send_replace(Some(Arc::new(built.table)));
         }
@@ -159,6 +198,7 @@ type WorkerSockets = Vec<(TcpSocket, Option<TlsAcceptor>)>;
 fn spawn_worker(
     index: usize,
     sockets: WorkerSockets,
+    gateway_listeners: Published,
     proxy: Proxy,
     backend_tls: rustls::ClientConfig,
     shutdown: watch::Receiver<bool>,
@@ -175,7 +215,10 @@ fn spawn_worker(
             };
             let local = tokio::task::LocalSet::new();
             let worker = Rc::new(Worker::new(Arc::new(proxy), Pool::new(backend_tls), shutdown.clone()));
-            local.block_on(&runtime, run_worker(index, worker, sockets, shutdown));
+            local.block_on(
+                &runtime,
+                run_worker(index, worker, sockets, gateway_listeners, shutdown),
+            );
         })
 }
 
@@ -185,7 +228,13 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 
 /// Waits for the routes, listens, serves until shutdown, then drains: the listeners close at
 /// once (their queues served first), requests in flight get [`proxy::DRAIN_TIMEOUT`].
-async fn run_worker(index: usize, w: Rc<Worker>, sockets: WorkerSockets, mut shutdown: watch::Receiver<bool>) {
+async fn run_worker(
+    index: usize,
+    w: Rc<Worker>,
+    sockets: WorkerSockets,
+    gateway_listeners: Published,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut routes = w.proxy.routes().clone();
     tokio::select! {
         r = routes.wait_for(Option::is_some) => if r.is_err() { return },
@@ -198,11 +247,20 @@ async fn run_worker(index: usize, w: Rc<Worker>, sockets: WorkerSockets, mut shu
                 if index == 0 {
                     tracing::info!(address = ?listener.local_addr().ok(), https = tls.is_some(), "Ingress listener serving");
                 }
-                accepting.push(tokio::task::spawn_local(serve_listener(w.clone(), listener, tls)));
+                accepting.push(tokio::task::spawn_local(serve_listener(
+                    w.clone(),
+                    listener,
+                    tls,
+                    w.proxy_shutdown(),
+                )));
             }
             Err(e) => tracing::error!(worker = index, error = %e, "Ingress listener cannot listen"),
         }
     }
+    accepting.push(tokio::task::spawn_local(serve_gateway_listeners(
+        w.clone(),
+        gateway_listeners,
+    )));
     let purge = {
         let w = w.clone();
         tokio::task::spawn_local(async move {
@@ -239,10 +297,61 @@ async fn run_worker(index: usize, w: Rc<Worker>, sockets: WorkerSockets, mut shu
     }
 }
 
-/// Accepts until shutdown; then serves what the kernel had already accepted, and closes.
-async fn serve_listener(w: Rc<Worker>, listener: TcpListener, tls: Option<TlsAcceptor>) {
-    let port = listener.local_addr().map_or(0, |a| a.port());
+/// Serves every published Gateway listener (ports the Ingress listeners do not serve) until
+/// it closes or shutdown.
+async fn serve_gateway_listeners(w: Rc<Worker>, mut published: Published) {
+    let mut running: BTreeSet<u64> = BTreeSet::new();
+    let mut servers = Vec::new();
     let mut shutdown = w.proxy_shutdown();
+    loop {
+        let current = published.borrow_and_update().clone();
+        for b in current.iter() {
+            if !running.insert(b.id) {
+                continue;
+            }
+            let listener = match b.socket.try_clone().and_then(TcpListener::from_std) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "Gateway listener not usable");
+                    continue;
+                }
+            };
+            // Stops when the listener closes or kproxy shuts down.
+            let (tx, rx) = watch::channel(false);
+            let (mut stop, mut down) = (b.stop.clone(), w.proxy_shutdown());
+            tokio::task::spawn_local(async move {
+                tokio::select! {
+                    _ = stopped(&mut stop) => {}
+                    _ = stopped(&mut down) => {}
+                }
+                let _ = tx.send(true);
+            });
+            servers.push(tokio::task::spawn_local(serve_listener(
+                w.clone(),
+                listener,
+                b.tls.clone(),
+                rx,
+            )));
+        }
+        running.retain(|id| current.iter().any(|b| b.id == *id));
+        tokio::select! {
+            r = published.changed() => if r.is_err() { break },
+            _ = stopped(&mut shutdown) => break,
+        }
+    }
+    for s in servers {
+        let _ = s.await;
+    }
+}
+
+/// Accepts until `stop`; then serves what the kernel had already accepted, and closes.
+async fn serve_listener(
+    w: Rc<Worker>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let port = listener.local_addr().map_or(0, |a| a.port());
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -356,12 +465,27 @@ pub async fn start(
     }
     let (routes_tx, routes_rx) = watch::channel(None);
     let https_port = config.https_bind.map_or(443, |a| a.port());
+    // Gateway listeners on ports of their own listen on the Ingress listeners' address.
+    let gateway_ip = config
+        .http_bind
+        .or(config.https_bind)
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+    let gateway = GatewaySide {
+        config: GatewayConfig {
+            ingress_http: config.http_bind.map(|a| a.port()),
+            ingress_https: config.https_bind.map(|a| a.port()),
+            ..GatewayConfig::default()
+        },
+        listeners: GatewayListeners::new(gateway_ip, tls::default_certificate()?),
+    };
+    let published = gateway.listeners.subscribe();
     let mut handles = vec![tokio::spawn(keep_routes(
         state,
         ClassConfig {
             class: config.class.clone(),
         },
         resolver,
+        gateway,
         routes_tx,
         shutdown.clone(),
     ))];
@@ -372,8 +496,15 @@ pub async fn start(
             config.access_log,
             https_port,
         );
-        let thread = spawn_worker(index, sockets, proxy, client_tls_config()?, shutdown.clone())
-            .map_err(|source| IngressError::Worker { source })?;
+        let thread = spawn_worker(
+            index,
+            sockets,
+            published.clone(),
+            proxy,
+            client_tls_config()?,
+            shutdown.clone(),
+        )
+        .map_err(|source| IngressError::Worker { source })?;
         handles.push(tokio::task::spawn_blocking(move || {
             let _ = thread.join();
         }));
@@ -406,7 +537,11 @@ mod tests {
         let (_stop, shutdown) = watch::channel(false);
         let resolver = Arc::new(CertResolver::new(tls::default_certificate().unwrap()));
         let class = ClassConfig { class: "kproxy".into() };
-        tokio::spawn(keep_routes(state.clone(), class, resolver, tx, shutdown));
+        let gateway = GatewaySide {
+            config: GatewayConfig::default(),
+            listeners: GatewayListeners::new([127, 0, 0, 1].into(), tls::default_certificate().unwrap()),
+        };
+        tokio::spawn(keep_routes(state.clone(), class, resolver, gateway, tx, shutdown));
         let ing: Ingress = serde_yaml::from_str(
             "metadata: {name: web, namespace: ns}\nspec: {ingressClassName: kproxy, rules: [{host: h, http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}]}}]}",
         )

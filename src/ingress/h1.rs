@@ -17,7 +17,6 @@ use std::io::{IoSlice, Write as _};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -106,7 +105,7 @@ pub struct Worker {
     draining: Cell<bool>,
     drain: tokio::sync::Notify,
     /// Request counters by (route, status code), for the current route table.
-    counters: RefCell<foldhash::HashMap<(usize, u16), Arc<AtomicU64>>>,
+    counters: RefCell<foldhash::HashMap<(usize, u16), prometheus::IntCounter>>,
     /// Connections open on this worker (the drain waits for them).
     pub open: Cell<usize>,
     pub closed: tokio::sync::Notify,
@@ -488,7 +487,7 @@ fn record(w: &Worker, table: Option<&Arc<RouteTable>>, conn: Conn, r: &Record<'_
             let (ingress, service) = labels();
             m.ingress_request_counter(ingress, &service, r.code)
         });
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.inc();
     } else {
         let (ingress, service) = labels();
         m.inc_ingress_request(ingress, &service, r.code);

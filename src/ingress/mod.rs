@@ -9,6 +9,7 @@ pub mod annotations;
 pub mod balance;
 pub mod controller;
 pub mod framing;
+pub mod gateway;
 pub mod h1;
 pub mod objects;
 pub mod proxy;

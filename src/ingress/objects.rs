@@ -31,6 +31,8 @@ pub struct IngressObjects {
     pub ingresses: BTreeMap<ObjectKey, Ingress>,
     pub classes: BTreeMap<String, IngressClass>,
     pub secrets: BTreeMap<ObjectKey, Secret>,
+    /// Gateway API objects (they share the Secrets above), listed on their own.
+    pub gateway: super::gateway::objects::GatewayObjects,
     synced: BTreeSet<IngressKind>,
 }
 

@@ -30,6 +30,7 @@ use hyper::body::Incoming;
 use tokio::sync::watch;
 
 use super::balance::{affinity_value, Balancer};
+use super::gateway::proxy as gateway;
 use super::routes::{normalize_host, Route, RouteTable, Upstream};
 use super::upstream::{
     BoxError, Clients, IdleTimeoutBody, ProxyBody, RetryBody, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
@@ -367,6 +368,34 @@ impl Proxy {
                 _ => return (full(&Answer::text(StatusCode::BAD_REQUEST, "no Host")), None, None),
             },
         };
+        // Gateway API listeners first (their own ports, and the hosts they match best on an
+        // Ingress port): see super::gateway::proxy.
+        match gateway::decide(table, conn.port, conn.https, &host, &req) {
+            gateway::Decision::Ingress => {}
+            gateway::Decision::Respond(r) => return (r, None, None),
+            gateway::Decision::Forward(f) => {
+                let mut req = req;
+                let upstream_host = f.prepare(&mut req, &host, &self.clients);
+                let route = f.route();
+                let labels = Some((route.ingress.clone(), route.backend.service.to_string()));
+                let endpoint = match &route.backend.upstream {
+                    Upstream::Endpoints(e) if e.is_empty() => {
+                        return (status(StatusCode::SERVICE_UNAVAILABLE), labels, None)
+                    }
+                    Upstream::Endpoints(e) => self.balancer.pick(&route.backend, e, None, None),
+                    Upstream::ExternalName { .. } => None,
+                };
+                let mut upstream = None;
+                let resp = f
+                    .within(async {
+                        let (resp, u) = self.forward_h2(req, conn, &upstream_host, route, endpoint, None).await;
+                        upstream = u;
+                        resp
+                    })
+                    .await;
+                return (f.finish(resp), labels, upstream);
+            }
+        }
         let path = req.uri().path().to_string();
         let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
         let declared = req

@@ -14,6 +14,10 @@
 //!   Ingresses is a conflict that the oldest Ingress (creationTimestamp, then namespace/name) wins.
 //! - an Ingress's `spec.defaultBackend` serves its hosts' unmatched paths, and, from the oldest
 //!   Ingress that has one, requests that match no host; everything else is a 404.
+//!
+//! Gateway API routes join the same table ([`RouteTable::gateway`], built by
+//! [`super::gateway::build`]): on a port both serve, a request goes to whichever matches its
+//! host more specifically (exact, then wildcard, then any host), the Ingress routes on a tie.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -23,6 +27,9 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressClass};
 use regex::Regex;
 
 use super::annotations::{self, Canary, Settings};
+use super::gateway::build::{build_gateway, GatewayConfig, Listen};
+use super::gateway::status::StatusReport;
+use super::gateway::table::{GatewayRoutes, Specificity};
 use super::objects::{IngressObjects, ObjectKey};
 use crate::model::{Protocol, ServiceKey, ServiceState};
 
@@ -191,11 +198,14 @@ impl HostRules {
     }
 }
 
-/// A certificate an Ingress asks for: the `spec.tls` host (exact or `*.` wildcard) and Secret.
+/// A certificate an Ingress or a Gateway listener asks for: the host (exact, `*.` wildcard, or
+/// empty for every name and clients without SNI) and the Secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsBinding {
     pub host: String,
     pub secret: ObjectKey,
+    /// `*.` matches one or more labels (Gateway API), not exactly one (Ingress).
+    pub suffix_match: bool,
 }
 
 /// Every route kproxy serves, ready to match requests.
@@ -211,6 +221,12 @@ pub struct RouteTable {
     pub tls: Vec<TlsBinding>,
     /// The Ingresses served, `namespace/name`.
     pub ingresses: Vec<String>,
+    /// Gateway API listeners and their routes.
+    pub gateway: GatewayRoutes,
+    /// What the elected kproxy writes to Gateway API objects' status.
+    pub gateway_status: Arc<StatusReport>,
+    /// The HTTPRoutes served, `namespace/name`.
+    pub gateway_routes: Vec<String>,
 }
 
 /// Lowercase host without port or trailing dot.
@@ -264,6 +280,20 @@ impl RouteTable {
         self.any.find(path).or(self.default.as_ref())
     }
 
+    /// How specifically the Ingress routes match `host` (lowercase, no port): `None` when they
+    /// would answer nothing for it.
+    pub fn host_specificity(&self, host: &str) -> Option<Specificity> {
+        if self.exact.contains_key(host) {
+            return Some(Specificity::Exact);
+        }
+        if let Some((_, suffix)) = host.split_once('.') {
+            if self.wildcard.contains_key(suffix) {
+                return Some(Specificity::Wildcard(suffix.split('.').count()));
+            }
+        }
+        (!self.any.rules.is_empty() || self.any.default.is_some() || self.default.is_some()).then_some(Specificity::Any)
+    }
+
     /// Whether HTTPS is configured for `host` (for the HTTP to HTTPS redirect of default backends).
     pub fn host_has_tls(&self, host: &str) -> bool {
         let host = normalize_host(host);
@@ -277,6 +307,28 @@ impl RouteTable {
 pub struct Built {
     pub table: RouteTable,
     pub warnings: Vec<String>,
+    /// Ports Gateway listeners need beyond the Ingress listeners', `true` for HTTPS.
+    pub gateway_listen: Listen,
+    /// Gateway listeners' certificates, by port.
+    pub gateway_tls: BTreeMap<u16, Vec<TlsBinding>>,
+}
+
+/// Builds the whole table: the Ingress routes ([`build_routes`]) and the Gateway API ones.
+pub fn build_table(
+    objects: &IngressObjects,
+    cfg: &ClassConfig,
+    gateway: &GatewayConfig,
+    lookup: &dyn Fn(&ServiceKey) -> ServiceLookup,
+) -> Built {
+    let mut built = build_routes(objects, cfg, lookup);
+    let gw = build_gateway(&objects.gateway, &objects.secrets, lookup, gateway);
+    built.table.gateway = gw.routes;
+    built.table.gateway_status = gw.status;
+    built.table.gateway_routes = gw.served;
+    built.warnings.extend(gw.warnings);
+    built.gateway_listen = gw.listen;
+    built.gateway_tls = gw.tls;
+    built
 }
 
 fn class_is_ours(ic: &IngressClass, cfg: &ClassConfig) -> bool {
@@ -478,6 +530,7 @@ fn convert_ingress(
             out.tls.push(TlsBinding {
                 host: host.to_ascii_lowercase(),
                 secret: (ns.clone(), secret.clone()),
+                suffix_match: false,
             });
         }
     }
@@ -599,7 +652,11 @@ pub fn build_routes(
             table.exact.insert(host, rules);
         }
     }
-    Built { table, warnings }
+    Built {
+        table,
+        warnings,
+        ..Built::default()
+    }
 }
 
 #[cfg(test)]

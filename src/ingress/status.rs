@@ -1,5 +1,6 @@
 //! Ingress status: one kproxy, elected with a coordination.k8s.io Lease, writes
-//! `status.loadBalancer.ingress` of the Ingresses kproxy serves (every node serves them the
+//! `status.loadBalancer.ingress` of the Ingresses kproxy serves (and, through
+//! [`super::gateway::writer`], the status of the Gateway API objects kproxy claims) (every node serves them the
 //! same way, so one writer is enough, and many would fight). When an Ingress it wrote stops
 //! being served (its class moved to another controller), the leader removes the address it
 //! wrote, unless someone else already changed it. On shutdown the leader releases the Lease so
@@ -287,10 +288,12 @@ pub async fn run(
                 .address
                 .clone()
                 .or_else(|| state.read(|store, _| store.node().addresses.first().map(|a| a.to_string())));
-            match address {
-                Some(a) => write_statuses(&client, &state, &table, &load_balancer_entry(&a), &mut written).await,
+            match &address {
+                Some(a) => write_statuses(&client, &state, &table, &load_balancer_entry(a), &mut written).await,
                 None => tracing::debug!("no address to write in Ingress status (set --ingress-status-address)"),
             }
+            // The same leader writes the Gateway API statuses.
+            super::gateway::writer::write_statuses(&client, &state, &table.gateway_status, address.as_deref()).await;
         }
         tokio::select! {
             _ = tokio::time::sleep(RETRY_PERIOD) => {}

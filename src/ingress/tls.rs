@@ -76,6 +76,10 @@ struct CertMap {
     exact: HashMap<String, Arc<CertifiedKey>>,
     /// Keyed by the suffix after `*.`.
     wildcard: HashMap<String, Arc<CertifiedKey>>,
+    /// Gateway API wildcards (one or more labels), keyed by the suffix after `*.`.
+    suffix: HashMap<String, Arc<CertifiedKey>>,
+    /// A Gateway listener without hostname: every other name, and clients without SNI.
+    fallback: Option<Arc<CertifiedKey>>,
 }
 
 /// A Secret and what parsing it gave (`None`: malformed).
@@ -132,7 +136,12 @@ impl CertResolver {
                 }
             });
             if let Some(cert) = cert {
+                if b.host.is_empty() {
+                    map.fallback.get_or_insert_with(|| cert.clone());
+                    continue;
+                }
                 let (table, name) = match b.host.strip_prefix("*.") {
+                    Some(suffix) if b.suffix_match => (&mut map.suffix, suffix.to_string()),
                     Some(suffix) => (&mut map.wildcard, suffix.to_string()),
                     None => (&mut map.exact, b.host.clone()),
                 };
@@ -148,16 +157,25 @@ impl CertResolver {
     /// The certificate for an SNI name (the default one when none matches or there is no SNI).
     pub fn pick(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
         let map = self.map.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let fallback = || map.fallback.clone().unwrap_or_else(|| self.default.clone());
         let Some(name) = sni.map(normalize_host) else {
-            return self.default.clone();
+            return fallback();
         };
         if let Some(c) = map.exact.get(&name) {
             return c.clone();
         }
-        name.split_once('.')
-            .and_then(|(_, suffix)| map.wildcard.get(suffix))
-            .cloned()
-            .unwrap_or_else(|| self.default.clone())
+        if let Some(c) = name.split_once('.').and_then(|(_, suffix)| map.wildcard.get(suffix)) {
+            return c.clone();
+        }
+        // The longest Gateway API wildcard suffix first.
+        let mut rest = name.as_str();
+        while let Some((_, suffix)) = rest.split_once('.') {
+            if let Some(c) = map.suffix.get(suffix) {
+                return c.clone();
+            }
+            rest = suffix;
+        }
+        fallback()
     }
 }
 
@@ -208,6 +226,7 @@ mod tests {
         TlsBinding {
             host: host.into(),
             secret: key(secret),
+            suffix_match: false,
         }
     }
 
@@ -250,5 +269,31 @@ mod tests {
         let secrets = BTreeMap::from([(key("a"), tls_secret("a", "a.test"))]);
         assert!(r.update(&[binding("a.test", "a")], &secrets).is_empty());
         assert!(!same(&r.pick(Some("a.test")), &a));
+    }
+
+    #[test]
+    fn gateway_bindings_match_deeper_names_and_a_listener_without_hostname_takes_the_rest() {
+        let default = default_certificate().unwrap();
+        let r = CertResolver::new(default.clone());
+        let secrets = BTreeMap::from([
+            (key("w"), tls_secret("w", "*.example.com")),
+            (key("all"), tls_secret("all", "all.test")),
+        ]);
+        let gateway = |host: &str, secret: &str| TlsBinding {
+            suffix_match: true,
+            ..binding(host, secret)
+        };
+        assert!(r
+            .update(&[gateway("*.example.com", "w"), gateway("", "all")], &secrets)
+            .is_empty());
+        let same = |a: &Arc<CertifiedKey>, b: &Arc<CertifiedKey>| a.cert == b.cert;
+        let w = r.pick(Some("a.example.com"));
+        assert!(same(&r.pick(Some("a.b.example.com")), &w), "any number of labels");
+        let all = r.pick(None);
+        assert!(
+            !same(&all, &default) && !same(&all, &w),
+            "no SNI: the listener without hostname"
+        );
+        assert!(same(&r.pick(Some("other.test")), &all));
     }
 }

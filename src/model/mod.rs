@@ -4,6 +4,7 @@
 //! change-tracked by [`store`], and leave as a [`DesiredState`] that every dataplane renders.
 
 pub mod convert;
+pub mod node_ips;
 pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet};

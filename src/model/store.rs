@@ -53,6 +53,8 @@ pub struct Store {
     node: NodeInfo,
     /// `--disable-external-ips`.
     ignore_external_ips: bool,
+    /// `--bind-address`: this node's primary IP, in place of its family's first Node address.
+    bind_address: Option<std::net::IpAddr>,
     /// False while this node is being deleted or drained by the cluster autoscaler.
     node_eligible: bool,
     /// Derived per-Service state, recomputed for `dirty` keys only.
@@ -84,6 +86,11 @@ impl Store {
     /// Drops `spec.externalIPs` from every Service (`--disable-external-ips`).
     pub fn set_ignore_external_ips(&mut self, ignore: bool) {
         self.ignore_external_ips = ignore;
+    }
+
+    /// `--bind-address`, as kube-proxy uses it: the primary node IP (see [`super::node_ips`]).
+    pub fn set_bind_address(&mut self, bind: Option<std::net::IpAddr>) {
+        self.bind_address = bind;
     }
 
     /// True once every kind has been listed completely: before that, a sync would program a
@@ -310,6 +317,7 @@ impl Store {
     /// Sets this node's information; a change forces a full sync (local addresses, zone).
     pub fn apply_node(&mut self, node: &Node) -> bool {
         let mut info = convert::convert_node(node);
+        info.addresses = super::node_ips::with_bind_address(&info.addresses, self.bind_address);
         if info.name.is_empty() {
             info.name = self.node_name.clone();
         }

@@ -45,7 +45,14 @@ pub enum ClientError {
 /// Builds the API client as kube-proxy does: `--kubeconfig` and/or `--master` (which overrides
 /// the kubeconfig's server), else the in-cluster service account. An explicit server address
 /// is all kproxy needs: it never depends on the `kubernetes` ClusterIP it programs itself.
-pub async fn client(kubeconfig: Option<&Path>, master: Option<&str>) -> Result<Client, ClientError> {
+///
+/// `limits` are `--kube-api-qps`/`--kube-api-burst`: client-go's client-side rate limiter, with
+/// client-go's `rest_client_*` metrics ([`crate::api_client`]).
+pub async fn client(
+    kubeconfig: Option<&Path>,
+    master: Option<&str>,
+    limits: (f32, i32),
+) -> Result<Client, ClientError> {
     let master_uri = master
         .map(|m| {
             m.parse::<http::Uri>().map_err(|e| ClientError::Master {
@@ -79,7 +86,15 @@ pub async fn client(kubeconfig: Option<&Path>, master: Option<&str>) -> Result<C
     if let Some(uri) = master_uri {
         config.cluster_url = uri;
     }
-    Client::try_from(config).map_err(|e| ClientError::Client(e.to_string()))
+    let host = config
+        .cluster_url
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let builder = kube::client::ClientBuilder::try_from(config).map_err(|e| ClientError::Client(e.to_string()))?;
+    Ok(builder
+        .with_layer(&crate::api_client::ApiClientLayer::new(limits.0, limits.1, host))
+        .build())
 }
 
 /// How one kind's events land in the store.

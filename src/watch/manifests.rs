@@ -21,6 +21,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::allocate::{allocate, id_of, Assigned, ServiceId, Taken};
+use crate::ingress::gateway::objects::{delete_id, GatewayDocs, GatewayKind};
 use crate::ingress::objects::IngressObject;
 use crate::sync::SharedState;
 
@@ -46,6 +47,8 @@ pub struct Objects {
     pub ingress_classes: Vec<IngressClass>,
     /// Secrets of type kubernetes.io/tls only (the Ingress proxy's certificates).
     pub secrets: Vec<Secret>,
+    /// Gateway API objects and Namespaces.
+    pub gateway: GatewayDocs,
 }
 
 /// The files under `path`, sorted: the path itself, or the `.yaml`/`.yml`/`.json` files of a
@@ -97,6 +100,7 @@ impl Objects {
         self.ingresses.extend(other.ingresses);
         self.ingress_classes.extend(other.ingress_classes);
         self.secrets.extend(other.secrets);
+        self.gateway.extend(other.gateway);
     }
 
     /// The identity of every object.
@@ -113,6 +117,11 @@ impl Objects {
         ids.extend(self.ingresses.iter().map(|o| id(Kind::Ingress, &o.metadata)));
         ids.extend(self.ingress_classes.iter().map(|o| id(Kind::IngressClass, &o.metadata)));
         ids.extend(self.secrets.iter().map(|o| id(Kind::Secret, &o.metadata)));
+        ids.extend(self.gateway.ids().into_iter().map(|(kind, namespace, name)| ObjectId {
+            kind: Kind::Gateway(kind),
+            namespace,
+            name,
+        }));
         ids
     }
 }
@@ -148,6 +157,7 @@ enum Kind {
     Ingress,
     IngressClass,
     Secret,
+    Gateway(GatewayKind),
 }
 
 /// Which object: its kind, namespace and name.
@@ -327,7 +337,8 @@ impl ManifestSource {
             let a = Ingress::replace(s, &all.ingresses);
             let b = IngressClass::replace(s, &all.ingress_classes);
             let c = Secret::replace(s, &all.secrets);
-            a | b | c
+            let d = all.gateway.replace_into(&mut s.gateway);
+            a | b | c | d
         });
     }
 
@@ -392,6 +403,7 @@ impl ManifestSource {
                             ..Secret::default()
                         },
                     ),
+                    Kind::Gateway(kind) => delete_id(&mut s.gateway, kind, &id.namespace, &id.name),
                     _ => false,
                 };
             }
@@ -404,6 +416,7 @@ impl ManifestSource {
             for o in &new.secrets {
                 changed |= Secret::apply(s, o);
             }
+            changed |= new.gateway.apply_into(&mut s.gateway);
             changed
         });
     }
@@ -460,6 +473,9 @@ fn add_document(value: serde_yaml::Value, objects: &mut Objects) -> Result<(), S
             }
         }
         ("", _) | (_, "") => return Err("not a Kubernetes object (no apiVersion or kind)".into()),
+        (v, k) if GatewayDocs::reads(v, k) => {
+            objects.gateway.add(v, k, value)?;
+        }
         _ => {
             tracing::debug!(%api_version, %kind, "ignoring manifest of a kind kproxy does not proxy")
         }

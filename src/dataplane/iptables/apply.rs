@@ -1,5 +1,5 @@
 //! The only part of iptables mode that touches the kernel: iptables-restore, iptables-save,
-//! the jump rules in built-in chains, and cleanup.
+//! and cleanup (the jumps from the built-in chains go in with the restore input).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -10,6 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use super::names;
+use super::plan::{KernelState, TableText};
 use crate::dataplane::{DataplaneError, Result};
 use crate::model::IpFamily;
 
@@ -86,20 +87,18 @@ impl Tools {
         Ok(parse_chains(&out))
     }
 
-    /// Puts the jump rules into the built-in chains, first in each, unless already there.
-    pub async fn ensure_jumps(&self) -> Result<()> {
-        for jump in names::JUMPS {
-            let spec = jump.args();
-            let mut check = vec!["-w", LOCK_WAIT, "-t", jump.table, "-C", jump.from];
-            check.extend(&spec);
-            if status(self.iptables, &check).await? {
-                continue;
+    /// What a full sync needs to know of the kernel: kproxy's nat chains (to delete strays) and
+    /// which jumps from the built-in chains are in place (to add the missing ones).
+    pub async fn kernel_state(&self) -> Result<KernelState> {
+        let mut state = KernelState::default();
+        for table in ["filter", "nat"] {
+            let save = run(self.save, &["-t", table]).await?;
+            if table == "nat" {
+                state.nat_chains = parse_chains(&save);
             }
-            let mut insert = vec!["-w", LOCK_WAIT, "-t", jump.table, "-I", jump.from, "1"];
-            insert.extend(&spec);
-            run(self.iptables, &insert).await?;
+            state.jumps.extend(parse_jumps(table, &save));
         }
-        Ok(())
+        Ok(state)
     }
 
     /// Removes the jump rules and every `KPROXY-` chain. Safe to run when nothing is there.
@@ -123,12 +122,11 @@ impl Tools {
             if chains.is_empty() {
                 continue;
             }
-            let text = super::render::TableText {
-                declare: vec![],
-                rules: vec![],
+            let text = TableText {
                 delete: chains.into_iter().collect(),
+                ..TableText::default()
             };
-            text.write(table, &mut input);
+            input.push_str(&text.into_text(table));
         }
         if input.is_empty() {
             return Ok(());
@@ -145,6 +143,28 @@ pub fn parse_chains(save: &str) -> BTreeSet<String> {
         .filter(|c| c.starts_with(names::PREFIX))
         .map(str::to_string)
         .collect()
+}
+
+/// Which of [`names::JUMPS`] of `table` the iptables-save output of that table holds: a rule in
+/// the built-in chain with kproxy's comment and target (what `iptables -C` would find).
+pub fn parse_jumps(table: &str, save: &str) -> BTreeSet<usize> {
+    let mut found = BTreeSet::new();
+    for line in save.lines() {
+        let Some(rule) = line.strip_prefix("-A ") else {
+            continue;
+        };
+        for (i, jump) in names::JUMPS.iter().enumerate() {
+            let ours = jump.table == table
+                && rule.split(' ').next() == Some(jump.from)
+                && rule.ends_with(&format!(" -j {}", jump.to))
+                && rule.contains(&format!("--comment {}", names::quote(jump.comment)))
+                && (!jump.new_only || rule.contains("--ctstate NEW"));
+            if ours {
+                found.insert(i);
+            }
+        }
+    }
+    found
 }
 
 /// Turns iptables-restore's complaint into an error that quotes the offending input line.
@@ -233,6 +253,28 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn jumps_from_save_output() {
+        // As iptables-save prints what `iptables -I` put in, beside someone else's rule.
+        let save = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+            -A PREROUTING -m comment --comment \"kproxy service portals\" -j KPROXY-SERVICES\n\
+            -A PREROUTING -j KUBE-SERVICES\n\
+            -A OUTPUT -m comment --comment \"kproxy service portals\" -j KPROXY-NODEPORTS\nCOMMIT\n";
+        let found: Vec<_> = parse_jumps("nat", save)
+            .into_iter()
+            .map(|i| (names::JUMPS[i].from, names::JUMPS[i].to))
+            .collect();
+        assert_eq!(found, [("PREROUTING", names::SERVICES)]);
+        let filter = "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kproxy service portals\" -j KPROXY-SERVICES\n\
+            -A OUTPUT -m comment --comment \"kproxy service portals\" -j KPROXY-SERVICES\n";
+        let found: Vec<_> = parse_jumps("filter", filter)
+            .into_iter()
+            .map(|i| (names::JUMPS[i].from, names::JUMPS[i].to))
+            .collect();
+        assert_eq!(found, [("FORWARD", names::SERVICES)], "OUTPUT's lacks --ctstate NEW");
+        assert!(parse_jumps("filter", save).is_empty(), "nat's rules are not filter's");
     }
 
     #[test]

@@ -4,7 +4,6 @@
 //! re-renders only the Services that changed and splices the cached rules of the others into the
 //! dispatch chains.
 
-use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -64,6 +63,15 @@ pub struct RenderConfig {
     /// (over [`LARGE_CLUSTER_ENDPOINTS`] endpoints): they are a third of the ruleset's bytes and
     /// iptables-restore's time.
     pub endpoint_comments: bool,
+    /// `iptables.localhostNodePorts` in effect (IPv4, NodePorts on loopback addresses):
+    /// NodePorts answer on 127.0.0.1 (with route_localnet), and other sources cannot reach
+    /// 127.0.0.0/8, as kube-proxy's rules do.
+    pub localhost_nodeports: bool,
+    /// The nfacct counters exist: the rules count into them (kube-proxy's two nfacct metrics).
+    pub nfacct: bool,
+    /// `--conntrack-tcp-be-liberal`: conntrack accepts out-of-window packets, so kube-proxy
+    /// drops no ctstate INVALID packets.
+    pub conntrack_tcp_liberal: bool,
 }
 
 /// Above this many endpoints, per-endpoint rules carry no comments (kube-proxy's threshold).
@@ -225,6 +233,15 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     }
 
     if let Some(node_port) = sp.node_port {
+        if has_endpoints && cfg.localhost_nodeports && cfg.nfacct && cfg.family == IpFamily::V4 {
+            // Counted apart, so operators see whether anything relies on localhost NodePorts.
+            r.nat_nodeports.push(format!(
+                "-A {} -m comment --comment {} {proto_match} -d 127.0.0.0/8 --dport {node_port} -m nfacct --nfacct-name {} -j {ext_chain}",
+                names::NODEPORTS,
+                quote(&spn),
+                crate::dataplane::nfacct::LOCALHOST_NODEPORTS_ACCEPTED
+            ));
+        }
         if has_endpoints {
             r.nat_nodeports.push(format!(
                 "-A {} -m comment --comment {} {proto_match} --dport {node_port} -j {ext_chain}",
@@ -428,8 +445,29 @@ fn write_balancing(
 /// Rules that do not depend on any Service: masquerade plumbing and forwarding acceptance.
 pub fn render_fixed(cfg: &RenderConfig) -> (Vec<String>, Vec<String>) {
     let mark = cfg.mark();
-    let filter = vec![
-        format!("-A {} -m conntrack --ctstate INVALID -j DROP", names::FORWARD),
+    let mut filter = Vec::new();
+    if !cfg.conntrack_tcp_liberal {
+        let count = if cfg.nfacct {
+            format!(
+                " -m nfacct --nfacct-name {}",
+                crate::dataplane::nfacct::CT_STATE_INVALID_DROPPED
+            )
+        } else {
+            String::new()
+        };
+        filter.push(format!(
+            "-A {} -m conntrack --ctstate INVALID{count} -j DROP",
+            names::FORWARD
+        ));
+    }
+    if cfg.localhost_nodeports {
+        // route_localnet lets 127.0.0.0/8 be routed; only DNATed NodePort traffic may use it.
+        filter.push(format!(
+            "-A {} -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+            names::FIREWALL
+        ));
+    }
+    filter.extend([
         format!(
             "-A {} -m comment --comment \"kproxy forwarding rules\" -m mark --mark {mark} -j ACCEPT",
             names::FORWARD
@@ -438,7 +476,7 @@ pub fn render_fixed(cfg: &RenderConfig) -> (Vec<String>, Vec<String>) {
             "-A {} -m comment --comment \"kproxy forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
             names::FORWARD
         ),
-    ];
+    ]);
     let nat = vec![
         format!("-A {} -m mark ! --mark {mark} -j RETURN", names::POSTROUTING),
         format!(
@@ -461,9 +499,10 @@ pub fn render_nodeport_jump(cfg: &RenderConfig) -> Vec<String> {
     let comment = "\"kproxy service nodeports; NOTE: this must be the last rule in this chain\"";
     match &cfg.nodeports {
         NodePortMatch::AllLocal => {
-            // NodePorts on loopback would need route_localnet, which exposes 127.0.0.1 to the
-            // network (CVE-2020-8558): kproxy does not accept them.
+            // NodePorts on loopback need route_localnet (iptables.localhostNodePorts, on by
+            // default as in kube-proxy); without it they never work, so they are not matched.
             let not_loopback = match cfg.family {
+                IpFamily::V4 if cfg.localhost_nodeports => "",
                 IpFamily::V4 => " ! -d 127.0.0.0/8",
                 IpFamily::V6 => " ! -d ::1/128",
             };
@@ -484,46 +523,5 @@ pub fn render_nodeport_jump(cfg: &RenderConfig) -> Vec<String> {
                 )
             })
             .collect(),
-    }
-}
-
-/// One table's part of an iptables-restore input. Borrows the rules (from the planner's cache)
-/// so a sync of a large ruleset does not hold two copies of it.
-#[derive(Debug, Default)]
-pub struct TableText<'a> {
-    pub declare: Vec<&'a str>,
-    pub rules: Vec<&'a str>,
-    pub delete: Vec<String>,
-}
-
-impl TableText<'_> {
-    /// Appends `*table ... COMMIT` to `out`. Declaring a chain under `--noflush` flushes it, so
-    /// every declared chain is rewritten whole and undeclared chains are left untouched.
-    pub fn write(&self, table: &str, out: &mut String) {
-        if self.declare.is_empty() && self.rules.is_empty() && self.delete.is_empty() {
-            return;
-        }
-        let _ = writeln!(out, "*{table}");
-        for chain in self
-            .declare
-            .iter()
-            .copied()
-            .chain(self.delete.iter().map(String::as_str))
-        {
-            let _ = writeln!(out, ":{chain} - [0:0]");
-        }
-        for rule in &self.rules {
-            out.push_str(rule);
-            out.push('\n');
-        }
-        for chain in &self.delete {
-            let _ = writeln!(out, "-X {chain}");
-        }
-        out.push_str("COMMIT\n");
-    }
-
-    /// Rules in this text (an entry may hold a whole chain's lines).
-    pub fn rule_count(&self) -> usize {
-        self.rules.iter().map(|r| r.matches('\n').count() + 1).sum()
     }
 }

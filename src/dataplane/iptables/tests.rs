@@ -6,8 +6,9 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use super::plan::KernelState;
 use super::render::{LocalDetector, NodePortMatch, RenderConfig};
-use super::tracer::{Origin, Packet, Ruleset, Table, TraceResult};
+use super::tracer::{Origin, Packet, Ruleset, TraceResult};
 use super::{names, Planner};
 use crate::model::store::Store;
 use crate::model::{ChangeSet, DesiredState, IpFamily, ServiceKey};
@@ -22,6 +23,9 @@ fn config() -> RenderConfig {
         local_detector: LocalDetector::Cidr("10.244.0.0/16".parse().unwrap()),
         nodeports: NodePortMatch::AllLocal,
         endpoint_comments: true,
+        localhost_nodeports: false,
+        nfacct: false,
+        conntrack_tcp_liberal: false,
     }
 }
 
@@ -52,21 +56,11 @@ fn desired(yaml: &str) -> DesiredState {
     store(yaml).snapshot().desired
 }
 
-/// The kernel's view after a full sync: the restore input plus the jumps into built-in chains,
-/// inserted as `ensure_jumps` inserts them.
+/// The kernel's view after a full sync onto a fresh node (the restore input puts in the jumps
+/// from the built-in chains too).
 fn ruleset(desired: &DesiredState, cfg: &RenderConfig) -> Ruleset {
     let plan = Planner::new().plan(desired, &ChangeSet::full(), cfg, None);
-    let mut rules = Ruleset::parse(&plan.restore).unwrap_or_else(|e| panic!("{e}\n{}", plan.restore));
-    add_jumps(&mut rules);
-    rules
-}
-
-/// The jumps from the built-in chains, inserted as `ensure_jumps` inserts them.
-fn add_jumps(rules: &mut Ruleset) {
-    for jump in names::JUMPS {
-        let table: Table = jump.table.parse().unwrap();
-        rules.insert(table, jump.from, 1, &jump.args()).unwrap();
-    }
+    Ruleset::parse(&plan.restore).unwrap_or_else(|e| panic!("{e}\n{}", plan.restore))
 }
 
 fn trace(rules: &Ruleset, from: Origin, src: &str, dst: &str, udp: bool) -> TraceResult {
@@ -95,6 +89,17 @@ fn check(rules: &Ruleset, from: Origin, src: &str, dst: &str, want: &str, masq: 
 fn check_web_from_pod(rules: &Ruleset) {
     let both = "10.244.1.2:8080, 10.244.2.2:8080";
     check(rules, Origin::Remote, "10.244.3.5", "10.96.0.10:80", both, Some(false));
+}
+
+/// The chains a restore input declares (creates or flushes) in `table`.
+fn declared<'a>(restore: &'a str, table: &str) -> Vec<&'a str> {
+    let header = format!("*{table}");
+    restore
+        .lines()
+        .skip_while(|l| *l != header)
+        .take_while(|l| *l != "COMMIT")
+        .filter_map(|l| l.strip_prefix(':')?.split(' ').next())
+        .collect()
 }
 
 fn svc(name: &str, spec: &str) -> String {
@@ -527,7 +532,6 @@ fn partial_sync_writes_only_the_changed_service() {
     )
     .unwrap();
     kernel.restore(&plan.restore).unwrap();
-    add_jumps(&mut kernel);
     check(
         &kernel,
         Origin::Remote,
@@ -568,12 +572,118 @@ fn partial_sync_writes_only_the_changed_service() {
 }
 
 #[test]
+fn partial_sync_skips_the_chains_of_a_changed_service_that_did_not_change() {
+    let mut store = store(&basic());
+    let mut planner = Planner::new();
+    let first = store.snapshot();
+    let full = planner.plan(&first.desired, &first.changes, &config(), None);
+    // `web` gets a third endpoint: its Service chain and the new endpoint's chain change, the
+    // chains of the two endpoints it had do not.
+    let s: EndpointSlice =
+        serde_yaml::from_str(&slice("web", "http", 8080, &["10.244.1.2", "10.244.2.2", "10.244.3.2"])).unwrap();
+    assert!(store.apply_slice(&s));
+    let snap = store.snapshot();
+    let plan = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    let nat = declared(&plan.restore, "nat");
+    assert_eq!(nat.len(), 2, "{}", plan.restore);
+    assert!(nat.iter().any(|c| c.starts_with("KPROXY-SVC-")), "{}", plan.restore);
+    assert!(nat.iter().any(|c| c.starts_with("KPROXY-SEP-")), "{}", plan.restore);
+    assert!(!plan.restore.contains("-X "), "{}", plan.restore);
+
+    let mut kernel = Ruleset::parse(&full.restore).unwrap();
+    kernel.restore(&plan.restore).unwrap();
+    let all = "10.244.1.2:8080, 10.244.2.2:8080, 10.244.3.2:8080";
+    check(&kernel, Origin::Remote, "10.244.3.5", "10.96.0.10:80", all, Some(false));
+}
+
+#[test]
+fn a_plan_that_was_not_applied_is_forgotten() {
+    let mut store = store(&basic());
+    let mut planner = Planner::new();
+    let first = store.snapshot();
+    let full = planner.plan(&first.desired, &first.changes, &config(), None);
+    planner.commit();
+    let s: EndpointSlice = serde_yaml::from_str(&slice("web", "http", 8080, &["10.244.2.2"])).unwrap();
+    assert!(store.apply_slice(&s));
+    let snap = store.snapshot();
+    let refused = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    planner.rollback();
+    // The same change planned again is the same input, and now the fixed chains are
+    // rewritten too: the filter table may hold what the kernel refused in nat.
+    let again = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    for line in refused.restore.lines() {
+        assert!(
+            again.restore.lines().any(|l| l == line),
+            "{line} missing:\n{}",
+            again.restore
+        );
+    }
+    assert!(
+        declared(&again.restore, "filter").contains(&"KPROXY-FORWARD"),
+        "{}",
+        again.restore
+    );
+    assert!(
+        declared(&again.restore, "nat").contains(&"KPROXY-SERVICES"),
+        "{}",
+        again.restore
+    );
+    let mut kernel = Ruleset::parse(&full.restore).unwrap();
+    kernel.restore(&again.restore).unwrap();
+    check(
+        &kernel,
+        Origin::Remote,
+        "10.244.3.5",
+        "10.96.0.10:80",
+        "10.244.2.2:8080",
+        Some(false),
+    );
+
+    // A full plan rolled back restores the previous map whole.
+    let mut planner = Planner::new();
+    planner.plan(&first.desired, &first.changes, &config(), None);
+    planner.commit();
+    planner.plan(&snap.desired, &ChangeSet::full(), &config(), None);
+    planner.rollback();
+    let again = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    assert_eq!(
+        declared(&again.restore, "nat")
+            .iter()
+            .filter(|c| c.starts_with("KPROXY-S"))
+            .count(),
+        declared(&refused.restore, "nat")
+            .iter()
+            .filter(|c| c.starts_with("KPROXY-S"))
+            .count()
+            + 1,
+        "the Service's chain as before, plus KPROXY-SERVICES:\n{}",
+        again.restore
+    );
+}
+
+#[test]
+fn chains_are_declared_sorted_with_the_masquerade_chain_last() {
+    let plan = Planner::new().plan(&desired(&basic()), &ChangeSet::full(), &config(), None);
+    let nat = declared(&plan.restore, "nat");
+    assert_eq!(nat.last(), Some(&names::MARK_MASQ));
+    let rest = &nat[..nat.len() - 1];
+    assert!(rest.windows(2).all(|w| w[0] < w[1]), "{nat:?}");
+    // Every declaration comes before every rule.
+    let nat_text: Vec<&str> = plan.restore.lines().skip_while(|l| *l != "*nat").collect();
+    let first_rule = nat_text.iter().position(|l| l.starts_with('-')).unwrap();
+    assert!(nat_text[first_rule..].iter().all(|l| !l.starts_with(':')));
+}
+
+#[test]
 fn full_sync_deletes_stray_chains_found_in_the_kernel() {
     let d = desired(&basic());
-    let kernel: BTreeSet<String> = ["KPROXY-SVC-OLDOLDOLDOLDOLD1", "KPROXY-SERVICES", "KUBE-SERVICES"]
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let kernel = KernelState {
+        nat_chains: ["KPROXY-SVC-OLDOLDOLDOLDOLD1", "KPROXY-SERVICES", "KUBE-SERVICES"]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        jumps: BTreeSet::new(),
+    };
     let plan = Planner::new().plan(&d, &ChangeSet::full(), &config(), Some(&kernel));
     assert!(plan.restore.contains("-X KPROXY-SVC-OLDOLDOLDOLDOLD1"));
     assert!(!plan.restore.contains("-X KPROXY-SERVICES"));
@@ -581,6 +691,38 @@ fn full_sync_deletes_stray_chains_found_in_the_kernel() {
         !plan.restore.contains("KUBE-SERVICES"),
         "never touches other software's chains"
     );
+}
+
+#[test]
+fn full_sync_puts_in_only_the_missing_jumps() {
+    let d = desired(&basic());
+    let fresh = Planner::new().plan(&d, &ChangeSet::full(), &config(), None);
+    let jumps = |restore: &str| restore.lines().filter(|l| l.starts_with("-I ")).count();
+    assert_eq!(jumps(&fresh.restore), names::JUMPS.len(), "{}", fresh.restore);
+    let kernel = KernelState {
+        nat_chains: BTreeSet::new(),
+        jumps: (1..names::JUMPS.len()).collect(),
+    };
+    let plan = Planner::new().plan(&d, &ChangeSet::full(), &config(), Some(&kernel));
+    let first = &names::JUMPS[0];
+    let inserted: Vec<&str> = plan.restore.lines().filter(|l| l.starts_with("-I ")).collect();
+    assert_eq!(inserted.len(), 1, "{}", plan.restore);
+    assert!(
+        inserted[0].starts_with(&format!("-I {} 1 ", first.from)),
+        "{}",
+        inserted[0]
+    );
+    assert!(inserted[0].ends_with(&format!("-j {}", first.to)), "{}", inserted[0]);
+
+    // A partial sync never touches the built-in chains.
+    let mut planner = Planner::new();
+    planner.plan(&d, &ChangeSet::full(), &config(), None);
+    let changes = ChangeSet {
+        full: false,
+        services: BTreeSet::from([ServiceKey::new("ns", "web")]),
+    };
+    let plan = planner.plan(&d, &changes, &config(), None);
+    assert_eq!(jumps(&plan.restore), 0, "{}", plan.restore);
 }
 
 #[test]
@@ -624,8 +766,7 @@ fn udp_and_ipv6_render() {
         !plan.restore.contains("10.96.0.53"),
         "IPv4 Services stay out of ip6tables"
     );
-    let mut rules = Ruleset::parse(&plan.restore).unwrap();
-    add_jumps(&mut rules);
+    let rules = Ruleset::parse(&plan.restore).unwrap();
     let r = rules
         .tracer(["fd00::1".parse().unwrap()])
         .trace(&Packet::tcp(Origin::Remote, "fd00:244::9", "[fd00::10]:80"))
@@ -686,12 +827,12 @@ fn partial_sync_rewrites_dispatch_chains_when_they_change() {
     let snap = store.snapshot();
     let plan = planner.plan(&snap.desired, &snap.changes, &config(), None);
     assert!(
-        plan.restore.contains("*filter\n:KPROXY-SERVICES - [0:0]"),
+        declared(&plan.restore, "filter").contains(&"KPROXY-SERVICES"),
         "{}",
         plan.restore
     );
     assert!(
-        plan.restore.contains("*nat\n:KPROXY-SERVICES - [0:0]"),
+        declared(&plan.restore, "nat").contains(&"KPROXY-SERVICES"),
         "{}",
         plan.restore
     );
@@ -703,7 +844,6 @@ fn partial_sync_rewrites_dispatch_chains_when_they_change() {
 
     let mut kernel = Ruleset::parse(&full.restore).unwrap();
     kernel.restore(&plan.restore).unwrap();
-    add_jumps(&mut kernel);
     check(
         &kernel,
         Origin::Remote,
@@ -719,6 +859,9 @@ fn partial_sync_rewrites_dispatch_chains_when_they_change() {
 fn large_clusters_drop_per_endpoint_comments() {
     let cfg = RenderConfig {
         endpoint_comments: false,
+        localhost_nodeports: false,
+        nfacct: false,
+        conntrack_tcp_liberal: false,
         ..config()
     };
     let plan = Planner::new().plan(&desired(&basic()), &ChangeSet::full(), &cfg, None);

@@ -294,17 +294,15 @@ pub async fn cleanup(exclude: &[ipnet::IpNet]) -> Result<()> {
         Err(DataplaneError::Unsupported(why)) => tracing::debug!("no IPVS to clean up: {why}"),
         Err(e) => return Err(e),
     }
+    // Over netlink, so that the table goes even where nft is not installed.
     for family in [IpFamily::V4, IpFamily::V6] {
-        let args = rules::delete_table_command(family);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        match nft(&args, None).await {
-            Ok(_) => tracing::info!(table = rules::TABLE, ?family, "deleted the nftables table"),
+        match crate::dataplane::nftables::apply::delete_named_table(family, rules::TABLE) {
+            Ok(true) => tracing::info!(table = rules::TABLE, ?family, "deleted the nftables table"),
+            Ok(false) => {}
             Err(DataplaneError::Unsupported(why)) => {
-                tracing::debug!("no nft to clean up with: {why}");
+                tracing::debug!("no nf_tables to clean up: {why}");
                 break;
             }
-            // "No such file or directory": the table is not there.
-            Err(DataplaneError::Command { message, .. }) if message.contains("No such file") => {}
             Err(e) => return Err(e),
         }
     }

@@ -51,12 +51,6 @@ fn words(family: IpFamily) -> (&'static str, &'static str, &'static str) {
     }
 }
 
-/// The `nft delete table` command for `family`; the caller tolerates "no such table".
-pub fn delete_table_command(family: IpFamily) -> Vec<String> {
-    let (fam, _, _) = words(family);
-    vec!["delete".into(), "table".into(), fam.into(), TABLE.into()]
-}
-
 fn fmt_addr(ip: &IpAddr) -> String {
     ip.to_string()
 }

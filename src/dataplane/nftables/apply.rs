@@ -1,133 +1,333 @@
-//! The only part of nftables mode that touches the kernel: `nft -f -`, listing the table, and
-//! deleting it.
+//! The kernel side of nftables mode: applying plans as netlink transactions, reading the
+//! table back, deleting it. No `nft` process anywhere.
+//!
+//! A plan's units are packed into transactions of bounded size (a cold start of 10,000
+//! Services is many transactions; a unit, one owner's change, is never split, so no Service
+//! is seen half-programmed). Each transaction carries the generation kproxy last saw: if
+//! someone else committed since, the kernel refuses it whole (`ERESTART`), kproxy notes the
+//! foreign change (a check of the table follows) and sends it again against the new
+//! generation.
 
-use std::process::Stdio;
+use std::collections::HashSet;
 
-use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
-
+use super::command::{fixed_set_kind, CommandText};
 use super::names;
-use super::plan::KernelObjects;
-use super::render::words;
+use super::netlink::{self, decode_chain, decode_elements, decode_rule, decode_set, msg, Dump, Table};
+use super::plan::{data_hash, hash_of, ChainState, Owner, Plan, Planner, RuleState, TableState, Unit};
+use super::socket::{errno_text, BatchError, NftSocket};
 use crate::dataplane::{DataplaneError, Result};
 use crate::model::IpFamily;
 
-const NFT: &str = "nft";
+/// Bounds of one transaction: enough for hundreds of Services, small enough that the
+/// kernel's echoes fit the socket's receive buffer and one commit stays short.
+const MAX_REQUESTS: usize = 2048;
+const MAX_WRITES: usize = 4096;
 
-/// Runs `nft args`, feeding `input` on stdin; stdout on success, `(stderr, error)` otherwise.
-async fn nft(args: &[&str], input: Option<&str>) -> Result<Result<String, String>> {
-    let mut child = Command::new(NFT)
-        .args(args)
-        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(spawn_error)?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        // A write error means nft exited early; its stderr says why.
-        let _ = stdin.write_all(text.as_bytes()).await;
-    }
-    let out = child.wait_with_output().await.map_err(spawn_error)?;
-    if out.status.success() {
-        Ok(Ok(String::from_utf8_lossy(&out.stdout).into_owned()))
-    } else {
-        Ok(Err(String::from_utf8_lossy(&out.stderr).trim().to_string()))
+/// Set by the integration tests only: while the file it names exists, every transaction has
+/// one request pointed at a chain that does not exist, so that the kernel refuses it.
+pub const TEST_REFUSE_ENV: &str = "KPROXY_TEST_NFT_REFUSE";
+
+pub fn table(family: IpFamily) -> Table {
+    Table {
+        family,
+        name: names::TABLE,
     }
 }
 
-/// A missing `nft` will not appear by retrying.
-fn spawn_error(source: std::io::Error) -> DataplaneError {
-    if source.kind() == std::io::ErrorKind::NotFound {
-        DataplaneError::Unsupported("nft not found: nftables mode needs the nft command (package nftables)".into())
-    } else {
-        DataplaneError::Spawn {
-            command: NFT.into(),
-            source,
-        }
-    }
-}
-
-/// Checks that nft runs and the kernel answers, before anything is programmed.
+/// Checks that nf_tables answers in this namespace, before anything is programmed.
 pub async fn check() -> Result<()> {
-    match nft(&["list", "tables"], None).await? {
-        Ok(_) => Ok(()),
-        Err(message) => Err(DataplaneError::Unsupported(format!(
-            "nft list tables failed: {message}"
-        ))),
-    }
+    let mut sock = NftSocket::connect()?;
+    sock.generation().map_err(|e| {
+        DataplaneError::Unsupported(format!("nf_tables does not answer (no nf_tables in this kernel?): {e}"))
+    })?;
+    Ok(())
 }
 
-/// Applies `text` as one transaction: all of it, or (on error) none of it.
-pub async fn apply(text: &str) -> Result<()> {
-    match nft(&["-f", "-"], Some(text)).await? {
-        Ok(_) => Ok(()),
-        Err(message) => Err(nft_error(text, message)),
-    }
-}
-
-/// Turns nft's complaint (`/dev/stdin:12:1-40: Error: …`) into an error quoting the input line.
-pub fn nft_error(input: &str, message: String) -> DataplaneError {
-    let line = message.lines().find_map(|l| {
-        let rest = l.split_once(':')?.1;
-        let (n, _) = rest.split_once(':')?;
-        n.parse::<usize>().ok()
-    });
-    DataplaneError::refused(NFT, "nft -f -", input, line, message)
-}
-
-/// The chains and sets of `family`'s table; none when it does not exist. Listed without rules
-/// or elements (`-t`), which for a large table would be megabytes of text.
-pub async fn list(family: IpFamily) -> Result<KernelObjects> {
-    let fam = words(family).family;
-    let mut objects = KernelObjects::default();
-    for what in ["chains", "sets"] {
-        match nft(&["-t", "list", what, fam], None).await? {
-            Ok(text) => objects.add_listing(&format!("table {fam} {}", names::TABLE), &text),
-            Err(message) => {
-                return Err(DataplaneError::Command {
-                    command: format!("nft -t list {what} {fam}"),
-                    message,
-                })
-            }
-        }
-    }
-    Ok(objects)
-}
-
-/// Deletes `family`'s table; whether there was one.
+/// Deletes `family`'s `kproxy` table; whether there was one.
 pub async fn delete_table(family: IpFamily) -> Result<bool> {
-    let fam = words(family).family;
-    match nft(&["delete", "table", fam, names::TABLE], None).await? {
+    delete_named_table(family, names::TABLE)
+}
+
+/// Deletes table `name` of `family` (also IPVS mode's companion table); whether there was one.
+pub fn delete_named_table(family: IpFamily, name: &'static str) -> Result<bool> {
+    let mut sock = NftSocket::connect()?;
+    let t = Table { family, name };
+    match sock.batch(0, &[netlink::Request::DeleteTable(t)]) {
         Ok(_) => Ok(true),
-        Err(message) if message.contains("No such file") => Ok(false),
+        Err(BatchError::Refused { errno: 2, .. }) => Ok(false),
         // A kernel without nf_tables cannot hold the table.
-        Err(message) if message.contains("not supported") => Err(DataplaneError::Unsupported(message)),
-        Err(message) => Err(DataplaneError::Command {
-            command: format!("nft delete table {fam} {}", names::TABLE),
-            message,
-        }),
+        Err(BatchError::Refused { errno, .. }) if errno == 93 || errno == 95 => {
+            Err(DataplaneError::Unsupported(format!("nf_tables: {}", errno_text(errno))))
+        }
+        Err(e) => Err(DataplaneError::Netlink(format!("deleting table {name}: {e:?}"))),
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The kernel's side of one family's table.
+pub struct Kernel {
+    pub sock: NftSocket,
+    pub table: Table,
+    /// The generation after kproxy's last commit (or listing).
+    pub generation: u32,
+    /// Set when a transaction found someone else had committed: the table needs a check.
+    pub foreign_change: bool,
+}
 
-    #[test]
-    fn nft_error_quotes_the_line() {
-        let input = "add table ip kproxy\nadd chain ip kproxy services\nadd rule ip kproxy services goto nowhere\n";
-        let message = "/dev/stdin:3:36-42: Error: Could not process rule: No such file or directory\nadd rule ip kproxy services goto nowhere\n                                   ^^^^^^^".to_string();
-        match nft_error(input, message) {
-            DataplaneError::Rejected { line, text, .. } => {
-                assert_eq!(line, 3);
-                assert_eq!(text, "add rule ip kproxy services goto nowhere");
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-        assert!(matches!(
-            nft_error(input, "netlink: Error: cache initialization failed".into()),
-            DataplaneError::Command { .. }
-        ));
+impl Kernel {
+    pub fn connect(family: IpFamily) -> Result<Kernel> {
+        let mut sock = NftSocket::connect()?;
+        let generation = sock.generation()?;
+        Ok(Kernel {
+            sock,
+            table: table(family),
+            generation,
+            foreign_change: false,
+        })
     }
+}
+
+/// What one applied plan wrote.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub writes: usize,
+    pub transactions: usize,
+    /// Owners whose units were committed.
+    pub owners: HashSet<Owner>,
+}
+
+/// Applies `plan`, unit by unit in bounded transactions, recording echoed handles in
+/// `planner`. On error the transactions before the failed one stay committed and the caller
+/// must read the table back ([`read_table`]) before planning again.
+pub fn apply_plan(kernel: &mut Kernel, planner: &mut Planner, plan: &Plan) -> Result<Applied> {
+    let mut applied = Applied::default();
+    let mut start = 0;
+    while start < plan.units.len() {
+        let mut end = start;
+        let (mut requests, mut writes) = (0, 0);
+        while end < plan.units.len() {
+            let u = &plan.units[end];
+            let w: usize = u.commands.iter().map(|(_, c)| c.writes()).sum();
+            if end > start && (requests + u.commands.len() > MAX_REQUESTS || writes + w > MAX_WRITES) {
+                break;
+            }
+            requests += u.commands.len();
+            writes += w;
+            end += 1;
+        }
+        apply_transaction(kernel, planner, &plan.units[start..end], &mut applied)?;
+        start = end;
+    }
+    Ok(applied)
+}
+
+fn apply_transaction(kernel: &mut Kernel, planner: &mut Planner, units: &[Unit], applied: &mut Applied) -> Result<()> {
+    // Every unit's commands, ordered by section across units (stable within one).
+    let mut order: Vec<(usize, usize)> = Vec::new();
+    for (u, unit) in units.iter().enumerate() {
+        order.extend((0..unit.commands.len()).map(|c| (u, c)));
+    }
+    order.sort_by_key(|&(u, c)| units[u].commands[c].0);
+    let command = |&(u, c): &(usize, usize)| &units[u].commands[c].1;
+    let mut requests: Vec<netlink::Request> = order.iter().map(|i| command(i).request(kernel.table)).collect();
+    test_refusal(&mut requests);
+
+    let mut attempts = 0;
+    let committed = loop {
+        match kernel.sock.batch(kernel.generation, &requests) {
+            Ok(c) => break c,
+            Err(BatchError::Generation) if attempts < 3 => {
+                // Someone else committed: note it (the table gets checked) and go on against
+                // the new generation; anything this transaction relies on that the other
+                // writer changed makes the kernel refuse it.
+                attempts += 1;
+                kernel.foreign_change = true;
+                kernel.generation = kernel.sock.generation()?;
+                tracing::info!(
+                    table = kernel.table.name,
+                    generation = kernel.generation,
+                    "the ruleset changed behind kproxy's back; checking the table"
+                );
+            }
+            Err(BatchError::Refused { index, errno, message }) => {
+                let (u, _) = order[index];
+                let mut text = errno_text(errno);
+                if let Some(m) = message {
+                    text = format!("{m}: {text}");
+                }
+                return Err(DataplaneError::Refused {
+                    command: CommandText(command(&order[index]), kernel.table.family).to_string(),
+                    owner: units[u].owner.to_string(),
+                    message: text,
+                });
+            }
+            Err(BatchError::Generation) => {
+                return Err(DataplaneError::Netlink(
+                    "the ruleset keeps changing behind kproxy's back".into(),
+                ))
+            }
+            Err(BatchError::Commit { errno }) => {
+                return Err(DataplaneError::Netlink(format!(
+                    "commit refused: {}",
+                    errno_text(errno)
+                )))
+            }
+            Err(BatchError::Lost(why)) => return Err(DataplaneError::Netlink(why)),
+        }
+    };
+    kernel.generation = committed
+        .generation
+        .unwrap_or_else(|| kernel.generation.wrapping_add(1));
+    let mut handles: Vec<Vec<Option<u64>>> = units.iter().map(|u| vec![None; u.commands.len()]).collect();
+    for (i, &(u, c)) in order.iter().enumerate() {
+        handles[u][c] = committed.handles.get(i).copied().flatten();
+    }
+    for (u, unit) in units.iter().enumerate() {
+        if !planner.commit(unit, &handles[u]) {
+            return Err(DataplaneError::Netlink(format!(
+                "the kernel did not echo every new rule of {}",
+                unit.owner
+            )));
+        }
+        applied.owners.insert(unit.owner.clone());
+        applied.writes += unit.commands.iter().map(|(_, c)| c.writes()).sum::<usize>();
+    }
+    applied.transactions += 1;
+    Ok(())
+}
+
+/// The test hook of [`TEST_REFUSE_ENV`]: points the first rule (or element) request at an
+/// object that does not exist.
+fn test_refusal(requests: &mut [netlink::Request]) {
+    let Some(marker) = std::env::var_os(TEST_REFUSE_ENV) else {
+        return;
+    };
+    if !std::path::Path::new(&marker).exists() {
+        return;
+    }
+    for r in requests.iter_mut() {
+        match r {
+            netlink::Request::AddRule { chain, .. } | netlink::Request::ReplaceRule { chain, .. } => {
+                chain.push_str("-refused-by-test");
+            }
+            netlink::Request::AddElements { set, .. } | netlink::Request::DeleteElements { set, .. } => {
+                set.push_str("-refused-by-test");
+            }
+            _ => continue,
+        }
+        tracing::warn!("{TEST_REFUSE_ENV}: this transaction is made to fail");
+        return;
+    }
+}
+
+/// Lists `table` over netlink into its compact form. Returns the listing, the generation it
+/// started at, and whether it is a snapshot (nothing was committed while it ran).
+pub fn read_table(sock: &mut NftSocket, table: Table) -> Result<(TableState, u32, bool)> {
+    let family = netlink::nfproto(table.family);
+    let before = sock.generation()?;
+    let mut state = TableState::default();
+    let mut interrupted = false;
+
+    sock.dump(Dump::Tables, |_, f, a| {
+        if f == family && netlink::decode_table(f, a)?.1 == table.name {
+            state.exists = true;
+        }
+        Ok(())
+    })?;
+    if state.exists {
+        interrupted |= sock
+            .dump(Dump::Chains, |kind, f, a| {
+                if kind != msg::NEWCHAIN || f != family {
+                    return Ok(());
+                }
+                let c = decode_chain(f, a)?;
+                if c.table == table.name {
+                    state.chains.insert(
+                        c.name,
+                        ChainState {
+                            hook: c.hook,
+                            rules: Vec::new(),
+                        },
+                    );
+                }
+                Ok(())
+            })?
+            .unwrap_or(false);
+        // Chain by chain: a whole-table rule dump walks the table again for every part.
+        let mut names: Vec<String> = state.chains.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let mut rules = Vec::new();
+            interrupted |= sock
+                .dump(Dump::Rules(table, Some(&name)), |kind, _, a| {
+                    if kind != msg::NEWRULE {
+                        return Ok(());
+                    }
+                    let r = decode_rule(a)?;
+                    if r.table == table.name && r.chain == name {
+                        // A rule with someone's comment is someone's rule, even if it matches.
+                        let hash = match &r.userdata {
+                            None => hash_of(&r.exprs),
+                            Some(u) => hash_of(&(&r.exprs, u)),
+                        };
+                        rules.push(RuleState { handle: r.handle, hash });
+                    }
+                    Ok(())
+                })?
+                .unwrap_or(false);
+            if let Some(c) = state.chains.get_mut(&name) {
+                c.rules = rules;
+            }
+        }
+        let mut sets = Vec::new();
+        interrupted |= sock
+            .dump(Dump::Sets(table), |kind, _, a| {
+                if kind == msg::NEWSET {
+                    let spec = decode_set(a)?;
+                    state.sets.insert(spec.name.clone(), hash_of(&spec));
+                    sets.push(spec.name);
+                }
+                Ok(())
+            })?
+            .unwrap_or(false);
+        for set in sets.iter().filter(|s| fixed_set_kind(s).is_some()) {
+            let elements = state.elements.entry(set.clone()).or_default();
+            interrupted |= sock
+                .dump(Dump::Elements(table, set), |kind, _, a| {
+                    if kind == msg::NEWSETELEM {
+                        for e in decode_elements(a)?.1 {
+                            elements.insert(e.key, data_hash(e.data.as_ref()));
+                        }
+                    }
+                    Ok(())
+                })?
+                .unwrap_or(false);
+        }
+    }
+    let after = sock.generation()?;
+    Ok((state, before, !interrupted && before == after))
+}
+
+/// Reads the table until a listing is a snapshot (a few tries), for recovery.
+pub fn read_table_consistent(sock: &mut NftSocket, table: Table) -> Result<(TableState, u32)> {
+    let mut last = None;
+    for _ in 0..5 {
+        let (state, generation, snapshot) = read_table(sock, table)?;
+        if snapshot {
+            return Ok((state, generation));
+        }
+        last = Some((state, generation));
+    }
+    // Someone commits all the time: a transaction planned on this listing is still checked
+    // by the kernel against the generation.
+    Ok(last.expect("at least one listing"))
+}
+
+/// Every command of `plan` as nft text, one per line, in transaction order: `nft -f` input.
+pub fn plan_text(plan: &Plan, family: IpFamily) -> String {
+    let mut out = String::new();
+    for c in plan.commands() {
+        out.push_str(&CommandText(c, family).to_string());
+        out.push('\n');
+    }
+    out
 }

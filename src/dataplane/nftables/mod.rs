@@ -1,54 +1,281 @@
 //! nftables mode: upstream kube-proxy's nftables layout in kproxy's own table, `kproxy`, one per
-//! IP family (`ip kproxy`, `ip6 kproxy`).
+//! IP family (`ip kproxy`, `ip6 kproxy`), programmed over netlink (no `nft` process).
 //!
 //! Service traffic is dispatched by verdict maps keyed by `address . protocol . port`
 //! (`service-ips`, `service-nodeports`) to per-Service-port chains, which DNAT straight to an
 //! endpoint picked by a cascade of `numgen random` rules (Services with session affinity
 //! go through per-endpoint chains that record the client first). Hairpin traffic is masqueraded
-//! after DNAT through one shared set. See `docs/nftables.md`. [`plan`] is pure; [`apply`] runs nft.
+//! after DNAT through one shared set. See `docs/nftables.md`.
+//!
+//! [`render`] and [`rule`] turn the model into nft rules as values; [`plan`] diffs them against
+//! what was committed; [`command`] and [`netlink`] are the commands and their bytes; [`apply`]
+//! and [`socket`] talk to the kernel. A sync writes only what changed, addressing rules by the
+//! handles the kernel echoed. The periodic full sync compares state objects (cheap) and starts
+//! a check on a thread of its own: it lists the table over netlink and repairs whatever
+//! differs from what kproxy committed, without holding back the next sync.
 
 pub mod apply;
+pub mod command;
 pub mod names;
+pub mod netlink;
 pub mod plan;
 pub mod render;
+pub mod rule;
+pub mod socket;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures::future::BoxFuture;
 
-use self::plan::{KernelObjects, Planner};
+use self::apply::{apply_plan, read_table, read_table_consistent, Kernel};
+use self::plan::{Owner, Planner};
+use self::socket::NftSocket;
 use super::conntrack::{delete_flows, plan_cleanup, udp_ports, UdpPorts};
+use super::iptables::render::RenderConfig;
 use super::iptables::{render_config, ProxierConfig};
-use super::{Dataplane, Result, SyncStats};
-use crate::model::{ChangeSet, DesiredState, IpFamily};
+use super::{Dataplane, DataplaneError, Result, SyncStats};
+use crate::metrics::metrics;
+use crate::model::{ChangeSet, DesiredState, IpFamily, ServiceKey, ServicePortName};
+
+/// The render configuration as nftables mode uses it: iptables mode's, less what only
+/// iptables rules depend on (comments), so a change of it does not force a full render.
+async fn config(cfg: &ProxierConfig, desired: &DesiredState) -> Result<RenderConfig> {
+    let mut c = render_config(cfg, desired).await?;
+    c.endpoint_comments = false;
+    Ok(c)
+}
+
+/// What the sync path and the check thread share.
+struct Inner {
+    planner: Planner,
+    kernel: Option<Kernel>,
+    /// After a failed transaction (or before the first sync): read the table back first.
+    recover: bool,
+    /// While a check lists the table: the owners of every commit since it started.
+    touched: Option<HashSet<Owner>>,
+}
 
 /// The nftables dataplane for one IP family.
 pub struct NftablesProxier {
     cfg: ProxierConfig,
-    planner: Planner,
-    /// After a refused transaction the table may hold something the planner cannot account for
-    /// (an affinity set with another timeout, say): the next sync recreates it from nothing.
-    recreate: bool,
+    inner: Arc<Mutex<Inner>>,
+    check: Option<std::thread::JoinHandle<()>>,
     /// UDP ports as last programmed, to find stale conntrack flows; `None` before the first sync.
     udp: Option<UdpPorts>,
+}
+
+fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    // A panic while holding the lock leaves a planner that the next sync reads back anyway.
+    let mut g = inner.lock().unwrap_or_else(PoisonError::into_inner);
+    if inner.is_poisoned() {
+        g.recover = true;
+    }
+    g
 }
 
 impl NftablesProxier {
     pub fn new(cfg: ProxierConfig) -> Self {
         NftablesProxier {
+            inner: Arc::new(Mutex::new(Inner {
+                planner: Planner::new(cfg.family),
+                kernel: None,
+                recover: true,
+                touched: None,
+            })),
             cfg,
-            planner: Planner::new(),
-            recreate: false,
+            check: None,
             udp: None,
+        }
+    }
+
+    /// Starts a check of the table on its own thread, unless one is running.
+    fn start_check(&mut self) {
+        if self.check.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let inner = self.inner.clone();
+        let family = self.cfg.family;
+        let spawned = std::thread::Builder::new()
+            .name(format!("nft-check-{family:?}"))
+            .spawn(move || check_table(&inner, family));
+        match spawned {
+            Ok(h) => self.check = Some(h),
+            Err(e) => tracing::warn!(error = %e, "could not start the nftables check"),
+        }
+    }
+
+    /// Programs `desired`; whether the table should be checked.
+    fn sync_locked(
+        &self,
+        desired: &DesiredState,
+        changes: &ChangeSet,
+        cfg: &RenderConfig,
+    ) -> Result<(SyncStats, bool)> {
+        let family = self.cfg.family;
+        let mut inner = lock(&self.inner);
+        let inner = &mut *inner;
+        if inner.kernel.is_none() {
+            inner.kernel = Some(Kernel::connect(family)?);
+        }
+        let Some(kernel) = inner.kernel.as_mut() else {
+            return Err(DataplaneError::Netlink("no netlink socket".into()));
+        };
+        let recovering = inner.recover;
+        if recovering {
+            let (state, generation) = read_table_consistent(&mut kernel.sock, kernel.table)?;
+            tracing::debug!(
+                ?family,
+                chains = state.chains.len(),
+                rules = state.rule_count(),
+                "read the table back before planning"
+            );
+            inner.planner.adopt(state);
+            kernel.generation = generation;
+            inner.recover = false;
+        }
+        let plan = inner.planner.plan(desired, changes, cfg);
+        if tracing::enabled!(tracing::Level::TRACE) {
+            tracing::trace!(?family, "transaction:\n{}", apply::plan_text(&plan, family));
+        }
+        let applied = match apply_plan(kernel, &mut inner.planner, &plan) {
+            Ok(a) => a,
+            Err(e) => {
+                inner.recover = true;
+                return Err(e);
+            }
+        };
+        if let Some(t) = inner.touched.as_mut() {
+            t.extend(applied.owners.iter().cloned());
+        }
+        let check = std::mem::take(&mut kernel.foreign_change) || (changes.full && !recovering);
+        let (rules, no_local) = inner.planner.totals();
+        Ok((
+            SyncStats {
+                rules_written: applied.writes,
+                rules_total: vec![("nftables", rules)],
+                no_local_endpoints: no_local,
+            },
+            check,
+        ))
+    }
+
+    /// Deletes stale UDP conntrack flows of the Services this sync changed.
+    async fn clean_conntrack(&mut self, desired: &DesiredState, changes: &ChangeSet) {
+        let family = self.cfg.family;
+        let Some(old) = self.udp.as_mut() else {
+            self.udp = Some(udp_ports(desired, family));
+            return;
+        };
+        if changes.full {
+            let new = udp_ports(desired, family);
+            delete_flows(&plan_cleanup(old, &new)).await;
+            *old = new;
+            return;
+        }
+        // Only the changed Services' ports, so a change costs what it touches.
+        let subset = DesiredState {
+            services: changes
+                .services
+                .iter()
+                .filter_map(|k| desired.services.get(k).map(|s| (k.clone(), s.clone())))
+                .collect(),
+            node: desired.node.clone(),
+        };
+        let new = udp_ports(&subset, family);
+        let mut before = UdpPorts::new();
+        for key in &changes.services {
+            let names: Vec<ServicePortName> = old
+                .range(first_port_of(key)..)
+                .take_while(|(n, _)| &n.service == key)
+                .map(|(n, _)| n.clone())
+                .collect();
+            for n in names {
+                if let Some(p) = old.remove(&n) {
+                    before.insert(n, p);
+                }
+            }
+        }
+        let flows = plan_cleanup(&before, &new);
+        old.extend(new);
+        if !flows.is_empty() {
+            delete_flows(&flows).await;
         }
     }
 }
 
-/// What a full sync would apply for `cfg.family`, for `kproxy render`. Changes nothing.
-pub async fn render(desired: &DesiredState, cfg: &ProxierConfig) -> Result<String> {
-    let rcfg = render_config(cfg, desired).await?;
-    Ok(Planner::new().plan(desired, &ChangeSet::full(), &rcfg, None).text)
+/// The smallest port name of Service `key`, where its ports start in a sorted map.
+fn first_port_of(key: &ServiceKey) -> ServicePortName {
+    ServicePortName {
+        service: key.clone(),
+        port: String::new(),
+        protocol: crate::model::Protocol::Tcp,
+    }
 }
 
-/// Removes both families' `kproxy` tables. Succeeds without nft, where there can be none.
+/// The check: lists the table (no lock held), then compares it with what was committed and
+/// repairs what differs. Commits made while it listed are not second-guessed.
+fn check_table(inner: &Mutex<Inner>, family: IpFamily) {
+    let mut sock = match NftSocket::connect() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "nftables check: no netlink socket");
+            return;
+        }
+    };
+    lock(inner).touched = Some(HashSet::new());
+    let table = apply::table(family);
+    let started = std::time::Instant::now();
+    let listed = read_table(&mut sock, table);
+    let mut guard = lock(inner);
+    let inner = &mut *guard;
+    let touched = inner.touched.take().unwrap_or_default();
+    let (state, snapshot) = match listed {
+        Ok((state, _, snapshot)) => (state, snapshot),
+        Err(e) => {
+            tracing::warn!(error = %e, "nftables check: listing the table failed");
+            return;
+        }
+    };
+    if inner.recover {
+        return; // the next sync reads the table back anyway
+    }
+    let Some(kernel) = inner.kernel.as_mut() else { return };
+    let listed_in = started.elapsed();
+    let (plan, differences) = inner.planner.reconcile(state, &touched, snapshot && touched.is_empty());
+    if differences == 0 {
+        tracing::debug!(
+            ?family,
+            listed_ms = listed_in.as_secs_f64() * 1000.0,
+            "nftables check: table as committed"
+        );
+        return;
+    }
+    tracing::warn!(
+        ?family,
+        differences,
+        "nftables check: the table differs from what kproxy wrote; repairing"
+    );
+    match apply_plan(kernel, &mut inner.planner, &plan) {
+        Ok(a) => tracing::info!(?family, rules = a.writes, "nftables check: repaired"),
+        Err(e) => {
+            metrics().inc_sync_failures("nftables");
+            tracing::error!(?family, error = %e, "nftables check: repair failed; the next sync reads the table back");
+            inner.recover = true;
+        }
+    }
+}
+
+/// What a cold start would write for `cfg.family`, as `nft -f` input, for `kproxy render`.
+/// Changes nothing.
+pub async fn render(desired: &DesiredState, cfg: &ProxierConfig) -> Result<String> {
+    let rcfg = config(cfg, desired).await?;
+    let mut planner = Planner::new(cfg.family);
+    let plan = planner.plan(desired, &ChangeSet::full(), &rcfg);
+    Ok(apply::plan_text(&plan, cfg.family))
+}
+
+/// Removes both families' `kproxy` tables, over netlink.
 pub async fn cleanup() -> Result<()> {
     for family in [IpFamily::V4, IpFamily::V6] {
         if apply::delete_table(family).await? {
@@ -65,42 +292,13 @@ impl Dataplane for NftablesProxier {
 
     fn sync<'a>(&'a mut self, desired: &'a DesiredState, changes: &'a ChangeSet) -> BoxFuture<'a, Result<SyncStats>> {
         Box::pin(async move {
-            let family = self.cfg.family;
-            let cfg = render_config(&self.cfg, desired).await?;
-            let recreate = self.recreate;
-            let changes = if recreate { &ChangeSet::full() } else { changes };
-            let kernel = match (changes.full, recreate) {
-                (true, true) => Some(KernelObjects::default()),
-                (true, false) => Some(apply::list(family).await?),
-                (false, _) => None,
-            };
-            let plan = self.planner.plan(desired, changes, &cfg, kernel.as_ref());
-            if !plan.text.is_empty() {
-                let text = if recreate {
-                    let t = format!("{} {}", render::words(family).family, names::TABLE);
-                    format!("add table {t}\ndelete table {t}\n{}", plan.text)
-                } else {
-                    plan.text
-                };
-                tracing::debug!(?family, full = plan.full, "nft -f input:\n{text}");
-                if let Err(e) = apply::apply(&text).await {
-                    // The kernel kept its old table; the cache now describes one that is not there.
-                    self.planner = Planner::new();
-                    self.recreate = true;
-                    return Err(e);
-                }
+            let cfg = config(&self.cfg, desired).await?;
+            let (stats, check) = self.sync_locked(desired, changes, &cfg)?;
+            if check {
+                self.start_check();
             }
-            self.recreate = false;
-            let udp = udp_ports(desired, family);
-            if let Some(old) = &self.udp {
-                delete_flows(&plan_cleanup(old, &udp)).await;
-            }
-            self.udp = Some(udp);
-            Ok(SyncStats {
-                rules_written: plan.rules_written,
-                rules_total: vec![("nftables", plan.rules_total)],
-                no_local_endpoints: plan.no_local_endpoints,
-            })
+            self.clean_conntrack(desired, changes).await;
+            Ok(stats)
         })
     }
 

@@ -1,389 +1,982 @@
-//! One `nft -f` transaction per sync, from the Services that changed. Pure.
+//! What to send to the kernel, from what changed and what the table holds. Pure.
 //!
-//! [`Planner`] remembers, per Service, what it last wrote: chain names with a hash of their
-//! rules, affinity sets, and map elements. A partial sync renders only the changed Services and
-//! writes the difference: changed chains are flushed and refilled, removed ones flushed and
-//! deleted, map elements deleted and added one by one. A full sync declares and flushes every
-//! chain and map and refills them, deleting whatever else the table holds, so the kernel never
-//! sees a moment without rules.
+//! The [`Planner`] keeps the table as kproxy committed it ([`TableState`]: per chain the handle
+//! and a hash of every rule, per set a hash of its declaration, per map element a hash of its
+//! verdict; no rule text) and, per Service, what it owns. A sync renders only the Services that
+//! changed and diffs each against the committed table into a [`Unit`]: rules are replaced in
+//! place by handle, appended, or deleted by handle; chains, sets and elements are added and
+//! deleted one by one. A unit is one owner's whole change, applied in one transaction, so no
+//! Service is ever half-programmed.
+//!
+//! A full sync does the same for every Service whose state object changed (the store hands out
+//! the same `Arc` for an unchanged Service, so this costs a pointer comparison each); after the
+//! table was read back from the kernel ([`Planner::adopt`]), every Service is rendered and
+//! compared with what the kernel really holds, and whatever nobody owns is deleted.
+//! [`Planner::reconcile`] compares a listing of the kernel with the committed table and plans
+//! only the repairs.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
-use std::hash::{Hash, Hasher};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::Hasher;
 use std::net::IpAddr;
+use std::sync::Arc;
 
+use super::command::{fixed_set_kind, Command, ElemKey};
 use super::names;
-use super::render::{
-    render_fixed_declarations, render_fixed_rules, render_port, set_declaration, words, PortRules, Words,
-};
+use super::netlink::{BaseHook, Data, Expr, Verdict};
+use super::render::{base_chains, fixed_sets, render_fixed_rules, render_port, AffinitySet, PortRules};
+use super::rule::{Key, Rule, SetDecl, SetKind};
 use crate::dataplane::iptables::render::RenderConfig;
-use crate::model::{ChangeSet, DesiredState, NodeInfo, ServiceKey, ServiceState};
+use crate::model::{ChangeSet, DesiredState, IpFamily, NodeInfo, ServiceKey, ServiceState};
 
-/// The chains and sets the kernel's table holds, as `nft -t list table` shows them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct KernelObjects {
-    pub chains: BTreeSet<String>,
-    /// Sets and maps.
-    pub sets: BTreeSet<String>,
+pub type Hash = u64;
+
+pub fn hash_of<T: std::hash::Hash + ?Sized>(v: &T) -> Hash {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
 }
 
-impl KernelObjects {
-    /// Adds the chains and sets of table `header` (`table ip kproxy`) found in an
-    /// `nft -t list chains|sets …` listing, which may show other tables too.
-    pub fn add_listing(&mut self, header: &str, listing: &str) {
-        let open = format!("{header} {{");
-        let mut inside = false;
-        for line in listing.lines() {
-            if !line.starts_with(char::is_whitespace) {
-                inside = line == open;
-                continue;
-            }
-            let Some(rest) = line.trim().strip_suffix(" {") else {
-                continue;
-            };
-            if !inside {
-                continue;
-            }
-            let Some((kind, name)) = rest.split_once(' ') else {
-                continue;
-            };
-            let name = name.trim_matches('"').to_string();
-            match kind {
-                "chain" => {
-                    self.chains.insert(name);
-                }
-                "set" | "map" => {
-                    self.sets.insert(name);
-                }
-                _ => {}
-            }
+/// A map element's data as compared: the verdict (none in a plain set).
+pub fn data_hash(v: Option<&Data>) -> Hash {
+    hash_of(&v)
+}
+
+fn verdict_hash(v: &Option<Verdict>) -> Hash {
+    data_hash(v.clone().map(Data::Verdict).as_ref())
+}
+
+/// One rule as committed: the handle the kernel gave it and a hash of its expressions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleState {
+    pub handle: u64,
+    pub hash: Hash,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChainState {
+    pub hook: Option<BaseHook>,
+    pub rules: Vec<RuleState>,
+}
+
+/// One family's `kproxy` table, compactly: as kproxy committed it, or as the kernel lists it.
+/// Elements of the dynamic (affinity) sets are the packet path's and are not kept.
+#[derive(Debug, Clone, Default)]
+pub struct TableState {
+    pub exists: bool,
+    pub chains: HashMap<String, ChainState>,
+    /// Set name to a hash of its declaration ([`super::netlink::SetSpec`]).
+    pub sets: HashMap<String, Hash>,
+    /// Fixed set name to element key to a hash of its data.
+    pub elements: HashMap<String, HashMap<Vec<u8>, Hash>>,
+}
+
+/// Equal when they hold the same objects: a set without elements is a set without elements,
+/// whether or not an empty entry for it is kept.
+impl PartialEq for TableState {
+    fn eq(&self, other: &Self) -> bool {
+        type Sorted = Vec<(String, Vec<(Vec<u8>, Hash)>)>;
+        let non_empty = |t: &TableState| -> Sorted {
+            let mut v: Vec<_> = t
+                .elements
+                .iter()
+                .filter(|(_, e)| !e.is_empty())
+                .map(|(s, e)| {
+                    let mut e: Vec<_> = e.iter().map(|(k, h)| (k.clone(), *h)).collect();
+                    e.sort();
+                    (s.clone(), e)
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        self.exists == other.exists
+            && self.chains == other.chains
+            && self.sets == other.sets
+            && non_empty(self) == non_empty(other)
+    }
+}
+
+impl Eq for TableState {}
+
+impl TableState {
+    pub fn rule_count(&self) -> usize {
+        self.chains.values().map(|c| c.rules.len()).sum()
+    }
+}
+
+/// Who a unit's changes belong to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Owner {
+    /// The table, its base and fixed chains, the fixed maps.
+    Fixed,
+    Service(ServiceKey),
+    /// Objects nobody owns (left by an earlier run or added by hand): deleted.
+    Stray,
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Fixed => f.write_str("kproxy's fixed chains and maps"),
+            Owner::Service(k) => write!(f, "Service {k}"),
+            Owner::Stray => f.write_str("objects nobody owns"),
         }
     }
 }
 
-/// What one Service has in the kernel, as far as the next partial sync needs to know.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Written {
-    /// Chain name to a hash of its rules.
-    chains: BTreeMap<String, u64>,
-    /// Affinity set name to its timeout.
-    sets: BTreeMap<String, u32>,
-    /// (map, key) to verdict.
-    elements: BTreeMap<(&'static str, String), String>,
-    /// Endpoint addresses in the hairpin set on this Service's behalf.
-    hairpin: BTreeSet<IpAddr>,
+/// Where a command goes in a transaction. The kernel applies a batch in order and checks
+/// references as it goes: a chain exists before rules jump to it, a rule or element stops
+/// referring to a chain or set before it is deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Section {
+    Table,
+    Flush,
+    /// Deleting what is about to be created again with another declaration.
+    Recreate,
+    NewSet,
+    NewChain,
+    Rules,
+    DeleteElements,
+    AddElements,
+    DeleteRules,
+    DeleteChains,
+    DeleteSets,
+}
+
+/// One owner's change: its commands, and which committed rules take their handle from the
+/// echo of which command.
+#[derive(Debug, Clone)]
+pub struct Unit {
+    pub owner: Owner,
+    pub commands: Vec<(Section, Command)>,
+    /// (chain, rule index, command index)
+    fills: Vec<(String, usize, usize)>,
+}
+
+impl Unit {
+    fn new(owner: Owner) -> Unit {
+        Unit {
+            owner,
+            commands: Vec::new(),
+            fills: Vec::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
+}
+
+/// One sync's units, in the order they must be applied.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub units: Vec<Unit>,
+}
+
+impl Plan {
+    /// Every command, in section order as one transaction would carry them.
+    pub fn commands(&self) -> Vec<&Command> {
+        let mut all: Vec<(Section, usize, &Command)> = Vec::new();
+        for u in &self.units {
+            for (s, c) in &u.commands {
+                all.push((*s, all.len(), c));
+            }
+        }
+        all.sort_by_key(|(s, i, _)| (*s, *i));
+        all.into_iter().map(|(_, _, c)| c).collect()
+    }
+}
+
+/// What one Service owns in the table.
+#[derive(Debug, Clone)]
+struct Owned {
+    /// The state it was rendered from, to skip it when the next full sync hands out the same.
+    state: Arc<ServiceState>,
+    chains: Vec<String>,
+    sets: Vec<AffinitySet>,
+    /// Map elements it claimed.
+    elements: Vec<(&'static str, Key)>,
+    hairpin: Vec<IpAddr>,
     rules: usize,
     no_local: (usize, usize),
 }
 
-impl Written {
-    fn of(ports: &[PortRules]) -> Written {
-        let mut w = Written::default();
-        for p in ports {
-            for c in &p.chains {
-                let mut hasher = std::collections::hash_map::DefaultHasher::new();
-                c.rules.hash(&mut hasher);
-                w.chains.insert(c.name.clone(), hasher.finish());
-                w.rules += c.rules.len();
-            }
-            for s in &p.sets {
-                w.sets.insert(s.name.clone(), s.timeout);
-            }
-            for e in &p.elements {
-                w.elements.insert((e.map, e.key.clone()), e.value.clone());
-            }
-            w.hairpin.extend(p.hairpin.iter().copied());
-            w.no_local.0 += usize::from(p.no_local_internal);
-            w.no_local.1 += usize::from(p.no_local_external);
-        }
-        w
-    }
-}
-
-/// One sync's transaction and what it contains.
+/// Objects found in the table that nobody owns.
 #[derive(Debug, Default)]
-pub struct Plan {
-    /// The input for `nft -f -`; empty when nothing changed.
-    pub text: String,
-    pub full: bool,
-    /// Rules and map elements written by this transaction.
-    pub rules_written: usize,
-    /// Rules in the table after it (map elements not counted).
-    pub rules_total: usize,
-    pub no_local_endpoints: (usize, usize),
+struct Strays {
+    chains: Vec<String>,
+    sets: Vec<String>,
+    elements: Vec<(String, Vec<u8>)>,
 }
 
-/// The transaction, by section: nft applies commands in order, and a chain can only be deleted
-/// once nothing refers to it, a set once no rule uses it.
-#[derive(Debug, Default)]
-struct Tx {
-    /// `add chain` / `flush chain` (and, on a full sync, the fixed declarations).
-    declare: String,
-    delete_elements: BTreeMap<&'static str, Vec<String>>,
-    delete_chains: String,
-    delete_sets: String,
-    add_sets: String,
-    rules: String,
-    add_elements: BTreeMap<&'static str, Vec<String>>,
-    rules_written: usize,
-}
+/// Commands per stray unit: strays can be a whole earlier ruleset.
+const STRAYS_PER_UNIT: usize = 512;
 
-/// Elements per `add element`/`delete element` command: long enough to keep the text short,
-/// short enough that an error message quoting the line stays readable.
-const ELEMENTS_PER_LINE: usize = 256;
-
-impl Tx {
-    fn finish(self, t: &str) -> String {
-        let mut out = self.declare;
-        write_elements(&mut out, "delete", t, &self.delete_elements);
-        out.push_str(&self.delete_chains);
-        out.push_str(&self.delete_sets);
-        out.push_str(&self.add_sets);
-        out.push_str(&self.rules);
-        write_elements(&mut out, "add", t, &self.add_elements);
-        out
-    }
-}
-
-fn write_elements(out: &mut String, verb: &str, t: &str, elements: &BTreeMap<&'static str, Vec<String>>) {
-    for (map, elems) in elements {
-        for chunk in elems.chunks(ELEMENTS_PER_LINE) {
-            let _ = writeln!(out, "{verb} element {t} {map} {{ {} }}", chunk.join(", "));
-        }
-    }
-}
-
-/// Rendered state of every Service, kept between syncs so a partial sync renders only changes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Planner {
-    cache: BTreeMap<ServiceKey, Written>,
+    family: IpFamily,
+    /// The table as committed (updated as units are planned: a failed transaction makes the
+    /// caller read the table back and [`Planner::adopt`] it).
+    pub state: TableState,
+    owned: HashMap<ServiceKey, Owned>,
+    chain_owner: HashMap<String, ServiceKey>,
+    set_owner: HashMap<String, ServiceKey>,
     /// Which Service wrote each map element. Two Services can claim the same address and port
-    /// (an externalIP both list); a map holds one verdict per key, and adding a second would
-    /// make nft refuse the whole transaction, so the first claim wins, as the first matching
-    /// rule does in iptables mode.
-    owners: BTreeMap<(&'static str, String), ServiceKey>,
-    /// How many Services have each endpoint address in the hairpin set (several Services can
-    /// select the same Pod); the element goes when the last one lets go.
-    hairpin: BTreeMap<IpAddr, usize>,
-    last_config: Option<RenderConfig>,
+    /// (an externalIP both list); a map holds one verdict per key, so the first claim wins, as
+    /// the first matching rule does in iptables mode.
+    element_owner: HashMap<(&'static str, Key), ServiceKey>,
+    /// Services that lost a claim, by element: they try again when the winner lets go.
+    losers: HashMap<(&'static str, Key), BTreeSet<ServiceKey>>,
+    /// How many Services DNAT to each endpoint address: the hairpin element goes with the last.
+    hairpin: HashMap<IpAddr, usize>,
+    cfg: Option<RenderConfig>,
+    node: Option<NodeInfo>,
+    /// After [`Planner::adopt`]: the next plan renders everything and deletes strays.
+    fresh: bool,
+    rules: usize,
+    no_local: (usize, usize),
 }
 
-impl Planner {
-    /// Drops from `written` the elements another Service already owns, and records the rest as `key`'s.
-    fn claim(&mut self, key: &ServiceKey, written: &mut Written) {
-        written.elements.retain(|element, _| match self.owners.get(element) {
-            Some(owner) if owner != key => {
-                tracing::warn!(
-                    service = %key,
-                    owner = %owner,
-                    map = element.0,
-                    element = %element.1,
-                    "two Services claim the same address and port; the first one keeps it"
+/// Builds one unit against the committed table.
+struct Builder<'a> {
+    family: IpFamily,
+    state: &'a mut TableState,
+    unit: Unit,
+    adds: BTreeMap<String, Vec<(ElemKey, Option<Verdict>)>>,
+    dels: BTreeMap<String, Vec<ElemKey>>,
+}
+
+impl Builder<'_> {
+    fn push(&mut self, section: Section, command: Command) -> usize {
+        self.unit.commands.push((section, command));
+        self.unit.commands.len() - 1
+    }
+
+    /// Makes chain `name` hold exactly `rules`.
+    fn chain(&mut self, name: &str, hook: Option<&BaseHook>, rules: &[Rule], flush: bool) {
+        let family = self.family;
+        let lowered: Vec<Vec<Expr>> = rules.iter().map(|r| r.lower(family)).collect();
+        let hashes: Vec<Hash> = lowered.iter().map(hash_of).collect();
+        let old = self.state.chains.get(name).cloned();
+        let mut next = ChainState {
+            hook: hook.cloned(),
+            rules: Vec::with_capacity(rules.len()),
+        };
+        let rebuild = match &old {
+            None => {
+                self.push(
+                    Section::NewChain,
+                    Command::AddChain {
+                        name: name.into(),
+                        hook: hook.cloned(),
+                    },
                 );
-                false
-            }
-            _ => {
-                self.owners.insert(element.clone(), key.clone());
                 true
             }
-        });
-    }
-
-    /// Forgets `key`'s claims.
-    fn release(&mut self, key: &ServiceKey, written: &Written) {
-        for element in written.elements.keys() {
-            if self.owners.get(element) == Some(key) {
-                self.owners.remove(element);
+            Some(c) if c.hook.as_ref() != hook => {
+                // Someone changed the chain's hook: only recreating it changes that.
+                self.push(Section::Recreate, Command::DeleteChain(name.into()));
+                self.push(
+                    Section::NewChain,
+                    Command::AddChain {
+                        name: name.into(),
+                        hook: hook.cloned(),
+                    },
+                );
+                true
             }
-        }
-    }
-}
-
-impl Planner {
-    pub fn new() -> Self {
-        Planner::default()
-    }
-
-    /// Plans one sync. `kernel` (listed before full syncs) names objects an earlier run or
-    /// someone else left in the table, which a full sync deletes.
-    pub fn plan(
-        &mut self,
-        desired: &DesiredState,
-        changes: &ChangeSet,
-        cfg: &RenderConfig,
-        kernel: Option<&KernelObjects>,
-    ) -> Plan {
-        let w = words(cfg.family);
-        let t = format!("{} {}", w.family, names::TABLE);
-        let full = changes.full || self.last_config.as_ref() != Some(cfg);
-        self.last_config = Some(cfg.clone());
-        let mut tx = Tx::default();
-
-        if full {
-            let old = std::mem::take(&mut self.cache);
-            self.owners.clear();
-            self.hairpin.clear();
-            render_fixed_declarations(cfg, &mut tx.declare);
-            for (chain, rule) in render_fixed_rules(cfg) {
-                let _ = writeln!(tx.rules, "add rule {t} {chain} {rule}");
-                tx.rules_written += 1;
+            Some(c) if flush && !c.rules.is_empty() => {
+                self.push(Section::Flush, Command::FlushChain(name.into()));
+                true
             }
-            for (key, state) in &desired.services {
-                let ports = render_service(state, &desired.node, cfg);
-                let mut written = Written::of(&ports);
-                self.claim(key, &mut written);
-                write_service(&mut tx, &t, w, None, &written, &ports);
-                for ip in &written.hairpin {
-                    *self.hairpin.entry(*ip).or_default() += 1;
-                }
-                self.cache.insert(key.clone(), written);
-            }
-            let hairpin = tx.add_elements.entry(names::HAIRPIN).or_default();
-            hairpin.extend(self.hairpin.keys().map(|ip| format!("{ip} . {ip}")));
-            // Whatever the table holds that this sync did not write goes: chains and sets of
-            // Services deleted while kproxy was not running, or added by hand.
-            let mut wanted_chains: BTreeSet<&str> = names::fixed_chains().collect();
-            wanted_chains.extend(self.cache.values().flat_map(|s| s.chains.keys().map(String::as_str)));
-            let mut wanted_sets: BTreeSet<&str> = names::MAPS.iter().copied().collect();
-            wanted_sets.extend(self.cache.values().flat_map(|s| s.sets.keys().map(String::as_str)));
-            let known_chains = old.values().flat_map(|s| s.chains.keys());
-            let known_sets = old.values().flat_map(|s| s.sets.keys());
-            let stale_chains: BTreeSet<&String> = known_chains
-                .chain(kernel.into_iter().flat_map(|k| k.chains.iter()))
-                .filter(|c| !wanted_chains.contains(c.as_str()))
-                .collect();
-            for chain in stale_chains {
-                let _ = writeln!(tx.declare, "flush chain {t} {chain}");
-                let _ = writeln!(tx.delete_chains, "delete chain {t} {chain}");
-            }
-            let stale_sets: BTreeSet<&String> = known_sets
-                .chain(kernel.into_iter().flat_map(|k| k.sets.iter()))
-                .filter(|s| !wanted_sets.contains(s.as_str()))
-                .collect();
-            for set in stale_sets {
-                let _ = writeln!(tx.delete_sets, "delete set {t} {set}");
-            }
-        } else {
-            // Hairpin addresses whose count went from zero or to zero.
-            let mut touched: BTreeMap<IpAddr, bool> = BTreeMap::new();
-            for key in &changes.services {
-                let old = self.cache.remove(key);
-                if let Some(old) = &old {
-                    self.release(key, old);
-                }
-                let (ports, written) = match desired.services.get(key) {
-                    Some(state) => {
-                        let ports = render_service(state, &desired.node, cfg);
-                        let mut written = Written::of(&ports);
-                        self.claim(key, &mut written);
-                        (ports, written)
-                    }
-                    None => (Vec::new(), Written::default()),
-                };
-                write_service(&mut tx, &t, w, old.as_ref(), &written, &ports);
-                for ip in old.iter().flat_map(|o| o.hairpin.iter()) {
-                    touched.entry(*ip).or_insert_with(|| self.hairpin.contains_key(ip));
-                    if let Some(n) = self.hairpin.get_mut(ip) {
-                        *n -= 1;
-                        if *n == 0 {
-                            self.hairpin.remove(ip);
-                        }
-                    }
-                }
-                for ip in &written.hairpin {
-                    touched.entry(*ip).or_insert_with(|| self.hairpin.contains_key(ip));
-                    *self.hairpin.entry(*ip).or_default() += 1;
-                }
-                if desired.services.contains_key(key) {
-                    self.cache.insert(key.clone(), written);
-                }
-            }
-            for (ip, was) in touched {
-                let element = format!("{ip} . {ip}");
-                match (was, self.hairpin.contains_key(&ip)) {
-                    (true, false) => tx.delete_elements.entry(names::HAIRPIN).or_default().push(element),
-                    (false, true) => tx.add_elements.entry(names::HAIRPIN).or_default().push(element),
-                    _ => {}
-                }
-            }
-        }
-
-        let mut plan = Plan {
-            full,
-            rules_total: render_fixed_rules(cfg).len(),
-            ..Plan::default()
+            Some(_) => false,
         };
-        for s in self.cache.values() {
-            plan.rules_total += s.rules;
-            plan.no_local_endpoints.0 += s.no_local.0;
-            plan.no_local_endpoints.1 += s.no_local.1;
+        let old_rules = if rebuild {
+            Vec::new()
+        } else {
+            old.map(|c| c.rules).unwrap_or_default()
+        };
+        for (i, ((rule, exprs), hash)) in rules.iter().zip(lowered).zip(hashes).enumerate() {
+            match old_rules.get(i) {
+                Some(o) if o.hash == hash => next.rules.push(*o),
+                Some(o) => {
+                    self.push(
+                        Section::Rules,
+                        Command::ReplaceRule {
+                            chain: name.into(),
+                            handle: o.handle,
+                            rule: rule.clone(),
+                            exprs,
+                        },
+                    );
+                    next.rules.push(RuleState { handle: o.handle, hash });
+                }
+                None => {
+                    let at = self.push(
+                        Section::Rules,
+                        Command::AddRule {
+                            chain: name.into(),
+                            rule: rule.clone(),
+                            exprs,
+                        },
+                    );
+                    self.unit.fills.push((name.into(), i, at));
+                    next.rules.push(RuleState { handle: 0, hash });
+                }
+            }
         }
-        let rules_written = tx.rules_written;
-        plan.text = tx.finish(&t);
-        // Elements, not element lines.
-        plan.rules_written = rules_written
-            + plan
-                .text
-                .lines()
-                .filter(|l| l.starts_with("add element"))
-                .map(|l| l.matches(" : ").count())
-                .sum::<usize>();
-        plan
+        for o in old_rules.iter().skip(rules.len()) {
+            self.push(
+                Section::DeleteRules,
+                Command::DeleteRule {
+                    chain: name.into(),
+                    handle: o.handle,
+                },
+            );
+        }
+        self.state.chains.insert(name.into(), next);
     }
-}
 
-/// Adds to `tx` what turns `old` (what the kernel has for one Service; `None` on a full sync,
-/// where everything is rewritten) into `new`.
-fn write_service(tx: &mut Tx, t: &str, w: Words, old: Option<&Written>, new: &Written, ports: &[PortRules]) {
-    let empty = Written::default();
-    let full = old.is_none();
-    let old = old.unwrap_or(&empty);
+    fn delete_chain(&mut self, name: &str, flush_first: bool) {
+        if self.state.chains.remove(name).is_some() {
+            if flush_first {
+                self.push(Section::Flush, Command::FlushChain(name.into()));
+            }
+            self.push(Section::DeleteChains, Command::DeleteChain(name.into()));
+        }
+    }
 
-    // Sets whose timeout changed are recreated, so every chain using them must be flushed first.
-    let sets_changed = new.sets.iter().any(|(s, t)| old.sets.get(s).is_some_and(|o| o != t));
-    for (set, timeout) in &old.sets {
-        if new.sets.get(set) != Some(timeout) {
-            let _ = writeln!(tx.delete_sets, "delete set {t} {set}");
-        }
-    }
-    for p in ports {
-        for set in &p.sets {
-            if full || old.sets.get(&set.name) != Some(&set.timeout) {
-                let _ = writeln!(tx.add_sets, "{}", set_declaration(t, set, w));
+    /// Declares `decl`; whether an existing set had to be recreated (its users must be refilled).
+    fn set(&mut self, decl: &SetDecl) -> bool {
+        let hash = hash_of(&decl.spec(self.family));
+        let recreated = match self.state.sets.get(&decl.name) {
+            Some(h) if *h == hash => return false,
+            Some(_) => {
+                self.push(Section::Recreate, Command::DeleteSet(decl.name.clone()));
+                true
+            }
+            None => false,
+        };
+        self.push(Section::NewSet, Command::AddSet(decl.clone()));
+        self.state.sets.insert(decl.name.clone(), hash);
+        if recreated {
+            if let Some(e) = self.state.elements.get_mut(&decl.name) {
+                e.clear();
             }
         }
-        for chain in &p.chains {
-            let existed = old.chains.get(&chain.name);
-            if !full && !sets_changed && existed == new.chains.get(&chain.name) {
-                continue;
-            }
-            let _ = writeln!(tx.declare, "add chain {t} {}", chain.name);
-            if full || existed.is_some() {
-                let _ = writeln!(tx.declare, "flush chain {t} {}", chain.name);
-            }
-            for rule in &chain.rules {
-                let _ = writeln!(tx.rules, "add rule {t} {} {rule}", chain.name);
-            }
-            tx.rules_written += chain.rules.len();
+        recreated
+    }
+
+    fn delete_set(&mut self, name: &str) {
+        if self.state.sets.remove(name).is_some() {
+            self.state.elements.remove(name);
+            self.push(Section::DeleteSets, Command::DeleteSet(name.into()));
         }
     }
-    for chain in old.chains.keys().filter(|c| !new.chains.contains_key(*c)) {
-        let _ = writeln!(tx.declare, "flush chain {t} {chain}");
-        let _ = writeln!(tx.delete_chains, "delete chain {t} {chain}");
+
+    fn add_element(&mut self, set: &str, key: ElemKey, value: Option<Verdict>) {
+        let hash = verdict_hash(&value);
+        let bytes = key.bytes();
+        let elements = self.state.elements.entry(set.into()).or_default();
+        match elements.get(&bytes) {
+            Some(h) if *h == hash => return,
+            Some(_) => self.dels.entry(set.into()).or_default().push(key.clone()),
+            None => {}
+        }
+        elements.insert(bytes, hash);
+        self.adds.entry(set.into()).or_default().push((key, value));
     }
-    for ((map, key), value) in &old.elements {
-        if new.elements.get(&(map, key.clone())) != Some(value) {
-            tx.delete_elements.entry(map).or_default().push(key.clone());
+
+    fn delete_element(&mut self, set: &str, key: ElemKey) {
+        let removed = self
+            .state
+            .elements
+            .get_mut(set)
+            .is_some_and(|e| e.remove(&key.bytes()).is_some());
+        if removed {
+            self.dels.entry(set.into()).or_default().push(key);
         }
     }
-    for ((map, key), value) in &new.elements {
-        if full || old.elements.get(&(map, key.clone())) != Some(value) {
-            tx.add_elements.entry(map).or_default().push(format!("{key} : {value}"));
+
+    fn finish(mut self) -> Unit {
+        for (set, keys) in std::mem::take(&mut self.dels) {
+            self.push(Section::DeleteElements, Command::DeleteElements { set, keys });
         }
+        for (set, elements) in std::mem::take(&mut self.adds) {
+            self.push(Section::AddElements, Command::AddElements { set, elements });
+        }
+        self.unit
     }
 }
 
 /// Every port of one Service.
 fn render_service(state: &ServiceState, node: &NodeInfo, cfg: &RenderConfig) -> Vec<PortRules> {
     state.ports.iter().filter_map(|p| render_port(p, node, cfg)).collect()
+}
+
+/// The static name of a fixed map (element owners are keyed by it).
+fn static_set_name(name: &str) -> Option<&'static str> {
+    names::MAPS.iter().copied().find(|m| *m == name)
+}
+
+impl Planner {
+    pub fn new(family: IpFamily) -> Planner {
+        Planner {
+            family,
+            state: TableState::default(),
+            owned: HashMap::new(),
+            chain_owner: HashMap::new(),
+            set_owner: HashMap::new(),
+            element_owner: HashMap::new(),
+            losers: HashMap::new(),
+            hairpin: HashMap::new(),
+            cfg: None,
+            node: None,
+            fresh: true,
+            rules: 0,
+            no_local: (0, 0),
+        }
+    }
+
+    /// Takes `kernel` (read back from the kernel) as the committed table and forgets what was
+    /// owned: the next plan renders everything against it.
+    pub fn adopt(&mut self, kernel: TableState) {
+        *self = Planner::new(self.family);
+        self.state = kernel;
+    }
+
+    fn builder(&mut self, owner: Owner) -> Builder<'_> {
+        Builder {
+            family: self.family,
+            state: &mut self.state,
+            unit: Unit::new(owner),
+            adds: BTreeMap::new(),
+            dels: BTreeMap::new(),
+        }
+    }
+
+    /// Rules in the table (map elements not counted) and Service ports without local
+    /// endpoints (internal, external), after the units planned so far.
+    pub fn totals(&self) -> (usize, (usize, usize)) {
+        let fixed = self.cfg.as_ref().map_or(0, |c| render_fixed_rules(c).len());
+        (fixed + self.rules, self.no_local)
+    }
+
+    /// Plans one sync of `desired`.
+    pub fn plan(&mut self, desired: &DesiredState, changes: &ChangeSet, cfg: &RenderConfig) -> Plan {
+        let all = self.fresh || self.cfg.as_ref() != Some(cfg) || self.node.as_ref() != Some(&desired.node);
+        let mut plan = Plan { units: Vec::new() };
+        self.cfg = Some(cfg.clone());
+        self.node = Some(desired.node.clone());
+        if all {
+            let (unit, recreated) = self.plan_fixed(cfg);
+            plan.units.push(unit);
+            if recreated {
+                // A fixed map was recreated empty: every Service adds its elements again.
+                for o in self.owned.values_mut() {
+                    o.elements.clear();
+                }
+                self.element_owner.clear();
+            }
+        }
+        // Deleted Services first, so that what they let go can be claimed in the same sync.
+        let mut keys: Vec<ServiceKey> = Vec::new();
+        if all || changes.full {
+            keys.extend(
+                self.owned
+                    .keys()
+                    .filter(|k| !desired.services.contains_key(*k))
+                    .cloned(),
+            );
+            keys.sort();
+            for (k, s) in &desired.services {
+                let same = !all
+                    && self
+                        .owned
+                        .get(k)
+                        .is_some_and(|o| Arc::ptr_eq(&o.state, s) || o.state == *s);
+                if !same {
+                    keys.push(k.clone());
+                }
+            }
+        } else {
+            let (gone, here): (Vec<_>, Vec<_>) = changes
+                .services
+                .iter()
+                .cloned()
+                .partition(|k| !desired.services.contains_key(k));
+            keys = gone;
+            keys.extend(here);
+        }
+        let mut queue: std::collections::VecDeque<ServiceKey> = keys.into();
+        let mut seen: HashSet<ServiceKey> = HashSet::new();
+        while let Some(k) = queue.pop_front() {
+            let retry = seen.contains(&k);
+            seen.insert(k.clone());
+            let unit = self.plan_service(&k, desired.services.get(&k), &desired.node, cfg, &mut queue);
+            if !unit.is_empty() || !retry {
+                plan.units.push(unit);
+            }
+        }
+        if std::mem::take(&mut self.fresh) {
+            let strays = self.find_strays();
+            plan.units.extend(self.plan_strays(strays));
+        }
+        plan.units.retain(|u| !u.is_empty());
+        plan
+    }
+
+    /// The table, its fixed chains and rules, its fixed maps; whether a map was recreated.
+    fn plan_fixed(&mut self, cfg: &RenderConfig) -> (Unit, bool) {
+        let fixed_rules = render_fixed_rules(cfg);
+        let mut b = self.builder(Owner::Fixed);
+        if !b.state.exists {
+            b.push(Section::Table, Command::AddTable);
+            b.state.exists = true;
+        }
+        let mut recreated = false;
+        for decl in fixed_sets() {
+            recreated |= b.set(&decl);
+        }
+        let rules_of = |chain: &str| -> Vec<Rule> {
+            fixed_rules
+                .iter()
+                .filter(|(c, _)| *c == chain)
+                .map(|(_, r)| r.clone())
+                .collect()
+        };
+        for (name, hook) in base_chains() {
+            b.chain(name, Some(&hook), &rules_of(name), recreated);
+        }
+        for name in names::REGULAR_CHAINS {
+            b.chain(name, None, &rules_of(name), recreated);
+        }
+        (b.finish(), recreated)
+    }
+
+    /// Brings one Service's objects from what it owned to what `state` renders to (nothing,
+    /// when it is gone). Services waiting for an element it lets go are queued.
+    fn plan_service(
+        &mut self,
+        key: &ServiceKey,
+        state: Option<&Arc<ServiceState>>,
+        node: &NodeInfo,
+        cfg: &RenderConfig,
+        requeue: &mut std::collections::VecDeque<ServiceKey>,
+    ) -> Unit {
+        let old = self.owned.remove(key);
+        // Let go of the old claims and hairpin addresses.
+        let mut hairpin_was: BTreeMap<IpAddr, bool> = BTreeMap::new();
+        if let Some(o) = &old {
+            self.rules -= o.rules;
+            self.no_local.0 -= o.no_local.0;
+            self.no_local.1 -= o.no_local.1;
+            for e in &o.elements {
+                if self.element_owner.get(e) == Some(key) {
+                    self.element_owner.remove(e);
+                    if let Some(waiting) = self.losers.remove(e) {
+                        requeue.extend(waiting.into_iter().filter(|w| w != key));
+                    }
+                }
+            }
+            for ip in &o.hairpin {
+                hairpin_was.entry(*ip).or_insert(true);
+                if let Some(n) = self.hairpin.get_mut(ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.hairpin.remove(ip);
+                    }
+                }
+            }
+            for c in &o.chains {
+                self.chain_owner.remove(c);
+            }
+            for s in &o.sets {
+                self.set_owner.remove(&s.name);
+            }
+        }
+        let ports = state.map(|s| render_service(s, node, cfg)).unwrap_or_default();
+
+        let mut chains: Vec<(String, Vec<Rule>)> = Vec::new();
+        let mut sets: Vec<AffinitySet> = Vec::new();
+        let mut elements: Vec<(&'static str, Key, Option<Verdict>)> = Vec::new();
+        let mut hairpin: BTreeSet<IpAddr> = BTreeSet::new();
+        let mut rules = 0;
+        let mut no_local = (0, 0);
+        for p in ports {
+            for c in p.chains {
+                rules += c.rules.len();
+                chains.push((c.name, c.rules));
+            }
+            sets.extend(p.sets);
+            for e in p.elements {
+                let id = (e.map, e.key.clone());
+                match self.element_owner.get(&id) {
+                    Some(owner) if owner != key => {
+                        tracing::warn!(
+                            service = %key,
+                            owner = %owner,
+                            map = e.map,
+                            element = %e.key,
+                            "two Services claim the same address and port; the first one keeps it"
+                        );
+                        self.losers.entry(id).or_default().insert(key.clone());
+                    }
+                    _ => {
+                        self.element_owner.insert(id, key.clone());
+                        elements.push((e.map, e.key, e.value));
+                    }
+                }
+            }
+            hairpin.extend(p.hairpin);
+            no_local.0 += usize::from(p.no_local_internal);
+            no_local.1 += usize::from(p.no_local_external);
+        }
+        for ip in &hairpin {
+            hairpin_was.entry(*ip).or_insert(false);
+            *self.hairpin.entry(*ip).or_default() += 1;
+        }
+
+        let hairpin_now: Vec<(IpAddr, bool)> = hairpin_was
+            .keys()
+            .map(|ip| (*ip, self.hairpin.contains_key(ip)))
+            .collect();
+        let mut b = self.builder(Owner::Service(key.clone()));
+        let mut recreated = false;
+        for s in &sets {
+            recreated |= b.set(&s.decl());
+        }
+        for (name, rules) in &chains {
+            b.chain(name, None, rules, recreated);
+        }
+        if let Some(o) = &old {
+            for c in &o.chains {
+                if !chains.iter().any(|(n, _)| n == c) {
+                    b.delete_chain(c, false);
+                }
+            }
+            for s in &o.sets {
+                if !sets.iter().any(|n| n.name == s.name) {
+                    b.delete_set(&s.name);
+                }
+            }
+            for (map, k) in &o.elements {
+                if !elements.iter().any(|(m, nk, _)| m == map && nk == k) {
+                    b.delete_element(map, ElemKey::Key(k.clone()));
+                }
+            }
+        }
+        for (map, k, v) in &elements {
+            b.add_element(map, ElemKey::Key(k.clone()), v.clone());
+        }
+        // Hairpin elements of addresses whose count went from or to zero.
+        for (ip, present) in hairpin_now {
+            let key = ElemKey::Key(Key::Pair(ip));
+            if present {
+                b.add_element(names::HAIRPIN, key, None);
+            } else {
+                b.delete_element(names::HAIRPIN, key);
+            }
+        }
+        let unit = b.finish();
+
+        if let Some(state) = state {
+            for (name, _) in &chains {
+                self.chain_owner.insert(name.clone(), key.clone());
+            }
+            for s in &sets {
+                self.set_owner.insert(s.name.clone(), key.clone());
+            }
+            self.rules += rules;
+            self.no_local.0 += no_local.0;
+            self.no_local.1 += no_local.1;
+            self.owned.insert(
+                key.clone(),
+                Owned {
+                    state: state.clone(),
+                    chains: chains.into_iter().map(|(n, _)| n).collect(),
+                    sets,
+                    elements: elements.into_iter().map(|(m, k, _)| (m, k)).collect(),
+                    hairpin: hairpin.into_iter().collect(),
+                    rules,
+                    no_local,
+                },
+            );
+        }
+        unit
+    }
+
+    fn owner_of_chain(&self, name: &str) -> Option<Owner> {
+        if names::fixed_chains().any(|c| c == name) {
+            return Some(Owner::Fixed);
+        }
+        self.chain_owner.get(name).map(|k| Owner::Service(k.clone()))
+    }
+
+    fn owner_of_set(&self, name: &str) -> Option<Owner> {
+        if names::MAPS.contains(&name) {
+            return Some(Owner::Fixed);
+        }
+        self.set_owner.get(name).map(|k| Owner::Service(k.clone()))
+    }
+
+    /// Who owns element `key` of fixed set `set`: the hairpin set's elements belong to the
+    /// Services that DNAT to the address, the maps' to the Service that claimed them.
+    fn owner_of_element(&self, set: &str, key: &[u8]) -> Option<Owner> {
+        let kind = fixed_set_kind(set)?;
+        let ElemKey::Key(k) = ElemKey::parse(kind, self.family, key) else {
+            return None;
+        };
+        if set == names::HAIRPIN {
+            let Key::Pair(ip) = k else { return None };
+            return self.hairpin.contains_key(&ip).then_some(Owner::Fixed);
+        }
+        let name = static_set_name(set)?;
+        self.element_owner.get(&(name, k)).map(|s| Owner::Service(s.clone()))
+    }
+
+    /// Everything in the committed table that nobody owns.
+    fn find_strays(&self) -> Strays {
+        let mut strays = Strays::default();
+        for name in self.state.chains.keys() {
+            if self.owner_of_chain(name).is_none() {
+                strays.chains.push(name.clone());
+            }
+        }
+        for name in self.state.sets.keys() {
+            if self.owner_of_set(name).is_none() {
+                strays.sets.push(name.clone());
+            }
+        }
+        for (set, elements) in &self.state.elements {
+            for key in elements.keys() {
+                if self.owner_of_element(set, key).is_none() {
+                    strays.elements.push((set.clone(), key.clone()));
+                }
+            }
+        }
+        strays.chains.sort();
+        strays.sets.sort();
+        strays.elements.sort();
+        strays
+    }
+
+    /// Units deleting `strays`, bounded in size: elements first (they may jump to stray
+    /// chains), then every stray chain flushed (they may jump to each other), then deleted,
+    /// then the sets.
+    fn plan_strays(&mut self, strays: Strays) -> Vec<Unit> {
+        let mut units = Vec::new();
+        let family = self.family;
+        for chunk in strays.elements.chunks(STRAYS_PER_UNIT) {
+            let mut b = self.builder(Owner::Stray);
+            for (set, key) in chunk {
+                let parsed = match fixed_set_kind(set) {
+                    Some(kind) => ElemKey::parse(kind, family, key),
+                    None => ElemKey::Raw(key.clone()),
+                };
+                b.delete_element(set, parsed);
+            }
+            units.push(b.finish());
+        }
+        let mut flush = self.builder(Owner::Stray);
+        for name in &strays.chains {
+            if flush.state.chains.get(name).is_some_and(|c| !c.rules.is_empty()) {
+                flush.push(Section::Flush, Command::FlushChain(name.clone()));
+            }
+        }
+        units.push(flush.finish());
+        for chunk in strays.chains.chunks(STRAYS_PER_UNIT) {
+            let mut b = self.builder(Owner::Stray);
+            for name in chunk {
+                b.delete_chain(name, false);
+            }
+            units.push(b.finish());
+        }
+        let mut b = self.builder(Owner::Stray);
+        for name in &strays.sets {
+            b.delete_set(name);
+        }
+        units.push(b.finish());
+        units.retain(|u| !u.is_empty());
+        units
+    }
+
+    /// Records the handles the kernel echoed for `unit`'s new rules (`handles[i]` for command
+    /// `i`); false if one is missing, and the table must be read back.
+    pub fn commit(&mut self, unit: &Unit, handles: &[Option<u64>]) -> bool {
+        let mut complete = true;
+        for (chain, index, command) in &unit.fills {
+            let handle = handles.get(*command).copied().flatten();
+            match (handle, self.state.chains.get_mut(chain)) {
+                (Some(h), Some(c)) if *index < c.rules.len() => c.rules[*index].handle = h,
+                _ => complete = false,
+            }
+        }
+        complete
+    }
+
+    /// Compares `kernel` (listed while nothing of kproxy's changed, except what `skip`
+    /// names) with the committed table, takes the kernel's word for every object that
+    /// differs, and plans the repairs: the owners of differing objects are rendered again from
+    /// the state they were last synced from; objects nobody owns are deleted (only with
+    /// `strays`: a listing older than kproxy's last commit may show what it just deleted).
+    pub fn reconcile(&mut self, kernel: TableState, skip: &HashSet<Owner>, strays: bool) -> (Plan, usize) {
+        let mut dirty: BTreeSet<Owner> = BTreeSet::new();
+        let mut found = Strays::default();
+        let mut differences = 0;
+        let mut hairpin_dirty = false;
+        let skipped = |o: &Option<Owner>| o.as_ref().is_some_and(|o| skip.contains(o));
+
+        if kernel.exists != self.state.exists {
+            differences += 1;
+            dirty.insert(Owner::Fixed);
+            self.state.exists = kernel.exists;
+        }
+        let names: BTreeSet<String> = kernel.chains.keys().chain(self.state.chains.keys()).cloned().collect();
+        for name in names {
+            let (k, c) = (kernel.chains.get(&name), self.state.chains.get(&name));
+            if k == c {
+                continue;
+            }
+            let owner = self.owner_of_chain(&name);
+            if skipped(&owner) {
+                continue;
+            }
+            match (owner, k) {
+                (Some(o), _) => {
+                    dirty.insert(o);
+                }
+                (None, Some(_)) if strays => found.chains.push(name.clone()),
+                (None, _) => continue,
+            }
+            differences += 1;
+            match k {
+                Some(k) => self.state.chains.insert(name, k.clone()),
+                None => self.state.chains.remove(&name),
+            };
+        }
+        let names: BTreeSet<String> = kernel.sets.keys().chain(self.state.sets.keys()).cloned().collect();
+        for name in names {
+            let (k, c) = (kernel.sets.get(&name), self.state.sets.get(&name));
+            if k == c {
+                continue;
+            }
+            let owner = self.owner_of_set(&name);
+            if skipped(&owner) {
+                continue;
+            }
+            match (owner, k) {
+                (Some(o), _) => {
+                    dirty.insert(o);
+                }
+                (None, Some(_)) if strays => found.sets.push(name.clone()),
+                (None, _) => continue,
+            }
+            differences += 1;
+            match k {
+                Some(k) => self.state.sets.insert(name, *k),
+                None => self.state.sets.remove(&name),
+            };
+        }
+        let sets: BTreeSet<String> = kernel
+            .elements
+            .keys()
+            .chain(self.state.elements.keys())
+            .cloned()
+            .collect();
+        let empty = HashMap::new();
+        for set in sets {
+            let k = kernel.elements.get(&set).unwrap_or(&empty);
+            let c = self.state.elements.get(&set).unwrap_or(&empty).clone();
+            if *k == c {
+                continue;
+            }
+            if set == names::HAIRPIN {
+                // Derived from the Services' endpoints: repaired as a whole below, unless
+                // a Service changed since the listing (it may show either side of that).
+                if !skip.is_empty() {
+                    continue;
+                }
+                differences += 1;
+                hairpin_dirty = true;
+                self.state.elements.insert(set, k.clone());
+                continue;
+            }
+            let keys: BTreeSet<Vec<u8>> = k.keys().chain(c.keys()).cloned().collect();
+            for key in keys {
+                let (kv, cv) = (k.get(&key).copied(), c.get(&key).copied());
+                if kv == cv {
+                    continue;
+                }
+                let owner = self.owner_of_element(&set, &key);
+                if skipped(&owner) {
+                    continue;
+                }
+                match (owner, kv) {
+                    (Some(o), _) => {
+                        dirty.insert(o);
+                    }
+                    (None, Some(_)) if strays => found.elements.push((set.clone(), key.clone())),
+                    (None, _) => continue,
+                }
+                differences += 1;
+                let entry = self.state.elements.entry(set.clone()).or_default();
+                match kv {
+                    Some(v) => entry.insert(key, v),
+                    None => entry.remove(&key),
+                };
+            }
+        }
+
+        let mut plan = Plan::default();
+        let (Some(cfg), Some(node)) = (self.cfg.clone(), self.node.clone()) else {
+            return (plan, differences);
+        };
+        if dirty.remove(&Owner::Fixed) {
+            let (unit, _) = self.plan_fixed(&cfg);
+            plan.units.push(unit);
+        }
+        if hairpin_dirty {
+            self.repair_hairpin(&mut plan);
+        }
+        let mut queue = std::collections::VecDeque::new();
+        for owner in dirty {
+            if let Owner::Service(key) = owner {
+                let state = self.owned.get(&key).map(|o| o.state.clone());
+                let unit = self.plan_service(&key, state.as_ref(), &node, &cfg, &mut queue);
+                plan.units.push(unit);
+            }
+        }
+        while let Some(key) = queue.pop_front() {
+            let state = self.owned.get(&key).map(|o| o.state.clone());
+            let unit = self.plan_service(&key, state.as_ref(), &node, &cfg, &mut queue);
+            plan.units.push(unit);
+        }
+        plan.units.extend(self.plan_strays(found));
+        plan.units.retain(|u| !u.is_empty());
+        (plan, differences)
+    }
+
+    /// Makes the hairpin set hold exactly the addresses some Service DNATs to.
+    fn repair_hairpin(&mut self, plan: &mut Plan) {
+        let want: BTreeSet<IpAddr> = self.hairpin.keys().copied().collect();
+        let family = self.family;
+        let have: Vec<Vec<u8>> = self
+            .state
+            .elements
+            .get(names::HAIRPIN)
+            .map(|e| e.keys().cloned().collect())
+            .unwrap_or_default();
+        let mut b = self.builder(Owner::Fixed);
+        for key in have {
+            match ElemKey::parse(SetKind::AddrPair, family, &key) {
+                ElemKey::Key(Key::Pair(ip)) if want.contains(&ip) => {}
+                parsed => b.delete_element(names::HAIRPIN, parsed),
+            }
+        }
+        for ip in want {
+            b.add_element(names::HAIRPIN, ElemKey::Key(Key::Pair(ip)), None);
+        }
+        plan.units.push(b.finish());
+    }
 }

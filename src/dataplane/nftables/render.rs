@@ -1,62 +1,44 @@
-//! Desired state to `nft` commands, with upstream kube-proxy's nftables layout. Pure.
+//! Desired state to nft rules, with upstream kube-proxy's nftables layout. Pure.
 //!
-//! Each Service port renders to a [`PortRules`] value: the chains it owns, the affinity sets it
-//! owns, and the elements it adds to the shared verdict maps. The planner turns those into one
-//! `nft -f` transaction; nothing here knows whether a sync is full or partial.
+//! Each Service port renders to a [`PortRules`] value: the chains it owns (their rules as
+//! [`Rule`] values), the affinity sets it owns, and the elements it adds to the shared verdict
+//! maps. The planner turns those into commands; nothing here knows whether a sync is full or
+//! partial, or whether the commands reach the kernel over netlink or `nft -f` as text.
 
-use std::fmt::Write as _;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 use super::names;
+use super::netlink::{hook, BaseHook, Verdict};
+use super::rule::{Field, Key, Rule, SetDecl, SetKind, Stmt, CT_STATE_INVALID, CT_STATE_NEW};
 use crate::dataplane::iptables::render::{LocalDetector, NodePortMatch, RenderConfig};
 use crate::dataplane::port_policy::{FamilyView, PortPolicy};
 use crate::model::topology::{categorize_endpoints, uses_cluster_endpoints, uses_local_endpoints};
 use crate::model::{Endpoint, IpFamily, NodeInfo, PortState, ServicePort};
 
-/// The nft words that differ between the two families.
-#[derive(Debug, Clone, Copy)]
-pub struct Words {
-    /// Table family: `ip` or `ip6`.
-    pub family: &'static str,
-    /// Address type in set declarations.
-    pub addr_type: &'static str,
-    /// Payload selector for addresses (`ip saddr`, `ip6 saddr`).
-    pub sel: &'static str,
-    pub loopback: &'static str,
-}
-
-pub fn words(family: IpFamily) -> Words {
+/// The table family word: `ip` or `ip6`.
+pub fn family_word(family: IpFamily) -> &'static str {
     match family {
-        IpFamily::V4 => Words {
-            family: "ip",
-            addr_type: "ipv4_addr",
-            sel: "ip",
-            loopback: "127.0.0.0/8",
-        },
-        IpFamily::V6 => Words {
-            family: "ip6",
-            addr_type: "ipv6_addr",
-            sel: "ip6",
-            loopback: "::1",
-        },
+        IpFamily::V4 => "ip",
+        IpFamily::V6 => "ip6",
     }
 }
 
-/// One element of a shared verdict map, owned by one Service port.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+/// One element of a shared verdict map (or of the hairpin set), owned by one Service port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Element {
     pub map: &'static str,
-    /// The key as nft writes it (`10.96.0.10 . tcp . 80`).
-    pub key: String,
-    /// The verdict (`goto service-…`, `drop`).
-    pub value: String,
+    pub key: Key,
+    /// The verdict (`goto service-…`, `drop`); `None` in a plain set.
+    pub value: Option<Verdict>,
 }
 
-/// One chain owned by a Service port, with its rules (statements only, without `add rule`).
+/// One chain owned by a Service port, with its rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
     pub name: String,
-    pub rules: Vec<String>,
+    pub rules: Vec<Rule>,
 }
 
 /// A per-endpoint session-affinity set: the client addresses recently sent to that endpoint.
@@ -64,6 +46,15 @@ pub struct Chain {
 pub struct AffinitySet {
     pub name: String,
     pub timeout: u32,
+}
+
+impl AffinitySet {
+    pub fn decl(&self) -> SetDecl {
+        SetDecl {
+            name: self.name.clone(),
+            kind: SetKind::Affinity { timeout: self.timeout },
+        }
+    }
 }
 
 /// What one Service port contributes to the table.
@@ -78,26 +69,39 @@ pub struct PortRules {
     pub no_local_external: bool,
 }
 
-fn if_local(d: &LocalDetector, w: Words, negate: bool) -> Option<String> {
-    let op = if negate { "!= " } else { "" };
+fn if_local(d: &LocalDetector, negate: bool) -> Option<Stmt> {
     match d {
         LocalDetector::None => None,
-        LocalDetector::Cidr(net) => Some(format!("{} saddr {op}{net}", w.sel)),
-        LocalDetector::Bridge(br) => Some(format!("iifname {op}\"{br}\"")),
-        LocalDetector::InterfacePrefix(p) => Some(format!("iifname {op}\"{p}*\"")),
+        LocalDetector::Cidr(net) => Some(Stmt::Addr {
+            field: Field::Saddr,
+            negate,
+            net: *net,
+        }),
+        LocalDetector::Bridge(br) => Some(Stmt::Iifname {
+            negate,
+            name: br.clone(),
+        }),
+        LocalDetector::InterfacePrefix(p) => Some(Stmt::Iifname {
+            negate,
+            name: format!("{p}*"),
+        }),
     }
 }
 
-/// `ip:port` as `dnat to` wants it.
-fn dnat_target(ep: &Endpoint) -> String {
-    match ep.ip {
-        IpAddr::V4(ip) => format!("{ip}:{}", ep.port),
-        IpAddr::V6(ip) => format!("[{ip}]:{}", ep.port),
-    }
+fn host(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
 }
 
-fn svc_key(ip: &IpAddr, sp: &ServicePort, port: u16) -> String {
-    format!("{ip} . {} . {port}", sp.name.protocol)
+fn goto(chain: &str) -> Stmt {
+    Stmt::Verdict(Verdict::Goto(chain.to_string()))
+}
+
+fn jump(chain: &str) -> Stmt {
+    Stmt::Verdict(Verdict::Jump(chain.to_string()))
+}
+
+fn svc_key(ip: &IpAddr, sp: &ServicePort, port: u16) -> Key {
+    Key::AddrPort(*ip, sp.name.protocol, port)
 }
 
 /// Renders one Service port for `cfg.family`; `None` when it has no cluster IP of that family.
@@ -106,7 +110,6 @@ fn svc_key(ip: &IpAddr, sp: &ServicePort, port: u16) -> String {
 pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Option<PortRules> {
     let sp = &*ps.port;
     let family = cfg.family;
-    let w = words(family);
     let view = FamilyView::of(ps, family)?;
     let sets = categorize_endpoints(&view.endpoints, sp, &node.name, node.zone.as_deref());
     let PortPolicy {
@@ -122,7 +125,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     let (external_ips, lb_ips, source_ranges) = (&view.external_ips, &view.lb_ips, &view.source_ranges);
 
     let name = &sp.name;
-    let proto = name.protocol.as_str();
+    let proto = name.protocol;
     let svc_chain = names::service_chain(name);
     let local_chain = names::local_chain(name);
     let ext_chain = names::external_chain(name);
@@ -136,9 +139,9 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     // Without any endpoint new connections are refused; with endpoints elsewhere only (Local
     // policy) they are dropped, so a load balancer's health check moves traffic away.
     let refuse = if has_endpoints {
-        "drop".to_string()
+        Verdict::Drop
     } else {
-        format!("goto {}", names::REJECT_CHAIN)
+        Verdict::Goto(names::REJECT_CHAIN.into())
     };
 
     let mut r = PortRules {
@@ -147,14 +150,18 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
         ..PortRules::default()
     };
     let port = sp.port;
-    let element = |map, key: String, value: String| Element { map, key, value };
+    let element = |map, key: Key, value: Verdict| Element {
+        map,
+        key,
+        value: Some(value),
+    };
 
     let cluster_key = svc_key(&cluster_ip, sp, port);
     if has_internal {
         r.elements.push(element(
             names::SERVICE_IPS,
-            cluster_key.clone(),
-            format!("goto {internal_chain}"),
+            cluster_key,
+            Verdict::Goto(internal_chain.clone()),
         ));
     } else {
         r.elements
@@ -163,8 +170,11 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     for ip in external_ips.iter().chain(lb_ips.iter()) {
         let key = svc_key(ip, sp, port);
         if has_endpoints {
-            r.elements
-                .push(element(names::SERVICE_IPS, key.clone(), format!("goto {ext_chain}")));
+            r.elements.push(element(
+                names::SERVICE_IPS,
+                key.clone(),
+                Verdict::Goto(ext_chain.clone()),
+            ));
         }
         if !has_external {
             r.elements
@@ -176,17 +186,17 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
             r.elements.push(element(
                 names::FIREWALL_IPS,
                 svc_key(ip, sp, port),
-                format!("goto {fw_chain}"),
+                Verdict::Goto(fw_chain.clone()),
             ));
         }
     }
     if let Some(node_port) = sp.node_port {
-        let key = format!("{proto} . {node_port}");
+        let key = Key::ProtoPort(proto, node_port);
         if has_endpoints {
             r.elements.push(element(
                 names::SERVICE_NODEPORTS,
                 key.clone(),
-                format!("goto {ext_chain}"),
+                Verdict::Goto(ext_chain.clone()),
             ));
         }
         if !has_external {
@@ -197,33 +207,45 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     // The masquerade rule for internal traffic, at the top of whichever chain it enters.
     let mut masq_rules = Vec::new();
     if has_internal {
-        let dest = format!("{} daddr {cluster_ip} {proto} dport {port}", w.sel);
+        let dest = vec![
+            Stmt::Addr {
+                field: Field::Daddr,
+                negate: false,
+                net: host(cluster_ip),
+            },
+            Stmt::Dport { proto, port },
+        ];
         if cfg.masquerade_all {
-            masq_rules.push(format!("{dest} jump {}", names::MARK_MASQ));
-        } else if let Some(not_local) = if_local(&cfg.local_detector, w, true) {
+            let mut rule = dest;
+            rule.push(jump(names::MARK_MASQ));
+            masq_rules.push(Rule::new(rule));
+        } else if let Some(not_local) = if_local(&cfg.local_detector, true) {
             // Off-cluster sources reaching a ClusterIP (a static route to the service range)
             // may bounce to another node: masquerade so replies come back through us.
-            masq_rules.push(format!("{dest} {not_local} jump {}", names::MARK_MASQ));
+            let mut rule = dest;
+            rule.push(not_local);
+            rule.push(jump(names::MARK_MASQ));
+            masq_rules.push(Rule::new(rule));
         }
     }
 
     if has_endpoints && externally_accessible {
         let mut rules = Vec::new();
         if !external_policy_local {
-            rules.push(format!("jump {}", names::MARK_MASQ));
+            rules.push(Rule::new(vec![jump(names::MARK_MASQ)]));
         } else {
             // Pods reaching an external destination of their own cluster behave as if the
             // traffic went out to a load balancer and came back: no source preservation needed.
-            if let Some(local) = if_local(&cfg.local_detector, w, false) {
-                rules.push(format!("{local} goto {svc_chain}"));
+            if let Some(local) = if_local(&cfg.local_detector, false) {
+                rules.push(Rule::new(vec![local, goto(&svc_chain)]));
             }
             // The node's own traffic has a local address as source: masquerade it and let it
             // use every endpoint.
-            rules.push(format!("fib saddr type local jump {}", names::MARK_MASQ));
-            rules.push(format!("fib saddr type local goto {svc_chain}"));
+            rules.push(Rule::new(vec![Stmt::FibLocal(Field::Saddr), jump(names::MARK_MASQ)]));
+            rules.push(Rule::new(vec![Stmt::FibLocal(Field::Saddr), goto(&svc_chain)]));
         }
         if has_external {
-            rules.push(format!("goto {external_policy_chain}"));
+            rules.push(Rule::new(vec![goto(external_policy_chain)]));
         }
         r.chains.push(Chain {
             name: ext_chain.clone(),
@@ -232,18 +254,25 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     }
 
     if uses_fw {
-        let mut rules: Vec<String> = source_ranges
-            .iter()
-            .map(|net| format!("{} saddr {net} return", w.sel))
-            .collect();
+        let saddr_return = |net: IpNet| {
+            Rule::new(vec![
+                Stmt::Addr {
+                    field: Field::Saddr,
+                    negate: false,
+                    net,
+                },
+                Stmt::Verdict(Verdict::Return),
+            ])
+        };
+        let mut rules: Vec<Rule> = source_ranges.iter().map(|net| saddr_return(**net)).collect();
         if source_ranges
             .iter()
             .any(|net| node.addresses.iter().any(|a| net.contains(a)))
         {
             // A node reaching its own LB VIP loops back with the VIP as source.
-            rules.extend(lb_ips.iter().map(|ip| format!("{} saddr {ip} return", w.sel)));
+            rules.extend(lb_ips.iter().map(|ip| saddr_return(host(**ip))));
         }
-        rules.push("drop".into());
+        rules.push(Rule::new(vec![Stmt::Verdict(Verdict::Drop)]));
         r.chains.push(Chain {
             name: fw_chain.clone(),
             rules,
@@ -257,7 +286,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     };
     if !sets.cluster.is_empty() && uses_cluster_endpoints(sp) {
         let mut rules = std::mem::take(&mut cluster_first);
-        write_balancing(&mut rules, sp, &sets.cluster, w);
+        write_balancing(&mut rules, sp, &sets.cluster);
         r.chains.push(Chain {
             name: svc_chain.clone(),
             rules,
@@ -265,7 +294,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     }
     if !sets.local.is_empty() && uses_local_endpoints(sp) {
         let mut rules = std::mem::take(&mut local_first);
-        write_balancing(&mut rules, sp, &sets.local, w);
+        write_balancing(&mut rules, sp, &sets.local);
         r.chains.push(Chain {
             name: local_chain.clone(),
             rules,
@@ -279,8 +308,11 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
         for ep in &sets.all_reachable {
             let set = names::affinity_set(name, ep);
             let rules = vec![
-                format!("update @{set} {{ {} saddr }}", w.sel),
-                format!("meta l4proto {proto} dnat to {}", dnat_target(ep)),
+                Rule::new(vec![Stmt::Update {
+                    set: set.clone(),
+                    key: Field::Saddr,
+                }]),
+                Rule::new(vec![Stmt::L4proto(proto), dnat(ep)]),
             ];
             r.sets.push(AffinitySet { name: set, timeout });
             r.chains.push(Chain {
@@ -292,188 +324,216 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     Some(r)
 }
 
+fn dnat(ep: &Endpoint) -> Stmt {
+    Stmt::Dnat {
+        addr: ep.ip,
+        port: ep.port,
+    }
+}
+
+/// An even random pick: rule i of N takes the connection with probability 1/(N-i), the last
+/// one always, as iptables mode's statistic rules do. A cascade of rules rather than a numgen
+/// map, because every anonymous map is a set the kernel creates (and scans the table's sets
+/// for) when the rule is added.
+fn pick(i: usize, n: usize) -> Option<Stmt> {
+    (i + 1 < n).then(|| Stmt::Numgen {
+        modulus: (n - i) as u32,
+        value: 0,
+    })
+}
+
 /// With session affinity: affinity lookups first (a client seen recently goes where it went
 /// before), then an even random pick among the endpoint chains. Without: an even random pick
 /// straight to `dnat`.
-fn write_balancing(rules: &mut Vec<String>, sp: &ServicePort, endpoints: &[&Endpoint], w: Words) {
-    let proto = sp.name.protocol.as_str();
+fn write_balancing(rules: &mut Vec<Rule>, sp: &ServicePort, endpoints: &[&Endpoint]) {
+    let proto = sp.name.protocol;
+    let n = endpoints.len();
     if sp.affinity_timeout.is_none() {
-        // Rule i takes the connection with probability 1/(N-i), the last one always: an even
-        // pick, as iptables mode's statistic rules make it. No set, because each anonymous set
-        // costs the kernel a scan of every set in the table when it is created (5000 Services'
-        // numgen maps took 6 s to load, these rules 3 s).
-        let n = endpoints.len();
         for (i, ep) in endpoints.iter().enumerate() {
-            let pick = if i + 1 < n {
-                format!("numgen random mod {} 0 ", n - i)
-            } else {
-                String::new()
-            };
-            rules.push(format!("meta l4proto {proto} {pick}dnat to {}", dnat_target(ep)));
+            let mut rule = vec![Stmt::L4proto(proto)];
+            rule.extend(pick(i, n));
+            rule.push(dnat(ep));
+            rules.push(Rule::new(rule));
         }
         return;
     }
     for ep in endpoints {
-        rules.push(format!(
-            "{} saddr @{} goto {}",
-            w.sel,
-            names::affinity_set(&sp.name, ep),
-            names::endpoint_chain(&sp.name, ep)
-        ));
+        rules.push(Rule::new(vec![
+            Stmt::InSet {
+                key: vec![Field::Saddr],
+                set: names::affinity_set(&sp.name, ep),
+                negate: false,
+            },
+            goto(&names::endpoint_chain(&sp.name, ep)),
+        ]));
     }
-    if let [only] = endpoints {
-        rules.push(format!("goto {}", names::endpoint_chain(&sp.name, only)));
-        return;
-    }
-    let mut rule = format!("numgen random mod {} vmap {{ ", endpoints.len());
     for (i, ep) in endpoints.iter().enumerate() {
-        if i > 0 {
-            rule.push_str(", ");
-        }
-        let _ = write!(rule, "{i} : goto {}", names::endpoint_chain(&sp.name, ep));
-    }
-    rule.push_str(" }");
-    rules.push(rule);
-}
-
-/// A base chain: its name and the `{ type … hook … }` specification.
-const BASE_CHAINS: &[(&str, &str)] = &[
-    (names::NAT_PREROUTING, "type nat hook prerouting priority dstnat"),
-    (names::NAT_OUTPUT, "type nat hook output priority -100"),
-    (names::NAT_POSTROUTING, "type nat hook postrouting priority srcnat"),
-    // Before DNAT, so the firewall sees the load balancer IP.
-    (names::FILTER_PREROUTING, "type filter hook prerouting priority -110"),
-    (names::FILTER_INPUT, "type filter hook input priority -110"),
-    (names::FILTER_FORWARD, "type filter hook forward priority -110"),
-    (names::FILTER_OUTPUT, "type filter hook output priority -110"),
-];
-
-/// Every chain and map the table has regardless of Services, declared (created if missing)
-/// and then flushed: the first commands of a full sync.
-pub fn render_fixed_declarations(cfg: &RenderConfig, out: &mut String) {
-    let w = words(cfg.family);
-    let t = format!("{} {}", w.family, names::TABLE);
-    let _ = writeln!(out, "add table {t}");
-    for (chain, spec) in BASE_CHAINS {
-        let _ = writeln!(out, "add chain {t} {chain} {{ {spec}; policy accept; }}");
-    }
-    for chain in names::REGULAR_CHAINS {
-        let _ = writeln!(out, "add chain {t} {chain}");
-    }
-    let svc = format!("{} . inet_proto . inet_service", w.addr_type);
-    for (map, key) in [
-        (names::SERVICE_IPS, svc.as_str()),
-        (names::SERVICE_NODEPORTS, "inet_proto . inet_service"),
-        (names::NO_ENDPOINT_SERVICES, svc.as_str()),
-        (names::NO_ENDPOINT_NODEPORTS, "inet_proto . inet_service"),
-        (names::FIREWALL_IPS, svc.as_str()),
-    ] {
-        let _ = writeln!(out, "add map {t} {map} {{ type {key} : verdict; }}");
-        let _ = writeln!(out, "flush map {t} {map}");
-    }
-    let _ = writeln!(
-        out,
-        "add set {t} {} {{ type {} . {}; }}",
-        names::HAIRPIN,
-        w.addr_type,
-        w.addr_type
-    );
-    let _ = writeln!(out, "flush set {t} {}", names::HAIRPIN);
-    for chain in names::fixed_chains() {
-        let _ = writeln!(out, "flush chain {t} {chain}");
+        let mut rule: Vec<Stmt> = pick(i, n).into_iter().collect();
+        rule.push(goto(&names::endpoint_chain(&sp.name, ep)));
+        rules.push(Rule::new(rule));
     }
 }
 
-/// The rules of the fixed chains, as (chain, statement) pairs.
-pub fn render_fixed_rules(cfg: &RenderConfig) -> Vec<(&'static str, String)> {
-    let w = words(cfg.family);
-    let sel = w.sel;
-    let m = cfg.masquerade_mark;
-    let dst = format!("{sel} daddr . meta l4proto . th dport");
-    let nodeport_dest = match &cfg.nodeports {
-        // NodePorts on loopback would need route_localnet, which exposes 127.0.0.1 to the
-        // network (CVE-2020-8558): kproxy does not accept them.
-        NodePortMatch::AllLocal => Some(format!("fib daddr type local {sel} daddr != {}", w.loopback)),
-        NodePortMatch::Addresses(ips) => {
-            let ips: Vec<String> = ips
-                .iter()
-                .filter(|ip| IpFamily::of(ip) == cfg.family)
-                .map(IpAddr::to_string)
-                .collect();
-            (!ips.is_empty()).then(|| format!("{sel} daddr {{ {} }}", ips.join(", ")))
-        }
+/// The base chains: name and hook (`type nat hook prerouting priority dstnat; policy accept;`).
+pub fn base_chains() -> [(&'static str, BaseHook); 7] {
+    let h = |kind, hook, priority| BaseHook { kind, hook, priority };
+    [
+        (names::NAT_PREROUTING, h("nat", hook::PREROUTING, -100)),
+        (names::NAT_OUTPUT, h("nat", hook::OUTPUT, -100)),
+        (names::NAT_POSTROUTING, h("nat", hook::POSTROUTING, 100)),
+        // Before DNAT, so the firewall sees the load balancer IP.
+        (names::FILTER_PREROUTING, h("filter", hook::PREROUTING, -110)),
+        (names::FILTER_INPUT, h("filter", hook::INPUT, -110)),
+        (names::FILTER_FORWARD, h("filter", hook::FORWARD, -110)),
+        (names::FILTER_OUTPUT, h("filter", hook::OUTPUT, -110)),
+    ]
+}
+
+/// How nft writes a base chain's specification.
+pub fn hook_text(h: &BaseHook) -> String {
+    let hook = match h.hook {
+        hook::PREROUTING => "prerouting",
+        hook::INPUT => "input",
+        hook::FORWARD => "forward",
+        hook::OUTPUT => "output",
+        _ => "postrouting",
     };
+    format!("type {} hook {hook} priority {}; policy accept;", h.kind, h.priority)
+}
+
+/// The fixed maps and sets.
+pub fn fixed_sets() -> Vec<SetDecl> {
+    let d = |name: &str, kind| SetDecl {
+        name: name.into(),
+        kind,
+    };
+    vec![
+        d(names::SERVICE_IPS, SetKind::AddrPortMap),
+        d(names::SERVICE_NODEPORTS, SetKind::ProtoPortMap),
+        d(names::NO_ENDPOINT_SERVICES, SetKind::AddrPortMap),
+        d(names::NO_ENDPOINT_NODEPORTS, SetKind::ProtoPortMap),
+        d(names::FIREWALL_IPS, SetKind::AddrPortMap),
+        d(names::HAIRPIN, SetKind::AddrPair),
+    ]
+}
+
+const DST: [Field; 3] = [Field::Daddr, Field::L4proto, Field::ThDport];
+
+/// The rules of the fixed chains, as (chain, rule) pairs in chain order.
+pub fn render_fixed_rules(cfg: &RenderConfig) -> Vec<(&'static str, Rule)> {
+    let family = cfg.family;
+    let m = cfg.masquerade_mark;
+    let loopback: IpNet = match family {
+        IpFamily::V4 => "127.0.0.0/8".parse().expect("loopback"),
+        IpFamily::V6 => "::1/128".parse().expect("loopback"),
+    };
+    // NodePorts on loopback would need route_localnet, which exposes 127.0.0.1 to the network
+    // (CVE-2020-8558): kproxy does not accept them.
+    let nodeport_dests: Vec<Vec<Stmt>> = match &cfg.nodeports {
+        NodePortMatch::AllLocal => vec![vec![
+            Stmt::FibLocal(Field::Daddr),
+            Stmt::Addr {
+                field: Field::Daddr,
+                negate: true,
+                net: loopback,
+            },
+        ]],
+        // One rule per address rather than an anonymous set: few addresses, no extra set.
+        NodePortMatch::Addresses(ips) => ips
+            .iter()
+            .filter(|ip| IpFamily::of(ip) == family)
+            .map(|ip| {
+                vec![Stmt::Addr {
+                    field: Field::Daddr,
+                    negate: false,
+                    net: host(*ip),
+                }]
+            })
+            .collect(),
+    };
+    let vmap = |map: &str| Stmt::Vmap {
+        key: DST.to_vec(),
+        map: map.into(),
+    };
+    let r = Rule::new;
     let mut rules = vec![
-        (names::NAT_PREROUTING, format!("jump {}", names::SERVICES)),
-        (names::NAT_OUTPUT, format!("jump {}", names::SERVICES)),
+        (names::NAT_PREROUTING, r(vec![jump(names::SERVICES)])),
+        (names::NAT_OUTPUT, r(vec![jump(names::SERVICES)])),
         // After DNAT: an endpoint reaching itself through its Service (hairpin).
         (
             names::NAT_POSTROUTING,
-            format!(
-                "ct status dnat {sel} saddr . {sel} daddr @{} jump {}",
-                names::HAIRPIN,
-                names::MARK_MASQ
-            ),
+            r(vec![
+                Stmt::CtStatusDnat,
+                Stmt::InSet {
+                    key: vec![Field::Saddr, Field::Daddr],
+                    set: names::HAIRPIN.into(),
+                    negate: false,
+                },
+                jump(names::MARK_MASQ),
+            ]),
         ),
-        (names::NAT_POSTROUTING, format!("jump {}", names::MASQUERADING)),
+        (names::NAT_POSTROUTING, r(vec![jump(names::MASQUERADING)])),
         (
             names::FILTER_PREROUTING,
-            format!("ct state new jump {}", names::FIREWALL_CHECK),
+            r(vec![Stmt::CtState(CT_STATE_NEW), jump(names::FIREWALL_CHECK)]),
         ),
         (
             names::FILTER_INPUT,
-            format!("ct state new jump {}", names::NODEPORT_ENDPOINTS_CHECK),
+            r(vec![Stmt::CtState(CT_STATE_NEW), jump(names::NODEPORT_ENDPOINTS_CHECK)]),
         ),
         (
             names::FILTER_INPUT,
-            format!("ct state new jump {}", names::SERVICE_ENDPOINTS_CHECK),
-        ),
-        (names::FILTER_FORWARD, "ct state invalid drop".into()),
-        (
-            names::FILTER_FORWARD,
-            format!("ct state new jump {}", names::SERVICE_ENDPOINTS_CHECK),
+            r(vec![Stmt::CtState(CT_STATE_NEW), jump(names::SERVICE_ENDPOINTS_CHECK)]),
         ),
         (
             names::FILTER_FORWARD,
-            format!("ct state new jump {}", names::NODEPORT_ENDPOINTS_CHECK),
+            r(vec![Stmt::CtState(CT_STATE_INVALID), Stmt::Verdict(Verdict::Drop)]),
+        ),
+        (
+            names::FILTER_FORWARD,
+            r(vec![Stmt::CtState(CT_STATE_NEW), jump(names::SERVICE_ENDPOINTS_CHECK)]),
+        ),
+        (
+            names::FILTER_FORWARD,
+            r(vec![Stmt::CtState(CT_STATE_NEW), jump(names::NODEPORT_ENDPOINTS_CHECK)]),
         ),
         (
             names::FILTER_OUTPUT,
-            format!("ct state new jump {}", names::SERVICE_ENDPOINTS_CHECK),
+            r(vec![Stmt::CtState(CT_STATE_NEW), jump(names::SERVICE_ENDPOINTS_CHECK)]),
         ),
         (
             names::FILTER_OUTPUT,
-            format!("ct state new jump {}", names::FIREWALL_CHECK),
+            r(vec![Stmt::CtState(CT_STATE_NEW), jump(names::FIREWALL_CHECK)]),
         ),
-        (names::MASQUERADING, format!("meta mark & {m:#x} == 0 return")),
-        (names::MASQUERADING, format!("meta mark set meta mark ^ {m:#x}")),
-        (names::MASQUERADING, "masquerade fully-random".into()),
-        (names::MARK_MASQ, format!("meta mark set meta mark | {m:#x}")),
-        (names::SERVICES, format!("{dst} vmap @{}", names::SERVICE_IPS)),
+        (
+            names::MASQUERADING,
+            r(vec![
+                Stmt::MarkTest { mask: m, zero: true },
+                Stmt::Verdict(Verdict::Return),
+            ]),
+        ),
+        (names::MASQUERADING, r(vec![Stmt::MarkXor(m)])),
+        (names::MASQUERADING, r(vec![Stmt::Masquerade { fully_random: true }])),
+        (names::MARK_MASQ, r(vec![Stmt::MarkOr(m)])),
+        (names::SERVICES, r(vec![vmap(names::SERVICE_IPS)])),
         (
             names::SERVICE_ENDPOINTS_CHECK,
-            format!("{dst} vmap @{}", names::NO_ENDPOINT_SERVICES),
+            r(vec![vmap(names::NO_ENDPOINT_SERVICES)]),
         ),
-        (names::FIREWALL_CHECK, format!("{dst} vmap @{}", names::FIREWALL_IPS)),
-        (names::REJECT_CHAIN, "reject".into()),
+        (names::FIREWALL_CHECK, r(vec![vmap(names::FIREWALL_IPS)])),
+        (names::REJECT_CHAIN, r(vec![Stmt::Reject])),
     ];
-    if let Some(dest) = nodeport_dest {
-        rules.push((
-            names::SERVICES,
-            format!("{dest} meta l4proto . th dport vmap @{}", names::SERVICE_NODEPORTS),
-        ));
-        rules.push((
-            names::NODEPORT_ENDPOINTS_CHECK,
-            format!("{dest} meta l4proto . th dport vmap @{}", names::NO_ENDPOINT_NODEPORTS),
-        ));
+    let port_vmap = |map: &str| Stmt::Vmap {
+        key: vec![Field::L4proto, Field::ThDport],
+        map: map.into(),
+    };
+    for dest in nodeport_dests {
+        let mut services = dest.clone();
+        services.push(port_vmap(names::SERVICE_NODEPORTS));
+        rules.push((names::SERVICES, r(services)));
+        let mut check = dest;
+        check.push(port_vmap(names::NO_ENDPOINT_NODEPORTS));
+        rules.push((names::NODEPORT_ENDPOINTS_CHECK, r(check)));
     }
     rules
-}
-
-/// The `add set` command of an affinity set.
-pub fn set_declaration(t: &str, set: &AffinitySet, w: Words) -> String {
-    format!(
-        "add set {t} {} {{ type {}; flags dynamic,timeout; timeout {}s; }}",
-        set.name, w.addr_type, set.timeout
-    )
 }

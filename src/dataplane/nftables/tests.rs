@@ -1,14 +1,18 @@
 //! The planner's transactions: what a full and a partial sync write, checked by meaning (which
-//! map elements point where, which chains are touched) and, as root, applied by the kernel in a
-//! throwaway network namespace.
+//! map elements point where, which chains and rules are touched, by handle), what a check
+//! repairs, and, as root, what the kernel holds after netlink wrote it in a throwaway network
+//! namespace (read back, it equals what the planner committed; nft lists it).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use super::apply::{apply_plan, plan_text, read_table, Kernel};
+use super::command::Command;
 use super::names;
-use super::plan::{KernelObjects, Plan, Planner};
+use super::plan::{Owner, Plan, Planner};
+use super::socket::tests::{in_netns, nft};
 use crate::dataplane::iptables::render::{LocalDetector, NodePortMatch, RenderConfig};
 use crate::model::store::Store;
 use crate::model::{ChangeSet, DesiredState, IpFamily, ServiceKey};
@@ -20,7 +24,10 @@ fn config() -> RenderConfig {
         masquerade_mark: 0x4000,
         local_detector: LocalDetector::Cidr("10.244.0.0/16".parse().unwrap()),
         nodeports: NodePortMatch::AllLocal,
-        endpoint_comments: true,
+        endpoint_comments: false,
+        localhost_nodeports: false,
+        nfacct: false,
+        conntrack_tcp_liberal: false,
     }
 }
 
@@ -121,10 +128,31 @@ fn representative() -> String {
     .join("\n---\n")
 }
 
+/// Plans a full sync of `d` on a fresh planner (the table is empty), pretending the kernel
+/// committed it.
 fn full(d: &DesiredState, cfg: &RenderConfig) -> (Planner, Plan) {
-    let mut planner = Planner::new();
-    let plan = planner.plan(d, &ChangeSet::full(), cfg, None);
+    let mut planner = Planner::new(cfg.family);
+    planner.adopt(Default::default());
+    let plan = planner.plan(d, &ChangeSet::full(), cfg);
+    echo(&mut planner, &plan);
     (planner, plan)
+}
+
+/// Gives every new rule a handle, as the kernel's echo would.
+fn echo(planner: &mut Planner, plan: &Plan) {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1000);
+    for unit in &plan.units {
+        let handles: Vec<Option<u64>> = unit
+            .commands
+            .iter()
+            .map(|(_, c)| match c {
+                Command::AddRule { .. } => Some(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+                Command::ReplaceRule { handle, .. } => Some(*handle),
+                _ => None,
+            })
+            .collect();
+        assert!(planner.commit(unit, &handles));
+    }
 }
 
 fn partial(planner: &mut Planner, d: &DesiredState, services: &[&str]) -> Plan {
@@ -132,7 +160,13 @@ fn partial(planner: &mut Planner, d: &DesiredState, services: &[&str]) -> Plan {
         full: false,
         services: services.iter().map(|s| ServiceKey::new("ns", *s)).collect(),
     };
-    planner.plan(d, &changes, &config(), None)
+    let plan = planner.plan(d, &changes, &config());
+    echo(planner, &plan);
+    plan
+}
+
+fn text(plan: &Plan) -> String {
+    plan_text(plan, IpFamily::V4)
 }
 
 /// The elements the transaction adds to `map`, as `key : verdict` strings.
@@ -152,45 +186,10 @@ fn port(svc: &str) -> crate::model::ServicePortName {
     }
 }
 
-/// Rules of `chain` in the transaction.
+/// Rules the transaction appends to `chain`.
 fn rules<'a>(text: &'a str, chain: &str) -> Vec<&'a str> {
     let prefix = format!("add rule ip kproxy {chain} ");
     text.lines().filter_map(|l| l.strip_prefix(&prefix)).collect()
-}
-
-#[test]
-fn service_addresses_dispatch_to_their_chains_or_are_refused() {
-    let (_, plan) = full(&desired(&representative()), &config());
-    let ips = added(&plan.text, names::SERVICE_IPS);
-    let web = names::service_chain(&port("web"));
-    assert!(ips.contains(&format!("10.96.0.10 . tcp . 80 : goto {web}")), "{ips:?}");
-    let np_ext = names::external_chain(&port("np"));
-    assert!(added(&plan.text, names::SERVICE_NODEPORTS).contains(&format!("tcp . 30080 : goto {np_ext}")));
-    // No endpoints at all: refused, on the cluster IP and the NodePort.
-    assert!(added(&plan.text, names::NO_ENDPOINT_SERVICES).contains("10.96.0.12 . tcp . 80 : goto reject-chain"));
-    assert!(added(&plan.text, names::NO_ENDPOINT_NODEPORTS).contains("tcp . 30081 : goto reject-chain"));
-    assert!(!ips.iter().any(|e| e.starts_with("10.96.0.12 ")));
-    // externalTrafficPolicy Local with its only endpoint on another node: external traffic is
-    // dropped (not refused), cluster traffic still works.
-    let drops = added(&plan.text, names::NO_ENDPOINT_SERVICES);
-    assert!(drops.contains("198.51.100.20 . tcp . 80 : drop"), "{drops:?}");
-    assert!(added(&plan.text, names::NO_ENDPOINT_NODEPORTS).contains("tcp . 30090 : drop"));
-    assert!(ips.contains(&format!(
-        "10.96.0.20 . tcp . 80 : goto {}",
-        names::service_chain(&port("lb"))
-    )));
-    // internalTrafficPolicy Local: the local chain with the local endpoint only.
-    let itp_local = names::local_chain(&port("itp"));
-    assert!(ips.contains(&format!("10.96.0.40 . tcp . 80 : goto {itp_local}")));
-    assert_eq!(
-        rules(&plan.text, &itp_local).last().copied(),
-        Some("meta l4proto tcp dnat to 10.244.1.2:8080")
-    );
-    assert_eq!(plan.no_local_endpoints, (0, 1));
-    // Terminating endpoints serve when nothing is ready.
-    assert!(ips
-        .iter()
-        .any(|e| e.starts_with("10.96.0.41 . tcp . 80 : goto service-")));
 }
 
 fn endpoint(port: &crate::model::ServicePortName, ip: &str) -> String {
@@ -210,9 +209,46 @@ fn endpoint(port: &crate::model::ServicePortName, ip: &str) -> String {
 }
 
 #[test]
+fn service_addresses_dispatch_to_their_chains_or_are_refused() {
+    let (planner, plan) = full(&desired(&representative()), &config());
+    let t = text(&plan);
+    let ips = added(&t, names::SERVICE_IPS);
+    let web = names::service_chain(&port("web"));
+    assert!(ips.contains(&format!("10.96.0.10 . tcp . 80 : goto {web}")), "{ips:?}");
+    let np_ext = names::external_chain(&port("np"));
+    assert!(added(&t, names::SERVICE_NODEPORTS).contains(&format!("tcp . 30080 : goto {np_ext}")));
+    // No endpoints at all: refused, on the cluster IP and the NodePort.
+    assert!(added(&t, names::NO_ENDPOINT_SERVICES).contains("10.96.0.12 . tcp . 80 : goto reject-chain"));
+    assert!(added(&t, names::NO_ENDPOINT_NODEPORTS).contains("tcp . 30081 : goto reject-chain"));
+    assert!(!ips.iter().any(|e| e.starts_with("10.96.0.12 ")));
+    // externalTrafficPolicy Local with its only endpoint on another node: external traffic is
+    // dropped (not refused), cluster traffic still works.
+    let drops = added(&t, names::NO_ENDPOINT_SERVICES);
+    assert!(drops.contains("198.51.100.20 . tcp . 80 : drop"), "{drops:?}");
+    assert!(added(&t, names::NO_ENDPOINT_NODEPORTS).contains("tcp . 30090 : drop"));
+    assert!(ips.contains(&format!(
+        "10.96.0.20 . tcp . 80 : goto {}",
+        names::service_chain(&port("lb"))
+    )));
+    // internalTrafficPolicy Local: the local chain with the local endpoint only.
+    let itp_local = names::local_chain(&port("itp"));
+    assert!(ips.contains(&format!("10.96.0.40 . tcp . 80 : goto {itp_local}")));
+    assert_eq!(
+        rules(&t, &itp_local).last().copied(),
+        Some("meta l4proto tcp dnat to 10.244.1.2:8080")
+    );
+    assert_eq!(planner.totals().1, (0, 1));
+    // Terminating endpoints serve when nothing is ready.
+    assert!(ips
+        .iter()
+        .any(|e| e.starts_with("10.96.0.41 . tcp . 80 : goto service-")));
+}
+
+#[test]
 fn balancing_masquerade_and_dnat() {
     let (_, plan) = full(&desired(&representative()), &config());
-    let web = rules(&plan.text, &names::service_chain(&port("web")));
+    let t = text(&plan);
+    let web = rules(&t, &names::service_chain(&port("web")));
     assert_eq!(
         web,
         [
@@ -223,23 +259,23 @@ fn balancing_masquerade_and_dnat() {
     );
     // Without session affinity there are no endpoint chains at all.
     let a = endpoint(&port("web"), "10.244.1.2");
-    assert!(!plan.text.contains(&a), "{}", plan.text);
+    assert!(!t.contains(&a), "{t}");
     // Hairpin: one set of endpoint . endpoint, checked after DNAT.
     assert_eq!(
-        added(&plan.text, names::HAIRPIN),
+        added(&t, names::HAIRPIN),
         BTreeSet::from([
             "10.244.1.2 . 10.244.1.2".to_string(),
             "10.244.2.2 . 10.244.2.2".to_string()
         ])
     );
     assert_eq!(
-        rules(&plan.text, names::NAT_POSTROUTING),
+        rules(&t, names::NAT_POSTROUTING),
         [
             "ct status dnat ip saddr . ip daddr @hairpin jump mark-for-masquerade",
             "jump masquerading"
         ]
     );
-    let ext = rules(&plan.text, &names::external_chain(&port("np")));
+    let ext = rules(&t, &names::external_chain(&port("np")));
     assert_eq!(
         ext,
         [
@@ -248,7 +284,7 @@ fn balancing_masquerade_and_dnat() {
         ]
     );
     assert_eq!(
-        rules(&plan.text, names::MASQUERADING),
+        rules(&t, names::MASQUERADING),
         [
             "meta mark & 0x4000 == 0 return",
             "meta mark set meta mark ^ 0x4000",
@@ -260,20 +296,25 @@ fn balancing_masquerade_and_dnat() {
 #[test]
 fn session_affinity_uses_timed_sets_per_endpoint() {
     let (_, plan) = full(&desired(&representative()), &config());
-    let sticky = rules(&plan.text, &names::service_chain(&port("sticky")));
+    let t = text(&plan);
+    let sticky = rules(&t, &names::service_chain(&port("sticky")));
     assert!(
         sticky[1].starts_with("ip saddr @affinity-") && sticky[1].contains(" goto endpoint-"),
         "{sticky:?}"
     );
-    assert!(sticky[3].starts_with("numgen random mod 2"), "{sticky:?}");
-    let sets: Vec<&str> = plan
-        .text
+    // The pick among endpoint chains: a cascade too, no anonymous map.
+    assert!(
+        sticky[3].starts_with("numgen random mod 2 0 goto endpoint-"),
+        "{sticky:?}"
+    );
+    assert!(sticky[4].starts_with("goto endpoint-"), "{sticky:?}");
+    let sets: Vec<&str> = t
         .lines()
         .filter(|l| l.starts_with("add set ip kproxy affinity-"))
         .collect();
     assert_eq!(sets.len(), 2, "{sets:?}");
     assert!(sets[0].ends_with("{ type ipv4_addr; flags dynamic,timeout; timeout 600s; }"));
-    let ep = rules(&plan.text, &endpoint(&port("sticky"), "10.244.2.2"));
+    let ep = rules(&t, &endpoint(&port("sticky"), "10.244.2.2"));
     assert!(
         ep[0].starts_with("update @affinity-") && ep[0].ends_with(" { ip saddr }"),
         "{ep:?}"
@@ -283,11 +324,12 @@ fn session_affinity_uses_timed_sets_per_endpoint() {
 #[test]
 fn load_balancer_source_ranges_filter_before_dnat() {
     let (_, plan) = full(&desired(&representative()), &config());
+    let t = text(&plan);
     let fw = names::firewall_chain(&port("fw"));
-    assert!(added(&plan.text, names::FIREWALL_IPS).contains(&format!("198.51.100.50 . tcp . 80 : goto {fw}")));
+    assert!(added(&t, names::FIREWALL_IPS).contains(&format!("198.51.100.50 . tcp . 80 : goto {fw}")));
     // 192.0.2.0/24 holds the node's address: the node reaching its own VIP is allowed too.
     assert_eq!(
-        rules(&plan.text, &fw),
+        rules(&t, &fw),
         [
             "ip saddr 203.0.113.0/24 return",
             "ip saddr 192.0.2.0/24 return",
@@ -301,78 +343,108 @@ fn load_balancer_source_ranges_filter_before_dnat() {
 fn masquerade_all_and_detectors() {
     let d = desired(&representative());
     let web = names::service_chain(&port("web"));
-    let cfg = RenderConfig {
+    let first = |cfg: &RenderConfig| {
+        let t = text(&full(&d, cfg).1);
+        rules(&t, &web)[0].to_string()
+    };
+    let all = RenderConfig {
         masquerade_all: true,
         ..config()
     };
-    let (_, plan) = full(&d, &cfg);
-    assert_eq!(
-        rules(&plan.text, &web)[0],
-        "ip daddr 10.96.0.10 tcp dport 80 jump mark-for-masquerade"
-    );
-    let cfg = RenderConfig {
+    assert_eq!(first(&all), "ip daddr 10.96.0.10 tcp dport 80 jump mark-for-masquerade");
+    let none = RenderConfig {
         local_detector: LocalDetector::None,
         ..config()
     };
-    let (_, plan) = full(&d, &cfg);
     assert!(
-        rules(&plan.text, &web)[0].starts_with("meta l4proto tcp numgen random mod 2 0 dnat"),
+        first(&none).starts_with("meta l4proto tcp numgen random mod 2 0 dnat"),
         "no detector: sources are kept"
     );
-    let cfg = RenderConfig {
+    let prefix = RenderConfig {
         local_detector: LocalDetector::InterfacePrefix("veth".into()),
         ..config()
     };
-    let (_, plan) = full(&d, &cfg);
-    assert!(rules(&plan.text, &web)[0].contains("iifname != \"veth*\" jump mark-for-masquerade"));
+    assert!(first(&prefix).contains("iifname != \"veth*\" jump mark-for-masquerade"));
 }
 
 #[test]
 fn nodeport_addresses_limit_where_node_ports_answer() {
     let d = desired(&representative());
-    let (_, plan) = full(&d, &config());
-    assert!(rules(&plan.text, names::SERVICES)
+    let t = text(&full(&d, &config()).1);
+    assert!(rules(&t, names::SERVICES)
         .contains(&"fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports"));
     let cfg = RenderConfig {
         nodeports: NodePortMatch::Addresses(vec!["192.0.2.1".parse().unwrap(), "fd00::1".parse().unwrap()]),
         ..config()
     };
-    let (_, plan) = full(&d, &cfg);
-    assert!(rules(&plan.text, names::SERVICES)
-        .contains(&"ip daddr { 192.0.2.1 } meta l4proto . th dport vmap @service-nodeports"));
+    let t = text(&full(&d, &cfg).1);
+    assert_eq!(
+        rules(&t, names::SERVICES),
+        [
+            "ip daddr . meta l4proto . th dport vmap @service-ips",
+            "ip daddr 192.0.2.1 meta l4proto . th dport vmap @service-nodeports"
+        ]
+    );
 }
 
 #[test]
-fn partial_sync_writes_only_the_changed_service() {
+fn partial_sync_rewrites_only_the_changed_rules_by_handle() {
     let yaml = representative();
     let (mut planner, _) = full(&desired(&yaml), &config());
-    assert!(partial(&mut planner, &desired(&yaml), &[]).text.is_empty());
+    assert!(partial(&mut planner, &desired(&yaml), &[]).units.is_empty());
+    assert!(
+        partial(&mut planner, &desired(&yaml), &["web"]).units.is_empty(),
+        "an unchanged Service writes nothing"
+    );
 
-    // web loses one endpoint.
+    // web's second endpoint is replaced: exactly its dnat rule is rewritten, in place.
+    let web = names::service_chain(&port("web"));
+    let handles_before: Vec<u64> = planner.state.chains[&web].rules.iter().map(|r| r.handle).collect();
     let changed = yaml.replace(
+        &slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]),
+        &slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.3.2"]),
+    );
+    let plan = partial(&mut planner, &desired(&changed), &["web"]);
+    let t = text(&plan);
+    assert_eq!(
+        t.lines().filter(|l| !l.contains("hairpin")).collect::<Vec<_>>(),
+        [format!(
+            "replace rule ip kproxy {web} handle {} meta l4proto tcp dnat to 10.244.3.2:8080",
+            handles_before[2]
+        )],
+        "{t}"
+    );
+    // 10.244.2.2 is still another Service's endpoint; 10.244.3.2 is new to the node.
+    assert!(added(&t, names::HAIRPIN).contains("10.244.3.2 . 10.244.3.2"), "{t}");
+    assert!(!t.contains("delete element ip kproxy hairpin"), "{t}");
+    let handles_after: Vec<u64> = planner.state.chains[&web].rules.iter().map(|r| r.handle).collect();
+    assert_eq!(handles_before, handles_after, "replaced rules keep their handles");
+
+    // web loses an endpoint: the cascade's first dnat changes, the last rule goes by handle.
+    let fewer = yaml.replace(
         &slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]),
         &slice("web", "http", 8080, &["10.244.1.2@node-1"]),
     );
-    let plan = partial(&mut planner, &desired(&changed), &["web"]);
-    assert!(!plan.full);
-    let web = names::service_chain(&port("web"));
-    let t = &plan.text;
-    assert!(t.contains(&format!("flush chain ip kproxy {web}\n")), "{t}");
+    let plan = partial(&mut planner, &desired(&fewer), &["web"]);
+    let t = text(&plan);
+    let lines: Vec<&str> = t.lines().filter(|l| !l.contains("hairpin")).collect();
     assert_eq!(
-        rules(t, &web).last().copied(),
-        Some("meta l4proto tcp dnat to 10.244.1.2:8080")
-    );
-    assert!(!t.contains("delete chain"), "{t}");
-    assert!(
-        !t.contains("element"),
-        "dispatch and hairpin elements did not change:\n{t}"
+        lines,
+        [
+            format!(
+                "replace rule ip kproxy {web} handle {} meta l4proto tcp dnat to 10.244.1.2:8080",
+                handles_before[1]
+            ),
+            format!("delete rule ip kproxy {web} handle {}", handles_before[2]),
+        ],
+        "{t}"
     );
     assert!(
         !t.contains("ns/np/") && !t.contains("ns/sticky/"),
         "other Services untouched:\n{t}"
     );
-    assert!(!t.contains("add chain ip kproxy services"), "fixed chains untouched");
-    assert_eq!(plan.rules_written, 2, "the service chain's two rules");
+    assert_eq!(plan.units.len(), 1, "one unit: one transaction for the Service");
+    assert_eq!(planner.state.chains[&web].rules.len(), 2);
 }
 
 #[test]
@@ -384,7 +456,7 @@ fn removed_service_loses_its_chains_sets_and_elements() {
         .filter(|doc| !doc.contains("name: sticky"))
         .collect();
     let plan = partial(&mut planner, &desired(&without.join("\n---\n")), &["sticky"]);
-    let t = &plan.text;
+    let t = text(&plan);
     let svc = names::service_chain(&port("sticky"));
     assert!(
         t.contains("delete element ip kproxy service-ips { 10.96.0.30 . tcp . 80 }"),
@@ -399,143 +471,135 @@ fn removed_service_loses_its_chains_sets_and_elements() {
             t.contains(&format!("delete chain ip kproxy {chain}\n")),
             "{chain} not deleted:\n{t}"
         );
+        assert!(!planner.state.chains.contains_key(&chain));
     }
     assert_eq!(t.matches("delete set ip kproxy affinity-").count(), 2, "{t}");
     assert!(!t.contains("add "), "nothing is added:\n{t}");
     // Elements go before the chains they point to, chains before the sets their rules use.
     assert!(t.find("delete element") < t.find("delete chain"));
     assert!(t.find("delete chain") < t.find("delete set"));
-
     // 10.244.2.2 is still another Service's endpoint: its hairpin element stays.
     assert!(!t.contains("hairpin"), "{t}");
 
     // Emptying a Service moves its address from dispatch to refusal.
     let emptied = yaml.replace(&slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]), "");
     let emptied: Vec<&str> = emptied.split("\n---\n").filter(|d| !d.is_empty()).collect();
-    let plan = partial(&mut planner, &desired(&emptied.join("\n---\n")), &["web"]);
-    assert!(plan
-        .text
-        .contains("delete element ip kproxy service-ips { 10.96.0.10 . tcp . 80 }"));
-    assert!(plan
-        .text
-        .contains("add element ip kproxy no-endpoint-services { 10.96.0.10 . tcp . 80 : goto reject-chain }"));
+    let t = text(&partial(&mut planner, &desired(&emptied.join("\n---\n")), &["web"]));
+    assert!(t.contains("delete element ip kproxy service-ips { 10.96.0.10 . tcp . 80 }"));
+    assert!(t.contains("add element ip kproxy no-endpoint-services { 10.96.0.10 . tcp . 80 : goto reject-chain }"));
 }
 
 #[test]
-fn full_sync_deletes_what_the_kernel_has_and_nobody_wants() {
+fn a_full_sync_of_unchanged_services_writes_nothing() {
+    let yaml = representative();
+    let d = desired(&yaml);
+    let (mut planner, _) = full(&d, &config());
+    // Same state objects: not even rendered; equal ones (a relist): rendered, nothing differs.
+    assert!(planner.plan(&d, &ChangeSet::full(), &config()).units.is_empty());
+    assert!(planner
+        .plan(&desired(&yaml), &ChangeSet::full(), &config())
+        .units
+        .is_empty());
+    // A changed configuration renders everything, and writes only what it changes.
+    let cfg = RenderConfig {
+        masquerade_mark: 0x8000,
+        ..config()
+    };
+    let plan = planner.plan(&d, &ChangeSet::full(), &cfg);
+    let t = text(&plan);
+    assert_eq!(t.lines().count(), 3, "the three mark rules:\n{t}");
+    assert!(t.lines().all(|l| l.starts_with("replace rule")), "{t}");
+}
+
+/// The committed table with `f` applied: what the kernel would list after a foreign change.
+fn kernel_after(planner: &Planner, f: impl FnOnce(&mut super::plan::TableState)) -> super::plan::TableState {
+    let mut k = planner.state.clone();
+    f(&mut k);
+    k
+}
+
+#[test]
+fn a_check_repairs_only_what_differs() {
     let d = desired(&representative());
-    let mut kernel = KernelObjects::default();
-    kernel.add_listing(
-        "table ip kproxy",
-        "table ip kproxy {\n\tchain service-XXXX-ns/old/tcp/http {\n\t}\n\tchain services {\n\t}\n}\ntable ip other {\n\tchain foo {\n\t}\n}\n",
+    let (mut planner, _) = full(&d, &config());
+    let none = HashSet::new();
+    let same = planner.state.clone();
+    assert_eq!(planner.reconcile(same, &none, true).1, 0, "nothing differs");
+
+    let web = names::service_chain(&port("web"));
+    let np = names::external_chain(&port("np"));
+    let kernel = kernel_after(&planner, |k| {
+        // Someone flushes `services`, deletes web's last rule, removes a NodePort element,
+        // adds a chain of their own and an element nobody owns.
+        k.chains.get_mut(names::SERVICES).unwrap().rules.clear();
+        k.chains.get_mut(&web).unwrap().rules.pop();
+        let np_key = super::rule::Key::ProtoPort(crate::model::Protocol::Tcp, 30080).bytes();
+        k.elements.get_mut(names::SERVICE_NODEPORTS).unwrap().remove(&np_key);
+        k.chains.insert("intruder".into(), Default::default());
+        let stray = super::rule::Key::ProtoPort(crate::model::Protocol::Udp, 31999).bytes();
+        k.elements.get_mut(names::SERVICE_NODEPORTS).unwrap().insert(stray, 7);
+    });
+    let (plan, differences) = planner.reconcile(kernel, &none, true);
+    assert_eq!(differences, 5);
+    let t = text(&plan);
+    let services = rules(&t, names::SERVICES);
+    assert_eq!(services.len(), 2, "services refilled:\n{t}");
+    assert_eq!(rules(&t, &web), ["meta l4proto tcp dnat to 10.244.2.2:8080"], "{t}");
+    assert!(
+        added(&t, names::SERVICE_NODEPORTS).contains(&format!("tcp . 30080 : goto {np}")),
+        "{t}"
     );
-    kernel.add_listing(
-        "table ip kproxy",
-        "table ip kproxy {\n\tset affinity-XXXX-ns/old/tcp/http__10.244.9.9/80 {\n\t\ttype ipv4_addr\n\t\tflags dynamic,timeout\n\t}\n\tmap service-ips {\n\t}\n}\n",
+    assert!(
+        t.contains("delete element ip kproxy service-nodeports { udp . 31999 }"),
+        "{t}"
     );
-    assert!(!kernel.chains.contains("foo"), "other tables are not kproxy's");
-    assert!(kernel.chains.contains("services"));
-    let plan = Planner::new().plan(&d, &ChangeSet::full(), &config(), Some(&kernel));
-    assert!(plan.full);
-    assert!(plan
-        .text
-        .contains("delete chain ip kproxy service-XXXX-ns/old/tcp/http\n"));
-    assert!(plan
-        .text
-        .contains("delete set ip kproxy affinity-XXXX-ns/old/tcp/http__10.244.9.9/80\n"));
-    assert!(!plan.text.contains("delete chain ip kproxy services\n"));
-    assert!(!plan.text.contains("delete set ip kproxy service-ips"));
-    // A full sync flushes and refills, never deletes the table: affinity survives it.
-    assert!(!plan.text.contains("delete table"));
-    assert!(plan.text.contains("flush map ip kproxy service-ips\n"));
+    assert!(t.contains("delete chain ip kproxy intruder"), "{t}");
+    assert!(!t.contains("ns/sticky/"), "untouched Services are not rewritten:\n{t}");
+    echo(&mut planner, &plan);
+
+    // A listing older than a commit of web's: web is not second-guessed, strays are kept.
+    let kernel = kernel_after(&planner, |k| {
+        k.chains.get_mut(&web).unwrap().rules.pop();
+        k.chains.insert("maybe-just-deleted".into(), Default::default());
+    });
+    let skip = HashSet::from([Owner::Service(ServiceKey::new("ns", "web"))]);
+    let (plan, differences) = planner.reconcile(kernel, &skip, false);
+    assert_eq!((plan.units.len(), differences), (0, 0));
+}
+
+#[test]
+fn after_a_read_back_everything_is_compared_and_strays_deleted() {
+    let d = desired(&representative());
+    let (planner, _) = full(&d, &config());
+    let mut kernel = planner.state.clone();
+    kernel
+        .chains
+        .insert("service-XXXX-ns/old/tcp/http".into(), Default::default());
+    kernel
+        .sets
+        .insert("affinity-XXXX-ns/old/tcp/http__10.244.9.9/80".into(), 1);
+    let mut fresh = Planner::new(IpFamily::V4);
+    fresh.adopt(kernel);
+    let plan = fresh.plan(&d, &ChangeSet::full(), &config());
+    assert_eq!(
+        text(&plan),
+        "delete chain ip kproxy service-XXXX-ns/old/tcp/http\ndelete set ip kproxy affinity-XXXX-ns/old/tcp/http__10.244.9.9/80\n",
+        "a restart against a table it wrote rewrites nothing"
+    );
 }
 
 #[test]
 fn ipv6_renders_its_own_table() {
     let d = desired(&representative());
     let (_, plan) = full(&d, &v6_config());
-    let t = &plan.text;
+    let t = plan_text(&plan, IpFamily::V6);
     assert!(t.starts_with("add table ip6 kproxy\n"));
     assert!(t.contains("add map ip6 kproxy service-ips { type ipv6_addr . inet_proto . inet_service : verdict; }"));
     assert!(t.contains("add element ip6 kproxy service-ips { fd00::10 . tcp . 80 : goto service-"));
-    assert!(
-        t.contains("meta l4proto tcp numgen random mod 2 0 dnat to [fd00:244::2]:8080\nadd rule ip6 kproxy service-")
-    );
+    assert!(t.contains("meta l4proto tcp numgen random mod 2 0 dnat to [fd00:244::2]:8080\n"));
     assert!(t.contains("add element ip6 kproxy hairpin { fd00:244::2 . fd00:244::2, fd00:244::3 . fd00:244::3 }"));
     assert!(t.contains("ip6 saddr != fd00:244::/64 jump mark-for-masquerade"));
     assert!(!t.contains("10.96.0.10"), "IPv4 Services belong to the other table");
-}
-
-/// Applies `steps` one by one in a new network namespace, as the kernel would in a sync each.
-/// Skipped (with a note) without root or nft.
-fn kernel_accepts(steps: &[&str]) {
-    let ok = std::process::Command::new("unshare")
-        .args(["-n", "nft", "list", "tables"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("skipping the kernel check: needs root and nft");
-        return;
-    }
-    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("kproxy-nft-test-{}-{run}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut script = String::from("set -e\n");
-    for (i, step) in steps.iter().enumerate() {
-        let path = dir.join(format!("{i}.nft"));
-        std::fs::write(&path, step).unwrap();
-        script.push_str(&format!("nft -f {}\n", path.display()));
-    }
-    let out = std::process::Command::new("unshare")
-        .args(["-n", "sh", "-c", &script])
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(
-        out.status.success(),
-        "nft refused:\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        steps.join("\n----\n")
-    );
-}
-
-#[test]
-fn kernel_accepts_full_and_partial_transactions() {
-    let yaml = representative();
-    let d = desired(&yaml);
-    let (mut planner, first) = full(&d, &config());
-    let (_, v6) = full(&d, &v6_config());
-    let again = planner.plan(&d, &ChangeSet::full(), &config(), None);
-    let changed = yaml.replace(
-        &slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]),
-        &slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.3.2"]),
-    );
-    let changed = changed.replace("timeoutSeconds: 600", "timeoutSeconds: 60");
-    let p1 = partial(&mut planner, &desired(&changed), &["web", "sticky"]);
-    let without: Vec<&str> = changed
-        .split("\n---\n")
-        .filter(|doc| !doc.contains("name: sticky") && !doc.contains("name: fw"))
-        .collect();
-    let p2 = partial(
-        &mut planner,
-        &desired(&without.join("\n---\n")),
-        &["sticky", "fw", "empty"],
-    );
-    // 10.244.3.2 is new to the node: it joins the hairpin set, and leaves it with its last user.
-    assert!(
-        added(&p1.text, names::HAIRPIN).contains("10.244.3.2 . 10.244.3.2"),
-        "{}",
-        p1.text
-    );
-    let p3 = partial(&mut planner, &desired(&yaml), &["web", "sticky", "fw", "empty"]);
-    assert!(
-        p3.text
-            .contains("delete element ip kproxy hairpin { 10.244.3.2 . 10.244.3.2 }"),
-        "{}",
-        p3.text
-    );
-    kernel_accepts(&[&first.text, &v6.text, &again.text, &p1.text, &p2.text, &p3.text]);
 }
 
 #[test]
@@ -556,7 +620,7 @@ fn two_services_claiming_one_external_ip_do_not_break_the_transaction() {
     ]
     .join("\n---\n");
     let (mut planner, plan) = full(&desired(&yaml), &config());
-    let claims: Vec<String> = added(&plan.text, names::SERVICE_IPS)
+    let claims: Vec<String> = added(&text(&plan), names::SERVICE_IPS)
         .into_iter()
         .filter(|e| e.starts_with("198.51.100.60 "))
         .collect();
@@ -568,22 +632,77 @@ fn two_services_claiming_one_external_ip_do_not_break_the_transaction() {
         )]
     );
     // b changes: it still does not get the address.
-    let plan = partial(
+    let t = text(&partial(
         &mut planner,
         &desired(&yaml.replace("10.244.2.2", "10.244.3.2")),
         &["b"],
-    );
-    assert!(!plan.text.contains("198.51.100.60"), "{}", plan.text);
-    // a goes away: its claim is released (b gets it at its next render).
+    ));
+    assert!(!t.contains("198.51.100.60"), "{t}");
+    // a goes away: b gets the address in the same sync, even if b itself did not change.
     let without_a = yaml.replace(&format!("{a}\n---\n"), "");
-    let plan = partial(&mut planner, &desired(&without_a), &["a", "b"]);
-    assert!(plan
-        .text
+    let t = text(&partial(&mut planner, &desired(&without_a), &["a"]));
+    assert!(t
         .lines()
         .any(|l| l.starts_with("delete element ip kproxy service-ips {") && l.contains("198.51.100.60 . tcp . 80")));
-    assert!(plan.text.contains(&format!(
+    assert!(t.contains(&format!(
         "198.51.100.60 . tcp . 80 : goto {}",
         names::external_chain(&port("b"))
     )));
-    kernel_accepts(&[&full(&desired(&yaml), &config()).1.text]);
+}
+
+/// Applies one plan per step through netlink in a fresh network namespace; after each, the
+/// table read back equals what the planner committed. Skipped without root.
+#[test]
+fn the_kernel_holds_what_the_planner_committed() {
+    let yaml = representative();
+    let changed = yaml
+        .replace(
+            &slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]),
+            &slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.3.2"]),
+        )
+        .replace("timeoutSeconds: 600", "timeoutSeconds: 60");
+    let without: String = changed
+        .split("\n---\n")
+        .filter(|doc| !doc.contains("name: sticky") && !doc.contains("name: fw"))
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    let steps: Vec<(String, Vec<&'static str>)> = vec![
+        (yaml.clone(), vec![]),
+        (changed, vec!["web", "sticky"]),
+        (without, vec!["sticky", "fw", "empty"]),
+        (yaml.clone(), vec!["web", "sticky", "fw", "empty"]),
+    ];
+    let Some(()) = in_netns(move || {
+        for cfg in [config(), v6_config()] {
+            let family = cfg.family;
+            let mut kernel = Kernel::connect(family).unwrap();
+            let mut planner = Planner::new(family);
+            planner.adopt(Default::default());
+            for (i, (doc, services)) in steps.iter().enumerate() {
+                let changes = if i == 0 {
+                    ChangeSet::full()
+                } else {
+                    ChangeSet {
+                        full: false,
+                        services: services.iter().map(|s| ServiceKey::new("ns", *s)).collect(),
+                    }
+                };
+                let plan = planner.plan(&desired(doc), &changes, &cfg);
+                apply_plan(&mut kernel, &mut planner, &plan)
+                    .unwrap_or_else(|e| panic!("step {i}: {e}\n{}", plan_text(&plan, family)));
+                let (listed, _, snapshot) = read_table(&mut kernel.sock, kernel.table).unwrap();
+                assert!(snapshot);
+                assert_eq!(listed, planner.state, "step {i}: the kernel holds what was committed");
+            }
+        }
+        let listing = nft(&["list", "ruleset"]);
+        assert!(listing.contains("table ip kproxy") && listing.contains("table ip6 kproxy"));
+        assert!(
+            listing.contains("numgen random mod 2 0 dnat to 10.244.1.2:8080"),
+            "{listing}"
+        );
+    }) else {
+        eprintln!("skipping: needs root (network namespaces)");
+        return;
+    };
 }
