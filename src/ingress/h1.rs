@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -28,8 +29,9 @@ use tokio::sync::watch;
 
 use super::balance::affinity_value;
 use super::framing::{self, Body, ChunkError, ChunkedDecoder, HeadError, RequestHead, ResponseHead};
-use super::proxy::{Action, Answer, Conn, Decision, Proxy, RequestView};
-use super::routes::{Route, RouteTable, Upstream};
+use super::gateway::proxy as gateway;
+use super::proxy::{Action, Answer, Conn, Decision, Proxy, RequestLine, RequestView};
+use super::routes::{join_values, Route, RouteTable, Upstream};
 use super::upstream::{Dest, Pool, UpstreamIo, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, DEFAULT_SEND_TIMEOUT};
 use crate::metrics::metrics;
 
@@ -452,6 +454,34 @@ impl RequestView for HeadView<'_> {
             .find(|(k, _)| *k == name)
             .map(|(_, v)| v)
     }
+    fn joined(&self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
+        join_values(
+            framing::headers(self.buf, self.len)
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                .filter_map(|(_, v)| std::str::from_utf8(v).ok()),
+        )
+    }
+}
+
+/// The request's end-to-end headers as a map, for Gateway API filters that edit or copy them
+/// (only then: plain requests are written from the head where it lies).
+fn forwarded_headers(buf: &[u8], head: &RequestHead) -> HeaderMap {
+    let (named, n) = if head.connection_names {
+        connection_names(buf, head.len)
+    } else {
+        ([&[][..]; 8], 0)
+    };
+    let named = &named[..n];
+    let mut map = HeaderMap::new();
+    for (name, value) in framing::headers(buf, head.len) {
+        if skip_request_header(name) || named.iter().any(|c| c.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+            map.append(n, v);
+        }
+    }
+    map
 }
 
 /// What the metrics and the access log record about a request.
@@ -605,9 +635,29 @@ async fn answer(w: &Worker, io: &mut ClientIo, a: &Answer, close: bool, head_onl
     let reason = a.status.canonical_reason().unwrap_or("");
     let _ = write!(out, "HTTP/1.1 {code} {reason}\r\ndate: ");
     out.extend_from_slice(&http_date());
-    out.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\n");
-    if let Some(location) = &a.location {
-        let _ = write!(out, "location: {location}\r\n");
+    out.extend_from_slice(b"\r\n");
+    match &a.headers {
+        Some(headers) => {
+            for (name, value) in headers.iter() {
+                // The framing is this answer's own.
+                if matches!(
+                    name.as_str(),
+                    "content-length" | "transfer-encoding" | "connection" | "date"
+                ) {
+                    continue;
+                }
+                out.extend_from_slice(name.as_str().as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        None => {
+            out.extend_from_slice(b"content-type: text/plain; charset=utf-8\r\n");
+            if let Some(location) = &a.location {
+                let _ = write!(out, "location: {location}\r\n");
+            }
+        }
     }
     let _ = write!(out, "content-length: {}\r\n", a.text.len() + 1);
     if close {
@@ -663,6 +713,8 @@ struct Plan<'t> {
     close: bool,
     minor: u8,
     expect_continue: bool,
+    /// The Gateway API rule's filters, for a request one forwards.
+    gateway: Option<gateway::Forward<'t>>,
 }
 
 async fn route_and_forward<'t>(
@@ -720,29 +772,51 @@ fn plan<'t>(
         Body::Length(n) => Some(n),
         _ => None,
     };
-    let decision: Decision<'t> = w.proxy.decide(
-        table,
+    let line = RequestLine {
         host,
-        target.path,
-        target.path_and_query,
-        conn.https,
+        method,
+        path: target.path,
+        query: target.query,
+        path_and_query: target.path_and_query,
         declared,
-        &view,
-    );
+    };
+    let decision: Decision<'t> = w.proxy.decide(table, &conn, line, &view);
     let (route, endpoint, affinity_in) = match (decision.route, decision.action) {
         (route, Action::Answer(a)) => return Err((route, a)),
         (Some(route), Action::Forward { endpoint, affinity_in }) => (route, endpoint, affinity_in),
         (None, Action::Forward { .. }) => return Err((None, Answer::status(StatusCode::BAD_GATEWAY))),
     };
     let upgrade = head.upgrade && head.body == Body::None;
-    let fwd = Forwarding {
+    let mut fwd = Forwarding {
         head,
         host,
         path: target.path,
         query: target.query,
         route,
         conn,
+        rewritten: None,
+        edited: None,
     };
+    // Gateway API filters: what the backend sees. Plain requests skip all of this.
+    let rewritten;
+    let edited;
+    if let Some(g) = &decision.gateway {
+        fwd.host = g.host(host);
+        rewritten = g.path(target.path);
+        fwd.rewritten = rewritten.as_deref();
+        if g.needs_request_headers() {
+            let mut map = forwarded_headers(bytes, head);
+            g.edit_request_headers(&mut map);
+            let path = fwd.rewritten.unwrap_or(target.path);
+            let mirrored = match target.query {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            };
+            g.mirror(method, &mirrored, &map, fwd.host, w.proxy.clients());
+            edited = map;
+            fwd.edited = Some(&edited);
+        }
+    }
     write_upstream_head(out, bytes, &fwd, head.body, upgrade);
     Ok(Plan {
         route,
@@ -756,6 +830,7 @@ fn plan<'t>(
         close: head.close,
         minor: head.minor,
         expect_continue: head.expect_continue,
+        gateway: decision.gateway,
     })
 }
 
@@ -767,6 +842,10 @@ struct Forwarding<'a> {
     query: Option<&'a str>,
     route: &'a Route,
     conn: Conn,
+    /// A Gateway API URLRewrite's path, instead of `path`.
+    rewritten: Option<&'a str>,
+    /// The end-to-end headers after Gateway API filters, instead of the head's.
+    edited: Option<&'a HeaderMap>,
 }
 
 /// Request headers that are not forwarded as they came: hop-by-hop ones (RFC 9110 section
@@ -843,8 +922,9 @@ fn write_upstream_head(out: &mut Vec<u8>, buf: &[u8], req: &Forwarding<'_>, body
     let head = req.head;
     out.extend_from_slice(head.method(buf).as_bytes());
     out.push(b' ');
-    match (&req.route.rewrite, &req.route.settings.rewrite_target) {
-        (Some(_), Some(_)) => out.extend_from_slice(req.route.rewrite_path(req.path).as_bytes()),
+    match (&req.route.rewrite, &req.route.settings.rewrite_target, req.rewritten) {
+        (_, _, Some(path)) => out.extend_from_slice(path.as_bytes()),
+        (Some(_), Some(_), None) => out.extend_from_slice(req.route.rewrite_path(req.path).as_bytes()),
         _ => out.extend_from_slice(req.path.as_bytes()),
     }
     if let Some(q) = req.query {
@@ -865,12 +945,22 @@ fn write_upstream_head(out: &mut Vec<u8>, buf: &[u8], req: &Forwarding<'_>, body
         if name.eq_ignore_ascii_case(b"upgrade") {
             upgrade_value = Some(value);
         }
-        if skip_request_header(name) || named.iter().any(|c| c.eq_ignore_ascii_case(name)) {
+        if req.edited.is_some() || skip_request_header(name) || named.iter().any(|c| c.eq_ignore_ascii_case(name)) {
             continue;
         }
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
         out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in req.edited.into_iter().flat_map(HeaderMap::iter) {
+        // A filter cannot set what kproxy writes itself (framing, Host, forwarding headers).
+        if skip_request_header(name.as_str().as_bytes()) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     match body {
@@ -1150,6 +1240,14 @@ async fn read_response_head(
     }
 }
 
+/// Why a request got no response head from the backend.
+enum Failed {
+    /// Answer this.
+    Status(StatusCode),
+    /// The request body could not be forwarded.
+    Body(BodyError),
+}
+
 /// Forwards a routed request and its body, then relays the answer.
 async fn forward<'t>(
     w: &Worker,
@@ -1179,92 +1277,104 @@ async fn forward<'t>(
     let mut fresh = plan.upgrade;
     let mut connect_retried = false;
     let mut stale_retried = false;
-    let (mut up, mut ubuf, resp, early) = loop {
-        rec.upstream = Some(dest.clone());
-        let got = match (fresh, w.pool.checkout(&dest)) {
-            (false, Some(u)) => Ok(u),
-            // Boxed: the connect (and TLS handshake) state is large and needed only now.
-            _ => Box::pin(w.pool.connect(&dest, lim.connect)).await,
-        };
-        let mut up = match got {
-            Ok(u) => u,
-            Err(e) => {
-                metrics().inc_ingress_connect_error(&route.backend.service.to_string());
-                tracing::debug!(service = %route.backend.service, upstream = %dest, error = %e, "connect failed");
-                // One retry on another endpoint: nothing was sent yet.
-                let next = match (&route.backend.upstream, endpoint, connect_retried) {
-                    (Upstream::Endpoints(eps), Some(ep), false) => {
-                        w.proxy.balancer().pick(&route.backend, eps, None, Some(ep))
-                    }
-                    _ => None,
-                };
-                match next.and_then(|n| dest_of(route, Some(n)).map(|d| (n, d))) {
-                    Some((n, d)) => {
-                        endpoint = Some(n);
-                        dest = d;
-                        connect_retried = true;
-                        continue;
-                    }
-                    None => {
-                        w.give_head(out);
-                        return fail(w, io, &plan, StatusCode::BAD_GATEWAY, rec).await;
-                    }
-                }
-            }
-        };
-        w.pool.requests.set(w.pool.requests.get() + 1);
-        let sent = async {
-            up.io.write_all(&out).await?;
-            up.io.flush().await
-        };
-        match tokio::time::timeout(lim.send, sent).await {
-            Ok(Ok(())) => {}
-            // A pooled connection the backend closed meanwhile: the same request on a new one.
-            Ok(Err(_)) if up.reused => {
-                fresh = true;
-                continue;
-            }
-            _ => {
-                w.give_head(out);
-                return fail(w, io, &plan, StatusCode::BAD_GATEWAY, rec).await;
-            }
-        }
-        let streamed = !body.done();
-        let mut early = false;
-        if streamed {
-            if plan.expect_continue && body.sent == 0 && io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_ok() {
-                let _ = io.flush().await;
-            }
-            match Box::pin(stream_body(io, &mut up.io, buf, &mut body, &mut out, lim.send)).await {
-                Ok(()) => {}
-                Err(BodyError::EarlyAnswer) => early = true,
+    // Up to the backend's response head: connect (one retry elsewhere), send, stream the body.
+    let exchange = async {
+        loop {
+            rec.upstream = Some(dest.clone());
+            let got = match (fresh, w.pool.checkout(&dest)) {
+                (false, Some(u)) => Ok(u),
+                // Boxed: the connect (and TLS handshake) state is large and needed only now.
+                _ => Box::pin(w.pool.connect(&dest, lim.connect)).await,
+            };
+            let mut up = match got {
+                Ok(u) => u,
                 Err(e) => {
-                    w.give_head(out);
-                    return body_failed(w, io, &plan, e, rec).await;
+                    metrics().inc_ingress_connect_error(&route.backend.service.to_string());
+                    tracing::debug!(service = %route.backend.service, upstream = %dest, error = %e, "connect failed");
+                    // One retry on another endpoint: nothing was sent yet.
+                    let next = match (&route.backend.upstream, endpoint, connect_retried) {
+                        (Upstream::Endpoints(eps), Some(ep), false) => {
+                            w.proxy.balancer().pick(&route.backend, eps, None, Some(ep))
+                        }
+                        _ => None,
+                    };
+                    match next.and_then(|n| dest_of(route, Some(n)).map(|d| (n, d))) {
+                        Some((n, d)) => {
+                            endpoint = Some(n);
+                            dest = d;
+                            connect_retried = true;
+                            continue;
+                        }
+                        None => return Err(Failed::Status(StatusCode::BAD_GATEWAY)),
+                    }
+                }
+            };
+            w.pool.requests.set(w.pool.requests.get() + 1);
+            let sent = async {
+                up.io.write_all(&out).await?;
+                up.io.flush().await
+            };
+            match tokio::time::timeout(lim.send, sent).await {
+                Ok(Ok(())) => {}
+                // A pooled connection the backend closed meanwhile: the same request on a new one.
+                Ok(Err(_)) if up.reused => {
+                    fresh = true;
+                    continue;
+                }
+                _ => return Err(Failed::Status(StatusCode::BAD_GATEWAY)),
+            }
+            let streamed = !body.done();
+            let mut early = false;
+            if streamed {
+                if plan.expect_continue
+                    && body.sent == 0
+                    && io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_ok()
+                {
+                    let _ = io.flush().await;
+                }
+                match Box::pin(stream_body(io, &mut up.io, buf, &mut body, &mut out, lim.send)).await {
+                    Ok(()) => {}
+                    Err(BodyError::EarlyAnswer) => early = true,
+                    Err(e) => return Err(Failed::Body(e)),
+                }
+            }
+            let mut ubuf = w.take_buf();
+            match read_response_head(&mut up.io, &mut ubuf, plan.is_head, lim.read).await {
+                Ok(resp) => return Ok((up, ubuf, resp, early)),
+                Err(NoResponse::Closed)
+                    if up.reused && !streamed && !stale_retried && (plan.body == Body::None || plan.idempotent) =>
+                {
+                    // The backend closed an idle connection as the request went out: it never saw it.
+                    w.give_buf(ubuf);
+                    stale_retried = true;
+                    fresh = true;
+                    continue;
+                }
+                Err(e) => {
+                    w.give_buf(ubuf);
+                    return Err(Failed::Status(match e {
+                        NoResponse::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                        NoResponse::Closed | NoResponse::Bad => StatusCode::BAD_GATEWAY,
+                    }));
                 }
             }
         }
-        let mut ubuf = w.take_buf();
-        match read_response_head(&mut up.io, &mut ubuf, plan.is_head, lim.read).await {
-            Ok(resp) => break (up, ubuf, resp, early),
-            Err(NoResponse::Closed)
-                if up.reused && !streamed && !stale_retried && (plan.body == Body::None || plan.idempotent) =>
-            {
-                // The backend closed an idle connection as the request went out: it never saw it.
-                w.give_buf(ubuf);
-                stale_retried = true;
-                fresh = true;
-                continue;
-            }
-            Err(e) => {
-                w.give_buf(ubuf);
-                w.give_head(out);
-                let code = match e {
-                    NoResponse::Timeout => StatusCode::GATEWAY_TIMEOUT,
-                    NoResponse::Closed | NoResponse::Bad => StatusCode::BAD_GATEWAY,
-                };
-                return fail(w, io, &plan, code, rec).await;
-            }
+    };
+    // A Gateway API rule's `timeouts.request` bounds all of it.
+    let exchanged = match plan.gateway.and_then(|g| g.request_timeout()) {
+        Some(limit) => tokio::time::timeout(limit, exchange)
+            .await
+            .unwrap_or(Err(Failed::Status(StatusCode::GATEWAY_TIMEOUT))),
+        None => exchange.await,
+    };
+    let (mut up, mut ubuf, resp, early) = match exchanged {
+        Ok(x) => x,
+        Err(f) => {
+            w.give_head(out);
+            return match f {
+                Failed::Status(code) => fail(w, io, &plan, code, rec).await,
+                Failed::Body(e) => body_failed(w, io, &plan, e, rec).await,
+            };
         }
     };
     rec.code = resp.code;
@@ -1361,15 +1471,40 @@ async fn relay_response(
         };
         let named = &named[..n];
         let mut has_date = false;
-        for (name, value) in framing::headers(bytes, resp.len) {
-            if skip_response_header(name, own_framing, false) || named.iter().any(|c| c.eq_ignore_ascii_case(name)) {
-                continue;
+        let relayed = framing::headers(bytes, resp.len).filter(|(name, _)| {
+            !skip_response_header(name, own_framing, false) && !named.iter().any(|c| c.eq_ignore_ascii_case(name))
+        });
+        match plan.gateway.filter(|g| g.edits_response()) {
+            None => {
+                for (name, value) in relayed {
+                    has_date |= name.eq_ignore_ascii_case(b"date");
+                    out.extend_from_slice(name);
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(value);
+                    out.extend_from_slice(b"\r\n");
+                }
             }
-            has_date |= name.eq_ignore_ascii_case(b"date");
-            out.extend_from_slice(name);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
+            Some(g) => {
+                // A Gateway API ResponseHeaderModifier: the headers as a map, edited.
+                let mut map = HeaderMap::new();
+                for (name, value) in relayed {
+                    if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+                        map.append(n, v);
+                    }
+                }
+                g.edit_response_headers(&mut map);
+                for (name, value) in map.iter() {
+                    let name = name.as_str().as_bytes();
+                    if skip_response_header(name, own_framing, false) {
+                        continue;
+                    }
+                    has_date |= name == b"date";
+                    out.extend_from_slice(name);
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(value.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
         }
         if !has_date {
             out.extend_from_slice(b"date: ");

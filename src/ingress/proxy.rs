@@ -5,16 +5,22 @@
 //!   accept -> [TLS handshake, ALPN] -> HTTP/1.x: h1::serve (hand-written, buffers on demand)
 //!                                   -> HTTP/2 (ALPN h2, or the cleartext preface): hyper, serve_h2
 //!   each request:
-//!     1. route lookup    Proxy::decide: host and path -> Route (RouteTable, pure)
-//!     2. local answers   Proxy::decide: redirect to HTTPS, 404, 413 by declared size, 503
+//!     1. route lookup    Proxy::decide: Gateway API listeners first (gateway::proxy::decide:
+//!                        listener, rule, weighted backend), then host and path -> Route
+//!                        (RouteTable, pure)
+//!     2. local answers   Proxy::decide: redirect to HTTPS, Gateway redirects, 404, 500 for a
+//!                        rule without a valid backend, 413 by declared size, 503
 //!     3. backend pick    Proxy::decide: canary, affinity cookie, round-robin (Balancer)
 //!     4. upstream        HTTP/1: head written by h1::write_upstream_head, the worker's Pool;
-//!                        HTTP/2: Proxy::forward_h2 over hyper's pooled client
-//!     5. response        hop-by-hop headers removed, affinity cookie added, streamed back
+//!                        HTTP/2: Proxy::forward_h2 over hyper's pooled client. A Gateway
+//!                        rule's filters (Decision::gateway) apply here: host and path
+//!                        rewrites, request header edits, mirrors, the request timeout
+//!     5. response        hop-by-hop headers removed, affinity cookie added, a Gateway rule's
+//!                        response header edits, streamed back
 //! ```
 //!
-//! Request and response filters (header edits, redirects, rewrites) belong between 3 and 4
-//! for requests and in step 5 for responses; `Decision` is what steps 1 to 3 hand on.
+//! `Decision` is what steps 1 to 3 hand on. A request no Gateway listener serves costs the
+//! Gateway side one map lookup: no header map is built for it, nothing is allocated.
 //! Bodies are streamed both ways, never buffered whole; WebSocket upgrades are HTTP/1.1 only
 //! (h1.rs splices them after `101`).
 
@@ -31,6 +37,7 @@ use tokio::sync::watch;
 
 use super::balance::{affinity_value, Balancer};
 use super::gateway::proxy as gateway;
+pub use super::routes::RequestView;
 use super::routes::{normalize_host, Route, RouteTable, Upstream};
 use super::upstream::{
     BoxError, Clients, IdleTimeoutBody, ProxyBody, RetryBody, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
@@ -103,35 +110,15 @@ impl Conn {
     }
 }
 
-/// A request's headers as routing reads them, whatever protocol carried them.
-pub trait RequestView {
-    /// The first value of a header.
-    fn header(&self, name: &str) -> Option<&str>;
-    /// A cookie's value, from any `Cookie` header.
-    fn cookie(&self, name: &str) -> Option<&str>;
-}
-
-impl RequestView for HeaderMap {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.get(name).and_then(|v| v.to_str().ok())
-    }
-    fn cookie(&self, name: &str) -> Option<&str> {
-        self.get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|kv| kv.trim().split_once('='))
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v)
-    }
-}
-
 /// An answer kproxy gives itself, without a backend.
 #[derive(Debug, Clone)]
 pub struct Answer {
     pub status: StatusCode,
     pub text: &'static str,
     pub location: Option<String>,
+    /// The answer's headers besides its framing, when a Gateway API filter edited them
+    /// (ResponseHeaderModifier on a redirect); replaces the content type and `location`.
+    pub headers: Option<Box<HeaderMap>>,
     /// Close the connection after it (framing errors: nothing after can be trusted).
     pub close: bool,
 }
@@ -142,6 +129,7 @@ impl Answer {
             status,
             text: status.canonical_reason().unwrap_or(""),
             location: None,
+            headers: None,
             close: false,
         }
     }
@@ -168,11 +156,29 @@ pub enum Action {
     },
 }
 
-/// Steps 1 to 3 for one request: the route that matched (for metrics and logs) and the action.
+/// Steps 1 to 3 for one request: the route that matched (for metrics and logs), the action,
+/// and for a request a Gateway API rule forwards, the rule's filters (what the path and host
+/// become, header edits, mirrors, the request timeout) for steps 4 and 5.
 #[derive(Debug)]
 pub struct Decision<'t> {
     pub route: Option<&'t Route>,
     pub action: Action,
+    pub gateway: Option<gateway::Forward<'t>>,
+}
+
+/// The parts of a request's line and head that steps 1 to 3 read.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLine<'a> {
+    /// As the client sent it, maybe with a port.
+    pub host: &'a str,
+    pub method: &'a str,
+    /// Without the query.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    /// As sent (for redirects).
+    pub path_and_query: &'a str,
+    /// The body's Content-Length.
+    pub declared: Option<u64>,
 }
 
 fn error_chain_has<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
@@ -210,6 +216,10 @@ fn full(a: &Answer) -> Response<ProxyBody> {
             .boxed(),
     );
     *r.status_mut() = a.status;
+    if let Some(h) = &a.headers {
+        *r.headers_mut() = (**h).clone();
+        return r;
+    }
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -243,28 +253,61 @@ impl Proxy {
         self.access_log
     }
 
+    /// The worker's hyper clients (HTTP/2 requests' backends, Gateway API mirrors).
+    pub fn clients(&self) -> &Clients {
+        &self.clients
+    }
+
     pub fn balancer(&self) -> &Balancer {
         &self.balancer
     }
 
     /// Steps 1 to 3 of a request (see the module doc): which route serves it, and whether it
-    /// is answered here or forwarded to which endpoint. `host` may carry a port; `path` has no
-    /// query; `declared` is the body's Content-Length.
-    #[allow(clippy::too_many_arguments)]
+    /// is answered here or forwarded to which endpoint. Gateway API listeners first (their own
+    /// ports, and the hosts they match best on an Ingress port; see [`gateway::decide`]), then
+    /// the Ingress routes.
     pub fn decide<'t>(
         &self,
         table: &'t RouteTable,
-        host: &str,
-        path: &str,
-        path_and_query: &str,
-        https: bool,
-        declared: Option<u64>,
+        conn: &Conn,
+        req: RequestLine<'_>,
         headers: &dyn RequestView,
     ) -> Decision<'t> {
         let answer = |route, a| Decision {
             route,
             action: Action::Answer(a),
+            gateway: None,
         };
+        let line = gateway::RequestLine {
+            host: req.host,
+            method: req.method,
+            path: req.path,
+            query: req.query,
+        };
+        match gateway::decide(table, conn.port, conn.https, line, headers) {
+            gateway::Decision::Ingress => {}
+            gateway::Decision::Answer(a) => return answer(None, a),
+            gateway::Decision::Forward(f) => {
+                let route = f.route();
+                let endpoint = match &route.backend.upstream {
+                    Upstream::Endpoints(e) if e.is_empty() => {
+                        return answer(Some(route), Answer::status(StatusCode::SERVICE_UNAVAILABLE))
+                    }
+                    Upstream::Endpoints(e) => self.balancer.pick(&route.backend, e, None, None),
+                    Upstream::ExternalName { .. } => None,
+                };
+                return Decision {
+                    route: Some(route),
+                    action: Action::Forward {
+                        endpoint,
+                        affinity_in: None,
+                    },
+                    gateway: Some(f),
+                };
+            }
+        }
+        let (host, path, path_and_query, https, declared) =
+            (req.host, req.path, req.path_and_query, conn.https, req.declared);
         let Some(main) = table.route(host, path) else {
             if !https && table.host_has_tls(host) {
                 return answer(None, self.redirect(host, path_and_query));
@@ -306,6 +349,7 @@ impl Proxy {
         Decision {
             route: Some(route),
             action: Action::Forward { endpoint, affinity_in },
+            gateway: None,
         }
     }
 
@@ -368,52 +412,82 @@ impl Proxy {
                 _ => return (full(&Answer::text(StatusCode::BAD_REQUEST, "no Host")), None, None),
             },
         };
-        // Gateway API listeners first (their own ports, and the hosts they match best on an
-        // Ingress port): see super::gateway::proxy.
-        match gateway::decide(table, conn.port, conn.https, &host, &req) {
-            gateway::Decision::Ingress => {}
-            gateway::Decision::Respond(r) => return (r, None, None),
-            gateway::Decision::Forward(f) => {
-                let mut req = req;
-                let upstream_host = f.prepare(&mut req, &host, &self.clients);
-                let route = f.route();
-                let labels = Some((route.ingress.clone(), route.backend.service.to_string()));
-                let endpoint = match &route.backend.upstream {
-                    Upstream::Endpoints(e) if e.is_empty() => {
-                        return (status(StatusCode::SERVICE_UNAVAILABLE), labels, None)
-                    }
-                    Upstream::Endpoints(e) => self.balancer.pick(&route.backend, e, None, None),
-                    Upstream::ExternalName { .. } => None,
-                };
-                let mut upstream = None;
-                let resp = f
-                    .within(async {
-                        let (resp, u) = self.forward_h2(req, conn, &upstream_host, route, endpoint, None).await;
-                        upstream = u;
-                        resp
-                    })
-                    .await;
-                return (f.finish(resp), labels, upstream);
-            }
-        }
-        let path = req.uri().path().to_string();
-        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+        let uri = req.uri().clone();
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let decision = self.decide(table, &host, &path, &pq, conn.https, declared, req.headers());
+        let line = RequestLine {
+            host: &host,
+            method: req.method().as_str(),
+            path: uri.path(),
+            query: uri.query(),
+            path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()),
+            declared,
+        };
+        let decision = self.decide(table, &conn, line, req.headers());
         let labels = decision
             .route
             .map(|r| (r.ingress.clone(), r.backend.service.to_string()));
-        match (decision.route, decision.action) {
-            (_, Action::Answer(a)) => (full(&a), labels, None),
-            (Some(route), Action::Forward { endpoint, affinity_in }) => {
-                let (resp, upstream) = self.forward_h2(req, conn, &host, route, endpoint, affinity_in).await;
+        match (decision.route, decision.action, decision.gateway) {
+            (_, Action::Answer(a), _) => (full(&a), labels, None),
+            (Some(_), Action::Forward { endpoint, .. }, Some(g)) => {
+                let (resp, upstream) = self.forward_gateway(req, conn, &host, g, endpoint).await;
                 (resp, labels, upstream)
             }
-            (None, Action::Forward { .. }) => (status(StatusCode::BAD_GATEWAY), labels, None),
+            (Some(route), Action::Forward { endpoint, affinity_in }, None) => {
+                let (resp, upstream) = self
+                    .forward_h2(req, conn, &host, route, endpoint, affinity_in, None)
+                    .await;
+                (resp, labels, upstream)
+            }
+            (None, Action::Forward { .. }, _) => (status(StatusCode::BAD_GATEWAY), labels, None),
+        }
+    }
+
+    /// A request a Gateway API rule forwards, over HTTP/2: its filters around [`Self::forward_h2`].
+    async fn forward_gateway(
+        &self,
+        mut req: Request<Incoming>,
+        conn: Conn,
+        host: &str,
+        g: gateway::Forward<'_>,
+        endpoint: Option<SocketAddr>,
+    ) -> (Response<ProxyBody>, Option<String>) {
+        if let Some(path) = g.path(req.uri().path()) {
+            let target = match req.uri().query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            let mut parts = req.uri().clone().into_parts();
+            parts.path_and_query = target.parse().ok();
+            match http::Uri::from_parts(parts) {
+                Ok(uri) => *req.uri_mut() = uri,
+                Err(_) => return (full(&Answer::text(StatusCode::BAD_REQUEST, "bad request target")), None),
+            }
+        }
+        let upstream_host = g.host(host);
+        if g.needs_request_headers() {
+            g.edit_request_headers(req.headers_mut());
+            let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            g.mirror(
+                req.method().as_str(),
+                target,
+                req.headers(),
+                upstream_host,
+                &self.clients,
+            );
+        }
+        let forward = self.forward_h2(req, conn, upstream_host, g.route(), endpoint, None, Some(&g));
+        match g.request_timeout() {
+            Some(limit) => tokio::time::timeout(limit, forward).await.unwrap_or_else(|_| {
+                (
+                    full(&Answer::text(StatusCode::GATEWAY_TIMEOUT, "504 request timeout")),
+                    None,
+                )
+            }),
+            None => forward.await,
         }
     }
 
@@ -472,6 +546,7 @@ impl Proxy {
 
     /// Step 4 and 5 for HTTP/2 requests: hyper's pooled HTTP/1.1 client, one retry on another
     /// endpoint after a failed connect.
+    #[allow(clippy::too_many_arguments)]
     async fn forward_h2(
         &self,
         req: Request<Incoming>,
@@ -480,6 +555,7 @@ impl Proxy {
         route: &Route,
         first: Option<SocketAddr>,
         affinity_in: Option<String>,
+        gateway: Option<&gateway::Forward<'_>>,
     ) -> (Response<ProxyBody>, Option<String>) {
         let settings = &route.settings;
         let connect_timeout = settings.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
@@ -552,6 +628,9 @@ impl Proxy {
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        if let Some(g) = gateway.filter(|g| g.edits_response()) {
+            g.edit_response_headers(&mut parts.headers);
+        }
         if let (Some(name), Some(ep)) = (&settings.affinity_cookie, ep) {
             let value = affinity_value(&ep);
             if affinity_in.as_deref() != Some(value.as_str()) {

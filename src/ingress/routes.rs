@@ -19,10 +19,12 @@
 //! [`super::gateway::build`]): on a port both serve, a request goes to whichever matches its
 //! host more specifically (exact, then wildcard, then any host), the Ingress routes on a tie.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use http::HeaderMap;
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressClass};
 use regex::Regex;
 
@@ -198,6 +200,52 @@ impl HostRules {
     }
 }
 
+/// A request's headers as routing reads them, whatever protocol carried them (hyper's
+/// `HeaderMap` for HTTP/2, the parsed head in place for HTTP/1).
+pub trait RequestView {
+    /// The first value of a header.
+    fn header(&self, name: &str) -> Option<&str>;
+    /// A cookie's value, from any `Cookie` header.
+    fn cookie(&self, name: &str) -> Option<&str>;
+    /// Every value of a header joined with `,` (as one line would carry them); `None` when
+    /// the request has none. Borrowed when there is one value.
+    fn joined(&self, name: &str) -> Option<Cow<'_, str>>;
+}
+
+impl RequestView for HeaderMap {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(|v| v.to_str().ok())
+    }
+    fn cookie(&self, name: &str) -> Option<&str> {
+        self.get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v)
+    }
+    fn joined(&self, name: &str) -> Option<Cow<'_, str>> {
+        join_values(self.get_all(name).iter().filter_map(|v| v.to_str().ok()))
+    }
+}
+
+/// Values joined with `,`, without a copy for a single one.
+pub fn join_values<'a>(mut values: impl Iterator<Item = &'a str>) -> Option<Cow<'a, str>> {
+    let first = values.next()?;
+    match values.next() {
+        None => Some(Cow::Borrowed(first)),
+        Some(second) => {
+            let mut all = format!("{first},{second}");
+            for v in values {
+                all.push(',');
+                all.push_str(v);
+            }
+            Some(Cow::Owned(all))
+        }
+    }
+}
+
 /// A certificate an Ingress or a Gateway listener asks for: the host (exact, `*.` wildcard, or
 /// empty for every name and clients without SNI) and the Secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,7 +284,7 @@ pub fn normalize_host(host: &str) -> String {
 
 /// [`normalize_host`] without a copy when the host already is lowercase (the route lookup of
 /// every request: no allocation).
-fn host_key(host: &str) -> std::borrow::Cow<'_, str> {
+pub fn host_key(host: &str) -> Cow<'_, str> {
     let host = host.trim();
     let without_port = if let Some(rest) = host.strip_prefix('[') {
         rest.split(']').next().unwrap_or(rest)
