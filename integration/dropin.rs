@@ -352,12 +352,8 @@ fn values_that_cannot_be_valid_exit_2_naming_the_field() {
             vec!["--config".into(), "/nonexistent/kproxy.yaml".into()],
             "reading config file",
         ),
-        (
-            vec!["--config".into(), file("no-kind.yaml", "").replace("kind", "kind")],
-            "",
-        ),
     ];
-    for (args, needle) in cases.iter().take(cases.len() - 1) {
+    for (args, needle) in &cases {
         let mut a = args.clone();
         a.push("--validate".into());
         let out = run(&a);

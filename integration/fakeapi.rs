@@ -102,6 +102,7 @@ impl FakeApiServer {
             addr: listener.local_addr()?,
             state: Mutex::new(State::default()),
             changed: watch::Sender::new(0),
+            down: watch::Sender::new(false),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -249,6 +250,15 @@ impl FakeApiServer {
         });
     }
 
+    /// `true`: the server goes away as a stopped API server does. Every open connection (watches
+    /// included) is closed and new ones are refused (the kernel answers RST), while the address
+    /// stays reserved. `false`: it listens again on the same address, with its state and
+    /// history, so clients resume their watches. Needs a listener bound to an explicit port
+    /// (Linux releases an automatically chosen one when listening stops).
+    pub fn set_down(&self, down: bool) {
+        self.shared.down.send_replace(down);
+    }
+
     /// Makes the next `n` list requests fail with `500 InternalError`.
     pub fn set_fail_lists(&self, n: u32) {
         self.shared.update(|st| st.fail_lists = n);
@@ -381,6 +391,8 @@ struct Shared {
     /// Bumped after every change to `state`, so tests wait for requests and watches without
     /// polling.
     changed: watch::Sender<u64>,
+    /// Whether the server is down (see [`FakeApiServer::set_down`]).
+    down: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -625,22 +637,56 @@ type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 type Query = BTreeMap<String, String>;
 type Reply = Result<Response<Body>, Failure>;
 
-async fn serve_connections(listener: TcpListener, shared: Arc<Shared>) {
+async fn serve_connections(mut listener: TcpListener, shared: Arc<Shared>) {
     let mut connections = JoinSet::new();
+    let mut down = shared.down.subscribe();
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let shared = Arc::clone(&shared);
-                let service = service_fn(move |req| answer(Arc::clone(&shared), req));
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service);
-                // A client hanging up mid-watch is routine: nobody to tell.
-                connections.spawn(async move { let _ = connection.await; });
-            }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
+        let going_down = async { down.wait_for(|d| *d).await.is_ok() };
+        let accepted = tokio::select! {
+            true = going_down => None,
+            accepted = listener.accept() => Some(accepted),
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let Some(accepted) = accepted else {
+            listener = go_down_until_up(listener, &shared, &mut connections, &mut down).await;
+            continue;
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let shared = Arc::clone(&shared);
+        let service = service_fn(move |req| answer(Arc::clone(&shared), req));
+        let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        // A client hanging up mid-watch is routine: nobody to tell.
+        connections.spawn(async move {
+            let _ = connection.await;
+        });
     }
+}
+
+/// Stops listening (new connections are refused, the address stays bound), closes every open
+/// connection, and once the server is up again listens anew on the same socket.
+async fn go_down_until_up(
+    listener: TcpListener,
+    shared: &Shared,
+    connections: &mut JoinSet<()>,
+    down: &mut watch::Receiver<bool>,
+) -> TcpListener {
+    use std::os::fd::AsRawFd;
+    // Out of the runtime first: the hang-up that stopping a listener signals would stay in
+    // tokio's readiness for the socket, and accept would never wait properly again.
+    let socket = listener.into_std().expect("fake API server: deregister");
+    nix::sys::socket::shutdown(socket.as_raw_fd(), nix::sys::socket::Shutdown::Both)
+        .expect("fake API server: stop listening");
+    // Dropping a connection's task closes its socket; watch bodies unregister as they drop.
+    connections.abort_all();
+    shared.update(|st| st.watches.clear());
+    let _ = down.wait_for(|d| !*d).await;
+    nix::sys::socket::listen(&socket, nix::sys::socket::Backlog::MAXCONN).expect("fake API server: listen again");
+    let addr = socket.local_addr().expect("fake API server: local address");
+    assert_eq!(
+        addr, shared.addr,
+        "fake API server: set_down needs a listener bound to an explicit port"
+    );
+    TcpListener::from_std(socket).expect("fake API server: register again")
 }
 
 /// An API error, answered as a `Status` object.

@@ -435,6 +435,9 @@ fn core_routing(kind: SourceKind) {
     wait_for(&env, "simple.test", 80, "/", "pod-a");
     wait_for(&env, "very.specific.com", 8080, "/s1", "pod-a");
     wait_for(&env, "bar.com", 8081, "/", "pod-a");
+    // The CRDs were installed after kproxy started: each kind's watcher finds its CRD on its
+    // own retry, so a ReferenceGrant may be listed a few seconds after the routes it allows.
+    wait_for(&env, "grant.test", 80, "/", "pod-c");
 
     // HTTPRouteSimpleSameNamespace: the backend sees the request as the client sent it.
     let r = get(&env, "simple.test", 80, "/some/path?q=1");

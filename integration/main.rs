@@ -6,6 +6,7 @@
 //! on UDP with the pod name and the peer address; `__udp ADDR` is a one-shot UDP client.
 
 mod fakeapi;
+mod faults;
 mod gateway;
 mod harness;
 mod ingress;
@@ -141,6 +142,27 @@ fn main() -> ExitCode {
                 trials.push(trial.with_ignored_flag(!is_root));
             }
         }
+    }
+    for mode in scenarios::modes() {
+        for (name, scenario) in faults::MANIFESTS {
+            let trial = Trial::test(format!("{mode}::manifests::{name}"), move || {
+                scenario(mode);
+                Ok(())
+            });
+            trials.push(trial.with_ignored_flag(!is_root));
+        }
+    }
+    trials.push(Trial::test("fakeapi::goes_down_and_comes_back", || {
+        faults::fake_api_goes_down_and_comes_back();
+        Ok(())
+    }));
+    let first_mode = scenarios::modes()[0];
+    for (name, scenario) in faults::API {
+        let trial = Trial::test(format!("{first_mode}::api::{name}"), move || {
+            scenario(first_mode);
+            Ok(())
+        });
+        trials.push(trial.with_ignored_flag(!is_root));
     }
     for source in [scenarios::SourceKind::Manifests, scenarios::SourceKind::Api] {
         for (name, scenario) in ingress::ALL {

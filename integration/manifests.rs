@@ -712,13 +712,13 @@ fn rbac_grants_no_wildcards_and_writes_only_what_kproxy_writes() {
         .collect();
     assert!(!rules.is_empty(), "no RBAC rules in manifests/");
     let writes = ["create", "update", "patch", "delete", "deletecollection"];
-    // What kproxy may write, by resource: Ingress and Gateway API status, Events, its Lease.
+    // What kproxy may write, by resource: Ingress and Gateway API status, and its Lease. It
+    // writes no Events.
     let writable = [
         "ingresses/status",
         "gatewayclasses/status",
         "gateways/status",
         "httproutes/status",
-        "events",
         "leases",
     ];
     let mut errors = Vec::new();
@@ -748,6 +748,57 @@ fn rbac_grants_no_wildcards_and_writes_only_what_kproxy_writes() {
         "RBAC grants more than kproxy needs:\n  {}",
         errors.join("\n  ")
     );
+}
+
+/// A DaemonSet updated with `maxSurge` runs its old and new pod on one node at once: any port
+/// it declares on the host network is a host port the scheduler gives to one pod per node, so
+/// the new pod would stay Pending and the update would never finish.
+#[test]
+fn a_surging_daemonset_declares_no_host_ports() {
+    let objects = objects();
+    let mut errors = Vec::new();
+    let mut surging = 0;
+    for (doc, ds) in daemonsets(&objects) {
+        let spec = ds.spec.as_ref().expect("DaemonSet spec");
+        let rolling = spec.update_strategy.as_ref().and_then(|s| s.rolling_update.as_ref());
+        let surge = rolling.and_then(|r| r.max_surge.as_ref());
+        let zero = |v: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString| {
+            matches!(v, k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(0))
+                || matches!(v, k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) if s == "0%")
+        };
+        if surge.is_none_or(zero) {
+            continue;
+        }
+        surging += 1;
+        let pod = spec.template.spec.as_ref().expect("pod spec");
+        let host_network = pod.host_network.unwrap_or(false);
+        for c in containers(ds) {
+            for port in c.ports.iter().flatten() {
+                if host_network || port.host_port.is_some() {
+                    errors.push(format!(
+                        "{}: container {} declares port {} on the host, with maxSurge {surge:?}",
+                        doc.origin(),
+                        c.name,
+                        port.container_port
+                    ));
+                }
+            }
+        }
+        if rolling
+            .and_then(|r| r.max_unavailable.as_ref())
+            .is_some_and(|v| !zero(v))
+        {
+            errors.push(format!(
+                "{}: maxUnavailable is not 0: the old pod could stop before the new one is ready",
+                doc.origin()
+            ));
+        }
+    }
+    assert!(
+        surging > 0,
+        "the kproxy DaemonSet updates with maxSurge (new pod first)"
+    );
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
 }
 
 #[test]

@@ -31,22 +31,41 @@ pub fn must(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Deletes namespaces left behind by an earlier run that was killed.
+/// Deletes namespaces left behind by an earlier run that was killed. Namespaces of a test run
+/// still going (another checkout's, on a shared machine) are left alone: killing its kproxy
+/// would fail that run for nothing.
 pub fn sweep_stale() {
     let list = must("ip", &["netns", "list"]);
+    let running = running_test_ids();
     for line in list.lines() {
         let name = line.split_whitespace().next().unwrap_or_default();
-        // `kpt<pid>x<n>`: a namespace of a test run that is still going (another worktree's,
-        // on a shared machine) is not stale.
-        let owner = name
-            .strip_prefix(NS_PREFIX)
-            .and_then(|rest| rest.split('x').next())
-            .filter(|pid| !pid.is_empty() && std::path::Path::new(&format!("/proc/{pid}")).exists());
-        if name.starts_with(NS_PREFIX) && owner.is_none() {
-            kill_all_in(name);
-            let _ = run("ip", &["netns", "del", name]);
+        let Some(rest) = name.strip_prefix(NS_PREFIX) else {
+            continue;
+        };
+        let owner = rest.split('x').next().and_then(|id| id.parse::<u32>().ok());
+        if owner.is_some_and(|id| running.contains(&id)) {
+            continue;
+        }
+        kill_all_in(name);
+        let _ = run("ip", &["netns", "del", name]);
+    }
+}
+
+/// The namespace ids (`pid % 100000`, see [`Topology::new`]) of every live process that is a
+/// test binary like this one (same name before its hash), this one included.
+fn running_test_ids() -> std::collections::BTreeSet<u32> {
+    let comm = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let me = comm("self");
+    let family = me.trim().split('-').next().unwrap_or_default().to_string();
+    let mut ids = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Ok(pid) = name.parse::<u32>() else { continue };
+        if !family.is_empty() && comm(&name).trim().split('-').next() == Some(family.as_str()) {
+            ids.insert(pid % 100_000);
         }
     }
+    ids
 }
 
 fn kill_all_in(ns: &str) {

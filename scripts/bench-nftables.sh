@@ -37,6 +37,7 @@ if [ ! -x "$old" ]; then
 fi
 python3 -c 'import matplotlib' 2>/dev/null || pip install --quiet matplotlib
 
+# shellcheck disable=SC2086 # one argument per size
 exec python3 - "$here" "$changes" $sizes <<'PY'
 import datetime, json, os, random, re, signal, statistics, subprocess, sys, tempfile, threading, time
 

@@ -110,6 +110,7 @@ for backend in $backends; do
   # the children, every second line) to tools.cpu, for kproxy's and the tools' shares of the first full sync.
   for t in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do
     real=$(command -v "${t/iptables/iptables-$backend}" || command -v "$t")
+    # shellcheck disable=SC2016 # $@ and $? belong to the wrapper being written
     printf '#!/bin/bash\n"%s" "$@"\nrc=$?\ntimes >> "%s"\nexit $rc\n' "$real" "$tools/tools.cpu" > "$tools/$t"
     chmod +x "$tools/$t"
   done

@@ -4,8 +4,9 @@
 # the Dockerfile writes into the image pass `sh -n` and shellcheck; every COPY
 # source exists in the repo and is not excluded by .dockerignore; everything
 # cargo needs to build the binary is copied; and, if kubectl is installed,
-# `kubectl kustomize manifests/` renders the same objects as the files.
-# The manifests themselves are checked by `cargo test --test manifests`.
+# `kubectl kustomize manifests/` renders the same objects as the files; no
+# hostPath volume has a type a node may lack; and the kind scripts accept
+# every mode kproxy has. The manifests themselves are checked by `cargo test --test manifests`.
 #
 #   scripts/check-deploy.sh
 #
@@ -179,6 +180,67 @@ for path in "${needed[@]}"; do
         pass "Dockerfile: cargo's input '${path}' is copied"
     fi
 done
+
+# --- hostPath volumes ---------------------------------------------------------
+# A hostPath `type` that checks for something a node may lack (/lib/modules on
+# a microVM or a monolithic kernel, say) keeps the pod from ever starting on
+# that node, and a node without kproxy has no Services. Untyped, or
+# DirectoryOrCreate / FileOrCreate, start everywhere.
+hostpath_types="${work_dir}/hostpath-types"
+while IFS= read -r file; do
+    awk -v file="${file}" '
+        function indent_of(line) { match(line, /^[ -]*/); return RLENGTH }
+        function check(type) {
+            gsub(/["\047]/, "", type)
+            print file ":" NR ": hostPath type " (type == "" ? "(none)" : type)
+        }
+        /^[[:space:]]*#/ { next }
+        in_hostpath && NF && indent_of($0) <= hostpath_indent { in_hostpath = 0 }
+        in_hostpath && match($0, /^[ -]*type:[[:space:]]*[^[:space:]#]+/) {
+            type = substr($0, RSTART, RLENGTH); sub(/^[ -]*type:[[:space:]]*/, "", type); check(type)
+        }
+        /^[ -]*hostPath:/ {
+            if (match($0, /type:[[:space:]]*[^,}[:space:]]+/)) {
+                type = substr($0, RSTART, RLENGTH); sub(/^type:[[:space:]]*/, "", type); check(type)
+            } else if ($0 ~ /hostPath:[[:space:]]*$/) {
+                in_hostpath = 1; hostpath_indent = indent_of($0)
+            }
+        }
+    ' "${file}"
+done < <(find manifests -name '*.yaml' -o -name '*.yml' | sort) >"${hostpath_types}"
+typed_count=0
+while IFS= read -r found; do
+    typed_count=$((typed_count + 1))
+    case "${found##* }" in
+        DirectoryOrCreate | FileOrCreate) pass "${found}: created when missing" ;;
+        *) fail "${found}: a node without that path never starts the pod; drop the type (as kubeadm's kube-proxy does) or use DirectoryOrCreate/FileOrCreate" ;;
+    esac
+done <"${hostpath_types}"
+pass "manifests/: ${typed_count} typed hostPath volume(s) checked"
+
+# --- proxy modes in the kind scripts ------------------------------------------
+# Every mode kproxy has (ProxyMode's names in src/config/mod.rs) is accepted by
+# check_proxy_mode and named in each kind script's usage.
+kproxy_modes=$(sed -n 's/^[[:space:]]*ProxyMode::[A-Za-z]* => "\([a-z]*\)",*$/\1/p' src/config/mod.rs | sort -u)
+[[ -n "${kproxy_modes}" ]] || fail "src/config/mod.rs: found no ProxyMode names (ProxyMode::X => \"name\")"
+for mode in ${kproxy_modes}; do
+    # shellcheck source=scripts/lib-kind.sh
+    if (source scripts/lib-kind.sh && trap - ERR && check_proxy_mode "${mode}") >/dev/null 2>&1; then
+        pass "scripts/lib-kind.sh: check_proxy_mode accepts ${mode}"
+    else
+        fail "scripts/lib-kind.sh: check_proxy_mode refuses ${mode}, a mode kproxy has (proxy_modes)"
+    fi
+    for script in scripts/kind-up.sh scripts/kind-e2e.sh; do
+        if grep -Eq -- "--proxy-mode [a-z|]*\b${mode}\b" "${script}"; then
+            pass "${script}: usage names ${mode}"
+        else
+            fail "${script}: usage (--proxy-mode a|b|c) does not name ${mode}"
+        fi
+    done
+done
+if (source scripts/lib-kind.sh && trap - ERR && check_proxy_mode no-such-mode) >/dev/null 2>&1; then
+    fail "scripts/lib-kind.sh: check_proxy_mode accepts a mode kproxy does not have"
+fi
 
 # --- manifests/ with kustomize -----------------------------------------------
 if command -v kubectl >/dev/null 2>&1; then

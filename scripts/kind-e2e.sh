@@ -3,7 +3,7 @@
 # the kind cluster of scripts/kind-up.sh, with kproxy as the only proxy. Stops
 # loudly at the first step that does not work, with diagnostics.
 #
-#   scripts/kind-e2e.sh [--name kproxy] [--proxy-mode iptables|ipvs] [--redeploy] [--keep]
+#   scripts/kind-e2e.sh [--name kproxy] [--proxy-mode iptables|ipvs|nftables] [--redeploy] [--keep]
 #
 # If the cluster does not exist, or kproxy runs in another mode, kind-up.sh is
 # run first. Needs docker, kind, kubectl, curl and openssl on the host, and
@@ -19,7 +19,7 @@ usage() {
 Usage: $0 [options]
 
   --name NAME          kind cluster name (default: kproxy)
-  --proxy-mode MODE    iptables (default) or ipvs (the modes this kproxy supports)
+  --proxy-mode MODE    iptables (default), ipvs or nftables
   --redeploy           run kind-up.sh first even if the cluster already runs
                        kproxy in MODE (rebuilds the image from this checkout)
   --keep               keep the test namespace afterwards (it is always kept

@@ -3,7 +3,7 @@
 # the kproxy image, load it, and deploy kproxy as the cluster's Service proxy.
 # Run again on the same cluster to rebuild and redeploy, or to switch mode.
 #
-#   scripts/kind-up.sh [--name kproxy] [--proxy-mode iptables|ipvs]
+#   scripts/kind-up.sh [--name kproxy] [--proxy-mode iptables|ipvs|nftables]
 #
 # Needs docker (with its engine running), kind (v0.20 or newer, for
 # kubeProxyMode: none) and kubectl. Every kubectl call names the cluster's
@@ -19,7 +19,7 @@ usage() {
 Usage: $0 [options]
 
   --name NAME            kind cluster name (default: kproxy)
-  --proxy-mode MODE      iptables (default) or ipvs (the modes this kproxy supports)
+  --proxy-mode MODE      iptables (default), ipvs or nftables
   --node-image IMAGE     kindest/node image (default: kind's own default)
   --http-port PORT       host port forwarded to Ingress HTTP on the control
                          plane (default: 80)

@@ -7,7 +7,8 @@
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck disable=SC2034
 kproxy_image=${KPROXY_IMAGE:-kproxy:dev}
-proxy_modes="iptables ipvs"
+# Every mode kproxy has (check-deploy.sh compares this with src/config/mod.rs).
+proxy_modes="iptables ipvs nftables"
 
 if [[ -t 1 ]]; then
     bold=$'\033[1m' red=$'\033[31m' green=$'\033[32m' reset=$'\033[0m'

@@ -23,6 +23,8 @@ else
 fi
 cargo test --locked
 bash scripts/check-deploy.sh
+# Every fuzz target for a bounded time (scripts/fuzz.sh SECONDS for longer runs).
+scripts/fuzz.sh "${KPROXY_FUZZ_SECONDS:-10}"
 if [ "$(id -u)" = 0 ] && [ -z "${KPROXY_SKIP_VM:-}" ]; then
   scripts/ipvs-vm.sh
 fi

@@ -134,6 +134,14 @@ async fn nftables_dataplane(config: &Config) -> anyhow::Result<Box<dyn Dataplane
     Ok(Box::new(PerFamily::new(ProxyMode::Nftables.as_str(), dps)))
 }
 
+/// The families the dataplane programs, for the per-family status of `/healthz` and `/livez`.
+async fn programmed_families(config: &Config) -> Vec<IpFamily> {
+    match config.mode {
+        ProxyMode::Iptables => families().await,
+        ProxyMode::Ipvs | ProxyMode::Nftables => nftables_families(),
+    }
+}
+
 async fn dataplane(config: &Config) -> anyhow::Result<Box<dyn Dataplane>> {
     match config.mode {
         ProxyMode::Iptables => Ok(iptables_dataplane(config, ensure_nfacct()).await),
@@ -250,6 +258,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     cleanup_other_modes(&config).await;
     let shutdown = shutdown_signal();
     let health = Arc::new(ProxyHealth::new(2 * config.sync_period));
+    health.set_families(&programmed_families(&config).await);
     if let Some(addr) = config.healthz_bind {
         let listener = bind_server(addr, config.bind_address_hard_fail, "healthz").await?;
         let (health, shutdown) = (health.clone(), shutdown.clone());

@@ -7,11 +7,12 @@
 //! accepting when the shutdown watch turns `true` (or its sender is dropped), and ask open
 //! keep-alive connections to close after their current request.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -21,11 +22,14 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::metrics::metrics;
+use crate::model::IpFamily;
 
 pub type Result<T, E = HealthError> = std::result::Result<T, E>;
 
@@ -41,9 +45,6 @@ pub enum HealthError {
     },
 }
 
-/// Go's zero `time.Time`, which upstream reports as `lastUpdated` before the first sync.
-const NEVER: &str = "0001-01-01T00:00:00Z";
-
 /// After a failed `accept` (typically out of file descriptors), wait before retrying instead of
 /// spinning on the same error.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -53,12 +54,35 @@ const TEXT: &str = "text/plain; charset=utf-8";
 /// What Prometheus' Go client sends for text format 0.0.4.
 const METRICS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// One point in time, on both clocks: the monotonic one decides how long a change has waited
+/// (a wall clock stepping backwards or forwards changes nothing), the wall one is what the
+/// probe's JSON shows. The monotonic one is tokio's, so tests can pause and advance it.
+#[derive(Debug, Clone, Copy)]
+struct Moment {
+    at: Instant,
+    wall: SystemTime,
+}
+
+impl Moment {
+    fn now() -> Moment {
+        Moment {
+            at: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+}
+
 /// Whether the sync loop keeps up with changes, shared (behind `Arc`) between the sync loop,
 /// which reports queued and finished syncs, and the health server, which answers probes.
 ///
-/// Same rule as upstream's `proxierHealthServer`: healthy unless a change has waited for a sync
-/// for `timeout` or longer. kube-proxy uses twice its `--iptables-sync-period` (or the nftables /
-/// IPVS equivalent) as that timeout.
+/// Upstream's `ProxyHealthServer` (kube-proxy 1.33): healthy unless a change has waited for a
+/// sync for `timeout` or longer; kube-proxy uses twice its sync period as that timeout.
+/// Upstream records a successful update for every family when its sync loop starts, and its
+/// first queued change normally arrives a moment later (this node's Node object). kproxy
+/// counts its own start as that first queued change: nothing is programmed yet. So a proxy
+/// that never completes its first sync, whether its source never answers (an API server
+/// unreachable from the start, an unreadable `--manifests` path) or its first sync keeps
+/// failing, goes unhealthy `timeout` after it started, instead of answering 200 forever.
 pub struct ProxyHealth {
     timeout: Duration,
     times: Mutex<SyncTimes>,
@@ -67,11 +91,13 @@ pub struct ProxyHealth {
     node_eligible: AtomicBool,
 }
 
-#[derive(Default)]
 struct SyncTimes {
-    last_updated: Option<SystemTime>,
+    /// The families this node programs: each has the same state, since one sync programs all.
+    families: Vec<IpFamily>,
+    /// The last successful sync, or the start.
+    last_updated: Moment,
     /// When the oldest change not yet programmed was queued; `None` when fully synced.
-    oldest_pending: Option<SystemTime>,
+    oldest_pending: Option<Moment>,
 }
 
 /// One probe answer: `healthy` maps to HTTP 200 or 503, `body` is the JSON to send.
@@ -91,42 +117,78 @@ impl HealthStatus {
     }
 }
 
+/// The JSON body of `/healthz` and `/livez`, field for field as kube-proxy 1.33 writes it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Body {
+    /// The last successful sync of any family; `currentTime` whenever the answer is 200,
+    /// because older releases meant "the sync loop ran recently" by it and clients still read
+    /// it that way.
+    last_updated: String,
+    current_time: String,
+    /// `/healthz` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_eligible: Option<bool>,
+    /// Whether every family keeps up, regardless of the Node's eligibility.
+    healthy: bool,
+    /// Per family (`IPv4`, `IPv6`): its last successful sync (never replaced by `now`) and
+    /// whether it keeps up.
+    status: BTreeMap<&'static str, FamilyBody>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FamilyBody {
+    last_updated: String,
+    healthy: bool,
+}
+
+/// `IPv4` or `IPv6`, as Kubernetes' `v1.IPFamily` spells them.
+fn family_name(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "IPv4",
+        IpFamily::V6 => "IPv6",
+    }
+}
+
 impl ProxyHealth {
-    /// Healthy from the start: the proxy counts as healthy while starting up, until a queued
-    /// change goes unsynced for `timeout`.
+    /// Starting up: healthy for `timeout`, unhealthy after that unless a sync succeeded. The
+    /// node programs IPv4 until [`Self::set_families`] says otherwise.
     pub fn new(timeout: Duration) -> Self {
+        let start = Moment::now();
         Self {
             timeout,
-            times: Mutex::new(SyncTimes::default()),
+            times: Mutex::new(SyncTimes {
+                families: vec![IpFamily::V4],
+                last_updated: start,
+                oldest_pending: Some(start),
+            }),
             node_eligible: AtomicBool::new(true),
         }
     }
 
-    /// A Service or EndpointSlice change arrived and waits for a sync.
-    pub fn queued_update(&self) {
-        self.queued_update_at(SystemTime::now());
+    /// The families this node programs, reported one by one in the probes' `status`.
+    pub fn set_families(&self, families: &[IpFamily]) {
+        let mut families = families.to_vec();
+        families.sort();
+        families.dedup();
+        self.lock().families = families;
     }
 
-    /// [`Self::queued_update`] with an explicit clock. Only the first change since the last
-    /// sync counts: the deadline runs from the oldest one, so a steady stream of changes cannot
-    /// keep pushing it back.
-    pub fn queued_update_at(&self, now: SystemTime) {
-        let mut times = self.lock();
-        if times.oldest_pending.is_none() {
-            times.oldest_pending = Some(now);
-        }
+    /// A Service, EndpointSlice or Node change arrived and waits for a sync. Only the first
+    /// change since the last sync counts: the deadline runs from the oldest one, so a steady
+    /// stream of changes cannot keep pushing it back.
+    pub fn queued_update(&self) {
+        let now = Moment::now();
+        self.lock().oldest_pending.get_or_insert(now);
     }
 
     /// A sync succeeded: everything queued so far is programmed.
     pub fn updated(&self) {
-        self.updated_at(SystemTime::now());
-    }
-
-    /// [`Self::updated`] with an explicit clock.
-    pub fn updated_at(&self, now: SystemTime) {
+        let now = Moment::now();
         let mut times = self.lock();
         times.oldest_pending = None;
-        times.last_updated = Some(now);
+        times.last_updated = now;
     }
 
     /// Records whether this Node should receive load-balancer traffic: false when the Node has a
@@ -135,42 +197,66 @@ impl ProxyHealth {
         self.node_eligible.store(eligible, Ordering::Relaxed);
     }
 
-    /// The `/healthz` answer at `now`: the sync loop is keeping up and the Node is eligible.
+    /// Whether the sync loop keeps up, ignoring the Node's eligibility (upstream's
+    /// `Health().Healthy`).
+    pub fn proxy_healthy(&self) -> bool {
+        self.sync_health(Instant::now()).0
+    }
+
+    /// The `/healthz` answer, with `now` as the time reported: the sync loop is keeping up and
+    /// the Node is eligible.
     pub fn status(&self, now: SystemTime) -> HealthStatus {
         let node_eligible = self.node_eligible.load(Ordering::Relaxed);
-        let (synced, last_updated) = self.sync_health(now);
-        let healthy = synced && node_eligible;
-        let last_updated = reported_last_update(healthy, last_updated, now);
-        // Hand-built: every value is a timestamp we formatted or a bool, none needs escaping,
-        // and the key order stays as upstream's regardless of serde_json features.
-        let body = format!(
-            r#"{{"lastUpdated":"{last_updated}","currentTime":"{}","nodeEligible":{node_eligible}}}"#,
-            format_rfc3339(now)
-        );
-        HealthStatus { healthy, body }
+        self.answer(
+            Moment {
+                at: Instant::now(),
+                wall: now,
+            },
+            Some(node_eligible),
+        )
     }
 
-    /// The `/livez` answer at `now`: the sync loop is keeping up; Node eligibility is ignored,
-    /// because restarting the proxy would not make a Node that is going away eligible again.
+    /// The `/livez` answer, with `now` as the time reported: the sync loop is keeping up; Node
+    /// eligibility is ignored, because restarting the proxy would not make a Node that is
+    /// going away eligible again.
     pub fn live_status(&self, now: SystemTime) -> HealthStatus {
-        let (healthy, last_updated) = self.sync_health(now);
-        let last_updated = reported_last_update(healthy, last_updated, now);
-        let body = format!(
-            r#"{{"lastUpdated":"{last_updated}","currentTime":"{}"}}"#,
-            format_rfc3339(now)
-        );
-        HealthStatus { healthy, body }
+        self.answer(
+            Moment {
+                at: Instant::now(),
+                wall: now,
+            },
+            None,
+        )
     }
 
-    fn sync_health(&self, now: SystemTime) -> (bool, Option<SystemTime>) {
+    fn answer(&self, now: Moment, node_eligible: Option<bool>) -> HealthStatus {
+        let (healthy, last_updated, families) = self.sync_health(now.at);
+        let code_ok = healthy && node_eligible.unwrap_or(true);
+        let family_body = || FamilyBody {
+            last_updated: format_rfc3339(last_updated),
+            healthy,
+        };
+        let body = Body {
+            last_updated: format_rfc3339(if code_ok { now.wall } else { last_updated }),
+            current_time: format_rfc3339(now.wall),
+            node_eligible,
+            healthy,
+            status: families.into_iter().map(|f| (family_name(f), family_body())).collect(),
+        };
+        // Serializing a struct of strings and bools cannot fail.
+        let body = serde_json::to_string(&body).unwrap_or_default();
+        HealthStatus { healthy: code_ok, body }
+    }
+
+    /// Whether the sync loop keeps up at `now`, the last successful sync's wall time, and the
+    /// families.
+    fn sync_health(&self, now: Instant) -> (bool, SystemTime, Vec<IpFamily>) {
         let times = self.lock();
         let healthy = match times.oldest_pending {
             None => true,
-            // A wall clock stepped backwards makes `now` earlier than the queue time; count
-            // that as no time waited rather than failing the probe.
-            Some(queued) => now.duration_since(queued).unwrap_or_default() < self.timeout,
+            Some(queued) => now.saturating_duration_since(queued.at) < self.timeout,
         };
-        (healthy, times.last_updated)
+        (healthy, times.last_updated.wall, times.families.clone())
     }
 
     /// The times are plain values replaced in one step, so a panic while the lock was held
@@ -180,57 +266,36 @@ impl ProxyHealth {
     }
 }
 
-/// Upstream reports `lastUpdated = now` whenever healthy, because older releases meant "the sync
-/// loop ran recently" by it and clients still read it that way; only an unhealthy answer shows
-/// the real time of the last successful sync.
-fn reported_last_update(healthy: bool, last_updated: Option<SystemTime>, now: SystemTime) -> String {
-    match (healthy, last_updated) {
-        (true, _) => format_rfc3339(now),
-        (false, Some(at)) => format_rfc3339(at),
-        (false, None) => NEVER.to_owned(),
-    }
-}
-
-/// `t` as RFC 3339 in UTC with whole seconds, e.g. `2024-02-29T12:34:56Z`. Times before 1970
-/// print as the epoch: they only occur with a badly set clock and carry no meaning here.
+/// `t` as RFC 3339 in UTC with as many fractional digits as it has (up to nanoseconds), as Go
+/// marshals a `time.Time`, e.g. `2024-02-29T12:34:56.5Z`.
 pub fn format_rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let (year, month, day) = civil_from_days(secs / 86_400);
-    let rem = secs % 86_400;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's `civil_from_days`,
-/// restricted to non-negative days). Works in 400-year eras of 146097 days, with years starting
-/// on March 1st so the leap day is the last day of the year.
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let shifted = days + 719_468; // days from 0000-03-01 to 1970-01-01
-    let era = shifted / 146_097;
-    let day_of_era = shifted % 146_097;
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_from_march = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
-    let month = if month_from_march < 10 {
-        month_from_march + 3
-    } else {
-        month_from_march - 9
-    };
-    let year = era * 400 + year_of_era + u64::from(month <= 2);
-    (year, month, day)
+    match jiff::Timestamp::try_from(t) {
+        Ok(ts) => ts.to_string(),
+        // Outside jiff's range (years -9999 to 9999): only with a badly set clock.
+        Err(_) => "0001-01-01T00:00:00Z".to_owned(),
+    }
 }
 
 /// Binds `addr` for one of the servers below. Port 0 picks a free port; read it back with
 /// `local_addr()`.
+///
+/// With `SO_REUSEPORT`: a DaemonSet update (`maxSurge: 1`) starts the new kproxy beside the
+/// old one on the same host network, and both must hold the health, metrics and health check
+/// node ports until the old one exits. A port held by another program (which did not set
+/// the option) still fails.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| HealthError::Bind { addr, source })
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        socket.listen(1024)
+    };
+    listen().map_err(|source| HealthError::Bind { addr, source })
 }
 
 /// Serves `/healthz` (sync loop keeping up and Node eligible) and `/livez` (sync loop keeping
@@ -364,118 +429,172 @@ mod tests {
 
     const TIMEOUT: Duration = Duration::from_secs(60);
 
-    fn at(secs: u64) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(secs)
-    }
-
     fn json(body: &str) -> serde_json::Value {
         serde_json::from_str(body).expect("body is JSON")
     }
 
-    #[test]
-    fn healthy_while_starting_up() {
-        let health = ProxyHealth::new(TIMEOUT);
-        let status = health.status(at(1_000));
-        assert!(status.healthy);
-        assert_eq!(
-            json(&status.body),
-            serde_json::json!({
-                "lastUpdated": "1970-01-01T00:16:40Z",
-                "currentTime": "1970-01-01T00:16:40Z",
-                "nodeEligible": true,
-            })
-        );
+    fn healthz(health: &ProxyHealth) -> (bool, serde_json::Value) {
+        let status = health.status(SystemTime::now());
+        (status.healthy, json(&status.body))
     }
 
-    #[test]
-    fn pending_change_is_unhealthy_once_it_has_waited_the_timeout() {
-        let health = ProxyHealth::new(TIMEOUT);
-        health.updated_at(at(900));
-        health.queued_update_at(at(1_000));
-        assert!(health.status(at(1_059)).healthy);
-        assert!(health.live_status(at(1_059)).healthy);
+    fn livez(health: &ProxyHealth) -> (bool, serde_json::Value) {
+        let status = health.live_status(SystemTime::now());
+        (status.healthy, json(&status.body))
+    }
 
-        let status = health.status(at(1_060));
-        assert!(!status.healthy);
-        assert!(!health.live_status(at(1_060)).healthy);
+    /// A body's timestamp, parsed back.
+    fn when(v: &serde_json::Value) -> SystemTime {
+        let ts: jiff::Timestamp = v.as_str().expect("a timestamp").parse().expect("RFC 3339");
+        SystemTime::from(ts)
+    }
+
+    /// Runs `f`, returning the wall-clock interval it ran in.
+    fn during(f: impl FnOnce()) -> std::ops::RangeInclusive<SystemTime> {
+        let before = SystemTime::now();
+        f();
+        before..=SystemTime::now()
+    }
+
+    async fn advance(d: Duration) {
+        tokio::time::advance(d).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_synced_is_healthy_while_starting_then_unhealthy() {
+        let mut health = None;
+        let started = during(|| health = Some(ProxyHealth::new(TIMEOUT)));
+        let health = health.expect("built");
+        let (ok, body) = healthz(&health);
+        assert!(ok, "healthy while starting up: {body}");
+        assert_eq!(body["healthy"], true);
+        assert_eq!(body["nodeEligible"], true);
+        advance(TIMEOUT - Duration::from_millis(1)).await;
+        assert!(healthz(&health).0 && livez(&health).0, "not late yet");
+
+        // First sync still not done a whole timeout after the start: 503 on both, and the
+        // body shows the start as the last update (upstream's sync loop records one there).
+        advance(Duration::from_millis(1)).await;
+        let (ok, body) = healthz(&health);
+        assert!(!ok, "{body}");
+        assert_eq!(body["healthy"], false);
+        assert!(started.contains(&when(&body["lastUpdated"])), "{body}");
+        assert_eq!(body["status"]["IPv4"]["healthy"], false);
+        assert!(!livez(&health).0);
+
+        // Stays unhealthy however long it takes, until a sync succeeds.
+        advance(Duration::from_secs(3600)).await;
+        assert!(!healthz(&health).0);
+        health.updated();
+        assert!(healthz(&health).0 && livez(&health).0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_sync_in_time_means_healthy_for_good() {
+        let health = ProxyHealth::new(TIMEOUT);
+        advance(Duration::from_secs(5)).await;
+        health.updated();
+        advance(Duration::from_secs(3600)).await;
+        assert!(healthz(&health).0, "nothing queued since the sync");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pending_change_is_unhealthy_once_it_has_waited_the_timeout() {
+        let health = ProxyHealth::new(TIMEOUT);
+        let synced = during(|| health.updated());
+        advance(Duration::from_secs(100)).await;
+        health.queued_update();
+        advance(Duration::from_secs(59)).await;
+        assert!(healthz(&health).0 && livez(&health).0);
+        advance(Duration::from_secs(1)).await;
+        let (ok, body) = healthz(&health);
+        assert!(!ok);
+        assert!(!livez(&health).0);
         // Unhealthy answers show the real last sync, not `now`.
-        assert_eq!(json(&status.body)["lastUpdated"], "1970-01-01T00:15:00Z");
-        assert_eq!(json(&status.body)["currentTime"], "1970-01-01T00:17:40Z");
+        assert!(synced.contains(&when(&body["lastUpdated"])), "{body}");
+        assert!(synced.contains(&when(&body["status"]["IPv4"]["lastUpdated"])), "{body}");
     }
 
-    #[test]
-    fn later_changes_do_not_extend_the_deadline() {
+    #[tokio::test(start_paused = true)]
+    async fn later_changes_do_not_extend_the_deadline() {
         let health = ProxyHealth::new(TIMEOUT);
-        health.queued_update_at(at(1_000));
-        health.queued_update_at(at(1_050));
-        assert!(!health.status(at(1_060)).healthy);
+        health.updated();
+        health.queued_update();
+        advance(Duration::from_secs(50)).await;
+        health.queued_update();
+        advance(Duration::from_secs(10)).await;
+        assert!(!healthz(&health).0);
     }
 
-    #[test]
-    fn successful_sync_clears_the_pending_change() {
+    #[tokio::test(start_paused = true)]
+    async fn successful_sync_clears_the_pending_change() {
         let health = ProxyHealth::new(TIMEOUT);
-        health.queued_update_at(at(1_000));
-        health.updated_at(at(1_010));
-        assert!(health.status(at(5_000)).healthy);
+        health.queued_update();
+        advance(Duration::from_secs(10)).await;
+        health.updated();
+        advance(Duration::from_secs(4000)).await;
+        assert!(healthz(&health).0);
 
         // The next change starts a fresh deadline.
-        health.queued_update_at(at(5_000));
-        assert!(health.status(at(5_059)).healthy);
-        assert!(!health.status(at(5_060)).healthy);
+        health.queued_update();
+        advance(Duration::from_secs(59)).await;
+        assert!(healthz(&health).0);
+        advance(Duration::from_secs(1)).await;
+        assert!(!healthz(&health).0);
     }
 
-    #[test]
-    fn never_synced_and_late_reports_go_zero_time() {
+    #[tokio::test(start_paused = true)]
+    async fn ineligible_node_fails_healthz_but_not_livez() {
         let health = ProxyHealth::new(TIMEOUT);
-        health.queued_update_at(at(1_000));
-        let status = health.live_status(at(2_000));
-        assert!(!status.healthy);
-        assert_eq!(
-            json(&status.body),
-            serde_json::json!({
-                "lastUpdated": "0001-01-01T00:00:00Z",
-                "currentTime": "1970-01-01T00:33:20Z",
-            })
-        );
-    }
-
-    #[test]
-    fn clock_stepping_backwards_does_not_fail_the_probe() {
-        let health = ProxyHealth::new(TIMEOUT);
-        health.queued_update_at(at(1_000));
-        assert!(health.status(at(10)).healthy);
-    }
-
-    #[test]
-    fn ineligible_node_fails_healthz_but_not_livez() {
-        let health = ProxyHealth::new(TIMEOUT);
-        health.updated_at(at(500));
+        let synced = during(|| health.updated());
         health.set_node_eligible(false);
-        let status = health.status(at(1_000));
-        assert!(!status.healthy);
-        assert_eq!(json(&status.body)["nodeEligible"], false);
-        assert_eq!(json(&status.body)["lastUpdated"], "1970-01-01T00:08:20Z");
-        assert!(health.live_status(at(1_000)).healthy);
+        let (ok, body) = healthz(&health);
+        assert!(!ok);
+        assert_eq!(body["nodeEligible"], false);
+        // `healthy` is the proxy's own health: the Node's state only changes the status code.
+        assert_eq!(body["healthy"], true);
+        assert!(synced.contains(&when(&body["lastUpdated"])), "{body}");
+        assert!(health.proxy_healthy());
+        let (live, body) = livez(&health);
+        assert!(live);
+        assert!(body.get("nodeEligible").is_none(), "{body}");
 
         health.set_node_eligible(true);
-        assert!(health.status(at(1_000)).healthy);
+        assert!(healthz(&health).0);
     }
 
     #[test]
-    fn rfc3339_formatting() {
-        assert_eq!(format_rfc3339(at(0)), "1970-01-01T00:00:00Z");
-        assert_eq!(format_rfc3339(at(951_782_400)), "2000-02-29T00:00:00Z");
-        assert_eq!(format_rfc3339(at(1_700_000_000)), "2023-11-14T22:13:20Z");
-        assert_eq!(format_rfc3339(at(1_709_210_096)), "2024-02-29T12:34:56Z");
-        assert_eq!(format_rfc3339(at(4_102_444_799)), "2099-12-31T23:59:59Z");
-        // Sub-second parts are dropped, not rounded.
+    fn body_fields_match_kube_proxy() {
+        let health = ProxyHealth::new(TIMEOUT);
+        health.set_families(&[IpFamily::V6, IpFamily::V4]);
+        health.updated();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_millis(1_709_210_096_500);
+        let body = health.status(now).body;
+        let synced = json(&body)["status"]["IPv4"]["lastUpdated"]
+            .as_str()
+            .unwrap()
+            .to_string();
         assert_eq!(
-            format_rfc3339(at(59) + Duration::from_millis(999)),
-            "1970-01-01T00:00:59Z"
+            body,
+            format!(
+                r#"{{"lastUpdated":"2024-02-29T12:34:56.5Z","currentTime":"2024-02-29T12:34:56.5Z","nodeEligible":true,"healthy":true,"status":{{"IPv4":{{"lastUpdated":"{synced}","healthy":true}},"IPv6":{{"lastUpdated":"{synced}","healthy":true}}}}}}"#
+            )
         );
+        let live = health.live_status(now).body;
+        assert!(live.starts_with(r#"{"lastUpdated":"2024-02-29T12:34:56.5Z","currentTime":"2024-02-29T12:34:56.5Z","healthy":true,"status":{"#), "{live}");
+    }
+
+    #[test]
+    fn rfc3339_formatting_as_go_marshals_time() {
+        let at = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+        assert_eq!(format_rfc3339(at(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(format_rfc3339(at(951_782_400_000)), "2000-02-29T00:00:00Z");
+        assert_eq!(format_rfc3339(at(1_709_210_096_000)), "2024-02-29T12:34:56Z");
+        // Fractional seconds without trailing zeros, up to nanoseconds.
+        assert_eq!(format_rfc3339(at(59_120)), "1970-01-01T00:00:59.12Z");
         assert_eq!(
-            format_rfc3339(UNIX_EPOCH - Duration::from_secs(1)),
-            "1970-01-01T00:00:00Z"
+            format_rfc3339(SystemTime::UNIX_EPOCH + Duration::from_nanos(1)),
+            "1970-01-01T00:00:00.000000001Z"
         );
     }
 
@@ -538,9 +657,8 @@ mod tests {
 
     #[tokio::test]
     async fn healthz_server_reports_late_sync_as_503() {
-        // A zero timeout makes any pending change late at once, without sleeping.
+        // A zero timeout makes the start (nothing programmed yet) late at once, without sleeping.
         let health = Arc::new(ProxyHealth::new(Duration::ZERO));
-        health.queued_update();
         let listener = local_listener().await;
         let addr = listener.local_addr().expect("local addr");
         let (stop, shutdown) = watch::channel(false);
@@ -548,7 +666,7 @@ mod tests {
 
         let reply = get(addr, "/healthz").await;
         assert_eq!(reply.status, 503);
-        assert_eq!(json(&reply.body)["lastUpdated"], NEVER);
+        assert_eq!(json(&reply.body)["healthy"], false);
         assert_eq!(get(addr, "/livez").await.status, 503);
 
         health.updated();
@@ -614,11 +732,20 @@ mod tests {
 
     #[tokio::test]
     async fn bind_failure_names_the_address() {
-        let taken = local_listener().await;
+        // Held by a socket without SO_REUSEPORT, as another program's would be.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = taken.local_addr().expect("local addr");
 
         let err = bind(addr).await.expect_err("port is taken");
         assert!(matches!(err, HealthError::Bind { addr: a, .. } if a == addr));
         assert!(err.to_string().contains(&addr.to_string()));
+    }
+
+    #[tokio::test]
+    async fn two_kproxies_share_a_port_during_an_update() {
+        let old = local_listener().await;
+        let addr = old.local_addr().expect("local addr");
+        let new = bind(addr).await.expect("the new kproxy binds beside the old one");
+        assert_eq!(new.local_addr().expect("local addr"), addr);
     }
 }

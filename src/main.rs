@@ -1,20 +1,6 @@
 //! kproxy: a kube-proxy replacement. Parses flags, sets up logging, and hands over to `app`.
 #![forbid(unsafe_code)]
 
-mod api_client;
-mod app;
-mod cli;
-mod config;
-mod dataplane;
-mod health;
-mod healthcheck;
-mod ingress;
-mod metrics;
-mod model;
-mod node_setup;
-mod sync;
-mod watch;
-
 use std::process::ExitCode;
 
 /// mimalloc hands freed pages back to the kernel soon after a burst (a relist, a re-read of
@@ -25,8 +11,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, KUBE_VERSION};
-use crate::config::Config;
+use kproxy::app;
+use kproxy::cli::{Cli, Command, KUBE_VERSION};
+use kproxy::config::{self, Config};
+use kproxy::node_setup;
 
 /// kube-proxy's klog verbosity mapped to tracing levels; RUST_LOG, when set, wins.
 /// `--logging-format json` writes one JSON object per line (ts, level, msg, fields), as

@@ -258,6 +258,24 @@ mod tests {
         assert_eq!(p.errors.len(), 2, "{:?}", p.errors);
     }
 
+    /// Found by the `annotations` fuzz target: a timeout too long for a `Duration` once
+    /// panicked the route builder, so one Ingress stopped every Ingress update.
+    #[test]
+    fn a_timeout_too_long_for_a_duration_is_an_error() {
+        let huge = "100000000000000000000000000000000000000007173733806442603407s";
+        for name in ["proxy-connect-timeout", "proxy-read-timeout", "proxy-send-timeout"] {
+            for prefix in ["nginx.ingress.kubernetes.io/", "kproxy.io/"] {
+                let key = format!("{prefix}{name}");
+                let p = parse(&map(&[(key.as_str(), huge)]));
+                assert_eq!(p.errors.len(), 1, "{prefix}{name}: {:?}", p.errors);
+                assert_eq!(p.settings.connect_timeout, None);
+                assert_eq!(p.settings.read_timeout, None);
+                assert_eq!(p.settings.send_timeout, None);
+            }
+        }
+        assert_eq!(crate::config::parse_duration("99999999999999999999999h"), None);
+    }
+
     #[test]
     fn sizes() {
         assert_eq!(parse_size("0"), Some(None));

@@ -174,7 +174,9 @@ async fn drive<K>(
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    let mut stream = watcher::watcher(api, config)
+        .backoff(super::backoff::WatchBackoff::new())
+        .boxed();
     let mut buffer: Vec<K> = Vec::new();
     loop {
         let event = tokio::select! {
@@ -192,7 +194,7 @@ async fn drive<K>(
             }
             Some(Ok(Event::Apply(obj))) => apply(Change::Apply(&obj)),
             Some(Ok(Event::Delete(obj))) => apply(Change::Delete(&obj)),
-            // The watcher retries on its own (with backoff); the store keeps the last state.
+            // The watcher retries on its own (see `backoff`); the store keeps the last state.
             Some(Err(e)) => tracing::warn!(?kind, error = %e, "watch failed; retrying"),
         }
     }

@@ -2,5 +2,6 @@
 //! store through [`crate::sync::SharedState::update`], so the rest of kproxy cannot tell them apart.
 
 pub mod allocate;
+pub mod backoff;
 pub mod kube;
 pub mod manifests;

@@ -220,24 +220,24 @@ impl GatewayDocs {
     /// Takes one manifest document if it is a Gateway API kind kproxy reads or a Namespace:
     /// `Ok(false)` for other kinds, an error naming the kind when it does not parse.
     pub fn add(&mut self, api_version: &str, kind: &str, value: serde_yaml::Value) -> Result<bool, String> {
-        fn parse<T: serde::de::DeserializeOwned>(kind: &str, value: serde_yaml::Value) -> Result<T, String> {
-            serde_yaml::from_value(value).map_err(|e| format!("{kind}: {e}"))
+        match GatewayDoc::parse(api_version, kind, value)? {
+            Some(doc) => {
+                self.push(doc);
+                Ok(true)
+            }
+            None => Ok(false),
         }
-        if !Self::reads(api_version, kind) {
-            return Ok(false);
+    }
+
+    /// Adds one parsed object.
+    pub fn push(&mut self, doc: GatewayDoc) {
+        match doc {
+            GatewayDoc::Class(o) => self.classes.push(o),
+            GatewayDoc::Gateway(o) => self.gateways.push(o),
+            GatewayDoc::Route(o) => self.routes.push(o),
+            GatewayDoc::Grant(o) => self.grants.push(o),
+            GatewayDoc::Namespace(o) => self.namespaces.push(o),
         }
-        if kind == "Namespace" {
-            self.namespaces.push(parse(kind, value)?);
-            return Ok(true);
-        }
-        match kind {
-            "GatewayClass" => self.classes.push(parse(kind, value)?),
-            "Gateway" => self.gateways.push(parse(kind, value)?),
-            "HTTPRoute" => self.routes.push(parse(kind, value)?),
-            "ReferenceGrant" => self.grants.push(parse(kind, value)?),
-            _ => return Ok(false),
-        }
-        Ok(true)
     }
 
     pub fn extend(&mut self, other: GatewayDocs) {
@@ -291,6 +291,85 @@ impl GatewayDocs {
             changed |= Namespace::apply(objects, o);
         }
         changed
+    }
+}
+
+/// One Gateway API object (or Namespace) read from a manifest document.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GatewayDoc {
+    Class(GatewayClass),
+    Gateway(Gateway),
+    Route(HttpRoute),
+    Grant(ReferenceGrant),
+    Namespace(Namespace),
+}
+
+impl GatewayDoc {
+    /// The document as the object it is, if [`GatewayDocs::reads`] its apiVersion and kind
+    /// (`None` otherwise); an error naming the kind when it does not parse.
+    pub fn parse(api_version: &str, kind: &str, value: serde_yaml::Value) -> Result<Option<GatewayDoc>, String> {
+        fn parse<T: serde::de::DeserializeOwned>(kind: &str, value: serde_yaml::Value) -> Result<T, String> {
+            serde_yaml::from_value(value).map_err(|e| format!("{kind}: {e}"))
+        }
+        if !GatewayDocs::reads(api_version, kind) {
+            return Ok(None);
+        }
+        Ok(Some(match kind {
+            "Namespace" => GatewayDoc::Namespace(parse(kind, value)?),
+            "GatewayClass" => GatewayDoc::Class(parse(kind, value)?),
+            "Gateway" => GatewayDoc::Gateway(parse(kind, value)?),
+            "HTTPRoute" => GatewayDoc::Route(parse(kind, value)?),
+            "ReferenceGrant" => GatewayDoc::Grant(parse(kind, value)?),
+            _ => return Ok(None),
+        }))
+    }
+
+    pub fn kind(&self) -> GatewayKind {
+        match self {
+            GatewayDoc::Class(_) => GatewayKind::GatewayClass,
+            GatewayDoc::Gateway(_) => GatewayKind::Gateway,
+            GatewayDoc::Route(_) => GatewayKind::HttpRoute,
+            GatewayDoc::Grant(_) => GatewayKind::ReferenceGrant,
+            GatewayDoc::Namespace(_) => GatewayKind::Namespace,
+        }
+    }
+
+    pub fn meta(&self) -> &ObjectMeta {
+        match self {
+            GatewayDoc::Class(o) => &o.metadata,
+            GatewayDoc::Gateway(o) => &o.metadata,
+            GatewayDoc::Route(o) => &o.metadata,
+            GatewayDoc::Grant(o) => &o.metadata,
+            GatewayDoc::Namespace(o) => &o.metadata,
+        }
+    }
+
+    pub fn meta_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            GatewayDoc::Class(o) => &mut o.metadata,
+            GatewayDoc::Gateway(o) => &mut o.metadata,
+            GatewayDoc::Route(o) => &mut o.metadata,
+            GatewayDoc::Grant(o) => &mut o.metadata,
+            GatewayDoc::Namespace(o) => &mut o.metadata,
+        }
+    }
+}
+
+impl GatewayKind {
+    /// The kind as manifests spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GatewayKind::GatewayClass => "GatewayClass",
+            GatewayKind::Gateway => "Gateway",
+            GatewayKind::HttpRoute => "HTTPRoute",
+            GatewayKind::ReferenceGrant => "ReferenceGrant",
+            GatewayKind::Namespace => "Namespace",
+        }
+    }
+
+    /// GatewayClasses and Namespaces belong to no namespace.
+    pub fn namespaced(self) -> bool {
+        !matches!(self, GatewayKind::GatewayClass | GatewayKind::Namespace)
     }
 }
 
