@@ -378,7 +378,7 @@ fn raw(env: &Env, request: Vec<u8>) -> String {
 
 /// A WebSocket handshake to `host` on the HTTP listener, then two messages echoed through the
 /// upgraded connection: the response head and what came back.
-fn websocket_echo(env: &Env, host: &str) -> (String, String) {
+pub(crate) fn websocket_echo(env: &Env, host: &str) -> (String, String) {
     let request = format!("GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
     raw_in(env, &format!("{NODE}:80"), move |mut s| {
         s.write_all(request.as_bytes()).expect("write");

@@ -401,8 +401,6 @@ async fn read_head(io: &mut ClientIo, buf: &mut Buf, first: bool) -> Result<Requ
 struct Target<'b> {
     authority: Option<&'b str>,
     path: &'b str,
-    /// Path and query as sent (for redirects).
-    path_and_query: &'b str,
     query: Option<&'b str>,
 }
 
@@ -424,13 +422,7 @@ fn split_target(target: &str) -> Option<Target<'_>> {
         None => (rest, None),
     };
     let path = if path.is_empty() { "/" } else { path };
-    let path_and_query = if rest.starts_with('/') { rest } else { path };
-    Some(Target {
-        authority,
-        path,
-        path_and_query,
-        query,
-    })
+    Some(Target { authority, path, query })
 }
 
 /// Headers of a parsed request head, for routing decisions.
@@ -777,10 +769,8 @@ fn plan<'t>(
         method,
         path: target.path,
         query: target.query,
-        path_and_query: target.path_and_query,
-        declared,
     };
-    let decision: Decision<'t> = w.proxy.decide(table, &conn, line, &view);
+    let decision: Decision<'t> = w.proxy.decide(table, &conn, line, declared, &view);
     let (route, endpoint, affinity_in) = match (decision.route, decision.action) {
         (route, Action::Answer(a)) => return Err((route, a)),
         (Some(route), Action::Forward { endpoint, affinity_in }) => (route, endpoint, affinity_in),
@@ -790,6 +780,7 @@ fn plan<'t>(
     let mut fwd = Forwarding {
         head,
         host,
+        client_host: host,
         path: target.path,
         query: target.query,
         route,
@@ -837,7 +828,10 @@ fn plan<'t>(
 /// What writing the backend's request head needs.
 struct Forwarding<'a> {
     head: &'a RequestHead,
+    /// The backend's `Host`.
     host: &'a str,
+    /// As the client sent it (`X-Forwarded-Host`); not `host` after a Gateway API URLRewrite.
+    client_host: &'a str,
     path: &'a str,
     query: Option<&'a str>,
     route: &'a Route,
@@ -998,7 +992,7 @@ fn write_upstream_head(out: &mut Vec<u8>, buf: &[u8], req: &Forwarding<'_>, body
         b"x-forwarded-proto: http\r\n"
     });
     out.extend_from_slice(b"x-forwarded-host: ");
-    out.extend_from_slice(req.host.as_bytes());
+    out.extend_from_slice(req.client_host.as_bytes());
     out.extend_from_slice(b"\r\nx-forwarded-port: ");
     push_decimal(out, u64::from(req.conn.port));
     out.extend_from_slice(b"\r\n\r\n");

@@ -37,8 +37,8 @@ use tokio::sync::watch;
 
 use super::balance::{affinity_value, Balancer};
 use super::gateway::proxy as gateway;
-pub use super::routes::RequestView;
 use super::routes::{normalize_host, Route, RouteTable, Upstream};
+pub use super::routes::{RequestLine, RequestView};
 use super::upstream::{
     BoxError, Clients, IdleTimeoutBody, ProxyBody, RetryBody, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
     DEFAULT_SEND_TIMEOUT,
@@ -110,6 +110,23 @@ impl Conn {
     }
 }
 
+/// The `Host` a backend sees and the client's (its `X-Forwarded-Host`): they differ after a
+/// Gateway API URLRewrite of the hostname.
+#[derive(Debug, Clone, Copy)]
+struct Hosts<'a> {
+    upstream: &'a str,
+    client: &'a str,
+}
+
+impl<'a> Hosts<'a> {
+    fn same(host: &'a str) -> Self {
+        Hosts {
+            upstream: host,
+            client: host,
+        }
+    }
+}
+
 /// An answer kproxy gives itself, without a backend.
 #[derive(Debug, Clone)]
 pub struct Answer {
@@ -164,21 +181,6 @@ pub struct Decision<'t> {
     pub route: Option<&'t Route>,
     pub action: Action,
     pub gateway: Option<gateway::Forward<'t>>,
-}
-
-/// The parts of a request's line and head that steps 1 to 3 read.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestLine<'a> {
-    /// As the client sent it, maybe with a port.
-    pub host: &'a str,
-    pub method: &'a str,
-    /// Without the query.
-    pub path: &'a str,
-    pub query: Option<&'a str>,
-    /// As sent (for redirects).
-    pub path_and_query: &'a str,
-    /// The body's Content-Length.
-    pub declared: Option<u64>,
 }
 
 fn error_chain_has<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
@@ -265,12 +267,13 @@ impl Proxy {
     /// Steps 1 to 3 of a request (see the module doc): which route serves it, and whether it
     /// is answered here or forwarded to which endpoint. Gateway API listeners first (their own
     /// ports, and the hosts they match best on an Ingress port; see [`gateway::decide`]), then
-    /// the Ingress routes.
+    /// the Ingress routes. `declared` is the body's Content-Length.
     pub fn decide<'t>(
         &self,
         table: &'t RouteTable,
         conn: &Conn,
         req: RequestLine<'_>,
+        declared: Option<u64>,
         headers: &dyn RequestView,
     ) -> Decision<'t> {
         let answer = |route, a| Decision {
@@ -278,13 +281,7 @@ impl Proxy {
             action: Action::Answer(a),
             gateway: None,
         };
-        let line = gateway::RequestLine {
-            host: req.host,
-            method: req.method,
-            path: req.path,
-            query: req.query,
-        };
-        match gateway::decide(table, conn.port, conn.https, line, headers) {
+        match gateway::decide(table, conn.port, conn.https, req, headers) {
             gateway::Decision::Ingress => {}
             gateway::Decision::Answer(a) => return answer(None, a),
             gateway::Decision::Forward(f) => {
@@ -306,11 +303,10 @@ impl Proxy {
                 };
             }
         }
-        let (host, path, path_and_query, https, declared) =
-            (req.host, req.path, req.path_and_query, conn.https, req.declared);
+        let (host, path, https) = (req.host, req.path, conn.https);
         let Some(main) = table.route(host, path) else {
             if !https && table.host_has_tls(host) {
-                return answer(None, self.redirect(host, path_and_query));
+                return answer(None, self.redirect(host, path, req.query));
             }
             return answer(None, Answer::text(StatusCode::NOT_FOUND, "404 page not found"));
         };
@@ -327,7 +323,7 @@ impl Proxy {
         };
         let settings = &route.settings;
         if !https && ((route.host_tls && settings.ssl_redirect) || settings.force_ssl_redirect) {
-            return answer(Some(route), self.redirect(host, path_and_query));
+            return answer(Some(route), self.redirect(host, path, req.query));
         }
         if let (Some(limit), Some(n)) = (settings.body_limit, declared) {
             if n > limit {
@@ -354,15 +350,16 @@ impl Proxy {
     }
 
     /// 308 to the same URL over HTTPS (the port is omitted when the HTTPS listener is on 443).
-    fn redirect(&self, host: &str, path_and_query: &str) -> Answer {
+    fn redirect(&self, host: &str, path: &str, query: Option<&str>) -> Answer {
         let port = if self.https_port == 443 {
             String::new()
         } else {
             format!(":{}", self.https_port)
         };
-        let pq = if path_and_query.is_empty() { "/" } else { path_and_query };
+        let path = if path.is_empty() { "/" } else { path };
+        let query = query.map_or(String::new(), |q| format!("?{q}"));
         Answer {
-            location: Some(format!("https://{}{port}{pq}", normalize_host(host))),
+            location: Some(format!("https://{}{port}{path}{query}", normalize_host(host))),
             ..Answer::status(StatusCode::PERMANENT_REDIRECT)
         }
     }
@@ -423,10 +420,8 @@ impl Proxy {
             method: req.method().as_str(),
             path: uri.path(),
             query: uri.query(),
-            path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()),
-            declared,
         };
-        let decision = self.decide(table, &conn, line, req.headers());
+        let decision = self.decide(table, &conn, line, declared, req.headers());
         let labels = decision
             .route
             .map(|r| (r.ingress.clone(), r.backend.service.to_string()));
@@ -438,7 +433,7 @@ impl Proxy {
             }
             (Some(route), Action::Forward { endpoint, affinity_in }, None) => {
                 let (resp, upstream) = self
-                    .forward_h2(req, conn, &host, route, endpoint, affinity_in, None)
+                    .forward_h2(req, conn, Hosts::same(&host), route, endpoint, affinity_in, None)
                     .await;
                 (resp, labels, upstream)
             }
@@ -467,7 +462,10 @@ impl Proxy {
                 Err(_) => return (full(&Answer::text(StatusCode::BAD_REQUEST, "bad request target")), None),
             }
         }
-        let upstream_host = g.host(host);
+        let hosts = Hosts {
+            upstream: g.host(host),
+            client: host,
+        };
         if g.needs_request_headers() {
             g.edit_request_headers(req.headers_mut());
             let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -475,11 +473,11 @@ impl Proxy {
                 req.method().as_str(),
                 target,
                 req.headers(),
-                upstream_host,
+                hosts.upstream,
                 &self.clients,
             );
         }
-        let forward = self.forward_h2(req, conn, upstream_host, g.route(), endpoint, None, Some(&g));
+        let forward = self.forward_h2(req, conn, hosts, g.route(), endpoint, None, Some(&g));
         match g.request_timeout() {
             Some(limit) => tokio::time::timeout(limit, forward).await.unwrap_or_else(|_| {
                 (
@@ -495,7 +493,7 @@ impl Proxy {
     fn upstream_head(
         req: &http::request::Parts,
         conn: Conn,
-        host: &str,
+        hosts: Hosts<'_>,
         route: &Route,
         authority: &str,
     ) -> Option<http::request::Parts> {
@@ -523,7 +521,7 @@ impl Proxy {
                 headers.insert(name, v);
             }
         };
-        set(&mut headers, "host", host);
+        set(&mut headers, "host", hosts.upstream);
         set(&mut headers, "x-forwarded-for", &xff);
         set(&mut headers, "x-real-ip", &ip);
         set(
@@ -531,7 +529,7 @@ impl Proxy {
             "x-forwarded-proto",
             if conn.https { "https" } else { "http" },
         );
-        set(&mut headers, "x-forwarded-host", host);
+        set(&mut headers, "x-forwarded-host", hosts.client);
         set(&mut headers, "x-forwarded-port", &conn.port.to_string());
         let mut builder = Request::builder()
             .method(req.method.clone())
@@ -551,7 +549,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         conn: Conn,
-        host: &str,
+        hosts: Hosts<'_>,
         route: &Route,
         first: Option<SocketAddr>,
         affinity_in: Option<String>,
@@ -574,7 +572,7 @@ impl Proxy {
         };
         let (parts, body) = req.into_parts();
         let mut authority = authority_of(first);
-        let Some(head) = Self::upstream_head(&parts, conn, host, route, &authority) else {
+        let Some(head) = Self::upstream_head(&parts, conn, hosts, route, &authority) else {
             return (full(&Answer::text(StatusCode::BAD_REQUEST, "bad request target")), None);
         };
         // Stream the body: bounded by proxy-body-size, failing when the client stalls.
@@ -605,7 +603,7 @@ impl Proxy {
                         break Err(status(StatusCode::BAD_GATEWAY));
                     };
                     authority = next.to_string();
-                    let Some(head) = Self::upstream_head(&parts, conn, host, route, &authority) else {
+                    let Some(head) = Self::upstream_head(&parts, conn, hosts, route, &authority) else {
                         break Err(status(StatusCode::BAD_GATEWAY));
                     };
                     retried = true;

@@ -200,6 +200,18 @@ impl HostRules {
     }
 }
 
+/// A request's line as routing reads it, whatever protocol carried it (borrowed from hyper's
+/// `Uri` for HTTP/2, from the parsed head in place for HTTP/1).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLine<'a> {
+    /// As the client sent it (Host header or absolute-form authority), maybe with a port.
+    pub host: &'a str,
+    pub method: &'a str,
+    /// Without the query.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+}
+
 /// A request's headers as routing reads them, whatever protocol carried them (hyper's
 /// `HeaderMap` for HTTP/2, the parsed head in place for HTTP/1).
 pub trait RequestView {

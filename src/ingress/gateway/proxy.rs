@@ -21,22 +21,11 @@ use http_body_util::{BodyExt, Empty};
 
 use super::table::{Action, Entry, PathSpec, Rule, Target, WeightedBackend};
 use crate::ingress::proxy::Answer;
-use crate::ingress::routes::{host_key, RequestView, Route, RouteTable, Upstream};
+use crate::ingress::routes::{host_key, RequestLine, RequestView, Route, RouteTable, Upstream};
 use crate::ingress::upstream::{Clients, ProxyBody, RetryBody, DEFAULT_CONNECT_TIMEOUT};
 
 /// How long a mirrored request may take before it is dropped.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A request's line as the matcher reads it.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestLine<'a> {
-    /// As the client sent it (Host header or absolute-form authority), maybe with a port.
-    pub host: &'a str,
-    pub method: &'a str,
-    /// Without the query.
-    pub path: &'a str,
-    pub query: Option<&'a str>,
-}
 
 /// What the proxy does with a request.
 pub enum Decision<'t> {

@@ -11,10 +11,11 @@ use k8s_openapi::api::core::v1::Secret;
 
 use super::build::{build_gateway, GatewayBuilt, GatewayConfig};
 use super::objects::{GatewayDocs, GatewayObjects};
-use super::proxy::{decide, Decision, RequestLine};
+use super::proxy::{decide, Decision};
 use super::status::{plan_status_writes, Cond, Kind};
 use super::CONTROLLER_NAME;
 use crate::ingress::objects::ObjectKey;
+use crate::ingress::routes::RequestLine;
 use crate::ingress::routes::{RouteTable, ServiceLookup};
 use crate::model::store::build_service_state;
 use crate::model::{Endpoint, PortState, Protocol, ServiceKey, ServicePort, ServicePortName};
