@@ -679,3 +679,13 @@ fn hex_bytes(s: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
         .collect()
 }
+
+/// Found by fuzzing (fuzz/fuzz_targets/nft_netlink.rs): an error message whose code is
+/// i32::MIN negated with overflow. Whatever the code, it decodes.
+#[test]
+fn an_error_code_of_any_value_decodes() {
+    let mut buf = vec![0x14, 0, 0, 0, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    buf.extend_from_slice(&0x8000_0000u32.to_le_bytes());
+    let replies = super::wire::decode_replies(&buf).expect("one error message");
+    assert!(matches!(replies[..], [super::wire::Reply::Error { .. }]), "{replies:?}");
+}
