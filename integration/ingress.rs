@@ -879,8 +879,20 @@ fn protocols() {
     assert!(echoed.0.contains("x-target-form: origin"), "{}", echoed.0);
     assert_eq!(echoed.1, "hello websocket");
 
-    // 100 MiB, chunked from stdin, streamed through.
+    // 100 MiB, chunked from stdin, streamed through: kproxy's peak memory grows by far less
+    // than the body (measured from its resident size before, which the merged-in features
+    // and the debug build have moved close to the old fixed 64 MiB bound).
     let pid = env.kproxy.pid().expect("kproxy pid");
+    let kib = |field: &str| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let rss_before = kib("VmRSS:");
     let out = env.topo.exec(
         &env.topo.client,
         &[
@@ -891,16 +903,10 @@ fn protocols() {
     );
     let body = String::from_utf8_lossy(&out.stdout);
     assert!(body.contains("received: 104857600"), "upload: {body}");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let hwm_kib = kib("VmHWM:");
     assert!(
-        hwm_kib > 0 && hwm_kib < 64 * 1024,
-        "kproxy peak RSS {hwm_kib} KiB: the body was buffered"
+        rss_before > 0 && hwm_kib < rss_before + 32 * 1024,
+        "kproxy peak RSS {hwm_kib} KiB from {rss_before} KiB before the upload: the body was buffered"
     );
 }
 
