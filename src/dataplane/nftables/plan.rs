@@ -22,9 +22,9 @@ use std::sync::Arc;
 
 use super::command::{fixed_set_kind, Command, ElemKey};
 use super::names;
-use super::netlink::{BaseHook, Data, Expr, Verdict};
+use super::netlink::{BaseHook, Data, Expr};
 use super::render::{base_chains, fixed_sets, render_fixed_rules, render_port, AffinitySet, PortRules};
-use super::rule::{Key, Rule, SetDecl, SetKind};
+use super::rule::{Key, Rule, SetDecl, SetKind, Value};
 use crate::dataplane::iptables::render::RenderConfig;
 use crate::model::{ChangeSet, DesiredState, IpFamily, NodeInfo, ServiceKey, ServiceState};
 
@@ -36,13 +36,13 @@ pub fn hash_of<T: std::hash::Hash + ?Sized>(v: &T) -> Hash {
     h.finish()
 }
 
-/// A map element's data as compared: the verdict (none in a plain set).
+/// A map element's data as compared: the verdict or value (none in a plain set).
 pub fn data_hash(v: Option<&Data>) -> Hash {
     hash_of(&v)
 }
 
-fn verdict_hash(v: &Option<Verdict>) -> Hash {
-    data_hash(v.clone().map(Data::Verdict).as_ref())
+fn value_hash(v: &Option<Value>) -> Hash {
+    data_hash(v.as_ref().map(Value::data).as_ref())
 }
 
 /// One rule as committed: the handle the kernel gave it and a hash of its expressions.
@@ -242,7 +242,7 @@ struct Builder<'a> {
     family: IpFamily,
     state: &'a mut TableState,
     unit: Unit,
-    adds: BTreeMap<String, Vec<(ElemKey, Option<Verdict>)>>,
+    adds: BTreeMap<String, Vec<(ElemKey, Option<Value>)>>,
     dels: BTreeMap<String, Vec<ElemKey>>,
 }
 
@@ -374,8 +374,8 @@ impl Builder<'_> {
         }
     }
 
-    fn add_element(&mut self, set: &str, key: ElemKey, value: Option<Verdict>) {
-        let hash = verdict_hash(&value);
+    fn add_element(&mut self, set: &str, key: ElemKey, value: Option<Value>) {
+        let hash = value_hash(&value);
         let bytes = key.bytes();
         let elements = self.state.elements.entry(set.into()).or_default();
         match elements.get(&bytes) {
@@ -599,7 +599,7 @@ impl Planner {
 
         let mut chains: Vec<(String, Vec<Rule>)> = Vec::new();
         let mut sets: Vec<AffinitySet> = Vec::new();
-        let mut elements: Vec<(&'static str, Key, Option<Verdict>)> = Vec::new();
+        let mut elements: Vec<(&'static str, Key, Option<Value>)> = Vec::new();
         let mut hairpin: BTreeSet<IpAddr> = BTreeSet::new();
         let mut rules = 0;
         let mut no_local = (0, 0);

@@ -23,6 +23,9 @@ pub enum Field {
     L4proto,
     /// `th dport`: the destination port of any transport header.
     ThDport,
+    /// `numgen random mod MODULUS offset OFFSET`: a random slot in `OFFSET..OFFSET+MODULUS`,
+    /// host byte order, as the last field of an endpoint map's key.
+    Slot { modulus: u32, offset: u32 },
 }
 
 impl Field {
@@ -31,6 +34,7 @@ impl Field {
             Field::Saddr | Field::Daddr => addr_len(family),
             Field::L4proto => 1,
             Field::ThDport => 2,
+            Field::Slot { .. } => 4,
         }
     }
 
@@ -52,6 +56,12 @@ impl Field {
                 offset: 2,
                 len: 2,
             },
+            Field::Slot { modulus, offset } => Expr::Numgen {
+                dreg,
+                modulus,
+                kind: expr::NG_RANDOM,
+                offset,
+            },
         }
     }
 
@@ -61,6 +71,8 @@ impl Field {
             Field::Daddr => format!("{} daddr", sel(family)),
             Field::L4proto => "meta l4proto".into(),
             Field::ThDport => "th dport".into(),
+            Field::Slot { modulus, offset: 0 } => format!("numgen random mod {modulus}"),
+            Field::Slot { modulus, offset } => format!("numgen random mod {modulus} offset {offset}"),
         }
     }
 }
@@ -164,6 +176,9 @@ pub enum Stmt {
     Update { set: String, key: Field },
     /// `dnat to 10.244.1.2:8080`, `dnat to [fd00::2]:8080`
     Dnat { addr: IpAddr, port: u16 },
+    /// `dnat to ip daddr . meta l4proto . th dport . numgen random mod 3 map @service-endpoints`:
+    /// the address and port are the data of the element the key finds (an `addr . port` map).
+    DnatMap { key: Vec<Field>, map: String },
     /// `masquerade`, `masquerade fully-random`
     Masquerade { fully_random: bool },
     /// `reject`: ICMP port unreachable (ICMPv6 in `ip6` tables)
@@ -292,6 +307,11 @@ impl Stmt {
                 IpAddr::V4(a) => write!(f, "dnat to {a}:{port}"),
                 IpAddr::V6(a) => write!(f, "dnat to [{a}]:{port}"),
             },
+            Stmt::DnatMap { key, map } => {
+                f.write_str("dnat to ")?;
+                fmt_concat(key, family, f)?;
+                write!(f, " map @{map}")
+            }
             Stmt::Masquerade { fully_random } => f.write_str(if *fully_random {
                 "masquerade fully-random"
             } else {
@@ -472,6 +492,24 @@ impl Stmt {
                     flags: expr::NAT_F_PROTO_SPECIFIED,
                 });
             }
+            Stmt::DnatMap { key, map } => {
+                load_concat(key, family, out);
+                out.push(Expr::Lookup {
+                    sreg: r1,
+                    set: map.clone(),
+                    dreg: Some(r1),
+                    flags: 0,
+                });
+                // The element's data, `addr . port`, fills registers as a concatenation does.
+                let regs = concat_registers(&[Field::Daddr, Field::ThDport], family);
+                out.push(Expr::Nat {
+                    kind: expr::NAT_DNAT,
+                    family: u32::from(nfproto(family)),
+                    reg_addr: Some(regs[0]),
+                    reg_proto: Some(regs[1]),
+                    flags: expr::NAT_F_PROTO_SPECIFIED,
+                });
+            }
             Stmt::Masquerade { fully_random } => out.push(Expr::Masq {
                 flags: if *fully_random { expr::NAT_F_RANDOM_FULLY } else { 0 },
             }),
@@ -494,6 +532,39 @@ fn load_concat(key: &[Field], family: IpFamily, out: &mut Vec<Expr>) {
     }
 }
 
+/// The data of one map element.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Value {
+    /// `goto service-…`, `drop`: a verdict map's
+    Verdict(Verdict),
+    /// `10.244.1.2 . 8080`: where an endpoint map sends a slot
+    Endpoint(IpAddr, u16),
+}
+
+impl Value {
+    /// The data as the kernel stores it (a concatenation: each field padded to 4 bytes).
+    pub fn data(&self) -> Data {
+        match self {
+            Value::Verdict(v) => Data::Verdict(v.clone()),
+            Value::Endpoint(ip, port) => {
+                let mut b = ip_bytes(ip);
+                b.extend(port.to_be_bytes());
+                b.extend([0, 0]);
+                Data::Value(b)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Verdict(v) => fmt_verdict(v, f),
+            Value::Endpoint(ip, port) => write!(f, "{ip} . {port}"),
+        }
+    }
+}
+
 /// The key of one element of kproxy's sets and maps.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Key {
@@ -503,6 +574,10 @@ pub enum Key {
     ProtoPort(Protocol, u16),
     /// `10.244.1.2 . 10.244.1.2` (`hairpin`)
     Pair(IpAddr),
+    /// `10.96.0.10 . tcp . 80 . 3`: slot 3 of that address and port (`service-endpoints`)
+    AddrPortSlot(IpAddr, Protocol, u16, u32),
+    /// `tcp . 30080 . 3`: slot 3 of that NodePort (`nodeport-endpoints`)
+    ProtoPortSlot(Protocol, u16, u32),
 }
 
 impl fmt::Display for Key {
@@ -511,6 +586,8 @@ impl fmt::Display for Key {
             Key::AddrPort(ip, p, port) => write!(f, "{ip} . {p} . {port}"),
             Key::ProtoPort(p, port) => write!(f, "{p} . {port}"),
             Key::Pair(ip) => write!(f, "{ip} . {ip}"),
+            Key::AddrPortSlot(ip, p, port, slot) => write!(f, "{ip} . {p} . {port} . {slot}"),
+            Key::ProtoPortSlot(p, port, slot) => write!(f, "{p} . {port} . {slot}"),
         }
     }
 }
@@ -538,6 +615,14 @@ impl Key {
                 b.extend(ip_bytes(ip));
                 b.extend(ip_bytes(ip));
             }
+            Key::AddrPortSlot(ip, p, port, slot) => {
+                b.extend(Key::AddrPort(*ip, *p, *port).bytes());
+                b.extend(slot.to_ne_bytes());
+            }
+            Key::ProtoPortSlot(p, port, slot) => {
+                b.extend(Key::ProtoPort(*p, *port).bytes());
+                b.extend(slot.to_ne_bytes());
+            }
         }
         b
     }
@@ -550,6 +635,8 @@ const TYPE_INET_PROTOCOL: u32 = 12;
 const TYPE_INET_SERVICE: u32 = 13;
 /// Bits per field of a concatenated type id.
 const TYPE_BITS: u32 = 6;
+/// `integer`: the type of `numgen`.
+const TYPE_INTEGER: u32 = 4;
 
 /// What kind of set or map a declaration is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -562,6 +649,15 @@ pub enum SetKind {
     AddrPair,
     /// `type ADDR; flags dynamic,timeout; timeout Ns;`: session affinity
     Affinity { timeout: u32 },
+    /// `type ADDR . inet_proto . inet_service`: a plain set of Service addresses and ports
+    AddrPortSet,
+    /// `type inet_proto . inet_service`: a plain set of NodePorts
+    ProtoPortSet,
+    /// `typeof ADDR daddr . meta l4proto . th dport . numgen … : ADDR daddr . th dport`:
+    /// slot to endpoint, per Service address and port
+    EndpointMap,
+    /// `typeof meta l4proto . th dport . numgen … : ADDR daddr . th dport`: the same per NodePort
+    NodePortEndpointMap,
 }
 
 /// One set or map of kproxy's table.
@@ -584,6 +680,38 @@ mod udata {
     pub const CONCAT_SET: &[u8] = &[0, 4, 0, 0, 0, 0, 3, 8, 0, 4, 13, 0, 0, 0, 1, 0];
     /// `NFTNL_UDATA_SET_KEYBYTEORDER` = big endian (2): an address.
     pub const ADDR: &[u8] = &[0, 4, 2, 0, 0, 0];
+    /// `typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport`
+    /// (key and data byte order, key and data typeof: the expressions nft parses the
+    /// declaration back from), as nft 1.0.6 stores it; `IP6` for `ip6 daddr`.
+    pub const ENDPOINTS_IP: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 96, 0, 4, 13, 0, 0, 0, 1, 88, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12,
+        0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 14, 0, 4, 9, 0, 0, 0, 1, 6, 0, 4, 16, 0, 0, 0, 2, 20, 0, 4, 7, 0, 0, 0, 1, 12,
+        0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 3, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4,
+        0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0,
+        0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const ENDPOINTS_IP6: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 96, 0, 4, 13, 0, 0, 0, 1, 88, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13,
+        0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 14, 0, 4, 9, 0, 0, 0, 1, 6, 0, 4, 16, 0, 0, 0, 2, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0,
+        4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 3, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0,
+        0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0,
+        1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    /// `typeof meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport`, and `IP6`.
+    pub const NODEPORT_ENDPOINTS_IP: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 74, 0, 4, 13, 0, 0, 0, 1, 66, 0, 14, 0, 4, 9, 0, 0, 0, 1, 6, 0, 4, 16,
+        0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 2, 26, 0, 4, 23, 0, 0, 0, 1, 18,
+        0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0,
+        1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0,
+        0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const NODEPORT_ENDPOINTS_IP6: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 74, 0, 4, 13, 0, 0, 0, 1, 66, 0, 14, 0, 4, 9, 0, 0, 0, 1, 6, 0, 4, 16,
+        0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 2, 26, 0, 4, 23, 0, 0, 0, 1, 18,
+        0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0,
+        1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0,
+        0, 6, 4, 0, 0, 0, 0,
+    ];
 }
 
 impl SetDecl {
@@ -620,6 +748,44 @@ impl SetDecl {
                 u64::from(timeout) * 1000,
                 udata::ADDR,
             ),
+            SetKind::AddrPortSet => (
+                0,
+                concat(&[addr, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
+                alen + 8,
+                None,
+                0,
+                udata::CONCAT_SET,
+            ),
+            SetKind::ProtoPortSet => (
+                0,
+                concat(&[TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
+                8,
+                None,
+                0,
+                udata::CONCAT_SET,
+            ),
+            SetKind::EndpointMap => (
+                set_flags::MAP,
+                concat(&[addr, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE, TYPE_INTEGER]),
+                alen + 12,
+                Some((concat(&[addr, TYPE_INET_SERVICE]), alen + 4)),
+                0,
+                match family {
+                    IpFamily::V4 => udata::ENDPOINTS_IP,
+                    IpFamily::V6 => udata::ENDPOINTS_IP6,
+                },
+            ),
+            SetKind::NodePortEndpointMap => (
+                set_flags::MAP,
+                concat(&[TYPE_INET_PROTOCOL, TYPE_INET_SERVICE, TYPE_INTEGER]),
+                12,
+                Some((concat(&[addr, TYPE_INET_SERVICE]), alen + 4)),
+                0,
+                match family {
+                    IpFamily::V4 => udata::NODEPORT_ENDPOINTS_IP,
+                    IpFamily::V6 => udata::NODEPORT_ENDPOINTS_IP6,
+                },
+            ),
         };
         SetSpec {
             name: self.name.clone(),
@@ -643,13 +809,24 @@ impl SetDecl {
             SetKind::ProtoPortMap => "type inet_proto . inet_service : verdict;".into(),
             SetKind::AddrPair => format!("type {addr} . {addr};"),
             SetKind::Affinity { timeout } => format!("type {addr}; flags dynamic,timeout; timeout {timeout}s;"),
+            SetKind::AddrPortSet => format!("type {addr} . inet_proto . inet_service;"),
+            SetKind::ProtoPortSet => "type inet_proto . inet_service;".into(),
+            SetKind::EndpointMap | SetKind::NodePortEndpointMap => {
+                let sel = sel(family);
+                let key = if self.kind == SetKind::EndpointMap {
+                    format!("{sel} daddr . meta l4proto . th dport")
+                } else {
+                    "meta l4proto . th dport".into()
+                };
+                format!("typeof {key} . numgen random mod 1 : {sel} daddr . th dport;")
+            }
         }
     }
 
     /// `map` or `set`, as nft's `add` command names it.
     pub fn noun(&self) -> &'static str {
         match self.kind {
-            SetKind::AddrPortMap | SetKind::ProtoPortMap => "map",
+            SetKind::AddrPortMap | SetKind::ProtoPortMap | SetKind::EndpointMap | SetKind::NodePortEndpointMap => "map",
             _ => "set",
         }
     }

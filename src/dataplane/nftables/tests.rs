@@ -233,10 +233,10 @@ fn service_addresses_dispatch_to_their_chains_or_are_refused() {
     // internalTrafficPolicy Local: the local chain with the local endpoint only.
     let itp_local = names::local_chain(&port("itp"));
     assert!(ips.contains(&format!("10.96.0.40 . tcp . 80 : goto {itp_local}")));
-    assert_eq!(
-        rules(&t, &itp_local).last().copied(),
-        Some("meta l4proto tcp dnat to 10.244.1.2:8080")
-    );
+    assert_eq!(rules(&t, &itp_local).last().copied(), Some("goto local-dnat"));
+    // Its node-local endpoint is slot 0 of the local slots, in the local bucket of size 1.
+    assert!(added(&t, "local-n1").contains("10.96.0.40 . tcp . 80"), "{t}");
+    assert!(added(&t, names::SERVICE_ENDPOINTS).contains("10.96.0.40 . tcp . 80 . 65536 : 10.244.1.2 . 8080"));
     assert_eq!(planner.totals().1, (0, 1));
     // Terminating endpoints serve when nothing is ready.
     assert!(ips
@@ -253,10 +253,23 @@ fn balancing_masquerade_and_dnat() {
         web,
         [
             "ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade",
-            "meta l4proto tcp numgen random mod 2 0 dnat to 10.244.1.2:8080",
-            "meta l4proto tcp dnat to 10.244.2.2:8080",
+            "goto cluster-dnat",
         ]
     );
+    // The endpoints are elements: the address in the bucket of 2, its slots 0 and 1.
+    assert!(added(&t, "cluster-n2").contains("10.96.0.10 . tcp . 80"), "{t}");
+    let eps = added(&t, names::SERVICE_ENDPOINTS);
+    assert!(eps.contains("10.96.0.10 . tcp . 80 . 0 : 10.244.1.2 . 8080"), "{eps:?}");
+    assert!(eps.contains("10.96.0.10 . tcp . 80 . 1 : 10.244.2.2 . 8080"), "{eps:?}");
+    assert!(!eps.iter().any(|e| e.starts_with("10.96.0.10 . tcp . 80 . 2 ")));
+    // The NodePort has slots of its own, by port.
+    assert!(added(&t, "nodeport-cluster-n2").contains("tcp . 30080"), "{t}");
+    assert!(added(&t, names::NODEPORT_ENDPOINTS).contains("tcp . 30080 . 1 : 10.244.2.2 . 8080"));
+    // One fixed rule per protocol and bucket picks the slot.
+    let dnat = rules(&t, names::CLUSTER_DNAT);
+    assert!(dnat.contains(&"meta l4proto tcp ip daddr . meta l4proto . th dport @cluster-n2 dnat to ip daddr . meta l4proto . th dport . numgen random mod 2 map @service-endpoints"), "{dnat:?}");
+    assert!(dnat.contains(&"meta l4proto udp meta l4proto . th dport @nodeport-cluster-n3 dnat to meta l4proto . th dport . numgen random mod 3 map @nodeport-endpoints"), "{dnat:?}");
+    assert!(rules(&t, names::LOCAL_DNAT).contains(&"meta l4proto tcp ip daddr . meta l4proto . th dport @local-n1 dnat to ip daddr . meta l4proto . th dport . numgen random mod 1 offset 65536 map @service-endpoints"));
     // Without session affinity there are no endpoint chains at all.
     let a = endpoint(&port("web"), "10.244.1.2");
     assert!(!t.contains(&a), "{t}");
@@ -356,10 +369,7 @@ fn masquerade_all_and_detectors() {
         local_detector: LocalDetector::None,
         ..config()
     };
-    assert!(
-        first(&none).starts_with("meta l4proto tcp numgen random mod 2 0 dnat"),
-        "no detector: sources are kept"
-    );
+    assert_eq!(first(&none), "goto cluster-dnat", "no detector: sources are kept");
     let prefix = RenderConfig {
         local_detector: LocalDetector::InterfacePrefix("veth".into()),
         ..config()
@@ -397,7 +407,7 @@ fn partial_sync_rewrites_only_the_changed_rules_by_handle() {
         "an unchanged Service writes nothing"
     );
 
-    // web's second endpoint is replaced: exactly its dnat rule is rewritten, in place.
+    // web's second endpoint is replaced: its slot's element, and no rule, is rewritten.
     let web = names::service_chain(&port("web"));
     let handles_before: Vec<u64> = planner.state.chains[&web].rules.iter().map(|r| r.handle).collect();
     let changed = yaml.replace(
@@ -408,10 +418,10 @@ fn partial_sync_rewrites_only_the_changed_rules_by_handle() {
     let t = text(&plan);
     assert_eq!(
         t.lines().filter(|l| !l.contains("hairpin")).collect::<Vec<_>>(),
-        [format!(
-            "replace rule ip kproxy {web} handle {} meta l4proto tcp dnat to 10.244.3.2:8080",
-            handles_before[2]
-        )],
+        [
+            "delete element ip kproxy service-endpoints { 10.96.0.10 . tcp . 80 . 1 }",
+            "add element ip kproxy service-endpoints { 10.96.0.10 . tcp . 80 . 1 : 10.244.3.2 . 8080 }"
+        ],
         "{t}"
     );
     // 10.244.2.2 is still another Service's endpoint; 10.244.3.2 is new to the node.
@@ -420,7 +430,7 @@ fn partial_sync_rewrites_only_the_changed_rules_by_handle() {
     let handles_after: Vec<u64> = planner.state.chains[&web].rules.iter().map(|r| r.handle).collect();
     assert_eq!(handles_before, handles_after, "replaced rules keep their handles");
 
-    // web loses an endpoint: the cascade's first dnat changes, the last rule goes by handle.
+    // web loses an endpoint: its address moves to the bucket of 1, its slot 1 goes; no rule.
     let fewer = yaml.replace(
         &slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]),
         &slice("web", "http", 8080, &["10.244.1.2@node-1"]),
@@ -431,11 +441,9 @@ fn partial_sync_rewrites_only_the_changed_rules_by_handle() {
     assert_eq!(
         lines,
         [
-            format!(
-                "replace rule ip kproxy {web} handle {} meta l4proto tcp dnat to 10.244.1.2:8080",
-                handles_before[1]
-            ),
-            format!("delete rule ip kproxy {web} handle {}", handles_before[2]),
+            "delete element ip kproxy cluster-n2 { 10.96.0.10 . tcp . 80 }",
+            "delete element ip kproxy service-endpoints { 10.96.0.10 . tcp . 80 . 1 }",
+            "add element ip kproxy cluster-n1 { 10.96.0.10 . tcp . 80 }",
         ],
         "{t}"
     );
@@ -544,7 +552,7 @@ fn a_check_repairs_only_what_differs() {
     let t = text(&plan);
     let services = rules(&t, names::SERVICES);
     assert_eq!(services.len(), 2, "services refilled:\n{t}");
-    assert_eq!(rules(&t, &web), ["meta l4proto tcp dnat to 10.244.2.2:8080"], "{t}");
+    assert_eq!(rules(&t, &web), ["goto cluster-dnat"], "{t}");
     assert!(
         added(&t, names::SERVICE_NODEPORTS).contains(&format!("tcp . 30080 : goto {np}")),
         "{t}"
@@ -596,7 +604,8 @@ fn ipv6_renders_its_own_table() {
     assert!(t.starts_with("add table ip6 kproxy\n"));
     assert!(t.contains("add map ip6 kproxy service-ips { type ipv6_addr . inet_proto . inet_service : verdict; }"));
     assert!(t.contains("add element ip6 kproxy service-ips { fd00::10 . tcp . 80 : goto service-"));
-    assert!(t.contains("meta l4proto tcp numgen random mod 2 0 dnat to [fd00:244::2]:8080\n"));
+    assert!(t.contains("fd00::10 . tcp . 80 . 0 : fd00:244::2 . 8080"), "{t}");
+    assert!(t.contains("add map ip6 kproxy service-endpoints { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 1 : ip6 daddr . th dport; }"));
     assert!(t.contains("add element ip6 kproxy hairpin { fd00:244::2 . fd00:244::2, fd00:244::3 . fd00:244::3 }"));
     assert!(t.contains("ip6 saddr != fd00:244::/64 jump mark-for-masquerade"));
     assert!(!t.contains("10.96.0.10"), "IPv4 Services belong to the other table");
@@ -698,7 +707,11 @@ fn the_kernel_holds_what_the_planner_committed() {
         let listing = nft(&["list", "ruleset"]);
         assert!(listing.contains("table ip kproxy") && listing.contains("table ip6 kproxy"));
         assert!(
-            listing.contains("numgen random mod 2 0 dnat to 10.244.1.2:8080"),
+            listing.contains("10.96.0.10 . tcp . 80 . 0 : 10.244.1.2 . 8080"),
+            "{listing}"
+        );
+        assert!(
+            listing.contains("ip daddr . meta l4proto . tcp dport @cluster-n2 dnat ip to ip daddr . meta l4proto . tcp dport . numgen random mod 2 map @service-endpoints"),
             "{listing}"
         );
     }) else {
