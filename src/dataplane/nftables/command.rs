@@ -70,17 +70,15 @@ fn parse_key(kind: SetKind, family: IpFamily, b: &[u8]) -> Option<Key> {
         SetKind::AddrPair if b.len() == 2 * alen && b[..alen] == b[alen..] => Key::Pair(addr(b)?),
         SetKind::AddrPortSet if b.len() == alen + 8 => Key::AddrPort(addr(b)?, proto(b[alen])?, port(&b[alen + 4..])?),
         SetKind::ProtoPortSet if b.len() == 8 => Key::ProtoPort(proto(b[0])?, port(&b[4..])?),
-        SetKind::EndpointMap if b.len() == alen + 12 => Key::AddrPortSlot(
+        SetKind::EndpointMap(p) if b.len() == alen + 8 => Key::AddrPortSlot(
             addr(b)?,
-            proto(b[alen])?,
-            port(&b[alen + 4..])?,
-            u32::from_ne_bytes(b[alen + 8..].try_into().ok()?),
+            p,
+            port(&b[alen..])?,
+            u32::from_ne_bytes(b[alen + 4..].try_into().ok()?),
         ),
-        SetKind::NodePortEndpointMap if b.len() == 12 => Key::ProtoPortSlot(
-            proto(b[0])?,
-            port(&b[4..])?,
-            u32::from_ne_bytes(b[8..].try_into().ok()?),
-        ),
+        SetKind::NodePortEndpointMap(p) if b.len() == 8 => {
+            Key::ProtoPortSlot(p, port(b)?, u32::from_ne_bytes(b[4..].try_into().ok()?))
+        }
         _ => return None,
     };
     // Padding must be zero, or it is not a key kproxy would write.

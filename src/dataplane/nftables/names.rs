@@ -7,7 +7,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::model::{Endpoint, ServicePortName};
+use crate::model::{Endpoint, Protocol, ServicePortName};
 
 /// The table, in both the `ip` and `ip6` families; not `kube-proxy`, so a real kube-proxy
 /// on the same node never shares it.
@@ -61,11 +61,27 @@ pub const FIREWALL_IPS: &str = "firewall-ips";
 /// (hairpin) is masqueraded in `nat-postrouting`, so the reply comes back through the node.
 pub const HAIRPIN: &str = "hairpin";
 
-/// `address . protocol . port . slot : endpoint address . port`: slot `i` of a Service
-/// address is its `i`-th endpoint (from [`LOCAL_SLOTS`] on, its `i`-th node-local one).
-pub const SERVICE_ENDPOINTS: &str = "service-endpoints";
-/// `protocol . port . slot : endpoint address . port`, for NodePorts.
-pub const NODEPORT_ENDPOINTS: &str = "nodeport-endpoints";
+/// `address . port . slot : endpoint address . port`, one map per protocol: slot `i` of a
+/// Service address is its `i`-th endpoint (from [`LOCAL_SLOTS`] on, its `i`-th node-local one).
+pub fn service_endpoints(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "service-endpoints-tcp",
+        Protocol::Udp => "service-endpoints-udp",
+        Protocol::Sctp => "service-endpoints-sctp",
+    }
+}
+
+/// `port . slot : endpoint address . port`, per protocol, for NodePorts.
+pub fn nodeport_endpoints(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "nodeport-endpoints-tcp",
+        Protocol::Udp => "nodeport-endpoints-udp",
+        Protocol::Sctp => "nodeport-endpoints-sctp",
+    }
+}
+
+pub const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
 /// Where a Service's node-local endpoints start in its slots.
 pub const LOCAL_SLOTS: u32 = 1 << 16;
 /// The largest endpoint count with a bucket of its own; a Service with more endpoints (in the
@@ -126,9 +142,9 @@ pub static MAPS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::n
         NO_ENDPOINT_NODEPORTS,
         FIREWALL_IPS,
         HAIRPIN,
-        SERVICE_ENDPOINTS,
-        NODEPORT_ENDPOINTS,
     ];
+    v.extend(PROTOCOLS.iter().map(|p| service_endpoints(*p)));
+    v.extend(PROTOCOLS.iter().map(|p| nodeport_endpoints(*p)));
     v.extend(BUCKETS.iter().copied());
     v
 });

@@ -110,6 +110,8 @@ pub enum Owner {
     /// The table, its base and fixed chains, the fixed maps.
     Fixed,
     Service(ServiceKey),
+    /// The dispatch elements of a cold start, added after every Service's chains.
+    Dispatch,
     /// Objects nobody owns (left by an earlier run or added by hand): deleted.
     Stray,
 }
@@ -119,6 +121,7 @@ impl std::fmt::Display for Owner {
         match self {
             Owner::Fixed => f.write_str("kproxy's fixed chains and maps"),
             Owner::Service(k) => write!(f, "Service {k}"),
+            Owner::Dispatch => f.write_str("the Services' dispatch elements"),
             Owner::Stray => f.write_str("objects nobody owns"),
         }
     }
@@ -212,6 +215,24 @@ struct Strays {
 /// Commands per stray unit: strays can be a whole earlier ruleset.
 const STRAYS_PER_UNIT: usize = 512;
 
+/// Elements per `add element` of the dispatch unit (a message's element list must stay under
+/// 64 KiB).
+const DISPATCH_PER_COMMAND: usize = 512;
+
+/// The verdict maps whose elements make a Service reachable (or refused). On a cold start
+/// their elements are added last, in one transaction: the kernel validates the table on every
+/// commit that adds a jump, from the base chains down, so transactions before it find nothing
+/// but the fixed chains reachable and the walk happens once, not once per transaction.
+const DISPATCH: [&str; 5] = [
+    names::SERVICE_IPS,
+    names::SERVICE_NODEPORTS,
+    names::NO_ENDPOINT_SERVICES,
+    names::NO_ENDPOINT_NODEPORTS,
+    names::FIREWALL_IPS,
+];
+
+type Adds = BTreeMap<String, Vec<(ElemKey, Option<Value>)>>;
+
 #[derive(Debug)]
 pub struct Planner {
     family: IpFamily,
@@ -235,6 +256,8 @@ pub struct Planner {
     fresh: bool,
     rules: usize,
     no_local: (usize, usize),
+    /// During a cold start into an empty table: dispatch elements held back for the last unit.
+    deferred: Option<Adds>,
 }
 
 /// Builds one unit against the committed table.
@@ -242,8 +265,9 @@ struct Builder<'a> {
     family: IpFamily,
     state: &'a mut TableState,
     unit: Unit,
-    adds: BTreeMap<String, Vec<(ElemKey, Option<Value>)>>,
+    adds: Adds,
     dels: BTreeMap<String, Vec<ElemKey>>,
+    deferred: Option<&'a mut Adds>,
 }
 
 impl Builder<'_> {
@@ -399,11 +423,19 @@ impl Builder<'_> {
     }
 
     fn finish(mut self) -> Unit {
-        for (set, keys) in std::mem::take(&mut self.dels) {
-            self.push(Section::DeleteElements, Command::DeleteElements { set, keys });
-        }
+        let dels = std::mem::take(&mut self.dels);
         for (set, elements) in std::mem::take(&mut self.adds) {
-            self.push(Section::AddElements, Command::AddElements { set, elements });
+            match self.deferred.as_deref_mut() {
+                Some(d) if DISPATCH.contains(&set.as_str()) && !dels.contains_key(&set) => {
+                    d.entry(set).or_default().extend(elements);
+                }
+                _ => {
+                    self.push(Section::AddElements, Command::AddElements { set, elements });
+                }
+            }
+        }
+        for (set, keys) in dels {
+            self.push(Section::DeleteElements, Command::DeleteElements { set, keys });
         }
         self.unit
     }
@@ -435,6 +467,7 @@ impl Planner {
             fresh: true,
             rules: 0,
             no_local: (0, 0),
+            deferred: None,
         }
     }
 
@@ -452,6 +485,7 @@ impl Planner {
             unit: Unit::new(owner),
             adds: BTreeMap::new(),
             dels: BTreeMap::new(),
+            deferred: self.deferred.as_mut(),
         }
     }
 
@@ -466,6 +500,10 @@ impl Planner {
     pub fn plan(&mut self, desired: &DesiredState, changes: &ChangeSet, cfg: &RenderConfig) -> Plan {
         let all = self.fresh || self.cfg.as_ref() != Some(cfg) || self.node.as_ref() != Some(&desired.node);
         let mut plan = Plan { units: Vec::new() };
+        // A cold start: nothing of the Services' is in the table yet.
+        if self.fresh && self.state.elements.values().all(HashMap::is_empty) {
+            self.deferred = Some(Adds::new());
+        }
         self.cfg = Some(cfg.clone());
         self.node = Some(desired.node.clone());
         if all {
@@ -521,6 +559,22 @@ impl Planner {
         if std::mem::take(&mut self.fresh) {
             let strays = self.find_strays();
             plan.units.extend(self.plan_strays(strays));
+        }
+        if let Some(deferred) = self.deferred.take() {
+            let mut unit = Unit::new(Owner::Dispatch);
+            for (set, elements) in deferred {
+                for chunk in elements.chunks(DISPATCH_PER_COMMAND) {
+                    let elements = chunk.to_vec();
+                    unit.commands.push((
+                        Section::AddElements,
+                        Command::AddElements {
+                            set: set.clone(),
+                            elements,
+                        },
+                    ));
+                }
+            }
+            plan.units.push(unit);
         }
         plan.units.retain(|u| !u.is_empty());
         plan

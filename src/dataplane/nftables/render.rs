@@ -385,7 +385,7 @@ fn balance(
         });
         for (i, ep) in endpoints.iter().enumerate() {
             r.elements.push(Element {
-                map: names::SERVICE_ENDPOINTS,
+                map: names::service_endpoints(e.proto),
                 key: Key::AddrPortSlot(*ip, e.proto, e.port, base + i as u32),
                 value: endpoint(ep),
             });
@@ -399,7 +399,7 @@ fn balance(
         });
         for (i, ep) in endpoints.iter().enumerate() {
             r.elements.push(Element {
-                map: names::NODEPORT_ENDPOINTS,
+                map: names::nodeport_endpoints(e.proto),
                 key: Key::ProtoPortSlot(e.proto, np, base + i as u32),
                 value: endpoint(ep),
             });
@@ -497,10 +497,14 @@ pub fn fixed_sets() -> Vec<SetDecl> {
         d(names::NO_ENDPOINT_NODEPORTS, SetKind::ProtoPortMap),
         d(names::FIREWALL_IPS, SetKind::AddrPortMap),
         d(names::HAIRPIN, SetKind::AddrPair),
-        d(names::SERVICE_ENDPOINTS, SetKind::EndpointMap),
-        d(names::NODEPORT_ENDPOINTS, SetKind::NodePortEndpointMap),
     ]
     .into_iter()
+    .chain(names::PROTOCOLS.into_iter().flat_map(|p| {
+        [
+            d(names::service_endpoints(p), SetKind::EndpointMap(p)),
+            d(names::nodeport_endpoints(p), SetKind::NodePortEndpointMap(p)),
+        ]
+    }))
     .chain(Bucket::ALL.into_iter().flat_map(|b| {
         let kind = match b {
             Bucket::Cluster | Bucket::Local => SetKind::AddrPortSet,
@@ -527,14 +531,20 @@ fn bucket_rules() -> Vec<(&'static str, Rule)> {
         ),
     ];
     for (chain, by_addr, by_port, offset) in chains {
-        let kinds: [(Bucket, &[Field], &str); 2] = [
-            (by_addr, &DST, names::SERVICE_ENDPOINTS),
-            (by_port, &DST[1..], names::NODEPORT_ENDPOINTS),
-        ];
-        for (bucket, key, map) in kinds {
-            for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+        for by_node_port in [false, true] {
+            let (bucket, key, slot_key): (Bucket, &[Field], &[Field]) = if by_node_port {
+                (by_port, &DST[1..], &[Field::ThDport])
+            } else {
+                (by_addr, &DST, &[Field::Daddr, Field::ThDport])
+            };
+            for proto in names::PROTOCOLS {
+                let map = if by_node_port {
+                    names::nodeport_endpoints(proto)
+                } else {
+                    names::service_endpoints(proto)
+                };
                 for n in 1..=MAX_BUCKET {
-                    let mut slot = key.to_vec();
+                    let mut slot = slot_key.to_vec();
                     slot.push(Field::Slot {
                         modulus: n as u32,
                         offset,

@@ -507,6 +507,8 @@ impl Stmt {
                     family: u32::from(nfproto(family)),
                     reg_addr: Some(regs[0]),
                     reg_proto: Some(regs[1]),
+                    // nft leaves this flag to the kernel here (which sets it for a port register);
+                    // kproxy sends it, so that the rule is what the kernel lists.
                     flags: expr::NAT_F_PROTO_SPECIFIED,
                 });
             }
@@ -574,9 +576,9 @@ pub enum Key {
     ProtoPort(Protocol, u16),
     /// `10.244.1.2 . 10.244.1.2` (`hairpin`)
     Pair(IpAddr),
-    /// `10.96.0.10 . tcp . 80 . 3`: slot 3 of that address and port (`service-endpoints`)
+    /// `10.96.0.10 . 80 . 3`: slot 3 of that address and port (`service-endpoints-tcp`)
     AddrPortSlot(IpAddr, Protocol, u16, u32),
-    /// `tcp . 30080 . 3`: slot 3 of that NodePort (`nodeport-endpoints`)
+    /// `30080 . 3`: slot 3 of that NodePort (`nodeport-endpoints-tcp`)
     ProtoPortSlot(Protocol, u16, u32),
 }
 
@@ -586,8 +588,8 @@ impl fmt::Display for Key {
             Key::AddrPort(ip, p, port) => write!(f, "{ip} . {p} . {port}"),
             Key::ProtoPort(p, port) => write!(f, "{p} . {port}"),
             Key::Pair(ip) => write!(f, "{ip} . {ip}"),
-            Key::AddrPortSlot(ip, p, port, slot) => write!(f, "{ip} . {p} . {port} . {slot}"),
-            Key::ProtoPortSlot(p, port, slot) => write!(f, "{p} . {port} . {slot}"),
+            Key::AddrPortSlot(ip, _, port, slot) => write!(f, "{ip} . {port} . {slot}"),
+            Key::ProtoPortSlot(_, port, slot) => write!(f, "{port} . {slot}"),
         }
     }
 }
@@ -615,12 +617,16 @@ impl Key {
                 b.extend(ip_bytes(ip));
                 b.extend(ip_bytes(ip));
             }
-            Key::AddrPortSlot(ip, p, port, slot) => {
-                b.extend(Key::AddrPort(*ip, *p, *port).bytes());
+            // The protocol is the map's (one endpoint map per protocol), not the key's.
+            Key::AddrPortSlot(ip, _, port, slot) => {
+                b.extend(ip_bytes(ip));
+                b.extend(port.to_be_bytes());
+                pad(&mut b);
                 b.extend(slot.to_ne_bytes());
             }
-            Key::ProtoPortSlot(p, port, slot) => {
-                b.extend(Key::ProtoPort(*p, *port).bytes());
+            Key::ProtoPortSlot(_, port, slot) => {
+                b.extend(port.to_be_bytes());
+                pad(&mut b);
                 b.extend(slot.to_ne_bytes());
             }
         }
@@ -653,11 +659,13 @@ pub enum SetKind {
     AddrPortSet,
     /// `type inet_proto . inet_service`: a plain set of NodePorts
     ProtoPortSet,
-    /// `typeof ADDR daddr . meta l4proto . th dport . numgen … : ADDR daddr . th dport`:
-    /// slot to endpoint, per Service address and port
-    EndpointMap,
-    /// `typeof meta l4proto . th dport . numgen … : ADDR daddr . th dport`: the same per NodePort
-    NodePortEndpointMap,
+    /// `typeof ADDR daddr . tcp dport . numgen … : ADDR daddr . tcp dport`: slot to endpoint,
+    /// per Service address and port of one protocol. Per protocol, with the protocol's own
+    /// payload in its typeof: nft (1.0.6 and 1.1.3) refuses a rule it listed that matches
+    /// `tcp dport` against a map declared with `th dport` once that map is in the kernel.
+    EndpointMap(Protocol),
+    /// `typeof tcp dport . numgen … : ADDR daddr . tcp dport`: the same per NodePort
+    NodePortEndpointMap(Protocol),
 }
 
 /// One set or map of kproxy's table.
@@ -665,6 +673,25 @@ pub enum SetKind {
 pub struct SetDecl {
     pub name: String,
     pub kind: SetKind,
+}
+
+/// The user data nft stores for an endpoint map of `proto`, by address or by NodePort.
+fn endpoint_udata(family: IpFamily, proto: Protocol, by_port: bool) -> &'static [u8] {
+    use udata::*;
+    match (family, by_port, proto) {
+        (IpFamily::V4, false, Protocol::Tcp) => SERVICE_TCP_V4,
+        (IpFamily::V4, false, Protocol::Udp) => SERVICE_UDP_V4,
+        (IpFamily::V4, false, Protocol::Sctp) => SERVICE_SCTP_V4,
+        (IpFamily::V4, true, Protocol::Tcp) => NODEPORT_TCP_V4,
+        (IpFamily::V4, true, Protocol::Udp) => NODEPORT_UDP_V4,
+        (IpFamily::V4, true, Protocol::Sctp) => NODEPORT_SCTP_V4,
+        (IpFamily::V6, false, Protocol::Tcp) => SERVICE_TCP_V6,
+        (IpFamily::V6, false, Protocol::Udp) => SERVICE_UDP_V6,
+        (IpFamily::V6, false, Protocol::Sctp) => SERVICE_SCTP_V6,
+        (IpFamily::V6, true, Protocol::Tcp) => NODEPORT_TCP_V6,
+        (IpFamily::V6, true, Protocol::Udp) => NODEPORT_UDP_V6,
+        (IpFamily::V6, true, Protocol::Sctp) => NODEPORT_SCTP_V6,
+    }
 }
 
 /// nft's set user data (`NFTNL_UDATA_SET_*` TLVs: type, length, value), byte for byte what
@@ -680,37 +707,87 @@ mod udata {
     pub const CONCAT_SET: &[u8] = &[0, 4, 0, 0, 0, 0, 3, 8, 0, 4, 13, 0, 0, 0, 1, 0];
     /// `NFTNL_UDATA_SET_KEYBYTEORDER` = big endian (2): an address.
     pub const ADDR: &[u8] = &[0, 4, 2, 0, 0, 0];
-    /// `typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport`
-    /// (key and data byte order, key and data typeof: the expressions nft parses the
-    /// declaration back from), as nft 1.0.6 stores it; `IP6` for `ip6 daddr`.
-    pub const ENDPOINTS_IP: &[u8] = &[
-        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 96, 0, 4, 13, 0, 0, 0, 1, 88, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12,
-        0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 14, 0, 4, 9, 0, 0, 0, 1, 6, 0, 4, 16, 0, 0, 0, 2, 20, 0, 4, 7, 0, 0, 0, 1, 12,
-        0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 3, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4,
-        0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0,
-        0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    /// The endpoint maps' `typeof ADDR daddr . tcp dport . numgen random mod 1 : ADDR daddr .
+    /// tcp dport` (`SERVICE_*`) and `typeof tcp dport . numgen random mod 1 : …` (`NODEPORT_*`),
+    /// per protocol and family: key and data byte order and typeof, the expressions nft parses
+    /// the declaration back from, as nft 1.0.6 stores them.
+    pub const SERVICE_TCP_V4: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 80, 0, 4, 13, 0, 0, 0, 1, 72, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12,
+        0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 8, 0, 0, 0, 1, 4, 2, 0, 0, 0, 2, 26, 0, 4,
+        23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0,
+        20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 8, 0,
+        0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
     ];
-    pub const ENDPOINTS_IP6: &[u8] = &[
-        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 96, 0, 4, 13, 0, 0, 0, 1, 88, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13,
-        0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 14, 0, 4, 9, 0, 0, 0, 1, 6, 0, 4, 16, 0, 0, 0, 2, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0,
-        4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 3, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0,
-        0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0,
-        1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    pub const NODEPORT_TCP_V4: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 58, 0, 4, 13, 0, 0, 0, 1, 50, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 8,
+        0, 0, 0, 1, 4, 2, 0, 0, 0, 1, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0,
+        0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1,
+        20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 8, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
     ];
-    /// `typeof meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport`, and `IP6`.
-    pub const NODEPORT_ENDPOINTS_IP: &[u8] = &[
-        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 74, 0, 4, 13, 0, 0, 0, 1, 66, 0, 14, 0, 4, 9, 0, 0, 0, 1, 6, 0, 4, 16,
-        0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 2, 26, 0, 4, 23, 0, 0, 0, 1, 18,
-        0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0,
-        1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0,
-        0, 6, 4, 0, 0, 0, 0,
+    pub const SERVICE_UDP_V4: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 80, 0, 4, 13, 0, 0, 0, 1, 72, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12,
+        0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 6, 0, 0, 0, 1, 4, 2, 0, 0, 0, 2, 26, 0, 4,
+        23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0,
+        20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 6, 0,
+        0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
     ];
-    pub const NODEPORT_ENDPOINTS_IP6: &[u8] = &[
-        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 74, 0, 4, 13, 0, 0, 0, 1, 66, 0, 14, 0, 4, 9, 0, 0, 0, 1, 6, 0, 4, 16,
-        0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 2, 26, 0, 4, 23, 0, 0, 0, 1, 18,
-        0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0,
-        1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0,
-        0, 6, 4, 0, 0, 0, 0,
+    pub const NODEPORT_UDP_V4: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 58, 0, 4, 13, 0, 0, 0, 1, 50, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 6,
+        0, 0, 0, 1, 4, 2, 0, 0, 0, 1, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0,
+        0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1,
+        20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 6, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const SERVICE_SCTP_V4: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 80, 0, 4, 13, 0, 0, 0, 1, 72, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12,
+        0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 10, 0, 0, 0, 1, 4, 2, 0, 0, 0, 2, 26, 0, 4,
+        23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0,
+        20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 10, 0,
+        0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const NODEPORT_SCTP_V4: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 58, 0, 4, 13, 0, 0, 0, 1, 50, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 10,
+        0, 0, 0, 1, 4, 2, 0, 0, 0, 1, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0,
+        0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1,
+        20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 10, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const SERVICE_TCP_V6: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 80, 0, 4, 13, 0, 0, 0, 1, 72, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13,
+        0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 8, 0, 0, 0, 1, 4, 2, 0, 0, 0, 2, 26, 0, 4, 23,
+        0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20,
+        0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 8, 0, 0, 0,
+        1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const NODEPORT_TCP_V6: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 58, 0, 4, 13, 0, 0, 0, 1, 50, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 8,
+        0, 0, 0, 1, 4, 2, 0, 0, 0, 1, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0,
+        0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20,
+        0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 8, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const SERVICE_UDP_V6: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 80, 0, 4, 13, 0, 0, 0, 1, 72, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13,
+        0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 6, 0, 0, 0, 1, 4, 2, 0, 0, 0, 2, 26, 0, 4, 23,
+        0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20,
+        0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 6, 0, 0, 0,
+        1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const NODEPORT_UDP_V6: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 58, 0, 4, 13, 0, 0, 0, 1, 50, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 6,
+        0, 0, 0, 1, 4, 2, 0, 0, 0, 1, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0,
+        0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20,
+        0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 6, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const SERVICE_SCTP_V6: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 80, 0, 4, 13, 0, 0, 0, 1, 72, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13,
+        0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 10, 0, 0, 0, 1, 4, 2, 0, 0, 0, 2, 26, 0, 4,
+        23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0,
+        20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 10, 0,
+        0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const NODEPORT_SCTP_V6: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 58, 0, 4, 13, 0, 0, 0, 1, 50, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 10,
+        0, 0, 0, 1, 4, 2, 0, 0, 0, 1, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0,
+        0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20,
+        0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 10, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
     ];
 }
 
@@ -764,27 +841,21 @@ impl SetDecl {
                 0,
                 udata::CONCAT_SET,
             ),
-            SetKind::EndpointMap => (
+            SetKind::EndpointMap(p) => (
                 set_flags::MAP,
-                concat(&[addr, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE, TYPE_INTEGER]),
-                alen + 12,
+                concat(&[addr, TYPE_INET_SERVICE, TYPE_INTEGER]),
+                alen + 8,
                 Some((concat(&[addr, TYPE_INET_SERVICE]), alen + 4)),
                 0,
-                match family {
-                    IpFamily::V4 => udata::ENDPOINTS_IP,
-                    IpFamily::V6 => udata::ENDPOINTS_IP6,
-                },
+                endpoint_udata(family, p, false),
             ),
-            SetKind::NodePortEndpointMap => (
+            SetKind::NodePortEndpointMap(p) => (
                 set_flags::MAP,
-                concat(&[TYPE_INET_PROTOCOL, TYPE_INET_SERVICE, TYPE_INTEGER]),
-                12,
+                concat(&[TYPE_INET_SERVICE, TYPE_INTEGER]),
+                8,
                 Some((concat(&[addr, TYPE_INET_SERVICE]), alen + 4)),
                 0,
-                match family {
-                    IpFamily::V4 => udata::NODEPORT_ENDPOINTS_IP,
-                    IpFamily::V6 => udata::NODEPORT_ENDPOINTS_IP6,
-                },
+                endpoint_udata(family, p, true),
             ),
         };
         SetSpec {
@@ -811,14 +882,13 @@ impl SetDecl {
             SetKind::Affinity { timeout } => format!("type {addr}; flags dynamic,timeout; timeout {timeout}s;"),
             SetKind::AddrPortSet => format!("type {addr} . inet_proto . inet_service;"),
             SetKind::ProtoPortSet => "type inet_proto . inet_service;".into(),
-            SetKind::EndpointMap | SetKind::NodePortEndpointMap => {
+            SetKind::EndpointMap(p) => {
                 let sel = sel(family);
-                let key = if self.kind == SetKind::EndpointMap {
-                    format!("{sel} daddr . meta l4proto . th dport")
-                } else {
-                    "meta l4proto . th dport".into()
-                };
-                format!("typeof {key} . numgen random mod 1 : {sel} daddr . th dport;")
+                format!("typeof {sel} daddr . {p} dport . numgen random mod 1 : {sel} daddr . {p} dport;")
+            }
+            SetKind::NodePortEndpointMap(p) => {
+                let sel = sel(family);
+                format!("typeof {p} dport . numgen random mod 1 : {sel} daddr . {p} dport;")
             }
         }
     }
@@ -826,7 +896,10 @@ impl SetDecl {
     /// `map` or `set`, as nft's `add` command names it.
     pub fn noun(&self) -> &'static str {
         match self.kind {
-            SetKind::AddrPortMap | SetKind::ProtoPortMap | SetKind::EndpointMap | SetKind::NodePortEndpointMap => "map",
+            SetKind::AddrPortMap
+            | SetKind::ProtoPortMap
+            | SetKind::EndpointMap(_)
+            | SetKind::NodePortEndpointMap(_) => "map",
             _ => "set",
         }
     }

@@ -236,7 +236,8 @@ fn service_addresses_dispatch_to_their_chains_or_are_refused() {
     assert_eq!(rules(&t, &itp_local).last().copied(), Some("goto local-dnat"));
     // Its node-local endpoint is slot 0 of the local slots, in the local bucket of size 1.
     assert!(added(&t, "local-n1").contains("10.96.0.40 . tcp . 80"), "{t}");
-    assert!(added(&t, names::SERVICE_ENDPOINTS).contains("10.96.0.40 . tcp . 80 . 65536 : 10.244.1.2 . 8080"));
+    assert!(added(&t, names::service_endpoints(crate::model::Protocol::Tcp))
+        .contains("10.96.0.40 . 80 . 65536 : 10.244.1.2 . 8080"));
     assert_eq!(planner.totals().1, (0, 1));
     // Terminating endpoints serve when nothing is ready.
     assert!(ips
@@ -258,18 +259,18 @@ fn balancing_masquerade_and_dnat() {
     );
     // The endpoints are elements: the address in the bucket of 2, its slots 0 and 1.
     assert!(added(&t, "cluster-n2").contains("10.96.0.10 . tcp . 80"), "{t}");
-    let eps = added(&t, names::SERVICE_ENDPOINTS);
-    assert!(eps.contains("10.96.0.10 . tcp . 80 . 0 : 10.244.1.2 . 8080"), "{eps:?}");
-    assert!(eps.contains("10.96.0.10 . tcp . 80 . 1 : 10.244.2.2 . 8080"), "{eps:?}");
-    assert!(!eps.iter().any(|e| e.starts_with("10.96.0.10 . tcp . 80 . 2 ")));
+    let eps = added(&t, names::service_endpoints(crate::model::Protocol::Tcp));
+    assert!(eps.contains("10.96.0.10 . 80 . 0 : 10.244.1.2 . 8080"), "{eps:?}");
+    assert!(eps.contains("10.96.0.10 . 80 . 1 : 10.244.2.2 . 8080"), "{eps:?}");
+    assert!(!eps.iter().any(|e| e.starts_with("10.96.0.10 . 80 . 2 ")));
     // The NodePort has slots of its own, by port.
     assert!(added(&t, "nodeport-cluster-n2").contains("tcp . 30080"), "{t}");
-    assert!(added(&t, names::NODEPORT_ENDPOINTS).contains("tcp . 30080 . 1 : 10.244.2.2 . 8080"));
+    assert!(added(&t, names::nodeport_endpoints(crate::model::Protocol::Tcp)).contains("30080 . 1 : 10.244.2.2 . 8080"));
     // One fixed rule per protocol and bucket picks the slot.
     let dnat = rules(&t, names::CLUSTER_DNAT);
-    assert!(dnat.contains(&"meta l4proto tcp ip daddr . meta l4proto . th dport @cluster-n2 dnat to ip daddr . meta l4proto . th dport . numgen random mod 2 map @service-endpoints"), "{dnat:?}");
-    assert!(dnat.contains(&"meta l4proto udp meta l4proto . th dport @nodeport-cluster-n3 dnat to meta l4proto . th dport . numgen random mod 3 map @nodeport-endpoints"), "{dnat:?}");
-    assert!(rules(&t, names::LOCAL_DNAT).contains(&"meta l4proto tcp ip daddr . meta l4proto . th dport @local-n1 dnat to ip daddr . meta l4proto . th dport . numgen random mod 1 offset 65536 map @service-endpoints"));
+    assert!(dnat.contains(&"meta l4proto tcp ip daddr . meta l4proto . th dport @cluster-n2 dnat to ip daddr . th dport . numgen random mod 2 map @service-endpoints-tcp"), "{dnat:?}");
+    assert!(dnat.contains(&"meta l4proto udp meta l4proto . th dport @nodeport-cluster-n3 dnat to th dport . numgen random mod 3 map @nodeport-endpoints-udp"), "{dnat:?}");
+    assert!(rules(&t, names::LOCAL_DNAT).contains(&"meta l4proto tcp ip daddr . meta l4proto . th dport @local-n1 dnat to ip daddr . th dport . numgen random mod 1 offset 65536 map @service-endpoints-tcp"));
     // Without session affinity there are no endpoint chains at all.
     let a = endpoint(&port("web"), "10.244.1.2");
     assert!(!t.contains(&a), "{t}");
@@ -419,8 +420,8 @@ fn partial_sync_rewrites_only_the_changed_rules_by_handle() {
     assert_eq!(
         t.lines().filter(|l| !l.contains("hairpin")).collect::<Vec<_>>(),
         [
-            "delete element ip kproxy service-endpoints { 10.96.0.10 . tcp . 80 . 1 }",
-            "add element ip kproxy service-endpoints { 10.96.0.10 . tcp . 80 . 1 : 10.244.3.2 . 8080 }"
+            "delete element ip kproxy service-endpoints-tcp { 10.96.0.10 . 80 . 1 }",
+            "add element ip kproxy service-endpoints-tcp { 10.96.0.10 . 80 . 1 : 10.244.3.2 . 8080 }"
         ],
         "{t}"
     );
@@ -442,7 +443,7 @@ fn partial_sync_rewrites_only_the_changed_rules_by_handle() {
         lines,
         [
             "delete element ip kproxy cluster-n2 { 10.96.0.10 . tcp . 80 }",
-            "delete element ip kproxy service-endpoints { 10.96.0.10 . tcp . 80 . 1 }",
+            "delete element ip kproxy service-endpoints-tcp { 10.96.0.10 . 80 . 1 }",
             "add element ip kproxy cluster-n1 { 10.96.0.10 . tcp . 80 }",
         ],
         "{t}"
@@ -604,8 +605,8 @@ fn ipv6_renders_its_own_table() {
     assert!(t.starts_with("add table ip6 kproxy\n"));
     assert!(t.contains("add map ip6 kproxy service-ips { type ipv6_addr . inet_proto . inet_service : verdict; }"));
     assert!(t.contains("add element ip6 kproxy service-ips { fd00::10 . tcp . 80 : goto service-"));
-    assert!(t.contains("fd00::10 . tcp . 80 . 0 : fd00:244::2 . 8080"), "{t}");
-    assert!(t.contains("add map ip6 kproxy service-endpoints { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 1 : ip6 daddr . th dport; }"));
+    assert!(t.contains("fd00::10 . 80 . 0 : fd00:244::2 . 8080"), "{t}");
+    assert!(t.contains("add map ip6 kproxy service-endpoints-tcp { typeof ip6 daddr . tcp dport . numgen random mod 1 : ip6 daddr . tcp dport; }"));
     assert!(t.contains("add element ip6 kproxy hairpin { fd00:244::2 . fd00:244::2, fd00:244::3 . fd00:244::3 }"));
     assert!(t.contains("ip6 saddr != fd00:244::/64 jump mark-for-masquerade"));
     assert!(!t.contains("10.96.0.10"), "IPv4 Services belong to the other table");
@@ -701,17 +702,38 @@ fn the_kernel_holds_what_the_planner_committed() {
                     .unwrap_or_else(|e| panic!("step {i}: {e}\n{}", plan_text(&plan, family)));
                 let (listed, _, snapshot) = read_table(&mut kernel.sock, kernel.table).unwrap();
                 assert!(snapshot);
-                assert_eq!(listed, planner.state, "step {i}: the kernel holds what was committed");
+                if listed != planner.state {
+                    let (k, c) = (&listed, &planner.state);
+                    let mut diff = Vec::new();
+                    for (n, ch) in &k.chains {
+                        if c.chains.get(n) != Some(ch) {
+                            diff.push(format!("chain {n}: kernel {ch:?} committed {:?}", c.chains.get(n)));
+                        }
+                    }
+                    for (n, h) in &k.sets {
+                        if c.sets.get(n) != Some(h) {
+                            diff.push(format!("set {n}"));
+                        }
+                    }
+                    for n in c.sets.keys().filter(|n| !k.sets.contains_key(*n)) {
+                        diff.push(format!("set {n} not in the kernel"));
+                    }
+                    for (n, e) in &k.elements {
+                        let empty = Default::default();
+                        let ce = c.elements.get(n).unwrap_or(&empty);
+                        if ce != e {
+                            diff.push(format!("elements of {n}: kernel {e:?} committed {ce:?}"));
+                        }
+                    }
+                    panic!("step {i}: the kernel does not hold what was committed: {diff:#?}");
+                }
             }
         }
         let listing = nft(&["list", "ruleset"]);
         assert!(listing.contains("table ip kproxy") && listing.contains("table ip6 kproxy"));
+        assert!(listing.contains("10.96.0.10 . 80 . 0 : 10.244.1.2 . 8080"), "{listing}");
         assert!(
-            listing.contains("10.96.0.10 . tcp . 80 . 0 : 10.244.1.2 . 8080"),
-            "{listing}"
-        );
-        assert!(
-            listing.contains("ip daddr . meta l4proto . tcp dport @cluster-n2 dnat ip to ip daddr . meta l4proto . tcp dport . numgen random mod 2 map @service-endpoints"),
+            listing.contains("ip daddr . meta l4proto . tcp dport @cluster-n2 dnat ip to ip daddr . tcp dport . numgen random mod 2 map @service-endpoints-tcp"),
             "{listing}"
         );
     }) else {
