@@ -419,7 +419,7 @@ for label, style in [("netlink", "-o"), ("netlink (round 1)", "-.^"), ("nft -f",
     xs = [r["n"] for r in rs]
     ax.plot(xs, [r["a_src"][1] for r in rs], style, label=f"{label}: p99")
     ax.plot(xs, [r["a_src"][0] for r in rs], style, alpha=0.5, label=f"{label}: median")
-    ax.plot(xs, [r["b_src"][1] for r in rs], style, alpha=0.8, linestyle=":", label=f"{label}: p99 with resyncs every 4 s")
+    ax.plot(xs, [r["b_src"][1] for r in rs], marker=style[-1], alpha=0.8, linestyle=":", label=f"{label}: p99 with resyncs every 4 s")
 ax.set_yscale("log")
 ax.axhline(10, color="grey", linewidth=0.8)
 ax.set_xlabel("Services (x 10 endpoints)")

@@ -741,3 +741,60 @@ fn the_kernel_holds_what_the_planner_committed() {
         return;
     };
 }
+
+#[test]
+fn more_endpoints_than_buckets_keep_the_cascade() {
+    let ips: Vec<String> = (1..=names::MAX_BUCKET + 1).map(|i| format!("10.244.9.{i}")).collect();
+    let refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let yaml = [
+        svc("big", "{clusterIP: 10.96.0.90, ports: [{name: http, port: 80}]}"),
+        slice("big", "http", 8080, &refs),
+    ]
+    .join("\n---\n");
+    let (_, plan) = full(&desired(&yaml), &config());
+    let t = text(&plan);
+    let chain = rules(&t, &names::service_chain(&port("big")));
+    assert_eq!(chain.len(), 1 + names::MAX_BUCKET + 1, "{chain:?}");
+    assert!(
+        chain[1].starts_with("meta l4proto tcp numgen random mod 17 0 dnat to "),
+        "{chain:?}"
+    );
+    assert!(!t.contains("10.96.0.90 . 80 . "), "no endpoint slots:\n{t}");
+}
+
+#[test]
+fn a_cold_start_makes_services_reachable_last() {
+    let (_, plan) = full(&desired(&representative()), &config());
+    let last = plan.units.last().expect("units");
+    assert_eq!(last.owner, Owner::Dispatch);
+    let sets: BTreeSet<&str> = last
+        .commands
+        .iter()
+        .map(|(_, c)| match c {
+            Command::AddElements { set, .. } => set.as_str(),
+            other => panic!("only dispatch elements come last: {other:?}"),
+        })
+        .collect();
+    assert!(
+        sets.contains(names::SERVICE_IPS) && sets.contains(names::NO_ENDPOINT_SERVICES),
+        "{sets:?}"
+    );
+    for unit in &plan.units[..plan.units.len() - 1] {
+        for (_, c) in &unit.commands {
+            if let Command::AddElements { set, .. } = c {
+                assert!(set != names::SERVICE_IPS, "{} adds to service-ips early", unit.owner);
+            }
+        }
+    }
+    // Once the table holds the Services, a change of one is one unit again, dispatch included.
+    let d = desired(&representative());
+    let (mut planner, _) = full(&d, &config());
+    let yaml = representative();
+    let without: Vec<&str> = yaml
+        .split("\n---\n")
+        .filter(|doc| !doc.contains("name: web,") && !doc.contains("name: web-x,"))
+        .collect();
+    let plan = partial(&mut planner, &desired(&without.join("\n---\n")), &["web"]);
+    assert_eq!(plan.units.len(), 1);
+    assert!(text(&plan).contains("delete element ip kproxy service-ips { 10.96.0.10 . tcp . 80 }"));
+}
