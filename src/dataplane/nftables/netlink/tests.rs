@@ -820,3 +820,13 @@ fn endpoint_maps_encode_as_nft_does() {
         assert_eq!(normalized(&mine), normalized(&without_attr(cap.sent(cmd), 4)), "{cmd}");
     }
 }
+
+/// Found by fuzzing (fuzz/fuzz_targets/nft_netlink.rs): an error message whose code is
+/// i32::MIN negated with overflow. Whatever the code, it decodes.
+#[test]
+fn an_error_code_of_any_value_decodes() {
+    let mut buf = vec![0x14, 0, 0, 0, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    buf.extend_from_slice(&0x8000_0000u32.to_le_bytes());
+    let replies = super::wire::decode_replies(&buf).expect("one error message");
+    assert!(matches!(replies[..], [super::wire::Reply::Error { .. }]), "{replies:?}");
+}
