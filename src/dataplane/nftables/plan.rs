@@ -258,6 +258,8 @@ pub struct Planner {
     no_local: (usize, usize),
     /// During a cold start into an empty table: dispatch elements held back for the last unit.
     deferred: Option<Adds>,
+    /// What the last [`Planner::reconcile`] found different (the first few), for its log line.
+    pub differed: Vec<String>,
 }
 
 /// Builds one unit against the committed table.
@@ -468,6 +470,7 @@ impl Planner {
             rules: 0,
             no_local: (0, 0),
             deferred: None,
+            differed: Vec::new(),
         }
     }
 
@@ -880,6 +883,12 @@ impl Planner {
         let mut differences = 0;
         let mut hairpin_dirty = false;
         let skipped = |o: &Option<Owner>| o.as_ref().is_some_and(|o| skip.contains(o));
+        let mut differed: Vec<String> = Vec::new();
+        let mut note = |what: String| {
+            if differed.len() < 5 {
+                differed.push(what);
+            }
+        };
 
         if kernel.exists != self.state.exists {
             differences += 1;
@@ -904,6 +913,7 @@ impl Planner {
                 (None, _) => continue,
             }
             differences += 1;
+            note(format!("chain {name}"));
             match k {
                 Some(k) => self.state.chains.insert(name, k.clone()),
                 None => self.state.chains.remove(&name),
@@ -927,6 +937,7 @@ impl Planner {
                 (None, _) => continue,
             }
             differences += 1;
+            note(format!("set {name}"));
             match k {
                 Some(k) => self.state.sets.insert(name, *k),
                 None => self.state.sets.remove(&name),
@@ -952,6 +963,7 @@ impl Planner {
                     continue;
                 }
                 differences += 1;
+                note(format!("elements of {set}"));
                 hairpin_dirty = true;
                 self.state.elements.insert(set, k.clone());
                 continue;
@@ -974,6 +986,18 @@ impl Planner {
                     (None, _) => continue,
                 }
                 differences += 1;
+                let shown = match fixed_set_kind(&set) {
+                    Some(kind) => ElemKey::parse(kind, self.family, &key),
+                    None => ElemKey::Raw(key.clone()),
+                };
+                note(format!(
+                    "element {shown} of {set} ({})",
+                    match (kv, cv) {
+                        (Some(_), Some(_)) => "other data",
+                        (Some(_), None) => "not kproxy's",
+                        _ => "missing",
+                    }
+                ));
                 let entry = self.state.elements.entry(set.clone()).or_default();
                 match kv {
                     Some(v) => entry.insert(key, v),
@@ -982,6 +1006,7 @@ impl Planner {
             }
         }
 
+        self.differed = differed;
         let mut plan = Plan::default();
         let (Some(cfg), Some(node)) = (self.cfg.clone(), self.node.clone()) else {
             return (plan, differences);
