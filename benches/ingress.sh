@@ -1,24 +1,50 @@
 #!/usr/bin/env bash
-# Benchmark (not a test) of the embedded Ingress proxy: requests per second and p50/p99 latency,
-# measured with wrk on loopback for the same route to the same backend: the backend directly
-# (the limit), through kproxy, and through nginx (Debian's package) configured for that route
-# with as many worker processes as kproxy has worker threads (2). Everything runs in a
-# throwaway network namespace; prints a Markdown table for BENCHMARKS.md.
+# Benchmark (not a test) of the embedded Ingress proxy against nginx for the same route, in
+# four shapes: small answers over keep-alive connections, a new connection per request, 1 MiB
+# answers, and HTTPS with keep-alive. For each shape and run, kproxy and nginx are measured
+# back to back (interleaved, so both see the same machine load): requests/s, p50 and p99 (wrk
+# --latency), CPU time of the proxy process per request (/proc/PID/stat before and after,
+# divided by the requests wrk counted), errors, and the reuse rate of backend connections
+# (1 - connections the backend accepted / requests it served, from its stub_status).
 #
-# usage: sudo benches/ingress.sh [DURATION_SECONDS] [CONNECTIONS]   (needs wrk, nginx, curl)
-#        BENCH_PERF=FILE sudo benches/ingress.sh ...   records a perf profile of kproxy under load instead
+# Everything runs in a throwaway network namespace on loopback: the backend is nginx (one
+# worker) answering a fixed body on / and a 1 MiB file on /big; nginx as the proxy has as many
+# worker processes as kproxy has worker threads, with what ingress-nginx sets for such a route
+# (reuseport listeners, upstream keep-alive, the forwarding headers, proxy_buffering off) and
+# 16 KiB proxy buffers (kproxy reads 16 KiB at a time).
+#
+# usage: sudo benches/ingress.sh [DURATION_SECONDS] [RUNS] [SHAPES]
+#          SHAPES: any of "keepalive newconn 1mib https" (default: all four)
+#        BENCH_PERF=FILE sudo benches/ingress.sh [DURATION]   records a perf profile of kproxy
+#          under the keep-alive shape instead (perf report -i FILE)
+#        BENCH_COUNT=1|DIR sudo benches/ingress.sh [DURATION]   counts instead of timing: user-space
+#          instructions per request (valgrind's callgrind) and system calls per request (strace
+#          -c) of kproxy and nginx, keep-alive shape; deterministic, unlike times on a shared machine
+#          (with a directory, the callgrind files are kept there for callgrind_annotate); with
+#          SHAPES "newconn", a new connection per request
+#        BENCH_WRITE=0 ...   print the results without rewriting BENCHMARKS.md and the plots
+#        KPROXY_BIN=PATH ...   measure that binary instead of building target/release/kproxy
+# needs: wrk, nginx (nginx-light), curl, openssl, iproute2; python3 with matplotlib for the
+# plots (installed with pip if missing).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 duration=${1:-10}
-connections=${2:-64}
+runs=${2:-3}
+shapes=${3:-"keepalive newconn 1mib https"}
+connections=64
+workers=$(nproc)
 [ "$(id -u)" = 0 ] || { echo "ingress.sh: needs root (network namespace)" >&2; exit 1; }
-for tool in wrk nginx curl ip; do
-  command -v "$tool" >/dev/null || { echo "ingress.sh: missing $tool (apt-get install wrk nginx-light curl iproute2)" >&2; exit 1; }
+for tool in wrk nginx curl ip openssl; do
+  command -v "$tool" >/dev/null || { echo "ingress.sh: missing $tool (apt-get install wrk nginx-light curl iproute2 openssl)" >&2; exit 1; }
 done
 
-cargo build --quiet --release --bin kproxy --manifest-path "$here/Cargo.toml"
-kproxy=$here/target/release/kproxy
+if [ -n "${KPROXY_BIN:-}" ]; then
+  kproxy=$KPROXY_BIN
+else
+  cargo build --quiet --release --bin kproxy --manifest-path "$here/Cargo.toml"
+  kproxy=$here/target/release/kproxy
+fi
 
 ns=kpbench-$$
 work=$(mktemp -d /tmp/kproxy-bench.XXXXXX)
@@ -29,43 +55,64 @@ cleanup() {
   for p in $(ip netns pids "$ns" 2>/dev/null); do kill "$p" 2>/dev/null; done
   sleep 0.5
   ip netns del "$ns" 2>/dev/null
-  rm -rf "$work"
+  rm -rf "/etc/netns/$ns" "$work"
 }
 trap cleanup EXIT
 ip netns add "$ns"
+# `ip netns exec` reads /etc/netns/NAME/hosts as /etc/hosts: the benchmark's host name
+# resolves to loopback, so TLS clients send it as SNI.
+mkdir -p "/etc/netns/$ns"
+echo "127.0.0.1 localhost myapp.example.com" >"/etc/netns/$ns/hosts"
 in_ns() { ip netns exec "$ns" "$@"; }
 in_ns ip link set lo up
 
-# The backend: nginx answering a fixed body, one worker.
-cat > "$work/backend.conf" <<CONF
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=myapp.example.com \
+  -addext subjectAltName=DNS:myapp.example.com \
+  -keyout "$work/tls.key" -out "$work/tls.crt" 2>/dev/null
+head -c 1048576 /dev/urandom >"$work/big"
+chmod 755 "$work"; chmod 644 "$work/big"
+
+cat >"$work/backend.conf" <<CONF
 worker_processes 1;
 daemon off;
 pid $work/backend.pid;
 error_log $work/backend.err;
-events { worker_connections 4096; }
+events { worker_connections 8192; }
 http {
   access_log off;
+  keepalive_requests 1000000;
   server {
     listen 127.0.0.1:8081 backlog=4096;
     location / { return 200 "hello from the backend\n"; }
+    location = /big { alias $work/big; }
+  }
+  server {
+    listen 127.0.0.1:8090;
+    location / { stub_status; }
   }
 }
 CONF
-# nginx as the proxy, with what ingress-nginx sets for such a route.
-cat > "$work/proxy.conf" <<CONF
-worker_processes 2;
+cat >"$work/proxy.conf" <<CONF
+worker_processes $workers;
 daemon off;
 pid $work/proxy.pid;
 error_log $work/proxy.err;
-events { worker_connections 4096; }
+events { worker_connections 8192; }
 http {
   access_log off;
-  upstream myapp { server 127.0.0.1:8081; keepalive 64; }
+  keepalive_requests 1000000;
+  upstream myapp { server 127.0.0.1:8081; keepalive 320; keepalive_requests 1000000; }
   server {
-    listen 127.0.0.1:8082 backlog=4096;
+    listen 127.0.0.1:8082 reuseport backlog=4096;
+    listen 127.0.0.1:8442 ssl reuseport backlog=4096;
+    ssl_certificate $work/tls.crt;
+    ssl_certificate_key $work/tls.key;
     location / {
       proxy_pass http://myapp;
       proxy_http_version 1.1;
+      proxy_buffering off;
+      proxy_buffer_size 16k;
+      proxy_buffers 8 16k;
       proxy_set_header Connection "";
       proxy_set_header Host \$host;
       proxy_set_header X-Real-IP \$remote_addr;
@@ -77,7 +124,8 @@ http {
 }
 CONF
 mkdir -p "$work/manifests"
-cat > "$work/manifests/all.yaml" <<YAML
+b64() { base64 -w0 "$1"; }
+cat >"$work/manifests/all.yaml" <<YAML
 apiVersion: v1
 kind: Service
 metadata: {name: myapp-svc, namespace: default}
@@ -90,11 +138,18 @@ addressType: IPv4
 ports: [{name: http, port: 8081, protocol: TCP}]
 endpoints: [{addresses: [127.0.0.1], conditions: {ready: true}}]
 ---
+apiVersion: v1
+kind: Secret
+metadata: {name: myapp-tls, namespace: default}
+type: kubernetes.io/tls
+data: {tls.crt: $(b64 "$work/tls.crt"), tls.key: $(b64 "$work/tls.key")}
+---
 apiVersion: networking.k8s.io/v1
 kind: Ingress
-metadata: {name: myapp-ingress, namespace: default}
+metadata: {name: myapp-ingress, namespace: default, annotations: {nginx.ingress.kubernetes.io/ssl-redirect: "false"}}
 spec:
   ingressClassName: kproxy
+  tls: [{hosts: [myapp.example.com], secretName: myapp-tls}]
   rules:
     - host: myapp.example.com
       http:
@@ -106,46 +161,215 @@ in_ns nginx -c "$work/backend.conf" & pids+=($!)
 in_ns nginx -c "$work/proxy.conf" & pids+=($!)
 in_ns "$kproxy" --manifests "$work/manifests" --hostname-override bench-node \
   --healthz-bind-address "" --metrics-bind-address "" \
-  --ingress-http-bind-address 127.0.0.1:8083 --ingress-https-bind-address "" \
+  --ingress-http-bind-address 127.0.0.1:8083 --ingress-https-bind-address 127.0.0.1:8443 \
   2>"$work/kproxy.log" & pids+=($!)
 
-for port in 8081 8082 8083; do
+for url in http://127.0.0.1:8081/ http://127.0.0.1:8082/ http://127.0.0.1:8083/ \
+  https://myapp.example.com:8442/ https://myapp.example.com:8443/; do
   for _ in $(seq 1 100); do
-    in_ns curl -sf -H "Host: myapp.example.com" "http://127.0.0.1:$port/" >/dev/null && break
+    in_ns curl -skf -H "Host: myapp.example.com" "$url" >/dev/null && break
     sleep 0.1
   done
-  in_ns curl -sf -H "Host: myapp.example.com" "http://127.0.0.1:$port/" >/dev/null \
-    || { echo "port $port does not answer" >&2; cat "$work/kproxy.log" >&2; exit 1; }
+  in_ns curl -skf -H "Host: myapp.example.com" "$url" >/dev/null \
+    || { echo "$url does not answer" >&2; cat "$work/kproxy.log" >&2; exit 1; }
 done
+kproxy_pid=$(pgrep -f -- "--manifests $work/manifests" | head -1)
+nginx_master=$(pgrep -f "nginx -c $work/proxy.conf" | head -1)
+mapfile -t nginx_pids < <(echo "$nginx_master"; pgrep -P "$nginx_master")
 
-# "Requests/sec: N" and the 50%/99% lines of wrk --latency, as "rps p50 p99".
-measure() {
-  local out
-  out=$(in_ns wrk -t2 -c"$connections" -d"${duration}s" --latency -H "Host: myapp.example.com" "$1")
-  echo "$out" >>"$work/wrk.txt"
-  local rps p50 p99
-  rps=$(awk '/^Requests\/sec:/ {printf "%d", $2}' <<<"$out")
-  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
-  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-  echo "$rps $p50 $p99"
-}
-
-echo "| Path | Requests/s | p50 | p99 |"
-echo "| --- | ---: | ---: | ---: |"
 if [ -n "${BENCH_PERF:-}" ]; then
-  kpid=$(pgrep -f "target/release/kproxy --manifests $work/manifests" | head -1)
-  perf record -F 499 -g -p "$kpid" -o "$BENCH_PERF" -- sleep "$duration" >/dev/null 2>&1 &
+  perf record -F 999 -g -p "$kproxy_pid" -o "$BENCH_PERF" -- sleep "$duration" >/dev/null 2>&1 &
   perf_pid=$!
   in_ns wrk -t2 -c"$connections" -d"${duration}s" -H "Host: myapp.example.com" http://127.0.0.1:8083/ >/dev/null
   # Only perf: a bare `wait` would also wait for the servers started above.
   wait "$perf_pid"
+  echo "profile in $BENCH_PERF"
   exit 0
 fi
-for target in "backend directly|http://127.0.0.1:8081/" "kproxy|http://127.0.0.1:8083/" "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///')|http://127.0.0.1:8082/"; do
-  name=${target%%|*}
-  url=${target#*|}
-  read -r rps p50 p99 < <(measure "$url")
-  echo "| $name | $rps | $p50 | $p99 |"
+
+if [ -n "${BENCH_COUNT:-}" ]; then
+  # Second instances on their own ports: kproxy under callgrind, and nginx with one process.
+  sed -e "s/^worker_processes .*/worker_processes 1;\nmaster_process off;/" -e "s/8082 reuseport/8092 reuseport/" \
+    -e "s/8442 ssl reuseport/8452 ssl reuseport/" -e "s|pid $work/proxy.pid|pid $work/proxy2.pid|" "$work/proxy.conf" >"$work/proxy2.conf"
+  count_one() { # name, url, command...
+    local name=$1 url=$2
+    shift 2
+    local out="$work/cg.$name"
+    in_ns valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" "$@" >/dev/null 2>"$work/cg.$name.log" &
+    pids+=($!)
+    for _ in $(seq 1 300); do
+      in_ns curl -sf -H "Host: myapp.example.com" "$url" >/dev/null && break
+      sleep 0.2
+    done
+    local pid
+    pid=$(pgrep -f "callgrind-out-file=$out" | tail -1)
+    callgrind_control -i on "$pid" >/dev/null 2>&1
+    local wrk_out requests
+    wrk_out=$(in_ns wrk -t1 -c8 -d"${duration}s" -H "Host: myapp.example.com" "${count_extra[@]}" "$url")
+    requests=$(awk '/requests in/ {print $1}' <<<"$wrk_out")
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    if [ -d "${BENCH_COUNT}" ]; then cp "$out".* "$BENCH_COUNT/"; fi
+    sleep 1
+    local ir
+    ir=$(cat "$out".[0-9]* 2>/dev/null | awk '/^totals:/ {s += $2} END {print s + 0}')
+    kill "$pid" 2>/dev/null || true
+    # System calls per request, at full speed.
+    local target_pid
+    case $name in
+      kproxy) target_pid=$kproxy_pid ;;
+      nginx) target_pid=$(pgrep -P "$nginx_master" | tr '\n' ',' | sed 's/,$//') ;;
+    esac
+    local port_url
+    case $name in kproxy) port_url=http://127.0.0.1:8083/ ;; nginx) port_url=http://127.0.0.1:8082/ ;; esac
+    strace -c -f -qq -o "$work/strace.$name" -p "$target_pid" &
+    local strace_pid=$!
+    sleep 0.5
+    wrk_out=$(in_ns wrk -t1 -c8 -d"${duration}s" -H "Host: myapp.example.com" "${count_extra[@]}" "$port_url")
+    kill -INT "$strace_pid"
+    wait "$strace_pid" 2>/dev/null || true
+    local sreq calls
+    sreq=$(awk '/requests in/ {print $1}' <<<"$wrk_out")
+    calls=$(awk '$NF == "total" {print $(NF-2)}' "$work/strace.$name")
+    awk -v n="$name" -v ir="$ir" -v r="$requests" -v c="$calls" -v s="$sreq" \
+      'BEGIN { printf "| %s | %d | %.0f | %d | %.2f |\n", n, r, ir / r, s, c / s }'
+    echo "system calls of $name (strace -c):" >&2
+    cat "$work/strace.$name" >&2
+  }
+  # The shape: keepalive (default), or newconn with the third argument.
+  count_extra=(-H "X-Shape: keepalive")
+  [ "$shapes" = newconn ] && count_extra=(-H "Connection: close")
+  echo "| proxy | requests under callgrind | user-space instructions per request | requests under strace | system calls per request |"
+  echo "| --- | ---: | ---: | ---: | ---: |"
+  count_one kproxy http://127.0.0.1:8093/ "$kproxy" --manifests "$work/manifests" --hostname-override bench-node \
+    --healthz-bind-address "" --metrics-bind-address "" \
+    --ingress-http-bind-address 127.0.0.1:8093 --ingress-https-bind-address ""
+  count_one nginx http://127.0.0.1:8092/ nginx -c "$work/proxy2.conf"
+  exit 0
+fi
+
+# CPU ticks (user + system) of the given processes, all their threads.
+ticks() {
+  local total=0 p
+  for p in "$@"; do
+    [ -r "/proc/$p/stat" ] || continue
+    total=$((total + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+  done
+  echo "$total"
+}
+hz=$(getconf CLK_TCK)
+# "accepts requests" of the backend so far.
+backend_counts() { in_ns curl -s http://127.0.0.1:8090/ | awk 'NR == 3 {print $1, $3}'; }
+# wrk's latency figures (us, ms or s) in milliseconds.
+to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n += 0; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'; }
+
+results=$work/results.tsv
+echo -e "shape\tproxy\trun\trps\tp50_ms\tp99_ms\tcpu_us_per_req\treuse\terrors" >"$results"
+# One measurement: shape, proxy name, run number, URL, the proxy's pids.
+measure() {
+  local shape=$1 name=$2 run=$3 url=$4
+  shift 4
+  local args=(-t2 -c"$connections" -d"${duration}s" --latency -H "Host: myapp.example.com")
+  case $shape in
+    newconn) args+=(-H "Connection: close") ;;
+    1mib) args=(-t2 -c16 -d"${duration}s" --latency -H "Host: myapp.example.com") ;;
+  esac
+  local before after b0 b1 out
+  read -r -a b0 < <(backend_counts)
+  before=$(ticks "$@")
+  out=$(in_ns wrk "${args[@]}" "$url")
+  after=$(ticks "$@")
+  read -r -a b1 < <(backend_counts)
+  echo "== $shape $name run $run: wrk ${args[*]} $url" >>"$work/wrk.txt"
+  echo "$out" >>"$work/wrk.txt"
+  local requests rps p50 p99 errors cpu reuse
+  requests=$(awk '/requests in/ {print $1}' <<<"$out")
+  rps=$(awk '/^Requests\/sec:/ {printf "%d", $2}' <<<"$out")
+  p50=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+  p99=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+  errors=$(awk '/Socket errors/ {gsub(",", ""); s += $4 + $6 + $8 + $10} /Non-2xx/ {s += $NF} END {print s + 0}' <<<"$out")
+  cpu=$(awk -v t=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN { printf "%.1f", (n > 0 ? t / hz / n * 1e6 : 0) }')
+  reuse=$(awk -v a=$((b1[0] - b0[0])) -v r=$((b1[1] - b0[1])) 'BEGIN { printf "%.4f", (r > 0 ? 1 - a / r : 0) }')
+  echo -e "$shape\t$name\t$run\t$rps\t$p50\t$p99\t$cpu\t$reuse\t$errors" >>"$results"
+  echo "$shape $name run $run: $rps req/s, p50 $p50 ms, p99 $p99 ms, $cpu us CPU/request, backend reuse $reuse, errors $errors" >&2
+}
+
+nginx_version=$(nginx -v 2>&1 | sed 's/.*nginx\///')
+for run in $(seq 1 "$runs"); do
+  for shape in $shapes; do
+    case $shape in
+      keepalive | newconn) k=http://127.0.0.1:8083/ n=http://127.0.0.1:8082/ ;;
+      1mib) k=http://127.0.0.1:8083/big n=http://127.0.0.1:8082/big ;;
+      https) k=https://myapp.example.com:8443/ n=https://myapp.example.com:8442/ ;;
+      *) echo "unknown shape $shape" >&2; exit 1 ;;
+    esac
+    # Alternate which goes first, so neither always runs on a machine warmed by the other.
+    if [ $((run % 2)) = 1 ]; then
+      measure "$shape" kproxy "$run" "$k" "$kproxy_pid"
+      measure "$shape" "nginx" "$run" "$n" "${nginx_pids[@]}"
+    else
+      measure "$shape" "nginx" "$run" "$n" "${nginx_pids[@]}"
+      measure "$shape" kproxy "$run" "$k" "$kproxy_pid"
+    fi
+  done
 done
-echo
-echo "wrk -t2 -c$connections -d${duration}s, $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')), wrk, backend and proxy sharing them."
+rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/$kproxy_pid/status")
+
+table=$work/table.md
+{
+  echo "Written by \`benches/ingress.sh $duration $runs\` on $(date -u +%Y-%m-%d) ($(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'); load average at the end $(cut -d' ' -f1-3 /proc/loadavg)); nginx $nginx_version with $workers workers, kproxy with $workers worker threads; wrk -t2 -c$connections (-c16 for 1 MiB) for ${duration} s per measurement; wrk, the backend and the proxy share the CPUs. One row per run, kproxy and nginx measured back to back."
+  echo
+  echo "| shape | proxy | run | requests/s | p50 ms | p99 ms | CPU µs/request | backend reuse | errors |"
+  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  tail -n +2 "$results" | sort -s -k1,1 -k2,2 | awk -F'\t' '{printf "| %s | %s | %s | %s | %s | %s | %s | %.2f %% | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8 * 100, $9}'
+  echo
+  echo "Medians over the runs (kproxy / nginx):"
+  echo
+  echo "| shape | requests/s | p50 ms | p99 ms | CPU µs/request |"
+  echo "| --- | ---: | ---: | ---: | ---: |"
+  for shape in $shapes; do
+    med() { awk -F'\t' -v s="$shape" -v p="$1" -v c="$2" '$1 == s && $2 == p {print $c}' "$results" | sort -g | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
+    echo "| $shape | $(med kproxy 4) / $(med nginx 4) ($(awk -v a="$(med kproxy 4)" -v b="$(med nginx 4)" 'BEGIN {printf "%.2f×", a / b}')) | $(med kproxy 5) / $(med nginx 5) | $(med kproxy 6) / $(med nginx 6) | $(med kproxy 7) / $(med nginx 7) |"
+  done
+  echo
+  echo "kproxy peak RSS over the whole benchmark: $((rss_kib / 1024)) MiB. Plots: benches/ingress-*.png."
+} >"$table"
+cat "$table"
+
+if [ "${BENCH_WRITE:-1}" = 1 ]; then
+  cp "$results" "$here/benches/ingress-results.tsv"
+  python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install --quiet matplotlib
+  python3 - "$results" "$here/benches" <<'PY'
+import csv, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+titles = {"keepalive": "small answers, keep-alive", "newconn": "new connection per request",
+          "1mib": "1 MiB answers, keep-alive", "https": "HTTPS, keep-alive"}
+for shape in dict.fromkeys(r["shape"] for r in rows):
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, (col, label) in zip(axes, [("rps", "requests/s"), ("p99_ms", "p99 latency (ms)"), ("cpu_us_per_req", "proxy CPU per request (µs)")]):
+        for i, proxy in enumerate(["kproxy", "nginx"]):
+            vals = [float(r[col]) for r in rows if r["shape"] == shape and r["proxy"] == proxy]
+            ax.bar([i + 0.8 * (j - (len(vals) - 1) / 2) / max(len(vals), 1) for j in range(len(vals))],
+                   vals, width=0.8 / max(len(vals), 1), color=["tab:blue", "tab:green"][i])
+        ax.set_xticks([0, 1], ["kproxy", "nginx"])
+        ax.set_title(label, fontsize=10)
+    fig.suptitle(f"{titles.get(shape, shape)} (one bar per run)")
+    fig.tight_layout()
+    fig.savefig(f"{sys.argv[2]}/ingress-{shape}.png", dpi=90)
+PY
+  python3 - "$here/BENCHMARKS.md" "$table" <<'PY'
+import sys
+path, table = sys.argv[1], open(sys.argv[2]).read()
+text = open(path).read()
+begin, end = "<!-- benches/ingress.sh: begin -->", "<!-- benches/ingress.sh: end -->"
+if begin in text and end in text:
+    head, rest = text.split(begin, 1)
+    text = head + begin + "\n" + table + end + rest.split(end, 1)[1]
+else:
+    text += "\n" + begin + "\n" + table + end + "\n"
+open(path, "w").write(text)
+PY
+  echo "BENCHMARKS.md and benches/ingress-*.png updated" >&2
+fi

@@ -79,10 +79,32 @@ pub fn serve_echo(name: &str, port: u16, log: Option<&str>) -> ! {
             };
             let (name, log) = (name.clone(), log.clone());
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                     let (name, log) = (name.clone(), log.clone());
                     async move {
                         let target = req.uri().path_and_query().map_or("/".to_string(), |p| p.to_string());
+                        if req.headers().contains_key("upgrade") {
+                            // A WebSocket-style upgrade: 101, then every byte echoed; the 101
+                            // says which pod and what X-Header-Set the backend saw.
+                            let on = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                if let Ok(up) = on.await {
+                                    let mut io = TokioIo::new(up);
+                                    let (mut r, mut w) = tokio::io::split(&mut io);
+                                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                                }
+                            });
+                            let seen = req.headers().get("x-header-set").cloned();
+                            let mut resp = Response::builder()
+                                .status(hyper::StatusCode::SWITCHING_PROTOCOLS)
+                                .header("upgrade", "websocket")
+                                .header("connection", "Upgrade")
+                                .header("x-pod", name.as_str());
+                            if let Some(v) = seen {
+                                resp = resp.header("x-seen-header-set", v);
+                            }
+                            return Ok(resp.body(Full::new(bytes::Bytes::new())).expect("101"));
+                        }
                         let host = req
                             .headers()
                             .get("host")
@@ -557,71 +579,15 @@ fn filters(kind: SourceKind) {
     ];
     let env = env_with(kind, &docs, &[]);
     let _backends = start_backends(&env, &[None, Some(mirror_log.clone()), None]);
-    wait_for(&env, "headers.test", 80, "/", "pod-a");
-
-    let r = request(
-        &env,
-        "headers.test",
-        80,
-        "/",
-        &[
-            "-H",
-            "X-Header-Set: some-other-value",
-            "-H",
-            "X-Header-Add: some-value",
-            "-H",
-            "X-Header-Remove: gone",
-        ],
-    );
-    assert_eq!(
-        r.seen("x-header-set").as_deref(),
-        Some("set-overwrites-values"),
-        "{r:?}"
-    );
-    assert_eq!(
-        r.seen("x-header-add").as_deref(),
-        Some("some-value,add-appends-values"),
-        "{r:?}"
-    );
-    assert_eq!(r.seen("x-header-remove"), None, "{r:?}");
-    assert_eq!(
-        r.header("x-header-set").as_deref(),
-        Some("set-overwrites-values"),
-        "response: {r:?}"
-    );
-    assert_eq!(
-        r.header("x-header-add").as_deref(),
-        Some("add-appends-values"),
-        "response: {r:?}"
-    );
-
-    wait_for(&env, "redirect.test", 80, "/hostname-redirect", "302");
-    for (path, code, location) in [
-        ("/hostname-redirect", 302, "http://example.org/hostname-redirect"),
-        ("/status-code-301", 301, "http://redirect.test/status-code-301"),
-        ("/scheme-redirect?a=b", 302, "https://redirect.test/scheme-redirect?a=b"),
-        ("/port-redirect", 302, "http://redirect.test:8083/port-redirect"),
-        (
-            "/prefix-redirect/one",
-            302,
-            "http://redirect.test/replacement-prefix/one",
-        ),
-        ("/full-redirect/x", 302, "http://redirect.test/full-path-replacement"),
+    for (host, path, want) in [
+        ("headers.test", "/", "pod-a"),
+        ("redirect.test", "/hostname-redirect", "302"),
+        ("rewrite.test", "/prefix/one/two?q=1", "pod-a"),
+        ("mirror.test", "/", "pod-a"),
+        ("timeout.test", "/request", "pod-c"),
     ] {
-        let r = get(&env, "redirect.test", 80, path);
-        assert_eq!(
-            (r.code, r.header("location").as_deref()),
-            (code, Some(location)),
-            "{path}: {r:?}"
-        );
+        wait_for(&env, host, 80, path, want);
     }
-
-    let r = wait_for(&env, "rewrite.test", 80, "/prefix/one/two?q=1", "pod-a");
-    assert!(r.body.starts_with("pod-a GET /one/two?q=1\n"), "{r:?}");
-    assert_eq!(r.seen("host").as_deref(), Some("rewritten.test"), "{r:?}");
-    let r = get(&env, "rewrite.test", 80, "/full/one/deep");
-    assert!(r.body.starts_with("pod-b GET /one\n"), "{r:?}");
-
     wait_for(&env, "weight.test", 80, "/", "pod-a");
     let seen = spread(&env, "weight.test", 200);
     assert_eq!(seen.values().sum::<usize>(), 200, "{seen:?}");
@@ -629,28 +595,105 @@ fn filters(kind: SourceKind) {
     assert!((110..170).contains(&seen["pod-a"]), "about 70 %: {seen:?}");
     assert_eq!(get(&env, "zero.test", 80, "/").code, 500, "every weight 0: 500");
 
-    wait_for(&env, "mirror.test", 80, "/", "pod-a");
-    let r = get(&env, "mirror.test", 80, "/mirrored?x=1");
-    assert_eq!(r.pod(), "pod-a");
-    eventually("the mirror backend received the copy", || {
-        let log = std::fs::read_to_string(&mirror_log).unwrap_or_default();
-        log.lines()
-            .any(|l| l.starts_with("GET /mirrored?x=1 mirror.test"))
-            .then_some(())
-    });
+    // The same filters over HTTP/1.1 (the hand-written path) and HTTP/2 (hyper's).
+    let get = |env: &Env, host: &str, port: u16, path: &str, proto: &str| request(env, host, port, path, &[proto]);
+    for proto in ["--http1.1", "--http2-prior-knowledge"] {
+        let r = request(
+            &env,
+            "headers.test",
+            80,
+            "/",
+            &[
+                proto,
+                "-H",
+                "X-Header-Set: some-other-value",
+                "-H",
+                "X-Header-Add: some-value",
+                "-H",
+                "X-Header-Remove: gone",
+            ],
+        );
+        assert_eq!(
+            r.seen("x-header-set").as_deref(),
+            Some("set-overwrites-values"),
+            "{r:?}"
+        );
+        assert_eq!(
+            r.seen("x-header-add").as_deref(),
+            Some("some-value,add-appends-values"),
+            "{r:?}"
+        );
+        assert_eq!(r.seen("x-header-remove"), None, "{r:?}");
+        assert_eq!(
+            r.header("x-header-set").as_deref(),
+            Some("set-overwrites-values"),
+            "response: {r:?}"
+        );
+        assert_eq!(
+            r.header("x-header-add").as_deref(),
+            Some("add-appends-values"),
+            "response: {r:?}"
+        );
 
-    wait_for(&env, "timeout.test", 80, "/request", "pod-c");
-    assert_eq!(
-        get(&env, "timeout.test", 80, "/request/delay/2000").code,
-        504,
-        "request timeout"
-    );
-    assert_eq!(
-        get(&env, "timeout.test", 80, "/backend/delay/2000").code,
-        504,
-        "backendRequest timeout"
-    );
-    assert_eq!(get(&env, "timeout.test", 80, "/backend/delay/10").pod(), "pod-c");
+        for (path, code, location) in [
+            ("/hostname-redirect", 302, "http://example.org/hostname-redirect"),
+            ("/status-code-301", 301, "http://redirect.test/status-code-301"),
+            ("/scheme-redirect?a=b", 302, "https://redirect.test/scheme-redirect?a=b"),
+            ("/port-redirect", 302, "http://redirect.test:8083/port-redirect"),
+            (
+                "/prefix-redirect/one",
+                302,
+                "http://redirect.test/replacement-prefix/one",
+            ),
+            ("/full-redirect/x", 302, "http://redirect.test/full-path-replacement"),
+        ] {
+            let r = get(&env, "redirect.test", 80, path, proto);
+            assert_eq!(
+                (r.code, r.header("location").as_deref()),
+                (code, Some(location)),
+                "{proto} {path}: {r:?}"
+            );
+        }
+
+        let r = get(&env, "rewrite.test", 80, "/prefix/one/two?q=1", proto);
+        assert!(r.body.starts_with("pod-a GET /one/two?q=1\n"), "{r:?}");
+        assert_eq!(r.seen("host").as_deref(), Some("rewritten.test"), "{r:?}");
+        assert_eq!(r.seen("x-forwarded-host").as_deref(), Some("rewrite.test"), "{r:?}");
+        let r = get(&env, "rewrite.test", 80, "/full/one/deep", proto);
+        assert!(r.body.starts_with("pod-b GET /one\n"), "{r:?}");
+
+        let mirrored = format!("/mirrored{proto}?x=1");
+        let r = get(&env, "mirror.test", 80, &mirrored, proto);
+        assert_eq!(r.pod(), "pod-a");
+        eventually("the mirror backend received the copy", || {
+            let log = std::fs::read_to_string(&mirror_log).unwrap_or_default();
+            log.lines()
+                .any(|l| l.starts_with(&format!("GET {mirrored} mirror.test")))
+                .then_some(())
+        });
+
+        assert_eq!(
+            get(&env, "timeout.test", 80, "/request/delay/2000", proto).code,
+            504,
+            "request timeout"
+        );
+        assert_eq!(
+            get(&env, "timeout.test", 80, "/backend/delay/2000", proto).code,
+            504,
+            "backendRequest timeout"
+        );
+        assert_eq!(get(&env, "timeout.test", 80, "/backend/delay/10", proto).pod(), "pod-c");
+    }
+
+    // A WebSocket upgrade through a Gateway rule (HTTP/1.1: kproxy does not offer HTTP/2's
+    // extended CONNECT, so clients open WebSockets over HTTP/1.1): the rule's request header
+    // edits reach the backend, and after the 101 the bytes are spliced both ways.
+    let (head, echoed) = crate::ingress::websocket_echo(&env, "headers.test");
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("x-pod: pod-a\r\n"), "{head}");
+    assert!(head.contains("x-seen-header-set: set-overwrites-values\r\n"), "{head}");
+    assert_eq!(echoed, "hello websocket");
     let _ = std::fs::remove_file(&mirror_log);
 }
 
@@ -689,19 +732,30 @@ fn https(kind: SourceKind) {
         pem("n", &cert_n),
         pem("4", &cert_4),
     );
-    let tls = |host: &str, port: u16, ca: &PathBuf| {
+    let tls_with = |host: &str, port: u16, ca: &PathBuf, proto: &str| {
         let resolve = format!("{host}:{port}:{NODE}");
         let url = format!("https://{host}:{port}/");
         curl(
             &env,
-            &["--resolve", &resolve, "--cacert", &ca.display().to_string(), &url],
+            &[
+                "--resolve",
+                &resolve,
+                "--cacert",
+                &ca.display().to_string(),
+                proto,
+                &url,
+            ],
         )
     };
+    let tls = |host: &str, port: u16, ca: &PathBuf| tls_with(host, port, ca, "--http1.1");
     let r = eventually("secure.test over HTTPS on 8443", || {
         tls("secure.test", 8443, &ca_s).ok().filter(|r| r.code == 200)
     });
     assert_eq!(r.pod(), "pod-a");
     assert_eq!(r.seen("x-forwarded-proto").as_deref(), Some("https"));
+    let r = tls_with("secure.test", 8443, &ca_s, "--http2").expect("HTTP/2 over TLS on 8443");
+    assert!(r.headers.starts_with("HTTP/2 200"), "ALPN h2: {r:?}");
+    assert_eq!(r.pod(), "pod-a");
     assert!(
         tls("secure.test", 8443, &ca_x).is_err(),
         "each listener has its own certificate"

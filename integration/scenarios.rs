@@ -400,6 +400,11 @@ impl Env {
         }
     }
 
+    /// The arguments kproxy was started with.
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
     /// Stops kproxy and starts it again in `mode` on the same source, as an operator switching
     /// a node's proxy mode would.
     pub fn restart_in(&mut self, mode: &str) {
@@ -888,7 +893,8 @@ fn nft_failure(mode: &'static str, kind: SourceKind) {
         how: Refusal::Kernel,
         metric: "kproxy_sync_failures_total{mode=\"nftables\"}",
         logged: &[
-            "nf_tables refused the transaction at `replace rule ip kproxy service-",
+            // An endpoint change is map elements only: the first of them is refused.
+            "nf_tables refused the transaction at `delete element ip kproxy ",
             "(Service default/web)",
             "No such file or directory",
             "sync failed",
@@ -897,7 +903,7 @@ fn nft_failure(mode: &'static str, kind: SourceKind) {
     refused_sync_keeps_the_kernel_rules(mode, kind, refusing);
 }
 
-/// Someone rewrites one of kproxy's dnat rules (to an address nobody serves), adds a rule of
+/// Someone rewrites one of kproxy's endpoint slots (to an address nobody serves), adds a rule of
 /// their own to a kproxy chain and deletes the NodePort's map element. There is no periodic
 /// resync to find it (`--sync-period 1h`): kproxy's next transaction, for an unrelated
 /// Service, is refused for the changed ruleset generation, and kproxy checks its table and
@@ -914,25 +920,31 @@ fn foreign_change(mode: &'static str, kind: SourceKind) {
     );
     eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
     let pod_b = pod_ips(&[1]).remove(0);
-    let listing = env.topo.exec_ok(&node, &["nft", "-a", "list", "table", "ip", "kproxy"]);
-    let mut chain = "";
-    let mut target = None;
-    for line in listing.lines() {
-        // `nft -a` lists `chain NAME { # handle N`.
-        if let Some(c) = line.trim().strip_prefix("chain ").and_then(|c| c.split(" {").next()) {
-            chain = c;
-        }
-        if line.contains(&format!("dnat to {pod_b}:8080")) && line.contains("tcp") {
-            target = Some((chain.to_string(), line.rsplit(' ').next().unwrap().to_string()));
-        }
-    }
-    let (chain, handle) = target.unwrap_or_else(|| panic!("no dnat to {pod_b}:\n{listing}"));
+    let listing = env.topo.exec_ok(&node, &["nft", "list", "table", "ip", "kproxy"]);
+    // The slot of the cluster IP that sends to pod-b: `10.96.0.10 . 80 . N : POD_B . 8080`.
+    let slot = listing
+        .split([',', '{', '}', '\n'])
+        .map(str::trim)
+        .find_map(|e| {
+            let (key, to) = e.split_once(" : ")?;
+            (key.starts_with(&format!("{CLUSTER_IP} . 80 . ")) && to == format!("{pod_b} . 8080"))
+                .then(|| key.to_string())
+        })
+        .unwrap_or_else(|| panic!("no endpoint slot for {pod_b}:\n{listing}"));
+    let chain = listing
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("chain ")?.split(" {").next())
+        .find(|c| c.starts_with("service-") && c.ends_with("-default/web/tcp/http"))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no chain of web's http port:\n{listing}"));
     let dead = "10.244.250.250";
     env.topo.exec_ok(
         &node,
         &[
             "nft",
-            &format!("replace rule ip kproxy {chain} handle {handle} meta l4proto tcp dnat to {dead}:8080"),
+            &format!(
+                "delete element ip kproxy service-endpoints-tcp {{ {slot} }}; add element ip kproxy service-endpoints-tcp {{ {slot} : {dead} . 8080 }}"
+            ),
         ],
     );
     env.topo.exec_ok(

@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# Benchmark of nftables mode's two writers side by side: kproxy's netlink writer (this tree) and
-# the `nft -f` writer it replaced (commit 9823b8b, built in a temporary worktree). For each size
-# (Services x 10 endpoints, from manifest files) it measures the first full sync, then one
-# EndpointSlice change at a time (one endpoint replaced by a new address):
-#   - source -> kernel: from the moment kproxy's manifest source loaded the change (its log line)
-#     to the moment the new address is in the kernel (the commit's netlink notification, seen by
-#     a listener on NFNLGRP_NFTABLES in the node namespace);
-#   - file -> kernel: the same from the file's rename, which adds the manifest source's 100 ms
-#     polling (an API watch delivers the change at once);
-#   - both again with --sync-period 4s (half as many changes), so that changes arrive while
+# Benchmark of nftables mode's writers: kproxy's netlink writer (this tree) and the `nft -f`
+# writer it replaced (commit 9823b8b, built in a temporary worktree). For each size (Services x
+# 10 endpoints) it measures the first full sync, then one EndpointSlice change at a time (one
+# endpoint replaced by a new address):
+#   - API -> kernel: kproxy watches the integration tests' fake API server (examples/fakeapi.rs,
+#     in kproxy's namespace, lists and watches as the real one serves them); from the moment the
+#     fake stored the changed EndpointSlice (and sent the watch event) to the moment the new
+#     address is in the kernel (the commit's netlink notification, seen by a listener on
+#     NFNLGRP_NFTABLES in the node namespace). SOURCE=manifests measures from manifest files
+#     instead (from the manifest source's log line that it loaded the file);
+#   - the same again with --sync-period 4s (half as many changes), so that changes arrive while
 #     periodic resyncs (and the netlink writer's checks) run;
-#   - kproxy's CPU time per change (utime+stime over the changes, less its idle rate).
+#   - kproxy's CPU time per change, user and system (the kernel's commit runs in kproxy's
+#     sendmsg: its system time), over the changes less its idle rate;
+#   - the machine's load average during the run (the machine is shared: latencies stretch with
+#     load, CPU times much less).
 # Writes its section of BENCHMARKS.md and docs/bench-nftables.png. Never run by the tests.
 #
 # usage: sudo scripts/bench-nftables.sh [SIZES] [CHANGES]     (default: "1000 5000 10000" 100)
+#        WRITERS="netlink nft-f": also measure the nft -f writer again (default: its rows
+#        already in BENCHMARKS.md are kept, and plotted);
 #        AFFINITY=1 ...: every Service with sessionAffinity ClientIP (a set per endpoint); its
 #        own section of BENCHMARKS.md and its own plot.
 set -euo pipefail
@@ -23,11 +29,12 @@ sizes=${1:-1000 5000 10000}
 changes=${2:-100}
 [ "$(id -u)" = 0 ] || { echo "bench-nftables.sh: needs root" >&2; exit 1; }
 
-cargo build --quiet --release --manifest-path "$here/Cargo.toml" --bin kproxy
+cargo build --quiet --release --manifest-path "$here/Cargo.toml" --bin kproxy --example fakeapi
 mkdir -p "$here/target/bench"
 cp "$here/target/release/kproxy" "$here/target/bench/kproxy-netlink"
+cp "$here/target/release/examples/fakeapi" "$here/target/bench/fakeapi"
 old=$here/target/bench/kproxy-nft-f
-if [ ! -x "$old" ]; then
+if [[ " ${WRITERS:-netlink} " == *" nft-f "* ]] && [ ! -x "$old" ]; then
   # The nft -f writer, as it was before the netlink one replaced it.
   tree=$(mktemp -d /tmp/kproxy-nft-f.XXXXXX)
   git -C "$here" worktree add -f "$tree" 9823b8b >/dev/null
@@ -46,7 +53,10 @@ affinity = os.environ.get("AFFINITY", "") not in ("", "0")
 sticky = ", sessionAffinity: ClientIP" if affinity else ""
 tag = "-affinity" if affinity else ""
 M = 10
-writers = [("netlink", f"{here}/target/bench/kproxy-netlink"), ("nft -f", f"{here}/target/bench/kproxy-nft-f")]
+all_writers = {"netlink": ("netlink", f"{here}/target/bench/kproxy-netlink"), "nft-f": ("nft -f", f"{here}/target/bench/kproxy-nft-f")}
+writers = [all_writers[w] for w in os.environ.get("WRITERS", "netlink").split()]
+source = os.environ.get("SOURCE", "api")
+FAKEAPI = f"{here}/target/bench/fakeapi"
 HZ = os.sysconf("SC_CLK_TCK")
 
 WATCHER = r'''
@@ -118,6 +128,14 @@ def wait_metric(ns, name, at_least, proc, timeout):
         time.sleep(0.2)
     raise SystemExit(f"timed out waiting for {name}")
 
+def cpu_split(pid):
+    """(user, system) ticks of `pid`."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(f[11]), int(f[12])
+
+def loadavg():
+    return float(open("/proc/loadavg").read().split()[0])
+
 def cpu_ticks(pid):
     # utime + stime + cutime + cstime: the nft -f writer's nft processes (where its kernel
     # commits run) count, as the netlink writer's commits in its own sendmsg do.
@@ -146,12 +164,34 @@ def pct(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
+class FakeApi:
+    """The fake API server in namespace `ns`, serving the objects of `d`."""
+    def __init__(self, d, ns):
+        self.d = d
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, FAKEAPI, f"{d}/node.yaml", f"{d}/services.yaml", f"{d}/slices.yaml",
+                                      f"{d}/last-slice.yaml"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.url = self.proc.stdout.readline().strip()
+        assert self.url.startswith("http://"), self.url
+    def apply(self, path):
+        """Applies the file; the time (ns) it was handed to the fake (which parses and stores it,
+        and notifies its watches, before it answers)."""
+        t0 = time.time_ns()
+        self.proc.stdin.write(path + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line.startswith("applied"), line
+        return t0
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
 class Run:
-    """kproxy in a fresh namespace over manifest dir `d`."""
-    def __init__(self, binary, d, ns, sync_period, log):
+    """kproxy in a fresh namespace, watching `api` (or over manifest dir `d`)."""
+    def __init__(self, binary, d, ns, sync_period, log, api=None):
         self.ns, self.log = ns, log
         env = dict(os.environ, RUST_LOG="info,kproxy::dataplane::nftables=debug")
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, binary, "--manifests", d, "--hostname-override", "bench-node",
+        src = ["--master", api.url] if api else ["--manifests", d]
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, binary, *src, "--hostname-override", "bench-node",
                                       "--proxy-mode", "nftables", "--cluster-cidr", "10.128.0.0/9", "--min-sync-period", "0s",
                                       "--sync-period", sync_period, "--ingress-http-bind-address", "", "--ingress-https-bind-address", "",
                                       "--healthz-bind-address", "127.0.0.1:10256"],
@@ -189,9 +229,10 @@ class Watcher:
         self.proc.kill()
         self.proc.wait()
 
-def change_loop(d, n, watcher, log, start_k, count):
+def change_loop(d, n, watcher, log, start_k, count, api=None):
     """`count` changes of the last Service's slice, one endpoint each; per change
-    (file->kernel ms, t_file_ns, t_kernel_ns)."""
+    (source->kernel ms, t_source_ns, t_kernel_ns): from the fake API's store (with `api`) or
+    the file's rename."""
     i = n - 1
     ips = [ep_ip(i * M + j) for j in range(M)]
     results = []
@@ -201,11 +242,52 @@ def change_loop(d, n, watcher, log, start_k, count):
         ips[k % M] = new
         tmp = f"{d}/.last.tmp"
         open(tmp, "w").write(slice_doc(i, ips, datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")))
-        t0 = time.time_ns()
-        os.rename(tmp, f"{d}/last-slice.yaml")
+        if api:
+            os.rename(tmp, f"{d}/change.yaml")
+            t0 = api.apply(f"{d}/change.yaml")
+        else:
+            t0 = time.time_ns()
+            os.rename(tmp, f"{d}/last-slice.yaml")
         t1 = watcher.wait(new)
         if t1 is None:
             raise SystemExit(f"{new} never reached the kernel; see {log}")
+        results.append(((t1 - t0) / 1e6, t0, t1))
+        time.sleep(random.uniform(0.15, 0.35))
+    return results
+
+def scale_loop(d, n, watcher, log, count, api):
+    """`count` changes of the endpoint count of the second-to-last Service (10 -> 11 -> 10 ...),
+    each with a new address; per change (API->kernel ms, t0, t1)."""
+    i = n - 2
+    ips = [ep_ip(i * M + j) for j in range(M)]
+    results = []
+    for c in range(count):
+        new = f"10.255.{200 + c // 250}.{1 + c % 250}"
+        ips = ips + [new] if len(ips) == M else ips[2:] + [new]
+        open(f"{d}/change.yaml", "w").write(slice_doc(i, ips))
+        t0 = api.apply(f"{d}/change.yaml")
+        t1 = watcher.wait(new)
+        if t1 is None:
+            raise SystemExit(f"{new} never reached the kernel; see {log}")
+        results.append(((t1 - t0) / 1e6, t0, t1))
+        time.sleep(random.uniform(0.15, 0.35))
+    return results
+
+def new_service_loop(d, n, watcher, log, count, api):
+    """`count` new Services (with 10 endpoints each), one at a time; per Service (API->kernel
+    ms of its cluster IP, t0, t1)."""
+    results = []
+    for c in range(count):
+        cip = f"10.255.{220 + c // 250}.{1 + c % 250}"
+        name = f"new-{c}"
+        doc = (f"---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\n"
+               f"spec: {{type: ClusterIP, clusterIP: {cip}, ports: [{{name: http, port: 80}}]}}\n")
+        doc += slice_doc(n + c, [ep_ip((n + c) * M + j) for j in range(M)]).replace(f"svc-{n + c}", name)
+        open(f"{d}/change.yaml", "w").write(doc)
+        t0 = api.apply(f"{d}/change.yaml")
+        t1 = watcher.wait(cip)
+        if t1 is None:
+            raise SystemExit(f"{cip} never reached the kernel; see {log}")
         results.append(((t1 - t0) / 1e6, t0, t1))
         time.sleep(random.uniform(0.15, 0.35))
     return results
@@ -245,64 +327,104 @@ for n in sizes:
         open(f"{d}/last-slice.yaml", "w").write(slice_doc(n - 1, [ep_ip((n - 1) * M + j) for j in range(M)]))
         sh("ip", "netns", "add", ns)
         sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        run = watcher = None
+        run = watcher = api = None
         try:
-            print(f"==> {n} Services, {label}: first full sync", flush=True)
-            run = Run(binary, d, ns, "1h", log)
+            load0 = loadavg()
+            if source == "api":
+                api = FakeApi(d, ns)
+            print(f"==> {n} Services, {label}, from {source}: first full sync", flush=True)
+            run = Run(binary, d, ns, "1h", log, api)
             wait_metric(ns, "kubeproxy_sync_full_proxy_rules_duration_seconds_count", 1, run.proc, 3600)
             full_s = metric(ns, "kubeproxy_sync_full_proxy_rules_duration_seconds_sum")
             rss = rss_mib(run.proc.pid)
             watcher = Watcher(ns)
             time.sleep(1)
-            idle0, tidle = cpu_ticks(run.proc.pid), time.time()
+            idle0, tidle = cpu_split(run.proc.pid), time.time()
             time.sleep(3)
-            idle_rate = (cpu_ticks(run.proc.pid) - idle0) / HZ / (time.time() - tidle)
+            idle1 = cpu_split(run.proc.pid)
+            idle_rate = [(idle1[k] - idle0[k]) / HZ / (time.time() - tidle) for k in (0, 1)]
             print(f"    {changes} changes, no resync", flush=True)
-            c0, tc = cpu_ticks(run.proc.pid), time.time()
-            a = change_loop(d, n, watcher, log, 0, changes)
-            cpu_ms = ((cpu_ticks(run.proc.pid) - c0) / HZ - idle_rate * (time.time() - tc)) / changes * 1000
-            src_a = source_latencies(log, a)
+            c0, tc = cpu_split(run.proc.pid), time.time()
+            a = change_loop(d, n, watcher, log, 0, changes, api)
+            c1, took = cpu_split(run.proc.pid), time.time() - tc
+            cpu = [((c1[k] - c0[k]) / HZ - idle_rate[k] * took) / changes * 1000 for k in (0, 1)]
+            src_a = [x[0] for x in a] if api else source_latencies(log, a)
+            scale = new = [0.0]
+            if api:
+                print("    20 endpoint-count changes, 10 new Services", flush=True)
+                scale = [x[0] for x in scale_loop(d, n, watcher, log, 20, api)]
+                new = [x[0] for x in new_service_loop(d, n, watcher, log, 10, api)]
             run.stop()
             print(f"    {changes // 2} changes, --sync-period 4s", flush=True)
-            run = Run(binary, d, ns, "4s", log)
+            run = Run(binary, d, ns, "4s", log, api)
             wait_metric(ns, "kubeproxy_sync_full_proxy_rules_duration_seconds_count", 1, run.proc, 3600)
             t_start = time.time_ns()
-            b = change_loop(d, n, watcher, log, changes, changes // 2)
+            b = change_loop(d, n, watcher, log, changes, changes // 2, api)
             # Let the resync in progress (if any) finish, so its log line is there.
             time.sleep(1)
-            src_b = source_latencies(log, b)
+            src_b = [x[0] for x in b] if api else source_latencies(log, b)
             windows = [w for w in busy_windows(log) if w[1] >= t_start]
             during = sum(1 for _, t0, t1 in b if any(s <= t0 <= e or s <= t1 <= e for s, e in windows))
             resyncs = len([w for w in windows if w[0] <= b[-1][2]])
             run.stop()
-            rows.append(dict(n=n, writer=label, full_s=full_s, rss=rss, cpu_ms=cpu_ms,
-                             a_src=[pct(src_a, 50), pct(src_a, 99), max(src_a)], a_file=[pct([x[0] for x in a], 50), pct([x[0] for x in a], 99)],
-                             b_src=[pct(src_b, 50), pct(src_b, 99), max(src_b)], b_file=[pct([x[0] for x in b], 50), pct([x[0] for x in b], 99)],
-                             during=during, resyncs=resyncs, samples=(len(src_a), len(src_b))))
+            load1 = loadavg()
+            rows.append(dict(n=n, writer=label, source=source, full_s=full_s, rss=rss, cpu_user=cpu[0], cpu_sys=cpu[1],
+                             a_src=[pct(src_a, 50), pct(src_a, 99), max(src_a)],
+                             b_src=[pct(src_b, 50), pct(src_b, 99), max(src_b)],
+                             scale=[pct(scale, 50), max(scale)], new=[pct(new, 50), max(new)],
+                             during=during, resyncs=resyncs, samples=(len(src_a), len(src_b)), load=(load0, load1)))
             print("    " + json.dumps(rows[-1]), flush=True)
         finally:
             if watcher:
                 watcher.stop()
             if run and run.proc.poll() is None:
                 run.stop()
+            if api:
+                api.stop()
             subprocess.run(["ip", "netns", "del", ns])
+
+# Rows of writers not measured in this run are kept from BENCHMARKS.md (the nft -f writer's,
+# measured in round 1 from manifest files).
+path = f"{here}/BENCHMARKS.md"
+text = open(path).read()
+begin, end = f"<!-- scripts/bench-nftables.sh{tag}: begin -->", f"<!-- scripts/bench-nftables.sh{tag}: end -->"
+measured = {r["writer"] for r in rows}
+kept = []
+if begin in text:
+    old_section = text.split(begin, 1)[1].split(end, 1)[0]
+    for line in old_section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 6 or not cells[0].replace(",", "").isdigit():
+            continue
+        if cells[1] in measured:
+            if len(cells) != 8:
+                continue
+            # Round 1's netlink writer (per-endpoint rules), kept to show the layout's gain.
+            line = line.replace(f"| {cells[1]} |", f"| {cells[1]} (round 1) |", 1)
+            cells[1] += " (round 1)"
+        nums = lambda c: [float(x) for x in re.findall(r"[0-9.]+", c.split("ms")[0])]
+        if len(cells) == 8:
+            # Round 1's columns: n, writer, full, source->kernel, file->kernel, with resyncs, CPU, memory.
+            kept.append(dict(n=int(cells[0].replace(",", "")), writer=cells[1], line=line, a_src=nums(cells[3]), b_src=nums(cells[5])))
+        else:
+            kept.append(dict(n=int(cells[0].replace(",", "")), writer=cells[1], line=line, a_src=nums(cells[4]), b_src=nums(cells[5])))
 
 # The plot: change latency (source -> kernel) against the number of Services, both writers.
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 fig, ax = plt.subplots(figsize=(7, 4.2))
-for label, style in [("netlink", "-o"), ("nft -f", "--s")]:
-    rs = [r for r in rows if r["writer"] == label]
+for label, style in [("netlink", "-o"), ("netlink (round 1)", "-.^"), ("nft -f", "--s")]:
+    rs = sorted([r for r in rows + kept if r["writer"] == label], key=lambda r: r["n"])
     xs = [r["n"] for r in rs]
     ax.plot(xs, [r["a_src"][1] for r in rs], style, label=f"{label}: p99")
     ax.plot(xs, [r["a_src"][0] for r in rs], style, alpha=0.5, label=f"{label}: median")
-    ax.plot(xs, [r["b_src"][1] for r in rs], style, alpha=0.8, linestyle=":", label=f"{label}: p99 with resyncs every 4 s")
+    ax.plot(xs, [r["b_src"][1] for r in rs], marker=style[-1], alpha=0.8, linestyle=":", label=f"{label}: p99 with resyncs every 4 s")
 ax.set_yscale("log")
 ax.axhline(10, color="grey", linewidth=0.8)
 ax.set_xlabel("Services (x 10 endpoints)")
 ax.set_ylabel("one EndpointSlice change -> kernel (ms)")
-ax.set_title("kproxy nftables mode: netlink writer vs nft -f")
+ax.set_title("kproxy nftables mode: netlink writer vs nft -f (round 1, manifest files)")
 ax.legend(fontsize=7)
 fig.tight_layout()
 os.makedirs(f"{here}/docs", exist_ok=True)
@@ -310,33 +432,40 @@ fig.savefig(f"{here}/docs/bench-nftables{tag}.png", dpi=110)
 
 cpu = open("/proc/cpuinfo").read().split("model name")[1].split(":")[1].split("\n")[0].strip()
 f = lambda x: f"{x:.1f}"
+src_word = "API -> kernel" if source == "api" else "source -> kernel"
 lines = [
     f"Written by `scripts/bench-nftables.sh` on {datetime.date.today()} ({os.cpu_count()} cores, {cpu}; kernel {os.uname().release}),",
-    f"{changes} changes per row and phase, one endpoint replaced per change, from manifest files"
+    f"{changes} changes per row and phase, one endpoint replaced per change, "
+    + ("through the fake API server (kproxy watching it)" if source == "api" else "from manifest files")
     + (", every Service with session affinity" if affinity else "") + ". Single runs on a shared",
-    f"machine: rerun the script to compare. Plot: [docs/bench-nftables{tag}.png](docs/bench-nftables{tag}.png).",
+    f"machine (its load average is in the table): rerun the script to compare. Plot: [docs/bench-nftables{tag}.png](docs/bench-nftables{tag}.png).",
     "",
-    "| Services x 10 | writer | first full sync | change: source -> kernel, median / p99 / max | change: file -> kernel, median / p99 | with resyncs every 4 s: source -> kernel, median / p99 / max (changes during a resync) | kproxy CPU per change | memory after first sync |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    f"| Services x 10 | writer | first full sync | change: {src_word}, median / p99 / max | with resyncs every 4 s: median / p99 / max (changes during a resync) | kproxy CPU per change, user + system | endpoint count changes: median / max | new Service: median / max | memory after first sync | load average |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
 ]
-for r in rows:
+for r in sorted(rows, key=lambda r: r["n"]):
     lines.append(f"| {r['n']:,} | {r['writer']} | {r['full_s']:.2f} s | {' / '.join(f(x) for x in r['a_src'])} ms | "
-                 f"{' / '.join(f(x) for x in r['a_file'])} ms | {' / '.join(f(x) for x in r['b_src'])} ms ({r['during']} of {changes // 2}, {r['resyncs']} resyncs) | "
-                 f"{r['cpu_ms']:.2f} ms | {r['rss']} MiB |")
+                 f"{' / '.join(f(x) for x in r['b_src'])} ms ({r['during']} of {changes // 2}, {r['resyncs']} resyncs) | "
+                 f"{r['cpu_user']:.2f} + {r['cpu_sys']:.2f} ms | {' / '.join(f(x) for x in r['scale'])} ms | {' / '.join(f(x) for x in r['new'])} ms | "
+                 f"{r['rss']} MiB | {r['load'][0]:.1f} -> {r['load'][1]:.1f} |")
+if kept:
+    lines += ["", "Kept from an earlier run of this script (other columns: first full sync, source -> kernel, file -> kernel, with resyncs, CPU, memory):", "",
+              "| Services x 10 | writer | first full sync | change: source -> kernel, median / p99 / max | change: file -> kernel, median / p99 | with resyncs every 4 s: source -> kernel, median / p99 / max (changes during a resync) | kproxy CPU per change | memory after first sync |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [k["line"] for k in sorted(kept, key=lambda k: k["n"])]
 lines += [
     "",
-    "Source -> kernel: from kproxy's manifest source logging that it loaded the changed file to the",
-    "commit's netlink notification carrying the new address (a listener on NFNLGRP_NFTABLES in the",
-    "node's namespace). File -> kernel adds the manifest source's polling (every 100 ms) and is what",
-    "an operator writing files would see; an API watch delivers a change without it. kproxy CPU per",
-    "change: its user+system time and its children's (the nft processes of the nft -f writer, where",
-    "that writer's commits run) over the changes, less its idle rate, divided by the changes (it",
-    "includes reading the changed manifest file). The nft -f writer is commit 9823b8b.",
+    f"{src_word}: from the moment the changed EndpointSlice was handed to the fake API server"
+    if source == "api" else "source -> kernel: from kproxy's manifest source logging that it loaded the changed file",
+    "to the commit's netlink notification carrying the new address (a listener on NFNLGRP_NFTABLES",
+    "in the node's namespace). kproxy CPU per change: its user and system time over the changes,",
+    "less its idle rate, divided by the changes; the kernel's commit runs in kproxy's sendmsg, so the",
+    "system time is the kernel's side. The nft -f writer is commit 9823b8b (its CPU includes its nft",
+    "processes). Endpoint count changes: the second-to-last Service goes from 10 to 11 endpoints and",
+    "back, a new address each time (20 changes); new Service: a Service and its EndpointSlice",
+    "created together, until its cluster IP is in the kernel (10 Services).",
 ]
 section = "\n".join(lines)
-path = f"{here}/BENCHMARKS.md"
-text = open(path).read()
-begin, end = f"<!-- scripts/bench-nftables.sh{tag}: begin -->", f"<!-- scripts/bench-nftables.sh{tag}: end -->"
 if begin not in text:
     title = "nftables mode: netlink writer" + (", session affinity" if affinity else "")
     text += f"\n## {title}\n\n{begin}\n{end}\n"

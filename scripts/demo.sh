@@ -28,6 +28,7 @@ node=${id}-node
 client=${id}-client
 work=$(mktemp -d /tmp/kproxy-demo.XXXXXX)
 pids=()
+fails=0
 
 cleanup() {
   set +e
@@ -117,6 +118,14 @@ ports: [{port: 80, protocol: TCP}]
 endpoints:$endpoints
 EOF
 
+# The pods' readiness, as the kubelet's probe would see it: each server answers.
+for i in $(seq 1 "$replicas"); do
+  for _ in $(seq 1 100); do
+    in_ns "${id}-myapp-$i" curl -s -o /dev/null --max-time 1 http://127.0.0.1/ && break
+    sleep 0.1
+  done
+done
+
 echo "==> starting kproxy in $node"
 in_ns "$node" "$kproxy" --manifests "$work/manifests" --hostname-override demo-node \
   --cluster-cidr 10.244.0.0/16 --healthz-bind-address 127.0.0.1:10256 \
@@ -136,11 +145,11 @@ cluster_ip=$("$kproxy" render --manifests "$work/manifests" --hostname-override 
   awk '$2 == "myapp-svc" {print $3}')
 
 echo "==> curl http://$cluster_ip/ from the node, 6 times"
-for _ in 1 2 3 4 5 6; do in_ns "$node" curl -s --max-time 3 "http://$cluster_ip/"; done
+for _ in 1 2 3 4 5 6; do in_ns "$node" curl -s --max-time 3 "http://$cluster_ip/" || { echo "    no answer"; fails=$((fails + 1)); }; done
 echo "==> curl http://$cluster_ip/ from pod myapp-1"
-in_ns "${id}-myapp-1" curl -s --max-time 3 "http://$cluster_ip/"
+in_ns "${id}-myapp-1" curl -s --max-time 3 "http://$cluster_ip/" || { echo "    no answer"; fails=$((fails + 1)); }
 echo "==> curl http://192.0.2.1:30080/ from the outside client, 4 times"
-for _ in 1 2 3 4; do in_ns "$client" curl -s --max-time 3 http://192.0.2.1:30080/; done
+for _ in 1 2 3 4; do in_ns "$client" curl -s --max-time 3 http://192.0.2.1:30080/ || { echo "    no answer"; fails=$((fails + 1)); }; done
 echo "==> the walkthrough's Ingresses (class nginx) from the outside client: http://myapp.example.com/"
 echo "    (the host has TLS, so plain HTTP is redirected with 308, as ingress-nginx does)"
 in_ns "$client" curl -s -o /dev/null -w '    %{http_code} -> %{redirect_url}\n' --max-time 3 \
@@ -148,7 +157,7 @@ in_ns "$client" curl -s -o /dev/null -w '    %{http_code} -> %{redirect_url}\n' 
 echo "==> https://myapp.example.com/ (the demo has no Secret myapp-tls-secret, so kproxy answers with"
 echo "    its self-signed default certificate: curl -k)"
 for _ in 1 2 3 4; do
-  in_ns "$client" curl -sk --max-time 3 --resolve myapp.example.com:443:192.0.2.1 https://myapp.example.com/
+  in_ns "$client" curl -sk --max-time 3 --resolve myapp.example.com:443:192.0.2.1 https://myapp.example.com/ || { echo "    no answer"; fails=$((fails + 1)); }
 done
 
 echo "==> kproxy's log"
@@ -159,3 +168,7 @@ if [ "$keep" = 1 ]; then
   wait
 fi
 echo "==> cleaning up (kproxy --cleanup, namespaces)"
+if [ "$fails" -gt 0 ]; then
+  echo "demo.sh: $fails request(s) got no answer; kproxy's log: see above" >&2
+  exit 1
+fi

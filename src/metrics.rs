@@ -388,6 +388,14 @@ impl Metrics {
             .inc();
     }
 
+    /// The counter of Ingress requests for these labels, for a worker to keep and increment
+    /// without looking it up (or allocating its labels) on every request.
+    /// The handle is the registry's own series (a clone shares its count).
+    pub fn ingress_request_counter(&self, ingress: &str, service: &str, code: u16) -> IntCounter {
+        self.ingress_requests
+            .with_label_values(&[ingress, service, &code.to_string()])
+    }
+
     /// Records the time from a request's arrival to its response head.
     pub fn observe_ingress_duration(&self, took: Duration) {
         self.ingress_duration.observe(took.as_secs_f64());

@@ -14,6 +14,8 @@ pub enum Stage {
     Alpha,
     Beta,
     Ga,
+    /// Deprecated gates: AllAlpha/AllBeta do not move them.
+    Deprecated,
 }
 
 /// One gate as kube-proxy v1.33 registers it.
@@ -40,10 +42,9 @@ pub const KUBE_PROXY_GATES: &[Gate] = &[
     gate("AllAlpha", false, Stage::Alpha, false),
     gate("AllBeta", false, Stage::Beta, false),
     gate("ComponentFlagz", false, Stage::Alpha, false),
-    gate("ComponentSLIs", true, Stage::Beta, false),
+    gate("ComponentSLIs", true, Stage::Ga, true),
     gate("ComponentStatusz", false, Stage::Alpha, false),
     gate("ContextualLogging", true, Stage::Beta, false),
-    gate("KubeProxyDrainingTerminatingNodes", true, Stage::Ga, true),
     gate("LoadBalancerIPMode", true, Stage::Ga, true),
     gate("LoggingAlphaOptions", false, Stage::Alpha, false),
     gate("LoggingBetaOptions", true, Stage::Beta, false),
@@ -51,28 +52,70 @@ pub const KUBE_PROXY_GATES: &[Gate] = &[
     gate("PreferSameTrafficDistribution", false, Stage::Alpha, false),
     gate("ServiceTrafficDistribution", true, Stage::Ga, true),
     gate("TopologyAwareHints", true, Stage::Ga, true),
-    gate("WinDSR", false, Stage::Alpha, false),
+    gate("WinDSR", true, Stage::Beta, false),
     gate("WinOverlay", true, Stage::Beta, false),
-    gate("WindowsHostNetwork", true, Stage::Alpha, false),
+    gate("WindowsHostNetwork", false, Stage::Deprecated, false),
 ];
 
-/// Other Kubernetes gates the shared registry holds: accepted with any value, no effect here.
+/// Other Kubernetes gates the shared registry holds that are locked to their v1.33 default (GA or
+/// deprecated with LockToDefault): accepted only with that value, no effect here.
+pub const OTHER_LOCKED_GATES: &[Gate] = &[
+    gate("AllowServiceLBStatusOnNonLB", false, Stage::Deprecated, true),
+    gate("AnyVolumeDataSource", true, Stage::Ga, true),
+    gate("BtreeWatchCache", true, Stage::Ga, true),
+    gate("CPUManagerPolicyOptions", true, Stage::Ga, true),
+    gate("CRDValidationRatcheting", true, Stage::Ga, true),
+    gate("CronJobsScheduledAnnotation", true, Stage::Ga, true),
+    gate("CSIMigrationPortworx", true, Stage::Ga, true),
+    gate("CustomResourceFieldSelectors", true, Stage::Ga, true),
+    gate("DevicePluginCDIDevices", true, Stage::Ga, true),
+    gate("ElasticIndexedJob", true, Stage::Ga, true),
+    gate("HonorPVReclaimPolicy", true, Stage::Ga, true),
+    gate("JobBackoffLimitPerIndex", true, Stage::Ga, true),
+    gate("JobSuccessPolicy", true, Stage::Ga, true),
+    gate("LogarithmicScaleDown", true, Stage::Ga, true),
+    gate("MatchLabelKeysInPodAffinity", true, Stage::Ga, true),
+    gate("MemoryManager", true, Stage::Ga, true),
+    gate("NodeInclusionPolicyInPodTopologySpread", true, Stage::Ga, true),
+    gate("PodDisruptionConditions", true, Stage::Ga, true),
+    gate("PodIndexLabel", true, Stage::Ga, true),
+    gate("PodSchedulingReadiness", true, Stage::Ga, true),
+    gate("RecursiveReadOnlyMounts", true, Stage::Ga, true),
+    gate("RetryGenerateName", true, Stage::Ga, true),
+    gate("ServiceAccountTokenJTI", true, Stage::Ga, true),
+    gate("ServiceAccountTokenNodeBinding", true, Stage::Ga, true),
+    gate("ServiceAccountTokenNodeBindingValidation", true, Stage::Ga, true),
+    gate("ServiceAccountTokenPodNodeInfo", true, Stage::Ga, true),
+    gate("SidecarContainers", true, Stage::Ga, true),
+    gate("SizeMemoryBackedVolumes", true, Stage::Ga, true),
+    gate("StatefulSetAutoDeletePVC", true, Stage::Ga, true),
+    gate("StatefulSetStartOrdinal", true, Stage::Ga, true),
+    gate("StrictCostEnforcementForVAP", true, Stage::Ga, true),
+    gate("StrictCostEnforcementForWebhooks", true, Stage::Ga, true),
+    gate("StructuredAuthorizationConfiguration", true, Stage::Ga, true),
+    gate("WatchFromStorageWithoutResourceVersion", false, Stage::Deprecated, true),
+];
+
+/// Other Kubernetes gates the shared registry holds (kube, apiserver, apiextensions, controller-manager
+/// and client-go ones, as kube-proxy v1.33 registers them): accepted with any value, no effect here.
 pub const OTHER_GATES: &[&str] = &[
+    "AggregatedDiscoveryRemoveBetaType",
     "AllowDNSOnlyNodeCSR",
+    "AllowInsecureKubeletCertificateSigningRequests",
     "AllowOverwriteTerminationGracePeriodSeconds",
+    "AllowParsingUserUIDFromCertAuth",
     "AllowUnsafeMalformedObjectDeletion",
     "AnonymousAuthConfigurableEndpoints",
-    "AnyVolumeDataSource",
     "APIResponseCompression",
     "APIServerIdentity",
     "APIServerTracing",
     "APIServingWithRoutine",
     "AuthorizeNodeWithSelectors",
     "AuthorizeWithSelectors",
-    "BtreeWatchCache",
     "CBORServingAndStorage",
     "ClientsAllowCBOR",
     "ClientsPreferCBOR",
+    "CloudControllerManagerWebhook",
     "ClusterTrustBundle",
     "ClusterTrustBundleProjection",
     "ConcurrentWatchObjectDecode",
@@ -82,18 +125,12 @@ pub const OTHER_GATES: &[&str] = &[
     "CoordinatedLeaderElection",
     "CPUManagerPolicyAlphaOptions",
     "CPUManagerPolicyBetaOptions",
-    "CPUManagerPolicyOptions",
-    "CRDValidationRatcheting",
-    "CronJobsScheduledAnnotation",
     "CrossNamespaceVolumeDataSource",
-    "CSIMigrationPortworx",
     "CSIVolumeHealth",
     "CustomCPUCFSQuotaPeriod",
-    "CustomResourceFieldSelectors",
     "DeclarativeValidation",
     "DeclarativeValidationTakeover",
     "DeploymentReplicaSetTerminatingReplicas",
-    "DetectCacheInconsistency",
     "DisableAllocatorDualWrite",
     "DisableCPUQuotaWithExclusiveCPUs",
     "DisableNodeKubeProxyVersion",
@@ -103,12 +140,12 @@ pub const OTHER_GATES: &[&str] = &[
     "DRAPrioritizedList",
     "DRAResourceClaimDeviceStatus",
     "DynamicResourceAllocation",
-    "ElasticIndexedJob",
     "EventedPLEG",
+    "ExecProbeTimeout",
     "ExternalServiceAccountTokenSigner",
+    "GitRepoVolumeDriver",
     "GracefulNodeShutdown",
     "GracefulNodeShutdownBasedOnPodPriority",
-    "HonorPVReclaimPolicy",
     "HPAConfigurableTolerance",
     "HPAScaleToZero",
     "ImageMaximumGCAge",
@@ -119,10 +156,8 @@ pub const OTHER_GATES: &[&str] = &[
     "InPlacePodVerticalScalingAllocatedStatus",
     "InPlacePodVerticalScalingExclusiveCPUs",
     "InTreePluginPortworxUnregister",
-    "JobBackoffLimitPerIndex",
     "JobManagedBy",
     "JobPodReplacementPolicy",
-    "JobSuccessPolicy",
     "KMSv1",
     "KubeletCgroupDriverFromCRI",
     "KubeletCrashLoopBackOffMax",
@@ -132,21 +167,19 @@ pub const OTHER_GATES: &[&str] = &[
     "KubeletPodResourcesDynamicResources",
     "KubeletPodResourcesGet",
     "KubeletPSI",
+    "KubeletRegistrationGetOnExistsOnly",
     "KubeletSeparateDiskGC",
     "KubeletServiceAccountTokenForCredentialProviders",
     "KubeletTracing",
+    "LegacySidecarContainers",
     "ListFromCacheSnapshot",
     "LocalStorageCapacityIsolationFSQuotaMonitoring",
-    "LogarithmicScaleDown",
-    "MatchLabelKeysInPodAffinity",
     "MatchLabelKeysInPodTopologySpread",
-    "MatchLabelKeysInPodTopologySpreadSelectorMerge",
     "MaxUnavailableStatefulSet",
-    "MemoryManager",
     "MemoryQoS",
     "MultiCIDRServiceAllocator",
+    "MutableCSINodeAllocatableCount",
     "MutatingAdmissionPolicy",
-    "NodeInclusionPolicyInPodTopologySpread",
     "NodeLogQuery",
     "NodeSwap",
     "OpenAPIEnums",
@@ -164,14 +197,13 @@ pub const OTHER_GATES: &[&str] = &[
     "ProcMountType",
     "QOSReserved",
     "RecoverVolumeExpansionFailure",
-    "RecursiveReadOnlyMounts",
+    "ReduceDefaultCrashLoopBackOffDecay",
     "RelaxedDNSSearchValidation",
     "RelaxedEnvironmentVariableValidation",
     "ReloadKubeletServerCertificateFile",
     "RemoteRequestHeaderUID",
     "ResilientWatchCacheInitialization",
     "ResourceHealthStatus",
-    "RetryGenerateName",
     "RotateKubeletServerCertificate",
     "RuntimeClassInImageCriApi",
     "SchedulerAsyncPreemption",
@@ -180,16 +212,9 @@ pub const OTHER_GATES: &[&str] = &[
     "SELinuxChangePolicy",
     "SELinuxMount",
     "SELinuxMountReadWriteOncePod",
+    "SeparateCacheWatchRPC",
     "SeparateTaintEvictionController",
     "ServiceAccountNodeAudienceRestriction",
-    "ServiceAccountTokenJTI",
-    "ServiceAccountTokenNodeBinding",
-    "ServiceAccountTokenNodeBindingValidation",
-    "ServiceAccountTokenPodNodeInfo",
-    "SidecarContainers",
-    "SizeBasedListCostEstimate",
-    "SizeMemoryBackedVolumes",
-    "StatefulSetAutoDeletePVC",
     "StorageCapacityScoring",
     "StorageNamespaceIndex",
     "StorageVersionAPI",
@@ -197,13 +222,10 @@ pub const OTHER_GATES: &[&str] = &[
     "StorageVersionMigrator",
     "StreamingCollectionEncodingToJSON",
     "StreamingCollectionEncodingToProtobuf",
-    "StrictCostEnforcementForVAP",
-    "StrictCostEnforcementForWebhooks",
+    "StrictIPCIDRValidation",
     "StructuredAuthenticationConfiguration",
-    "StructuredAuthorizationConfiguration",
     "SupplementalGroupsPolicy",
     "SystemdWatchdog",
-    "TokenRequestServiceAccountUIDValidation",
     "TopologyManagerPolicyAlphaOptions",
     "TopologyManagerPolicyBetaOptions",
     "TopologyManagerPolicyOptions",
@@ -214,7 +236,6 @@ pub const OTHER_GATES: &[&str] = &[
     "UserNamespacesSupport",
     "VolumeAttributesClass",
     "WatchCacheInitializationPostStartHook",
-    "WatchFromStorageWithoutResourceVersion",
     "WatchList",
     "WatchListClient",
     "WindowsCPUAndMemoryAffinity",
@@ -232,7 +253,11 @@ impl FeatureGates {
     /// Validates `set` as kube-proxy's `SetFromMap` does; the error names the gate.
     pub fn new(set: BTreeMap<String, bool>) -> Result<FeatureGates, String> {
         for (name, value) in &set {
-            match KUBE_PROXY_GATES.iter().find(|g| g.name == name) {
+            let known = KUBE_PROXY_GATES
+                .iter()
+                .chain(OTHER_LOCKED_GATES)
+                .find(|g| g.name == name);
+            match known {
                 Some(g) if g.locked && *value != g.default => {
                     return Err(format!(
                         "cannot set feature gate {name} to {value}, feature is locked to {}",
@@ -293,6 +318,46 @@ mod tests {
             .unwrap_err()
             .contains("locked to true"));
         assert!(gates(&[("NFTablesProxyMode", true), ("SidecarContainers", true)]).is_ok());
+        // Locked gates outside kube-proxy's own set are refused too, as the shared registry does.
+        assert!(gates(&[("SidecarContainers", false)])
+            .unwrap_err()
+            .contains("cannot set feature gate SidecarContainers to false, feature is locked to true"));
+        assert!(gates(&[("WatchFromStorageWithoutResourceVersion", true)])
+            .unwrap_err()
+            .contains("locked to false"));
+        assert!(gates(&[("ComponentSLIs", false)])
+            .unwrap_err()
+            .contains("locked to true"));
+        // Removed before v1.33 (KubeProxyDrainingTerminatingNodes in 1.33) or added after it.
+        for name in [
+            "KubeProxyDrainingTerminatingNodes",
+            "CPUManager",
+            "SizeBasedListCostEstimate",
+        ] {
+            assert!(gates(&[(name, true)])
+                .unwrap_err()
+                .contains("unrecognized feature gate"));
+        }
+        // Unlocked GA / deprecated gates take any value.
+        assert!(gates(&[("ExecProbeTimeout", false), ("MultiCIDRServiceAllocator", false)]).is_ok());
+        assert!(gates(&[("WindowsHostNetwork", true), ("LegacySidecarContainers", true)]).is_ok());
+    }
+
+    #[test]
+    fn each_gate_is_listed_once() {
+        let mut names: Vec<&str> = KUBE_PROXY_GATES
+            .iter()
+            .chain(OTHER_LOCKED_GATES)
+            .map(|g| g.name)
+            .collect();
+        names.extend(OTHER_GATES);
+        let n = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), n);
+        assert!(OTHER_LOCKED_GATES
+            .iter()
+            .all(|g| g.locked && matches!(g.stage, Stage::Ga | Stage::Deprecated)));
     }
 
     #[test]
@@ -301,6 +366,8 @@ mod tests {
         assert!(g.enabled("LoggingBetaOptions") && !g.enabled("LoggingAlphaOptions"));
         let g = gates(&[("AllAlpha", true)]).unwrap();
         assert!(g.enabled("LoggingAlphaOptions") && g.enabled("PreferSameTrafficDistribution"));
+        // Deprecated gates do not follow AllAlpha.
+        assert!(!g.enabled("WindowsHostNetwork"));
         let mut set = BTreeMap::new();
         parse_feature_gates_flag("LoggingAlphaOptions=true, AllBeta=false", &mut set).unwrap();
         let g = FeatureGates::new(set).unwrap();

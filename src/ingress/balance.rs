@@ -1,7 +1,6 @@
 //! Choosing where one request goes: the canary or the main backend, then one endpoint of it
 //! (round-robin, or the one a session-affinity cookie names).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -9,11 +8,18 @@ use std::sync::Mutex;
 use sha2::{Digest, Sha256};
 
 use super::annotations::Canary;
+use super::routes::Backend;
 
-/// Round-robin positions per backend, and the random source for canary weights.
+/// Round-robin positions past this many backends are forgotten (route tables are rebuilt
+/// whole, so positions of backends that no longer exist would pile up).
+const MAX_POSITIONS: usize = 4096;
+
+/// Round-robin positions per backend, and the random source for canary weights. Each worker
+/// has its own, so its lock is never contended.
 #[derive(Debug)]
 pub struct Balancer {
-    next: Mutex<HashMap<String, usize>>,
+    /// Keyed by the backend's address in the current route table: no allocation per request.
+    next: Mutex<foldhash::HashMap<usize, usize>>,
     seed: AtomicU64,
 }
 
@@ -24,7 +30,7 @@ impl Default for Balancer {
             .map_or(0x9E37_79B9_7F4A_7C15, |d| d.as_nanos() as u64)
             | 1;
         Balancer {
-            next: Mutex::new(HashMap::new()),
+            next: Mutex::new(foldhash::HashMap::default()),
             seed: AtomicU64::new(seed),
         }
     }
@@ -58,11 +64,11 @@ impl Balancer {
         canary.weight > 0 && self.percent() < canary.weight
     }
 
-    /// The endpoint for the next request to `backend` (a stable name), skipping `exclude`.
-    /// An affinity value that names a live endpoint pins the request to it.
+    /// The endpoint for the next request to `backend`, skipping `exclude`. An affinity value
+    /// that names a live endpoint pins the request to it.
     pub fn pick(
         &self,
-        backend: &str,
+        backend: &Backend,
         endpoints: &[SocketAddr],
         affinity: Option<&str>,
         exclude: Option<SocketAddr>,
@@ -75,15 +81,23 @@ impl Balancer {
                 return Some(*ep);
             }
         }
-        let candidates: Vec<SocketAddr> = endpoints.iter().copied().filter(|e| Some(*e) != exclude).collect();
-        if candidates.is_empty() {
+        let skip = exclude.and_then(|x| endpoints.iter().position(|e| *e == x));
+        let count = endpoints.len() - usize::from(skip.is_some());
+        if count == 0 {
             return None;
         }
+        let key = backend as *const Backend as usize;
         let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        let i = next.entry(backend.to_string()).or_insert(0);
-        let ep = candidates[*i % candidates.len()];
+        if next.len() >= MAX_POSITIONS && !next.contains_key(&key) {
+            next.clear();
+        }
+        let i = next.entry(key).or_insert(0);
+        let mut at = *i % count;
         *i = i.wrapping_add(1);
-        Some(ep)
+        if skip.is_some_and(|s| at >= s) {
+            at += 1;
+        }
+        Some(endpoints[at])
     }
 }
 
@@ -103,24 +117,29 @@ mod tests {
     fn round_robin_affinity_and_exclusion() {
         let b = Balancer::default();
         let e = eps();
-        let picks: Vec<SocketAddr> = (0..6).map(|_| b.pick("svc", &e, None, None).unwrap()).collect();
+        let backend = Backend {
+            service: crate::model::ServiceKey::new("ns", "svc"),
+            port: "80".into(),
+            upstream: super::super::routes::Upstream::Endpoints(e.clone()),
+        };
+        let svc = &backend;
+        let picks: Vec<SocketAddr> = (0..6).map(|_| b.pick(svc, &e, None, None).unwrap()).collect();
         assert_eq!(picks[..3], e[..]);
         assert_eq!(picks[3..], e[..]);
         let pinned = affinity_value(&e[2]);
         for _ in 0..5 {
-            assert_eq!(b.pick("svc", &e, Some(&pinned), None), Some(e[2]));
+            assert_eq!(b.pick(svc, &e, Some(&pinned), None), Some(e[2]));
         }
-        assert_eq!(
-            b.pick("svc", &e, Some("stale"), None).map(|a| e.contains(&a)),
-            Some(true)
-        );
+        assert_eq!(b.pick(svc, &e, Some("stale"), None).map(|a| e.contains(&a)), Some(true));
         assert_ne!(
-            b.pick("svc", &e, Some(&pinned), Some(e[2])),
+            b.pick(svc, &e, Some(&pinned), Some(e[2])),
             Some(e[2]),
             "a failed endpoint is not retried"
         );
-        assert_eq!(b.pick("svc", &e[..1], None, Some(e[0])), None);
-        assert_eq!(b.pick("svc", &[], None, None), None);
+        assert_eq!(b.pick(svc, &e[..1], None, Some(e[0])), None);
+        let others: Vec<SocketAddr> = (0..4).filter_map(|_| b.pick(svc, &e, None, Some(e[1]))).collect();
+        assert!(others.iter().all(|a| *a != e[1]) && others.contains(&e[0]) && others.contains(&e[2]));
+        assert_eq!(b.pick(svc, &[], None, None), None);
     }
 
     #[test]

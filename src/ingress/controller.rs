@@ -1,21 +1,24 @@
-//! Keeps the route table and the certificates current, and runs the listeners: the I/O side
-//! around the pure [`super::routes`].
+//! Keeps the route table and the certificates current, and runs the listeners and worker
+//! threads: the I/O side around the pure [`super::routes`].
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use std::rc::Rc;
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use super::gateway::build::GatewayConfig;
-use super::gateway::listen::{serve_published, GatewayListeners, Published};
-use super::proxy::{self, Proxy};
+use super::gateway::listen::{GatewayListeners, Published};
+use super::h1::{self, ClientIo, Worker};
+use super::proxy::{self, Conn, Proxy};
 use super::routes::{build_table, ClassConfig, RouteTable, ServiceLookup};
 use super::tls::{self, CertResolver};
-use super::upstream::{client_tls_config, Clients};
+use super::upstream::{client_tls_config, Clients, Pool};
 use crate::config::IngressConfig;
 use crate::model::store::Store;
 use crate::model::ServiceKey;
@@ -142,12 +145,42 @@ async fn keep_routes(
     }
 }
 
-fn bind(what: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, IngressError> {
-    let bound = std::net::TcpListener::bind(addr).and_then(|l| {
-        l.set_nonblocking(true)?;
-        Ok(l)
+/// Backlog of each worker's listening socket (nginx's and ingress-nginx's `backlog=4096`).
+const BACKLOG: u32 = 4096;
+/// How often idle backend connections are checked for their idle timeout.
+const POOL_PURGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// One worker's socket for a listener: bound at start with SO_REUSEPORT, so that a taken port
+/// is an error at once, and listening only once the routes exist (see [`serve_listener`]).
+fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpSocket, IngressError> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    };
+    let bound = socket.and_then(|s| {
+        s.set_reuseaddr(true)?;
+        s.set_reuseport(true)?;
+        s.set_nodelay(true)?;
+        s.bind(addr)?;
+        Ok(s)
     });
     bound.map_err(|source| IngressError::Bind { what, addr, source })
+}
+
+/// Lets the kernel hand connections still queued on a closing SO_REUSEPORT listener to
+/// another listener of the same port (Linux 5.14+), so that a kproxy taking over from one
+/// that stops loses none. Affects only SO_REUSEPORT groups, per network namespace.
+fn enable_listener_migration() {
+    const PATH: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    match std::fs::read_to_string(PATH) {
+        Ok(v) if v.trim() == "1" => {}
+        Ok(_) => match std::fs::write(PATH, "1") {
+            Ok(()) => tracing::info!("set net.ipv4.tcp_migrate_req=1: queued connections move to the next kproxy on shutdown"),
+            Err(e) => tracing::warn!(error = %e, "cannot set net.ipv4.tcp_migrate_req; a restart may reset connections still queued on the old listeners"),
+        },
+        Err(_) => tracing::info!("this kernel cannot migrate queued connections between listeners (net.ipv4.tcp_migrate_req); the old listeners' queues are drained before they close"),
+    }
 }
 
 /// How many proxy threads serve the listeners: one per CPU this process may use.
@@ -155,14 +188,19 @@ fn worker_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 64)
 }
 
-/// One proxy thread: a single-threaded runtime with its own upstream pools, accepting from
-/// the shared listeners. A request's client connection and its upstream connection then live
-/// on the same thread, as in nginx's workers, instead of waking each other across threads.
+/// A worker's listener sockets: (socket, TLS for HTTPS).
+type WorkerSockets = Vec<(TcpSocket, Option<TlsAcceptor>)>;
+
+/// One proxy thread: a single-threaded runtime with a listening socket of its own per
+/// listener (SO_REUSEPORT: the kernel spreads connections over the workers, and accept never
+/// crosses threads), its own buffers and backend connection pools. A request's client
+/// connection and its backend connection live on the same thread, as in nginx's workers.
 fn spawn_worker(
     index: usize,
-    listeners: Vec<(std::net::TcpListener, Option<TlsAcceptor>)>,
+    sockets: WorkerSockets,
     gateway_listeners: Published,
     proxy: Proxy,
+    backend_tls: rustls::ClientConfig,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
@@ -175,26 +213,223 @@ fn spawn_worker(
                     return;
                 }
             };
-            runtime.block_on(async move {
-                let proxy = Arc::new(proxy);
-                let mut servers = tokio::task::JoinSet::new();
-                for (listener, tls) in listeners {
-                    match TcpListener::from_std(listener) {
-                        Ok(l) => {
-                            servers.spawn(proxy::serve(l, tls, proxy.clone(), shutdown.clone(), index == 0));
-                        }
-                        Err(e) => tracing::error!(worker = index, error = %e, "Ingress listener not usable"),
-                    }
-                }
-                servers.spawn(serve_published(
-                    gateway_listeners,
-                    proxy.clone(),
-                    shutdown.clone(),
-                    index == 0,
-                ));
-                while servers.join_next().await.is_some() {}
-            });
+            let local = tokio::task::LocalSet::new();
+            let worker = Rc::new(Worker::new(Arc::new(proxy), Pool::new(backend_tls), shutdown.clone()));
+            local.block_on(
+                &runtime,
+                run_worker(index, worker, sockets, gateway_listeners, shutdown),
+            );
         })
+}
+
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// Waits for the routes, listens, serves until shutdown, then drains: the listeners close at
+/// once (their queues served first), requests in flight get [`proxy::DRAIN_TIMEOUT`].
+async fn run_worker(
+    index: usize,
+    w: Rc<Worker>,
+    sockets: WorkerSockets,
+    gateway_listeners: Published,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut routes = w.proxy.routes().clone();
+    tokio::select! {
+        r = routes.wait_for(Option::is_some) => if r.is_err() { return },
+        _ = stopped(&mut shutdown) => return,
+    }
+    let mut accepting = Vec::new();
+    for (socket, tls) in sockets {
+        match socket.listen(BACKLOG) {
+            Ok(listener) => {
+                if index == 0 {
+                    tracing::info!(address = ?listener.local_addr().ok(), https = tls.is_some(), "Ingress listener serving");
+                }
+                accepting.push(tokio::task::spawn_local(serve_listener(
+                    w.clone(),
+                    listener,
+                    tls,
+                    w.proxy_shutdown(),
+                )));
+            }
+            Err(e) => tracing::error!(worker = index, error = %e, "Ingress listener cannot listen"),
+        }
+    }
+    accepting.push(tokio::task::spawn_local(serve_gateway_listeners(
+        w.clone(),
+        gateway_listeners,
+    )));
+    let purge = {
+        let w = w.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                tokio::time::sleep(POOL_PURGE_INTERVAL).await;
+                w.pool.purge();
+            }
+        })
+    };
+    stopped(&mut shutdown).await;
+    w.start_draining();
+    for a in accepting {
+        let _ = a.await;
+    }
+    let drained = tokio::time::timeout(proxy::DRAIN_TIMEOUT, async {
+        while w.open.get() > 0 {
+            w.closed.notified().await;
+        }
+    })
+    .await;
+    if drained.is_err() && index == 0 {
+        tracing::warn!("Ingress connections still open after the drain timeout; closing them");
+    }
+    purge.abort();
+    let requests = w.pool.requests.get();
+    if requests > 0 {
+        tracing::debug!(
+            worker = index,
+            requests,
+            opened = w.pool.opened.get(),
+            "backend connection reuse {:.1}%",
+            100.0 * (1.0 - w.pool.opened.get() as f64 / requests as f64)
+        );
+    }
+}
+
+/// Serves every published Gateway listener (ports the Ingress listeners do not serve) until
+/// it closes or shutdown.
+async fn serve_gateway_listeners(w: Rc<Worker>, mut published: Published) {
+    let mut running: BTreeSet<u64> = BTreeSet::new();
+    let mut servers = Vec::new();
+    let mut shutdown = w.proxy_shutdown();
+    loop {
+        let current = published.borrow_and_update().clone();
+        for b in current.iter() {
+            if !running.insert(b.id) {
+                continue;
+            }
+            let listener = match b.socket.try_clone().and_then(TcpListener::from_std) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "Gateway listener not usable");
+                    continue;
+                }
+            };
+            // Stops when the listener closes or kproxy shuts down.
+            let (tx, rx) = watch::channel(false);
+            let (mut stop, mut down) = (b.stop.clone(), w.proxy_shutdown());
+            tokio::task::spawn_local(async move {
+                tokio::select! {
+                    _ = stopped(&mut stop) => {}
+                    _ = stopped(&mut down) => {}
+                }
+                let _ = tx.send(true);
+            });
+            servers.push(tokio::task::spawn_local(serve_listener(
+                w.clone(),
+                listener,
+                b.tls.clone(),
+                rx,
+            )));
+        }
+        running.retain(|id| current.iter().any(|b| b.id == *id));
+        tokio::select! {
+            r = published.changed() => if r.is_err() { break },
+            _ = stopped(&mut shutdown) => break,
+        }
+    }
+    for s in servers {
+        let _ = s.await;
+    }
+}
+
+/// Accepts until `stop`; then serves what the kernel had already accepted, and closes.
+async fn serve_listener(
+    w: Rc<Worker>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let port = listener.local_addr().map_or(0, |a| a.port());
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => start_connection(&w, stream, peer, port, tls.clone()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stopped(&mut shutdown) => break,
+        }
+    }
+    // Connections in the accept queue completed their handshake with this process: serve them.
+    if let Ok(std_listener) = listener.into_std() {
+        while let Ok((stream, peer)) = std_listener.accept() {
+            let stream = stream.set_nonblocking(true).and_then(|()| TcpStream::from_std(stream));
+            if let Ok(stream) = stream {
+                start_connection(&w, stream, peer, port, tls.clone());
+            }
+        }
+    }
+}
+
+/// Serves one accepted connection on this worker.
+/// TCP_NODELAY comes from the listening socket (Linux copies it to accepted ones).
+fn start_connection(w: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, port: u16, tls: Option<TlsAcceptor>) {
+    let conn = Conn::new(peer, tls.is_some(), port);
+    let guard = OpenConnection::new(w.clone());
+    tokio::task::spawn_local(async move {
+        let w = guard.0.clone();
+        let io = match tls {
+            None => ClientIo::Plain(stream),
+            Some(acceptor) => {
+                // Boxed: the handshake's state is large and short-lived.
+                let handshake = Box::pin(tokio::time::timeout(
+                    proxy::TLS_HANDSHAKE_TIMEOUT,
+                    acceptor.accept(stream),
+                ));
+                let Ok(Ok(tls_stream)) = handshake.await else {
+                    return;
+                };
+                if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    Box::pin(h1::serve_h2(
+                        w,
+                        h1::Prefixed::new(ClientIo::Tls(Box::new(tls_stream)), Vec::new()),
+                        conn,
+                    ))
+                    .await;
+                    return;
+                }
+                ClientIo::Tls(Box::new(tls_stream))
+            }
+        };
+        if let h1::Served::H2(io, read) = h1::serve(w.clone(), io, conn).await {
+            Box::pin(h1::serve_h2(w, h1::Prefixed::new(io, read), conn)).await;
+        }
+        drop(guard);
+    });
+}
+
+/// Counts a connection as open on its worker until dropped.
+struct OpenConnection(Rc<Worker>);
+
+impl OpenConnection {
+    fn new(w: Rc<Worker>) -> Self {
+        w.open.set(w.open.get() + 1);
+        OpenConnection(w)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let w = &self.0;
+        w.open.set(w.open.get().saturating_sub(1));
+        if w.open.get() == 0 {
+            w.closed.notify_waiters();
+        }
+    }
 }
 
 /// A started Ingress proxy.
@@ -206,22 +441,28 @@ pub struct Started {
 }
 
 /// Binds the listeners (so a taken port fails at start) and starts the route keeper and the
-/// servers.
+/// workers.
 pub async fn start(
     config: &IngressConfig,
     state: Arc<SharedState>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Started, IngressError> {
-    let http = match config.http_bind {
-        Some(a) => Some(bind("HTTP", a)?),
-        None => None,
-    };
-    let https = match config.https_bind {
-        Some(a) => Some(bind("HTTPS", a)?),
-        None => None,
-    };
+    let workers = worker_count();
+    let mut sockets: Vec<WorkerSockets> = (0..workers).map(|_| Vec::new()).collect();
     let resolver = Arc::new(CertResolver::new(tls::default_certificate()?));
-    let server_config = tls::server_config(resolver.clone())?;
+    let acceptor = TlsAcceptor::from(tls::server_config(resolver.clone())?);
+    for (what, addr, tls) in [
+        ("HTTP", config.http_bind, None),
+        ("HTTPS", config.https_bind, Some(acceptor)),
+    ] {
+        let Some(addr) = addr else { continue };
+        for s in sockets.iter_mut() {
+            s.push((bind(what, addr)?, tls.clone()));
+        }
+    }
+    if config.http_bind.is_some() || config.https_bind.is_some() {
+        enable_listener_migration();
+    }
     let (routes_tx, routes_rx) = watch::channel(None);
     let https_port = config.https_bind.map_or(443, |a| a.port());
     // Gateway listeners on ports of their own listen on the Ingress listeners' address.
@@ -248,23 +489,22 @@ pub async fn start(
         routes_tx,
         shutdown.clone(),
     ))];
-    let acceptor = TlsAcceptor::from(server_config);
-    let workers = worker_count();
-    for index in 0..workers {
-        let mut listeners = Vec::new();
-        for (listener, tls) in [(&http, None), (&https, Some(acceptor.clone()))] {
-            if let Some(l) = listener {
-                listeners.push((l.try_clone().map_err(|source| IngressError::Worker { source })?, tls));
-            }
-        }
+    for (index, sockets) in sockets.into_iter().enumerate() {
         let proxy = Proxy::new(
             routes_rx.clone(),
             Clients::new(client_tls_config()?),
             config.access_log,
             https_port,
         );
-        let thread = spawn_worker(index, listeners, published.clone(), proxy, shutdown.clone())
-            .map_err(|source| IngressError::Worker { source })?;
+        let thread = spawn_worker(
+            index,
+            sockets,
+            published.clone(),
+            proxy,
+            client_tls_config()?,
+            shutdown.clone(),
+        )
+        .map_err(|source| IngressError::Worker { source })?;
         handles.push(tokio::task::spawn_blocking(move || {
             let _ = thread.join();
         }));

@@ -1,4 +1,5 @@
-//! The embedded Ingress controller: route table (pure), L7 proxy (hyper), TLS (rustls SNI).
+//! The embedded Ingress controller: route table (pure), L7 proxy (HTTP/1 by hand, HTTP/2 with
+//! hyper), TLS (rustls SNI).
 //!
 //! Ingress objects come from the same sources as Services and are kept beside the L4 store
 //! ([`crate::sync::SharedState`]) so that they never cause a kernel resync; the route table is
@@ -9,6 +10,7 @@ pub mod balance;
 pub mod controller;
 pub mod framing;
 pub mod gateway;
+pub mod h1;
 pub mod objects;
 pub mod proxy;
 pub mod routes;

@@ -1,7 +1,28 @@
-//! The L7 proxy: HTTP and HTTPS listeners (HTTP/1.1 and HTTP/2), each request routed by the
-//! current [`RouteTable`] and streamed to a pod (never through the ClusterIP), with the headers
-//! real backends expect, WebSocket passthrough, timeouts, one retry after a failed connect, and
-//! a graceful drain on shutdown.
+//! The L7 proxy: what every request goes through, whichever protocol brought it.
+//!
+//! ```text
+//!  worker thread (one per CPU; SO_REUSEPORT listener of its own, see controller.rs)
+//!   accept -> [TLS handshake, ALPN] -> HTTP/1.x: h1::serve (hand-written, buffers on demand)
+//!                                   -> HTTP/2 (ALPN h2, or the cleartext preface): hyper, serve_h2
+//!   each request:
+//!     1. route lookup    Proxy::decide: Gateway API listeners first (gateway::proxy::decide:
+//!                        listener, rule, weighted backend), then host and path -> Route
+//!                        (RouteTable, pure)
+//!     2. local answers   Proxy::decide: redirect to HTTPS, Gateway redirects, 404, 500 for a
+//!                        rule without a valid backend, 413 by declared size, 503
+//!     3. backend pick    Proxy::decide: canary, affinity cookie, round-robin (Balancer)
+//!     4. upstream        HTTP/1: head written by h1::write_upstream_head, the worker's Pool;
+//!                        HTTP/2: Proxy::forward_h2 over hyper's pooled client. A Gateway
+//!                        rule's filters (Decision::gateway) apply here: host and path
+//!                        rewrites, request header edits, mirrors, the request timeout
+//!     5. response        hop-by-hop headers removed, affinity cookie added, a Gateway rule's
+//!                        response header edits, streamed back
+//! ```
+//!
+//! `Decision` is what steps 1 to 3 hand on. A request no Gateway listener serves costs the
+//! Gateway side one map lookup: no header map is built for it, nothing is allocated.
+//! Bodies are streamed both ways, never buffered whole; WebSocket upgrades are HTTP/1.1 only
+//! (h1.rs splices them after `101`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,32 +31,24 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Empty, Full, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 
 use super::balance::{affinity_value, Balancer};
-use super::framing::{self, FramingWatch};
-use super::gateway::proxy::{decide, Decision};
+use super::gateway::proxy as gateway;
 use super::routes::{normalize_host, Route, RouteTable, Upstream};
+pub use super::routes::{RequestLine, RequestView};
 use super::upstream::{
     BoxError, Clients, IdleTimeoutBody, ProxyBody, RetryBody, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
     DEFAULT_SEND_TIMEOUT,
 };
 use crate::metrics::metrics;
 
-/// Longest wait for a client's request head (slow clients are disconnected).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest request head; past it HTTP/1 answers 431.
-const MAX_HEADER_BYTES: usize = 32 * 1024;
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head; past it the answer is 431.
+pub const MAX_HEADER_BYTES: usize = super::framing::MAX_HEAD;
 /// How long in-flight requests may finish after shutdown began.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -53,6 +66,8 @@ const HOP_BY_HOP: &[&str] = &[
 /// The current route table; `None` until every source has listed once.
 pub type Routes = watch::Receiver<Option<Arc<RouteTable>>>;
 
+/// What every worker shares about proxying: the routes, and how requests are balanced.
+/// One per worker thread (its balancer and HTTP/2 clients are the worker's own).
 pub struct Proxy {
     routes: Routes,
     balancer: Balancer,
@@ -64,45 +79,108 @@ pub struct Proxy {
 
 /// The client side of one connection.
 #[derive(Debug, Clone, Copy)]
-struct Conn {
-    peer: SocketAddr,
-    https: bool,
+pub struct Conn {
+    pub peer: SocketAddr,
+    pub https: bool,
     /// The listener's port (`X-Forwarded-Port`).
-    port: u16,
+    pub port: u16,
+    /// The client's address as `X-Forwarded-For` and `X-Real-IP` carry it, formatted once.
+    ip: [u8; 39],
+    ip_len: u8,
 }
 
-/// Which route served a request, for metrics and the access log.
-#[derive(Debug, Default)]
-struct Served {
-    ingress: String,
-    service: String,
-    upstream: Option<String>,
+impl Conn {
+    pub fn new(peer: SocketAddr, https: bool, port: u16) -> Self {
+        let mut ip = [0u8; 39];
+        let mut cursor = std::io::Cursor::new(&mut ip[..]);
+        let _ = std::io::Write::write_fmt(&mut cursor, format_args!("{}", peer.ip().to_canonical()));
+        let ip_len = cursor.position() as u8;
+        Conn {
+            peer,
+            https,
+            port,
+            ip,
+            ip_len,
+        }
+    }
+
+    /// The client's IP address (IPv4-mapped IPv6 addresses as IPv4).
+    pub fn ip_text(&self) -> &[u8] {
+        &self.ip[..self.ip_len as usize]
+    }
 }
 
-fn full(status: StatusCode, text: &str) -> Response<ProxyBody> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(format!("{text}\n")))
-            .map_err(|e| match e {})
-            .boxed(),
-    );
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
+/// The `Host` a backend sees and the client's (its `X-Forwarded-Host`): they differ after a
+/// Gateway API URLRewrite of the hostname.
+#[derive(Debug, Clone, Copy)]
+struct Hosts<'a> {
+    upstream: &'a str,
+    client: &'a str,
 }
 
-fn status(code: StatusCode) -> Response<ProxyBody> {
-    full(code, code.canonical_reason().unwrap_or(""))
+impl<'a> Hosts<'a> {
+    fn same(host: &'a str) -> Self {
+        Hosts {
+            upstream: host,
+            client: host,
+        }
+    }
 }
 
-/// A 400 that also closes the connection: after a framing error nothing more can be trusted.
-fn bad_request(why: &str) -> Response<ProxyBody> {
-    let mut r = full(StatusCode::BAD_REQUEST, why);
-    r.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    r
+/// An answer kproxy gives itself, without a backend.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub text: &'static str,
+    pub location: Option<String>,
+    /// The answer's headers besides its framing, when a Gateway API filter edited them
+    /// (ResponseHeaderModifier on a redirect); replaces the content type and `location`.
+    pub headers: Option<Box<HeaderMap>>,
+    /// Close the connection after it (framing errors: nothing after can be trusted).
+    pub close: bool,
+}
+
+impl Answer {
+    pub fn status(status: StatusCode) -> Self {
+        Answer {
+            status,
+            text: status.canonical_reason().unwrap_or(""),
+            location: None,
+            headers: None,
+            close: false,
+        }
+    }
+    pub fn text(status: StatusCode, text: &'static str) -> Self {
+        Answer {
+            text,
+            ..Answer::status(status)
+        }
+    }
+    pub fn closing(self) -> Self {
+        Answer { close: true, ..self }
+    }
+}
+
+/// What to do with a request.
+#[derive(Debug)]
+pub enum Action {
+    Answer(Answer),
+    /// To this endpoint (`None` for an ExternalName backend, resolved at connect); the
+    /// affinity cookie's value the request carried, if any.
+    Forward {
+        endpoint: Option<SocketAddr>,
+        affinity_in: Option<String>,
+    },
+}
+
+/// Steps 1 to 3 for one request: the route that matched (for metrics and logs), the action,
+/// and for a request a Gateway API rule forwards, the rule's filters (what the path and host
+/// become, header edits, mirrors, the request timeout) for steps 4 and 5.
+#[derive(Debug)]
+pub struct Decision<'t> {
+    pub route: Option<&'t Route>,
+    pub action: Action,
+    pub gateway: Option<gateway::Forward<'t>>,
 }
 
 fn error_chain_has<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
@@ -133,26 +211,29 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+fn full(a: &Answer) -> Response<ProxyBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{}\n", a.text)))
+            .map_err(|e| match e {})
+            .boxed(),
+    );
+    *r.status_mut() = a.status;
+    if let Some(h) = &a.headers {
+        *r.headers_mut() = (**h).clone();
+        return r;
+    }
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Some(v) = a.location.as_deref().and_then(|l| HeaderValue::from_str(l).ok()) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
 }
 
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+fn status(code: StatusCode) -> Response<ProxyBody> {
+    full(&Answer::status(code))
 }
 
 impl Proxy {
@@ -166,91 +247,73 @@ impl Proxy {
         }
     }
 
-    /// Serves one request; `conflicting_framing` when its head carried both Content-Length and
-    /// Transfer-Encoding (see [`super::framing`]).
-    async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        conn: Conn,
-        conflicting_framing: bool,
-    ) -> Response<ProxyBody> {
-        let started = Instant::now();
-        let method = req.method().clone();
-        let uri = req.uri().clone();
-        let version = req.version();
-        let mut served = Served::default();
-        let resp = if conflicting_framing {
-            // Both framings at once is how requests are smuggled past proxies: refuse, and close.
-            bad_request("both Content-Length and Transfer-Encoding")
-        } else {
-            self.serve(req, conn, &mut served).await
-        };
-        let code = resp.status().as_u16();
-        let m = metrics();
-        m.inc_ingress_request(&served.ingress, &served.service, code);
-        m.observe_ingress_duration(started.elapsed());
-        if self.access_log {
-            tracing::info!(
-                target: "kproxy::access",
-                client = %conn.peer.ip(),
-                method = %method,
-                uri = %uri,
-                version = ?version,
-                status = code,
-                ingress = %served.ingress,
-                service = %served.service,
-                upstream = served.upstream.as_deref().unwrap_or("-"),
-                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-                "request"
-            );
-        }
-        resp
+    pub fn routes(&self) -> &Routes {
+        &self.routes
     }
 
-    async fn serve(&self, req: Request<Incoming>, conn: Conn, served: &mut Served) -> Response<ProxyBody> {
-        let headers = req.headers();
-        let host = match req.uri().authority() {
-            Some(a) => a.as_str().to_string(),
-            None => match headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-                Some(h) if !h.is_empty() => h.to_string(),
-                _ => return bad_request("no Host"),
-            },
+    pub fn access_log(&self) -> bool {
+        self.access_log
+    }
+
+    /// The worker's hyper clients (HTTP/2 requests' backends, Gateway API mirrors).
+    pub fn clients(&self) -> &Clients {
+        &self.clients
+    }
+
+    pub fn balancer(&self) -> &Balancer {
+        &self.balancer
+    }
+
+    /// Steps 1 to 3 of a request (see the module doc): which route serves it, and whether it
+    /// is answered here or forwarded to which endpoint. Gateway API listeners first (their own
+    /// ports, and the hosts they match best on an Ingress port; see [`gateway::decide`]), then
+    /// the Ingress routes. `declared` is the body's Content-Length.
+    pub fn decide<'t>(
+        &self,
+        table: &'t RouteTable,
+        conn: &Conn,
+        req: RequestLine<'_>,
+        declared: Option<u64>,
+        headers: &dyn RequestView,
+    ) -> Decision<'t> {
+        let answer = |route, a| Decision {
+            route,
+            action: Action::Answer(a),
+            gateway: None,
         };
-        let Some(table) = self.routes.borrow().clone() else {
-            return status(StatusCode::SERVICE_UNAVAILABLE);
-        };
-        // Gateway API listeners first (their own ports, and the hosts they match best on an
-        // Ingress port): see super::gateway::proxy.
-        match decide(&table, conn.port, conn.https, &host, &req) {
-            Decision::Ingress => {}
-            Decision::Respond(r) => return r,
-            Decision::Forward(f) => {
-                let mut req = req;
-                let upstream_host = f.prepare(&mut req, &host, &self.clients);
-                served.ingress = f.route().ingress.clone();
-                served.service = f.route().backend.service.to_string();
-                let resp = f
-                    .within(self.forward(req, conn, &upstream_host, f.route(), served))
-                    .await;
-                return f.finish(resp);
+        match gateway::decide(table, conn.port, conn.https, req, headers) {
+            gateway::Decision::Ingress => {}
+            gateway::Decision::Answer(a) => return answer(None, a),
+            gateway::Decision::Forward(f) => {
+                let route = f.route();
+                let endpoint = match &route.backend.upstream {
+                    Upstream::Endpoints(e) if e.is_empty() => {
+                        return answer(Some(route), Answer::status(StatusCode::SERVICE_UNAVAILABLE))
+                    }
+                    Upstream::Endpoints(e) => self.balancer.pick(&route.backend, e, None, None),
+                    Upstream::ExternalName { .. } => None,
+                };
+                return Decision {
+                    route: Some(route),
+                    action: Action::Forward {
+                        endpoint,
+                        affinity_in: None,
+                    },
+                    gateway: Some(f),
+                };
             }
         }
-        let path = req.uri().path().to_string();
-        let Some(main) = table.route(&host, &path) else {
-            if !conn.https && table.host_has_tls(&host) {
-                return self.redirect(&req, &host);
+        let (host, path, https) = (req.host, req.path, conn.https);
+        let Some(main) = table.route(host, path) else {
+            if !https && table.host_has_tls(host) {
+                return answer(None, self.redirect(host, path, req.query));
             }
-            return full(StatusCode::NOT_FOUND, "404 page not found");
+            return answer(None, Answer::text(StatusCode::NOT_FOUND, "404 page not found"));
         };
         let route: &Route = match &main.canary {
             Some(c) => {
-                let header = c
-                    .canary
-                    .header
-                    .as_ref()
-                    .and_then(|h| headers.get(h.as_str()))
-                    .and_then(|v| v.to_str().ok());
-                if self.balancer.use_canary(&c.canary, header) {
+                let value = c.canary.header.as_deref().and_then(|h| headers.header(h));
+                if self.balancer.use_canary(&c.canary, value) {
                     &c.route
                 } else {
                     main
@@ -258,71 +321,207 @@ impl Proxy {
             }
             None => main,
         };
-        served.ingress = route.ingress.clone();
-        served.service = route.backend.service.to_string();
         let settings = &route.settings;
-        if !conn.https && ((route.host_tls && settings.ssl_redirect) || settings.force_ssl_redirect) {
-            return self.redirect(&req, &host);
+        if !https && ((route.host_tls && settings.ssl_redirect) || settings.force_ssl_redirect) {
+            return answer(Some(route), self.redirect(host, path, req.query));
         }
-        if let Some(limit) = settings.body_limit {
-            let declared = headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            if declared.is_some_and(|n| n > limit) {
-                return status(StatusCode::PAYLOAD_TOO_LARGE);
+        if let (Some(limit), Some(n)) = (settings.body_limit, declared) {
+            if n > limit {
+                return answer(Some(route), Answer::status(StatusCode::PAYLOAD_TOO_LARGE).closing());
             }
         }
-        self.forward(req, conn, &host, route, served).await
+        let affinity_in = settings
+            .affinity_cookie
+            .as_deref()
+            .and_then(|name| headers.cookie(name))
+            .map(str::to_string);
+        let endpoint = match &route.backend.upstream {
+            Upstream::Endpoints(e) if e.is_empty() => {
+                return answer(Some(route), Answer::status(StatusCode::SERVICE_UNAVAILABLE))
+            }
+            Upstream::Endpoints(e) => self.balancer.pick(&route.backend, e, affinity_in.as_deref(), None),
+            Upstream::ExternalName { .. } => None,
+        };
+        Decision {
+            route: Some(route),
+            action: Action::Forward { endpoint, affinity_in },
+            gateway: None,
+        }
     }
 
     /// 308 to the same URL over HTTPS (the port is omitted when the HTTPS listener is on 443).
-    fn redirect(&self, req: &Request<Incoming>, host: &str) -> Response<ProxyBody> {
+    fn redirect(&self, host: &str, path: &str, query: Option<&str>) -> Answer {
         let port = if self.https_port == 443 {
             String::new()
         } else {
             format!(":{}", self.https_port)
         };
-        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let location = format!("https://{}{port}{pq}", normalize_host(host));
-        let mut r = status(StatusCode::PERMANENT_REDIRECT);
-        if let Ok(v) = HeaderValue::from_str(&location) {
-            r.headers_mut().insert(header::LOCATION, v);
+        let path = if path.is_empty() { "/" } else { path };
+        let query = query.map_or(String::new(), |q| format!("?{q}"));
+        Answer {
+            location: Some(format!("https://{}{port}{path}{query}", normalize_host(host))),
+            ..Answer::status(StatusCode::PERMANENT_REDIRECT)
         }
-        r
+    }
+
+    /// Serves one request that arrived over HTTP/2.
+    pub async fn handle_h2(self: Arc<Self>, req: Request<Incoming>, conn: Conn) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let table = self.routes.borrow().clone();
+        let (resp, route, upstream) = match &table {
+            None => (status(StatusCode::SERVICE_UNAVAILABLE), None, None),
+            Some(table) => self.serve_h2(req, conn, table).await,
+        };
+        let code = resp.status().as_u16();
+        let service = route.as_ref().map(|(_, s)| s.as_str()).unwrap_or("");
+        let ingress = route.as_ref().map(|(i, _)| i.as_str()).unwrap_or("");
+        let m = metrics();
+        m.inc_ingress_request(ingress, service, code);
+        m.observe_ingress_duration(started.elapsed());
+        if self.access_log {
+            tracing::info!(
+                target: "kproxy::access",
+                client = %conn.peer.ip(),
+                version = "HTTP/2.0",
+                status = code,
+                ingress,
+                service,
+                upstream = upstream.as_deref().unwrap_or("-"),
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "request"
+            );
+        }
+        resp
+    }
+
+    /// Route, then forward over hyper's client: the answer, the route's (ingress, service)
+    /// and the upstream address.
+    async fn serve_h2(
+        &self,
+        req: Request<Incoming>,
+        conn: Conn,
+        table: &RouteTable,
+    ) -> (Response<ProxyBody>, Option<(String, String)>, Option<String>) {
+        let host = match req.uri().authority() {
+            Some(a) => a.as_str().to_string(),
+            None => match req.headers().get(header::HOST).and_then(|h| h.to_str().ok()) {
+                Some(h) if !h.is_empty() => h.to_string(),
+                _ => return (full(&Answer::text(StatusCode::BAD_REQUEST, "no Host")), None, None),
+            },
+        };
+        let uri = req.uri().clone();
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let line = RequestLine {
+            host: &host,
+            method: req.method().as_str(),
+            path: uri.path(),
+            query: uri.query(),
+        };
+        let decision = self.decide(table, &conn, line, declared, req.headers());
+        let labels = decision
+            .route
+            .map(|r| (r.ingress.clone(), r.backend.service.to_string()));
+        match (decision.route, decision.action, decision.gateway) {
+            (_, Action::Answer(a), _) => (full(&a), labels, None),
+            (Some(_), Action::Forward { endpoint, .. }, Some(g)) => {
+                let (resp, upstream) = self.forward_gateway(req, conn, &host, g, endpoint).await;
+                (resp, labels, upstream)
+            }
+            (Some(route), Action::Forward { endpoint, affinity_in }, None) => {
+                let (resp, upstream) = self
+                    .forward_h2(req, conn, Hosts::same(&host), route, endpoint, affinity_in, None)
+                    .await;
+                (resp, labels, upstream)
+            }
+            (None, Action::Forward { .. }, _) => (status(StatusCode::BAD_GATEWAY), labels, None),
+        }
+    }
+
+    /// A request a Gateway API rule forwards, over HTTP/2: its filters around [`Self::forward_h2`].
+    async fn forward_gateway(
+        &self,
+        mut req: Request<Incoming>,
+        conn: Conn,
+        host: &str,
+        g: gateway::Forward<'_>,
+        endpoint: Option<SocketAddr>,
+    ) -> (Response<ProxyBody>, Option<String>) {
+        if let Some(path) = g.path(req.uri().path()) {
+            let target = match req.uri().query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            let mut parts = req.uri().clone().into_parts();
+            parts.path_and_query = target.parse().ok();
+            match http::Uri::from_parts(parts) {
+                Ok(uri) => *req.uri_mut() = uri,
+                Err(_) => return (full(&Answer::text(StatusCode::BAD_REQUEST, "bad request target")), None),
+            }
+        }
+        let hosts = Hosts {
+            upstream: g.host(host),
+            client: host,
+        };
+        if g.needs_request_headers() {
+            g.edit_request_headers(req.headers_mut());
+            let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            g.mirror(
+                req.method().as_str(),
+                target,
+                req.headers(),
+                hosts.upstream,
+                &self.clients,
+            );
+        }
+        let forward = self.forward_h2(req, conn, hosts, g.route(), endpoint, None, Some(&g));
+        match g.request_timeout() {
+            Some(limit) => tokio::time::timeout(limit, forward).await.unwrap_or_else(|_| {
+                (
+                    full(&Answer::text(StatusCode::GATEWAY_TIMEOUT, "504 request timeout")),
+                    None,
+                )
+            }),
+            None => forward.await,
+        }
     }
 
     /// The upstream request head for `req`, sent to `authority`; `None` if the rewritten target is invalid.
     fn upstream_head(
         req: &http::request::Parts,
         conn: Conn,
-        host: &str,
+        hosts: Hosts<'_>,
         route: &Route,
         authority: &str,
-        upgrade: bool,
     ) -> Option<http::request::Parts> {
         let scheme = if route.settings.backend_https { "https" } else { "http" };
         let new_path = route.rewrite_path(req.uri.path());
         let query = req.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
         let uri: http::Uri = format!("{scheme}://{authority}{new_path}{query}").parse().ok()?;
         let mut headers = req.headers.clone();
-        let upgrade_value = headers.get(header::UPGRADE).cloned();
         strip_hop_by_hop(&mut headers);
-        if let (true, Some(u)) = (upgrade, upgrade_value) {
-            headers.insert(header::UPGRADE, u);
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-        let ip = conn.peer.ip().to_string();
-        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-            _ => ip.clone(),
+        let ip = conn.peer.ip().to_canonical().to_string();
+        let prev: Vec<&str> = req
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter(|v| !v.trim().is_empty())
+            .collect();
+        let xff = if prev.is_empty() {
+            ip.clone()
+        } else {
+            format!("{}, {ip}", prev.join(", "))
         };
         let set = |headers: &mut HeaderMap, name: &'static str, value: &str| {
             if let Ok(v) = HeaderValue::from_str(value) {
                 headers.insert(name, v);
             }
         };
-        set(&mut headers, "host", host);
+        set(&mut headers, "host", hosts.upstream);
         set(&mut headers, "x-forwarded-for", &xff);
         set(&mut headers, "x-real-ip", &ip);
         set(
@@ -330,7 +529,7 @@ impl Proxy {
             "x-forwarded-proto",
             if conn.https { "https" } else { "http" },
         );
-        set(&mut headers, "x-forwarded-host", host);
+        set(&mut headers, "x-forwarded-host", hosts.client);
         set(&mut headers, "x-forwarded-port", &conn.port.to_string());
         let mut builder = Request::builder()
             .method(req.method.clone())
@@ -343,27 +542,26 @@ impl Proxy {
         Some(parts)
     }
 
-    async fn forward(
+    /// Step 4 and 5 for HTTP/2 requests: hyper's pooled HTTP/1.1 client, one retry on another
+    /// endpoint after a failed connect.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_h2(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         conn: Conn,
-        host: &str,
+        hosts: Hosts<'_>,
         route: &Route,
-        served: &mut Served,
-    ) -> Response<ProxyBody> {
+        first: Option<SocketAddr>,
+        affinity_in: Option<String>,
+        gateway: Option<&gateway::Forward<'_>>,
+    ) -> (Response<ProxyBody>, Option<String>) {
         let settings = &route.settings;
         let connect_timeout = settings.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         let read_timeout = settings.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT);
         let send_timeout = settings.send_timeout.unwrap_or(DEFAULT_SEND_TIMEOUT);
         let backend = &route.backend;
         let service = backend.service.to_string();
-        let affinity_in = settings
-            .affinity_cookie
-            .as_ref()
-            .and_then(|name| cookie(req.headers(), name).map(str::to_string));
-        let balance_key = format!("{service}:{}", backend.port);
         let endpoints: &[SocketAddr] = match &backend.upstream {
-            Upstream::Endpoints(e) if e.is_empty() => return status(StatusCode::SERVICE_UNAVAILABLE),
             Upstream::Endpoints(e) => e,
             Upstream::ExternalName { .. } => &[],
         };
@@ -372,30 +570,11 @@ impl Proxy {
             (_, Some(ep)) => ep.to_string(),
             (_, None) => String::new(),
         };
-        let first = match &backend.upstream {
-            Upstream::Endpoints(_) => self
-                .balancer
-                .pick(&balance_key, endpoints, affinity_in.as_deref(), None),
-            Upstream::ExternalName { .. } => None,
-        };
-        let upgrade = is_upgrade(&req);
-        let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        let authority = authority_of(first);
-        served.upstream = Some(authority.clone());
-        let Some(head) = Self::upstream_head(&parts, conn, host, route, &authority, upgrade) else {
-            return bad_request("bad request target");
+        let mut authority = authority_of(first);
+        let Some(head) = Self::upstream_head(&parts, conn, hosts, route, &authority) else {
+            return (full(&Answer::text(StatusCode::BAD_REQUEST, "bad request target")), None);
         };
-        if let Some(client_side) = client_side {
-            let tunnel = Tunnel {
-                authority: &authority,
-                https: settings.backend_https,
-                connect_timeout,
-                read_timeout,
-                service: &service,
-            };
-            return self.tunnel(head, client_side, tunnel).await;
-        }
         // Stream the body: bounded by proxy-body-size, failing when the client stalls.
         let body: ProxyBody = match settings.body_limit {
             Some(limit) => {
@@ -419,15 +598,14 @@ impl Proxy {
                     metrics().inc_ingress_connect_error(&service);
                     tracing::debug!(%service, upstream = authority_of(ep), error = %e, "connect failed");
                     // One retry on another endpoint, with the untouched body.
-                    let next = self.balancer.pick(&balance_key, endpoints, None, ep);
+                    let next = self.balancer.pick(backend, endpoints, None, ep);
                     let (Some(body), Some(next)) = (again, next) else {
                         break Err(status(StatusCode::BAD_GATEWAY));
                     };
-                    let authority = next.to_string();
-                    let Some(head) = Self::upstream_head(&parts, conn, host, route, &authority, false) else {
+                    authority = next.to_string();
+                    let Some(head) = Self::upstream_head(&parts, conn, hosts, route, &authority) else {
                         break Err(status(StatusCode::BAD_GATEWAY));
                     };
-                    served.upstream = Some(authority);
                     retried = true;
                     attempt = Some((head, body, Some(next)));
                 }
@@ -444,10 +622,13 @@ impl Proxy {
         };
         let (resp, ep) = match result {
             Ok(r) => r,
-            Err(r) => return r,
+            Err(r) => return (r, Some(authority)),
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        if let Some(g) = gateway.filter(|g| g.edits_response()) {
+            g.edit_response_headers(&mut parts.headers);
+        }
         if let (Some(name), Some(ep)) = (&settings.affinity_cookie, ep) {
             let value = affinity_value(&ep);
             if affinity_in.as_deref() != Some(value.as_str()) {
@@ -456,197 +637,16 @@ impl Proxy {
                 }
             }
         }
-        Response::from_parts(parts, IdleTimeoutBody::new(body, read_timeout, "upstream body").boxed())
-    }
-
-    /// An Upgrade request (WebSocket): a dedicated upstream connection (TLS for HTTPS backends),
-    /// and after `101` the two connections are spliced byte for byte.
-    async fn tunnel(
-        &self,
-        head: http::request::Parts,
-        client_side: hyper::upgrade::OnUpgrade,
-        to: Tunnel<'_>,
-    ) -> Response<ProxyBody> {
-        let connected = tokio::time::timeout(to.connect_timeout, async {
-            let tcp = TcpStream::connect(to.authority).await?;
-            let _ = tcp.set_nodelay(true);
-            if !to.https {
-                return Ok::<_, std::io::Error>(UpstreamIo::Plain(tcp));
-            }
-            let host = to.authority.rsplit_once(':').map_or(to.authority, |(h, _)| h);
-            let name = rustls_pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-            let tls = self.clients.tunnel_tls().connect(name, tcp).await?;
-            Ok(UpstreamIo::Tls(Box::new(tls)))
-        })
-        .await;
-        let io = match connected {
-            Ok(Ok(io)) => io,
-            Ok(Err(e)) => {
-                metrics().inc_ingress_connect_error(to.service);
-                tracing::debug!(service = to.service, upstream = to.authority, error = %e, "upgrade connect failed");
-                return status(StatusCode::BAD_GATEWAY);
-            }
-            Err(_) => {
-                metrics().inc_ingress_connect_error(to.service);
-                return status(StatusCode::BAD_GATEWAY);
-            }
-        };
-        match io {
-            UpstreamIo::Plain(tcp) => upgrade_over(tcp, head, client_side, to.read_timeout).await,
-            UpstreamIo::Tls(tls) => upgrade_over(*tls, head, client_side, to.read_timeout).await,
-        }
+        let resp = Response::from_parts(parts, IdleTimeoutBody::new(body, read_timeout, "upstream body").boxed());
+        (resp, Some(authority))
     }
 }
 
-/// Where an Upgrade request goes.
-struct Tunnel<'a> {
-    authority: &'a str,
-    https: bool,
-    connect_timeout: Duration,
-    read_timeout: Duration,
-    service: &'a str,
-}
-
-enum UpstreamIo {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-/// Sends the Upgrade request over `io` and, on `101`, splices it with the client's connection.
-async fn upgrade_over<IO>(
-    io: IO,
-    mut head: http::request::Parts,
-    client_side: hyper::upgrade::OnUpgrade,
-    read_timeout: Duration,
-) -> Response<ProxyBody>
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-{
-    let (mut sender, connection) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
-        Ok(x) => x,
-        Err(_) => return status(StatusCode::BAD_GATEWAY),
-    };
-    tokio::spawn(async move {
-        let _ = connection.with_upgrades().await;
-    });
-    // A connection of its own talks to the origin directly: origin-form request target.
-    if let Some(pq) = head.uri.path_and_query().cloned() {
-        head.uri = http::Uri::from(pq);
-    }
-    let req = Request::from_parts(head, Empty::<Bytes>::new());
-    let mut resp = match tokio::time::timeout(read_timeout, sender.send_request(req)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(_)) => return status(StatusCode::BAD_GATEWAY),
-        Err(_) => return status(StatusCode::GATEWAY_TIMEOUT),
-    };
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let upstream_side = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            if let (Ok(c), Ok(u)) = tokio::join!(client_side, upstream_side) {
-                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
-            }
-        });
-        let (parts, _) = resp.into_parts();
-        return Response::from_parts(parts, Empty::new().map_err(|e| match e {}).boxed());
-    }
-    let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
-}
-
-/// Resolves once shutdown has begun (or its sender is gone).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
-}
-
-fn builder() -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES);
-    b.http2()
-        .timer(TokioTimer::new())
+/// hyper's HTTP/2 server settings for client connections.
+pub fn h2_builder() -> hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    b.timer(hyper_util::rt::TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     b
-}
-
-/// Serves one listener until `shutdown`, then lets in-flight requests finish (up to
-/// [`DRAIN_TIMEOUT`]). Accepts nothing before the first route table exists. Several workers may
-/// serve the same listener; the one that `announce`s logs when serving begins.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    proxy: Arc<Proxy>,
-    mut shutdown: watch::Receiver<bool>,
-    announce: bool,
-) {
-    let https = tls.is_some();
-    let mut routes = proxy.routes.clone();
-    let ready = async { routes.wait_for(Option::is_some).await.is_ok() };
-    tokio::select! {
-        ok = ready => if !ok { return },
-        _ = stopped(&mut shutdown) => return,
-    }
-    let port = listener.local_addr().map_or(0, |a| a.port());
-    if announce {
-        tracing::info!(address = ?listener.local_addr().ok(), https, "Ingress listener serving");
-    }
-    let graceful = GracefulShutdown::new();
-    let builder = Arc::new(builder());
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopped(&mut shutdown) => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let conn = Conn { peer, https, port };
-        let proxy = proxy.clone();
-        let verdict = Arc::new(framing::Verdict::default());
-        let service_verdict = verdict.clone();
-        let service = service_fn(move |req: Request<Incoming>| {
-            let proxy = proxy.clone();
-            let conflict = req.version() <= Version::HTTP_11 && service_verdict.next_request_conflicts();
-            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, conn, conflict).await) }
-        });
-        let watcher = graceful.watcher();
-        let builder = builder.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            match tls {
-                None => {
-                    let c = builder
-                        .serve_connection_with_upgrades(TokioIo::new(FramingWatch::new(stream, verdict)), service)
-                        .into_owned();
-                    let _ = watcher.watch(c).await;
-                }
-                Some(acceptor) => {
-                    let Ok(Ok(tls_stream)) = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                    else {
-                        return;
-                    };
-                    let c = builder
-                        .serve_connection_with_upgrades(TokioIo::new(FramingWatch::new(tls_stream, verdict)), service)
-                        .into_owned();
-                    let _ = watcher.watch(c).await;
-                }
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
-        tracing::warn!(
-            https,
-            "Ingress connections still open after the drain timeout; closing them"
-        );
-    }
 }

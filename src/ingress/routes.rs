@@ -19,10 +19,12 @@
 //! [`super::gateway::build`]): on a port both serve, a request goes to whichever matches its
 //! host more specifically (exact, then wildcard, then any host), the Ingress routes on a tie.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use http::HeaderMap;
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressClass};
 use regex::Regex;
 
@@ -198,6 +200,64 @@ impl HostRules {
     }
 }
 
+/// A request's line as routing reads it, whatever protocol carried it (borrowed from hyper's
+/// `Uri` for HTTP/2, from the parsed head in place for HTTP/1).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLine<'a> {
+    /// As the client sent it (Host header or absolute-form authority), maybe with a port.
+    pub host: &'a str,
+    pub method: &'a str,
+    /// Without the query.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+}
+
+/// A request's headers as routing reads them, whatever protocol carried them (hyper's
+/// `HeaderMap` for HTTP/2, the parsed head in place for HTTP/1).
+pub trait RequestView {
+    /// The first value of a header.
+    fn header(&self, name: &str) -> Option<&str>;
+    /// A cookie's value, from any `Cookie` header.
+    fn cookie(&self, name: &str) -> Option<&str>;
+    /// Every value of a header joined with `,` (as one line would carry them); `None` when
+    /// the request has none. Borrowed when there is one value.
+    fn joined(&self, name: &str) -> Option<Cow<'_, str>>;
+}
+
+impl RequestView for HeaderMap {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(|v| v.to_str().ok())
+    }
+    fn cookie(&self, name: &str) -> Option<&str> {
+        self.get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v)
+    }
+    fn joined(&self, name: &str) -> Option<Cow<'_, str>> {
+        join_values(self.get_all(name).iter().filter_map(|v| v.to_str().ok()))
+    }
+}
+
+/// Values joined with `,`, without a copy for a single one.
+pub fn join_values<'a>(mut values: impl Iterator<Item = &'a str>) -> Option<Cow<'a, str>> {
+    let first = values.next()?;
+    match values.next() {
+        None => Some(Cow::Borrowed(first)),
+        Some(second) => {
+            let mut all = format!("{first},{second}");
+            for v in values {
+                all.push(',');
+                all.push_str(v);
+            }
+            Some(Cow::Owned(all))
+        }
+    }
+}
+
 /// A certificate an Ingress or a Gateway listener asks for: the host (exact, `*.` wildcard, or
 /// empty for every name and clients without SNI) and the Secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,9 +271,10 @@ pub struct TlsBinding {
 /// Every route kproxy serves, ready to match requests.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
-    exact: HashMap<String, HostRules>,
+    /// foldhash: looked up on every request; its keys come from Ingresses, never from requests.
+    exact: HashMap<String, HostRules, foldhash::fast::RandomState>,
     /// Keyed by the suffix after `*.`.
-    wildcard: HashMap<String, HostRules>,
+    wildcard: HashMap<String, HostRules, foldhash::fast::RandomState>,
     any: HostRules,
     default: Option<Arc<Route>>,
     /// `spec.tls` of claimed Ingresses, oldest Ingress first.
@@ -230,6 +291,12 @@ pub struct RouteTable {
 
 /// Lowercase host without port or trailing dot.
 pub fn normalize_host(host: &str) -> String {
+    host_key(host).into_owned()
+}
+
+/// [`normalize_host`] without a copy when the host already is lowercase (the route lookup of
+/// every request: no allocation).
+pub fn host_key(host: &str) -> Cow<'_, str> {
     let host = host.trim();
     let without_port = if let Some(rest) = host.strip_prefix('[') {
         rest.split(']').next().unwrap_or(rest)
@@ -239,7 +306,12 @@ pub fn normalize_host(host: &str) -> String {
             _ => host,
         }
     };
-    without_port.trim_end_matches('.').to_ascii_lowercase()
+    let name = without_port.trim_end_matches('.');
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
 }
 
 /// Whether `pattern` (exact, or `*.suffix` for exactly one label) covers `host`.
@@ -256,8 +328,8 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
 impl RouteTable {
     /// The route for a request, or `None` (404). `host` may carry a port; `path` has no query.
     pub fn route(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
-        let host = normalize_host(host);
-        if let Some(rules) = self.exact.get(&host) {
+        let host = host_key(host);
+        if let Some(rules) = self.exact.get(host.as_ref()) {
             return rules.find(path);
         }
         if let Some((_, suffix)) = host.split_once('.') {

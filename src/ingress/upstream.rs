@@ -1,11 +1,18 @@
-//! Talking to backends: pooled keep-alive clients (HTTP and HTTPS), request bodies that can be
-//! handed to a second attempt when the first connect failed, and idle timeouts on streamed bodies.
+//! Talking to backends: each worker's pool of keep-alive HTTP/1.1 connections (plain and TLS)
+//! for the HTTP/1 path ([`Pool`]); hyper's pooled clients for requests that arrive over
+//! HTTP/2, with request bodies that can be handed to a second attempt when the first connect
+//! failed, and idle timeouts on streamed bodies.
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -97,25 +104,15 @@ fn build_client(tls: rustls::ClientConfig, connect_timeout: Duration) -> Upstrea
 /// One pooled client per connect timeout in use (the timeout is a property of the connector).
 pub struct Clients {
     tls: rustls::ClientConfig,
-    /// For the dedicated connections of protocol upgrades: HTTP/1.1 only, as Upgrade is.
-    tunnel_tls: tokio_rustls::TlsConnector,
     by_timeout: Mutex<HashMap<Duration, UpstreamClient>>,
 }
 
 impl Clients {
     pub fn new(tls: rustls::ClientConfig) -> Self {
-        let mut tunnel = tls.clone();
-        tunnel.alpn_protocols = vec![b"http/1.1".to_vec()];
         Clients {
             tls,
-            tunnel_tls: tokio_rustls::TlsConnector::from(Arc::new(tunnel)),
             by_timeout: Mutex::new(HashMap::new()),
         }
-    }
-
-    /// TLS for an upgraded connection to an HTTPS backend.
-    pub fn tunnel_tls(&self) -> &tokio_rustls::TlsConnector {
-        &self.tunnel_tls
     }
 
     pub fn get(&self, connect_timeout: Duration) -> UpstreamClient {
@@ -251,6 +248,200 @@ where
 }
 
 use std::future::Future as _;
+
+/// How long an idle backend connection is kept (nginx's upstream `keepalive_timeout`).
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle connections kept per backend address and worker.
+const POOL_MAX_IDLE: usize = 256;
+
+/// A connection to a backend, plain or TLS (`backend-protocol: HTTPS`).
+pub enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl UpstreamIo {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            UpstreamIo::Plain(s) => s,
+            UpstreamIo::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// Waits until the backend sent something (or closed).
+    pub async fn readable(&self) -> std::io::Result<()> {
+        self.tcp().readable().await
+    }
+
+    /// Whether an idle connection still looks usable: nothing arrived on it (a close, or bytes
+    /// no request asked for) since it was put back. Never waits.
+    fn still_idle(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.tcp().try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Where a backend connection goes: a pod address, or an ExternalName Service's DNS name
+/// (resolved on every connect); plain or TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Dest {
+    Addr(SocketAddr, bool),
+    Name(String, u16, bool),
+}
+
+impl Dest {
+    pub fn https(&self) -> bool {
+        match self {
+            Dest::Addr(_, https) | Dest::Name(_, _, https) => *https,
+        }
+    }
+}
+
+impl std::fmt::Display for Dest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dest::Addr(a, _) => write!(f, "{a}"),
+            Dest::Name(h, p, _) => write!(f, "{h}:{p}"),
+        }
+    }
+}
+
+/// A backend connection checked out of a [`Pool`] (or just connected).
+pub struct Pooled {
+    pub io: UpstreamIo,
+    /// It served a request before: a close before any answer may just be its idle timeout.
+    pub reused: bool,
+}
+
+/// One worker's idle keep-alive connections to backends. Single-threaded: a worker's
+/// requests and their backend connections never leave its thread.
+pub struct Pool {
+    /// foldhash: SipHash's DoS resistance buys nothing for keys kproxy chooses itself.
+    idle: RefCell<foldhash::HashMap<Dest, Vec<(UpstreamIo, Instant)>>>,
+    tls: tokio_rustls::TlsConnector,
+    /// Requests sent, and connections opened for them: the reuse rate is 1 - opened / requests.
+    pub requests: Cell<u64>,
+    pub opened: Cell<u64>,
+}
+
+impl Pool {
+    /// `tls` is used for HTTPS backends; it must offer only `http/1.1` in ALPN.
+    pub fn new(tls: rustls::ClientConfig) -> Self {
+        let mut tls = tls;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Pool {
+            idle: RefCell::new(foldhash::HashMap::default()),
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            requests: Cell::new(0),
+            opened: Cell::new(0),
+        }
+    }
+
+    /// An idle connection to `dest` that still looks usable, newest first.
+    pub fn checkout(&self, dest: &Dest) -> Option<Pooled> {
+        let mut idle = self.idle.borrow_mut();
+        let conns = idle.get_mut(dest)?;
+        while let Some((io, since)) = conns.pop() {
+            if since.elapsed() < POOL_IDLE_TIMEOUT && io.still_idle() {
+                return Some(Pooled { io, reused: true });
+            }
+        }
+        None
+    }
+
+    /// Puts a connection whose last exchange ended cleanly back.
+    pub fn checkin(&self, dest: &Dest, io: UpstreamIo) {
+        let mut idle = self.idle.borrow_mut();
+        if let Some(conns) = idle.get_mut(dest) {
+            if conns.len() < POOL_MAX_IDLE {
+                conns.push((io, Instant::now()));
+            }
+            return;
+        }
+        idle.insert(dest.clone(), vec![(io, Instant::now())]);
+    }
+
+    /// Closes connections idle for longer than [`POOL_IDLE_TIMEOUT`] or closed by their backend.
+    pub fn purge(&self) {
+        self.idle.borrow_mut().retain(|_, conns| {
+            conns.retain(|(io, since)| since.elapsed() < POOL_IDLE_TIMEOUT && io.still_idle());
+            !conns.is_empty()
+        });
+    }
+
+    /// A new connection to `dest` (TCP_NODELAY; TLS without certificate verification for
+    /// HTTPS backends, see [`client_tls_config`]).
+    pub async fn connect(&self, dest: &Dest, timeout: Duration) -> std::io::Result<Pooled> {
+        let connect = async {
+            let tcp = match dest {
+                Dest::Addr(a, _) => TcpStream::connect(*a).await?,
+                Dest::Name(h, p, _) => TcpStream::connect((h.as_str(), *p)).await?,
+            };
+            let _ = tcp.set_nodelay(true);
+            if !dest.https() {
+                return Ok::<_, std::io::Error>(UpstreamIo::Plain(tcp));
+            }
+            let name = match dest {
+                Dest::Addr(a, _) => ServerName::IpAddress(a.ip().into()),
+                Dest::Name(h, _, _) => ServerName::try_from(h.clone())
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            };
+            let tls = self.tls.connect(name, tcp).await?;
+            Ok(UpstreamIo::Tls(Box::new(tls)))
+        };
+        let io = tokio::time::timeout(timeout, connect)
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+        self.opened.set(self.opened.get() + 1);
+        Ok(Pooled { io, reused: false })
+    }
+}
 
 #[cfg(test)]
 mod tests {

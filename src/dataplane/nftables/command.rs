@@ -7,9 +7,9 @@ use std::fmt;
 use std::net::IpAddr;
 
 use super::names;
-use super::netlink::{BaseHook, Data, Element, Expr, Request, Table, Verdict};
+use super::netlink::{BaseHook, Element, Expr, Request, Table};
 use super::render::{family_word, hook_text};
-use super::rule::{Key, Rule, RuleText, SetDecl, SetKind, VerdictText};
+use super::rule::{Key, Rule, RuleText, SetDecl, SetKind, Value};
 use crate::model::{IpFamily, Protocol};
 
 /// An element key: typed when kproxy wrote it (or recognizes it), raw bytes otherwise.
@@ -68,6 +68,17 @@ fn parse_key(kind: SetKind, family: IpFamily, b: &[u8]) -> Option<Key> {
         SetKind::AddrPortMap if b.len() == alen + 8 => Key::AddrPort(addr(b)?, proto(b[alen])?, port(&b[alen + 4..])?),
         SetKind::ProtoPortMap if b.len() == 8 => Key::ProtoPort(proto(b[0])?, port(&b[4..])?),
         SetKind::AddrPair if b.len() == 2 * alen && b[..alen] == b[alen..] => Key::Pair(addr(b)?),
+        SetKind::AddrPortSet if b.len() == alen + 8 => Key::AddrPort(addr(b)?, proto(b[alen])?, port(&b[alen + 4..])?),
+        SetKind::ProtoPortSet if b.len() == 8 => Key::ProtoPort(proto(b[0])?, port(&b[4..])?),
+        SetKind::EndpointMap(p) if b.len() == alen + 8 => Key::AddrPortSlot(
+            addr(b)?,
+            p,
+            port(&b[alen..])?,
+            u32::from_ne_bytes(b[alen + 4..].try_into().ok()?),
+        ),
+        SetKind::NodePortEndpointMap(p) if b.len() == 8 => {
+            Key::ProtoPortSlot(p, port(b)?, u32::from_ne_bytes(b[4..].try_into().ok()?))
+        }
         _ => return None,
     };
     // Padding must be zero, or it is not a key kproxy would write.
@@ -104,7 +115,7 @@ pub enum Command {
     DeleteSet(String),
     AddElements {
         set: String,
-        elements: Vec<(ElemKey, Option<Verdict>)>,
+        elements: Vec<(ElemKey, Option<Value>)>,
     },
     DeleteElements {
         set: String,
@@ -164,7 +175,7 @@ impl Command {
                     .iter()
                     .map(|(k, v)| Element {
                         key: k.bytes(),
-                        data: v.clone().map(Data::Verdict),
+                        data: v.as_ref().map(Value::data),
                     })
                     .collect(),
             },
@@ -219,7 +230,7 @@ impl fmt::Display for CommandText<'_> {
                         f.write_str(", ")?;
                     }
                     match v {
-                        Some(v) => write!(f, "{k} : {}", VerdictText(v))?,
+                        Some(v) => write!(f, "{k} : {v}")?,
                         None => write!(f, "{k}")?,
                     }
                 }

@@ -254,6 +254,7 @@ fn check_table(inner: &Mutex<Inner>, family: IpFamily) {
     tracing::warn!(
         ?family,
         differences,
+        objects = ?inner.planner.differed,
         "nftables check: the table differs from what kproxy wrote; repairing"
     );
     match apply_plan(kernel, &mut inner.planner, &plan) {

@@ -7,7 +7,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::model::{Endpoint, ServicePortName};
+use crate::model::{Endpoint, Protocol, ServicePortName};
 
 /// The table, in both the `ip` and `ip6` families; not `kube-proxy`, so a real kube-proxy
 /// on the same node never shares it.
@@ -28,10 +28,17 @@ pub const SERVICE_ENDPOINTS_CHECK: &str = "service-endpoints-check";
 pub const NODEPORT_ENDPOINTS_CHECK: &str = "nodeport-endpoints-check";
 pub const FIREWALL_CHECK: &str = "firewall-check";
 pub const REJECT_CHAIN: &str = "reject-chain";
+/// Where a Service chain without per-endpoint rules DNATs: one rule per protocol and endpoint
+/// count, `… @cluster-nN dnat to … numgen random mod N map @service-endpoints`.
+pub const CLUSTER_DNAT: &str = "cluster-dnat";
+/// The same for a Service's node-local endpoints (`local-nN`, slots from [`LOCAL_SLOTS`]).
+pub const LOCAL_DNAT: &str = "local-dnat";
 
 /// Non-base chains that exist whatever the Services.
 pub const REGULAR_CHAINS: &[&str] = &[
     SERVICES,
+    CLUSTER_DNAT,
+    LOCAL_DNAT,
     MASQUERADING,
     MARK_MASQ,
     SERVICE_ENDPOINTS_CHECK,
@@ -54,15 +61,93 @@ pub const FIREWALL_IPS: &str = "firewall-ips";
 /// (hairpin) is masqueraded in `nat-postrouting`, so the reply comes back through the node.
 pub const HAIRPIN: &str = "hairpin";
 
+/// `address . port . slot : endpoint address . port`, one map per protocol: slot `i` of a
+/// Service address is its `i`-th endpoint (from [`LOCAL_SLOTS`] on, its `i`-th node-local one).
+pub fn service_endpoints(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "service-endpoints-tcp",
+        Protocol::Udp => "service-endpoints-udp",
+        Protocol::Sctp => "service-endpoints-sctp",
+    }
+}
+
+/// `port . slot : endpoint address . port`, per protocol, for NodePorts.
+pub fn nodeport_endpoints(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "nodeport-endpoints-tcp",
+        Protocol::Udp => "nodeport-endpoints-udp",
+        Protocol::Sctp => "nodeport-endpoints-sctp",
+    }
+}
+
+pub const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+/// Where a Service's node-local endpoints start in its slots.
+pub const LOCAL_SLOTS: u32 = 1 << 16;
+/// The largest endpoint count with a bucket of its own; a Service with more endpoints (in the
+/// subset a chain uses) keeps a cascade of `dnat` rules in its own chain.
+pub const MAX_BUCKET: usize = 16;
+
+/// Which bucket: the Service's cluster-wide or node-local endpoints, reached by address or by
+/// NodePort.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Bucket {
+    Cluster,
+    Local,
+    NodePortCluster,
+    NodePortLocal,
+}
+
+impl Bucket {
+    pub const ALL: [Bucket; 4] = [
+        Bucket::Cluster,
+        Bucket::Local,
+        Bucket::NodePortCluster,
+        Bucket::NodePortLocal,
+    ];
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Bucket::Cluster => "cluster",
+            Bucket::Local => "local",
+            Bucket::NodePortCluster => "nodeport-cluster",
+            Bucket::NodePortLocal => "nodeport-local",
+        }
+    }
+
+    /// The set of Service addresses (or NodePorts) with `n` endpoints in this subset: `cluster-n3`.
+    pub fn set(self, n: usize) -> &'static str {
+        let i = Bucket::ALL.iter().position(|b| *b == self).unwrap_or(0);
+        BUCKETS[i * MAX_BUCKET + n.clamp(1, MAX_BUCKET) - 1]
+    }
+}
+
+static BUCKET_NAMES: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+    Bucket::ALL
+        .iter()
+        .flat_map(|b| (1..=MAX_BUCKET).map(move |n| format!("{}-n{n}", b.prefix())))
+        .collect()
+});
+
+/// Every bucket set's name, [`Bucket::ALL`] by endpoint count.
+pub static BUCKETS: std::sync::LazyLock<Vec<&'static str>> =
+    std::sync::LazyLock::new(|| BUCKET_NAMES.iter().map(String::as_str).collect());
+
 /// The fixed maps and sets.
-pub const MAPS: &[&str] = &[
-    SERVICE_IPS,
-    SERVICE_NODEPORTS,
-    NO_ENDPOINT_SERVICES,
-    NO_ENDPOINT_NODEPORTS,
-    FIREWALL_IPS,
-    HAIRPIN,
-];
+pub static MAPS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
+    let mut v = vec![
+        SERVICE_IPS,
+        SERVICE_NODEPORTS,
+        NO_ENDPOINT_SERVICES,
+        NO_ENDPOINT_NODEPORTS,
+        FIREWALL_IPS,
+        HAIRPIN,
+    ];
+    v.extend(PROTOCOLS.iter().map(|p| service_endpoints(*p)));
+    v.extend(PROTOCOLS.iter().map(|p| nodeport_endpoints(*p)));
+    v.extend(BUCKETS.iter().copied());
+    v
+});
 
 /// Every chain that is not generated per Service: the base chains and [`REGULAR_CHAINS`].
 pub fn fixed_chains() -> impl Iterator<Item = &'static str> {

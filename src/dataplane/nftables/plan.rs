@@ -22,9 +22,9 @@ use std::sync::Arc;
 
 use super::command::{fixed_set_kind, Command, ElemKey};
 use super::names;
-use super::netlink::{BaseHook, Data, Expr, Verdict};
+use super::netlink::{BaseHook, Data, Expr};
 use super::render::{base_chains, fixed_sets, render_fixed_rules, render_port, AffinitySet, PortRules};
-use super::rule::{Key, Rule, SetDecl, SetKind};
+use super::rule::{Key, Rule, SetDecl, SetKind, Value};
 use crate::dataplane::iptables::render::RenderConfig;
 use crate::model::{ChangeSet, DesiredState, IpFamily, NodeInfo, ServiceKey, ServiceState};
 
@@ -36,13 +36,13 @@ pub fn hash_of<T: std::hash::Hash + ?Sized>(v: &T) -> Hash {
     h.finish()
 }
 
-/// A map element's data as compared: the verdict (none in a plain set).
+/// A map element's data as compared: the verdict or value (none in a plain set).
 pub fn data_hash(v: Option<&Data>) -> Hash {
     hash_of(&v)
 }
 
-fn verdict_hash(v: &Option<Verdict>) -> Hash {
-    data_hash(v.clone().map(Data::Verdict).as_ref())
+fn value_hash(v: &Option<Value>) -> Hash {
+    data_hash(v.as_ref().map(Value::data).as_ref())
 }
 
 /// One rule as committed: the handle the kernel gave it and a hash of its expressions.
@@ -110,6 +110,8 @@ pub enum Owner {
     /// The table, its base and fixed chains, the fixed maps.
     Fixed,
     Service(ServiceKey),
+    /// The dispatch elements of a cold start, added after every Service's chains.
+    Dispatch,
     /// Objects nobody owns (left by an earlier run or added by hand): deleted.
     Stray,
 }
@@ -119,6 +121,7 @@ impl std::fmt::Display for Owner {
         match self {
             Owner::Fixed => f.write_str("kproxy's fixed chains and maps"),
             Owner::Service(k) => write!(f, "Service {k}"),
+            Owner::Dispatch => f.write_str("the Services' dispatch elements"),
             Owner::Stray => f.write_str("objects nobody owns"),
         }
     }
@@ -212,6 +215,24 @@ struct Strays {
 /// Commands per stray unit: strays can be a whole earlier ruleset.
 const STRAYS_PER_UNIT: usize = 512;
 
+/// Elements per `add element` of the dispatch unit (a message's element list must stay under
+/// 64 KiB).
+const DISPATCH_PER_COMMAND: usize = 512;
+
+/// The verdict maps whose elements make a Service reachable (or refused). On a cold start
+/// their elements are added last, in one transaction: the kernel validates the table on every
+/// commit that adds a jump, from the base chains down, so transactions before it find nothing
+/// but the fixed chains reachable and the walk happens once, not once per transaction.
+const DISPATCH: [&str; 5] = [
+    names::SERVICE_IPS,
+    names::SERVICE_NODEPORTS,
+    names::NO_ENDPOINT_SERVICES,
+    names::NO_ENDPOINT_NODEPORTS,
+    names::FIREWALL_IPS,
+];
+
+type Adds = BTreeMap<String, Vec<(ElemKey, Option<Value>)>>;
+
 #[derive(Debug)]
 pub struct Planner {
     family: IpFamily,
@@ -235,6 +256,10 @@ pub struct Planner {
     fresh: bool,
     rules: usize,
     no_local: (usize, usize),
+    /// During a cold start into an empty table: dispatch elements held back for the last unit.
+    deferred: Option<Adds>,
+    /// What the last [`Planner::reconcile`] found different (the first few), for its log line.
+    pub differed: Vec<String>,
 }
 
 /// Builds one unit against the committed table.
@@ -242,8 +267,9 @@ struct Builder<'a> {
     family: IpFamily,
     state: &'a mut TableState,
     unit: Unit,
-    adds: BTreeMap<String, Vec<(ElemKey, Option<Verdict>)>>,
+    adds: Adds,
     dels: BTreeMap<String, Vec<ElemKey>>,
+    deferred: Option<&'a mut Adds>,
 }
 
 impl Builder<'_> {
@@ -374,8 +400,8 @@ impl Builder<'_> {
         }
     }
 
-    fn add_element(&mut self, set: &str, key: ElemKey, value: Option<Verdict>) {
-        let hash = verdict_hash(&value);
+    fn add_element(&mut self, set: &str, key: ElemKey, value: Option<Value>) {
+        let hash = value_hash(&value);
         let bytes = key.bytes();
         let elements = self.state.elements.entry(set.into()).or_default();
         match elements.get(&bytes) {
@@ -399,11 +425,19 @@ impl Builder<'_> {
     }
 
     fn finish(mut self) -> Unit {
-        for (set, keys) in std::mem::take(&mut self.dels) {
-            self.push(Section::DeleteElements, Command::DeleteElements { set, keys });
-        }
+        let dels = std::mem::take(&mut self.dels);
         for (set, elements) in std::mem::take(&mut self.adds) {
-            self.push(Section::AddElements, Command::AddElements { set, elements });
+            match self.deferred.as_deref_mut() {
+                Some(d) if DISPATCH.contains(&set.as_str()) && !dels.contains_key(&set) => {
+                    d.entry(set).or_default().extend(elements);
+                }
+                _ => {
+                    self.push(Section::AddElements, Command::AddElements { set, elements });
+                }
+            }
+        }
+        for (set, keys) in dels {
+            self.push(Section::DeleteElements, Command::DeleteElements { set, keys });
         }
         self.unit
     }
@@ -435,6 +469,8 @@ impl Planner {
             fresh: true,
             rules: 0,
             no_local: (0, 0),
+            deferred: None,
+            differed: Vec::new(),
         }
     }
 
@@ -452,6 +488,7 @@ impl Planner {
             unit: Unit::new(owner),
             adds: BTreeMap::new(),
             dels: BTreeMap::new(),
+            deferred: self.deferred.as_mut(),
         }
     }
 
@@ -466,6 +503,10 @@ impl Planner {
     pub fn plan(&mut self, desired: &DesiredState, changes: &ChangeSet, cfg: &RenderConfig) -> Plan {
         let all = self.fresh || self.cfg.as_ref() != Some(cfg) || self.node.as_ref() != Some(&desired.node);
         let mut plan = Plan { units: Vec::new() };
+        // A cold start: nothing of the Services' is in the table yet.
+        if self.fresh && self.state.elements.values().all(HashMap::is_empty) {
+            self.deferred = Some(Adds::new());
+        }
         self.cfg = Some(cfg.clone());
         self.node = Some(desired.node.clone());
         if all {
@@ -521,6 +562,22 @@ impl Planner {
         if std::mem::take(&mut self.fresh) {
             let strays = self.find_strays();
             plan.units.extend(self.plan_strays(strays));
+        }
+        if let Some(deferred) = self.deferred.take() {
+            let mut unit = Unit::new(Owner::Dispatch);
+            for (set, elements) in deferred {
+                for chunk in elements.chunks(DISPATCH_PER_COMMAND) {
+                    let elements = chunk.to_vec();
+                    unit.commands.push((
+                        Section::AddElements,
+                        Command::AddElements {
+                            set: set.clone(),
+                            elements,
+                        },
+                    ));
+                }
+            }
+            plan.units.push(unit);
         }
         plan.units.retain(|u| !u.is_empty());
         plan
@@ -599,7 +656,7 @@ impl Planner {
 
         let mut chains: Vec<(String, Vec<Rule>)> = Vec::new();
         let mut sets: Vec<AffinitySet> = Vec::new();
-        let mut elements: Vec<(&'static str, Key, Option<Verdict>)> = Vec::new();
+        let mut elements: Vec<(&'static str, Key, Option<Value>)> = Vec::new();
         let mut hairpin: BTreeSet<IpAddr> = BTreeSet::new();
         let mut rules = 0;
         let mut no_local = (0, 0);
@@ -826,6 +883,12 @@ impl Planner {
         let mut differences = 0;
         let mut hairpin_dirty = false;
         let skipped = |o: &Option<Owner>| o.as_ref().is_some_and(|o| skip.contains(o));
+        let mut differed: Vec<String> = Vec::new();
+        let mut note = |what: String| {
+            if differed.len() < 5 {
+                differed.push(what);
+            }
+        };
 
         if kernel.exists != self.state.exists {
             differences += 1;
@@ -850,6 +913,7 @@ impl Planner {
                 (None, _) => continue,
             }
             differences += 1;
+            note(format!("chain {name}"));
             match k {
                 Some(k) => self.state.chains.insert(name, k.clone()),
                 None => self.state.chains.remove(&name),
@@ -873,6 +937,7 @@ impl Planner {
                 (None, _) => continue,
             }
             differences += 1;
+            note(format!("set {name}"));
             match k {
                 Some(k) => self.state.sets.insert(name, *k),
                 None => self.state.sets.remove(&name),
@@ -898,6 +963,7 @@ impl Planner {
                     continue;
                 }
                 differences += 1;
+                note(format!("elements of {set}"));
                 hairpin_dirty = true;
                 self.state.elements.insert(set, k.clone());
                 continue;
@@ -920,6 +986,18 @@ impl Planner {
                     (None, _) => continue,
                 }
                 differences += 1;
+                let shown = match fixed_set_kind(&set) {
+                    Some(kind) => ElemKey::parse(kind, self.family, &key),
+                    None => ElemKey::Raw(key.clone()),
+                };
+                note(format!(
+                    "element {shown} of {set} ({})",
+                    match (kv, cv) {
+                        (Some(_), Some(_)) => "other data",
+                        (Some(_), None) => "not kproxy's",
+                        _ => "missing",
+                    }
+                ));
                 let entry = self.state.elements.entry(set.clone()).or_default();
                 match kv {
                     Some(v) => entry.insert(key, v),
@@ -928,6 +1006,7 @@ impl Planner {
             }
         }
 
+        self.differed = differed;
         let mut plan = Plan::default();
         let (Some(cfg), Some(node)) = (self.cfg.clone(), self.node.clone()) else {
             return (plan, differences);

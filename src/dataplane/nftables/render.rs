@@ -10,12 +10,13 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::names;
+use super::names::{Bucket, MAX_BUCKET};
 use super::netlink::{hook, BaseHook, Verdict};
-use super::rule::{Field, Key, Rule, SetDecl, SetKind, Stmt, CT_STATE_INVALID, CT_STATE_NEW};
+use super::rule::{Field, Key, Rule, SetDecl, SetKind, Stmt, Value, CT_STATE_INVALID, CT_STATE_NEW};
 use crate::dataplane::iptables::render::{LocalDetector, NodePortMatch, RenderConfig};
 use crate::dataplane::port_policy::{FamilyView, PortPolicy};
 use crate::model::topology::{categorize_endpoints, uses_cluster_endpoints, uses_local_endpoints};
-use crate::model::{Endpoint, IpFamily, NodeInfo, PortState, ServicePort};
+use crate::model::{Endpoint, IpFamily, NodeInfo, PortState, Protocol, ServicePort};
 
 /// The table family word: `ip` or `ip6`.
 pub fn family_word(family: IpFamily) -> &'static str {
@@ -25,13 +26,14 @@ pub fn family_word(family: IpFamily) -> &'static str {
     }
 }
 
-/// One element of a shared verdict map (or of the hairpin set), owned by one Service port.
+/// One element of a shared map or set, owned by one Service port.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Element {
     pub map: &'static str,
     pub key: Key,
-    /// The verdict (`goto service-…`, `drop`); `None` in a plain set.
-    pub value: Option<Verdict>,
+    /// The verdict (`goto service-…`, `drop`) or endpoint (`10.244.1.2 . 8080`); `None` in a
+    /// plain set.
+    pub value: Option<Value>,
 }
 
 /// One chain owned by a Service port, with its rules.
@@ -153,7 +155,18 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     let element = |map, key: Key, value: Verdict| Element {
         map,
         key,
-        value: Some(value),
+        value: Some(Value::Verdict(value)),
+    };
+    // Every address and port the Service is reached by, and its NodePort: the keys its
+    // endpoint slots are found by, whichever of its chains DNATs.
+    let entries = Entries {
+        proto,
+        port,
+        addrs: std::iter::once(cluster_ip)
+            .chain(external_ips.iter().map(|ip| **ip))
+            .chain(lb_ips.iter().map(|ip| **ip))
+            .collect(),
+        node_port: sp.node_port,
     };
 
     let cluster_key = svc_key(&cluster_ip, sp, port);
@@ -286,7 +299,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     };
     if !sets.cluster.is_empty() && uses_cluster_endpoints(sp) {
         let mut rules = std::mem::take(&mut cluster_first);
-        write_balancing(&mut rules, sp, &sets.cluster);
+        balance(&mut r, &mut rules, sp, &sets.cluster, false, &entries);
         r.chains.push(Chain {
             name: svc_chain.clone(),
             rules,
@@ -294,7 +307,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     }
     if !sets.local.is_empty() && uses_local_endpoints(sp) {
         let mut rules = std::mem::take(&mut local_first);
-        write_balancing(&mut rules, sp, &sets.local);
+        balance(&mut r, &mut rules, sp, &sets.local, true, &entries);
         r.chains.push(Chain {
             name: local_chain.clone(),
             rules,
@@ -322,6 +335,76 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
         }
     }
     Some(r)
+}
+
+/// The keys a Service port is reached by.
+struct Entries {
+    proto: Protocol,
+    port: u16,
+    addrs: Vec<IpAddr>,
+    node_port: Option<u16>,
+}
+
+/// The end of a Service (or local) chain: without session affinity and with at most
+/// [`MAX_BUCKET`] endpoints, `goto cluster-dnat` (`local-dnat`), and the endpoints become
+/// elements: each key of the Service joins the bucket set of its endpoint count, and its slots
+/// map to the endpoints. An endpoint change is then a change of map elements without
+/// verdicts, which the kernel commits without validating the table; a change of the endpoint
+/// count moves the key to another bucket, also without a rule. Otherwise the chain keeps the
+/// cascade of `dnat` rules ([`write_balancing`]).
+fn balance(
+    r: &mut PortRules,
+    rules: &mut Vec<Rule>,
+    sp: &ServicePort,
+    endpoints: &[&Endpoint],
+    local: bool,
+    e: &Entries,
+) {
+    let n = endpoints.len();
+    if sp.affinity_timeout.is_some() || n > MAX_BUCKET {
+        write_balancing(rules, sp, endpoints);
+        return;
+    }
+    let (bucket, np_bucket, chain, base) = if local {
+        (
+            Bucket::Local,
+            Bucket::NodePortLocal,
+            names::LOCAL_DNAT,
+            names::LOCAL_SLOTS,
+        )
+    } else {
+        (Bucket::Cluster, Bucket::NodePortCluster, names::CLUSTER_DNAT, 0)
+    };
+    rules.push(Rule::new(vec![goto(chain)]));
+    let endpoint = |ep: &Endpoint| Some(Value::Endpoint(ep.ip, ep.port));
+    for ip in &e.addrs {
+        r.elements.push(Element {
+            map: bucket.set(n),
+            key: Key::AddrPort(*ip, e.proto, e.port),
+            value: None,
+        });
+        for (i, ep) in endpoints.iter().enumerate() {
+            r.elements.push(Element {
+                map: names::service_endpoints(e.proto),
+                key: Key::AddrPortSlot(*ip, e.proto, e.port, base + i as u32),
+                value: endpoint(ep),
+            });
+        }
+    }
+    if let Some(np) = e.node_port {
+        r.elements.push(Element {
+            map: np_bucket.set(n),
+            key: Key::ProtoPort(e.proto, np),
+            value: None,
+        });
+        for (i, ep) in endpoints.iter().enumerate() {
+            r.elements.push(Element {
+                map: names::nodeport_endpoints(e.proto),
+                key: Key::ProtoPortSlot(e.proto, np, base + i as u32),
+                value: endpoint(ep),
+            });
+        }
+    }
 }
 
 fn dnat(ep: &Endpoint) -> Stmt {
@@ -415,6 +498,77 @@ pub fn fixed_sets() -> Vec<SetDecl> {
         d(names::FIREWALL_IPS, SetKind::AddrPortMap),
         d(names::HAIRPIN, SetKind::AddrPair),
     ]
+    .into_iter()
+    .chain(names::PROTOCOLS.into_iter().flat_map(|p| {
+        [
+            d(names::service_endpoints(p), SetKind::EndpointMap(p)),
+            d(names::nodeport_endpoints(p), SetKind::NodePortEndpointMap(p)),
+        ]
+    }))
+    .chain(Bucket::ALL.into_iter().flat_map(|b| {
+        let kind = match b {
+            Bucket::Cluster | Bucket::Local => SetKind::AddrPortSet,
+            Bucket::NodePortCluster | Bucket::NodePortLocal => SetKind::ProtoPortSet,
+        };
+        (1..=MAX_BUCKET).map(move |n| d(b.set(n), kind))
+    }))
+    .collect()
+}
+
+/// The bucket rules of `cluster-dnat` and `local-dnat`: per protocol and endpoint count,
+/// `meta l4proto tcp ip daddr . meta l4proto . th dport @cluster-n3 dnat to ip daddr . meta
+/// l4proto . th dport . numgen random mod 3 map @service-endpoints`, then the same by NodePort.
+/// By address first: a NodePort packet's destination is a node address, never a Service's.
+fn bucket_rules() -> Vec<(&'static str, Rule)> {
+    let mut rules = Vec::new();
+    let chains = [
+        (names::CLUSTER_DNAT, Bucket::Cluster, Bucket::NodePortCluster, 0),
+        (
+            names::LOCAL_DNAT,
+            Bucket::Local,
+            Bucket::NodePortLocal,
+            names::LOCAL_SLOTS,
+        ),
+    ];
+    for (chain, by_addr, by_port, offset) in chains {
+        for by_node_port in [false, true] {
+            let (bucket, key, slot_key): (Bucket, &[Field], &[Field]) = if by_node_port {
+                (by_port, &DST[1..], &[Field::ThDport])
+            } else {
+                (by_addr, &DST, &[Field::Daddr, Field::ThDport])
+            };
+            for proto in names::PROTOCOLS {
+                let map = if by_node_port {
+                    names::nodeport_endpoints(proto)
+                } else {
+                    names::service_endpoints(proto)
+                };
+                for n in 1..=MAX_BUCKET {
+                    let mut slot = slot_key.to_vec();
+                    slot.push(Field::Slot {
+                        modulus: n as u32,
+                        offset,
+                    });
+                    rules.push((
+                        chain,
+                        Rule::new(vec![
+                            Stmt::L4proto(proto),
+                            Stmt::InSet {
+                                key: key.to_vec(),
+                                set: bucket.set(n).into(),
+                                negate: false,
+                            },
+                            Stmt::DnatMap {
+                                key: slot,
+                                map: map.into(),
+                            },
+                        ]),
+                    ));
+                }
+            }
+        }
+    }
+    rules
 }
 
 const DST: [Field; 3] = [Field::Daddr, Field::L4proto, Field::ThDport];
@@ -535,5 +689,6 @@ pub fn render_fixed_rules(cfg: &RenderConfig) -> Vec<(&'static str, Rule)> {
         check.push(port_vmap(names::NO_ENDPOINT_NODEPORTS));
         rules.push((names::NODEPORT_ENDPOINTS_CHECK, r(check)));
     }
+    rules.extend(bucket_rules());
     rules
 }

@@ -23,6 +23,9 @@ pub enum Field {
     L4proto,
     /// `th dport`: the destination port of any transport header.
     ThDport,
+    /// `numgen random mod MODULUS offset OFFSET`: a random slot in `OFFSET..OFFSET+MODULUS`,
+    /// host byte order, as the last field of an endpoint map's key.
+    Slot { modulus: u32, offset: u32 },
 }
 
 impl Field {
@@ -31,6 +34,7 @@ impl Field {
             Field::Saddr | Field::Daddr => addr_len(family),
             Field::L4proto => 1,
             Field::ThDport => 2,
+            Field::Slot { .. } => 4,
         }
     }
 
@@ -52,6 +56,12 @@ impl Field {
                 offset: 2,
                 len: 2,
             },
+            Field::Slot { modulus, offset } => Expr::Numgen {
+                dreg,
+                modulus,
+                kind: expr::NG_RANDOM,
+                offset,
+            },
         }
     }
 
@@ -61,6 +71,8 @@ impl Field {
             Field::Daddr => format!("{} daddr", sel(family)),
             Field::L4proto => "meta l4proto".into(),
             Field::ThDport => "th dport".into(),
+            Field::Slot { modulus, offset: 0 } => format!("numgen random mod {modulus}"),
+            Field::Slot { modulus, offset } => format!("numgen random mod {modulus} offset {offset}"),
         }
     }
 }
@@ -164,6 +176,9 @@ pub enum Stmt {
     Update { set: String, key: Field },
     /// `dnat to 10.244.1.2:8080`, `dnat to [fd00::2]:8080`
     Dnat { addr: IpAddr, port: u16 },
+    /// `dnat to ip daddr . meta l4proto . th dport . numgen random mod 3 map @service-endpoints`:
+    /// the address and port are the data of the element the key finds (an `addr . port` map).
+    DnatMap { key: Vec<Field>, map: String },
     /// `masquerade`, `masquerade fully-random`
     Masquerade { fully_random: bool },
     /// `reject`: ICMP port unreachable (ICMPv6 in `ip6` tables)
@@ -292,6 +307,11 @@ impl Stmt {
                 IpAddr::V4(a) => write!(f, "dnat to {a}:{port}"),
                 IpAddr::V6(a) => write!(f, "dnat to [{a}]:{port}"),
             },
+            Stmt::DnatMap { key, map } => {
+                f.write_str("dnat to ")?;
+                fmt_concat(key, family, f)?;
+                write!(f, " map @{map}")
+            }
             Stmt::Masquerade { fully_random } => f.write_str(if *fully_random {
                 "masquerade fully-random"
             } else {
@@ -472,6 +492,26 @@ impl Stmt {
                     flags: expr::NAT_F_PROTO_SPECIFIED,
                 });
             }
+            Stmt::DnatMap { key, map } => {
+                load_concat(key, family, out);
+                out.push(Expr::Lookup {
+                    sreg: r1,
+                    set: map.clone(),
+                    dreg: Some(r1),
+                    flags: 0,
+                });
+                // The element's data, `addr . port`, fills registers as a concatenation does.
+                let regs = concat_registers(&[Field::Daddr, Field::ThDport], family);
+                out.push(Expr::Nat {
+                    kind: expr::NAT_DNAT,
+                    family: u32::from(nfproto(family)),
+                    reg_addr: Some(regs[0]),
+                    reg_proto: Some(regs[1]),
+                    // nft leaves this flag to the kernel here (which sets it for a port register);
+                    // kproxy sends it, so that the rule is what the kernel lists.
+                    flags: expr::NAT_F_PROTO_SPECIFIED,
+                });
+            }
             Stmt::Masquerade { fully_random } => out.push(Expr::Masq {
                 flags: if *fully_random { expr::NAT_F_RANDOM_FULLY } else { 0 },
             }),
@@ -494,6 +534,39 @@ fn load_concat(key: &[Field], family: IpFamily, out: &mut Vec<Expr>) {
     }
 }
 
+/// The data of one map element.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Value {
+    /// `goto service-…`, `drop`: a verdict map's
+    Verdict(Verdict),
+    /// `10.244.1.2 . 8080`: where an endpoint map sends a slot
+    Endpoint(IpAddr, u16),
+}
+
+impl Value {
+    /// The data as the kernel stores it (a concatenation: each field padded to 4 bytes).
+    pub fn data(&self) -> Data {
+        match self {
+            Value::Verdict(v) => Data::Verdict(v.clone()),
+            Value::Endpoint(ip, port) => {
+                let mut b = ip_bytes(ip);
+                b.extend(port.to_be_bytes());
+                b.extend([0, 0]);
+                Data::Value(b)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Verdict(v) => fmt_verdict(v, f),
+            Value::Endpoint(ip, port) => write!(f, "{ip} . {port}"),
+        }
+    }
+}
+
 /// The key of one element of kproxy's sets and maps.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Key {
@@ -503,6 +576,10 @@ pub enum Key {
     ProtoPort(Protocol, u16),
     /// `10.244.1.2 . 10.244.1.2` (`hairpin`)
     Pair(IpAddr),
+    /// `10.96.0.10 . 80 . 3`: slot 3 of that address and port (`service-endpoints-tcp`)
+    AddrPortSlot(IpAddr, Protocol, u16, u32),
+    /// `30080 . 3`: slot 3 of that NodePort (`nodeport-endpoints-tcp`)
+    ProtoPortSlot(Protocol, u16, u32),
 }
 
 impl fmt::Display for Key {
@@ -511,6 +588,8 @@ impl fmt::Display for Key {
             Key::AddrPort(ip, p, port) => write!(f, "{ip} . {p} . {port}"),
             Key::ProtoPort(p, port) => write!(f, "{p} . {port}"),
             Key::Pair(ip) => write!(f, "{ip} . {ip}"),
+            Key::AddrPortSlot(ip, _, port, slot) => write!(f, "{ip} . {port} . {slot}"),
+            Key::ProtoPortSlot(_, port, slot) => write!(f, "{port} . {slot}"),
         }
     }
 }
@@ -538,6 +617,18 @@ impl Key {
                 b.extend(ip_bytes(ip));
                 b.extend(ip_bytes(ip));
             }
+            // The protocol is the map's (one endpoint map per protocol), not the key's.
+            Key::AddrPortSlot(ip, _, port, slot) => {
+                b.extend(ip_bytes(ip));
+                b.extend(port.to_be_bytes());
+                pad(&mut b);
+                b.extend(slot.to_ne_bytes());
+            }
+            Key::ProtoPortSlot(_, port, slot) => {
+                b.extend(port.to_be_bytes());
+                pad(&mut b);
+                b.extend(slot.to_ne_bytes());
+            }
         }
         b
     }
@@ -550,6 +641,8 @@ const TYPE_INET_PROTOCOL: u32 = 12;
 const TYPE_INET_SERVICE: u32 = 13;
 /// Bits per field of a concatenated type id.
 const TYPE_BITS: u32 = 6;
+/// `integer`: the type of `numgen`.
+const TYPE_INTEGER: u32 = 4;
 
 /// What kind of set or map a declaration is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -562,6 +655,17 @@ pub enum SetKind {
     AddrPair,
     /// `type ADDR; flags dynamic,timeout; timeout Ns;`: session affinity
     Affinity { timeout: u32 },
+    /// `type ADDR . inet_proto . inet_service`: a plain set of Service addresses and ports
+    AddrPortSet,
+    /// `type inet_proto . inet_service`: a plain set of NodePorts
+    ProtoPortSet,
+    /// `typeof ADDR daddr . tcp dport . numgen … : ADDR daddr . tcp dport`: slot to endpoint,
+    /// per Service address and port of one protocol. Per protocol, with the protocol's own
+    /// payload in its typeof: nft (1.0.6 and 1.1.3) refuses a rule it listed that matches
+    /// `tcp dport` against a map declared with `th dport` once that map is in the kernel.
+    EndpointMap(Protocol),
+    /// `typeof tcp dport . numgen … : ADDR daddr . tcp dport`: the same per NodePort
+    NodePortEndpointMap(Protocol),
 }
 
 /// One set or map of kproxy's table.
@@ -569,6 +673,25 @@ pub enum SetKind {
 pub struct SetDecl {
     pub name: String,
     pub kind: SetKind,
+}
+
+/// The user data nft stores for an endpoint map of `proto`, by address or by NodePort.
+fn endpoint_udata(family: IpFamily, proto: Protocol, by_port: bool) -> &'static [u8] {
+    use udata::*;
+    match (family, by_port, proto) {
+        (IpFamily::V4, false, Protocol::Tcp) => SERVICE_TCP_V4,
+        (IpFamily::V4, false, Protocol::Udp) => SERVICE_UDP_V4,
+        (IpFamily::V4, false, Protocol::Sctp) => SERVICE_SCTP_V4,
+        (IpFamily::V4, true, Protocol::Tcp) => NODEPORT_TCP_V4,
+        (IpFamily::V4, true, Protocol::Udp) => NODEPORT_UDP_V4,
+        (IpFamily::V4, true, Protocol::Sctp) => NODEPORT_SCTP_V4,
+        (IpFamily::V6, false, Protocol::Tcp) => SERVICE_TCP_V6,
+        (IpFamily::V6, false, Protocol::Udp) => SERVICE_UDP_V6,
+        (IpFamily::V6, false, Protocol::Sctp) => SERVICE_SCTP_V6,
+        (IpFamily::V6, true, Protocol::Tcp) => NODEPORT_TCP_V6,
+        (IpFamily::V6, true, Protocol::Udp) => NODEPORT_UDP_V6,
+        (IpFamily::V6, true, Protocol::Sctp) => NODEPORT_SCTP_V6,
+    }
 }
 
 /// nft's set user data (`NFTNL_UDATA_SET_*` TLVs: type, length, value), byte for byte what
@@ -584,6 +707,88 @@ mod udata {
     pub const CONCAT_SET: &[u8] = &[0, 4, 0, 0, 0, 0, 3, 8, 0, 4, 13, 0, 0, 0, 1, 0];
     /// `NFTNL_UDATA_SET_KEYBYTEORDER` = big endian (2): an address.
     pub const ADDR: &[u8] = &[0, 4, 2, 0, 0, 0];
+    /// The endpoint maps' `typeof ADDR daddr . tcp dport . numgen random mod 1 : ADDR daddr .
+    /// tcp dport` (`SERVICE_*`) and `typeof tcp dport . numgen random mod 1 : …` (`NODEPORT_*`),
+    /// per protocol and family: key and data byte order and typeof, the expressions nft parses
+    /// the declaration back from, as nft 1.0.6 stores them.
+    pub const SERVICE_TCP_V4: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 80, 0, 4, 13, 0, 0, 0, 1, 72, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12,
+        0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 8, 0, 0, 0, 1, 4, 2, 0, 0, 0, 2, 26, 0, 4,
+        23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0,
+        20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 8, 0,
+        0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const NODEPORT_TCP_V4: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 58, 0, 4, 13, 0, 0, 0, 1, 50, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 8,
+        0, 0, 0, 1, 4, 2, 0, 0, 0, 1, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0,
+        0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1,
+        20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 8, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const SERVICE_UDP_V4: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 80, 0, 4, 13, 0, 0, 0, 1, 72, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12,
+        0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 6, 0, 0, 0, 1, 4, 2, 0, 0, 0, 2, 26, 0, 4,
+        23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0,
+        20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 6, 0,
+        0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const NODEPORT_UDP_V4: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 58, 0, 4, 13, 0, 0, 0, 1, 50, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 6,
+        0, 0, 0, 1, 4, 2, 0, 0, 0, 1, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0,
+        0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1,
+        20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 6, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const SERVICE_SCTP_V4: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 80, 0, 4, 13, 0, 0, 0, 1, 72, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12,
+        0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 10, 0, 0, 0, 1, 4, 2, 0, 0, 0, 2, 26, 0, 4,
+        23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0,
+        20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 10, 0,
+        0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const NODEPORT_SCTP_V4: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 58, 0, 4, 13, 0, 0, 0, 1, 50, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 10,
+        0, 0, 0, 1, 4, 2, 0, 0, 0, 1, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0,
+        0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1,
+        20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 10, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const SERVICE_TCP_V6: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 80, 0, 4, 13, 0, 0, 0, 1, 72, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13,
+        0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 8, 0, 0, 0, 1, 4, 2, 0, 0, 0, 2, 26, 0, 4, 23,
+        0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20,
+        0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 8, 0, 0, 0,
+        1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const NODEPORT_TCP_V6: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 58, 0, 4, 13, 0, 0, 0, 1, 50, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 8,
+        0, 0, 0, 1, 4, 2, 0, 0, 0, 1, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0,
+        0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20,
+        0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 8, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const SERVICE_UDP_V6: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 80, 0, 4, 13, 0, 0, 0, 1, 72, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13,
+        0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 6, 0, 0, 0, 1, 4, 2, 0, 0, 0, 2, 26, 0, 4, 23,
+        0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20,
+        0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 6, 0, 0, 0,
+        1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const NODEPORT_UDP_V6: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 58, 0, 4, 13, 0, 0, 0, 1, 50, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 6,
+        0, 0, 0, 1, 4, 2, 0, 0, 0, 1, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0,
+        0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20,
+        0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 6, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const SERVICE_SCTP_V6: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 80, 0, 4, 13, 0, 0, 0, 1, 72, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13,
+        0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 10, 0, 0, 0, 1, 4, 2, 0, 0, 0, 2, 26, 0, 4,
+        23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0,
+        20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 10, 0,
+        0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    pub const NODEPORT_SCTP_V6: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 58, 0, 4, 13, 0, 0, 0, 1, 50, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 10,
+        0, 0, 0, 1, 4, 2, 0, 0, 0, 1, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0,
+        0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20,
+        0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 10, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+    ];
 }
 
 impl SetDecl {
@@ -620,6 +825,38 @@ impl SetDecl {
                 u64::from(timeout) * 1000,
                 udata::ADDR,
             ),
+            SetKind::AddrPortSet => (
+                0,
+                concat(&[addr, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
+                alen + 8,
+                None,
+                0,
+                udata::CONCAT_SET,
+            ),
+            SetKind::ProtoPortSet => (
+                0,
+                concat(&[TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
+                8,
+                None,
+                0,
+                udata::CONCAT_SET,
+            ),
+            SetKind::EndpointMap(p) => (
+                set_flags::MAP,
+                concat(&[addr, TYPE_INET_SERVICE, TYPE_INTEGER]),
+                alen + 8,
+                Some((concat(&[addr, TYPE_INET_SERVICE]), alen + 4)),
+                0,
+                endpoint_udata(family, p, false),
+            ),
+            SetKind::NodePortEndpointMap(p) => (
+                set_flags::MAP,
+                concat(&[TYPE_INET_SERVICE, TYPE_INTEGER]),
+                8,
+                Some((concat(&[addr, TYPE_INET_SERVICE]), alen + 4)),
+                0,
+                endpoint_udata(family, p, true),
+            ),
         };
         SetSpec {
             name: self.name.clone(),
@@ -643,13 +880,26 @@ impl SetDecl {
             SetKind::ProtoPortMap => "type inet_proto . inet_service : verdict;".into(),
             SetKind::AddrPair => format!("type {addr} . {addr};"),
             SetKind::Affinity { timeout } => format!("type {addr}; flags dynamic,timeout; timeout {timeout}s;"),
+            SetKind::AddrPortSet => format!("type {addr} . inet_proto . inet_service;"),
+            SetKind::ProtoPortSet => "type inet_proto . inet_service;".into(),
+            SetKind::EndpointMap(p) => {
+                let sel = sel(family);
+                format!("typeof {sel} daddr . {p} dport . numgen random mod 1 : {sel} daddr . {p} dport;")
+            }
+            SetKind::NodePortEndpointMap(p) => {
+                let sel = sel(family);
+                format!("typeof {p} dport . numgen random mod 1 : {sel} daddr . {p} dport;")
+            }
         }
     }
 
     /// `map` or `set`, as nft's `add` command names it.
     pub fn noun(&self) -> &'static str {
         match self.kind {
-            SetKind::AddrPortMap | SetKind::ProtoPortMap => "map",
+            SetKind::AddrPortMap
+            | SetKind::ProtoPortMap
+            | SetKind::EndpointMap(_)
+            | SetKind::NodePortEndpointMap(_) => "map",
             _ => "set",
         }
     }

@@ -233,10 +233,11 @@ fn service_addresses_dispatch_to_their_chains_or_are_refused() {
     // internalTrafficPolicy Local: the local chain with the local endpoint only.
     let itp_local = names::local_chain(&port("itp"));
     assert!(ips.contains(&format!("10.96.0.40 . tcp . 80 : goto {itp_local}")));
-    assert_eq!(
-        rules(&t, &itp_local).last().copied(),
-        Some("meta l4proto tcp dnat to 10.244.1.2:8080")
-    );
+    assert_eq!(rules(&t, &itp_local).last().copied(), Some("goto local-dnat"));
+    // Its node-local endpoint is slot 0 of the local slots, in the local bucket of size 1.
+    assert!(added(&t, "local-n1").contains("10.96.0.40 . tcp . 80"), "{t}");
+    assert!(added(&t, names::service_endpoints(crate::model::Protocol::Tcp))
+        .contains("10.96.0.40 . 80 . 65536 : 10.244.1.2 . 8080"));
     assert_eq!(planner.totals().1, (0, 1));
     // Terminating endpoints serve when nothing is ready.
     assert!(ips
@@ -253,10 +254,23 @@ fn balancing_masquerade_and_dnat() {
         web,
         [
             "ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade",
-            "meta l4proto tcp numgen random mod 2 0 dnat to 10.244.1.2:8080",
-            "meta l4proto tcp dnat to 10.244.2.2:8080",
+            "goto cluster-dnat",
         ]
     );
+    // The endpoints are elements: the address in the bucket of 2, its slots 0 and 1.
+    assert!(added(&t, "cluster-n2").contains("10.96.0.10 . tcp . 80"), "{t}");
+    let eps = added(&t, names::service_endpoints(crate::model::Protocol::Tcp));
+    assert!(eps.contains("10.96.0.10 . 80 . 0 : 10.244.1.2 . 8080"), "{eps:?}");
+    assert!(eps.contains("10.96.0.10 . 80 . 1 : 10.244.2.2 . 8080"), "{eps:?}");
+    assert!(!eps.iter().any(|e| e.starts_with("10.96.0.10 . 80 . 2 ")));
+    // The NodePort has slots of its own, by port.
+    assert!(added(&t, "nodeport-cluster-n2").contains("tcp . 30080"), "{t}");
+    assert!(added(&t, names::nodeport_endpoints(crate::model::Protocol::Tcp)).contains("30080 . 1 : 10.244.2.2 . 8080"));
+    // One fixed rule per protocol and bucket picks the slot.
+    let dnat = rules(&t, names::CLUSTER_DNAT);
+    assert!(dnat.contains(&"meta l4proto tcp ip daddr . meta l4proto . th dport @cluster-n2 dnat to ip daddr . th dport . numgen random mod 2 map @service-endpoints-tcp"), "{dnat:?}");
+    assert!(dnat.contains(&"meta l4proto udp meta l4proto . th dport @nodeport-cluster-n3 dnat to th dport . numgen random mod 3 map @nodeport-endpoints-udp"), "{dnat:?}");
+    assert!(rules(&t, names::LOCAL_DNAT).contains(&"meta l4proto tcp ip daddr . meta l4proto . th dport @local-n1 dnat to ip daddr . th dport . numgen random mod 1 offset 65536 map @service-endpoints-tcp"));
     // Without session affinity there are no endpoint chains at all.
     let a = endpoint(&port("web"), "10.244.1.2");
     assert!(!t.contains(&a), "{t}");
@@ -356,10 +370,7 @@ fn masquerade_all_and_detectors() {
         local_detector: LocalDetector::None,
         ..config()
     };
-    assert!(
-        first(&none).starts_with("meta l4proto tcp numgen random mod 2 0 dnat"),
-        "no detector: sources are kept"
-    );
+    assert_eq!(first(&none), "goto cluster-dnat", "no detector: sources are kept");
     let prefix = RenderConfig {
         local_detector: LocalDetector::InterfacePrefix("veth".into()),
         ..config()
@@ -397,7 +408,7 @@ fn partial_sync_rewrites_only_the_changed_rules_by_handle() {
         "an unchanged Service writes nothing"
     );
 
-    // web's second endpoint is replaced: exactly its dnat rule is rewritten, in place.
+    // web's second endpoint is replaced: its slot's element, and no rule, is rewritten.
     let web = names::service_chain(&port("web"));
     let handles_before: Vec<u64> = planner.state.chains[&web].rules.iter().map(|r| r.handle).collect();
     let changed = yaml.replace(
@@ -408,10 +419,10 @@ fn partial_sync_rewrites_only_the_changed_rules_by_handle() {
     let t = text(&plan);
     assert_eq!(
         t.lines().filter(|l| !l.contains("hairpin")).collect::<Vec<_>>(),
-        [format!(
-            "replace rule ip kproxy {web} handle {} meta l4proto tcp dnat to 10.244.3.2:8080",
-            handles_before[2]
-        )],
+        [
+            "delete element ip kproxy service-endpoints-tcp { 10.96.0.10 . 80 . 1 }",
+            "add element ip kproxy service-endpoints-tcp { 10.96.0.10 . 80 . 1 : 10.244.3.2 . 8080 }"
+        ],
         "{t}"
     );
     // 10.244.2.2 is still another Service's endpoint; 10.244.3.2 is new to the node.
@@ -420,7 +431,7 @@ fn partial_sync_rewrites_only_the_changed_rules_by_handle() {
     let handles_after: Vec<u64> = planner.state.chains[&web].rules.iter().map(|r| r.handle).collect();
     assert_eq!(handles_before, handles_after, "replaced rules keep their handles");
 
-    // web loses an endpoint: the cascade's first dnat changes, the last rule goes by handle.
+    // web loses an endpoint: its address moves to the bucket of 1, its slot 1 goes; no rule.
     let fewer = yaml.replace(
         &slice("web", "http", 8080, &["10.244.1.2@node-1", "10.244.2.2"]),
         &slice("web", "http", 8080, &["10.244.1.2@node-1"]),
@@ -431,11 +442,9 @@ fn partial_sync_rewrites_only_the_changed_rules_by_handle() {
     assert_eq!(
         lines,
         [
-            format!(
-                "replace rule ip kproxy {web} handle {} meta l4proto tcp dnat to 10.244.1.2:8080",
-                handles_before[1]
-            ),
-            format!("delete rule ip kproxy {web} handle {}", handles_before[2]),
+            "delete element ip kproxy cluster-n2 { 10.96.0.10 . tcp . 80 }",
+            "delete element ip kproxy service-endpoints-tcp { 10.96.0.10 . 80 . 1 }",
+            "add element ip kproxy cluster-n1 { 10.96.0.10 . tcp . 80 }",
         ],
         "{t}"
     );
@@ -544,7 +553,7 @@ fn a_check_repairs_only_what_differs() {
     let t = text(&plan);
     let services = rules(&t, names::SERVICES);
     assert_eq!(services.len(), 2, "services refilled:\n{t}");
-    assert_eq!(rules(&t, &web), ["meta l4proto tcp dnat to 10.244.2.2:8080"], "{t}");
+    assert_eq!(rules(&t, &web), ["goto cluster-dnat"], "{t}");
     assert!(
         added(&t, names::SERVICE_NODEPORTS).contains(&format!("tcp . 30080 : goto {np}")),
         "{t}"
@@ -596,7 +605,8 @@ fn ipv6_renders_its_own_table() {
     assert!(t.starts_with("add table ip6 kproxy\n"));
     assert!(t.contains("add map ip6 kproxy service-ips { type ipv6_addr . inet_proto . inet_service : verdict; }"));
     assert!(t.contains("add element ip6 kproxy service-ips { fd00::10 . tcp . 80 : goto service-"));
-    assert!(t.contains("meta l4proto tcp numgen random mod 2 0 dnat to [fd00:244::2]:8080\n"));
+    assert!(t.contains("fd00::10 . 80 . 0 : fd00:244::2 . 8080"), "{t}");
+    assert!(t.contains("add map ip6 kproxy service-endpoints-tcp { typeof ip6 daddr . tcp dport . numgen random mod 1 : ip6 daddr . tcp dport; }"));
     assert!(t.contains("add element ip6 kproxy hairpin { fd00:244::2 . fd00:244::2, fd00:244::3 . fd00:244::3 }"));
     assert!(t.contains("ip6 saddr != fd00:244::/64 jump mark-for-masquerade"));
     assert!(!t.contains("10.96.0.10"), "IPv4 Services belong to the other table");
@@ -692,17 +702,99 @@ fn the_kernel_holds_what_the_planner_committed() {
                     .unwrap_or_else(|e| panic!("step {i}: {e}\n{}", plan_text(&plan, family)));
                 let (listed, _, snapshot) = read_table(&mut kernel.sock, kernel.table).unwrap();
                 assert!(snapshot);
-                assert_eq!(listed, planner.state, "step {i}: the kernel holds what was committed");
+                if listed != planner.state {
+                    let (k, c) = (&listed, &planner.state);
+                    let mut diff = Vec::new();
+                    for (n, ch) in &k.chains {
+                        if c.chains.get(n) != Some(ch) {
+                            diff.push(format!("chain {n}: kernel {ch:?} committed {:?}", c.chains.get(n)));
+                        }
+                    }
+                    for (n, h) in &k.sets {
+                        if c.sets.get(n) != Some(h) {
+                            diff.push(format!("set {n}"));
+                        }
+                    }
+                    for n in c.sets.keys().filter(|n| !k.sets.contains_key(*n)) {
+                        diff.push(format!("set {n} not in the kernel"));
+                    }
+                    for (n, e) in &k.elements {
+                        let empty = Default::default();
+                        let ce = c.elements.get(n).unwrap_or(&empty);
+                        if ce != e {
+                            diff.push(format!("elements of {n}: kernel {e:?} committed {ce:?}"));
+                        }
+                    }
+                    panic!("step {i}: the kernel does not hold what was committed: {diff:#?}");
+                }
             }
         }
         let listing = nft(&["list", "ruleset"]);
         assert!(listing.contains("table ip kproxy") && listing.contains("table ip6 kproxy"));
+        assert!(listing.contains("10.96.0.10 . 80 . 0 : 10.244.1.2 . 8080"), "{listing}");
         assert!(
-            listing.contains("numgen random mod 2 0 dnat to 10.244.1.2:8080"),
+            listing.contains("ip daddr . meta l4proto . tcp dport @cluster-n2 dnat ip to ip daddr . tcp dport . numgen random mod 2 map @service-endpoints-tcp"),
             "{listing}"
         );
     }) else {
         eprintln!("skipping: needs root (network namespaces)");
         return;
     };
+}
+
+#[test]
+fn more_endpoints_than_buckets_keep_the_cascade() {
+    let ips: Vec<String> = (1..=names::MAX_BUCKET + 1).map(|i| format!("10.244.9.{i}")).collect();
+    let refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let yaml = [
+        svc("big", "{clusterIP: 10.96.0.90, ports: [{name: http, port: 80}]}"),
+        slice("big", "http", 8080, &refs),
+    ]
+    .join("\n---\n");
+    let (_, plan) = full(&desired(&yaml), &config());
+    let t = text(&plan);
+    let chain = rules(&t, &names::service_chain(&port("big")));
+    assert_eq!(chain.len(), 1 + names::MAX_BUCKET + 1, "{chain:?}");
+    assert!(
+        chain[1].starts_with("meta l4proto tcp numgen random mod 17 0 dnat to "),
+        "{chain:?}"
+    );
+    assert!(!t.contains("10.96.0.90 . 80 . "), "no endpoint slots:\n{t}");
+}
+
+#[test]
+fn a_cold_start_makes_services_reachable_last() {
+    let (_, plan) = full(&desired(&representative()), &config());
+    let last = plan.units.last().expect("units");
+    assert_eq!(last.owner, Owner::Dispatch);
+    let sets: BTreeSet<&str> = last
+        .commands
+        .iter()
+        .map(|(_, c)| match c {
+            Command::AddElements { set, .. } => set.as_str(),
+            other => panic!("only dispatch elements come last: {other:?}"),
+        })
+        .collect();
+    assert!(
+        sets.contains(names::SERVICE_IPS) && sets.contains(names::NO_ENDPOINT_SERVICES),
+        "{sets:?}"
+    );
+    for unit in &plan.units[..plan.units.len() - 1] {
+        for (_, c) in &unit.commands {
+            if let Command::AddElements { set, .. } = c {
+                assert!(set != names::SERVICE_IPS, "{} adds to service-ips early", unit.owner);
+            }
+        }
+    }
+    // Once the table holds the Services, a change of one is one unit again, dispatch included.
+    let d = desired(&representative());
+    let (mut planner, _) = full(&d, &config());
+    let yaml = representative();
+    let without: Vec<&str> = yaml
+        .split("\n---\n")
+        .filter(|doc| !doc.contains("name: web,") && !doc.contains("name: web-x,"))
+        .collect();
+    let plan = partial(&mut planner, &desired(&without.join("\n---\n")), &["web"]);
+    assert_eq!(plan.units.len(), 1);
+    assert!(text(&plan).contains("delete element ip kproxy service-ips { 10.96.0.10 . tcp . 80 }"));
 }

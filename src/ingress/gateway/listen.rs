@@ -2,21 +2,19 @@
 //! serve: bound (on the Ingress listeners' address) when a Gateway first needs the port,
 //! closed (after draining, like the Ingress listeners on shutdown) when none does any more,
 //! each HTTPS port with its own certificates. Every proxy worker serves every such listener,
-//! as it serves the Ingress ones.
+//! as it serves the Ingress ones (`controller::serve_gateway_listeners`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
 use rustls::sign::CertifiedKey;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use super::build::Listen;
 use crate::ingress::objects::ObjectKey;
-use crate::ingress::proxy::{self, Proxy};
 use crate::ingress::routes::TlsBinding;
 use crate::ingress::tls::{self, CertResolver};
 
@@ -151,54 +149,4 @@ impl GatewayListeners {
             }),
         })
     }
-}
-
-/// Resolves once `rx` is true or its sender is gone.
-async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
-
-/// In each proxy worker: serves every published listener until it closes or shutdown, then
-/// lets their connections drain (as [`proxy::serve`] does for the Ingress listeners).
-pub async fn serve_published(
-    mut published: Published,
-    proxy: Arc<Proxy>,
-    shutdown: watch::Receiver<bool>,
-    announce: bool,
-) {
-    let mut running: BTreeSet<u64> = BTreeSet::new();
-    let mut servers = tokio::task::JoinSet::new();
-    let mut shutdown_watch = shutdown.clone();
-    loop {
-        let current = published.borrow_and_update().clone();
-        for b in current.iter() {
-            if !running.insert(b.id) {
-                continue;
-            }
-            let listener = match b.socket.try_clone().and_then(TcpListener::from_std) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(error = %e, "Gateway listener not usable");
-                    continue;
-                }
-            };
-            // Stops when the listener closes or kproxy shuts down.
-            let (tx, rx) = watch::channel(false);
-            let (mut stop, mut shutdown) = (b.stop.clone(), shutdown.clone());
-            servers.spawn(async move {
-                tokio::select! {
-                    _ = stopped(&mut stop) => {}
-                    _ = stopped(&mut shutdown) => {}
-                }
-                let _ = tx.send(true);
-            });
-            servers.spawn(proxy::serve(listener, b.tls.clone(), proxy.clone(), rx, announce));
-        }
-        running.retain(|id| current.iter().any(|b| b.id == *id));
-        tokio::select! {
-            r = published.changed() => if r.is_err() { break },
-            _ = stopped(&mut shutdown_watch) => break,
-        }
-    }
-    while servers.join_next().await.is_some() {}
 }

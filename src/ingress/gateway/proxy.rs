@@ -1,75 +1,77 @@
-//! The per-request hook the L7 proxy calls before its Ingress routing: picks the Gateway
-//! listener and rule for a request ([`decide`]), and applies the rule's filters around the
-//! proxy's own forwarding ([`Forward`]): header edits, URL rewrites, mirrors, the request
-//! timeout, response header edits. Redirects, 404s and the 500s of rules without a valid
-//! backend are answered here. The endpoint choice, connection pools, retries, upgrades and
-//! the forwarding headers stay the proxy's, shared with Ingress.
+//! The per-request hook the L7 proxy calls before its Ingress routing, for HTTP/1 (h1.rs)
+//! and HTTP/2 (proxy.rs) alike: picks the Gateway listener and rule for a request
+//! ([`decide`]) from its line and a view of its headers, and says what the rule's filters do
+//! around the proxy's own forwarding ([`Forward`]): the host and path the backend sees, the
+//! request and response header edits, the mirrors, the request timeout. Redirects, 404s and
+//! the 500s of rules without a valid backend are local answers. The endpoint choice,
+//! connection pools, retries, upgrades and the forwarding headers stay the proxy's, shared
+//! with Ingress.
+//!
+//! Nothing here is computed for a request that no Gateway listener serves: on a port without
+//! Gateway listeners [`decide`] is one map lookup, and it allocates nothing.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Full};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
 
-use super::table::{Action, Entry, HeaderEdits, PathSpec, Rule, Target};
-use crate::ingress::routes::{normalize_host, Route, RouteTable, Upstream};
+use super::table::{Action, Entry, PathSpec, Rule, Target, WeightedBackend};
+use crate::ingress::proxy::Answer;
+use crate::ingress::routes::{host_key, RequestLine, RequestView, Route, RouteTable, Upstream};
 use crate::ingress::upstream::{Clients, ProxyBody, RetryBody, DEFAULT_CONNECT_TIMEOUT};
 
 /// How long a mirrored request may take before it is dropped.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the proxy does with a request.
-pub enum Decision {
+pub enum Decision<'t> {
     /// Not a Gateway API request: route it by the Ingress rules (this is an Ingress port).
     Ingress,
-    /// Answer with this response (a redirect, 404 without a matching listener or rule, 500
-    /// for a rule without a valid backend).
-    Respond(Response<ProxyBody>),
-    /// Forward to [`Forward::route`] after [`Forward::prepare`], within [`Forward::within`],
-    /// and pass the response through [`Forward::finish`].
-    Forward(Forward),
+    /// Answer this locally (a redirect, 404 without a matching listener or rule, 500 for a
+    /// rule without a valid backend).
+    Answer(Answer),
+    /// Forward to [`Forward::route`], with the rule's filters applied.
+    Forward(Forward<'t>),
 }
 
-/// A request on its way to a backend of a rule.
-pub struct Forward {
-    rule: Arc<Rule>,
-    route: Arc<Route>,
-    matched: PathSpec,
-    backend_request_headers: HeaderEdits,
-    backend_response_headers: HeaderEdits,
-}
-
-fn text(status: StatusCode, body: &str) -> Response<ProxyBody> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(format!("{body}\n")))
-            .map_err(|e| match e {})
-            .boxed(),
-    );
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
+/// A request on its way to a backend of a rule; borrows the route table.
+#[derive(Debug, Clone, Copy)]
+pub struct Forward<'t> {
+    rule: &'t Rule,
+    backend: &'t WeightedBackend,
+    route: &'t Route,
+    matched: &'t PathSpec,
 }
 
 /// The Gateway API's decision for a request that arrived on a listener of `port` (`https`:
-/// over TLS) for `host` (as the client sent it, maybe with a port).
-pub fn decide<B>(table: &RouteTable, port: u16, https: bool, host: &str, req: &Request<B>) -> Decision {
+/// over TLS).
+pub fn decide<'t>(
+    table: &'t RouteTable,
+    port: u16,
+    https: bool,
+    req: RequestLine<'_>,
+    headers: &dyn RequestView,
+) -> Decision<'t> {
     let gw = &table.gateway;
-    // Without Gateway listeners every listener is an Ingress one.
     if gw.ports.is_empty() {
+        // Without Gateway listeners every listener is an Ingress one.
         return Decision::Ingress;
     }
-    let ingress_port = gw.is_ingress_port(port);
-    let host = normalize_host(host);
+    if !gw.ports.contains_key(&port) {
+        // No Gateway listener here: an Ingress port's requests are the Ingress routes'.
+        return if gw.is_ingress_port(port) {
+            Decision::Ingress
+        } else {
+            not_found()
+        };
+    }
+    let host = host_key(req.host);
     let listener = gw.listener(port, &host);
-    if ingress_port {
+    if gw.is_ingress_port(port) {
         match &listener {
             None => return Decision::Ingress,
             // On a tie the Ingress routes keep the host: a Gateway added later does not take
@@ -79,100 +81,121 @@ pub fn decide<B>(table: &RouteTable, port: u16, https: bool, host: &str, req: &R
         }
     }
     let Some((listener, _, _)) = listener else {
-        return Decision::Respond(text(StatusCode::NOT_FOUND, "404 page not found"));
+        return not_found();
     };
-    let uri = req.uri();
-    let Some(entry) = listener.find(&host, req.method(), uri.path(), uri.query(), req.headers()) else {
-        return Decision::Respond(text(StatusCode::NOT_FOUND, "404 page not found"));
+    let Some(entry) = listener.find(&host, req.method, req.path, req.query, headers) else {
+        return not_found();
     };
     decide_entry(entry, &host, port, https, req)
 }
 
-fn decide_entry<B>(entry: &Entry, host: &str, port: u16, https: bool, req: &Request<B>) -> Decision {
-    let rule = &entry.rule;
+fn not_found() -> Decision<'static> {
+    Decision::Answer(Answer::text(StatusCode::NOT_FOUND, "404 page not found"))
+}
+
+fn decide_entry<'t>(entry: &'t Entry, host: &str, port: u16, https: bool, req: RequestLine<'_>) -> Decision<'t> {
+    let rule: &Rule = &entry.rule;
     match &rule.action {
         Action::Redirect(r) => {
-            let location = r.location(host, req.uri().path(), req.uri().query(), port, https, &entry.path);
-            let mut resp = text(r.code, r.code.canonical_reason().unwrap_or("redirect"));
-            if let Ok(v) = HeaderValue::from_str(&location) {
-                resp.headers_mut().insert(header::LOCATION, v);
+            let location = r.location(host, req.path, req.query, port, https, &entry.path);
+            let mut a = Answer::text(r.code, r.code.canonical_reason().unwrap_or("redirect"));
+            if rule.response_headers.is_empty() {
+                a.location = Some(location);
+            } else {
+                // The filter edits the answer's own headers too.
+                let mut headers = HeaderMap::new();
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    headers.insert(header::LOCATION, v);
+                }
+                rule.response_headers.apply(&mut headers);
+                a.headers = Some(Box::new(headers));
             }
-            rule.response_headers.apply(resp.headers_mut());
-            Decision::Respond(resp)
+            Decision::Answer(a)
         }
         Action::Fail(why) => {
             tracing::debug!(route = %rule.route, "{why}: 500");
-            Decision::Respond(text(StatusCode::INTERNAL_SERVER_ERROR, "500 no valid backend"))
+            Decision::Answer(Answer::text(StatusCode::INTERNAL_SERVER_ERROR, "500 no valid backend"))
         }
         Action::Backends(backends) => match backends.pick() {
             Some(b) => match &b.target {
                 Target::Route(route) => Decision::Forward(Forward {
-                    rule: rule.clone(),
-                    route: route.clone(),
-                    matched: entry.path.clone(),
-                    backend_request_headers: b.request_headers.clone(),
-                    backend_response_headers: b.response_headers.clone(),
+                    rule,
+                    backend: b,
+                    route,
+                    matched: &entry.path,
                 }),
                 Target::Invalid(why) => {
                     tracing::debug!(route = %rule.route, "{why}: 500");
-                    Decision::Respond(text(StatusCode::INTERNAL_SERVER_ERROR, "500 invalid backend"))
+                    Decision::Answer(Answer::text(StatusCode::INTERNAL_SERVER_ERROR, "500 invalid backend"))
                 }
             },
-            None => Decision::Respond(text(StatusCode::INTERNAL_SERVER_ERROR, "500 no valid backend")),
+            None => Decision::Answer(Answer::text(StatusCode::INTERNAL_SERVER_ERROR, "500 no valid backend")),
         },
     }
 }
 
-impl Forward {
+impl<'t> Forward<'t> {
     /// Where the request goes: the chosen backend as an Ingress-style route (its timeouts
     /// are the rule's `backendRequest`).
-    pub fn route(&self) -> &Route {
-        &self.route
+    pub fn route(&self) -> &'t Route {
+        self.route
     }
 
-    /// Applies the request filters to `req` (headers, URL rewrite), starts the mirrors, and
-    /// returns the host the backend must see.
-    pub fn prepare<B>(&self, req: &mut Request<B>, host: &str, clients: &Clients) -> String {
-        self.rule.request_headers.apply(req.headers_mut());
-        self.backend_request_headers.apply(req.headers_mut());
-        if let Some(rewrite) = &self.rule.rewrite_path {
-            let path = rewrite.apply(req.uri().path(), &self.matched);
-            let target = match req.uri().query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path,
-            };
-            let mut parts = req.uri().clone().into_parts();
-            if let Ok(pq) = target.parse() {
-                parts.path_and_query = Some(pq);
-                if let Ok(uri) = http::Uri::from_parts(parts) {
-                    *req.uri_mut() = uri;
-                }
-            }
-        }
-        let host = self.rule.rewrite_host.clone().unwrap_or_else(|| host.to_string());
+    /// The host the backend sees: the URLRewrite's hostname, else the client's `host`.
+    pub fn host<'a>(&self, host: &'a str) -> &'a str
+    where
+        't: 'a,
+    {
+        self.rule.rewrite_host.as_deref().unwrap_or(host)
+    }
+
+    /// The path the backend sees, when a URLRewrite changes it.
+    pub fn path(&self, path: &str) -> Option<String> {
+        self.rule.rewrite_path.as_ref().map(|r| r.apply(path, self.matched))
+    }
+
+    /// Whether the request's headers are edited (RequestHeaderModifier, of the rule or of
+    /// the backendRef) or copied (RequestMirror): then the proxy builds a header map.
+    pub fn needs_request_headers(&self) -> bool {
+        !self.rule.request_headers.is_empty()
+            || !self.backend.request_headers.is_empty()
+            || !self.rule.mirrors.is_empty()
+    }
+
+    /// Applies the request header filters, the rule's then the backendRef's.
+    pub fn edit_request_headers(&self, headers: &mut HeaderMap) {
+        self.rule.request_headers.apply(headers);
+        self.backend.request_headers.apply(headers);
+    }
+
+    /// Whether the response's headers are edited (ResponseHeaderModifier).
+    pub fn edits_response(&self) -> bool {
+        !self.rule.response_headers.is_empty() || !self.backend.response_headers.is_empty()
+    }
+
+    /// Applies the response header filters, the rule's then the backendRef's.
+    pub fn edit_response_headers(&self, headers: &mut HeaderMap) {
+        self.rule.response_headers.apply(headers);
+        self.backend.response_headers.apply(headers);
+    }
+
+    /// `timeouts.request`: from the request to the backend's response head, else 504.
+    pub fn request_timeout(&self) -> Option<Duration> {
+        self.rule.request_timeout
+    }
+
+    /// Starts the rule's mirrors (each sampled at its fraction) with the request as the
+    /// backend sees it: `headers` edited, `target` the path and query, `host` the upstream host.
+    pub fn mirror(&self, method: &str, target: &str, headers: &HeaderMap, host: &str, clients: &Clients) {
         for m in &self.rule.mirrors {
             if sampled(m.numerator, m.denominator) {
-                mirror(req, &host, &m.route, clients);
+                mirror(method, target, headers, host, &m.route, clients);
             }
         }
-        host
-    }
-
-    /// Runs the forwarding within the rule's request timeout (504 past it).
-    pub async fn within(&self, forward: impl Future<Output = Response<ProxyBody>>) -> Response<ProxyBody> {
-        match self.rule.request_timeout {
-            Some(limit) => tokio::time::timeout(limit, forward)
-                .await
-                .unwrap_or_else(|_| text(StatusCode::GATEWAY_TIMEOUT, "504 request timeout")),
-            None => forward.await,
-        }
-    }
-
-    /// Applies the response filters.
-    pub fn finish(&self, mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
-        self.rule.response_headers.apply(resp.headers_mut());
-        self.backend_response_headers.apply(resp.headers_mut());
-        resp
     }
 }
 
@@ -191,9 +214,9 @@ fn sampled(numerator: u64, denominator: u64) -> bool {
     (z ^ (z >> 31)) % denominator < numerator
 }
 
-/// Sends a copy of `req`'s head (not its body, which streams to the real backend) to one ready
-/// endpoint of the mirror, and forgets about it.
-fn mirror<B>(req: &Request<B>, host: &str, route: &Route, clients: &Clients) {
+/// Sends a copy of a request's head (not its body, which streams to the real backend) to one
+/// ready endpoint of the mirror, and forgets about it.
+fn mirror(method: &str, target: &str, headers: &HeaderMap, host: &str, route: &Route, clients: &Clients) {
     let Upstream::Endpoints(endpoints) = &route.backend.upstream else {
         return;
     };
@@ -202,11 +225,14 @@ fn mirror<B>(req: &Request<B>, host: &str, route: &Route, clients: &Clients) {
     }
     let i = SAMPLE.fetch_add(1, Ordering::Relaxed) as usize % endpoints.len();
     let endpoint: SocketAddr = endpoints[i];
-    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let Ok(uri) = format!("http://{endpoint}{target}").parse::<http::Uri>() else {
+    let target = if target.is_empty() { "/" } else { target };
+    let (Ok(uri), Ok(method)) = (
+        format!("http://{endpoint}{target}").parse::<http::Uri>(),
+        Method::from_bytes(method.as_bytes()),
+    ) else {
         return;
     };
-    let mut headers = req.headers().clone();
+    let mut headers = headers.clone();
     for h in [
         "connection",
         "keep-alive",
@@ -225,7 +251,7 @@ fn mirror<B>(req: &Request<B>, host: &str, route: &Route, clients: &Clients) {
     }
     let body: ProxyBody = Empty::<Bytes>::new().map_err(|e| match e {}).boxed();
     let mut copy = Request::new(RetryBody::new(body));
-    *copy.method_mut() = req.method().clone();
+    *copy.method_mut() = method;
     *copy.uri_mut() = uri;
     *copy.headers_mut() = headers;
     let client = clients.get(DEFAULT_CONNECT_TIMEOUT);

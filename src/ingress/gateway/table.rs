@@ -22,7 +22,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use regex::Regex;
 
-use crate::ingress::routes::Route;
+use crate::ingress::routes::{RequestView, Route};
 
 /// How specifically a hostname pattern matched a host; greater is more specific.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -174,6 +174,10 @@ pub struct HeaderEdits {
 }
 
 impl HeaderEdits {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+
     /// `set` replaces every value; `add` appends to the existing value, comma-separated, as
     /// one header (what the conformance suite expects backends to see); `remove` drops.
     pub fn apply(&self, headers: &mut HeaderMap) {
@@ -428,18 +432,13 @@ fn percent_decode(text: &str) -> String {
 }
 
 impl Entry {
-    pub fn matches(&self, method: &Method, path: &str, query: Option<&str>, headers: &HeaderMap) -> bool {
-        if self.method.as_ref().is_some_and(|m| m != method) || !self.path.matches(path) {
+    /// Whether a request matches; `headers` is the request's, whatever protocol carried it.
+    pub fn matches(&self, method: &str, path: &str, query: Option<&str>, headers: &dyn RequestView) -> bool {
+        if self.method.as_ref().is_some_and(|m| m.as_str() != method) || !self.path.matches(path) {
             return false;
         }
-        let header_ok = |(name, test): &(HeaderName, ValueTest)| {
-            let values: Vec<&str> = headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
-            match values.as_slice() {
-                [] => false,
-                [one] => test.matches(one),
-                many => test.matches(&many.join(",")),
-            }
-        };
+        let header_ok =
+            |(name, test): &(HeaderName, ValueTest)| headers.joined(name.as_str()).is_some_and(|v| test.matches(&v));
         let query_ok = |(name, test): &(String, ValueTest)| {
             query
                 .and_then(|q| query_param(q, name))
@@ -462,10 +461,10 @@ impl ListenerRoutes {
     pub fn find(
         &self,
         host: &str,
-        method: &Method,
+        method: &str,
         path: &str,
         query: Option<&str>,
-        headers: &HeaderMap,
+        headers: &dyn RequestView,
     ) -> Option<&Entry> {
         let (entries, _) = self.vhosts.get(host)?;
         entries.iter().find(|e| e.matches(method, path, query, headers))

@@ -7,7 +7,9 @@ use std::net::IpAddr;
 
 use super::wire::{decode_replies, Attrs, Reply, NLM_F_ACK, NLM_F_ECHO, NLM_F_REQUEST};
 use super::*;
-use crate::dataplane::nftables::rule::{Field, Key, Rule, SetDecl, SetKind, Stmt, CT_STATE_INVALID, CT_STATE_NEW};
+use crate::dataplane::nftables::rule::{
+    Field, Key, Rule, SetDecl, SetKind, Stmt, Value, CT_STATE_INVALID, CT_STATE_NEW,
+};
 use crate::model::Protocol;
 
 struct Capture {
@@ -678,4 +680,153 @@ fn hex_bytes(s: &str) -> Vec<u8> {
         .step_by(2)
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
         .collect()
+}
+
+/// The endpoint maps, the bucket rules and the slot elements, against
+/// `testdata/endpointsN.txt` (`scripts/nft-capture.py testdata/endpointsN.nft`, with the
+/// bucket sets `cluster-n2` and `np-n2` created first).
+#[test]
+fn endpoint_maps_encode_as_nft_does() {
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let v4 = load(include_str!("testdata/endpoints4.txt"));
+    let v6 = load(include_str!("testdata/endpoints6.txt"));
+    for (t, cap) in [(V4, &v4), (V6, &v6)] {
+        let mut id = 0;
+        for p in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+            for kind in [SetKind::EndpointMap(p), SetKind::NodePortEndpointMap(p)] {
+                id += 1;
+                let by = if matches!(kind, SetKind::EndpointMap(_)) {
+                    "service"
+                } else {
+                    "nodeport"
+                };
+                let decl = SetDecl {
+                    name: format!("{by}-endpoints-{p}"),
+                    kind,
+                };
+                let fam = family_word(t);
+                let cmd = format!(
+                    "add {} {fam} kproxy {} {{ {} }}",
+                    decl.noun(),
+                    decl.name,
+                    decl.text(t.family)
+                );
+                let mine = encode_one(&Request::AddSet {
+                    table: t,
+                    spec: decl.spec(t.family),
+                    id,
+                });
+                assert_eq!(normalized(&mine), normalized(cap.sent(&cmd)), "{cmd}");
+            }
+        }
+    }
+    let by_addr = Rule::new(vec![
+        Stmt::L4proto(Protocol::Tcp),
+        Stmt::InSet {
+            key: DST.to_vec(),
+            set: "cluster-n2".into(),
+            negate: false,
+        },
+        Stmt::DnatMap {
+            key: vec![Field::Daddr, Field::ThDport, Field::Slot { modulus: 2, offset: 0 }],
+            map: "service-endpoints-tcp".into(),
+        },
+    ]);
+    let by_port = Rule::new(vec![
+        Stmt::L4proto(Protocol::Udp),
+        Stmt::InSet {
+            key: DST[1..].to_vec(),
+            set: "np-n2".into(),
+            negate: false,
+        },
+        Stmt::DnatMap {
+            key: vec![
+                Field::ThDport,
+                Field::Slot {
+                    modulus: 2,
+                    offset: 65536,
+                },
+            ],
+            map: "nodeport-endpoints-udp".into(),
+        },
+    ]);
+    for (t, cap) in [(V4, &v4), (V6, &v6)] {
+        for rule in [&by_addr, &by_port] {
+            let cmd = rule_command(t, "c", rule);
+            // nft leaves the port-mapping flag of a map `dnat` to the kernel, which sets it
+            // (and lists it) for a port register; kproxy sends it.
+            let want: Vec<Expr> = captured_exprs(cap.sent(&cmd))
+                .into_iter()
+                .map(|e| match e {
+                    Expr::Nat {
+                        kind,
+                        family,
+                        reg_addr,
+                        reg_proto: Some(r),
+                        flags,
+                    } => Expr::Nat {
+                        kind,
+                        family,
+                        reg_addr,
+                        reg_proto: Some(r),
+                        flags: flags | expr::NAT_F_PROTO_SPECIFIED,
+                    },
+                    e => e,
+                })
+                .collect();
+            assert_eq!(rule.lower(t.family), want, "{cmd}");
+            assert!(!want.iter().any(|e| matches!(e, Expr::Other { .. })), "{cmd}");
+        }
+    }
+    for (t, cap, set, key, data, cmd) in [
+        (
+            V4,
+            &v4,
+            "service-endpoints-tcp",
+            Key::AddrPortSlot(ip("10.96.0.1"), Protocol::Tcp, 80, 1),
+            Value::Endpoint(ip("10.1.1.1"), 8080),
+            "add element ip kproxy service-endpoints-tcp { 10.96.0.1 . 80 . 1 : 10.1.1.1 . 8080 }",
+        ),
+        (
+            V4,
+            &v4,
+            "nodeport-endpoints-udp",
+            Key::ProtoPortSlot(Protocol::Udp, 30053, 65536),
+            Value::Endpoint(ip("10.1.1.1"), 53),
+            "add element ip kproxy nodeport-endpoints-udp { 30053 . 65536 : 10.1.1.1 . 53 }",
+        ),
+        (
+            V6,
+            &v6,
+            "service-endpoints-tcp",
+            Key::AddrPortSlot(ip("fd00::1"), Protocol::Tcp, 80, 1),
+            Value::Endpoint(ip("fd00::2"), 8080),
+            "add element ip6 kproxy service-endpoints-tcp { fd00::1 . 80 . 1 : fd00::2 . 8080 }",
+        ),
+    ] {
+        assert_eq!(
+            format!("add element {} kproxy {set} {{ {key} : {data} }}", family_word(t)),
+            cmd
+        );
+        let mine = encode_one(&Request::AddElements {
+            table: t,
+            set: set.into(),
+            elements: vec![Element {
+                key: key.bytes(),
+                data: Some(data.data()),
+            }],
+        });
+        // nft also names the set by the id it gave it in the same batch.
+        assert_eq!(normalized(&mine), normalized(&without_attr(cap.sent(cmd), 4)), "{cmd}");
+    }
+}
+
+/// Found by fuzzing (fuzz/fuzz_targets/nft_netlink.rs): an error message whose code is
+/// i32::MIN negated with overflow. Whatever the code, it decodes.
+#[test]
+fn an_error_code_of_any_value_decodes() {
+    let mut buf = vec![0x14, 0, 0, 0, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    buf.extend_from_slice(&0x8000_0000u32.to_le_bytes());
+    let replies = super::wire::decode_replies(&buf).expect("one error message");
+    assert!(matches!(replies[..], [super::wire::Reply::Error { .. }]), "{replies:?}");
 }

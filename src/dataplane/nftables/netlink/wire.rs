@@ -224,7 +224,7 @@ pub fn decode_replies(buf: &[u8]) -> DecodeResult<Vec<Reply<'_>>> {
         let body = &buf[at + 16..at + len];
         out.push(match kind {
             NLMSG_ERROR => {
-                let errno = -(u32_at(body, 0).ok_or(DecodeError::Truncated)? as i32);
+                let errno = (u32_at(body, 0).ok_or(DecodeError::Truncated)? as i32).wrapping_neg();
                 // struct nlmsgerr: the error, then the request's header (and, unless capped,
                 // its payload); then, with NLM_F_ACK_TLVS, extended-ack attributes.
                 let mut message = None;

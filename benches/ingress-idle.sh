@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): what an idle client connection costs the Ingress proxy. Opens N
+# connections (default 10,000) to kproxy, sends one request on each and reads the answer,
+# leaves them idle (HTTP/1.1 keep-alive), and reads the proxy's resident memory before and
+# after: (RSS after - RSS before) / N. Then the same over HTTPS (TLS 1.3, HTTP/1.1), and both
+# again for nginx (sum of its processes' RSS). Runs in a throwaway network namespace.
+#
+# usage: sudo benches/ingress-idle.sh [CONNECTIONS]   (needs nginx, python3, openssl, curl)
+#        KPROXY_BIN=PATH ...   measure that binary instead of building target/release/kproxy
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+n=${1:-10000}
+[ "$(id -u)" = 0 ] || { echo "ingress-idle.sh: needs root (network namespace)" >&2; exit 1; }
+if [ -n "${KPROXY_BIN:-}" ]; then
+  kproxy=$KPROXY_BIN
+else
+  cargo build --quiet --release --bin kproxy --manifest-path "$here/Cargo.toml"
+  kproxy=$here/target/release/kproxy
+fi
+# Each side holds N descriptors; raise the soft limit as far as the hard one allows.
+want=$((n + 2048))
+hard=$(ulimit -Hn)
+[ "$hard" = unlimited ] || [ "$hard" -ge "$want" ] || { echo "ingress-idle.sh: open files hard limit $hard < $want" >&2; exit 1; }
+ulimit -n "$want"
+
+ns=kpidle-$$
+work=$(mktemp -d /tmp/kproxy-idle.XXXXXX)
+chmod 755 "$work"
+pids=()
+cleanup() {
+  set +e
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+  for p in $(ip netns pids "$ns" 2>/dev/null); do kill "$p" 2>/dev/null; done
+  sleep 0.5
+  ip netns del "$ns" 2>/dev/null
+  rm -rf "/etc/netns/$ns" "$work"
+}
+trap cleanup EXIT
+ip netns add "$ns"
+mkdir -p "/etc/netns/$ns"
+echo "127.0.0.1 localhost myapp.example.com" >"/etc/netns/$ns/hosts"
+in_ns() { ip netns exec "$ns" "$@"; }
+in_ns ip link set lo up
+# Enough local ports and backlog for N connections on loopback.
+in_ns sysctl -qw net.ipv4.ip_local_port_range="1024 65000" net.core.somaxconn=65535
+
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=myapp.example.com \
+  -addext subjectAltName=DNS:myapp.example.com -keyout "$work/tls.key" -out "$work/tls.crt" 2>/dev/null
+
+cat >"$work/backend.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $work/backend.pid;
+error_log $work/backend.err;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  server { listen 127.0.0.1:8081; location / { return 200 "hello from the backend\n"; } }
+}
+CONF
+cat >"$work/proxy.conf" <<CONF
+worker_processes $(nproc);
+worker_rlimit_nofile $want;
+daemon off;
+pid $work/proxy.pid;
+error_log $work/proxy.err;
+events { worker_connections $want; }
+http {
+  access_log off;
+  keepalive_timeout 300s;
+  upstream myapp { server 127.0.0.1:8081; keepalive 64; }
+  server {
+    listen 127.0.0.1:8082 reuseport backlog=65535;
+    listen 127.0.0.1:8442 ssl reuseport backlog=65535;
+    ssl_certificate $work/tls.crt;
+    ssl_certificate_key $work/tls.key;
+    location / {
+      proxy_pass http://myapp;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+    }
+  }
+}
+CONF
+mkdir -p "$work/manifests"
+cat >"$work/manifests/all.yaml" <<YAML
+apiVersion: v1
+kind: Service
+metadata: {name: myapp-svc, namespace: default}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8081}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: myapp-svc-1, namespace: default, labels: {kubernetes.io/service-name: myapp-svc}}
+addressType: IPv4
+ports: [{name: http, port: 8081, protocol: TCP}]
+endpoints: [{addresses: [127.0.0.1], conditions: {ready: true}}]
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: myapp-tls, namespace: default}
+type: kubernetes.io/tls
+data: {tls.crt: $(base64 -w0 "$work/tls.crt"), tls.key: $(base64 -w0 "$work/tls.key")}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: myapp-ingress, namespace: default, annotations: {nginx.ingress.kubernetes.io/ssl-redirect: "false"}}
+spec:
+  ingressClassName: kproxy
+  tls: [{hosts: [myapp.example.com], secretName: myapp-tls}]
+  rules:
+    - host: myapp.example.com
+      http:
+        paths:
+          - {path: /, pathType: Prefix, backend: {service: {name: myapp-svc, port: {number: 80}}}}
+YAML
+
+in_ns nginx -c "$work/backend.conf" & pids+=($!)
+in_ns nginx -c "$work/proxy.conf" & pids+=($!)
+in_ns "$kproxy" --manifests "$work/manifests" --hostname-override bench-node \
+  --healthz-bind-address "" --metrics-bind-address "" \
+  --ingress-http-bind-address 127.0.0.1:8083 --ingress-https-bind-address 127.0.0.1:8443 \
+  2>"$work/kproxy.log" & pids+=($!)
+for url in http://127.0.0.1:8082/ http://127.0.0.1:8083/ https://myapp.example.com:8442/ https://myapp.example.com:8443/; do
+  for _ in $(seq 1 100); do
+    in_ns curl -skf -H "Host: myapp.example.com" "$url" >/dev/null && break
+    sleep 0.1
+  done
+done
+kproxy_pid=$(pgrep -f -- "--manifests $work/manifests" | head -1)
+nginx_master=$(pgrep -f "nginx -c $work/proxy.conf" | head -1)
+
+# Resident KiB of the given processes.
+rss() {
+  local total=0 p
+  for p in "$@"; do
+    total=$((total + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status")))
+  done
+  echo "$total"
+}
+
+cat >"$work/idle.py" <<'PY'
+# Opens N connections, one request each, then holds them idle until stdin closes.
+import asyncio, ssl, sys
+port, n, tls = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "tls"
+ctx = None
+if tls:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+REQ = b"GET / HTTP/1.1\r\nHost: myapp.example.com\r\n\r\n"
+async def one(sem):
+    async with sem:
+        r, w = await asyncio.open_connection("myapp.example.com" if tls else "127.0.0.1", port,
+                                             ssl=ctx, server_hostname="myapp.example.com" if tls else None)
+        w.write(REQ)
+        await w.drain()
+        head = await r.readuntil(b"\r\n\r\n")
+        length = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")][0].split(b":")[1])
+        await r.readexactly(length)
+        return w
+async def main():
+    sem = asyncio.Semaphore(200)
+    conns = await asyncio.gather(*(one(sem) for _ in range(n)))
+    print(len(conns), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+asyncio.run(main())
+PY
+
+# One measurement: proxy name, port, tls|plain, pids.
+measure() {
+  local name=$1 port=$2 mode=$3
+  shift 3
+  sleep 1
+  local before after opened
+  before=$(rss "$@")
+  coproc CLIENT { in_ns python3 "$work/idle.py" "$port" "$n" "$mode"; }
+  read -r opened <&"${CLIENT[0]}"
+  sleep 2
+  after=$(rss "$@")
+  # Closing the client's stdin makes it close its connections and exit.
+  local to_client=${CLIENT[1]}
+  exec {to_client}>&-
+  wait "$CLIENT_PID" 2>/dev/null || true
+  awk -v name="$name" -v mode="$mode" -v o="$opened" -v b="$before" -v a="$after" \
+    'BEGIN { printf "| %s | %s | %d | %.1f | %.1f | %.2f |\n", name, mode == "tls" ? "HTTPS (TLS 1.3)" : "HTTP/1.1", o, b / 1024, a / 1024, (a - b) / o }'
+  sleep 1
+}
+
+echo "Written by \`benches/ingress-idle.sh $n\` on $(date -u +%Y-%m-%d) ($(nproc) CPUs). Each connection served one request and then stayed open, idle."
+echo
+echo "| proxy | connections | opened | RSS before, MiB | RSS with them open, MiB | KiB per idle connection |"
+echo "| --- | --- | ---: | ---: | ---: | ---: |"
+measure kproxy 8083 plain "$kproxy_pid"
+measure kproxy 8443 tls "$kproxy_pid"
+measure "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///')" 8082 plain $(pgrep -P "$nginx_master") "$nginx_master"
+measure "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///')" 8442 tls $(pgrep -P "$nginx_master") "$nginx_master"
