@@ -212,6 +212,69 @@ struct Strays {
     elements: Vec<(String, Vec<u8>)>,
 }
 
+fn owner_of_chain(chain_owner: &HashMap<String, ServiceKey>, name: &str) -> Option<Owner> {
+    if names::fixed_chains().any(|c| c == name) {
+        return Some(Owner::Fixed);
+    }
+    chain_owner.get(name).map(|k| Owner::Service(k.clone()))
+}
+
+fn owner_of_set(set_owner: &HashMap<String, ServiceKey>, name: &str) -> Option<Owner> {
+    if names::MAPS.contains(&name) {
+        return Some(Owner::Fixed);
+    }
+    set_owner.get(name).map(|k| Owner::Service(k.clone()))
+}
+
+/// What `reconcile` shares between its kinds of named objects (chains, sets).
+struct Named<'a, S, N> {
+    skipped: &'a S,
+    strays: bool,
+    dirty: &'a mut BTreeSet<Owner>,
+    note: &'a mut N,
+}
+
+impl<S: Fn(&Option<Owner>) -> bool, N: FnMut(String)> Named<'_, S, N> {
+    /// Takes the kernel's word for every object of one kind that differs from `committed`:
+    /// its owner is marked dirty, or, nobody's and listed by the kernel, it is a stray (only
+    /// with `strays`). Returns how many differed.
+    fn reconcile<V: Clone + PartialEq>(
+        &mut self,
+        kind: &str,
+        kernel: &HashMap<String, V>,
+        committed: &mut HashMap<String, V>,
+        owner_of: impl Fn(&str) -> Option<Owner>,
+        found: &mut Vec<String>,
+    ) -> usize {
+        let mut differences = 0;
+        let names: BTreeSet<String> = kernel.keys().chain(committed.keys()).cloned().collect();
+        for name in names {
+            let k = kernel.get(&name);
+            if k == committed.get(&name) {
+                continue;
+            }
+            let owner = owner_of(&name);
+            if (self.skipped)(&owner) {
+                continue;
+            }
+            match (owner, k) {
+                (Some(o), _) => {
+                    self.dirty.insert(o);
+                }
+                (None, Some(_)) if self.strays => found.push(name.clone()),
+                (None, _) => continue,
+            }
+            differences += 1;
+            (self.note)(format!("{kind} {name}"));
+            match k {
+                Some(k) => committed.insert(name, k.clone()),
+                None => committed.remove(&name),
+            };
+        }
+        differences
+    }
+}
+
 /// Commands per stray unit: strays can be a whole earlier ruleset.
 const STRAYS_PER_UNIT: usize = 512;
 
@@ -763,20 +826,6 @@ impl Planner {
         unit
     }
 
-    fn owner_of_chain(&self, name: &str) -> Option<Owner> {
-        if names::fixed_chains().any(|c| c == name) {
-            return Some(Owner::Fixed);
-        }
-        self.chain_owner.get(name).map(|k| Owner::Service(k.clone()))
-    }
-
-    fn owner_of_set(&self, name: &str) -> Option<Owner> {
-        if names::MAPS.contains(&name) {
-            return Some(Owner::Fixed);
-        }
-        self.set_owner.get(name).map(|k| Owner::Service(k.clone()))
-    }
-
     /// Who owns element `key` of fixed set `set`: the hairpin set's elements belong to the
     /// Services that DNAT to the address, the maps' to the Service that claimed them.
     fn owner_of_element(&self, set: &str, key: &[u8]) -> Option<Owner> {
@@ -796,12 +845,12 @@ impl Planner {
     fn find_strays(&self) -> Strays {
         let mut strays = Strays::default();
         for name in self.state.chains.keys() {
-            if self.owner_of_chain(name).is_none() {
+            if owner_of_chain(&self.chain_owner, name).is_none() {
                 strays.chains.push(name.clone());
             }
         }
         for name in self.state.sets.keys() {
-            if self.owner_of_set(name).is_none() {
+            if owner_of_set(&self.set_owner, name).is_none() {
                 strays.sets.push(name.clone());
             }
         }
@@ -895,54 +944,28 @@ impl Planner {
             dirty.insert(Owner::Fixed);
             self.state.exists = kernel.exists;
         }
-        let names: BTreeSet<String> = kernel.chains.keys().chain(self.state.chains.keys()).cloned().collect();
-        for name in names {
-            let (k, c) = (kernel.chains.get(&name), self.state.chains.get(&name));
-            if k == c {
-                continue;
-            }
-            let owner = self.owner_of_chain(&name);
-            if skipped(&owner) {
-                continue;
-            }
-            match (owner, k) {
-                (Some(o), _) => {
-                    dirty.insert(o);
-                }
-                (None, Some(_)) if strays => found.chains.push(name.clone()),
-                (None, _) => continue,
-            }
-            differences += 1;
-            note(format!("chain {name}"));
-            match k {
-                Some(k) => self.state.chains.insert(name, k.clone()),
-                None => self.state.chains.remove(&name),
-            };
-        }
-        let names: BTreeSet<String> = kernel.sets.keys().chain(self.state.sets.keys()).cloned().collect();
-        for name in names {
-            let (k, c) = (kernel.sets.get(&name), self.state.sets.get(&name));
-            if k == c {
-                continue;
-            }
-            let owner = self.owner_of_set(&name);
-            if skipped(&owner) {
-                continue;
-            }
-            match (owner, k) {
-                (Some(o), _) => {
-                    dirty.insert(o);
-                }
-                (None, Some(_)) if strays => found.sets.push(name.clone()),
-                (None, _) => continue,
-            }
-            differences += 1;
-            note(format!("set {name}"));
-            match k {
-                Some(k) => self.state.sets.insert(name, *k),
-                None => self.state.sets.remove(&name),
-            };
-        }
+        let mut named = Named {
+            skipped: &skipped,
+            strays,
+            dirty: &mut dirty,
+            note: &mut note,
+        };
+        let chain_owner = &self.chain_owner;
+        differences += named.reconcile(
+            "chain",
+            &kernel.chains,
+            &mut self.state.chains,
+            |name| owner_of_chain(chain_owner, name),
+            &mut found.chains,
+        );
+        let set_owner = &self.set_owner;
+        differences += named.reconcile(
+            "set",
+            &kernel.sets,
+            &mut self.state.sets,
+            |name| owner_of_set(set_owner, name),
+            &mut found.sets,
+        );
         let sets: BTreeSet<String> = kernel
             .elements
             .keys()
@@ -952,10 +975,11 @@ impl Planner {
         let empty = HashMap::new();
         for set in sets {
             let k = kernel.elements.get(&set).unwrap_or(&empty);
-            let c = self.state.elements.get(&set).unwrap_or(&empty).clone();
-            if *k == c {
+            // Compared in place: a set's elements are copied only when they differ.
+            if k == self.state.elements.get(&set).unwrap_or(&empty) {
                 continue;
             }
+            let c = self.state.elements.get(&set).unwrap_or(&empty).clone();
             if set == names::HAIRPIN {
                 // Derived from the Services' endpoints: repaired as a whole below, unless
                 // a Service changed since the listing (it may show either side of that).
