@@ -9,6 +9,7 @@ pub mod iptables;
 pub mod ipvs;
 pub mod nfacct;
 pub mod nftables;
+pub mod nlattr;
 pub mod port_policy;
 
 use futures::future::BoxFuture;

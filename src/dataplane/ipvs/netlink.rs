@@ -7,6 +7,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use crate::dataplane::nlattr::{iter as attrs, u16_at, u32_at};
 use crate::model::Protocol;
 
 /// Netlink message types and flags (`linux/netlink.h`).
@@ -16,7 +17,6 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
 const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 /// The generic-netlink controller (`linux/genetlink.h`), which maps family names to ids.
 pub const GENL_ID_CTRL: u16 = 0x10;
@@ -430,14 +430,6 @@ pub enum Reply<'a> {
     Done { seq: u32 },
 }
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
 /// Splits one datagram from the kernel into its messages.
 pub fn decode_replies(buf: &[u8]) -> Result<Vec<Reply<'_>>, DecodeError> {
     let mut out = Vec::new();
@@ -468,21 +460,6 @@ pub fn decode_replies(buf: &[u8]) -> Result<Vec<Reply<'_>>, DecodeError> {
         at += (len + 3) & !3;
     }
     Ok(out)
-}
-
-/// Iterates over the attributes in `buf`, yielding (type without flags, payload).
-fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut at = 0;
-    std::iter::from_fn(move || {
-        let len = u16_at(buf, at)? as usize;
-        let kind = u16_at(buf, at + 2)?;
-        if len < 4 || at + len > buf.len() {
-            return None;
-        }
-        let payload = &buf[at + 4..at + len];
-        at += (len + 3) & !3;
-        Some((kind & NLA_TYPE_MASK, payload))
-    })
 }
 
 fn find(buf: &[u8], kind: u16) -> Option<&[u8]> {

@@ -3,6 +3,8 @@
 //! nf_tables puts every integer attribute in network byte order (`nla_put_be32`), unlike most
 //! netlink families; register contents (marks, verdict codes in data) are host order.
 
+use crate::dataplane::nlattr::{self, u16_at, u32_at};
+
 /// `linux/netlink.h`.
 pub const NLMSG_ERROR: u16 = 2;
 pub const NLMSG_DONE: u16 = 3;
@@ -21,7 +23,6 @@ pub const NLM_F_CAPPED: u16 = 0x100;
 pub const NLM_F_ACK_TLVS: u16 = 0x200;
 const NLMSGERR_ATTR_MSG: u16 = 1;
 pub const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 /// Appends attributes and messages to one buffer (a whole batch is one buffer).
 pub struct Writer<'a> {
@@ -109,32 +110,13 @@ pub enum DecodeError {
 
 pub type DecodeResult<T> = Result<T, DecodeError>;
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
 /// The attributes of one message or nest, by type (flags stripped).
 #[derive(Debug, Clone, Copy)]
 pub struct Attrs<'a>(pub &'a [u8]);
 
 impl<'a> Attrs<'a> {
     pub fn iter(&self) -> impl Iterator<Item = (u16, &'a [u8])> {
-        let buf = self.0;
-        let mut at = 0;
-        std::iter::from_fn(move || {
-            let len = u16_at(buf, at)? as usize;
-            let kind = u16_at(buf, at + 2)?;
-            if len < 4 || at + len > buf.len() {
-                return None;
-            }
-            let payload = &buf[at + 4..at + len];
-            at += (len + 3) & !3;
-            Some((kind & NLA_TYPE_MASK, payload))
-        })
+        nlattr::iter(self.0)
     }
 
     pub fn get(&self, kind: u16) -> Option<&'a [u8]> {
