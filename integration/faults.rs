@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::fakeapi::FakeApiServer;
 use crate::harness::{eventually, eventually_backends, Kproxy};
 use crate::netns::Topology;
-use crate::scenarios::{ep, node_yaml, service, slice_of};
+use crate::scenarios::{base_args, ep, node_yaml, service, slice_of};
 
 pub type Scenario = fn(&'static str);
 
@@ -55,26 +55,6 @@ fn svc(name: &str, ip: &str) -> String {
 fn slice(name: &str, pods: &[usize]) -> String {
     let eps: Vec<_> = pods.iter().map(|i| ep(*i)).collect();
     slice_of(name, &eps)
-}
-
-fn base_args(mode: &str) -> Vec<String> {
-    [
-        "--proxy-mode",
-        mode,
-        "--hostname-override",
-        "node-1",
-        "--cluster-cidr",
-        "10.244.0.0/16",
-        "--min-sync-period",
-        "100ms",
-        "--healthz-bind-address",
-        "127.0.0.1:10256",
-        "--metrics-bind-address",
-        "127.0.0.1:10249",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
 }
 
 /// A topology with three pods serving on [`PORT`] and a manifest directory.

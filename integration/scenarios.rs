@@ -330,23 +330,7 @@ impl Env {
     ) -> Env {
         let mut topo = Topology::new(3);
         topo.start_servers(PORT);
-        let mut args: Vec<String> = [
-            "--proxy-mode",
-            mode,
-            "--hostname-override",
-            "node-1",
-            "--cluster-cidr",
-            "10.244.0.0/16",
-            "--min-sync-period",
-            "100ms",
-            "--healthz-bind-address",
-            "127.0.0.1:10256",
-            "--metrics-bind-address",
-            "127.0.0.1:10249",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args = base_args(mode);
         args.extend(extra.iter().map(|s| s.to_string()));
         let source = match kind {
             SourceKind::Manifests => {
@@ -1255,4 +1239,26 @@ fn resync_repairs(mode: &'static str, kind: SourceKind) {
     }
     eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
     eventually_backends(&env.topo, &outside, &node_port, 10, &["pod-a", "pod-b"]);
+}
+
+/// The flags every scenario's kproxy starts with: `mode`, node-1, the pod CIDR, a short
+/// minimum sync period, and health and metrics on loopback.
+pub fn base_args(mode: &str) -> Vec<String> {
+    [
+        "--proxy-mode",
+        mode,
+        "--hostname-override",
+        "node-1",
+        "--cluster-cidr",
+        "10.244.0.0/16",
+        "--min-sync-period",
+        "100ms",
+        "--healthz-bind-address",
+        "127.0.0.1:10256",
+        "--metrics-bind-address",
+        "127.0.0.1:10249",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }

@@ -5,25 +5,8 @@
 use std::collections::BTreeMap;
 
 use arbitrary::Arbitrary;
-use kproxy::ingress::annotations::{parse, parse_size, KPROXY_PREFIX, NGINX_PREFIX};
+use kproxy::ingress::annotations::{parse, parse_size, KNOWN as NAMES, KPROXY_PREFIX, NGINX_PREFIX};
 use libfuzzer_sys::fuzz_target;
-
-const NAMES: &[&str] = &[
-    "rewrite-target",
-    "use-regex",
-    "ssl-redirect",
-    "force-ssl-redirect",
-    "backend-protocol",
-    "proxy-body-size",
-    "proxy-connect-timeout",
-    "proxy-read-timeout",
-    "proxy-send-timeout",
-    "affinity",
-    "session-cookie-name",
-    "canary",
-    "canary-weight",
-    "canary-by-header",
-];
 
 #[derive(Arbitrary, Debug)]
 struct Input {

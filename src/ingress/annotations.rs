@@ -12,7 +12,8 @@ pub const KPROXY_PREFIX: &str = "kproxy.io/";
 /// Cookie name for `affinity: cookie` when `session-cookie-name` is not set (ingress-nginx's).
 pub const DEFAULT_COOKIE: &str = "INGRESSCOOKIE";
 
-const KNOWN: &[&str] = &[
+/// The ingress-nginx annotations kproxy reads (after the `nginx.ingress.kubernetes.io/` prefix).
+pub const KNOWN: &[&str] = &[
     "rewrite-target",
     "use-regex",
     "ssl-redirect",
