@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::plan::KernelState;
+use super::plan::{KernelState, Plan};
 use super::render::{LocalDetector, NodePortMatch, RenderConfig};
 use super::tracer::{Origin, Packet, Ruleset, TraceResult};
 use super::{names, Planner};
@@ -14,6 +14,43 @@ use crate::model::store::Store;
 use crate::model::{ChangeSet, DesiredState, IpFamily, ServiceKey};
 
 const NODE_IP: &str = "192.0.2.1";
+
+/// A plan with its restore input rendered whole, as the tests read it.
+struct Planned {
+    #[allow(dead_code)]
+    plan: Plan,
+    restore: String,
+}
+
+trait PlanText {
+    /// Plans a sync as the proxier does (with `kernel` as what iptables-save showed before a
+    /// full one) and renders its input.
+    fn plan_text(
+        &mut self,
+        d: &DesiredState,
+        changes: &ChangeSet,
+        cfg: &RenderConfig,
+        kernel: Option<&KernelState>,
+    ) -> Planned;
+}
+
+impl PlanText for Planner {
+    fn plan_text(
+        &mut self,
+        d: &DesiredState,
+        changes: &ChangeSet,
+        cfg: &RenderConfig,
+        kernel: Option<&KernelState>,
+    ) -> Planned {
+        let plan = self.plan(d, changes, cfg);
+        if let Some(kernel) = kernel {
+            self.adopt_kernel(kernel);
+        }
+        let restore = self.restore_input(d).into_string();
+        assert_eq!(restore.is_empty(), plan.empty, "{restore}");
+        Planned { plan, restore }
+    }
+}
 
 fn config() -> RenderConfig {
     RenderConfig {
@@ -59,7 +96,7 @@ fn desired(yaml: &str) -> DesiredState {
 /// The kernel's view after a full sync onto a fresh node (the restore input puts in the jumps
 /// from the built-in chains too).
 fn ruleset(desired: &DesiredState, cfg: &RenderConfig) -> Ruleset {
-    let plan = Planner::new().plan(desired, &ChangeSet::full(), cfg, None);
+    let plan = Planner::new().plan_text(desired, &ChangeSet::full(), cfg, None);
     Ruleset::parse(&plan.restore).unwrap_or_else(|e| panic!("{e}\n{}", plan.restore))
 }
 
@@ -445,7 +482,7 @@ fn session_affinity_still_reaches_every_endpoint() {
     ]
     .join("\n---\n");
     let d = desired(&yaml);
-    let plan = Planner::new().plan(&d, &ChangeSet::full(), &config(), None);
+    let plan = Planner::new().plan_text(&d, &ChangeSet::full(), &config(), None);
     assert!(
         plan.restore.contains("--rcheck --seconds 10800 --reap"),
         "{}",
@@ -470,7 +507,7 @@ fn equal_probability_ladder() {
         slice("four", "http", 8080, &eps),
     ]
     .join("\n---\n");
-    let plan = Planner::new().plan(&desired(&yaml), &ChangeSet::full(), &config(), None);
+    let plan = Planner::new().plan_text(&desired(&yaml), &ChangeSet::full(), &config(), None);
     let probs: Vec<&str> = plan
         .restore
         .lines()
@@ -485,7 +522,7 @@ fn partial_sync_writes_only_the_changed_service() {
     let mut store = store(&basic());
     let mut planner = Planner::new();
     let first = store.snapshot();
-    planner.plan(&first.desired, &first.changes, &config(), None);
+    planner.plan_text(&first.desired, &first.changes, &config(), None);
 
     // One endpoint of `web` goes away.
     let slice_yaml = slice("web", "http", 8080, &["10.244.2.2"]);
@@ -493,7 +530,7 @@ fn partial_sync_writes_only_the_changed_service() {
     assert!(store.apply_slice(&s));
     let snap = store.snapshot();
     assert_eq!(snap.changes.services, BTreeSet::from([ServiceKey::new("ns", "web")]));
-    let plan = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    let plan = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
     let declared: Vec<&str> = plan.restore.lines().filter(|l| l.starts_with(":KPROXY-S")).collect();
     let web = crate::model::ServicePortName {
         service: ServiceKey::new("ns", "web"),
@@ -527,7 +564,7 @@ fn partial_sync_writes_only_the_changed_service() {
     // The resulting kernel state routes as a full render would.
     let mut kernel = Ruleset::parse(
         &Planner::new()
-            .plan(&first.desired, &ChangeSet::full(), &config(), None)
+            .plan_text(&first.desired, &ChangeSet::full(), &config(), None)
             .restore,
     )
     .unwrap();
@@ -554,7 +591,7 @@ fn partial_sync_writes_only_the_changed_service() {
         serde_yaml::from_str(&svc("web", "{clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}")).unwrap();
     store.delete_service(&web_svc);
     let snap = store.snapshot();
-    let plan = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    let plan = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
     kernel.restore(&plan.restore).unwrap();
     assert!(
         plan.restore.contains(&format!("-X {}", names::svc_chain(&web))),
@@ -576,14 +613,14 @@ fn partial_sync_skips_the_chains_of_a_changed_service_that_did_not_change() {
     let mut store = store(&basic());
     let mut planner = Planner::new();
     let first = store.snapshot();
-    let full = planner.plan(&first.desired, &first.changes, &config(), None);
+    let full = planner.plan_text(&first.desired, &first.changes, &config(), None);
     // `web` gets a third endpoint: its Service chain and the new endpoint's chain change, the
     // chains of the two endpoints it had do not.
     let s: EndpointSlice =
         serde_yaml::from_str(&slice("web", "http", 8080, &["10.244.1.2", "10.244.2.2", "10.244.3.2"])).unwrap();
     assert!(store.apply_slice(&s));
     let snap = store.snapshot();
-    let plan = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    let plan = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
     let nat = declared(&plan.restore, "nat");
     assert_eq!(nat.len(), 2, "{}", plan.restore);
     assert!(nat.iter().any(|c| c.starts_with("KPROXY-SVC-")), "{}", plan.restore);
@@ -601,16 +638,16 @@ fn a_plan_that_was_not_applied_is_forgotten() {
     let mut store = store(&basic());
     let mut planner = Planner::new();
     let first = store.snapshot();
-    let full = planner.plan(&first.desired, &first.changes, &config(), None);
+    let full = planner.plan_text(&first.desired, &first.changes, &config(), None);
     planner.commit();
     let s: EndpointSlice = serde_yaml::from_str(&slice("web", "http", 8080, &["10.244.2.2"])).unwrap();
     assert!(store.apply_slice(&s));
     let snap = store.snapshot();
-    let refused = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    let refused = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
     planner.rollback();
     // The same change planned again is the same input, and now the fixed chains are
     // rewritten too: the filter table may hold what the kernel refused in nat.
-    let again = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    let again = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
     for line in refused.restore.lines() {
         assert!(
             again.restore.lines().any(|l| l == line),
@@ -641,11 +678,11 @@ fn a_plan_that_was_not_applied_is_forgotten() {
 
     // A full plan rolled back restores the previous map whole.
     let mut planner = Planner::new();
-    planner.plan(&first.desired, &first.changes, &config(), None);
+    planner.plan_text(&first.desired, &first.changes, &config(), None);
     planner.commit();
-    planner.plan(&snap.desired, &ChangeSet::full(), &config(), None);
+    planner.plan_text(&snap.desired, &ChangeSet::full(), &config(), None);
     planner.rollback();
-    let again = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    let again = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
     assert_eq!(
         declared(&again.restore, "nat")
             .iter()
@@ -663,7 +700,7 @@ fn a_plan_that_was_not_applied_is_forgotten() {
 
 #[test]
 fn chains_are_declared_sorted_with_the_masquerade_chain_last() {
-    let plan = Planner::new().plan(&desired(&basic()), &ChangeSet::full(), &config(), None);
+    let plan = Planner::new().plan_text(&desired(&basic()), &ChangeSet::full(), &config(), None);
     let nat = declared(&plan.restore, "nat");
     assert_eq!(nat.last(), Some(&names::MARK_MASQ));
     let rest = &nat[..nat.len() - 1];
@@ -684,7 +721,7 @@ fn full_sync_deletes_stray_chains_found_in_the_kernel() {
             .collect(),
         jumps: BTreeSet::new(),
     };
-    let plan = Planner::new().plan(&d, &ChangeSet::full(), &config(), Some(&kernel));
+    let plan = Planner::new().plan_text(&d, &ChangeSet::full(), &config(), Some(&kernel));
     assert!(plan.restore.contains("-X KPROXY-SVC-OLDOLDOLDOLDOLD1"));
     assert!(!plan.restore.contains("-X KPROXY-SERVICES"));
     assert!(
@@ -696,14 +733,14 @@ fn full_sync_deletes_stray_chains_found_in_the_kernel() {
 #[test]
 fn full_sync_puts_in_only_the_missing_jumps() {
     let d = desired(&basic());
-    let fresh = Planner::new().plan(&d, &ChangeSet::full(), &config(), None);
+    let fresh = Planner::new().plan_text(&d, &ChangeSet::full(), &config(), None);
     let jumps = |restore: &str| restore.lines().filter(|l| l.starts_with("-I ")).count();
     assert_eq!(jumps(&fresh.restore), names::JUMPS.len(), "{}", fresh.restore);
     let kernel = KernelState {
         nat_chains: BTreeSet::new(),
         jumps: (1..names::JUMPS.len()).collect(),
     };
-    let plan = Planner::new().plan(&d, &ChangeSet::full(), &config(), Some(&kernel));
+    let plan = Planner::new().plan_text(&d, &ChangeSet::full(), &config(), Some(&kernel));
     let first = &names::JUMPS[0];
     let inserted: Vec<&str> = plan.restore.lines().filter(|l| l.starts_with("-I ")).collect();
     assert_eq!(inserted.len(), 1, "{}", plan.restore);
@@ -716,12 +753,12 @@ fn full_sync_puts_in_only_the_missing_jumps() {
 
     // A partial sync never touches the built-in chains.
     let mut planner = Planner::new();
-    planner.plan(&d, &ChangeSet::full(), &config(), None);
+    planner.plan_text(&d, &ChangeSet::full(), &config(), None);
     let changes = ChangeSet {
         full: false,
         services: BTreeSet::from([ServiceKey::new("ns", "web")]),
     };
-    let plan = planner.plan(&d, &changes, &config(), None);
+    let plan = planner.plan_text(&d, &changes, &config(), None);
     assert_eq!(jumps(&plan.restore), 0, "{}", plan.restore);
 }
 
@@ -756,7 +793,7 @@ fn udp_and_ipv6_render() {
         local_detector: LocalDetector::Cidr("fd00:244::/64".parse().unwrap()),
         ..config()
     };
-    let plan = Planner::new().plan(&d, &ChangeSet::full(), &v6, None);
+    let plan = Planner::new().plan_text(&d, &ChangeSet::full(), &v6, None);
     assert!(
         plan.restore.contains("--to-destination [fd00:244::2]:8080"),
         "{}",
@@ -776,7 +813,7 @@ fn udp_and_ipv6_render() {
 
 #[test]
 fn golden_render() {
-    let plan = Planner::new().plan(&desired(&basic()), &ChangeSet::full(), &config(), None);
+    let plan = Planner::new().plan_text(&desired(&basic()), &ChangeSet::full(), &config(), None);
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/src/dataplane/iptables/testdata/basic.golden"
@@ -820,12 +857,12 @@ fn partial_sync_rewrites_dispatch_chains_when_they_change() {
     let mut store = store(&basic());
     let mut planner = Planner::new();
     let first = store.snapshot();
-    let full = planner.plan(&first.desired, &first.changes, &config(), None);
+    let full = planner.plan_text(&first.desired, &first.changes, &config(), None);
     // `empty` gets its first endpoint: its reject rule goes, its cluster IP is now dispatched.
     let s: EndpointSlice = serde_yaml::from_str(&slice("empty", "http", 8080, &["10.244.2.2"])).unwrap();
     assert!(store.apply_slice(&s));
     let snap = store.snapshot();
-    let plan = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    let plan = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
     assert!(
         declared(&plan.restore, "filter").contains(&"KPROXY-SERVICES"),
         "{}",
@@ -864,7 +901,7 @@ fn large_clusters_drop_per_endpoint_comments() {
         conntrack_tcp_liberal: false,
         ..config()
     };
-    let plan = Planner::new().plan(&desired(&basic()), &ChangeSet::full(), &cfg, None);
+    let plan = Planner::new().plan_text(&desired(&basic()), &ChangeSet::full(), &cfg, None);
     assert!(!plan.restore.contains("-> 10.244."), "{}", plan.restore);
     assert!(
         plan.restore.contains("\"ns/web:http cluster IP\""),
