@@ -55,6 +55,15 @@ impl Tools {
         }
     }
 
+    /// Tools by other names (another backend's, or a wrapper in tests).
+    pub fn new(iptables: &'static str, restore: &'static str, save: &'static str) -> Self {
+        Tools {
+            iptables,
+            restore,
+            save,
+        }
+    }
+
     /// Applies an input atomically per table with `--noflush`: chains it does not declare, and
     /// every rule outside kproxy's chains, stay as they are. On failure nothing changes.
     ///
@@ -262,13 +271,14 @@ impl Refusal {
     }
 }
 
-/// The input line iptables-restore's complaint names (`... line 3: ...`).
+/// The input line iptables-restore's complaint names: `line 3: ...` (iptables-nft, and legacy
+/// for some errors) or `Error occurred at line: 8000` (legacy, for a rule it cannot parse).
 pub fn refused_line(message: &str) -> Option<usize> {
-    message
-        .split("line ")
-        .nth(1)
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse::<usize>().ok())
+    message.match_indices("line").find_map(|(at, _)| {
+        let rest = message[at + 4..].trim_start_matches([':', ' ']);
+        let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+        digits.parse::<usize>().ok()
+    })
 }
 
 /// The chain an iptables-save line declares, if it is one of kproxy's.
@@ -380,6 +390,20 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn refused_line_in_either_backends_words() {
+        let legacy = "iptables-restore v1.8.9 (legacy): Couldn't load target `KPROXY-X':No such file or directory\n\n\
+            Error occurred at line: 8000\nTry `iptables-restore -h' or 'iptables-restore --help' for more information.";
+        assert_eq!(refused_line(legacy), Some(8000));
+        assert_eq!(refused_line("iptables-restore: line 12 failed"), Some(12));
+        assert_eq!(
+            refused_line("iptables-restore v1.8.9 (nf_tables): line 3: RULE_APPEND failed"),
+            Some(3)
+        );
+        assert_eq!(refused_line("iptables-restore: COMMIT expected"), None);
+        assert_eq!(refused_line("inline comment: no number"), None);
     }
 
     #[test]

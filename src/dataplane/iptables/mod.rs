@@ -69,6 +69,14 @@ impl IptablesProxier {
             udp: None,
         }
     }
+
+    /// The proxier running `tools` instead of the family's defaults.
+    pub fn with_tools(cfg: ProxierConfig, tools: apply::Tools) -> Self {
+        IptablesProxier {
+            tools,
+            ..IptablesProxier::new(cfg)
+        }
+    }
 }
 
 /// The local-traffic detector for one family; NodeCIDR mode follows the Node's podCIDRs.

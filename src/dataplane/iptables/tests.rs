@@ -934,3 +934,348 @@ fn nodeport_addresses_limit_where_node_ports_answer() {
         .unwrap();
     assert_eq!(other.to_string(), "ACCEPT", "{}", other.explain());
 }
+
+/// The dataplane against the real tools and kernel, in a network namespace of its own, with
+/// each iptables backend this host has: the streamed input, a refusal in the middle of it, and
+/// partial syncs that leave the kernel as a full sync would. Skipped without the privileges
+/// for a namespace.
+mod kernel {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::config::DetectLocal;
+    use crate::dataplane::iptables::apply::{parse_chains, parse_jumps, Tools, CHUNK};
+    use crate::dataplane::iptables::{render_config, IptablesProxier, NodePortAddresses, ProxierConfig};
+    use crate::dataplane::{Dataplane, DataplaneError};
+
+    /// Runs `f` on a thread in a new network namespace (the tools it starts share it), with a
+    /// runtime of its own. `None` without the privileges for that.
+    fn in_netns<T: Send + 'static>(f: impl std::future::Future<Output = T> + Send + 'static) -> Option<T> {
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            Some(rt.block_on(f))
+        })
+        .join()
+        .expect("netns thread")
+    }
+
+    /// The backends whose tools are installed: `legacy`, `nft`.
+    fn backends() -> Vec<&'static str> {
+        ["legacy", "nft"]
+            .into_iter()
+            .filter(|b| {
+                std::process::Command::new(format!("iptables-{b}-restore"))
+                    .arg("--version")
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+            .collect()
+    }
+
+    /// A directory removed when dropped.
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new(what: &str) -> TempDir {
+            let path = std::env::temp_dir().join(format!("kproxy-ipt-{what}-{}", std::process::id()));
+            std::fs::create_dir_all(&path).unwrap();
+            TempDir(path)
+        }
+
+        fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn leak(s: String) -> &'static str {
+        Box::leak(s.into_boxed_str())
+    }
+
+    /// The backend's tools, with iptables-restore replaced by `restore` if given.
+    fn tools(backend: &str, restore: Option<&'static str>) -> Tools {
+        Tools::new(
+            leak(format!("iptables-{backend}")),
+            restore.unwrap_or_else(|| leak(format!("iptables-{backend}-restore"))),
+            leak(format!("iptables-{backend}-save")),
+        )
+    }
+
+    /// A shell script in `dir` standing in for iptables-restore.
+    fn wrapper(dir: &std::path::Path, body: &str) -> &'static str {
+        let path = dir.join("iptables-restore");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(&path)
+            .status()
+            .unwrap();
+        leak(path.display().to_string())
+    }
+
+    fn proxier_config() -> ProxierConfig {
+        ProxierConfig {
+            family: IpFamily::V4,
+            masquerade_all: false,
+            masquerade_bit: 14,
+            detect_local: DetectLocal::ClusterCidr(vec!["10.244.0.0/16".parse().unwrap()]),
+            nodeport_addresses: NodePortAddresses::All,
+            localhost_nodeports: false,
+            nfacct: false,
+            conntrack_tcp_liberal: false,
+        }
+    }
+
+    /// Both tables as iptables-save shows them, by (table, chain): the chain's policy line and
+    /// its rules in order. (iptables-nft lists chains in the order they were made, which a
+    /// partial sync changes.)
+    fn tables(backend: &str) -> BTreeMap<(String, String), Vec<String>> {
+        let mut tables = BTreeMap::new();
+        let mut table = String::new();
+        for line in save(backend).lines() {
+            if let Some(t) = line.strip_prefix('*') {
+                table = t.to_string();
+            } else if let Some(decl) = line.strip_prefix(':') {
+                let chain = decl.split(' ').next().unwrap().to_string();
+                tables
+                    .entry((table.clone(), chain))
+                    .or_insert_with(Vec::new)
+                    .insert(0, line.to_string());
+            } else if let Some(rule) = line.strip_prefix("-A ") {
+                let chain = rule.split(' ').next().unwrap().to_string();
+                tables
+                    .entry((table.clone(), chain))
+                    .or_insert_with(Vec::new)
+                    .push(line.to_string());
+            }
+        }
+        tables
+    }
+
+    /// `iptables-save` of both tables, without its timestamped comments.
+    fn save(backend: &str) -> String {
+        ["filter", "nat"]
+            .iter()
+            .map(|table| {
+                let out = std::process::Command::new(format!("iptables-{backend}-save"))
+                    .args(["-t", table])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                String::from_utf8(out.stdout)
+                    .unwrap()
+                    .lines()
+                    .filter(|l| !l.starts_with('#'))
+                    .map(|l| format!("{l}\n"))
+                    .collect::<String>()
+            })
+            .collect()
+    }
+
+    /// `n` Services of 10 endpoints each; `shift` moves every endpoint to another address.
+    fn many(n: usize, shift: usize) -> Store {
+        let docs: Vec<String> = (0..n)
+            .flat_map(|i| {
+                let eps: Vec<String> = (0..10)
+                    .map(|e| format!("10.244.{}.{}", (i * 10 + e) / 250, (i * 10 + e) % 250 + 1 + shift))
+                    .collect();
+                let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
+                let name = format!("svc-{i}");
+                [
+                    svc(
+                        &name,
+                        &format!(
+                            "{{clusterIP: 10.96.{}.{}, ports: [{{name: http, port: 80}}]}}",
+                            i / 250,
+                            i % 250 + 1
+                        ),
+                    ),
+                    slice(&name, "http", 8080, &eps),
+                ]
+            })
+            .collect();
+        store(&docs.join("\n---\n"))
+    }
+
+    fn nat_chains(save: &str) -> BTreeSet<String> {
+        let nat = save.split("*nat").nth(1).unwrap_or_default();
+        parse_chains(nat)
+    }
+
+    #[test]
+    fn a_restore_refused_in_the_middle_keeps_the_kernel_rules_and_the_retry_writes_them() {
+        for backend in backends() {
+            let done = in_netns(async move {
+                let dir = TempDir::new("refused");
+                let marker = dir.path().join("fail");
+                let real = format!("iptables-{backend}-restore");
+                // On the marker, line 2000 becomes a rule neither backend can parse (an unknown
+                // match): the tool stops reading there, long before the end of the input.
+                const LINE: usize = 2000;
+                let restore = wrapper(
+                    dir.path(),
+                    &format!(
+                        "if [ -e {m} ]; then sed '{LINE}s/.*/-A KPROXY-SERVICES -m kproxy-no-such-match -j ACCEPT/' | {real} \"$@\"; else exec {real} \"$@\"; fi",
+                        m = marker.display()
+                    ),
+                );
+                let mut proxier = IptablesProxier::with_tools(proxier_config(), tools(backend, Some(restore)));
+                let d1 = many(100, 0).snapshot().desired;
+                proxier.sync(&d1, &ChangeSet::full()).await.unwrap();
+                let before = save(backend);
+                let before_tables = tables(backend);
+
+                let d2 = many(100, 1).snapshot().desired;
+                // What the refused sync writes: a full plan over the kernel as it is.
+                let cfg = render_config(&proxier_config(), &d2).await.unwrap();
+                let mut expected = Planner::new();
+                expected.plan(&d2, &ChangeSet::full(), &cfg);
+                let nat = before.split("*nat").nth(1).unwrap();
+                expected.adopt_kernel(&KernelState {
+                    nat_chains: parse_chains(nat),
+                    jumps: parse_jumps("filter", &before)
+                        .into_iter()
+                        .chain(parse_jumps("nat", nat))
+                        .collect(),
+                });
+                let input = expected.restore_input(&d2).into_string();
+                assert!(input.len() > 4 * CHUNK, "the input spans many chunks: {}", input.len());
+                let line = input.lines().nth(LINE - 1).unwrap().to_string();
+
+                std::fs::write(&marker, "").unwrap();
+                let err = proxier.sync(&d2, &ChangeSet::full()).await.unwrap_err();
+                match &err {
+                    DataplaneError::Rejected {
+                        line: n, text, message, ..
+                    } => {
+                        assert_eq!(*n, LINE, "{err}");
+                        assert_eq!(text, &line, "{err}");
+                        let owner = expected.restore_input(&d2).line(LINE).unwrap().1.unwrap();
+                        assert!(message.contains(&format!("Service {owner}")), "{err}");
+                    }
+                    other => panic!("{backend}: not a rejection: {other}"),
+                }
+                assert!(
+                    tables(backend) == before_tables,
+                    "{backend}: the refused sync changed the kernel"
+                );
+
+                // The runner retries with a full sync: it writes the new state and deletes the
+                // chains of the endpoints that went.
+                std::fs::remove_file(&marker).unwrap();
+                let stats = proxier.sync(&d2, &ChangeSet::full()).await.unwrap();
+                let after = save(backend);
+                let wanted: BTreeSet<String> = declared(&input, "nat")
+                    .into_iter()
+                    .filter(|c| !input.contains(&format!("-X {c}\n")))
+                    .map(str::to_string)
+                    .collect();
+                assert_eq!(nat_chains(&after), wanted, "{backend}");
+                let nat_rules = after
+                    .split("*nat")
+                    .nth(1)
+                    .unwrap()
+                    .lines()
+                    .filter(|l| l.starts_with("-A KPROXY-"))
+                    .count();
+                assert_eq!(stats.rules_total[1], ("nat", nat_rules), "{backend}");
+            });
+            if done.is_none() {
+                eprintln!("skipped: no network namespace");
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn a_partial_sync_writes_only_the_changed_chains_and_leaves_the_kernel_as_a_full_sync_would() {
+        for backend in backends() {
+            let done = in_netns(async move {
+                let dir = TempDir::new("partial");
+                let written = dir.path().join("input");
+                let restore = wrapper(
+                    dir.path(),
+                    &format!("tee {} | iptables-{backend}-restore \"$@\"", written.display()),
+                );
+                let mut proxier = IptablesProxier::with_tools(proxier_config(), tools(backend, Some(restore)));
+                let mut store = many(100, 0);
+                let first = store.snapshot();
+                proxier.sync(&first.desired, &first.changes).await.unwrap();
+
+                // One endpoint of svc-7 moves: 10.244.0.71 goes, 10.244.9.99 comes.
+                let moved = [
+                    "10.244.0.72",
+                    "10.244.0.73",
+                    "10.244.0.74",
+                    "10.244.0.75",
+                    "10.244.0.76",
+                    "10.244.0.77",
+                    "10.244.0.78",
+                    "10.244.0.79",
+                    "10.244.0.80",
+                    "10.244.9.99",
+                ];
+                let changed = slice("svc-7", "http", 8080, &moved);
+                assert!(store.apply_slice(&serde_yaml::from_str(&changed).unwrap()));
+                let snap = store.snapshot();
+                assert!(!snap.changes.full);
+                assert_eq!(snap.changes.services, BTreeSet::from([ServiceKey::new("ns", "svc-7")]));
+                proxier.sync(&snap.desired, &snap.changes).await.unwrap();
+                let input = std::fs::read_to_string(&written).unwrap();
+
+                // Which chains changed, from full plans of the states before and after (1,000
+                // endpoints both: the same configuration).
+                let cfg = render_config(&proxier_config(), &snap.desired).await.unwrap();
+                let full_chains = |d: &DesiredState| -> BTreeSet<String> {
+                    let text = Planner::new().plan_text(d, &ChangeSet::full(), &cfg, None).restore;
+                    declared(&text, "nat").into_iter().map(str::to_string).collect()
+                };
+                let (old, new) = (full_chains(&first.desired), full_chains(&snap.desired));
+                let gone: Vec<&String> = old.difference(&new).collect();
+                let came: Vec<&String> = new.difference(&old).collect();
+                assert_eq!((gone.len(), came.len()), (1, 1), "one endpoint chain each");
+                let port = crate::model::ServicePortName {
+                    service: ServiceKey::new("ns", "svc-7"),
+                    port: "http".into(),
+                    protocol: crate::model::Protocol::Tcp,
+                };
+                let mut want = vec![names::svc_chain(&port), gone[0].clone(), came[0].clone()];
+                want.sort();
+                assert_eq!(declared(&input, "nat"), want, "{backend}: partial input:\n{input}");
+                assert!(!input.contains("*filter"), "{backend}: partial input:\n{input}");
+                assert_eq!(
+                    input.lines().filter(|l| l.starts_with("-X ")).collect::<Vec<_>>(),
+                    [format!("-X {}", gone[0])],
+                    "{backend}"
+                );
+                let partial = tables(backend);
+
+                // A full sync of the same state onto an empty kernel gives the same tables.
+                let desired = snap.desired.clone();
+                let full = in_netns(async move {
+                    let mut fresh = IptablesProxier::with_tools(proxier_config(), tools(backend, None));
+                    fresh.sync(&desired, &ChangeSet::full()).await.unwrap();
+                    tables(backend)
+                })
+                .unwrap();
+                assert!(
+                    partial == full,
+                    "{backend}: the partial sync left other tables than a full one:\n{partial:#?}\n{full:#?}"
+                );
+            });
+            if done.is_none() {
+                eprintln!("skipped: no network namespace");
+                return;
+            }
+        }
+    }
+}
