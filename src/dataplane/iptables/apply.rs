@@ -220,7 +220,6 @@ impl Tools {
             }
             let text = TableText {
                 delete: chains.into_iter().collect(),
-                ..TableText::default()
             };
             input.push_str(&text.into_text(table));
         }
