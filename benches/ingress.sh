@@ -40,7 +40,7 @@ connections=64
 cpus=$(nproc)
 if [ "${BENCH_PIN:-1}" = 1 ] && [ "$cpus" -ge 2 ]; then
   proxy_cpus=${BENCH_PROXY_CPUS:-$((cpus - 1))}
-  load_cpus=${BENCH_LOAD_CPUS:-0-$((cpus - 2))}
+  load_cpus=${BENCH_LOAD_CPUS:-$([ "$cpus" = 2 ] && echo 0 || echo "0-$((cpus - 2))")}
 else
   proxy_cpus=0-$((cpus - 1))
   load_cpus=$proxy_cpus
@@ -272,7 +272,7 @@ rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/$kproxy_pid/status")
 
 table=$work/table.md
 {
-  echo "Written by \`benches/ingress.sh $duration $runs\` on $(date -u +%Y-%m-%d) ($(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'); load average at the start $load_start, at the end $(cut -d' ' -f1-3 /proc/loadavg)); nginx $nginx_version with $workers workers, kproxy with $workers worker threads; wrk -t2 -c$connections (-c16 for 1 MiB) for ${duration} s per measurement; $(if [ "$proxy_cpus" = "$load_cpus" ]; then echo "wrk, the backend and the proxy share the CPUs"; else echo "the proxy under test pinned to CPU $proxy_cpus, wrk and the backend to CPU $load_cpus (taskset)"; fi). One row per run, kproxy and nginx measured back to back; the last column is the 1-minute load average when the measurement began."
+  echo "Written by \`benches/ingress.sh $duration $runs\` on $(date -u +%Y-%m-%d) ($(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'); load average at the start $load_start, at the end $(cut -d' ' -f1-3 /proc/loadavg)); nginx $nginx_version with $workers worker process(es), kproxy with $workers worker thread(s); wrk -t2 -c$connections (-c16 for 1 MiB) for ${duration} s per measurement; $(if [ "$proxy_cpus" = "$load_cpus" ]; then echo "wrk, the backend and the proxy share the CPUs"; else echo "the proxy under test pinned to CPU $proxy_cpus, wrk and the backend to CPU $load_cpus (taskset)"; fi). One row per run, kproxy and nginx measured back to back; the last column is the 1-minute load average when the measurement began."
   echo
   echo "| shape | proxy | run | requests/s | p50 ms | p99 ms | CPU µs/request | backend reuse | errors | load |"
   echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"

@@ -244,11 +244,7 @@ async fn run_worker(
     }
     let mut accepting = Vec::new();
     for (socket, tls) in sockets {
-        match socket
-            .listen(BACKLOG)
-            .and_then(|l| l.into_std())
-            .and_then(listener_of)
-        {
+        match socket.listen(BACKLOG).and_then(|l| l.into_std()).and_then(listener_of) {
             Ok(listener) => {
                 if index == 0 {
                     tracing::info!(address = ?listener.get_ref().local_addr().ok(), https = tls.is_some(), "Ingress listener serving");

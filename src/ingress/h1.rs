@@ -230,7 +230,14 @@ pub enum ClientIo {
 /// (then the socket is registered and the call retried through the runtime).
 fn unless_waiting<T>(r: std::io::Result<T>) -> Option<std::io::Result<T>> {
     match r {
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => None,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) =>
+        {
+            None
+        }
         r => Some(r),
     }
 }
@@ -1807,4 +1814,63 @@ pub async fn serve_h2(w: Rc<Worker>, io: Prefixed, conn: Conn) {
         _ = shutdown.wait_for(|s| *s) => connection.as_mut().graceful_shutdown(),
     }
     let _ = connection.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An accepted, unregistered socket that has `first` to read, and the client's end of it.
+    fn fresh_pair(first: &[u8]) -> (ClientIo, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        if !first.is_empty() {
+            std::io::Write::write_all(&mut client, first).unwrap();
+            // Blocks until the bytes arrived.
+            accepted.peek(&mut [0u8; 1]).unwrap();
+        }
+        accepted.set_nonblocking(true).unwrap();
+        (ClientIo::Fresh(Some(accepted)), client)
+    }
+
+    #[tokio::test]
+    async fn a_fresh_socket_reads_and_writes_without_registering_until_it_must_wait() {
+        let (mut io, mut client) = fresh_pair(b"GET / HTTP/1.1\r\n\r\n");
+        // Already there: read and answered with plain system calls.
+        let mut got = [0u8; 64];
+        let n = io.read(&mut got).await.unwrap();
+        assert_eq!(&got[..n], b"GET / HTTP/1.1\r\n\r\n");
+        assert!(matches!(io, ClientIo::Fresh(Some(_))));
+        io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(matches!(io, ClientIo::Fresh(Some(_))));
+
+        // Nothing to read yet: registered, and woken when the client sends.
+        let mut read = Box::pin(io.read(&mut got));
+        assert!(futures::poll!(&mut read).is_pending());
+        std::io::Write::write_all(&mut client, b"next").unwrap();
+        let n = read.await.unwrap();
+        assert_eq!(&got[..n], b"next");
+        assert!(matches!(io, ClientIo::Plain(_)));
+    }
+
+    #[tokio::test]
+    async fn a_fresh_socket_registers_when_an_answer_does_not_fit_its_send_buffer() {
+        let (mut io, client) = fresh_pair(b"");
+        // Far more than loopback's socket buffers hold: the write must wait for the reader.
+        let answer = vec![b'x'; 16 << 20];
+        let reader = std::thread::spawn(move || {
+            let mut client = client;
+            let mut all = Vec::new();
+            std::io::Read::read_to_end(&mut client, &mut all).unwrap();
+            all.len()
+        });
+        write_two(&mut io, b"head ", &answer).await.unwrap();
+        assert!(matches!(io, ClientIo::Plain(_)));
+        io.shutdown().await.unwrap();
+        drop(io);
+        assert_eq!(reader.join().unwrap(), answer.len() + 5);
+    }
 }
