@@ -8,6 +8,7 @@
 #
 # usage: sudo benches/ingress-idle.sh [CONNECTIONS]   (needs nginx, python3, openssl, curl)
 #        KPROXY_BIN=PATH ...   measure that binary instead of building target/release/kproxy
+#        IDLE_MODES="plain tls h2" ...   which kinds of connection, in which order
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -160,9 +161,21 @@ echo "Written by \`benches/ingress-idle.sh $n\` on $(date -u +%Y-%m-%d) ($(nproc
 echo
 echo "| proxy | connections | opened | RSS before, MiB | RSS with them open, MiB | KiB per idle connection |"
 echo "| --- | --- | ---: | ---: | ---: | ---: |"
-measure kproxy 8083 plain "$kproxy_pid"
-measure kproxy 8443 tls "$kproxy_pid"
-measure kproxy 8083 h2 "$kproxy_pid"
-measure "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///')" 8082 plain $(pgrep -P "$nginx_master") "$nginx_master"
-measure "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///')" 8442 tls $(pgrep -P "$nginx_master") "$nginx_master"
-measure "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///')" 8084 h2 $(pgrep -P "$nginx_master") "$nginx_master"
+# Kinds of connection measured, in this order (IDLE_MODES="tls" for one alone: memory the
+# earlier kinds' connections gave back may be reused by the later ones).
+modes=${IDLE_MODES:-plain tls h2}
+nginx_name="nginx $(nginx -v 2>&1 | sed 's/.*nginx\///')"
+for mode in $modes; do
+  case $mode in
+    plain) measure kproxy 8083 plain "$kproxy_pid" ;;
+    tls) measure kproxy 8443 tls "$kproxy_pid" ;;
+    h2) measure kproxy 8083 h2 "$kproxy_pid" ;;
+  esac
+done
+for mode in $modes; do
+  case $mode in
+    plain) measure "$nginx_name" 8082 plain $(pgrep -P "$nginx_master") "$nginx_master" ;;
+    tls) measure "$nginx_name" 8442 tls $(pgrep -P "$nginx_master") "$nginx_master" ;;
+    h2) measure "$nginx_name" 8084 h2 $(pgrep -P "$nginx_master") "$nginx_master" ;;
+  esac
+done
