@@ -198,7 +198,34 @@ impl Tools {
     }
 
     /// Removes the jump rules and every `KPROXY-` chain. Safe to run when nothing is there.
+    /// Whether the canary chain ([`names::CANARY`]) is there.
+    pub async fn canary_present(&self) -> Result<bool> {
+        let list = ["-w", LOCK_WAIT, "-t", names::CANARY_TABLE, "-n", "-L", names::CANARY];
+        status(self.iptables, &list).await
+    }
+
+    /// Creates the canary chain unless it is there.
+    pub async fn ensure_canary(&self) -> Result<()> {
+        if !self.canary_present().await? {
+            let create = ["-w", LOCK_WAIT, "-t", names::CANARY_TABLE, "-N", names::CANARY];
+            let (out, err) = output(self.iptables, &create).await?;
+            if !out.status.success() && !self.canary_present().await? {
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
     pub async fn cleanup(&self) -> Result<()> {
+        // A host without the mangle table has no canary either (and a missing tool is reported
+        // by the listing below).
+        if self.canary_present().await.unwrap_or(false) {
+            let delete = ["-w", LOCK_WAIT, "-t", names::CANARY_TABLE, "-X", names::CANARY];
+            let (out, err) = output(self.iptables, &delete).await?;
+            if !out.status.success() {
+                return Err(err);
+            }
+        }
         let nat = self.chains("nat").await?;
         let filter = self.chains("filter").await?;
         for jump in names::JUMPS {

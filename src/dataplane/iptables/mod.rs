@@ -50,6 +50,10 @@ pub struct ProxierConfig {
     pub conntrack_tcp_liberal: bool,
 }
 
+/// The longest iptables mode goes without a full sync (kube-proxy's `FullSyncPeriod`): between
+/// them, partial syncs trust the planner's record of what is in the kernel.
+pub const FULL_SYNC_PERIOD: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// The iptables (or ip6tables) dataplane for one IP family.
 pub struct IptablesProxier {
     cfg: ProxierConfig,
@@ -167,6 +171,12 @@ impl Dataplane for IptablesProxier {
                 }
             }
             self.planner.commit();
+            if plan.full {
+                // Put the canary back (or there for the first time) now that every rule is.
+                if let Err(e) = self.tools.ensure_canary().await {
+                    tracing::warn!(family = ?self.cfg.family, error = %e, "cannot create the canary chain {}; every periodic sync will be a full one", names::CANARY);
+                }
+            }
             crate::metrics::metrics().set_iptables_rules_last(plan.written.0, plan.written.1);
             let udp = udp_ports(desired, self.cfg.family);
             if let Some(old) = &self.udp {
@@ -189,6 +199,28 @@ impl Dataplane for IptablesProxier {
     /// back to what was committed before.
     fn partial_after_failure(&self) -> bool {
         true
+    }
+
+    /// kube-proxy v1.33's iptables mode: partial syncs on changes and on `--sync-period`, a
+    /// full one every hour, and sooner when the canary chain is gone.
+    fn full_sync_period(&self) -> Option<std::time::Duration> {
+        Some(FULL_SYNC_PERIOD)
+    }
+
+    fn drifted(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            match self.tools.canary_present().await {
+                Ok(true) => false,
+                Ok(false) => {
+                    tracing::info!(family = ?self.cfg.family, "the canary chain {} is gone (a firewall reload?): the next sync is a full one", names::CANARY);
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(family = ?self.cfg.family, error = %e, "cannot look for the canary chain; the next sync is a full one");
+                    true
+                }
+            }
+        })
     }
 }
 

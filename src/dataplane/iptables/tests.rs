@@ -1278,4 +1278,55 @@ mod kernel {
             }
         }
     }
+
+    /// Whether the canary chain is in the backend's mangle table.
+    fn canary(backend: &str) -> bool {
+        std::process::Command::new(format!("iptables-{backend}"))
+            .args(["-t", "mangle", "-n", "-L", "KPROXY-CANARY"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    }
+
+    #[test]
+    fn a_full_sync_plants_the_canary_its_loss_is_drift_and_cleanup_removes_it() {
+        for backend in backends() {
+            let done = in_netns(async move {
+                let mut proxier = IptablesProxier::with_tools(proxier_config(), tools(backend, None));
+                assert_eq!(
+                    proxier.full_sync_period(),
+                    Some(crate::dataplane::iptables::FULL_SYNC_PERIOD)
+                );
+                assert!(!canary(backend), "{backend}: a fresh namespace has no canary");
+                let d = many(3, 0).snapshot().desired;
+                proxier.sync(&d, &ChangeSet::full()).await.unwrap();
+                assert!(canary(backend), "{backend}: no canary after a full sync");
+                assert!(!proxier.drifted().await, "{backend}: drift with the canary there");
+
+                // A partial sync does not put it back: only a full one, which the drift asks for.
+                let status = std::process::Command::new(format!("iptables-{backend}"))
+                    .args(["-t", "mangle", "-X", "KPROXY-CANARY"])
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+                assert!(proxier.drifted().await, "{backend}: the canary's loss is not drift");
+                proxier.sync(&d, &ChangeSet::default()).await.unwrap();
+                assert!(!canary(backend), "{backend}: a partial sync planted the canary");
+                proxier.sync(&d, &ChangeSet::full()).await.unwrap();
+                assert!(canary(backend), "{backend}: the full sync after drift left no canary");
+
+                proxier.cleanup().await.unwrap();
+                assert!(!canary(backend), "{backend}: cleanup left the canary");
+                let left = save(backend);
+                assert!(!left.contains("KPROXY-"), "{backend}: cleanup left rules:\n{left}");
+                // Idempotent: nothing left, nothing to fail on.
+                proxier.cleanup().await.unwrap();
+            });
+            if done.is_none() {
+                eprintln!("skipped: no network namespace");
+                return;
+            }
+        }
+    }
 }
