@@ -8,12 +8,12 @@
 //! foreign change (a check of the table follows) and sends it again against the new
 //! generation.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::command::{fixed_set_kind, CommandText};
 use super::names;
 use super::netlink::{self, decode_chain, decode_elements, decode_rule, decode_set, msg, Dump, Table};
-use super::plan::{data_hash, hash_of, ChainState, Owner, Plan, Planner, RuleState, TableState, Unit};
+use super::plan::{data_hash, hash_of, ChainState, Hash, Owner, Plan, Planner, RuleState, TableState, Unit};
 use super::socket::{errno_text, BatchError, NftSocket};
 use crate::dataplane::{DataplaneError, Result};
 use crate::model::IpFamily;
@@ -21,7 +21,7 @@ use crate::model::IpFamily;
 /// Bounds of one transaction: enough for hundreds of Services, small enough that the
 /// kernel's echoes fit the socket's receive buffer and one commit stays short.
 const MAX_REQUESTS: usize = 2048;
-const MAX_WRITES: usize = 4096;
+pub const MAX_WRITES: usize = 4096;
 
 /// Set by the integration tests only: while the file it names exists, every transaction has
 /// one request pointed at a chain that does not exist, so that the kernel refuses it.
@@ -290,21 +290,43 @@ pub fn read_table(sock: &mut NftSocket, table: Table) -> Result<(TableState, u32
             })?
             .unwrap_or(false);
         for set in sets.iter().filter(|s| fixed_set_kind(s).is_some()) {
-            let elements = state.elements.entry(set.clone()).or_default();
-            interrupted |= sock
-                .dump(Dump::Elements(table, set), |kind, _, a| {
-                    if kind == msg::NEWSETELEM {
-                        for e in decode_elements(a)?.1 {
-                            elements.insert(e.key, data_hash(e.data.as_ref()));
-                        }
-                    }
-                    Ok(())
-                })?
-                .unwrap_or(false);
+            match read_elements(sock, table, set)? {
+                Some(elements) => {
+                    state.elements.insert(set.clone(), elements);
+                }
+                None => {
+                    interrupted = true;
+                    state.unlisted.insert(set.clone());
+                }
+            }
         }
     }
     let after = sock.generation()?;
     Ok((state, before, !interrupted && before == after))
+}
+
+/// Tries to dump a set's elements while nothing is committed: `None` if a commit came during
+/// every try. The kernel resumes an element dump by position (`cb->args[0]` counts the
+/// elements already sent) and never flags it interrupted, so an element added or deleted
+/// during the dump, by any owner, shifts the rest: an element of another Service is skipped or
+/// sent twice. Only a dump with the same generation before and after is the set's content.
+fn read_elements(sock: &mut NftSocket, table: Table, set: &str) -> Result<Option<HashMap<Vec<u8>, Hash>>> {
+    for _ in 0..3 {
+        let before = sock.generation()?;
+        let mut elements = HashMap::new();
+        sock.dump(Dump::Elements(table, set), |kind, _, a| {
+            if kind == msg::NEWSETELEM {
+                for e in decode_elements(a)?.1 {
+                    elements.insert(e.key, data_hash(e.data.as_ref()));
+                }
+            }
+            Ok(())
+        })?;
+        if sock.generation()? == before {
+            return Ok(Some(elements));
+        }
+    }
+    Ok(None)
 }
 
 /// Reads the table until a listing is a snapshot (a few tries), for recovery.

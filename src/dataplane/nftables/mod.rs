@@ -134,17 +134,26 @@ impl NftablesProxier {
             kernel.generation = generation;
             inner.recover = false;
         }
-        let plan = inner.planner.plan(desired, changes, cfg);
-        if tracing::enabled!(tracing::Level::TRACE) {
-            tracing::trace!(?family, "transaction:\n{}", apply::plan_text(&plan, family));
-        }
-        let applied = match apply_plan(kernel, &mut inner.planner, &plan) {
-            Ok(a) => a,
-            Err(e) => {
-                inner.recover = true;
-                return Err(e);
+        // Planned and applied in batches: a cold start never holds its whole plan.
+        let mut applied = apply::Applied::default();
+        let mut apply_batch = |planner: &mut Planner, units: Vec<plan::Unit>| -> Result<()> {
+            let plan = plan::Plan { units };
+            if tracing::enabled!(tracing::Level::TRACE) {
+                tracing::trace!(?family, "transaction:\n{}", apply::plan_text(&plan, family));
             }
+            let a = apply_plan(kernel, planner, &plan)?;
+            applied.writes += a.writes;
+            applied.transactions += a.transactions;
+            applied.owners.extend(a.owners);
+            Ok(())
         };
+        let planned = inner
+            .planner
+            .plan_streamed(desired, changes, cfg, apply::MAX_WRITES - 256, &mut apply_batch);
+        if let Err(e) = planned {
+            inner.recover = true;
+            return Err(e);
+        }
         if let Some(t) = inner.touched.as_mut() {
             t.extend(applied.owners.iter().cloned());
         }
