@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use super::command::{fixed_set_kind, Command, ElemKey};
 use super::names;
+use super::names::Bucket;
 use super::netlink::{BaseHook, Data, Expr};
 use super::render::{base_chains, fixed_sets, render_fixed_rules, render_port, AffinitySet, PortRules};
 use super::rule::{Key, Rule, SetDecl, SetKind, Value};
@@ -320,6 +321,8 @@ pub struct Planner {
     /// After [`Planner::adopt`]: the next plan renders everything and deletes strays.
     fresh: bool,
     rules: usize,
+    /// Rules of the fixed chains, as last planned.
+    fixed_rules: usize,
     no_local: (usize, usize),
     /// During a cold start into an empty table: dispatch elements held back for the last unit.
     deferred: Option<Adds>,
@@ -513,6 +516,28 @@ fn render_service(state: &ServiceState, node: &NodeInfo, cfg: &RenderConfig) -> 
     state.ports.iter().filter_map(|p| render_port(p, node, cfg)).collect()
 }
 
+/// The bucket claim an endpoint slot's key goes with: slots below [`names::LOCAL_SLOTS`] with
+/// the address's (or NodePort's) cluster bucket, the others with its local one. `None` for
+/// every other key.
+fn slot_claim(key: &Key) -> Option<(&'static str, Key)> {
+    let local = |slot: u32| slot >= names::LOCAL_SLOTS;
+    match *key {
+        Key::AddrPortSlot(ip, proto, port, slot) => {
+            let b = if local(slot) { Bucket::Local } else { Bucket::Cluster };
+            Some((b.set(1), Key::AddrPort(ip, proto, port)))
+        }
+        Key::ProtoPortSlot(proto, port, slot) => {
+            let b = if local(slot) {
+                Bucket::NodePortLocal
+            } else {
+                Bucket::NodePortCluster
+            };
+            Some((b.set(1), Key::ProtoPort(proto, port)))
+        }
+        _ => None,
+    }
+}
+
 /// The static name of a fixed map (element owners are keyed by it).
 fn static_set_name(name: &str) -> Option<&'static str> {
     names::MAPS.iter().copied().find(|m| *m == name)
@@ -533,6 +558,7 @@ impl Planner {
             node: None,
             fresh: true,
             rules: 0,
+            fixed_rules: 0,
             no_local: (0, 0),
             deferred: None,
             differed: Vec::new(),
@@ -560,8 +586,7 @@ impl Planner {
     /// Rules in the table (map elements not counted) and Service ports without local
     /// endpoints (internal, external), after the units planned so far.
     pub fn totals(&self) -> (usize, (usize, usize)) {
-        let fixed = self.cfg.as_ref().map_or(0, |c| render_fixed_rules(c).len());
-        (fixed + self.rules, self.no_local)
+        (self.fixed_rules + self.rules, self.no_local)
     }
 
     /// Plans one sync of `desired`, whole.
@@ -683,6 +708,7 @@ impl Planner {
     /// The table, its fixed chains and rules, its fixed maps; whether a map was recreated.
     fn plan_fixed(&mut self, cfg: &RenderConfig) -> (Unit, bool) {
         let fixed_rules = render_fixed_rules(cfg);
+        self.fixed_rules = fixed_rules.len();
         let mut b = self.builder(Owner::Fixed);
         if !b.state.exists {
             b.push(Section::Table, Command::AddTable);
@@ -765,6 +791,14 @@ impl Planner {
             }
             sets.extend(p.sets);
             for e in p.elements {
+                // An endpoint slot goes with its address's bucket (rendered before it): it is
+                // the Service's if the bucket claim is, and needs no claim of its own.
+                if let Some(bucket) = slot_claim(&e.key) {
+                    if self.element_owner.get(&bucket).is_some_and(|(s, _)| s == key) {
+                        elements.push((e.map, e.key, e.value));
+                    }
+                    continue;
+                }
                 let id = (names::claim_class(e.map), e.key.clone());
                 match self.element_owner.get(&id) {
                     Some((owner, _)) if owner != key => {
@@ -873,6 +907,14 @@ impl Planner {
             return self.hairpin.contains_key(&ip).then_some(Owner::Fixed);
         }
         let name = static_set_name(set)?;
+        if let Some(bucket) = slot_claim(&k) {
+            let (s, _) = self.element_owner.get(&bucket)?;
+            let rendered = self
+                .owned
+                .get(s)
+                .is_some_and(|o| o.elements.iter().any(|(m, e)| *m == name && *e == k));
+            return rendered.then(|| Owner::Service(s.clone()));
+        }
         match self.element_owner.get(&(names::claim_class(name), k)) {
             Some((s, map)) if *map == name => Some(Owner::Service(s.clone())),
             _ => None,

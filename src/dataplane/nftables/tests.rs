@@ -931,3 +931,40 @@ fn a_check_during_commits_to_a_shared_set_finds_no_difference() {
         return;
     };
 }
+
+/// Both families' tables share the namespace's ruleset generation: the IPv6 table's commits are
+/// not "a change behind kproxy's back" for the IPv4 one (which would start a check of the whole
+/// table after every cold start), someone else's commit is. Skipped without root.
+#[test]
+fn the_other_familys_commits_are_not_foreign() {
+    let yaml = representative();
+    let changed = yaml.replace("10.244.2.2", "10.244.3.2");
+    let Some(()) = in_netns(move || {
+        let mut kernels = [
+            Kernel::connect(IpFamily::V4).unwrap(),
+            Kernel::connect(IpFamily::V6).unwrap(),
+        ];
+        let mut planners = [Planner::new(IpFamily::V4), Planner::new(IpFamily::V6)];
+        for (i, cfg) in [config(), v6_config()].iter().enumerate() {
+            planners[i].adopt(Default::default());
+            let plan = planners[i].plan(&desired(&yaml), &ChangeSet::full(), cfg);
+            apply_plan(&mut kernels[i], &mut planners[i], &plan).unwrap();
+        }
+        let changes = ChangeSet {
+            full: false,
+            services: ["web", "v6"].iter().map(|s| ServiceKey::new("ns", *s)).collect(),
+        };
+        let plan = planners[0].plan(&desired(&changed), &changes, &config());
+        assert!(!plan.units.is_empty());
+        apply_plan(&mut kernels[0], &mut planners[0], &plan).unwrap();
+        assert!(!kernels[0].foreign_change, "the IPv6 table's commits are kproxy's own");
+        // Someone else commits: noticed.
+        nft(&["add", "table", "ip", "someone-else"]);
+        let plan = planners[0].plan(&desired(&yaml), &changes, &config());
+        apply_plan(&mut kernels[0], &mut planners[0], &plan).unwrap();
+        assert!(kernels[0].foreign_change);
+    }) else {
+        eprintln!("skipping: needs root (network namespaces)");
+        return;
+    };
+}
