@@ -28,7 +28,9 @@
 #      KPROXY_BENCH_INGRESS=N adds the Ingress side: N Ingresses (class kproxy, one TLS host
 #      each, backend Service svc-I), N TLS Secrets (a real 2048-bit RSA certificate and key),
 #      N Opaque Secrets of 4 KiB that kproxy must never receive, and two IngressClasses;
-#      implies NO_WRITE (compare with a run without it for what the Ingress side costs).
+#      implies NO_WRITE (compare with a run without it for what the Ingress side costs);
+#      KPROXY_BENCH_KPROXY=PATH measures that kproxy binary instead of this tree's (an older
+#      build, to compare in one run); implies NO_WRITE.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -45,7 +47,7 @@ echo "==> building (release)"
 features=()
 # heaptrack interposes malloc: profile with the system allocator (a figure of its own).
 [ -z "${KPROXY_BENCH_HEAPTRACK:-}" ] || features=(--features system-allocator)
-[ -z "${KPROXY_BENCH_HEAPTRACK:-}${KPROXY_BENCH_INGRESS:-}" ] || export KPROXY_BENCH_NO_WRITE=1
+[ -z "${KPROXY_BENCH_HEAPTRACK:-}${KPROXY_BENCH_INGRESS:-}${KPROXY_BENCH_KPROXY:-}" ] || export KPROXY_BENCH_NO_WRITE=1
 cargo build --quiet --release --manifest-path "$here/Cargo.toml" "${features[@]}"
 fakeapi=$(cargo test --quiet --release --no-run --test integration --manifest-path "$here/Cargo.toml" \
   "${features[@]}" --message-format=json 2>/dev/null |
@@ -55,7 +57,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "integration":
         print(m["executable"])')
 [ -x "$fakeapi" ] || { echo "bench-api.sh: the integration test binary was not built" >&2; exit 1; }
-kproxy=$here/target/release/kproxy
+kproxy=${KPROXY_BENCH_KPROXY:-$here/target/release/kproxy}
 
 work=$(mktemp -d /tmp/kproxy-bench-api.XXXXXX)
 ns=kpbapi$$
