@@ -30,7 +30,8 @@
 #      N Opaque Secrets of 4 KiB that kproxy must never receive, and two IngressClasses;
 #      implies NO_WRITE (compare with a run without it for what the Ingress side costs);
 #      KPROXY_BENCH_KPROXY=PATH measures that kproxy binary instead of this tree's (an older
-#      build, to compare in one run); implies NO_WRITE.
+#      build, to compare in one run); implies NO_WRITE; KPROXY_BENCH_FAKEAPI=PATH uses that
+#      integration test binary as the fake API server instead of building this tree's.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -48,8 +49,9 @@ features=()
 # heaptrack interposes malloc: profile with the system allocator (a figure of its own).
 [ -z "${KPROXY_BENCH_HEAPTRACK:-}" ] || features=(--features system-allocator)
 [ -z "${KPROXY_BENCH_HEAPTRACK:-}${KPROXY_BENCH_INGRESS:-}${KPROXY_BENCH_KPROXY:-}" ] || export KPROXY_BENCH_NO_WRITE=1
-cargo build --quiet --release --manifest-path "$here/Cargo.toml" "${features[@]}"
-fakeapi=$(cargo test --quiet --release --no-run --test integration --manifest-path "$here/Cargo.toml" \
+[ -n "${KPROXY_BENCH_KPROXY:-}" ] || cargo build --quiet --release --manifest-path "$here/Cargo.toml" "${features[@]}"
+fakeapi=${KPROXY_BENCH_FAKEAPI:-}
+[ -n "$fakeapi" ] || fakeapi=$(cargo test --quiet --release --no-run --test integration --manifest-path "$here/Cargo.toml" \
   "${features[@]}" --message-format=json 2>/dev/null |
   python3 -c 'import sys, json
 for line in sys.stdin:
