@@ -1,7 +1,7 @@
 //! iptables mode: kube-proxy's chain layout under kproxy's own `KPROXY-` prefix.
 //!
-//! [`Planner`] is pure: it renders the Services that changed and assembles one
-//! iptables-restore input per sync, for both tables, jumps from the built-in chains included.
+//! [`Planner`] is pure: it plans one iptables-restore input per sync, for both tables, jumps
+//! from the built-in chains included, and renders it line by line as the tool reads it.
 //! [`apply`] runs the tools.
 
 pub mod apply;
@@ -69,6 +69,14 @@ impl IptablesProxier {
             udp: None,
         }
     }
+
+    /// The proxier running `tools` instead of the family's defaults.
+    pub fn with_tools(cfg: ProxierConfig, tools: apply::Tools) -> Self {
+        IptablesProxier {
+            tools,
+            ..IptablesProxier::new(cfg)
+        }
+    }
 }
 
 /// The local-traffic detector for one family; NodeCIDR mode follows the Node's podCIDRs.
@@ -122,19 +130,40 @@ impl Dataplane for IptablesProxier {
     fn sync<'a>(&'a mut self, desired: &'a DesiredState, changes: &'a ChangeSet) -> BoxFuture<'a, Result<SyncStats>> {
         Box::pin(async move {
             let cfg = render_config(&self.cfg, desired).await?;
-            // Only a full sync looks at the kernel (one iptables-save per table): partial syncs
-            // know from the planner what they wrote.
-            let kernel = if self.planner.plans_full(changes, &cfg) {
-                Some(self.tools.kernel_state().await?)
-            } else {
-                None
-            };
-            let plan = self.planner.plan(desired, changes, &cfg, kernel.as_ref());
-            if !plan.restore.is_empty() {
-                if let Err(e) = self.tools.restore(&plan.restore).await {
+            let plan = self.planner.plan(desired, changes, &cfg);
+            // Only a full sync looks at the kernel (one iptables-save per table, read as it
+            // prints): partial syncs know from the planner what they wrote.
+            if plan.full {
+                let kernel = {
+                    let wanted = self.planner.wanted_nat_chains();
+                    self.tools.kernel_state(|chain| !wanted.contains(chain)).await
+                };
+                match kernel {
+                    Ok(kernel) => self.planner.adopt_kernel(&kernel),
+                    Err(e) => {
+                        self.planner.rollback();
+                        return Err(e);
+                    }
+                }
+            }
+            if tracing::enabled!(tracing::Level::TRACE) {
+                let input = self.planner.restore_input(desired).into_string();
+                tracing::trace!(family = ?self.cfg.family, "iptables-restore input:\n{input}");
+            }
+            if !plan.empty {
+                let mut input = self.planner.restore_input(desired);
+                let result = self.tools.restore(|buf, limit| input.fill(buf, limit)).await;
+                drop(input);
+                if let Err(refusal) = result {
                     // The kernel kept its rules (each table is committed whole or not at all).
+                    // The input is rendered again to quote the line the tool named.
+                    let planner = &self.planner;
+                    let err = refusal.into_error(|n| {
+                        let (text, owner) = planner.restore_input(desired).line(n)?;
+                        Some((text, owner.map(|k| k.to_string())))
+                    });
                     self.planner.rollback();
-                    return Err(e);
+                    return Err(err);
                 }
             }
             self.planner.commit();
@@ -144,7 +173,6 @@ impl Dataplane for IptablesProxier {
                 delete_flows(&plan_cleanup(old, &udp)).await;
             }
             self.udp = Some(udp);
-            tracing::debug!(family = ?self.cfg.family, "iptables-restore input:\n{}", plan.restore);
             Ok(SyncStats {
                 rules_written: plan.rules_written,
                 rules_total: vec![("filter", plan.filter_rules), ("nat", plan.nat_rules)],
