@@ -28,7 +28,10 @@
 #      KPROXY_BENCH_INGRESS=N adds the Ingress side: N Ingresses (class kproxy, one TLS host
 #      each, backend Service svc-I), N TLS Secrets (a real 2048-bit RSA certificate and key),
 #      N Opaque Secrets of 4 KiB that kproxy must never receive, and two IngressClasses;
-#      implies NO_WRITE (compare with a run without it for what the Ingress side costs).
+#      implies NO_WRITE (compare with a run without it for what the Ingress side costs);
+#      KPROXY_BENCH_KPROXY=PATH measures that kproxy binary instead of this tree's (an older
+#      build, to compare in one run); implies NO_WRITE; KPROXY_BENCH_FAKEAPI=PATH uses that
+#      integration test binary as the fake API server instead of building this tree's.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -45,9 +48,10 @@ echo "==> building (release)"
 features=()
 # heaptrack interposes malloc: profile with the system allocator (a figure of its own).
 [ -z "${KPROXY_BENCH_HEAPTRACK:-}" ] || features=(--features system-allocator)
-[ -z "${KPROXY_BENCH_HEAPTRACK:-}${KPROXY_BENCH_INGRESS:-}" ] || export KPROXY_BENCH_NO_WRITE=1
-cargo build --quiet --release --manifest-path "$here/Cargo.toml" "${features[@]}"
-fakeapi=$(cargo test --quiet --release --no-run --test integration --manifest-path "$here/Cargo.toml" \
+[ -z "${KPROXY_BENCH_HEAPTRACK:-}${KPROXY_BENCH_INGRESS:-}${KPROXY_BENCH_KPROXY:-}" ] || export KPROXY_BENCH_NO_WRITE=1
+[ -n "${KPROXY_BENCH_KPROXY:-}" ] || cargo build --quiet --release --manifest-path "$here/Cargo.toml" "${features[@]}"
+fakeapi=${KPROXY_BENCH_FAKEAPI:-}
+[ -n "$fakeapi" ] || fakeapi=$(cargo test --quiet --release --no-run --test integration --manifest-path "$here/Cargo.toml" \
   "${features[@]}" --message-format=json 2>/dev/null |
   python3 -c 'import sys, json
 for line in sys.stdin:
@@ -55,7 +59,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "integration":
         print(m["executable"])')
 [ -x "$fakeapi" ] || { echo "bench-api.sh: the integration test binary was not built" >&2; exit 1; }
-kproxy=$here/target/release/kproxy
+kproxy=${KPROXY_BENCH_KPROXY:-$here/target/release/kproxy}
 
 work=$(mktemp -d /tmp/kproxy-bench-api.XXXXXX)
 ns=kpbapi$$
@@ -138,6 +142,8 @@ kproxy_pid() {
   fi
 }
 status_kib() { awk -v k="$1:" '$1 == k {print $2}' "/proc/$(kproxy_pid)/status"; }
+# kproxy's own CPU time so far (user + system), in seconds: load-independent, unlike wall clock.
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{sub(/^.*\) /, ""); printf "%.3f\n", ($12 + $13) / hz}' "/proc/$(kproxy_pid)/stat"; }
 
 # One EndpointSlice of the last Service with new endpoints and a trigger time of now.
 changed_slice() { # SERVICES
@@ -159,7 +165,7 @@ PY
 }
 
 tsv=$work/api-rss.tsv
-printf 'mode\tservices\tendpoints\tstart_to_rules_s\tfull_sync_s\tpeak_kib\tsteady_kib\tprogramming_s\n' > "$tsv"
+printf 'mode\tservices\tendpoints\tstart_to_rules_s\tfull_sync_s\tpeak_kib\tsteady_kib\tprogramming_s\tcpu_first_s\tcpu_change_ms\n' > "$tsv"
 for mode_arg in $modes; do
   case $mode_arg in
     nftables) mode=nftables label="nftables" ;;
@@ -201,6 +207,7 @@ for mode_arg in $modes; do
     wait_metric kubeproxy_sync_full_proxy_rules_duration_seconds_count 1 3600
     to_rules=$(echo "$(date +%s.%N) - $start" | bc)
     full_s=$(metric kubeproxy_sync_full_proxy_rules_duration_seconds_sum)
+    cpu_first=$(cpu_s)
     sleep 10
     steady=$(status_kib VmRSS)
     peak=$(status_kib VmHWM)
@@ -209,10 +216,12 @@ for mode_arg in $modes; do
     programmed_before=$(metric kubeproxy_network_programming_duration_seconds_sum)
     programmed_count=$(metric kubeproxy_network_programming_duration_seconds_count)
     last=$((n - 1))
+    cpu_before=$(cpu_s)
     ip netns exec "$ns" curl -sf -o /dev/null -X PUT -H 'Content-Type: application/json' --data @"$work/slice.json" \
       "$api/apis/discovery.k8s.io/v1/namespaces/ns-$((last % 10))/endpointslices/svc-$last-ep"
     # Any sync that programs it counts (a failed sync, say on a busy xtables lock, makes the next one full).
     wait_metric kubeproxy_network_programming_duration_seconds_count $((${programmed_count%.*} + 1)) 600
+    cpu_change_ms=$(echo "($(cpu_s) - $cpu_before) * 1000" | bc)
     programming_s=$(echo "$(metric kubeproxy_network_programming_duration_seconds_sum) - $programmed_before" | bc)
     if [ "$mode" = nftables ]; then
       ip netns exec "$ns" nft list table ip kproxy > "$work/rules.txt"
@@ -237,8 +246,8 @@ for mode_arg in $modes; do
         python3 "$here/scripts/heap-breakdown.py" "$profile.$cost.folded"
       done
     fi
-    printf '%s\t%s\t%s\t%.2f\t%.3f\t%s\t%s\t%.3f\n' "$mode_arg" "$n" "$endpoints" "$to_rules" "$full_s" "$peak" \
-      "$steady" "$programming_s" | tee -a "$tsv"
+    printf '%s\t%s\t%s\t%.2f\t%.3f\t%s\t%s\t%.3f\t%.2f\t%.0f\n' "$mode_arg" "$n" "$endpoints" "$to_rules" "$full_s" \
+      "$peak" "$steady" "$programming_s" "$cpu_first" "$cpu_change_ms" | tee -a "$tsv"
   done
 done
 
@@ -259,14 +268,16 @@ lines = [
     f"objects carry what a real kube-apiserver adds (managedFields, last-applied annotations); {eps} endpoints",
     "per Service, every tenth Service a NodePort. Peak is VmHWM after the first sync, steady is VmRSS",
     "10 s later; the change is one EndpointSlice written through the API, trigger time to kernel.",
+    "CPU is kproxy's own (user + system, /proc/PID/stat): to the first sync from its start, and for",
+    "the change from the write until the metric shows it programmed (the script's metric polls included).",
     "",
-    "| mode | Services | start to rules in the kernel | first full sync | peak RSS | steady RSS | one change |",
-    "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    "| mode | Services | start to rules in the kernel | first full sync | peak RSS | steady RSS | one change | kproxy CPU to the first sync | kproxy CPU for the change |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
 ]
 for r in rows:
     lines.append(f"| {labels[r['mode']]} | {int(r['services']):,} | {float(r['start_to_rules_s']):.2f} s | "
                  f"{float(r['full_sync_s']):.2f} s | {mib(r['peak_kib']):.0f} MiB | {mib(r['steady_kib']):.0f} MiB | "
-                 f"{float(r['programming_s']) * 1000:.0f} ms |")
+                 f"{float(r['programming_s']) * 1000:.0f} ms | {float(r['cpu_first_s']):.2f} s | {float(r['cpu_change_ms']):.0f} ms |")
 lines.append("")
 growth = []
 for mode in dict.fromkeys(r["mode"] for r in rows):

@@ -206,7 +206,7 @@ pub async fn run(
             Ok(()) => {
                 state.health.updated();
                 if let Some(hc) = health_checks.as_mut() {
-                    hc.sync(&snapshot.desired).await;
+                    hc.sync(&snapshot.desired, &snapshot.changes).await;
                 }
                 carried.clear();
                 carried_triggers.clear();
@@ -258,8 +258,9 @@ async fn sync_once(dataplane: &mut dyn Dataplane, snapshot: &Snapshot) -> Result
         let stats = dataplane.sync(&snapshot.desired, &snapshot.changes).await?;
         let took = started.elapsed();
         let done = SystemTime::now();
-        let services = snapshot.desired.service_port_count();
-        let endpoints = snapshot.desired.endpoint_count();
+        // Running counts kept by the store: a partial sync walks no Service it did not change.
+        let services = snapshot.service_ports;
+        let endpoints = snapshot.endpoints;
         let m = metrics();
         m.observe_sync(full, took);
         m.set_last_sync(done);

@@ -12,7 +12,7 @@ pub mod intern;
 pub mod node_ips;
 pub mod store;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -196,18 +196,27 @@ pub struct PortState {
     pub endpoints: Arc<[Endpoint]>,
 }
 
+/// Every proxied Service by key, in key order. A persistent map (imbl's B-tree): cloning it is
+/// O(1) and a changed version shares every untouched node with the one before, so the store
+/// hands each sync the whole desired state at the cost of what changed, not of what exists.
+/// Reads as a `BTreeMap` does (`get`, `iter`, `range`, `len`, `contains_key`).
+pub type ServiceMap = imbl::OrdMap<ServiceKey, Arc<ServiceState>>;
+
 /// What the node should implement: every proxied Service, keyed for stable iteration order.
 #[derive(Debug, Clone, Default)]
 pub struct DesiredState {
-    pub services: BTreeMap<ServiceKey, Arc<ServiceState>>,
+    pub services: ServiceMap,
     pub node: NodeInfo,
 }
 
 impl DesiredState {
+    /// Walks every Service: for tests and tools (a sync reads the store's running counts,
+    /// [`store::Snapshot::service_ports`]).
     pub fn service_port_count(&self) -> usize {
         self.services.values().map(|s| s.ports.len()).sum()
     }
 
+    /// Walks every Service, as [`Self::service_port_count`] does.
     pub fn endpoint_count(&self) -> usize {
         self.services
             .values()

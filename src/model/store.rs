@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::convert::{self, ConvertedNode, ConvertedService, ConvertedSlice, ServiceDecision, SliceInfo, SliceKey};
-use super::{ChangeSet, DesiredState, NodeInfo, PortState, ServiceKey, ServicePort, ServiceState};
+use super::{ChangeSet, DesiredState, NodeInfo, PortState, ServiceKey, ServiceMap, ServicePort, ServiceState};
 
 /// The kinds a source lists; kproxy programs nothing until each has been listed once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -23,11 +23,16 @@ pub enum Kind {
 }
 
 /// What a sync needs: the full desired state, what changed, and change timestamps for the
-/// network-programming latency metric.
+/// network-programming latency metric. Taking one costs what changed since the previous one:
+/// `desired.services` is a persistent map shared with the store, not a copy.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub desired: DesiredState,
     pub changes: ChangeSet,
+    /// Service ports in `desired` (kept by the store as Services change, not counted here).
+    pub service_ports: usize,
+    /// Endpoints of all Service ports in `desired`, kept the same way.
+    pub endpoints: usize,
     /// `last-change-trigger-time` of the EndpointSlices changed since the last snapshot.
     pub trigger_times: Vec<SystemTime>,
     pub service_changes: usize,
@@ -58,8 +63,11 @@ pub struct Store {
     bind_address: Option<std::net::IpAddr>,
     /// False while this node is being deleted or drained by the cluster autoscaler.
     node_eligible: bool,
-    /// Derived per-Service state, recomputed for `dirty` keys only.
-    state: BTreeMap<ServiceKey, Arc<ServiceState>>,
+    /// Derived per-Service state, recomputed for `dirty` keys only; every snapshot shares it.
+    state: ServiceMap,
+    /// Service ports and endpoints in `state`, updated with it.
+    state_ports: usize,
+    state_endpoints: usize,
     dirty: BTreeSet<ServiceKey>,
     full: bool,
     synced: BTreeSet<Kind>,
@@ -392,17 +400,22 @@ impl Store {
     }
 
     /// The desired state and what changed since the previous snapshot; resets change tracking.
+    /// Costs what changed: only dirty Services are rebuilt, and the map is shared, not copied.
     pub fn snapshot(&mut self) -> Snapshot {
         let dirty = std::mem::take(&mut self.dirty);
         for key in &dirty {
-            match self.services.get(key) {
+            let old = match self.services.get(key) {
                 Some(ports) => {
                     let state = build_service_state(ports, self.slices.get(key).map(Vec::as_slice));
-                    self.state.insert(key.clone(), Arc::new(state));
+                    self.state_ports += state.ports.len();
+                    self.state_endpoints += endpoints_of(&state);
+                    self.state.insert(key.clone(), Arc::new(state))
                 }
-                None => {
-                    self.state.remove(key);
-                }
+                None => self.state.remove(key),
+            };
+            if let Some(old) = old {
+                self.state_ports -= old.ports.len();
+                self.state_endpoints -= endpoints_of(&old);
             }
         }
         let changes = ChangeSet {
@@ -415,11 +428,17 @@ impl Store {
                 node: self.node.clone(),
             },
             changes,
+            service_ports: self.state_ports,
+            endpoints: self.state_endpoints,
             trigger_times: std::mem::take(&mut self.trigger_times),
             service_changes: std::mem::take(&mut self.service_changes),
             endpoint_changes: std::mem::take(&mut self.endpoint_changes),
         }
     }
+}
+
+fn endpoints_of(state: &ServiceState) -> usize {
+    state.ports.iter().map(|p| p.endpoints.len()).sum()
 }
 
 fn find_slice(slices: &ServiceSlices, name: &str) -> Option<usize> {
@@ -502,6 +521,76 @@ mod tests {
             &first.desired.services[&ServiceKey::new("ns", "b")],
             &snap.desired.services[&ServiceKey::new("ns", "b")]
         ));
+    }
+
+    /// A snapshot is a version of the desired state: later changes never show through it, and
+    /// the running counts always equal a walk of it.
+    #[test]
+    fn snapshots_are_versions_with_counts() {
+        let key = |n: &str| ServiceKey::new("ns", n);
+        let check_counts = |snap: &Snapshot| {
+            assert_eq!(snap.service_ports, snap.desired.service_port_count());
+            assert_eq!(snap.endpoints, snap.desired.endpoint_count());
+        };
+        let mut s = Store::new("n1");
+        s.replace_services([&svc("a", "10.96.0.1"), &svc("b", "10.96.0.2"), &svc("c", "10.96.0.3")]);
+        s.replace_slices([&slice("a-1", "a", "10.244.1.2"), &slice("b-1", "b", "10.244.1.3")]);
+        s.apply_node(&node());
+        let first = s.snapshot();
+        check_counts(&first);
+        assert_eq!((first.service_ports, first.endpoints), (3, 2));
+
+        // A change, a deletion and a new Service, in one batch.
+        s.apply_slice(&slice("a-1", "a", "10.244.1.9"));
+        s.delete_service_key(&key("b"));
+        s.apply_service(&svc("d", "10.96.0.4"));
+        s.apply_slice(&slice("d-1", "d", "10.244.1.4"));
+        let second = s.snapshot();
+        assert!(!second.changes.full);
+        assert_eq!(second.changes.services, BTreeSet::from([key("a"), key("b"), key("d")]));
+        assert!(!second.desired.services.contains_key(&key("b")));
+        assert_eq!(
+            second.desired.services.keys().cloned().collect::<Vec<_>>(),
+            [key("a"), key("c"), key("d")]
+        );
+        assert_eq!(
+            second.desired.services[&key("a")].ports[0].endpoints[0].addr_string(),
+            "10.244.1.9:8080"
+        );
+        check_counts(&second);
+        assert_eq!((second.service_ports, second.endpoints), (3, 2));
+        // The first snapshot is untouched, and shares what did not change.
+        assert_eq!(
+            first.desired.services.keys().cloned().collect::<Vec<_>>(),
+            [key("a"), key("b"), key("c")]
+        );
+        assert_eq!(
+            first.desired.services[&key("a")].ports[0].endpoints[0].addr_string(),
+            "10.244.1.2:8080"
+        );
+        check_counts(&first);
+        assert!(Arc::ptr_eq(
+            &first.desired.services[&key("c")],
+            &second.desired.services[&key("c")]
+        ));
+
+        // Nothing changed: nothing to sync; a deleted slice empties its Service's port.
+        assert!(!s.has_changes());
+        s.delete_slice_key(&SliceKey::of(&slice("d-1", "d", "10.244.1.4")));
+        let third = s.snapshot();
+        assert_eq!(third.changes.services, BTreeSet::from([key("d")]));
+        check_counts(&third);
+        assert_eq!(third.endpoints, 1);
+
+        // A full resync: flagged full, the whole state, the same counts.
+        s.force_full();
+        assert!(s.has_changes());
+        let full = s.snapshot();
+        assert!(full.changes.full);
+        assert!(full.changes.services.is_empty());
+        assert_eq!(full.desired.services.len(), 3);
+        check_counts(&full);
+        assert!(!s.has_changes());
     }
 
     #[test]
