@@ -155,7 +155,11 @@ pub async fn run(
     let mode = dataplane.mode();
     let partial_after_failure = dataplane.partial_after_failure();
     let mut last_start: Option<Instant> = None;
+    // The last successful full sync, and the last periodic sync (full or, where the dataplane
+    // trusts its record between full syncs, partial).
     let mut last_full = Instant::now();
+    let mut last_periodic = last_full;
+    let full_sync_period = dataplane.full_sync_period();
     let mut full_sync = FullSync::Periodic;
     // What syncs that failed were to program: their Services, for the next partial sync, and
     // their changes' trigger times, so the programming latency counts the wait.
@@ -165,7 +169,7 @@ pub async fn run(
         let now = Instant::now();
         let earliest = last_start.map_or(now, |t| t + timing.min_interval);
         let full_due = match full_sync {
-            FullSync::Periodic => last_full + timing.sync_period,
+            FullSync::Periodic => last_periodic + timing.sync_period,
             FullSync::Retry { at, .. } => at,
         }
         .max(earliest);
@@ -189,11 +193,19 @@ pub async fn run(
             return;
         }
         let now = Instant::now();
-        let Some(mut snapshot) = state.take_snapshot(now >= full_due) else {
-            if now >= full_due {
-                // Not ready yet: try the periodic sync again one period later.
-                last_full = now;
-            }
+        let periodic = now >= full_due && matches!(full_sync, FullSync::Periodic);
+        let force_full = match full_sync_period {
+            // kube-proxy's iptables mode: the periodic sync is partial (nothing to do if
+            // nothing changed) unless a full one is due or the kernel lost kproxy's rules.
+            Some(period) if periodic => now >= last_full + period || dataplane.drifted().await,
+            _ => now >= full_due,
+        };
+        if periodic {
+            last_periodic = now;
+        }
+        let Some(mut snapshot) = state.take_snapshot(force_full) else {
+            // Not ready yet, or a partial periodic sync with nothing to do: the next periodic
+            // sync is one period later.
             continue;
         };
         let full = snapshot.changes.full;
@@ -212,6 +224,7 @@ pub async fn run(
                 carried_triggers.clear();
                 if full {
                     last_full = now;
+                    last_periodic = now;
                     full_sync = FullSync::Periodic;
                 }
             }
@@ -325,6 +338,10 @@ mod tests {
         /// How long a full sync takes.
         full_takes: Duration,
         partial_after_failure: bool,
+        /// Trust the record between full syncs this long (iptables mode's hour).
+        full_sync_period: Option<Duration>,
+        /// What `drifted` answers, and how often it was asked.
+        drifted: Arc<Mutex<(bool, usize)>>,
     }
 
     /// Records syncs and behaves as told.
@@ -377,6 +394,15 @@ mod tests {
         }
         fn partial_after_failure(&self) -> bool {
             self.how.partial_after_failure
+        }
+        fn full_sync_period(&self) -> Option<Duration> {
+            self.how.full_sync_period
+        }
+        fn drifted(&mut self) -> BoxFuture<'_, bool> {
+            let mut d = self.how.drifted.lock().unwrap();
+            d.1 += 1;
+            let answer = d.0;
+            Box::pin(async move { answer })
         }
     }
 
@@ -520,6 +546,47 @@ mod tests {
         let log = calls(&log);
         assert_eq!(log.len(), 3);
         assert!(log.iter().all(|c| c.full));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn where_the_record_is_trusted_the_periodic_sync_is_partial_until_drift_or_the_full_period() {
+        let drifted = Arc::new(Mutex::new((false, 0)));
+        let how = Behaviour {
+            full_sync_period: Some(Duration::from_secs(300)),
+            drifted: drifted.clone(),
+            ..Behaviour::default()
+        };
+        let (state, log, _tx) = start_with(how, timing());
+        make_ready(&state);
+        // Periodic syncs at 30 and 60 s find nothing changed: no sync at all, only the check.
+        tokio::time::sleep(Duration::from_secs(65)).await;
+        assert_eq!(calls(&log).iter().map(|c| c.full).collect::<Vec<_>>(), [true]);
+        assert_eq!(drifted.lock().unwrap().1, 2, "the drift check runs every period");
+        // A change is programmed partially as ever, and the periodic sync after it stays partial.
+        state.update(|s| s.apply_service(&svc("b")));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(calls(&log).iter().map(|c| c.full).collect::<Vec<_>>(), [true, false]);
+        // Drift: the next periodic sync is a full one.
+        drifted.lock().unwrap().0 = true;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let log_now = calls(&log);
+        assert_eq!(log_now.iter().map(|c| c.full).collect::<Vec<_>>(), [true, false, true]);
+        assert_eq!(log_now[2].start - log_now[0].start, Duration::from_secs(120));
+        drifted.lock().unwrap().0 = false;
+        // Without drift, the next full one comes 300 s after the last full one (at 420 s),
+        // on the periodic sync at or after it.
+        tokio::time::sleep(Duration::from_secs(330)).await;
+        let log_now = calls(&log);
+        let fulls: Vec<Duration> = log_now
+            .iter()
+            .filter(|c| c.full)
+            .map(|c| c.start - log_now[0].start)
+            .collect();
+        assert_eq!(
+            fulls,
+            [Duration::ZERO, Duration::from_secs(120), Duration::from_secs(420)],
+            "{log_now:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
