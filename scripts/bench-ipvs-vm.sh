@@ -45,7 +45,8 @@ for n in $SIZES; do
   api=$!
   until grep -q '^fakeapi: serving' /tmp/api.log; do sleep 1; done
   start=$(cut -d' ' -f1 /proc/uptime)
-  /usr/sbin/ip netns exec bench ./kproxy --master http://127.0.0.1:6443 --hostname-override bench-node --proxy-mode ipvs \
+  # The IPVS dataplane's debug line per sync says how long each step took.
+  /usr/sbin/ip netns exec bench env RUST_LOG=info,kproxy::dataplane::ipvs=debug ./kproxy --master http://127.0.0.1:6443 --hostname-override bench-node --proxy-mode ipvs \
     --cluster-cidr 10.128.0.0/9 --sync-period 1h --ipvs-sync-period 1h --min-sync-period 0s --ipvs-min-sync-period 0s \
     --healthz-bind-address 127.0.0.1:10256 --metrics-bind-address 127.0.0.1:10249 > /tmp/kp.log 2>&1 &
   kp=$!
@@ -75,6 +76,7 @@ for n in $SIZES; do
   partial_sync=$(awk -v a="$(metric kubeproxy_sync_partial_proxy_rules_duration_seconds_sum)" -v b="${ps0:-0}" 'BEGIN {print a - b}')
   /usr/sbin/ip netns exec bench ipvsadm -Ln | grep -q '10.255.0.1:8080' || echo "warning: the changed endpoint is not in IPVS"
   vs=$(/usr/sbin/ip netns exec bench ipvsadm -Ln | grep -c '^TCP')
+  grep -a 'IPVS sync steps' /tmp/kp.log | sed 's/^.*IPVS sync steps: /@@STEPS '"$n"' /; s/$/@@/' | tail -4
   echo "@@BENCH services=$n virtual_services=$vs first_wall_s=$first_wall first_cpu_ticks=$first_cpu first_sync_s=$first_sync full_cpu_ticks=$full_cpu full_sync_s=$full_sync partial_cpu_ticks=$partial_cpu partial_sync_s=$partial_sync peak_kib=$(kib "$kp" VmHWM) steady_kib=$(kib "$kp" VmRSS)@@"
   kill "$kp"; wait "$kp"
   kill "$api"; wait "$api"

@@ -291,7 +291,7 @@ impl IpvsProxier {
 
     fn execute(&mut self, requests: &[Request]) -> Result<()> {
         for req in requests {
-            tracing::debug!(family = ?self.cfg.family, "IPVS: {req}");
+            tracing::trace!(family = ?self.cfg.family, "IPVS: {req}");
             self.client.execute(req)?;
         }
         if self.draining.len() > 0 {
