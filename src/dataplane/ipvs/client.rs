@@ -153,7 +153,9 @@ impl IpvsClient {
             self.buf.clear();
             let len = self.socket.recv(&mut self.buf, MSG_TRUNC).map_err(socket)?;
             if len > self.buf.len() {
-                return Err(Failure::Socket(format!("a {len}-byte reply did not fit in {RECV_BUFFER} bytes")));
+                return Err(Failure::Socket(format!(
+                    "a {len}-byte reply did not fit in {RECV_BUFFER} bytes"
+                )));
             }
             for reply in decode_replies(&self.buf).map_err(|e| Failure::Socket(e.to_string()))? {
                 match reply {

@@ -173,6 +173,8 @@ impl IpvsProxier {
         let family = self.cfg.family;
         let in_family = |ip: &IpAddr| IpFamily::of(ip) == family;
         let mut took = Phases::start();
+        // The kernel is read anew: the old record would only double the peak.
+        self.committed = None;
         let rtnl = Rtnl::connect()?;
         let dummy = rtnl.ensure_dummy().await?;
         let addresses = rtnl.addresses().await?;
@@ -197,7 +199,14 @@ impl IpvsProxier {
             kernel.dests.insert(key, dests);
         }
         took.mark("list_real_servers");
-        let requests = plan_requests(&want, &kernel, &Scope::Full, &mut self.draining, Instant::now(), &plan_cfg);
+        let requests = plan_requests(
+            &want,
+            &kernel,
+            &Scope::Full,
+            &mut self.draining,
+            Instant::now(),
+            &plan_cfg,
+        );
         drop(kernel);
         took.mark("plan_requests");
 

@@ -422,4 +422,32 @@ mod tests {
         );
         assert!(!text.contains("elements"), "empty sets have no elements line");
     }
+
+    #[test]
+    fn element_changes_name_each_set_once_per_verb_deletions_first() {
+        let k = VsKey {
+            addr: "198.51.100.5".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            port: 80,
+        };
+        let net: IpNet = "192.0.2.0/24".parse().unwrap();
+        let text = render_element_changes(
+            IpFamily::V4,
+            &[(SetName::NoEndpoints, Element::Vs(k))],
+            &[
+                (SetName::FirewallAllow, Element::VsSource(k, net)),
+                (SetName::Firewall, Element::Vs(k)),
+                (SetName::Hairpin, Element::Hairpin("10.244.1.2".parse().unwrap())),
+                (SetName::Hairpin, Element::Hairpin("10.244.1.3".parse().unwrap())),
+            ],
+        );
+        assert_eq!(
+            text,
+            "delete element ip kproxy-ipvs no-endpoints { 198.51.100.5 . tcp . 80 }\n\
+             add element ip kproxy-ipvs hairpin { 10.244.1.2 . 10.244.1.2, 10.244.1.3 . 10.244.1.3 }\n\
+             add element ip kproxy-ipvs firewall { 198.51.100.5 . tcp . 80 }\n\
+             add element ip kproxy-ipvs firewall-allow { 198.51.100.5 . tcp . 80 . 192.0.2.0/24 }\n"
+        );
+        assert!(render_element_changes(IpFamily::V6, &[], &[]).is_empty());
+    }
 }

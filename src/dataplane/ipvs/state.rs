@@ -200,12 +200,16 @@ impl Committed {
         edits
             .delete_elements
             .extend(edits.unbind.iter().map(|ip| (SetName::ServiceIps, Element::Ip(*ip))));
-        edits
-            .add_elements
-            .extend(hairpin_up.into_iter().map(|ip| (SetName::Hairpin, Element::Hairpin(ip))));
-        edits
-            .delete_elements
-            .extend(hairpin_down.into_iter().map(|ip| (SetName::Hairpin, Element::Hairpin(ip))));
+        edits.add_elements.extend(
+            hairpin_up
+                .into_iter()
+                .map(|ip| (SetName::Hairpin, Element::Hairpin(ip))),
+        );
+        edits.delete_elements.extend(
+            hairpin_down
+                .into_iter()
+                .map(|ip| (SetName::Hairpin, Element::Hairpin(ip))),
+        );
         edits
     }
 

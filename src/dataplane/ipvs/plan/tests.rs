@@ -433,4 +433,3 @@ fn source_ranges_apply_to_load_balancer_ips_only() {
     assert!(ranges("10.96.0.10", 80).is_empty());
     assert!(ranges(NODE_IP, 30080).is_empty());
 }
-

@@ -328,7 +328,9 @@ fn removed_tcp_endpoint_drains_and_its_service_is_read_until_deleted() {
     let change = c.plan_change(&d, &changed, &draining);
     assert_eq!(
         change.scope,
-        [vs_key("10.96.0.6", 80), vs_key("10.96.0.10", 80)].into_iter().collect()
+        [vs_key("10.96.0.6", 80), vs_key("10.96.0.10", 80)]
+            .into_iter()
+            .collect()
     );
     let mut dests = dests_of(&c, &change);
     dests.get_mut(&vs_key("10.96.0.6", 80)).unwrap().push(RealServerState {
