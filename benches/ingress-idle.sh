@@ -2,46 +2,27 @@
 # Benchmark (not a test): what an idle client connection costs the Ingress proxy. Opens N
 # connections (default 10,000) to kproxy, sends one request on each and reads the answer,
 # leaves them idle (HTTP/1.1 keep-alive), and reads the proxy's resident memory before and
-# after: (RSS after - RSS before) / N. Then the same over HTTPS (TLS 1.3, HTTP/1.1), and both
-# again for nginx (sum of its processes' RSS). Runs in a throwaway network namespace.
+# after: (RSS after - RSS before) / N. Then the same over HTTPS (TLS 1.3, HTTP/1.1) and over
+# cleartext HTTP/2 (prior knowledge, one request on stream 1, then idle), and all three again
+# for nginx (sum of its processes' RSS). Runs in a throwaway network namespace.
 #
 # usage: sudo benches/ingress-idle.sh [CONNECTIONS]   (needs nginx, python3, openssl, curl)
 #        KPROXY_BIN=PATH ...   measure that binary instead of building target/release/kproxy
+#        IDLE_MODES="plain tls h2" ...   which kinds of connection, in which order
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 n=${1:-10000}
 [ "$(id -u)" = 0 ] || { echo "ingress-idle.sh: needs root (network namespace)" >&2; exit 1; }
-if [ -n "${KPROXY_BIN:-}" ]; then
-  kproxy=$KPROXY_BIN
-else
-  cargo build --quiet --release --bin kproxy --manifest-path "$here/Cargo.toml"
-  kproxy=$here/target/release/kproxy
-fi
 # Each side holds N descriptors; raise the soft limit as far as the hard one allows.
 want=$((n + 2048))
 hard=$(ulimit -Hn)
 [ "$hard" = unlimited ] || [ "$hard" -ge "$want" ] || { echo "ingress-idle.sh: open files hard limit $hard < $want" >&2; exit 1; }
 ulimit -n "$want"
 
-ns=kpidle-$$
-work=$(mktemp -d /tmp/kproxy-idle.XXXXXX)
-chmod 755 "$work"
-pids=()
-cleanup() {
-  set +e
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
-  for p in $(ip netns pids "$ns" 2>/dev/null); do kill "$p" 2>/dev/null; done
-  sleep 0.5
-  ip netns del "$ns" 2>/dev/null
-  rm -rf "/etc/netns/$ns" "$work"
-}
-trap cleanup EXIT
-ip netns add "$ns"
-mkdir -p "/etc/netns/$ns"
-echo "127.0.0.1 localhost myapp.example.com" >"/etc/netns/$ns/hosts"
-in_ns() { ip netns exec "$ns" "$@"; }
-in_ns ip link set lo up
+ns_prefix=kpidle
+# shellcheck source=benches/ingress-common.sh
+. "$here/benches/ingress-common.sh"
 # Enough local ports and backlog for N connections on loopback.
 in_ns sysctl -qw net.ipv4.ip_local_port_range="1024 65000" net.core.somaxconn=65535
 
@@ -73,6 +54,7 @@ http {
   server {
     listen 127.0.0.1:8082 reuseport backlog=65535;
     listen 127.0.0.1:8442 ssl reuseport backlog=65535;
+    listen 127.0.0.1:8084 http2 reuseport backlog=65535;
     ssl_certificate $work/tls.crt;
     ssl_certificate_key $work/tls.key;
     location / {
@@ -84,52 +66,12 @@ http {
   }
 }
 CONF
-mkdir -p "$work/manifests"
-cat >"$work/manifests/all.yaml" <<YAML
-apiVersion: v1
-kind: Service
-metadata: {name: myapp-svc, namespace: default}
-spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8081}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: myapp-svc-1, namespace: default, labels: {kubernetes.io/service-name: myapp-svc}}
-addressType: IPv4
-ports: [{name: http, port: 8081, protocol: TCP}]
-endpoints: [{addresses: [127.0.0.1], conditions: {ready: true}}]
----
-apiVersion: v1
-kind: Secret
-metadata: {name: myapp-tls, namespace: default}
-type: kubernetes.io/tls
-data: {tls.crt: $(base64 -w0 "$work/tls.crt"), tls.key: $(base64 -w0 "$work/tls.key")}
----
-apiVersion: networking.k8s.io/v1
-kind: Ingress
-metadata: {name: myapp-ingress, namespace: default, annotations: {nginx.ingress.kubernetes.io/ssl-redirect: "false"}}
-spec:
-  ingressClassName: kproxy
-  tls: [{hosts: [myapp.example.com], secretName: myapp-tls}]
-  rules:
-    - host: myapp.example.com
-      http:
-        paths:
-          - {path: /, pathType: Prefix, backend: {service: {name: myapp-svc, port: {number: 80}}}}
-YAML
+write_manifests
 
 in_ns nginx -c "$work/backend.conf" & pids+=($!)
 in_ns nginx -c "$work/proxy.conf" & pids+=($!)
-in_ns "$kproxy" --manifests "$work/manifests" --hostname-override bench-node \
-  --healthz-bind-address "" --metrics-bind-address "" \
-  --ingress-http-bind-address 127.0.0.1:8083 --ingress-https-bind-address 127.0.0.1:8443 \
-  2>"$work/kproxy.log" & pids+=($!)
-for url in http://127.0.0.1:8082/ http://127.0.0.1:8083/ https://myapp.example.com:8442/ https://myapp.example.com:8443/; do
-  for _ in $(seq 1 100); do
-    in_ns curl -skf -H "Host: myapp.example.com" "$url" >/dev/null && break
-    sleep 0.1
-  done
-done
-kproxy_pid=$(pgrep -f -- "--manifests $work/manifests" | head -1)
+start_kproxy
+wait_for http://127.0.0.1:8082/ http://127.0.0.1:8083/ https://myapp.example.com:8442/ https://myapp.example.com:8443/
 nginx_master=$(pgrep -f "nginx -c $work/proxy.conf" | head -1)
 
 # Resident KiB of the given processes.
@@ -143,8 +85,9 @@ rss() {
 
 cat >"$work/idle.py" <<'PY'
 # Opens N connections, one request each, then holds them idle until stdin closes.
-import asyncio, ssl, sys
-port, n, tls = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "tls"
+import asyncio, ssl, struct, sys
+port, n, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+tls = mode == "tls"
 ctx = None
 if tls:
     ctx = ssl.create_default_context()
@@ -152,8 +95,32 @@ if tls:
     ctx.verify_mode = ssl.CERT_NONE
     ctx.set_alpn_protocols(["http/1.1"])
 REQ = b"GET / HTTP/1.1\r\nHost: myapp.example.com\r\n\r\n"
+def frame(kind, flags, stream, payload=b""):
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+# HTTP/2 with prior knowledge: the preface, empty SETTINGS, and GET / on stream 1 (HPACK:
+# :method GET, :scheme http, :path / from the static table, :authority as a literal).
+AUTHORITY = b"myapp.example.com"
+H2_REQ = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0)
+          + frame(1, 0x5, 1, b"\x82\x86\x84\x41" + bytes([len(AUTHORITY)]) + AUTHORITY))
+async def one_h2():
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(H2_REQ)
+    while True:
+        head = await r.readexactly(9)
+        length, kind, flags = int.from_bytes(head[:3], "big"), head[3], head[4]
+        stream = int.from_bytes(head[5:], "big") & 0x7FFFFFFF
+        await r.readexactly(length)
+        if kind == 4 and not flags & 1:
+            w.write(frame(4, 1, 0))  # SETTINGS ACK
+        if kind == 7:
+            raise RuntimeError("GOAWAY")
+        if stream == 1 and kind in (0, 1) and flags & 1:
+            await w.drain()
+            return w
 async def one(sem):
     async with sem:
+        if mode == "h2":
+            return await one_h2()
         r, w = await asyncio.open_connection("myapp.example.com" if tls else "127.0.0.1", port,
                                              ssl=ctx, server_hostname="myapp.example.com" if tls else None)
         w.write(REQ)
@@ -186,7 +153,7 @@ measure() {
   exec {to_client}>&-
   wait "$CLIENT_PID" 2>/dev/null || true
   awk -v name="$name" -v mode="$mode" -v o="$opened" -v b="$before" -v a="$after" \
-    'BEGIN { printf "| %s | %s | %d | %.1f | %.1f | %.2f |\n", name, mode == "tls" ? "HTTPS (TLS 1.3)" : "HTTP/1.1", o, b / 1024, a / 1024, (a - b) / o }'
+    'BEGIN { printf "| %s | %s | %d | %.1f | %.1f | %.2f |\n", name, mode == "tls" ? "HTTPS (TLS 1.3)" : mode == "h2" ? "HTTP/2 (cleartext)" : "HTTP/1.1", o, b / 1024, a / 1024, (a - b) / o }'
   sleep 1
 }
 
@@ -194,7 +161,21 @@ echo "Written by \`benches/ingress-idle.sh $n\` on $(date -u +%Y-%m-%d) ($(nproc
 echo
 echo "| proxy | connections | opened | RSS before, MiB | RSS with them open, MiB | KiB per idle connection |"
 echo "| --- | --- | ---: | ---: | ---: | ---: |"
-measure kproxy 8083 plain "$kproxy_pid"
-measure kproxy 8443 tls "$kproxy_pid"
-measure "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///')" 8082 plain $(pgrep -P "$nginx_master") "$nginx_master"
-measure "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///')" 8442 tls $(pgrep -P "$nginx_master") "$nginx_master"
+# Kinds of connection measured, in this order (IDLE_MODES="tls" for one alone: memory the
+# earlier kinds' connections gave back may be reused by the later ones).
+modes=${IDLE_MODES:-plain tls h2}
+nginx_name="nginx $(nginx -v 2>&1 | sed 's/.*nginx\///')"
+for mode in $modes; do
+  case $mode in
+    plain) measure kproxy 8083 plain "$kproxy_pid" ;;
+    tls) measure kproxy 8443 tls "$kproxy_pid" ;;
+    h2) measure kproxy 8083 h2 "$kproxy_pid" ;;
+  esac
+done
+for mode in $modes; do
+  case $mode in
+    plain) measure "$nginx_name" 8082 plain $(pgrep -P "$nginx_master") "$nginx_master" ;;
+    tls) measure "$nginx_name" 8442 tls $(pgrep -P "$nginx_master") "$nginx_master" ;;
+    h2) measure "$nginx_name" 8084 h2 $(pgrep -P "$nginx_master") "$nginx_master" ;;
+  esac
+done

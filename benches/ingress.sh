@@ -9,7 +9,7 @@
 #
 # Everything runs in a throwaway network namespace on loopback: the backend is nginx (one
 # worker) answering a fixed body on / and a 1 MiB file on /big; nginx as the proxy has as many
-# worker processes as kproxy has worker threads, with what ingress-nginx sets for such a route
+# worker processes as kproxy has worker threads (one per CPU the proxies are pinned to), with what ingress-nginx sets for such a route
 # (reuseport listeners, upstream keep-alive, the forwarding headers, proxy_buffering off) and
 # 16 KiB proxy buffers (kproxy reads 16 KiB at a time).
 #
@@ -21,9 +21,13 @@
 #          instructions per request (valgrind's callgrind) and system calls per request (strace
 #          -c) of kproxy and nginx, keep-alive shape; deterministic, unlike times on a shared machine
 #          (with a directory, the callgrind files are kept there for callgrind_annotate); with
-#          SHAPES "newconn", a new connection per request
+#          SHAPES "newconn", a new connection per request; "https", HTTPS with keep-alive
 #        BENCH_WRITE=0 ...   print the results without rewriting BENCHMARKS.md and the plots
 #        KPROXY_BIN=PATH ...   measure that binary instead of building target/release/kproxy
+#        BENCH_PROXY_CPUS=LIST BENCH_LOAD_CPUS=LIST ...   CPUs (taskset lists) for the proxy
+#          under test and for wrk and the backend; default the last CPU for the proxies and the
+#          others for the load, so that the proxy never competes with its own load generator
+#          (BENCH_PIN=0: no pinning, every process on every CPU)
 # needs: wrk, nginx (nginx-light), curl, openssl, iproute2; python3 with matplotlib for the
 # plots (installed with pip if missing).
 set -euo pipefail
@@ -33,44 +37,31 @@ duration=${1:-10}
 runs=${2:-3}
 shapes=${3:-"keepalive newconn 1mib https"}
 connections=64
-workers=$(nproc)
+cpus=$(nproc)
+if [ "${BENCH_PIN:-1}" = 1 ] && [ "$cpus" -ge 2 ]; then
+  proxy_cpus=${BENCH_PROXY_CPUS:-$((cpus - 1))}
+  load_cpus=${BENCH_LOAD_CPUS:-$([ "$cpus" = 2 ] && echo 0 || echo "0-$((cpus - 2))")}
+else
+  proxy_cpus=0-$((cpus - 1))
+  load_cpus=$proxy_cpus
+fi
+# kproxy starts one worker per CPU it may run on; nginx gets as many.
+workers=$(taskset -c "$proxy_cpus" nproc)
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 [ "$(id -u)" = 0 ] || { echo "ingress.sh: needs root (network namespace)" >&2; exit 1; }
-for tool in wrk nginx curl ip openssl; do
+for tool in wrk nginx curl ip openssl taskset; do
   command -v "$tool" >/dev/null || { echo "ingress.sh: missing $tool (apt-get install wrk nginx-light curl iproute2 openssl)" >&2; exit 1; }
 done
 
-if [ -n "${KPROXY_BIN:-}" ]; then
-  kproxy=$KPROXY_BIN
-else
-  cargo build --quiet --release --bin kproxy --manifest-path "$here/Cargo.toml"
-  kproxy=$here/target/release/kproxy
-fi
-
-ns=kpbench-$$
-work=$(mktemp -d /tmp/kproxy-bench.XXXXXX)
-pids=()
-cleanup() {
-  set +e
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
-  for p in $(ip netns pids "$ns" 2>/dev/null); do kill "$p" 2>/dev/null; done
-  sleep 0.5
-  ip netns del "$ns" 2>/dev/null
-  rm -rf "/etc/netns/$ns" "$work"
-}
-trap cleanup EXIT
-ip netns add "$ns"
-# `ip netns exec` reads /etc/netns/NAME/hosts as /etc/hosts: the benchmark's host name
-# resolves to loopback, so TLS clients send it as SNI.
-mkdir -p "/etc/netns/$ns"
-echo "127.0.0.1 localhost myapp.example.com" >"/etc/netns/$ns/hosts"
-in_ns() { ip netns exec "$ns" "$@"; }
-in_ns ip link set lo up
+ns_prefix=kpbench
+# shellcheck source=benches/ingress-common.sh
+. "$here/benches/ingress-common.sh"
 
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=myapp.example.com \
   -addext subjectAltName=DNS:myapp.example.com \
   -keyout "$work/tls.key" -out "$work/tls.crt" 2>/dev/null
 head -c 1048576 /dev/urandom >"$work/big"
-chmod 755 "$work"; chmod 644 "$work/big"
+chmod 644 "$work/big"
 
 cat >"$work/backend.conf" <<CONF
 worker_processes 1;
@@ -123,64 +114,20 @@ http {
   }
 }
 CONF
-mkdir -p "$work/manifests"
-b64() { base64 -w0 "$1"; }
-cat >"$work/manifests/all.yaml" <<YAML
-apiVersion: v1
-kind: Service
-metadata: {name: myapp-svc, namespace: default}
-spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8081}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: myapp-svc-1, namespace: default, labels: {kubernetes.io/service-name: myapp-svc}}
-addressType: IPv4
-ports: [{name: http, port: 8081, protocol: TCP}]
-endpoints: [{addresses: [127.0.0.1], conditions: {ready: true}}]
----
-apiVersion: v1
-kind: Secret
-metadata: {name: myapp-tls, namespace: default}
-type: kubernetes.io/tls
-data: {tls.crt: $(b64 "$work/tls.crt"), tls.key: $(b64 "$work/tls.key")}
----
-apiVersion: networking.k8s.io/v1
-kind: Ingress
-metadata: {name: myapp-ingress, namespace: default, annotations: {nginx.ingress.kubernetes.io/ssl-redirect: "false"}}
-spec:
-  ingressClassName: kproxy
-  tls: [{hosts: [myapp.example.com], secretName: myapp-tls}]
-  rules:
-    - host: myapp.example.com
-      http:
-        paths:
-          - {path: /, pathType: Prefix, backend: {service: {name: myapp-svc, port: {number: 80}}}}
-YAML
+write_manifests
 
-in_ns nginx -c "$work/backend.conf" & pids+=($!)
-in_ns nginx -c "$work/proxy.conf" & pids+=($!)
-in_ns "$kproxy" --manifests "$work/manifests" --hostname-override bench-node \
-  --healthz-bind-address "" --metrics-bind-address "" \
-  --ingress-http-bind-address 127.0.0.1:8083 --ingress-https-bind-address 127.0.0.1:8443 \
-  2>"$work/kproxy.log" & pids+=($!)
-
-for url in http://127.0.0.1:8081/ http://127.0.0.1:8082/ http://127.0.0.1:8083/ \
-  https://myapp.example.com:8442/ https://myapp.example.com:8443/; do
-  for _ in $(seq 1 100); do
-    in_ns curl -skf -H "Host: myapp.example.com" "$url" >/dev/null && break
-    sleep 0.1
-  done
-  in_ns curl -skf -H "Host: myapp.example.com" "$url" >/dev/null \
-    || { echo "$url does not answer" >&2; cat "$work/kproxy.log" >&2; exit 1; }
-done
-kproxy_pid=$(pgrep -f -- "--manifests $work/manifests" | head -1)
+in_ns taskset -c "$load_cpus" nginx -c "$work/backend.conf" & pids+=($!)
+in_ns taskset -c "$proxy_cpus" nginx -c "$work/proxy.conf" & pids+=($!)
+start_kproxy taskset -c "$proxy_cpus"
+wait_for http://127.0.0.1:8081/ http://127.0.0.1:8082/ http://127.0.0.1:8083/ \
+  https://myapp.example.com:8442/ https://myapp.example.com:8443/
 nginx_master=$(pgrep -f "nginx -c $work/proxy.conf" | head -1)
 mapfile -t nginx_pids < <(echo "$nginx_master"; pgrep -P "$nginx_master")
 
 if [ -n "${BENCH_PERF:-}" ]; then
   perf record -F 999 -g -p "$kproxy_pid" -o "$BENCH_PERF" -- sleep "$duration" >/dev/null 2>&1 &
   perf_pid=$!
-  in_ns wrk -t2 -c"$connections" -d"${duration}s" -H "Host: myapp.example.com" http://127.0.0.1:8083/ >/dev/null
+  in_ns taskset -c "$load_cpus" wrk -t2 -c"$connections" -d"${duration}s" -H "Host: myapp.example.com" http://127.0.0.1:8083/ >/dev/null
   # Only perf: a bare `wait` would also wait for the servers started above.
   wait "$perf_pid"
   echo "profile in $BENCH_PERF"
@@ -195,17 +142,17 @@ if [ -n "${BENCH_COUNT:-}" ]; then
     local name=$1 url=$2
     shift 2
     local out="$work/cg.$name"
-    in_ns valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" "$@" >/dev/null 2>"$work/cg.$name.log" &
+    in_ns taskset -c "$proxy_cpus" valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" "$@" >/dev/null 2>"$work/cg.$name.log" &
     pids+=($!)
     for _ in $(seq 1 300); do
-      in_ns curl -sf -H "Host: myapp.example.com" "$url" >/dev/null && break
+      in_ns curl -skf -H "Host: myapp.example.com" "$url" >/dev/null && break
       sleep 0.2
     done
     local pid
     pid=$(pgrep -f "callgrind-out-file=$out" | tail -1)
     callgrind_control -i on "$pid" >/dev/null 2>&1
     local wrk_out requests
-    wrk_out=$(in_ns wrk -t1 -c8 -d"${duration}s" -H "Host: myapp.example.com" "${count_extra[@]}" "$url")
+    wrk_out=$(in_ns taskset -c "$load_cpus" wrk -t1 -c8 -d"${duration}s" -H "Host: myapp.example.com" "${count_extra[@]}" "$url")
     requests=$(awk '/requests in/ {print $1}' <<<"$wrk_out")
     callgrind_control -d "$pid" >/dev/null 2>&1
     if [ -d "${BENCH_COUNT}" ]; then cp "$out".* "$BENCH_COUNT/"; fi
@@ -220,11 +167,11 @@ if [ -n "${BENCH_COUNT:-}" ]; then
       nginx) target_pid=$(pgrep -P "$nginx_master" | tr '\n' ',' | sed 's/,$//') ;;
     esac
     local port_url
-    case $name in kproxy) port_url=http://127.0.0.1:8083/ ;; nginx) port_url=http://127.0.0.1:8082/ ;; esac
+    case $name in kproxy) port_url=$kproxy_url ;; nginx) port_url=$nginx_url ;; esac
     strace -c -f -qq -o "$work/strace.$name" -p "$target_pid" &
     local strace_pid=$!
     sleep 0.5
-    wrk_out=$(in_ns wrk -t1 -c8 -d"${duration}s" -H "Host: myapp.example.com" "${count_extra[@]}" "$port_url")
+    wrk_out=$(in_ns taskset -c "$load_cpus" wrk -t1 -c8 -d"${duration}s" -H "Host: myapp.example.com" "${count_extra[@]}" "$port_url")
     kill -INT "$strace_pid"
     wait "$strace_pid" 2>/dev/null || true
     local sreq calls
@@ -235,15 +182,23 @@ if [ -n "${BENCH_COUNT:-}" ]; then
     echo "system calls of $name (strace -c):" >&2
     cat "$work/strace.$name" >&2
   }
-  # The shape: keepalive (default), or newconn with the third argument.
+  # The shape: keepalive (default), or newconn or https with the third argument.
   count_extra=(-H "X-Shape: keepalive")
-  [ "$shapes" = newconn ] && count_extra=(-H "Connection: close")
+  kproxy_url=http://127.0.0.1:8083/ nginx_url=http://127.0.0.1:8082/
+  kproxy_url2=http://127.0.0.1:8093/ nginx_url2=http://127.0.0.1:8092/
+  case $shapes in
+    newconn) count_extra=(-H "Connection: close") ;;
+    https)
+      kproxy_url=https://myapp.example.com:8443/ nginx_url=https://myapp.example.com:8442/
+      kproxy_url2=https://myapp.example.com:8453/ nginx_url2=https://myapp.example.com:8452/
+      ;;
+  esac
   echo "| proxy | requests under callgrind | user-space instructions per request | requests under strace | system calls per request |"
   echo "| --- | ---: | ---: | ---: | ---: |"
-  count_one kproxy http://127.0.0.1:8093/ "$kproxy" --manifests "$work/manifests" --hostname-override bench-node \
+  count_one kproxy "$kproxy_url2" "$kproxy" --manifests "$work/manifests" --hostname-override bench-node \
     --healthz-bind-address "" --metrics-bind-address "" \
-    --ingress-http-bind-address 127.0.0.1:8093 --ingress-https-bind-address ""
-  count_one nginx http://127.0.0.1:8092/ nginx -c "$work/proxy2.conf"
+    --ingress-http-bind-address 127.0.0.1:8093 --ingress-https-bind-address 127.0.0.1:8453
+  count_one nginx "$nginx_url2" nginx -c "$work/proxy2.conf"
   exit 0
 fi
 
@@ -263,7 +218,7 @@ backend_counts() { in_ns curl -s http://127.0.0.1:8090/ | awk 'NR == 3 {print $1
 to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n += 0; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'; }
 
 results=$work/results.tsv
-echo -e "shape\tproxy\trun\trps\tp50_ms\tp99_ms\tcpu_us_per_req\treuse\terrors" >"$results"
+echo -e "shape\tproxy\trun\trps\tp50_ms\tp99_ms\tcpu_us_per_req\treuse\terrors\tload1" >"$results"
 # One measurement: shape, proxy name, run number, URL, the proxy's pids.
 measure() {
   local shape=$1 name=$2 run=$3 url=$4
@@ -273,10 +228,11 @@ measure() {
     newconn) args+=(-H "Connection: close") ;;
     1mib) args=(-t2 -c16 -d"${duration}s" --latency -H "Host: myapp.example.com") ;;
   esac
-  local before after b0 b1 out
+  local before after b0 b1 out load1
+  load1=$(cut -d' ' -f1 /proc/loadavg)
   read -r -a b0 < <(backend_counts)
   before=$(ticks "$@")
-  out=$(in_ns wrk "${args[@]}" "$url")
+  out=$(in_ns taskset -c "$load_cpus" wrk "${args[@]}" "$url")
   after=$(ticks "$@")
   read -r -a b1 < <(backend_counts)
   echo "== $shape $name run $run: wrk ${args[*]} $url" >>"$work/wrk.txt"
@@ -289,8 +245,8 @@ measure() {
   errors=$(awk '/Socket errors/ {gsub(",", ""); s += $4 + $6 + $8 + $10} /Non-2xx/ {s += $NF} END {print s + 0}' <<<"$out")
   cpu=$(awk -v t=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN { printf "%.1f", (n > 0 ? t / hz / n * 1e6 : 0) }')
   reuse=$(awk -v a=$((b1[0] - b0[0])) -v r=$((b1[1] - b0[1])) 'BEGIN { printf "%.4f", (r > 0 ? 1 - a / r : 0) }')
-  echo -e "$shape\t$name\t$run\t$rps\t$p50\t$p99\t$cpu\t$reuse\t$errors" >>"$results"
-  echo "$shape $name run $run: $rps req/s, p50 $p50 ms, p99 $p99 ms, $cpu us CPU/request, backend reuse $reuse, errors $errors" >&2
+  echo -e "$shape\t$name\t$run\t$rps\t$p50\t$p99\t$cpu\t$reuse\t$errors\t$load1" >>"$results"
+  echo "$shape $name run $run: $rps req/s, p50 $p50 ms, p99 $p99 ms, $cpu us CPU/request, backend reuse $reuse, errors $errors, load $load1" >&2
 }
 
 nginx_version=$(nginx -v 2>&1 | sed 's/.*nginx\///')
@@ -316,11 +272,11 @@ rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/$kproxy_pid/status")
 
 table=$work/table.md
 {
-  echo "Written by \`benches/ingress.sh $duration $runs\` on $(date -u +%Y-%m-%d) ($(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'); load average at the end $(cut -d' ' -f1-3 /proc/loadavg)); nginx $nginx_version with $workers workers, kproxy with $workers worker threads; wrk -t2 -c$connections (-c16 for 1 MiB) for ${duration} s per measurement; wrk, the backend and the proxy share the CPUs. One row per run, kproxy and nginx measured back to back."
+  echo "Written by \`benches/ingress.sh $duration $runs\` on $(date -u +%Y-%m-%d) ($(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'); load average at the start $load_start, at the end $(cut -d' ' -f1-3 /proc/loadavg)); nginx $nginx_version with $workers worker process(es), kproxy with $workers worker thread(s); wrk -t2 -c$connections (-c16 for 1 MiB) for ${duration} s per measurement; $(if [ "$proxy_cpus" = "$load_cpus" ]; then echo "wrk, the backend and the proxy share the CPUs"; else echo "the proxy under test pinned to CPU $proxy_cpus, wrk and the backend to CPU $load_cpus (taskset)"; fi). One row per run, kproxy and nginx measured back to back; the last column is the 1-minute load average when the measurement began."
   echo
-  echo "| shape | proxy | run | requests/s | p50 ms | p99 ms | CPU µs/request | backend reuse | errors |"
-  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-  tail -n +2 "$results" | sort -s -k1,1 -k2,2 | awk -F'\t' '{printf "| %s | %s | %s | %s | %s | %s | %s | %.2f %% | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8 * 100, $9}'
+  echo "| shape | proxy | run | requests/s | p50 ms | p99 ms | CPU µs/request | backend reuse | errors | load |"
+  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  tail -n +2 "$results" | sort -s -k1,1 -k2,2 | awk -F'\t' '{printf "| %s | %s | %s | %s | %s | %s | %s | %.2f %% | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8 * 100, $9, $10}'
   echo
   echo "Medians over the runs (kproxy / nginx):"
   echo

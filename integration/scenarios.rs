@@ -888,7 +888,8 @@ fn nft_failure(mode: &'static str, kind: SourceKind) {
 }
 
 /// Someone rewrites one of kproxy's endpoint slots (to an address nobody serves), adds a rule of
-/// their own to a kproxy chain and deletes the NodePort's map element. There is no periodic
+/// their own to a kproxy chain (the fixed chain web's cluster IP is dispatched to) and deletes
+/// the NodePort's dispatch element. There is no periodic
 /// resync to find it (`--sync-period 1h`): kproxy's next transaction, for an unrelated
 /// Service, is refused for the changed ruleset generation, and kproxy checks its table and
 /// repairs exactly that.
@@ -915,12 +916,8 @@ fn foreign_change(mode: &'static str, kind: SourceKind) {
                 .then(|| key.to_string())
         })
         .unwrap_or_else(|| panic!("no endpoint slot for {pod_b}:\n{listing}"));
-    let chain = listing
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("chain ")?.split(" {").next())
-        .find(|c| c.starts_with("service-") && c.ends_with("-default/web/tcp/http"))
-        .map(str::to_string)
-        .unwrap_or_else(|| panic!("no chain of web's http port:\n{listing}"));
+    let chain = "service-cluster";
+    assert!(listing.contains(&format!("chain {chain} {{")), "{listing}");
     let dead = "10.244.250.250";
     env.topo.exec_ok(
         &node,
@@ -940,7 +937,10 @@ fn foreign_change(mode: &'static str, kind: SourceKind) {
     );
     env.topo.exec_ok(
         &node,
-        &["nft", "delete element ip kproxy service-nodeports { tcp . 30080 }"],
+        &[
+            "nft",
+            "delete element ip kproxy external-cluster-nodeports { tcp . 30080 }",
+        ],
     );
     let syncs = env.kproxy.syncs();
     let mut changed = docs.clone();
@@ -952,7 +952,11 @@ fn foreign_change(mode: &'static str, kind: SourceKind) {
     env.kproxy.wait_sync_after(syncs);
     eventually("the table is repaired", || {
         let now = env.topo.exec_ok(&node, &["nft", "list", "table", "ip", "kproxy"]);
-        (!now.contains(dead) && !now.contains("203.0.113.9") && now.contains("tcp . 30080 :")).then_some(())
+        let np = env.topo.exec_ok(
+            &node,
+            &["nft", "list", "set", "ip", "kproxy", "external-cluster-nodeports"],
+        );
+        (!now.contains(dead) && !now.contains("203.0.113.9") && np.contains("tcp . 30080")).then_some(())
     });
     eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
     eventually_backends(&env.topo, &outside, &node_port, 10, &["pod-a", "pod-b"]);

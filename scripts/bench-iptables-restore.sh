@@ -113,6 +113,13 @@ median() { sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
 
 printf "%s Services x %s endpoints, %s: %s rules for kube-proxy, %s for kproxy\n" "$services" "$endpoints" \
   "$restore" "$(grep -c '^-A' "$work/kube-proxy.txt")" "$(grep -c '^-[AI]' "$work/kproxy.txt")"
+# What each input holds: bytes, chain declarations (each one creates or flushes a chain), rules,
+# deletions, and the bytes per rule line.
+for who in kube-proxy kproxy; do
+  awk -v who="$who" '/^:/ {c++} /^-[AI]/ {r++; rb += length($0) + 1} /^-X/ {x++}
+    END {printf "%s input: %d bytes, %d chains declared, %d rules (%.1f bytes each), %d deletions\n", who, bytes, c, r, rb / r, x}' \
+    bytes="$(wc -c < "$work/$who.txt")" "$work/$who.txt"
+done
 for _ in $(seq "$rounds"); do
   echo "kube-proxy $(cpu_of "$work/kube-proxy.txt")" | tee -a "$work/runs"
   echo "kproxy $(cpu_of "$work/kproxy.txt")" | tee -a "$work/runs"

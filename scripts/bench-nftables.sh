@@ -21,7 +21,8 @@
 #        WRITERS="netlink nft-f": also measure the nft -f writer again (default: its rows
 #        already in BENCHMARKS.md are kept, and plotted);
 #        AFFINITY=1 ...: every Service with sessionAffinity ClientIP (a set per endpoint); its
-#        own section of BENCHMARKS.md and its own plot.
+#        own section of BENCHMARKS.md and its own plot. AFFINITY=0.1: every tenth Service
+#        (not the changed ones), in that section too.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -49,8 +50,11 @@ exec python3 - "$here" "$changes" $sizes <<'PY'
 import datetime, json, os, random, re, signal, statistics, subprocess, sys, tempfile, threading, time
 
 here, changes, sizes = sys.argv[1], int(sys.argv[2]), [int(s) for s in sys.argv[3:]]
-affinity = os.environ.get("AFFINITY", "") not in ("", "0")
-sticky = ", sessionAffinity: ClientIP" if affinity else ""
+affinity_share = float(os.environ.get("AFFINITY", "0") or 0)
+affinity = affinity_share > 0
+affinity_every = max(1, round(1 / affinity_share)) if affinity else 0
+def sticky(i):
+    return ", sessionAffinity: ClientIP" if affinity and i % affinity_every == 0 else ""
 tag = "-affinity" if affinity else ""
 M = 10
 all_writers = {"netlink": ("netlink", f"{here}/target/bench/kproxy-netlink"), "nft-f": ("nft -f", f"{here}/target/bench/kproxy-nft-f")}
@@ -93,7 +97,7 @@ def gen(d, n):
             kind = "NodePort" if i % 10 == 0 else "ClusterIP"
             np = f", nodePort: {30000 + i // 10}" if kind == "NodePort" else ""
             f.write(f"---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\n"
-                    f"spec: {{type: {kind}, clusterIP: {ip}{sticky}, ports: [{{name: http, port: 80{np}}}]}}\n")
+                    f"spec: {{type: {kind}, clusterIP: {ip}{sticky(i)}, ports: [{{name: http, port: 80{np}}}]}}\n")
     with open(f"{d}/slices.yaml", "w") as f:
         for i in range(n - 1):
             f.write(slice_doc(i, [ep_ip(i * M + j) for j in range(M)]))
@@ -396,7 +400,11 @@ if begin in text:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) < 6 or not cells[0].replace(",", "").isdigit():
             continue
-        if cells[1] in measured:
+        if cells[1] in measured and len(cells) == 10:
+            # Round 2's netlink writer (a chain per Service), kept to show the layout's gain.
+            line = line.replace(f"| {cells[1]} |", f"| {cells[1]} (round 2) |", 1)
+            cells[1] += " (round 2)"
+        elif cells[1] in measured:
             if len(cells) != 8:
                 continue
             # Round 1's netlink writer (per-endpoint rules), kept to show the layout's gain.
@@ -407,14 +415,14 @@ if begin in text:
             # Round 1's columns: n, writer, full, source->kernel, file->kernel, with resyncs, CPU, memory.
             kept.append(dict(n=int(cells[0].replace(",", "")), writer=cells[1], line=line, a_src=nums(cells[3]), b_src=nums(cells[5])))
         else:
-            kept.append(dict(n=int(cells[0].replace(",", "")), writer=cells[1], line=line, a_src=nums(cells[4]), b_src=nums(cells[5])))
+            kept.append(dict(n=int(cells[0].replace(",", "")), writer=cells[1], line=line, a_src=nums(cells[3]), b_src=nums(cells[4])))
 
 # The plot: change latency (source -> kernel) against the number of Services, both writers.
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 fig, ax = plt.subplots(figsize=(7, 4.2))
-for label, style in [("netlink", "-o"), ("netlink (round 1)", "-.^"), ("nft -f", "--s")]:
+for label, style in [("netlink", "-o"), ("netlink (round 2)", "-.v"), ("netlink (round 1)", "-.^"), ("nft -f", "--s")]:
     rs = sorted([r for r in rows + kept if r["writer"] == label], key=lambda r: r["n"])
     xs = [r["n"] for r in rs]
     ax.plot(xs, [r["a_src"][1] for r in rs], style, label=f"{label}: p99")
@@ -424,7 +432,7 @@ ax.set_yscale("log")
 ax.axhline(10, color="grey", linewidth=0.8)
 ax.set_xlabel("Services (x 10 endpoints)")
 ax.set_ylabel("one EndpointSlice change -> kernel (ms)")
-ax.set_title("kproxy nftables mode: netlink writer vs nft -f (round 1, manifest files)")
+ax.set_title("kproxy nftables mode: netlink writer (rounds 1-3) vs nft -f (round 1, manifest files)")
 ax.legend(fontsize=7)
 fig.tight_layout()
 os.makedirs(f"{here}/docs", exist_ok=True)
@@ -437,7 +445,7 @@ lines = [
     f"Written by `scripts/bench-nftables.sh` on {datetime.date.today()} ({os.cpu_count()} cores, {cpu}; kernel {os.uname().release}),",
     f"{changes} changes per row and phase, one endpoint replaced per change, "
     + ("through the fake API server (kproxy watching it)" if source == "api" else "from manifest files")
-    + (", every Service with session affinity" if affinity else "") + ". Single runs on a shared",
+    + ((", every Service with session affinity" if affinity_every == 1 else f", every {affinity_every}th Service with session affinity (not the changed ones)") if affinity else "") + ". Single runs on a shared",
     f"machine (its load average is in the table): rerun the script to compare. Plot: [docs/bench-nftables{tag}.png](docs/bench-nftables{tag}.png).",
     "",
     f"| Services x 10 | writer | first full sync | change: {src_word}, median / p99 / max | with resyncs every 4 s: median / p99 / max (changes during a resync) | kproxy CPU per change, user + system | endpoint count changes: median / max | new Service: median / max | memory after first sync | load average |",
@@ -448,6 +456,11 @@ for r in sorted(rows, key=lambda r: r["n"]):
                  f"{' / '.join(f(x) for x in r['b_src'])} ms ({r['during']} of {changes // 2}, {r['resyncs']} resyncs) | "
                  f"{r['cpu_user']:.2f} + {r['cpu_sys']:.2f} ms | {' / '.join(f(x) for x in r['scale'])} ms | {' / '.join(f(x) for x in r['new'])} ms | "
                  f"{r['rss']} MiB | {r['load'][0]:.1f} -> {r['load'][1]:.1f} |")
+kept10 = [k for k in kept if k["line"].count("|") == 11]
+kept = [k for k in kept if k["line"].count("|") != 11]
+if kept10:
+    lines += ["", "Kept from the previous run of this script (round 2's layout, a chain per Service):", "", lines[4], lines[5]]
+    lines += [k["line"] for k in sorted(kept10, key=lambda k: k["n"])]
 if kept:
     lines += ["", "Kept from an earlier run of this script (other columns: first full sync, source -> kernel, file -> kernel, with resyncs, CPU, memory):", "",
               "| Services x 10 | writer | first full sync | change: source -> kernel, median / p99 / max | change: file -> kernel, median / p99 | with resyncs every 4 s: source -> kernel, median / p99 / max (changes during a resync) | kproxy CPU per change | memory after first sync |",

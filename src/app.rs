@@ -432,14 +432,15 @@ pub async fn render(config: Config, output: &str) -> anyhow::Result<String> {
     }
     for family in [IpFamily::V4, IpFamily::V6] {
         let cfg = iptables::render_config(&proxier_config(&config, family), &desired).await?;
-        let plan = Planner::new().plan(&desired, &ChangeSet::full(), &cfg, None);
+        let mut planner = Planner::new();
+        planner.plan(&desired, &ChangeSet::full(), &cfg);
         let tool = if family == IpFamily::V4 {
             "iptables-restore"
         } else {
             "ip6tables-restore"
         };
         out.push_str(&format!("# {tool} --noflush\n"));
-        out.push_str(&plan.restore);
+        out.push_str(&planner.restore_input(&desired).into_string());
     }
     Ok(out)
 }

@@ -112,6 +112,22 @@ pub trait Dataplane: Send {
     fn partial_after_failure(&self) -> bool {
         false
     }
+
+    /// How long this dataplane trusts its record of the kernel between full syncs while
+    /// [`Dataplane::drifted`] sees nothing wrong: the periodic sync (`--sync-period`) is then a
+    /// partial one, and a full one runs only this often. `None` (the default): every periodic
+    /// sync is full (nftables mode's is a comparison with the kernel, IPVS mode's a rewrite, as
+    /// kube-proxy's IPVS mode does).
+    fn full_sync_period(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Whether something outside kproxy may have removed its kernel objects since the last full
+    /// sync: a check cheap enough to run every `--sync-period`. Only asked where
+    /// [`Dataplane::full_sync_period`] is set; true makes the periodic sync a full one.
+    fn drifted(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(async { false })
+    }
 }
 
 /// One dataplane per IP family (iptables and ip6tables), synced in turn as one.
@@ -161,5 +177,23 @@ impl Dataplane for PerFamily {
 
     fn partial_after_failure(&self) -> bool {
         self.families.iter().all(|dp| dp.partial_after_failure())
+    }
+
+    fn full_sync_period(&self) -> Option<std::time::Duration> {
+        // The family that trusts its record the least decides; none if any family has none.
+        self.families
+            .iter()
+            .map(|dp| dp.full_sync_period())
+            .try_fold(std::time::Duration::MAX, |min, p| p.map(|p| min.min(p)))
+    }
+
+    fn drifted(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            let mut drifted = false;
+            for dp in &mut self.families {
+                drifted |= dp.drifted().await;
+            }
+            drifted
+        })
     }
 }

@@ -92,9 +92,9 @@ impl Buf {
         }
         &mut self.data[self.end..]
     }
-    /// A read that does not wait: what the socket already holds.
-    fn try_read_from(&mut self, s: &TcpStream, max: usize) -> std::io::Result<usize> {
-        let n = s.try_read(self.spare(max))?;
+    /// A read that does not wait: what the (non-blocking) socket already holds.
+    fn try_read_from(&mut self, mut s: &std::net::TcpStream, max: usize) -> std::io::Result<usize> {
+        let n = std::io::Read::read(&mut s, self.spare(max))?;
         self.end += n;
         Ok(n)
     }
@@ -215,22 +215,51 @@ impl Worker {
 
 /// The client side of a connection, plain or TLS.
 pub enum ClientIo {
+    /// Accepted (non-blocking) and not registered with the runtime's poller yet. Most new
+    /// connections' requests are already there when they are accepted, and a small answer fits
+    /// the socket's send buffer: such a connection is read, answered and closed with plain
+    /// system calls, without the `epoll_ctl` that adds it, the one that removes it, and the
+    /// runtime's state for it. It is registered (becomes `Plain`) the first time a read or a
+    /// write would wait. `None` once registering failed.
+    Fresh(Option<std::net::TcpStream>),
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
+/// A system call on a [`ClientIo::Fresh`] socket: its result, or `None` if it would wait
+/// (then the socket is registered and the call retried through the runtime).
+fn unless_waiting<T>(r: std::io::Result<T>) -> Option<std::io::Result<T>> {
+    match r {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) =>
+        {
+            None
+        }
+        r => Some(r),
+    }
+}
+
 impl ClientIo {
-    fn tcp(&self) -> &TcpStream {
+    /// The socket, registered with the runtime (a fresh one is registered now): for waiting on it.
+    fn registered(&mut self) -> std::io::Result<&TcpStream> {
+        if let ClientIo::Fresh(s) = self {
+            let s = s.take().ok_or(std::io::ErrorKind::NotConnected)?;
+            *self = ClientIo::Plain(TcpStream::from_std(s)?);
+        }
         match self {
-            ClientIo::Plain(s) => s,
-            ClientIo::Tls(s) => s.get_ref().0,
+            ClientIo::Plain(s) => Ok(s),
+            ClientIo::Tls(s) => Ok(s.get_ref().0),
+            ClientIo::Fresh(_) => Err(std::io::ErrorKind::NotConnected.into()),
         }
     }
 
     /// Whether bytes may be ready without waiting for the socket (decrypted TLS data not read yet).
     fn has_pending(&mut self) -> bool {
         match self {
-            ClientIo::Plain(_) => false,
+            ClientIo::Fresh(_) | ClientIo::Plain(_) => false,
             ClientIo::Tls(s) => s.get_mut().1.process_new_packets().map_or(true, |state| {
                 state.plaintext_bytes_to_read() > 0 || state.peer_has_closed()
             }),
@@ -240,18 +269,38 @@ impl ClientIo {
 
 impl AsyncRead for ClientIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
+        let this = self.get_mut();
+        if let ClientIo::Fresh(Some(s)) = this {
+            if let Some(r) = unless_waiting(std::io::Read::read(&mut &*s, buf.initialize_unfilled())) {
+                return Poll::Ready(r.map(|n| buf.advance(n)));
+            }
+        }
+        if let Err(e) = this.registered() {
+            return Poll::Ready(Err(e));
+        }
+        match this {
             ClientIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            ClientIo::Fresh(_) => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
         }
     }
 }
 
 impl AsyncWrite for ClientIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
+        let this = self.get_mut();
+        if let ClientIo::Fresh(Some(s)) = this {
+            if let Some(r) = unless_waiting(std::io::Write::write(&mut &*s, buf)) {
+                return Poll::Ready(r);
+            }
+        }
+        if let Err(e) = this.registered() {
+            return Poll::Ready(Err(e));
+        }
+        match this {
             ClientIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
             ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            ClientIo::Fresh(_) => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
         }
     }
     fn poll_write_vectored(
@@ -259,25 +308,39 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
+        let this = self.get_mut();
+        if let ClientIo::Fresh(Some(s)) = this {
+            if let Some(r) = unless_waiting(std::io::Write::write_vectored(&mut &*s, bufs)) {
+                return Poll::Ready(r);
+            }
+        }
+        if let Err(e) = this.registered() {
+            return Poll::Ready(Err(e));
+        }
+        match this {
             ClientIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            ClientIo::Fresh(_) => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
         }
     }
     fn is_write_vectored(&self) -> bool {
         match self {
+            ClientIo::Fresh(_) => true,
             ClientIo::Plain(s) => s.is_write_vectored(),
             ClientIo::Tls(s) => s.is_write_vectored(),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
+            ClientIo::Fresh(_) => Poll::Ready(Ok(())),
             ClientIo::Plain(s) => Pin::new(s).poll_flush(cx),
             ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
+            ClientIo::Fresh(Some(s)) => Poll::Ready(s.shutdown(std::net::Shutdown::Write)),
+            ClientIo::Fresh(None) => Poll::Ready(Ok(())),
             ClientIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
             ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
@@ -334,9 +397,10 @@ pub async fn serve(w: Rc<Worker>, mut io: ClientIo, conn: Conn) -> Served {
     tokio::pin!(draining_began);
     draining_began.as_mut().enable();
     let mut draining = w.draining();
-    if let ClientIo::Plain(s) = &io {
+    if let ClientIo::Fresh(Some(s)) = &io {
         // A new connection's request is usually there by the time its task runs: read it
-        // now, without a round through the runtime's readiness events and a timer first.
+        // now, without a round through the runtime's readiness events and a timer first
+        // (and without registering the socket with the runtime; see `ClientIo::Fresh`).
         let mut buf = w.take_buf();
         match buf.try_read_from(s, BUF_SIZE) {
             Ok(n) if n > 0 => carry = Some(buf),
@@ -354,8 +418,9 @@ pub async fn serve(w: Rc<Worker>, mut io: ClientIo, conn: Conn) -> Served {
                 (true, false) => HEADER_READ_TIMEOUT,
                 (false, false) => KEEPALIVE_TIMEOUT,
             };
+            let Ok(socket) = io.registered() else { break };
             let ready = tokio::select! {
-                r = io.tcp().readable() => r.is_ok(),
+                r = socket.readable() => r.is_ok(),
                 _ = tokio::time::sleep(idle) => false,
                 _ = &mut draining_began, if !draining => {
                     // Draining began: give the idle connection its last-call grace.
@@ -1749,4 +1814,63 @@ pub async fn serve_h2(w: Rc<Worker>, io: Prefixed, conn: Conn) {
         _ = shutdown.wait_for(|s| *s) => connection.as_mut().graceful_shutdown(),
     }
     let _ = connection.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An accepted, unregistered socket that has `first` to read, and the client's end of it.
+    fn fresh_pair(first: &[u8]) -> (ClientIo, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        if !first.is_empty() {
+            std::io::Write::write_all(&mut client, first).unwrap();
+            // Blocks until the bytes arrived.
+            accepted.peek(&mut [0u8; 1]).unwrap();
+        }
+        accepted.set_nonblocking(true).unwrap();
+        (ClientIo::Fresh(Some(accepted)), client)
+    }
+
+    #[tokio::test]
+    async fn a_fresh_socket_reads_and_writes_without_registering_until_it_must_wait() {
+        let (mut io, mut client) = fresh_pair(b"GET / HTTP/1.1\r\n\r\n");
+        // Already there: read and answered with plain system calls.
+        let mut got = [0u8; 64];
+        let n = io.read(&mut got).await.unwrap();
+        assert_eq!(&got[..n], b"GET / HTTP/1.1\r\n\r\n");
+        assert!(matches!(io, ClientIo::Fresh(Some(_))));
+        io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(matches!(io, ClientIo::Fresh(Some(_))));
+
+        // Nothing to read yet: registered, and woken when the client sends.
+        let mut read = Box::pin(io.read(&mut got));
+        assert!(futures::poll!(&mut read).is_pending());
+        std::io::Write::write_all(&mut client, b"next").unwrap();
+        let n = read.await.unwrap();
+        assert_eq!(&got[..n], b"next");
+        assert!(matches!(io, ClientIo::Plain(_)));
+    }
+
+    #[tokio::test]
+    async fn a_fresh_socket_registers_when_an_answer_does_not_fit_its_send_buffer() {
+        let (mut io, client) = fresh_pair(b"");
+        // Far more than loopback's socket buffers hold: the write must wait for the reader.
+        let answer = vec![b'x'; 16 << 20];
+        let reader = std::thread::spawn(move || {
+            let mut client = client;
+            let mut all = Vec::new();
+            std::io::Read::read_to_end(&mut client, &mut all).unwrap();
+            all.len()
+        });
+        write_two(&mut io, b"head ", &answer).await.unwrap();
+        assert!(matches!(io, ClientIo::Plain(_)));
+        io.shutdown().await.unwrap();
+        drop(io);
+        assert_eq!(reader.join().unwrap(), answer.len() + 5);
+    }
 }

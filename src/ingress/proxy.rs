@@ -92,9 +92,16 @@ pub struct Conn {
 impl Conn {
     pub fn new(peer: SocketAddr, https: bool, port: u16) -> Self {
         let mut ip = [0u8; 39];
-        let mut cursor = std::io::Cursor::new(&mut ip[..]);
-        let _ = std::io::Write::write_fmt(&mut cursor, format_args!("{}", peer.ip().to_canonical()));
-        let ip_len = cursor.position() as u8;
+        let ip_len = match peer.ip().to_canonical() {
+            // By hand: `Display` for an IPv4 address took about 1,000 instructions, 4 % of a
+            // new connection's whole cost.
+            std::net::IpAddr::V4(v4) => format_ipv4(v4, &mut ip),
+            v6 => {
+                let mut cursor = std::io::Cursor::new(&mut ip[..]);
+                let _ = std::io::Write::write_fmt(&mut cursor, format_args!("{v6}"));
+                cursor.position() as u8
+            }
+        };
         Conn {
             peer,
             https,
@@ -108,6 +115,28 @@ impl Conn {
     pub fn ip_text(&self) -> &[u8] {
         &self.ip[..self.ip_len as usize]
     }
+}
+
+/// Writes `ip` in dotted decimal into `out`; returns the length (at most 15).
+fn format_ipv4(ip: std::net::Ipv4Addr, out: &mut [u8; 39]) -> u8 {
+    let mut n = 0;
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out[n] = b'.';
+            n += 1;
+        }
+        if octet >= 100 {
+            out[n] = b'0' + octet / 100;
+            n += 1;
+        }
+        if octet >= 10 {
+            out[n] = b'0' + octet / 10 % 10;
+            n += 1;
+        }
+        out[n] = b'0' + octet % 10;
+        n += 1;
+    }
+    n as u8
 }
 
 /// The `Host` a backend sees and the client's (its `X-Forwarded-Host`): they differ after a
@@ -649,4 +678,31 @@ pub fn h2_builder() -> hyper::server::conn::http2::Builder<hyper_util::rt::Tokio
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_address_text_is_what_display_writes() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.244.1.9",
+            "100.64.10.255",
+            "255.255.255.255",
+            "::ffff:192.168.0.42",
+            "fd00::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let conn = Conn::new(SocketAddr::new(ip, 40000), false, 80);
+            assert_eq!(
+                std::str::from_utf8(conn.ip_text()).unwrap(),
+                ip.to_canonical().to_string(),
+                "{ip}"
+            );
+        }
+    }
 }

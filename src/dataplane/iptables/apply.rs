@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::process::Stdio;
 
 use futures::TryStreamExt;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
 use super::names;
@@ -55,9 +55,23 @@ impl Tools {
         }
     }
 
-    /// Applies `input` atomically per table with `--noflush`: chains it does not declare, and
+    /// Tools by other names (another backend's, or a wrapper in tests).
+    pub fn new(iptables: &'static str, restore: &'static str, save: &'static str) -> Self {
+        Tools {
+            iptables,
+            restore,
+            save,
+        }
+    }
+
+    /// Applies an input atomically per table with `--noflush`: chains it does not declare, and
     /// every rule outside kproxy's chains, stay as they are. On failure nothing changes.
-    pub async fn restore(&self, input: &str) -> Result<()> {
+    ///
+    /// `fill` appends the next lines of the input to its buffer and says false once there are
+    /// none: the input goes to the tool's stdin in chunks of about [`CHUNK`] bytes as it is
+    /// produced, so a large one is never held whole. A refusal comes back as
+    /// [`Refusal`], for the caller to find the line it names in the input.
+    pub async fn restore(&self, mut fill: impl FnMut(&mut Vec<u8>, usize) -> bool) -> Result<(), Refusal> {
         let mut child = Command::new(self.restore)
             .args(["-w", LOCK_WAIT, "--noflush"])
             .stdin(Stdio::piped())
@@ -65,44 +79,153 @@ impl Tools {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| spawn_error(self.restore, source))?;
+            .map_err(|source| Refusal::Failed(spawn_error(self.restore, source)))?;
         if let Some(mut stdin) = child.stdin.take() {
-            // A write error means the tool exited early; its stderr says why.
-            let _ = stdin.write_all(input.as_bytes()).await;
+            let mut buf = Vec::with_capacity(CHUNK + 4096);
+            while fill(&mut buf, CHUNK) {
+                // A write error means the tool exited early; its stderr says why.
+                if stdin.write_all(&buf).await.is_err() {
+                    break;
+                }
+                buf.clear();
+            }
+            // Closing stdin ends the input: the tool commits (or refuses) and exits.
+            drop(stdin);
         }
         let out = child
             .wait_with_output()
             .await
-            .map_err(|source| spawn_error(self.restore, source))?;
+            .map_err(|source| Refusal::Failed(spawn_error(self.restore, source)))?;
         if out.status.success() {
             return Ok(());
         }
         let message = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        Err(restore_error(self.restore, input, message))
+        Err(Refusal::Refused {
+            tool: self.restore,
+            line: refused_line(&message),
+            message,
+        })
+    }
+
+    /// Applies a small input held whole (cleanup).
+    async fn restore_text(&self, input: &str) -> Result<()> {
+        let mut sent = false;
+        let result = self
+            .restore(|buf, _| {
+                let first = !sent;
+                if first {
+                    buf.extend_from_slice(input.as_bytes());
+                    sent = true;
+                }
+                first
+            })
+            .await;
+        result.map_err(|refusal| {
+            refusal.into_error(|n| input.lines().nth(n.saturating_sub(1)).map(|l| (l.to_string(), None)))
+        })
     }
 
     /// kproxy's chains currently in `table` (from iptables-save).
     pub async fn chains(&self, table: &str) -> Result<BTreeSet<String>> {
-        let out = run(self.save, &["-t", table]).await?;
-        Ok(parse_chains(&out))
+        let mut chains = BTreeSet::new();
+        self.save_lines(table, |line| {
+            if let Some(chain) = chain_of_line(line) {
+                chains.insert(chain.to_string());
+            }
+        })
+        .await?;
+        Ok(chains)
     }
 
-    /// What a full sync needs to know of the kernel: kproxy's nat chains (to delete strays) and
-    /// which jumps from the built-in chains are in place (to add the missing ones).
-    pub async fn kernel_state(&self) -> Result<KernelState> {
+    /// What a full sync needs to know of the kernel: kproxy's nat chains for which `stray`
+    /// holds (to delete them), and which jumps from the built-in chains are in place (to add
+    /// the missing ones). iptables-save's output is read a line at a time and only those
+    /// facts are kept: at 10,000 Services the nat table prints as 50 MB.
+    pub async fn kernel_state(&self, stray: impl Fn(&str) -> bool) -> Result<KernelState> {
         let mut state = KernelState::default();
         for table in ["filter", "nat"] {
-            let save = run(self.save, &["-t", table]).await?;
-            if table == "nat" {
-                state.nat_chains = parse_chains(&save);
-            }
-            state.jumps.extend(parse_jumps(table, &save));
+            self.save_lines(table, |line| {
+                if table == "nat" {
+                    if let Some(chain) = chain_of_line(line) {
+                        if stray(chain) {
+                            state.nat_chains.insert(chain.to_string());
+                        }
+                        return;
+                    }
+                }
+                if let Some(i) = jump_of_line(table, line) {
+                    state.jumps.insert(i);
+                }
+            })
+            .await?;
         }
         Ok(state)
     }
 
+    /// Runs iptables-save for `table` and hands each line of its output to `each`.
+    async fn save_lines(&self, table: &str, mut each: impl FnMut(&str)) -> Result<()> {
+        let mut child = Command::new(self.save)
+            .args(["-t", table])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| spawn_error(self.save, source))?;
+        let read_error = |e: std::io::Error| DataplaneError::Command {
+            command: format!("{} -t {table}", self.save),
+            message: format!("reading its output: {e}"),
+        };
+        if let Some(stdout) = child.stdout.take() {
+            let mut reader = BufReader::with_capacity(64 * 1024, stdout);
+            let mut line = String::new();
+            while reader.read_line(&mut line).await.map_err(read_error)? > 0 {
+                each(line.trim_end_matches('\n'));
+                line.clear();
+            }
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|source| spawn_error(self.save, source))?;
+        if !out.status.success() {
+            return Err(DataplaneError::Command {
+                command: format!("{} -t {table}", self.save),
+                message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(())
+    }
+
     /// Removes the jump rules and every `KPROXY-` chain. Safe to run when nothing is there.
+    /// Whether the canary chain ([`names::CANARY`]) is there.
+    pub async fn canary_present(&self) -> Result<bool> {
+        let list = ["-w", LOCK_WAIT, "-t", names::CANARY_TABLE, "-n", "-L", names::CANARY];
+        status(self.iptables, &list).await
+    }
+
+    /// Creates the canary chain unless it is there.
+    pub async fn ensure_canary(&self) -> Result<()> {
+        if !self.canary_present().await? {
+            let create = ["-w", LOCK_WAIT, "-t", names::CANARY_TABLE, "-N", names::CANARY];
+            let (out, err) = output(self.iptables, &create).await?;
+            if !out.status.success() && !self.canary_present().await? {
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
     pub async fn cleanup(&self) -> Result<()> {
+        // A host without the mangle table has no canary either (and a missing tool is reported
+        // by the listing below).
+        if self.canary_present().await.unwrap_or(false) {
+            let delete = ["-w", LOCK_WAIT, "-t", names::CANARY_TABLE, "-X", names::CANARY];
+            let (out, err) = output(self.iptables, &delete).await?;
+            if !out.status.success() {
+                return Err(err);
+            }
+        }
         let nat = self.chains("nat").await?;
         let filter = self.chains("filter").await?;
         for jump in names::JUMPS {
@@ -124,56 +247,104 @@ impl Tools {
             }
             let text = TableText {
                 delete: chains.into_iter().collect(),
-                ..TableText::default()
             };
             input.push_str(&text.into_text(table));
         }
         if input.is_empty() {
             return Ok(());
         }
-        self.restore(&input).await
+        self.restore_text(&input).await
     }
+}
+
+/// How much of a restore input is written to the tool's stdin at a time.
+pub const CHUNK: usize = 64 * 1024;
+
+/// iptables-restore refused an input (or could not run).
+#[derive(Debug)]
+pub enum Refusal {
+    /// The tool ran and refused; `line` is the input line its message names, if any.
+    Refused {
+        tool: &'static str,
+        line: Option<usize>,
+        message: String,
+    },
+    Failed(DataplaneError),
+}
+
+impl Refusal {
+    /// The error to report; `line_of(n)` gives input line `n` and the Service it was written
+    /// for, so that the error quotes the line and names the Service.
+    pub fn into_error(self, line_of: impl FnOnce(usize) -> Option<(String, Option<String>)>) -> DataplaneError {
+        match self {
+            Refusal::Failed(e) => e,
+            Refusal::Refused { tool, line, message } => match line.and_then(|n| Some((n, line_of(n)?))) {
+                Some((line, (text, owner))) => DataplaneError::Rejected {
+                    tool,
+                    line,
+                    text,
+                    message: match owner {
+                        Some(service) => format!("{message} (in the rules of Service {service})"),
+                        None => message,
+                    },
+                },
+                None => DataplaneError::Command {
+                    command: tool.to_string(),
+                    message,
+                },
+            },
+        }
+    }
+}
+
+/// The input line iptables-restore's complaint names: `line 3: ...` (iptables-nft, and legacy
+/// for some errors) or `Error occurred at line: 8000` (legacy, for a rule it cannot parse).
+pub fn refused_line(message: &str) -> Option<usize> {
+    message.match_indices("line").find_map(|(at, _)| {
+        let rest = message[at + 4..].trim_start_matches([':', ' ']);
+        let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+        digits.parse::<usize>().ok()
+    })
+}
+
+/// The chain an iptables-save line declares, if it is one of kproxy's.
+fn chain_of_line(line: &str) -> Option<&str> {
+    let chain = line.strip_prefix(':')?.split_whitespace().next()?;
+    chain.starts_with(names::PREFIX).then_some(chain)
 }
 
 /// Chains with kproxy's prefix declared in iptables-save output.
 pub fn parse_chains(save: &str) -> BTreeSet<String> {
-    save.lines()
-        .filter_map(|l| l.strip_prefix(':'))
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|c| c.starts_with(names::PREFIX))
-        .map(str::to_string)
-        .collect()
+    save.lines().filter_map(chain_of_line).map(str::to_string).collect()
 }
 
-/// Which of [`names::JUMPS`] of `table` the iptables-save output of that table holds: a rule in
-/// the built-in chain with kproxy's comment and target (what `iptables -C` would find).
-pub fn parse_jumps(table: &str, save: &str) -> BTreeSet<usize> {
-    let mut found = BTreeSet::new();
-    for line in save.lines() {
-        let Some(rule) = line.strip_prefix("-A ") else {
-            continue;
-        };
-        for (i, jump) in names::JUMPS.iter().enumerate() {
-            let ours = jump.table == table
-                && rule.split(' ').next() == Some(jump.from)
-                && rule.ends_with(&format!(" -j {}", jump.to))
-                && rule.contains(&format!("--comment {}", names::quote(jump.comment)))
-                && (!jump.new_only || rule.contains("--ctstate NEW"));
-            if ours {
-                found.insert(i);
-            }
-        }
+/// Which of [`names::JUMPS`] of `table` an iptables-save line is: a rule in the built-in
+/// chain with kproxy's comment and target (what `iptables -C` would find).
+fn jump_of_line(table: &str, line: &str) -> Option<usize> {
+    let rule = line.strip_prefix("-A ")?;
+    let from = rule.split(' ').next()?;
+    // Only built-in chains hold jumps: every other rule is passed over before any formatting.
+    if from.starts_with(names::PREFIX) {
+        return None;
     }
-    found
+    names::JUMPS.iter().position(|jump| {
+        jump.table == table
+            && from == jump.from
+            && rule.ends_with(&format!(" -j {}", jump.to))
+            && rule.contains(&format!("--comment {}", names::quote(jump.comment)))
+            && (!jump.new_only || rule.contains("--ctstate NEW"))
+    })
 }
 
-/// Turns iptables-restore's complaint into an error that quotes the offending input line.
+/// Which of [`names::JUMPS`] of `table` the iptables-save output of that table holds.
+pub fn parse_jumps(table: &str, save: &str) -> BTreeSet<usize> {
+    save.lines().filter_map(|l| jump_of_line(table, l)).collect()
+}
+
+/// Turns iptables-restore's complaint about a whole `input` into an error that quotes the
+/// offending line.
 pub fn restore_error(tool: &'static str, input: &str, message: String) -> DataplaneError {
-    let line = message
-        .split("line ")
-        .nth(1)
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse::<usize>().ok());
+    let line = refused_line(&message);
     DataplaneError::refused(tool, tool, input, line, message)
 }
 
@@ -190,14 +361,6 @@ async fn output(cmd: &str, args: &[&str]) -> Result<(std::process::Output, Datap
         message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
     };
     Ok((out, err))
-}
-
-async fn run(cmd: &str, args: &[&str]) -> Result<String> {
-    let (out, err) = output(cmd, args).await?;
-    if !out.status.success() {
-        return Err(err);
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs a check-style command: exit 0 is true, exit 1 is false, anything else is an error.
@@ -253,6 +416,20 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn refused_line_in_either_backends_words() {
+        let legacy = "iptables-restore v1.8.9 (legacy): Couldn't load target `KPROXY-X':No such file or directory\n\n\
+            Error occurred at line: 8000\nTry `iptables-restore -h' or 'iptables-restore --help' for more information.";
+        assert_eq!(refused_line(legacy), Some(8000));
+        assert_eq!(refused_line("iptables-restore: line 12 failed"), Some(12));
+        assert_eq!(
+            refused_line("iptables-restore v1.8.9 (nf_tables): line 3: RULE_APPEND failed"),
+            Some(3)
+        );
+        assert_eq!(refused_line("iptables-restore: COMMIT expected"), None);
+        assert_eq!(refused_line("inline comment: no number"), None);
     }
 
     #[test]

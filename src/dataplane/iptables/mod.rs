@@ -1,7 +1,7 @@
 //! iptables mode: kube-proxy's chain layout under kproxy's own `KPROXY-` prefix.
 //!
-//! [`Planner`] is pure: it renders the Services that changed and assembles one
-//! iptables-restore input per sync, for both tables, jumps from the built-in chains included.
+//! [`Planner`] is pure: it plans one iptables-restore input per sync, for both tables, jumps
+//! from the built-in chains included, and renders it line by line as the tool reads it.
 //! [`apply`] runs the tools.
 
 pub mod apply;
@@ -50,6 +50,10 @@ pub struct ProxierConfig {
     pub conntrack_tcp_liberal: bool,
 }
 
+/// The longest iptables mode goes without a full sync (kube-proxy's `FullSyncPeriod`): between
+/// them, partial syncs trust the planner's record of what is in the kernel.
+pub const FULL_SYNC_PERIOD: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// The iptables (or ip6tables) dataplane for one IP family.
 pub struct IptablesProxier {
     cfg: ProxierConfig,
@@ -67,6 +71,14 @@ impl IptablesProxier {
             cfg,
             planner: Planner::new(),
             udp: None,
+        }
+    }
+
+    /// The proxier running `tools` instead of the family's defaults.
+    pub fn with_tools(cfg: ProxierConfig, tools: apply::Tools) -> Self {
+        IptablesProxier {
+            tools,
+            ..IptablesProxier::new(cfg)
         }
     }
 }
@@ -122,29 +134,55 @@ impl Dataplane for IptablesProxier {
     fn sync<'a>(&'a mut self, desired: &'a DesiredState, changes: &'a ChangeSet) -> BoxFuture<'a, Result<SyncStats>> {
         Box::pin(async move {
             let cfg = render_config(&self.cfg, desired).await?;
-            // Only a full sync looks at the kernel (one iptables-save per table): partial syncs
-            // know from the planner what they wrote.
-            let kernel = if self.planner.plans_full(changes, &cfg) {
-                Some(self.tools.kernel_state().await?)
-            } else {
-                None
-            };
-            let plan = self.planner.plan(desired, changes, &cfg, kernel.as_ref());
-            if !plan.restore.is_empty() {
-                if let Err(e) = self.tools.restore(&plan.restore).await {
+            let plan = self.planner.plan(desired, changes, &cfg);
+            // Only a full sync looks at the kernel (one iptables-save per table, read as it
+            // prints): partial syncs know from the planner what they wrote.
+            if plan.full {
+                let kernel = {
+                    let wanted = self.planner.wanted_nat_chains();
+                    self.tools.kernel_state(|chain| !wanted.contains(chain)).await
+                };
+                match kernel {
+                    Ok(kernel) => self.planner.adopt_kernel(&kernel),
+                    Err(e) => {
+                        self.planner.rollback();
+                        return Err(e);
+                    }
+                }
+            }
+            if tracing::enabled!(tracing::Level::TRACE) {
+                let input = self.planner.restore_input(desired).into_string();
+                tracing::trace!(family = ?self.cfg.family, "iptables-restore input:\n{input}");
+            }
+            if !plan.empty {
+                let mut input = self.planner.restore_input(desired);
+                let result = self.tools.restore(|buf, limit| input.fill(buf, limit)).await;
+                drop(input);
+                if let Err(refusal) = result {
                     // The kernel kept its rules (each table is committed whole or not at all).
+                    // The input is rendered again to quote the line the tool named.
+                    let planner = &self.planner;
+                    let err = refusal.into_error(|n| {
+                        let (text, owner) = planner.restore_input(desired).line(n)?;
+                        Some((text, owner.map(|k| k.to_string())))
+                    });
                     self.planner.rollback();
-                    return Err(e);
+                    return Err(err);
                 }
             }
             self.planner.commit();
+            if plan.full {
+                // Put the canary back (or there for the first time) now that every rule is.
+                if let Err(e) = self.tools.ensure_canary().await {
+                    tracing::warn!(family = ?self.cfg.family, error = %e, "cannot create the canary chain {}; every periodic sync will be a full one", names::CANARY);
+                }
+            }
             crate::metrics::metrics().set_iptables_rules_last(plan.written.0, plan.written.1);
             let udp = udp_ports(desired, self.cfg.family);
             if let Some(old) = &self.udp {
                 delete_flows(&plan_cleanup(old, &udp)).await;
             }
             self.udp = Some(udp);
-            tracing::debug!(family = ?self.cfg.family, "iptables-restore input:\n{}", plan.restore);
             Ok(SyncStats {
                 rules_written: plan.rules_written,
                 rules_total: vec![("filter", plan.filter_rules), ("nat", plan.nat_rules)],
@@ -161,6 +199,28 @@ impl Dataplane for IptablesProxier {
     /// back to what was committed before.
     fn partial_after_failure(&self) -> bool {
         true
+    }
+
+    /// kube-proxy v1.33's iptables mode: partial syncs on changes and on `--sync-period`, a
+    /// full one every hour, and sooner when the canary chain is gone.
+    fn full_sync_period(&self) -> Option<std::time::Duration> {
+        Some(FULL_SYNC_PERIOD)
+    }
+
+    fn drifted(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            match self.tools.canary_present().await {
+                Ok(true) => false,
+                Ok(false) => {
+                    tracing::info!(family = ?self.cfg.family, "the canary chain {} is gone (a firewall reload?): the next sync is a full one", names::CANARY);
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(family = ?self.cfg.family, error = %e, "cannot look for the canary chain; the next sync is a full one");
+                    true
+                }
+            }
+        })
     }
 }
 

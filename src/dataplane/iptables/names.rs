@@ -18,6 +18,12 @@ pub const POSTROUTING: &str = "KPROXY-POSTROUTING";
 pub const MARK_MASQ: &str = "KPROXY-MARK-MASQ";
 pub const FORWARD: &str = "KPROXY-FORWARD";
 pub const FIREWALL: &str = "KPROXY-FIREWALL";
+/// kube-proxy's canary (`KUBE-PROXY-CANARY`): an empty chain in the mangle table that nothing
+/// uses. A firewall reload or an `iptables -F -X` sweep takes it with everything else, and its
+/// absence tells kproxy that its rules may be gone too.
+pub const CANARY: &str = "KPROXY-CANARY";
+/// Where the canary lives: the small table, cheap to list every sync period.
+pub const CANARY_TABLE: &str = "mangle";
 
 /// iptables refuses chain names longer than this.
 pub const MAX_CHAIN_LEN: usize = 28;

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::plan::KernelState;
+use super::plan::{KernelState, Plan};
 use super::render::{LocalDetector, NodePortMatch, RenderConfig};
 use super::tracer::{Origin, Packet, Ruleset, TraceResult};
 use super::{names, Planner};
@@ -14,6 +14,43 @@ use crate::model::store::Store;
 use crate::model::{ChangeSet, DesiredState, IpFamily, ServiceKey};
 
 const NODE_IP: &str = "192.0.2.1";
+
+/// A plan with its restore input rendered whole, as the tests read it.
+struct Planned {
+    #[allow(dead_code)]
+    plan: Plan,
+    restore: String,
+}
+
+trait PlanText {
+    /// Plans a sync as the proxier does (with `kernel` as what iptables-save showed before a
+    /// full one) and renders its input.
+    fn plan_text(
+        &mut self,
+        d: &DesiredState,
+        changes: &ChangeSet,
+        cfg: &RenderConfig,
+        kernel: Option<&KernelState>,
+    ) -> Planned;
+}
+
+impl PlanText for Planner {
+    fn plan_text(
+        &mut self,
+        d: &DesiredState,
+        changes: &ChangeSet,
+        cfg: &RenderConfig,
+        kernel: Option<&KernelState>,
+    ) -> Planned {
+        let plan = self.plan(d, changes, cfg);
+        if let Some(kernel) = kernel {
+            self.adopt_kernel(kernel);
+        }
+        let restore = self.restore_input(d).into_string();
+        assert_eq!(restore.is_empty(), plan.empty, "{restore}");
+        Planned { plan, restore }
+    }
+}
 
 fn config() -> RenderConfig {
     RenderConfig {
@@ -59,7 +96,7 @@ fn desired(yaml: &str) -> DesiredState {
 /// The kernel's view after a full sync onto a fresh node (the restore input puts in the jumps
 /// from the built-in chains too).
 fn ruleset(desired: &DesiredState, cfg: &RenderConfig) -> Ruleset {
-    let plan = Planner::new().plan(desired, &ChangeSet::full(), cfg, None);
+    let plan = Planner::new().plan_text(desired, &ChangeSet::full(), cfg, None);
     Ruleset::parse(&plan.restore).unwrap_or_else(|e| panic!("{e}\n{}", plan.restore))
 }
 
@@ -445,7 +482,7 @@ fn session_affinity_still_reaches_every_endpoint() {
     ]
     .join("\n---\n");
     let d = desired(&yaml);
-    let plan = Planner::new().plan(&d, &ChangeSet::full(), &config(), None);
+    let plan = Planner::new().plan_text(&d, &ChangeSet::full(), &config(), None);
     assert!(
         plan.restore.contains("--rcheck --seconds 10800 --reap"),
         "{}",
@@ -470,7 +507,7 @@ fn equal_probability_ladder() {
         slice("four", "http", 8080, &eps),
     ]
     .join("\n---\n");
-    let plan = Planner::new().plan(&desired(&yaml), &ChangeSet::full(), &config(), None);
+    let plan = Planner::new().plan_text(&desired(&yaml), &ChangeSet::full(), &config(), None);
     let probs: Vec<&str> = plan
         .restore
         .lines()
@@ -485,7 +522,7 @@ fn partial_sync_writes_only_the_changed_service() {
     let mut store = store(&basic());
     let mut planner = Planner::new();
     let first = store.snapshot();
-    planner.plan(&first.desired, &first.changes, &config(), None);
+    planner.plan_text(&first.desired, &first.changes, &config(), None);
 
     // One endpoint of `web` goes away.
     let slice_yaml = slice("web", "http", 8080, &["10.244.2.2"]);
@@ -493,7 +530,7 @@ fn partial_sync_writes_only_the_changed_service() {
     assert!(store.apply_slice(&s));
     let snap = store.snapshot();
     assert_eq!(snap.changes.services, BTreeSet::from([ServiceKey::new("ns", "web")]));
-    let plan = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    let plan = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
     let declared: Vec<&str> = plan.restore.lines().filter(|l| l.starts_with(":KPROXY-S")).collect();
     let web = crate::model::ServicePortName {
         service: ServiceKey::new("ns", "web"),
@@ -527,7 +564,7 @@ fn partial_sync_writes_only_the_changed_service() {
     // The resulting kernel state routes as a full render would.
     let mut kernel = Ruleset::parse(
         &Planner::new()
-            .plan(&first.desired, &ChangeSet::full(), &config(), None)
+            .plan_text(&first.desired, &ChangeSet::full(), &config(), None)
             .restore,
     )
     .unwrap();
@@ -554,7 +591,7 @@ fn partial_sync_writes_only_the_changed_service() {
         serde_yaml::from_str(&svc("web", "{clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}")).unwrap();
     store.delete_service(&web_svc);
     let snap = store.snapshot();
-    let plan = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    let plan = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
     kernel.restore(&plan.restore).unwrap();
     assert!(
         plan.restore.contains(&format!("-X {}", names::svc_chain(&web))),
@@ -576,14 +613,14 @@ fn partial_sync_skips_the_chains_of_a_changed_service_that_did_not_change() {
     let mut store = store(&basic());
     let mut planner = Planner::new();
     let first = store.snapshot();
-    let full = planner.plan(&first.desired, &first.changes, &config(), None);
+    let full = planner.plan_text(&first.desired, &first.changes, &config(), None);
     // `web` gets a third endpoint: its Service chain and the new endpoint's chain change, the
     // chains of the two endpoints it had do not.
     let s: EndpointSlice =
         serde_yaml::from_str(&slice("web", "http", 8080, &["10.244.1.2", "10.244.2.2", "10.244.3.2"])).unwrap();
     assert!(store.apply_slice(&s));
     let snap = store.snapshot();
-    let plan = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    let plan = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
     let nat = declared(&plan.restore, "nat");
     assert_eq!(nat.len(), 2, "{}", plan.restore);
     assert!(nat.iter().any(|c| c.starts_with("KPROXY-SVC-")), "{}", plan.restore);
@@ -601,16 +638,16 @@ fn a_plan_that_was_not_applied_is_forgotten() {
     let mut store = store(&basic());
     let mut planner = Planner::new();
     let first = store.snapshot();
-    let full = planner.plan(&first.desired, &first.changes, &config(), None);
+    let full = planner.plan_text(&first.desired, &first.changes, &config(), None);
     planner.commit();
     let s: EndpointSlice = serde_yaml::from_str(&slice("web", "http", 8080, &["10.244.2.2"])).unwrap();
     assert!(store.apply_slice(&s));
     let snap = store.snapshot();
-    let refused = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    let refused = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
     planner.rollback();
     // The same change planned again is the same input, and now the fixed chains are
     // rewritten too: the filter table may hold what the kernel refused in nat.
-    let again = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    let again = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
     for line in refused.restore.lines() {
         assert!(
             again.restore.lines().any(|l| l == line),
@@ -641,11 +678,11 @@ fn a_plan_that_was_not_applied_is_forgotten() {
 
     // A full plan rolled back restores the previous map whole.
     let mut planner = Planner::new();
-    planner.plan(&first.desired, &first.changes, &config(), None);
+    planner.plan_text(&first.desired, &first.changes, &config(), None);
     planner.commit();
-    planner.plan(&snap.desired, &ChangeSet::full(), &config(), None);
+    planner.plan_text(&snap.desired, &ChangeSet::full(), &config(), None);
     planner.rollback();
-    let again = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    let again = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
     assert_eq!(
         declared(&again.restore, "nat")
             .iter()
@@ -663,7 +700,7 @@ fn a_plan_that_was_not_applied_is_forgotten() {
 
 #[test]
 fn chains_are_declared_sorted_with_the_masquerade_chain_last() {
-    let plan = Planner::new().plan(&desired(&basic()), &ChangeSet::full(), &config(), None);
+    let plan = Planner::new().plan_text(&desired(&basic()), &ChangeSet::full(), &config(), None);
     let nat = declared(&plan.restore, "nat");
     assert_eq!(nat.last(), Some(&names::MARK_MASQ));
     let rest = &nat[..nat.len() - 1];
@@ -684,7 +721,7 @@ fn full_sync_deletes_stray_chains_found_in_the_kernel() {
             .collect(),
         jumps: BTreeSet::new(),
     };
-    let plan = Planner::new().plan(&d, &ChangeSet::full(), &config(), Some(&kernel));
+    let plan = Planner::new().plan_text(&d, &ChangeSet::full(), &config(), Some(&kernel));
     assert!(plan.restore.contains("-X KPROXY-SVC-OLDOLDOLDOLDOLD1"));
     assert!(!plan.restore.contains("-X KPROXY-SERVICES"));
     assert!(
@@ -696,14 +733,14 @@ fn full_sync_deletes_stray_chains_found_in_the_kernel() {
 #[test]
 fn full_sync_puts_in_only_the_missing_jumps() {
     let d = desired(&basic());
-    let fresh = Planner::new().plan(&d, &ChangeSet::full(), &config(), None);
+    let fresh = Planner::new().plan_text(&d, &ChangeSet::full(), &config(), None);
     let jumps = |restore: &str| restore.lines().filter(|l| l.starts_with("-I ")).count();
     assert_eq!(jumps(&fresh.restore), names::JUMPS.len(), "{}", fresh.restore);
     let kernel = KernelState {
         nat_chains: BTreeSet::new(),
         jumps: (1..names::JUMPS.len()).collect(),
     };
-    let plan = Planner::new().plan(&d, &ChangeSet::full(), &config(), Some(&kernel));
+    let plan = Planner::new().plan_text(&d, &ChangeSet::full(), &config(), Some(&kernel));
     let first = &names::JUMPS[0];
     let inserted: Vec<&str> = plan.restore.lines().filter(|l| l.starts_with("-I ")).collect();
     assert_eq!(inserted.len(), 1, "{}", plan.restore);
@@ -716,12 +753,12 @@ fn full_sync_puts_in_only_the_missing_jumps() {
 
     // A partial sync never touches the built-in chains.
     let mut planner = Planner::new();
-    planner.plan(&d, &ChangeSet::full(), &config(), None);
+    planner.plan_text(&d, &ChangeSet::full(), &config(), None);
     let changes = ChangeSet {
         full: false,
         services: BTreeSet::from([ServiceKey::new("ns", "web")]),
     };
-    let plan = planner.plan(&d, &changes, &config(), None);
+    let plan = planner.plan_text(&d, &changes, &config(), None);
     assert_eq!(jumps(&plan.restore), 0, "{}", plan.restore);
 }
 
@@ -756,7 +793,7 @@ fn udp_and_ipv6_render() {
         local_detector: LocalDetector::Cidr("fd00:244::/64".parse().unwrap()),
         ..config()
     };
-    let plan = Planner::new().plan(&d, &ChangeSet::full(), &v6, None);
+    let plan = Planner::new().plan_text(&d, &ChangeSet::full(), &v6, None);
     assert!(
         plan.restore.contains("--to-destination [fd00:244::2]:8080"),
         "{}",
@@ -776,7 +813,7 @@ fn udp_and_ipv6_render() {
 
 #[test]
 fn golden_render() {
-    let plan = Planner::new().plan(&desired(&basic()), &ChangeSet::full(), &config(), None);
+    let plan = Planner::new().plan_text(&desired(&basic()), &ChangeSet::full(), &config(), None);
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/src/dataplane/iptables/testdata/basic.golden"
@@ -820,12 +857,12 @@ fn partial_sync_rewrites_dispatch_chains_when_they_change() {
     let mut store = store(&basic());
     let mut planner = Planner::new();
     let first = store.snapshot();
-    let full = planner.plan(&first.desired, &first.changes, &config(), None);
+    let full = planner.plan_text(&first.desired, &first.changes, &config(), None);
     // `empty` gets its first endpoint: its reject rule goes, its cluster IP is now dispatched.
     let s: EndpointSlice = serde_yaml::from_str(&slice("empty", "http", 8080, &["10.244.2.2"])).unwrap();
     assert!(store.apply_slice(&s));
     let snap = store.snapshot();
-    let plan = planner.plan(&snap.desired, &snap.changes, &config(), None);
+    let plan = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
     assert!(
         declared(&plan.restore, "filter").contains(&"KPROXY-SERVICES"),
         "{}",
@@ -864,7 +901,7 @@ fn large_clusters_drop_per_endpoint_comments() {
         conntrack_tcp_liberal: false,
         ..config()
     };
-    let plan = Planner::new().plan(&desired(&basic()), &ChangeSet::full(), &cfg, None);
+    let plan = Planner::new().plan_text(&desired(&basic()), &ChangeSet::full(), &cfg, None);
     assert!(!plan.restore.contains("-> 10.244."), "{}", plan.restore);
     assert!(
         plan.restore.contains("\"ns/web:http cluster IP\""),
@@ -896,4 +933,400 @@ fn nodeport_addresses_limit_where_node_ports_answer() {
         .trace(&Packet::tcp(Origin::Remote, "10.244.3.5", "10.244.1.1:30080"))
         .unwrap();
     assert_eq!(other.to_string(), "ACCEPT", "{}", other.explain());
+}
+
+/// The dataplane against the real tools and kernel, in a network namespace of its own, with
+/// each iptables backend this host has: the streamed input, a refusal in the middle of it, and
+/// partial syncs that leave the kernel as a full sync would. Skipped without the privileges
+/// for a namespace.
+mod kernel {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::config::DetectLocal;
+    use crate::dataplane::iptables::apply::{parse_chains, parse_jumps, Tools, CHUNK};
+    use crate::dataplane::iptables::{render_config, IptablesProxier, NodePortAddresses, ProxierConfig};
+    use crate::dataplane::{Dataplane, DataplaneError};
+
+    /// Runs `f` on a thread in a new network namespace (the tools it starts share it), with a
+    /// runtime of its own. `None` without the privileges for that.
+    fn in_netns<T: Send + 'static>(f: impl std::future::Future<Output = T> + Send + 'static) -> Option<T> {
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            Some(rt.block_on(f))
+        })
+        .join()
+        .expect("netns thread")
+    }
+
+    /// The backends whose tools are installed: `legacy`, `nft`.
+    fn backends() -> Vec<&'static str> {
+        ["legacy", "nft"]
+            .into_iter()
+            .filter(|b| {
+                std::process::Command::new(format!("iptables-{b}-restore"))
+                    .arg("--version")
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+            .collect()
+    }
+
+    /// A directory removed when dropped.
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new(what: &str) -> TempDir {
+            let path = std::env::temp_dir().join(format!("kproxy-ipt-{what}-{}", std::process::id()));
+            std::fs::create_dir_all(&path).unwrap();
+            TempDir(path)
+        }
+
+        fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn leak(s: String) -> &'static str {
+        Box::leak(s.into_boxed_str())
+    }
+
+    /// The backend's tools, with iptables-restore replaced by `restore` if given.
+    fn tools(backend: &str, restore: Option<&'static str>) -> Tools {
+        Tools::new(
+            leak(format!("iptables-{backend}")),
+            restore.unwrap_or_else(|| leak(format!("iptables-{backend}-restore"))),
+            leak(format!("iptables-{backend}-save")),
+        )
+    }
+
+    /// A shell script in `dir` standing in for iptables-restore.
+    fn wrapper(dir: &std::path::Path, body: &str) -> &'static str {
+        let path = dir.join("iptables-restore");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(&path)
+            .status()
+            .unwrap();
+        leak(path.display().to_string())
+    }
+
+    fn proxier_config() -> ProxierConfig {
+        ProxierConfig {
+            family: IpFamily::V4,
+            masquerade_all: false,
+            masquerade_bit: 14,
+            detect_local: DetectLocal::ClusterCidr(vec!["10.244.0.0/16".parse().unwrap()]),
+            nodeport_addresses: NodePortAddresses::All,
+            localhost_nodeports: false,
+            nfacct: false,
+            conntrack_tcp_liberal: false,
+        }
+    }
+
+    /// Both tables as iptables-save shows them, by (table, chain): the chain's policy line and
+    /// its rules in order. (iptables-nft lists chains in the order they were made, which a
+    /// partial sync changes.)
+    fn tables(backend: &str) -> BTreeMap<(String, String), Vec<String>> {
+        let mut tables = BTreeMap::new();
+        let mut table = String::new();
+        for line in save(backend).lines() {
+            if let Some(t) = line.strip_prefix('*') {
+                table = t.to_string();
+            } else if let Some(decl) = line.strip_prefix(':') {
+                let chain = decl.split(' ').next().unwrap().to_string();
+                tables
+                    .entry((table.clone(), chain))
+                    .or_insert_with(Vec::new)
+                    .insert(0, line.to_string());
+            } else if let Some(rule) = line.strip_prefix("-A ") {
+                let chain = rule.split(' ').next().unwrap().to_string();
+                tables
+                    .entry((table.clone(), chain))
+                    .or_insert_with(Vec::new)
+                    .push(line.to_string());
+            }
+        }
+        tables
+    }
+
+    /// `iptables-save` of both tables, without its timestamped comments.
+    fn save(backend: &str) -> String {
+        ["filter", "nat"]
+            .iter()
+            .map(|table| {
+                let out = std::process::Command::new(format!("iptables-{backend}-save"))
+                    .args(["-t", table])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                String::from_utf8(out.stdout)
+                    .unwrap()
+                    .lines()
+                    .filter(|l| !l.starts_with('#'))
+                    .map(|l| format!("{l}\n"))
+                    .collect::<String>()
+            })
+            .collect()
+    }
+
+    /// `n` Services of 10 endpoints each; `shift` moves every endpoint to another address.
+    fn many(n: usize, shift: usize) -> Store {
+        let docs: Vec<String> = (0..n)
+            .flat_map(|i| {
+                let eps: Vec<String> = (0..10)
+                    .map(|e| format!("10.244.{}.{}", (i * 10 + e) / 250, (i * 10 + e) % 250 + 1 + shift))
+                    .collect();
+                let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
+                let name = format!("svc-{i}");
+                [
+                    svc(
+                        &name,
+                        &format!(
+                            "{{clusterIP: 10.96.{}.{}, ports: [{{name: http, port: 80}}]}}",
+                            i / 250,
+                            i % 250 + 1
+                        ),
+                    ),
+                    slice(&name, "http", 8080, &eps),
+                ]
+            })
+            .collect();
+        store(&docs.join("\n---\n"))
+    }
+
+    fn nat_chains(save: &str) -> BTreeSet<String> {
+        let nat = save.split("*nat").nth(1).unwrap_or_default();
+        parse_chains(nat)
+    }
+
+    #[test]
+    fn a_restore_refused_in_the_middle_keeps_the_kernel_rules_and_the_retry_writes_them() {
+        for backend in backends() {
+            let done = in_netns(async move {
+                let dir = TempDir::new("refused");
+                let marker = dir.path().join("fail");
+                let real = format!("iptables-{backend}-restore");
+                // On the marker, line 2000 becomes a rule neither backend can parse (an unknown
+                // match): the tool stops reading there, long before the end of the input.
+                const LINE: usize = 2000;
+                let restore = wrapper(
+                    dir.path(),
+                    &format!(
+                        "if [ -e {m} ]; then sed '{LINE}s/.*/-A KPROXY-SERVICES -m kproxy-no-such-match -j ACCEPT/' | {real} \"$@\"; else exec {real} \"$@\"; fi",
+                        m = marker.display()
+                    ),
+                );
+                let mut proxier = IptablesProxier::with_tools(proxier_config(), tools(backend, Some(restore)));
+                let d1 = many(100, 0).snapshot().desired;
+                proxier.sync(&d1, &ChangeSet::full()).await.unwrap();
+                let before = save(backend);
+                let before_tables = tables(backend);
+
+                let d2 = many(100, 1).snapshot().desired;
+                // What the refused sync writes: a full plan over the kernel as it is.
+                let cfg = render_config(&proxier_config(), &d2).await.unwrap();
+                let mut expected = Planner::new();
+                expected.plan(&d2, &ChangeSet::full(), &cfg);
+                let nat = before.split("*nat").nth(1).unwrap();
+                expected.adopt_kernel(&KernelState {
+                    nat_chains: parse_chains(nat),
+                    jumps: parse_jumps("filter", &before)
+                        .into_iter()
+                        .chain(parse_jumps("nat", nat))
+                        .collect(),
+                });
+                let input = expected.restore_input(&d2).into_string();
+                assert!(input.len() > 4 * CHUNK, "the input spans many chunks: {}", input.len());
+                let line = input.lines().nth(LINE - 1).unwrap().to_string();
+
+                std::fs::write(&marker, "").unwrap();
+                let err = proxier.sync(&d2, &ChangeSet::full()).await.unwrap_err();
+                match &err {
+                    DataplaneError::Rejected {
+                        line: n, text, message, ..
+                    } => {
+                        assert_eq!(*n, LINE, "{err}");
+                        assert_eq!(text, &line, "{err}");
+                        let owner = expected.restore_input(&d2).line(LINE).unwrap().1.unwrap();
+                        assert!(message.contains(&format!("Service {owner}")), "{err}");
+                    }
+                    other => panic!("{backend}: not a rejection: {other}"),
+                }
+                assert!(
+                    tables(backend) == before_tables,
+                    "{backend}: the refused sync changed the kernel"
+                );
+
+                // The runner retries with a full sync: it writes the new state and deletes the
+                // chains of the endpoints that went.
+                std::fs::remove_file(&marker).unwrap();
+                let stats = proxier.sync(&d2, &ChangeSet::full()).await.unwrap();
+                let after = save(backend);
+                let wanted: BTreeSet<String> = declared(&input, "nat")
+                    .into_iter()
+                    .filter(|c| !input.contains(&format!("-X {c}\n")))
+                    .map(str::to_string)
+                    .collect();
+                assert_eq!(nat_chains(&after), wanted, "{backend}");
+                let nat_rules = after
+                    .split("*nat")
+                    .nth(1)
+                    .unwrap()
+                    .lines()
+                    .filter(|l| l.starts_with("-A KPROXY-"))
+                    .count();
+                assert_eq!(stats.rules_total[1], ("nat", nat_rules), "{backend}");
+            });
+            if done.is_none() {
+                eprintln!("skipped: no network namespace");
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn a_partial_sync_writes_only_the_changed_chains_and_leaves_the_kernel_as_a_full_sync_would() {
+        for backend in backends() {
+            let done = in_netns(async move {
+                let dir = TempDir::new("partial");
+                let written = dir.path().join("input");
+                let restore = wrapper(
+                    dir.path(),
+                    &format!("tee {} | iptables-{backend}-restore \"$@\"", written.display()),
+                );
+                let mut proxier = IptablesProxier::with_tools(proxier_config(), tools(backend, Some(restore)));
+                let mut store = many(100, 0);
+                let first = store.snapshot();
+                proxier.sync(&first.desired, &first.changes).await.unwrap();
+
+                // One endpoint of svc-7 moves: 10.244.0.71 goes, 10.244.9.99 comes.
+                let moved = [
+                    "10.244.0.72",
+                    "10.244.0.73",
+                    "10.244.0.74",
+                    "10.244.0.75",
+                    "10.244.0.76",
+                    "10.244.0.77",
+                    "10.244.0.78",
+                    "10.244.0.79",
+                    "10.244.0.80",
+                    "10.244.9.99",
+                ];
+                let changed = slice("svc-7", "http", 8080, &moved);
+                assert!(store.apply_slice(&serde_yaml::from_str(&changed).unwrap()));
+                let snap = store.snapshot();
+                assert!(!snap.changes.full);
+                assert_eq!(snap.changes.services, BTreeSet::from([ServiceKey::new("ns", "svc-7")]));
+                proxier.sync(&snap.desired, &snap.changes).await.unwrap();
+                let input = std::fs::read_to_string(&written).unwrap();
+
+                // Which chains changed, from full plans of the states before and after (1,000
+                // endpoints both: the same configuration).
+                let cfg = render_config(&proxier_config(), &snap.desired).await.unwrap();
+                let full_chains = |d: &DesiredState| -> BTreeSet<String> {
+                    let text = Planner::new().plan_text(d, &ChangeSet::full(), &cfg, None).restore;
+                    declared(&text, "nat").into_iter().map(str::to_string).collect()
+                };
+                let (old, new) = (full_chains(&first.desired), full_chains(&snap.desired));
+                let gone: Vec<&String> = old.difference(&new).collect();
+                let came: Vec<&String> = new.difference(&old).collect();
+                assert_eq!((gone.len(), came.len()), (1, 1), "one endpoint chain each");
+                let port = crate::model::ServicePortName {
+                    service: ServiceKey::new("ns", "svc-7"),
+                    port: "http".into(),
+                    protocol: crate::model::Protocol::Tcp,
+                };
+                let mut want = vec![names::svc_chain(&port), gone[0].clone(), came[0].clone()];
+                want.sort();
+                assert_eq!(declared(&input, "nat"), want, "{backend}: partial input:\n{input}");
+                assert!(!input.contains("*filter"), "{backend}: partial input:\n{input}");
+                assert_eq!(
+                    input.lines().filter(|l| l.starts_with("-X ")).collect::<Vec<_>>(),
+                    [format!("-X {}", gone[0])],
+                    "{backend}"
+                );
+                let partial = tables(backend);
+
+                // A full sync of the same state onto an empty kernel gives the same tables.
+                let desired = snap.desired.clone();
+                let full = in_netns(async move {
+                    let mut fresh = IptablesProxier::with_tools(proxier_config(), tools(backend, None));
+                    fresh.sync(&desired, &ChangeSet::full()).await.unwrap();
+                    tables(backend)
+                })
+                .unwrap();
+                assert!(
+                    partial == full,
+                    "{backend}: the partial sync left other tables than a full one:\n{partial:#?}\n{full:#?}"
+                );
+            });
+            if done.is_none() {
+                eprintln!("skipped: no network namespace");
+                return;
+            }
+        }
+    }
+
+    /// Whether the canary chain is in the backend's mangle table.
+    fn canary(backend: &str) -> bool {
+        std::process::Command::new(format!("iptables-{backend}"))
+            .args(["-t", "mangle", "-n", "-L", "KPROXY-CANARY"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    }
+
+    #[test]
+    fn a_full_sync_plants_the_canary_its_loss_is_drift_and_cleanup_removes_it() {
+        for backend in backends() {
+            let done = in_netns(async move {
+                let mut proxier = IptablesProxier::with_tools(proxier_config(), tools(backend, None));
+                assert_eq!(
+                    proxier.full_sync_period(),
+                    Some(crate::dataplane::iptables::FULL_SYNC_PERIOD)
+                );
+                assert!(!canary(backend), "{backend}: a fresh namespace has no canary");
+                let d = many(3, 0).snapshot().desired;
+                proxier.sync(&d, &ChangeSet::full()).await.unwrap();
+                assert!(canary(backend), "{backend}: no canary after a full sync");
+                assert!(!proxier.drifted().await, "{backend}: drift with the canary there");
+
+                // A partial sync does not put it back: only a full one, which the drift asks for.
+                let status = std::process::Command::new(format!("iptables-{backend}"))
+                    .args(["-t", "mangle", "-X", "KPROXY-CANARY"])
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+                assert!(proxier.drifted().await, "{backend}: the canary's loss is not drift");
+                proxier.sync(&d, &ChangeSet::default()).await.unwrap();
+                assert!(!canary(backend), "{backend}: a partial sync planted the canary");
+                proxier.sync(&d, &ChangeSet::full()).await.unwrap();
+                assert!(canary(backend), "{backend}: the full sync after drift left no canary");
+
+                proxier.cleanup().await.unwrap();
+                assert!(!canary(backend), "{backend}: cleanup left the canary");
+                let left = save(backend);
+                assert!(!left.contains("KPROXY-"), "{backend}: cleanup left rules:\n{left}");
+                // Idempotent: nothing left, nothing to fail on.
+                proxier.cleanup().await.unwrap();
+            });
+            if done.is_none() {
+                eprintln!("skipped: no network namespace");
+                return;
+            }
+        }
+    }
 }

@@ -8,12 +8,12 @@
 //! foreign change (a check of the table follows) and sends it again against the new
 //! generation.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::command::{fixed_set_kind, CommandText};
 use super::names;
 use super::netlink::{self, decode_chain, decode_elements, decode_rule, decode_set, msg, Dump, Table};
-use super::plan::{data_hash, hash_of, ChainState, Owner, Plan, Planner, RuleState, TableState, Unit};
+use super::plan::{data_hash, hash_of, ChainState, Hash, Owner, Plan, Planner, RuleState, TableState, Unit};
 use super::socket::{errno_text, BatchError, NftSocket};
 use crate::dataplane::{DataplaneError, Result};
 use crate::model::IpFamily;
@@ -21,7 +21,7 @@ use crate::model::IpFamily;
 /// Bounds of one transaction: enough for hundreds of Services, small enough that the
 /// kernel's echoes fit the socket's receive buffer and one commit stays short.
 const MAX_REQUESTS: usize = 2048;
-const MAX_WRITES: usize = 4096;
+pub const MAX_WRITES: usize = 4096;
 
 /// Set by the integration tests only: while the file it names exists, every transaction has
 /// one request pointed at a chain that does not exist, so that the kernel refuses it.
@@ -71,6 +71,8 @@ pub struct Kernel {
     pub generation: u32,
     /// Set when a transaction found someone else had committed: the table needs a check.
     pub foreign_change: bool,
+    /// The network namespace the socket is in (its inode): generations are per namespace.
+    netns: u64,
 }
 
 impl Kernel {
@@ -82,6 +84,7 @@ impl Kernel {
             table: table(family),
             generation,
             foreign_change: false,
+            netns: netns_id(),
         })
     }
 }
@@ -138,15 +141,20 @@ fn apply_transaction(kernel: &mut Kernel, planner: &mut Planner, units: &[Unit],
             Err(BatchError::Generation) if attempts < 3 => {
                 // Someone else committed: note it (the table gets checked) and go on against
                 // the new generation; anything this transaction relies on that the other
-                // writer changed makes the kernel refuse it.
+                // writer changed makes the kernel refuse it. The other family's table shares
+                // the namespace's generation: commits of its own are not someone else's.
                 attempts += 1;
-                kernel.foreign_change = true;
-                kernel.generation = kernel.sock.generation()?;
-                tracing::info!(
-                    table = kernel.table.name,
-                    generation = kernel.generation,
-                    "the ruleset changed behind kproxy's back; checking the table"
-                );
+                let now = kernel.sock.generation()?;
+                let foreign = !only_own_commits(kernel.netns, kernel.generation, now);
+                kernel.generation = now;
+                if foreign {
+                    kernel.foreign_change = true;
+                    tracing::info!(
+                        table = kernel.table.name,
+                        generation = kernel.generation,
+                        "the ruleset changed behind kproxy's back; checking the table"
+                    );
+                }
             }
             Err(BatchError::Refused { index, errno, message }) => {
                 let (u, _) = order[index];
@@ -177,6 +185,7 @@ fn apply_transaction(kernel: &mut Kernel, planner: &mut Planner, units: &[Unit],
     kernel.generation = committed
         .generation
         .unwrap_or_else(|| kernel.generation.wrapping_add(1));
+    record_own_commit(kernel.netns, kernel.generation);
     let mut handles: Vec<Vec<Option<u64>>> = units.iter().map(|u| vec![None; u.commands.len()]).collect();
     for (i, &(u, c)) in order.iter().enumerate() {
         handles[u][c] = committed.handles.get(i).copied().flatten();
@@ -193,6 +202,34 @@ fn apply_transaction(kernel: &mut Kernel, planner: &mut Planner, units: &[Unit],
     }
     applied.transactions += 1;
     Ok(())
+}
+
+/// The generations kproxy's own commits made, to both families' tables (the last few).
+/// By network namespace (tests run many in one process).
+static OWN_COMMITS: std::sync::Mutex<std::collections::VecDeque<(u64, u32)>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+const OWN_COMMITS_KEPT: usize = 256;
+
+/// The inode of the calling thread's network namespace (0 if unknown).
+fn netns_id() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/thread-self/ns/net").map_or(0, |m| m.ino())
+}
+
+fn record_own_commit(netns: u64, generation: u32) {
+    let mut own = OWN_COMMITS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if own.len() == OWN_COMMITS_KEPT {
+        own.pop_front();
+    }
+    own.push_back((netns, generation));
+}
+
+/// Whether every commit after generation `from` up to `to` in namespace `netns` was kproxy's
+/// own (to the other family's table): then nobody else changed the ruleset.
+fn only_own_commits(netns: u64, from: u32, to: u32) -> bool {
+    let own = OWN_COMMITS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let span = to.wrapping_sub(from);
+    span as usize <= OWN_COMMITS_KEPT && (1..=span).all(|i| own.contains(&(netns, from.wrapping_add(i))))
 }
 
 /// The test hook of [`TEST_REFUSE_ENV`]: points the first rule (or element) request at an
@@ -290,21 +327,43 @@ pub fn read_table(sock: &mut NftSocket, table: Table) -> Result<(TableState, u32
             })?
             .unwrap_or(false);
         for set in sets.iter().filter(|s| fixed_set_kind(s).is_some()) {
-            let elements = state.elements.entry(set.clone()).or_default();
-            interrupted |= sock
-                .dump(Dump::Elements(table, set), |kind, _, a| {
-                    if kind == msg::NEWSETELEM {
-                        for e in decode_elements(a)?.1 {
-                            elements.insert(e.key, data_hash(e.data.as_ref()));
-                        }
-                    }
-                    Ok(())
-                })?
-                .unwrap_or(false);
+            match read_elements(sock, table, set)? {
+                Some(elements) => {
+                    state.elements.insert(set.clone(), elements);
+                }
+                None => {
+                    interrupted = true;
+                    state.unlisted.insert(set.clone());
+                }
+            }
         }
     }
     let after = sock.generation()?;
     Ok((state, before, !interrupted && before == after))
+}
+
+/// Tries to dump a set's elements while nothing is committed: `None` if a commit came during
+/// every try. The kernel resumes an element dump by position (`cb->args[0]` counts the
+/// elements already sent) and never flags it interrupted, so an element added or deleted
+/// during the dump, by any owner, shifts the rest: an element of another Service is skipped or
+/// sent twice. Only a dump with the same generation before and after is the set's content.
+fn read_elements(sock: &mut NftSocket, table: Table, set: &str) -> Result<Option<HashMap<Vec<u8>, Hash>>> {
+    for _ in 0..3 {
+        let before = sock.generation()?;
+        let mut elements = HashMap::new();
+        sock.dump(Dump::Elements(table, set), |kind, _, a| {
+            if kind == msg::NEWSETELEM {
+                for e in decode_elements(a)?.1 {
+                    elements.insert(e.key, data_hash(e.data.as_ref()));
+                }
+            }
+            Ok(())
+        })?;
+        if sock.generation()? == before {
+            return Ok(Some(elements));
+        }
+    }
+    Ok(None)
 }
 
 /// Reads the table until a listing is a snapshot (a few tries), for recovery.

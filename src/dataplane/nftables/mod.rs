@@ -1,11 +1,13 @@
 //! nftables mode: upstream kube-proxy's nftables layout in kproxy's own table, `kproxy`, one per
 //! IP family (`ip kproxy`, `ip6 kproxy`), programmed over netlink (no `nft` process).
 //!
-//! Service traffic is dispatched by verdict maps keyed by `address . protocol . port`
-//! (`service-ips`, `service-nodeports`) to per-Service-port chains, which DNAT straight to an
-//! endpoint picked by a cascade of `numgen random` rules (Services with session affinity
-//! go through per-endpoint chains that record the client first). Hairpin traffic is masqueraded
-//! after DNAT through one shared set. See `docs/nftables.md`.
+//! Service addresses are elements of plain sets keyed by `address . protocol . port` (and
+//! `protocol . port` for NodePorts), one per traffic policy, which lead to fixed chains; their
+//! endpoints are elements of fixed maps that two fixed chains DNAT through (`numgen random` picks
+//! a slot). A Service owns no chain unless it has session affinity or more than 16 endpoints:
+//! those keep upstream's per-Service chains behind the verdict maps `service-ips` and
+//! `service-nodeports`. Hairpin traffic is masqueraded after DNAT through one shared set. See
+//! `docs/nftables.md`.
 //!
 //! [`render`] and [`rule`] turn the model into nft rules as values; [`plan`] diffs them against
 //! what was committed; [`command`] and [`netlink`] are the commands and their bytes; [`apply`]
@@ -63,6 +65,10 @@ pub struct NftablesProxier {
     check: Option<std::thread::JoinHandle<()>>,
     /// UDP ports as last programmed, to find stale conntrack flows; `None` before the first sync.
     udp: Option<UdpPorts>,
+    /// The render configuration of the last sync and the node it was made for: a partial sync
+    /// for the same node reuses it (making it walks every Service to count endpoints), unless
+    /// NodePorts follow the addresses of local interfaces, which are read again every sync.
+    rcfg: Option<(crate::model::NodeInfo, RenderConfig)>,
 }
 
 fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -86,6 +92,7 @@ impl NftablesProxier {
             cfg,
             check: None,
             udp: None,
+            rcfg: None,
         }
     }
 
@@ -134,17 +141,26 @@ impl NftablesProxier {
             kernel.generation = generation;
             inner.recover = false;
         }
-        let plan = inner.planner.plan(desired, changes, cfg);
-        if tracing::enabled!(tracing::Level::TRACE) {
-            tracing::trace!(?family, "transaction:\n{}", apply::plan_text(&plan, family));
-        }
-        let applied = match apply_plan(kernel, &mut inner.planner, &plan) {
-            Ok(a) => a,
-            Err(e) => {
-                inner.recover = true;
-                return Err(e);
+        // Planned and applied in batches: a cold start never holds its whole plan.
+        let mut applied = apply::Applied::default();
+        let mut apply_batch = |planner: &mut Planner, units: Vec<plan::Unit>| -> Result<()> {
+            let plan = plan::Plan { units };
+            if tracing::enabled!(tracing::Level::TRACE) {
+                tracing::trace!(?family, "transaction:\n{}", apply::plan_text(&plan, family));
             }
+            let a = apply_plan(kernel, planner, &plan)?;
+            applied.writes += a.writes;
+            applied.transactions += a.transactions;
+            applied.owners.extend(a.owners);
+            Ok(())
         };
+        let planned = inner
+            .planner
+            .plan_streamed(desired, changes, cfg, apply::MAX_WRITES - 256, &mut apply_batch);
+        if let Err(e) = planned {
+            inner.recover = true;
+            return Err(e);
+        }
         if let Some(t) = inner.touched.as_mut() {
             t.extend(applied.owners.iter().cloned());
         }
@@ -293,8 +309,19 @@ impl Dataplane for NftablesProxier {
 
     fn sync<'a>(&'a mut self, desired: &'a DesiredState, changes: &'a ChangeSet) -> BoxFuture<'a, Result<SyncStats>> {
         Box::pin(async move {
-            let cfg = config(&self.cfg, desired).await?;
-            let (stats, check) = self.sync_locked(desired, changes, &cfg)?;
+            let reuse = !changes.full
+                && !matches!(
+                    self.cfg.nodeport_addresses,
+                    super::iptables::NodePortAddresses::Cidrs(_)
+                )
+                && self.rcfg.as_ref().is_some_and(|(node, _)| *node == desired.node);
+            let cfg = match self.rcfg.take() {
+                Some((node, cfg)) if reuse => (node, cfg),
+                _ => (desired.node.clone(), config(&self.cfg, desired).await?),
+            };
+            let result = self.sync_locked(desired, changes, &cfg.1);
+            self.rcfg = Some(cfg);
+            let (stats, check) = result?;
             if check {
                 self.start_check();
             }

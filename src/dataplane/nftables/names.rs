@@ -34,11 +34,29 @@ pub const CLUSTER_DNAT: &str = "cluster-dnat";
 /// The same for a Service's node-local endpoints (`local-nN`, slots from [`LOCAL_SLOTS`]).
 pub const LOCAL_DNAT: &str = "local-dnat";
 
+/// The fixed chains a Service address is dispatched to (from the sets of the same names plus
+/// `-ips` / `-nodeports`), for every Service whose endpoints are map elements (no session
+/// affinity, at most [`MAX_BUCKET`] endpoints): what upstream writes in per-Service chains
+/// (masquerade, traffic policy) depends only on which of these four a Service address is in.
+/// ClusterIP, internalTrafficPolicy Cluster: masquerade off-cluster sources, `goto cluster-dnat`.
+pub const SERVICE_CLUSTER: &str = "service-cluster";
+/// ClusterIP, internalTrafficPolicy Local: the same, `goto local-dnat`.
+pub const SERVICE_LOCAL: &str = "service-local";
+/// NodePort, externalIP, LB IP with externalTrafficPolicy Cluster: masquerade, `goto cluster-dnat`.
+pub const EXTERNAL_CLUSTER: &str = "external-cluster";
+/// The same with externalTrafficPolicy Local: pods and the node itself use every endpoint
+/// (the node masqueraded), other sources keep theirs and `goto local-dnat`.
+pub const EXTERNAL_LOCAL: &str = "external-local";
+
 /// Non-base chains that exist whatever the Services.
 pub const REGULAR_CHAINS: &[&str] = &[
     SERVICES,
     CLUSTER_DNAT,
     LOCAL_DNAT,
+    SERVICE_CLUSTER,
+    SERVICE_LOCAL,
+    EXTERNAL_CLUSTER,
+    EXTERNAL_LOCAL,
     MASQUERADING,
     MARK_MASQ,
     SERVICE_ENDPOINTS_CHECK,
@@ -47,13 +65,30 @@ pub const REGULAR_CHAINS: &[&str] = &[
     REJECT_CHAIN,
 ];
 
-/// `address . protocol . port : verdict`, where Service traffic is dispatched.
+/// `address . protocol . port : verdict`, where the Services that keep chains of their own
+/// (session affinity, more than [`MAX_BUCKET`] endpoints) are dispatched.
 pub const SERVICE_IPS: &str = "service-ips";
-/// `protocol . port : verdict` for NodePorts on the node's addresses.
+/// `protocol . port : verdict` for their NodePorts on the node's addresses.
 pub const SERVICE_NODEPORTS: &str = "service-nodeports";
-/// Service addresses whose new connections are refused (no endpoints) or dropped (no local ones).
-pub const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
-pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+
+/// Plain sets (`address . protocol . port`, `protocol . port`) dispatching every other
+/// Service address to a fixed chain: adding or removing one is an element without a verdict,
+/// which the kernel commits without validating the table.
+pub const SERVICE_CLUSTER_IPS: &str = "service-cluster-ips";
+pub const SERVICE_LOCAL_IPS: &str = "service-local-ips";
+pub const EXTERNAL_CLUSTER_IPS: &str = "external-cluster-ips";
+pub const EXTERNAL_LOCAL_IPS: &str = "external-local-ips";
+pub const EXTERNAL_CLUSTER_NODEPORTS: &str = "external-cluster-nodeports";
+pub const EXTERNAL_LOCAL_NODEPORTS: &str = "external-local-nodeports";
+
+/// Service addresses (and NodePorts) whose new connections are refused (no endpoints at all):
+/// plain sets, `goto reject-chain` in the endpoint checks.
+pub const NO_ENDPOINT_REJECT_IPS: &str = "no-endpoint-reject-ips";
+pub const NO_ENDPOINT_REJECT_NODEPORTS: &str = "no-endpoint-reject-nodeports";
+/// … or dropped (endpoints, but none local for a Local policy), so that a load balancer's
+/// health check moves traffic away.
+pub const NO_ENDPOINT_DROP_IPS: &str = "no-endpoint-drop-ips";
+pub const NO_ENDPOINT_DROP_NODEPORTS: &str = "no-endpoint-drop-nodeports";
 /// Load balancer addresses with `loadBalancerSourceRanges`, to their firewall chain.
 pub const FIREWALL_IPS: &str = "firewall-ips";
 
@@ -138,8 +173,16 @@ pub static MAPS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::n
     let mut v = vec![
         SERVICE_IPS,
         SERVICE_NODEPORTS,
-        NO_ENDPOINT_SERVICES,
-        NO_ENDPOINT_NODEPORTS,
+        SERVICE_CLUSTER_IPS,
+        SERVICE_LOCAL_IPS,
+        EXTERNAL_CLUSTER_IPS,
+        EXTERNAL_LOCAL_IPS,
+        EXTERNAL_CLUSTER_NODEPORTS,
+        EXTERNAL_LOCAL_NODEPORTS,
+        NO_ENDPOINT_REJECT_IPS,
+        NO_ENDPOINT_REJECT_NODEPORTS,
+        NO_ENDPOINT_DROP_IPS,
+        NO_ENDPOINT_DROP_NODEPORTS,
         FIREWALL_IPS,
         HAIRPIN,
     ];
@@ -148,6 +191,23 @@ pub static MAPS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::n
     v.extend(BUCKETS.iter().copied());
     v
 });
+
+/// Which claims an element of `map` competes with: a Service address (or NodePort) is
+/// dispatched by one set or map of a class, refused by one, filtered by one. Two Services
+/// claiming the same key within a class: the first keeps it.
+pub fn claim_class(map: &'static str) -> &'static str {
+    match map {
+        SERVICE_CLUSTER_IPS | SERVICE_LOCAL_IPS | EXTERNAL_CLUSTER_IPS | EXTERNAL_LOCAL_IPS => SERVICE_IPS,
+        EXTERNAL_CLUSTER_NODEPORTS | EXTERNAL_LOCAL_NODEPORTS => SERVICE_NODEPORTS,
+        NO_ENDPOINT_DROP_IPS => NO_ENDPOINT_REJECT_IPS,
+        NO_ENDPOINT_DROP_NODEPORTS => NO_ENDPOINT_REJECT_NODEPORTS,
+        // A key is in one bucket of its kind.
+        other => match BUCKETS.iter().position(|b| *b == other) {
+            Some(i) => BUCKETS[i - i % MAX_BUCKET],
+            None => other,
+        },
+    }
+}
 
 /// Every chain that is not generated per Service: the base chains and [`REGULAR_CHAINS`].
 pub fn fixed_chains() -> impl Iterator<Item = &'static str> {

@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use super::command::{fixed_set_kind, Command, ElemKey};
 use super::names;
+use super::names::Bucket;
 use super::netlink::{BaseHook, Data, Expr};
 use super::render::{base_chains, fixed_sets, render_fixed_rules, render_port, AffinitySet, PortRules};
 use super::rule::{Key, Rule, SetDecl, SetKind, Value};
@@ -68,6 +69,9 @@ pub struct TableState {
     pub sets: HashMap<String, Hash>,
     /// Fixed set name to element key to a hash of its data.
     pub elements: HashMap<String, HashMap<Vec<u8>, Hash>>,
+    /// In a listing: sets whose elements could not be read while nothing was committed (see
+    /// `read_table`); their elements are not in `elements` and are not compared.
+    pub unlisted: HashSet<String>,
 }
 
 /// Equal when they hold the same objects: a set without elements is a set without elements,
@@ -282,17 +286,15 @@ const STRAYS_PER_UNIT: usize = 512;
 /// 64 KiB).
 const DISPATCH_PER_COMMAND: usize = 512;
 
-/// The verdict maps whose elements make a Service reachable (or refused). On a cold start
-/// their elements are added last, in one transaction: the kernel validates the table on every
-/// commit that adds a jump, from the base chains down, so transactions before it find nothing
-/// but the fixed chains reachable and the walk happens once, not once per transaction.
-const DISPATCH: [&str; 5] = [
-    names::SERVICE_IPS,
-    names::SERVICE_NODEPORTS,
-    names::NO_ENDPOINT_SERVICES,
-    names::NO_ENDPOINT_NODEPORTS,
-    names::FIREWALL_IPS,
-];
+/// The verdict maps whose elements make a Service with chains of its own reachable. On a
+/// cold start their elements are added last, in one transaction: the kernel validates the
+/// table on every commit that adds a jump, from the base chains down, so transactions before
+/// it find nothing but the fixed chains reachable and the walk happens once, not once per
+/// transaction. (The other Services are dispatched by plain sets, in their own unit.)
+const DISPATCH: [&str; 3] = [names::SERVICE_IPS, names::SERVICE_NODEPORTS, names::FIREWALL_IPS];
+
+/// Where [`Planner::plan_streamed`] hands its batches of units.
+pub type Sink<'a, E> = dyn FnMut(&mut Planner, Vec<Unit>) -> Result<(), E> + 'a;
 
 type Adds = BTreeMap<String, Vec<(ElemKey, Option<Value>)>>;
 
@@ -305,10 +307,11 @@ pub struct Planner {
     owned: HashMap<ServiceKey, Owned>,
     chain_owner: HashMap<String, ServiceKey>,
     set_owner: HashMap<String, ServiceKey>,
-    /// Which Service wrote each map element. Two Services can claim the same address and port
-    /// (an externalIP both list); a map holds one verdict per key, so the first claim wins, as
-    /// the first matching rule does in iptables mode.
-    element_owner: HashMap<(&'static str, Key), ServiceKey>,
+    /// Which Service wrote each map element, by claim class ([`names::claim_class`]) and key,
+    /// with the set it is in. Two Services can claim the same address and port (an externalIP
+    /// both list); only one can dispatch it, so the first claim wins, as the first matching
+    /// rule does in iptables mode.
+    element_owner: HashMap<(&'static str, Key), (ServiceKey, &'static str)>,
     /// Services that lost a claim, by element: they try again when the winner lets go.
     losers: HashMap<(&'static str, Key), BTreeSet<ServiceKey>>,
     /// How many Services DNAT to each endpoint address: the hairpin element goes with the last.
@@ -318,6 +321,8 @@ pub struct Planner {
     /// After [`Planner::adopt`]: the next plan renders everything and deletes strays.
     fresh: bool,
     rules: usize,
+    /// Rules of the fixed chains, as last planned.
+    fixed_rules: usize,
     no_local: (usize, usize),
     /// During a cold start into an empty table: dispatch elements held back for the last unit.
     deferred: Option<Adds>,
@@ -511,6 +516,28 @@ fn render_service(state: &ServiceState, node: &NodeInfo, cfg: &RenderConfig) -> 
     state.ports.iter().filter_map(|p| render_port(p, node, cfg)).collect()
 }
 
+/// The bucket claim an endpoint slot's key goes with: slots below [`names::LOCAL_SLOTS`] with
+/// the address's (or NodePort's) cluster bucket, the others with its local one. `None` for
+/// every other key.
+fn slot_claim(key: &Key) -> Option<(&'static str, Key)> {
+    let local = |slot: u32| slot >= names::LOCAL_SLOTS;
+    match *key {
+        Key::AddrPortSlot(ip, proto, port, slot) => {
+            let b = if local(slot) { Bucket::Local } else { Bucket::Cluster };
+            Some((b.set(1), Key::AddrPort(ip, proto, port)))
+        }
+        Key::ProtoPortSlot(proto, port, slot) => {
+            let b = if local(slot) {
+                Bucket::NodePortLocal
+            } else {
+                Bucket::NodePortCluster
+            };
+            Some((b.set(1), Key::ProtoPort(proto, port)))
+        }
+        _ => None,
+    }
+}
+
 /// The static name of a fixed map (element owners are keyed by it).
 fn static_set_name(name: &str) -> Option<&'static str> {
     names::MAPS.iter().copied().find(|m| *m == name)
@@ -531,6 +558,7 @@ impl Planner {
             node: None,
             fresh: true,
             rules: 0,
+            fixed_rules: 0,
             no_local: (0, 0),
             deferred: None,
             differed: Vec::new(),
@@ -558,14 +586,35 @@ impl Planner {
     /// Rules in the table (map elements not counted) and Service ports without local
     /// endpoints (internal, external), after the units planned so far.
     pub fn totals(&self) -> (usize, (usize, usize)) {
-        let fixed = self.cfg.as_ref().map_or(0, |c| render_fixed_rules(c).len());
-        (fixed + self.rules, self.no_local)
+        (self.fixed_rules + self.rules, self.no_local)
     }
 
-    /// Plans one sync of `desired`.
+    /// Plans one sync of `desired`, whole.
     pub fn plan(&mut self, desired: &DesiredState, changes: &ChangeSet, cfg: &RenderConfig) -> Plan {
+        let mut units = Vec::new();
+        let mut collect = |_: &mut Planner, mut batch: Vec<Unit>| -> Result<(), std::convert::Infallible> {
+            units.append(&mut batch);
+            Ok(())
+        };
+        let Ok(()) = self.plan_streamed(desired, changes, cfg, usize::MAX, &mut collect);
+        Plan { units }
+    }
+
+    /// Plans one sync of `desired`, handing the units to `sink` in order, in batches of about
+    /// `batch_writes` writes (a cold start of 10,000 Services is never held whole in memory).
+    /// `sink` gets the planner back, to record what the kernel echoed; an error stops the
+    /// planning, and the planner must then [`Planner::adopt`] a listing of the kernel.
+    pub fn plan_streamed<E>(
+        &mut self,
+        desired: &DesiredState,
+        changes: &ChangeSet,
+        cfg: &RenderConfig,
+        batch_writes: usize,
+        sink: &mut Sink<'_, E>,
+    ) -> Result<(), E> {
         let all = self.fresh || self.cfg.as_ref() != Some(cfg) || self.node.as_ref() != Some(&desired.node);
         let mut plan = Plan { units: Vec::new() };
+        let mut pending_writes = 0;
         // A cold start: nothing of the Services' is in the table yet.
         if self.fresh && self.state.elements.values().all(HashMap::is_empty) {
             self.deferred = Some(Adds::new());
@@ -619,7 +668,14 @@ impl Planner {
             seen.insert(k.clone());
             let unit = self.plan_service(&k, desired.services.get(&k), &desired.node, cfg, &mut queue);
             if !unit.is_empty() || !retry {
+                pending_writes += unit.commands.iter().map(|(_, c)| c.writes()).sum::<usize>();
                 plan.units.push(unit);
+            }
+            if pending_writes >= batch_writes {
+                let mut batch = std::mem::take(&mut plan.units);
+                batch.retain(|u| !u.is_empty());
+                sink(self, batch)?;
+                pending_writes = 0;
             }
         }
         if std::mem::take(&mut self.fresh) {
@@ -643,12 +699,16 @@ impl Planner {
             plan.units.push(unit);
         }
         plan.units.retain(|u| !u.is_empty());
-        plan
+        if plan.units.is_empty() {
+            return Ok(());
+        }
+        sink(self, plan.units)
     }
 
     /// The table, its fixed chains and rules, its fixed maps; whether a map was recreated.
     fn plan_fixed(&mut self, cfg: &RenderConfig) -> (Unit, bool) {
         let fixed_rules = render_fixed_rules(cfg);
+        self.fixed_rules = fixed_rules.len();
         let mut b = self.builder(Owner::Fixed);
         if !b.state.exists {
             b.push(Section::Table, Command::AddTable);
@@ -691,10 +751,11 @@ impl Planner {
             self.rules -= o.rules;
             self.no_local.0 -= o.no_local.0;
             self.no_local.1 -= o.no_local.1;
-            for e in &o.elements {
-                if self.element_owner.get(e) == Some(key) {
-                    self.element_owner.remove(e);
-                    if let Some(waiting) = self.losers.remove(e) {
+            for (map, k) in &o.elements {
+                let e = (names::claim_class(map), k.clone());
+                if self.element_owner.get(&e).is_some_and(|(s, _)| s == key) {
+                    self.element_owner.remove(&e);
+                    if let Some(waiting) = self.losers.remove(&e) {
                         requeue.extend(waiting.into_iter().filter(|w| w != key));
                     }
                 }
@@ -730,9 +791,17 @@ impl Planner {
             }
             sets.extend(p.sets);
             for e in p.elements {
-                let id = (e.map, e.key.clone());
+                // An endpoint slot goes with its address's bucket (rendered before it): it is
+                // the Service's if the bucket claim is, and needs no claim of its own.
+                if let Some(bucket) = slot_claim(&e.key) {
+                    if self.element_owner.get(&bucket).is_some_and(|(s, _)| s == key) {
+                        elements.push((e.map, e.key, e.value));
+                    }
+                    continue;
+                }
+                let id = (names::claim_class(e.map), e.key.clone());
                 match self.element_owner.get(&id) {
-                    Some(owner) if owner != key => {
+                    Some((owner, _)) if owner != key => {
                         tracing::warn!(
                             service = %key,
                             owner = %owner,
@@ -743,7 +812,7 @@ impl Planner {
                         self.losers.entry(id).or_default().insert(key.clone());
                     }
                     _ => {
-                        self.element_owner.insert(id, key.clone());
+                        self.element_owner.insert(id, (key.clone(), e.map));
                         elements.push((e.map, e.key, e.value));
                     }
                 }
@@ -838,7 +907,18 @@ impl Planner {
             return self.hairpin.contains_key(&ip).then_some(Owner::Fixed);
         }
         let name = static_set_name(set)?;
-        self.element_owner.get(&(name, k)).map(|s| Owner::Service(s.clone()))
+        if let Some(bucket) = slot_claim(&k) {
+            let (s, _) = self.element_owner.get(&bucket)?;
+            let rendered = self
+                .owned
+                .get(s)
+                .is_some_and(|o| o.elements.iter().any(|(m, e)| *m == name && *e == k));
+            return rendered.then(|| Owner::Service(s.clone()));
+        }
+        match self.element_owner.get(&(names::claim_class(name), k)) {
+            Some((s, map)) if *map == name => Some(Owner::Service(s.clone())),
+            _ => None,
+        }
     }
 
     /// Everything in the committed table that nobody owns.
@@ -974,6 +1054,9 @@ impl Planner {
             .collect();
         let empty = HashMap::new();
         for set in sets {
+            if kernel.unlisted.contains(&set) {
+                continue;
+            }
             let k = kernel.elements.get(&set).unwrap_or(&empty);
             // Compared in place: a set's elements are copied only when they differ.
             if k == self.state.elements.get(&set).unwrap_or(&empty) {

@@ -138,14 +138,6 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     } else {
         &svc_chain
     };
-    // Without any endpoint new connections are refused; with endpoints elsewhere only (Local
-    // policy) they are dropped, so a load balancer's health check moves traffic away.
-    let refuse = if has_endpoints {
-        Verdict::Drop
-    } else {
-        Verdict::Goto(names::REJECT_CHAIN.into())
-    };
-
     let mut r = PortRules {
         no_local_internal: has_endpoints && !has_internal,
         no_local_external: has_endpoints && externally_accessible && !has_external,
@@ -169,20 +161,44 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
         node_port: sp.node_port,
     };
 
+    // Without session affinity and with few enough endpoints, the endpoints are map elements
+    // and the Service needs no chain of its own: its addresses join the sets that dispatch to
+    // the fixed chains of its traffic policies. Otherwise it keeps upstream's per-Service chains.
+    let fixed = sp.affinity_timeout.is_none() && sets.cluster.len() <= MAX_BUCKET && sets.local.len() <= MAX_BUCKET;
+    let no_endpoint = |by_port: bool| match (has_endpoints, by_port) {
+        (true, false) => names::NO_ENDPOINT_DROP_IPS,
+        (true, true) => names::NO_ENDPOINT_DROP_NODEPORTS,
+        (false, false) => names::NO_ENDPOINT_REJECT_IPS,
+        (false, true) => names::NO_ENDPOINT_REJECT_NODEPORTS,
+    };
+    let member = |map, key: Key| Element { map, key, value: None };
     let cluster_key = svc_key(&cluster_ip, sp, port);
-    if has_internal {
+    if !has_internal {
+        r.elements.push(member(no_endpoint(false), cluster_key));
+    } else if fixed {
+        let set = if internal_local {
+            names::SERVICE_LOCAL_IPS
+        } else {
+            names::SERVICE_CLUSTER_IPS
+        };
+        r.elements.push(member(set, cluster_key));
+    } else {
         r.elements.push(element(
             names::SERVICE_IPS,
             cluster_key,
             Verdict::Goto(internal_chain.clone()),
         ));
-    } else {
-        r.elements
-            .push(element(names::NO_ENDPOINT_SERVICES, cluster_key, refuse.clone()));
     }
+    let (ext_ips, ext_nodeports) = if external_policy_local {
+        (names::EXTERNAL_LOCAL_IPS, names::EXTERNAL_LOCAL_NODEPORTS)
+    } else {
+        (names::EXTERNAL_CLUSTER_IPS, names::EXTERNAL_CLUSTER_NODEPORTS)
+    };
     for ip in external_ips.iter().chain(lb_ips.iter()) {
         let key = svc_key(ip, sp, port);
-        if has_endpoints {
+        if has_endpoints && fixed {
+            r.elements.push(member(ext_ips, key.clone()));
+        } else if has_endpoints {
             r.elements.push(element(
                 names::SERVICE_IPS,
                 key.clone(),
@@ -190,8 +206,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
             ));
         }
         if !has_external {
-            r.elements
-                .push(element(names::NO_ENDPOINT_SERVICES, key, refuse.clone()));
+            r.elements.push(member(no_endpoint(false), key));
         }
     }
     if uses_fw {
@@ -205,7 +220,9 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     }
     if let Some(node_port) = sp.node_port {
         let key = Key::ProtoPort(proto, node_port);
-        if has_endpoints {
+        if has_endpoints && fixed {
+            r.elements.push(member(ext_nodeports, key.clone()));
+        } else if has_endpoints {
             r.elements.push(element(
                 names::SERVICE_NODEPORTS,
                 key.clone(),
@@ -213,13 +230,13 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
             ));
         }
         if !has_external {
-            r.elements.push(element(names::NO_ENDPOINT_NODEPORTS, key, refuse));
+            r.elements.push(member(no_endpoint(true), key));
         }
     }
 
     // The masquerade rule for internal traffic, at the top of whichever chain it enters.
     let mut masq_rules = Vec::new();
-    if has_internal {
+    if has_internal && !fixed {
         let dest = vec![
             Stmt::Addr {
                 field: Field::Daddr,
@@ -242,7 +259,7 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
         }
     }
 
-    if has_endpoints && externally_accessible {
+    if has_endpoints && externally_accessible && !fixed {
         let mut rules = Vec::new();
         if !external_policy_local {
             rules.push(Rule::new(vec![jump(names::MARK_MASQ)]));
@@ -300,18 +317,22 @@ pub fn render_port(ps: &PortState, node: &NodeInfo, cfg: &RenderConfig) -> Optio
     if !sets.cluster.is_empty() && uses_cluster_endpoints(sp) {
         let mut rules = std::mem::take(&mut cluster_first);
         balance(&mut r, &mut rules, sp, &sets.cluster, false, &entries);
-        r.chains.push(Chain {
-            name: svc_chain.clone(),
-            rules,
-        });
+        if !fixed {
+            r.chains.push(Chain {
+                name: svc_chain.clone(),
+                rules,
+            });
+        }
     }
     if !sets.local.is_empty() && uses_local_endpoints(sp) {
         let mut rules = std::mem::take(&mut local_first);
         balance(&mut r, &mut rules, sp, &sets.local, true, &entries);
-        r.chains.push(Chain {
-            name: local_chain.clone(),
-            rules,
-        });
+        if !fixed {
+            r.chains.push(Chain {
+                name: local_chain.clone(),
+                rules,
+            });
+        }
     }
 
     r.hairpin = sets.all_reachable.iter().map(|ep| ep.ip).collect();
@@ -493,8 +514,16 @@ pub fn fixed_sets() -> Vec<SetDecl> {
     vec![
         d(names::SERVICE_IPS, SetKind::AddrPortMap),
         d(names::SERVICE_NODEPORTS, SetKind::ProtoPortMap),
-        d(names::NO_ENDPOINT_SERVICES, SetKind::AddrPortMap),
-        d(names::NO_ENDPOINT_NODEPORTS, SetKind::ProtoPortMap),
+        d(names::SERVICE_CLUSTER_IPS, SetKind::AddrPortSet),
+        d(names::SERVICE_LOCAL_IPS, SetKind::AddrPortSet),
+        d(names::EXTERNAL_CLUSTER_IPS, SetKind::AddrPortSet),
+        d(names::EXTERNAL_LOCAL_IPS, SetKind::AddrPortSet),
+        d(names::EXTERNAL_CLUSTER_NODEPORTS, SetKind::ProtoPortSet),
+        d(names::EXTERNAL_LOCAL_NODEPORTS, SetKind::ProtoPortSet),
+        d(names::NO_ENDPOINT_REJECT_IPS, SetKind::AddrPortSet),
+        d(names::NO_ENDPOINT_DROP_IPS, SetKind::AddrPortSet),
+        d(names::NO_ENDPOINT_REJECT_NODEPORTS, SetKind::ProtoPortSet),
+        d(names::NO_ENDPOINT_DROP_NODEPORTS, SetKind::ProtoPortSet),
         d(names::FIREWALL_IPS, SetKind::AddrPortMap),
         d(names::HAIRPIN, SetKind::AddrPair),
     ]
@@ -572,6 +601,48 @@ fn bucket_rules() -> Vec<(&'static str, Rule)> {
 }
 
 const DST: [Field; 3] = [Field::Daddr, Field::L4proto, Field::ThDport];
+
+/// The fixed chains of the traffic policies ([`names::SERVICE_CLUSTER`] and the three others):
+/// what upstream writes into each Service's own chains, written once. Entered only from the
+/// dispatch sets, so they need not match the Service address again.
+fn policy_rules(cfg: &RenderConfig) -> Vec<(&'static str, Rule)> {
+    let r = Rule::new;
+    let mut rules = Vec::new();
+    // Internal traffic: off-cluster sources reaching a ClusterIP (a static route to the
+    // Service range) may bounce to another node: masquerade so replies come back through us.
+    let masq_internal = if cfg.masquerade_all {
+        Some(r(vec![jump(names::MARK_MASQ)]))
+    } else {
+        if_local(&cfg.local_detector, true).map(|not_local| r(vec![not_local, jump(names::MARK_MASQ)]))
+    };
+    for (chain, dnat) in [
+        (names::SERVICE_CLUSTER, names::CLUSTER_DNAT),
+        (names::SERVICE_LOCAL, names::LOCAL_DNAT),
+    ] {
+        rules.extend(masq_internal.clone().map(|m| (chain, m)));
+        rules.push((chain, r(vec![goto(dnat)])));
+    }
+    // External traffic, policy Cluster: always masqueraded.
+    rules.push((names::EXTERNAL_CLUSTER, r(vec![jump(names::MARK_MASQ)])));
+    rules.push((names::EXTERNAL_CLUSTER, r(vec![goto(names::CLUSTER_DNAT)])));
+    // Policy Local: pods reaching an external destination of their own cluster behave as if
+    // the traffic went out to a load balancer and came back (every endpoint, no masquerade);
+    // the node's own traffic has a local source: masqueraded, every endpoint; the rest keeps
+    // its source and goes to a node-local endpoint (none: no DNAT, the endpoint check drops it).
+    if let Some(local) = if_local(&cfg.local_detector, false) {
+        rules.push((names::EXTERNAL_LOCAL, r(vec![local, goto(names::CLUSTER_DNAT)])));
+    }
+    rules.push((
+        names::EXTERNAL_LOCAL,
+        r(vec![Stmt::FibLocal(Field::Saddr), jump(names::MARK_MASQ)]),
+    ));
+    rules.push((
+        names::EXTERNAL_LOCAL,
+        r(vec![Stmt::FibLocal(Field::Saddr), goto(names::CLUSTER_DNAT)]),
+    ));
+    rules.push((names::EXTERNAL_LOCAL, r(vec![goto(names::LOCAL_DNAT)])));
+    rules
+}
 
 /// The rules of the fixed chains, as (chain, rule) pairs in chain order.
 pub fn render_fixed_rules(cfg: &RenderConfig) -> Vec<(&'static str, Rule)> {
@@ -669,26 +740,63 @@ pub fn render_fixed_rules(cfg: &RenderConfig) -> Vec<(&'static str, Rule)> {
         (names::MASQUERADING, r(vec![Stmt::MarkXor(m)])),
         (names::MASQUERADING, r(vec![Stmt::Masquerade { fully_random: true }])),
         (names::MARK_MASQ, r(vec![Stmt::MarkOr(m)])),
-        (names::SERVICES, r(vec![vmap(names::SERVICE_IPS)])),
-        (
-            names::SERVICE_ENDPOINTS_CHECK,
-            r(vec![vmap(names::NO_ENDPOINT_SERVICES)]),
-        ),
         (names::FIREWALL_CHECK, r(vec![vmap(names::FIREWALL_IPS)])),
         (names::REJECT_CHAIN, r(vec![Stmt::Reject])),
     ];
+    let in_set = |key: &[Field], set: &str| Stmt::InSet {
+        key: key.to_vec(),
+        set: set.into(),
+        negate: false,
+    };
+    let to = |key: &[Field], set: &str, verdict: Stmt| r(vec![in_set(key, set), verdict]);
+    let dispatch = [
+        (names::SERVICE_CLUSTER_IPS, names::SERVICE_CLUSTER),
+        (names::SERVICE_LOCAL_IPS, names::SERVICE_LOCAL),
+        (names::EXTERNAL_CLUSTER_IPS, names::EXTERNAL_CLUSTER),
+        (names::EXTERNAL_LOCAL_IPS, names::EXTERNAL_LOCAL),
+    ];
+    for (set, chain) in dispatch {
+        rules.push((names::SERVICES, to(&DST, set, goto(chain))));
+    }
+    rules.push((names::SERVICES, r(vec![vmap(names::SERVICE_IPS)])));
+    let reject = || goto(names::REJECT_CHAIN);
+    let drop = || Stmt::Verdict(Verdict::Drop);
+    rules.push((
+        names::SERVICE_ENDPOINTS_CHECK,
+        to(&DST, names::NO_ENDPOINT_REJECT_IPS, reject()),
+    ));
+    rules.push((
+        names::SERVICE_ENDPOINTS_CHECK,
+        to(&DST, names::NO_ENDPOINT_DROP_IPS, drop()),
+    ));
     let port_vmap = |map: &str| Stmt::Vmap {
         key: vec![Field::L4proto, Field::ThDport],
         map: map.into(),
     };
+    let port = [Field::L4proto, Field::ThDport];
     for dest in nodeport_dests {
-        let mut services = dest.clone();
-        services.push(port_vmap(names::SERVICE_NODEPORTS));
-        rules.push((names::SERVICES, r(services)));
-        let mut check = dest;
-        check.push(port_vmap(names::NO_ENDPOINT_NODEPORTS));
-        rules.push((names::NODEPORT_ENDPOINTS_CHECK, r(check)));
+        let with = |last: Vec<Stmt>| {
+            let mut rule = dest.clone();
+            rule.extend(last);
+            r(rule)
+        };
+        for (set, chain) in [
+            (names::EXTERNAL_CLUSTER_NODEPORTS, names::EXTERNAL_CLUSTER),
+            (names::EXTERNAL_LOCAL_NODEPORTS, names::EXTERNAL_LOCAL),
+        ] {
+            rules.push((names::SERVICES, with(vec![in_set(&port, set), goto(chain)])));
+        }
+        rules.push((names::SERVICES, with(vec![port_vmap(names::SERVICE_NODEPORTS)])));
+        rules.push((
+            names::NODEPORT_ENDPOINTS_CHECK,
+            with(vec![in_set(&port, names::NO_ENDPOINT_REJECT_NODEPORTS), reject()]),
+        ));
+        rules.push((
+            names::NODEPORT_ENDPOINTS_CHECK,
+            with(vec![in_set(&port, names::NO_ENDPOINT_DROP_NODEPORTS), drop()]),
+        ));
     }
+    rules.extend(policy_rules(cfg));
     rules.extend(bucket_rules());
     rules
 }

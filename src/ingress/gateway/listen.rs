@@ -128,6 +128,9 @@ impl GatewayListeners {
     fn bind(&mut self, port: u16, https: bool) -> std::io::Result<Open> {
         let socket = std::net::TcpListener::bind(SocketAddr::new(self.ip, port))?;
         socket.set_nonblocking(true)?;
+        // Accepted sockets inherit TCP_NODELAY from the listener (Linux): no Nagle delay on
+        // an answer written in more than one piece, and no setsockopt per connection.
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::TcpNoDelay, &true)?;
         let (resolver, tls) = if https {
             let resolver = Arc::new(CertResolver::new(self.default_cert.clone()));
             let config = tls::server_config(resolver.clone()).map_err(std::io::Error::other)?;

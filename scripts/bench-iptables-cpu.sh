@@ -1,0 +1,59 @@
+#!/bin/bash
+# Benchmark: iptables mode (legacy backend) through the API path, one size: bench-api.sh's
+# measurement (first full sync, peak and steady RSS, one EndpointSlice change) plus the CPU
+# split that bench-api.sh does not give: kproxy's own CPU and its waited-for children's
+# (iptables-restore, iptables-save) from /proc/PID/stat, at the end of the first sync and
+# around the change. Takes the binaries as arguments (no build), so it can run beside a build.
+# Prints one line; writes nothing. Never run by the tests. KP_ENV=VAR=VALUE sets an environment
+# variable for kproxy (e.g. MIMALLOC_PURGE_DELAY=0).
+#
+# usage: sudo scripts/bench-iptables-cpu.sh KPROXY INTEGRATION_TEST_BINARY SERVICES
+set -u
+kproxy=$1; fakeapi=$2; n=$3; endpoints=10
+[ "$(id -u)" = 0 ] || { echo "bench-iptables-cpu.sh: needs root" >&2; exit 1; }
+work=$(mktemp -d /tmp/kproxy-bench-cpu.XXXXXX)
+ns=kpipt3api$$
+tools=$work/tools; mkdir -p "$tools"
+for t in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do ln -sf "$(command -v "${t/iptables/iptables-legacy}")" "$tools/$t"; done
+ip netns add "$ns"; ip netns exec "$ns" ip link set lo up
+ip netns exec "$ns" "$fakeapi" __fakeapi --listen 127.0.0.1:6443 --services "$n" --endpoints "$endpoints" --node bench-node > "$work/fakeapi.log" 2>&1 &
+api_pid=$!
+until grep -q '^fakeapi: serving' "$work/fakeapi.log"; do sleep 0.2; done
+metric() { ip netns exec "$ns" curl -s --max-time 2 http://127.0.0.1:10249/metrics | awk -v n="$1" '$1 == n {print $2}'; }
+start=$(date +%s.%N)
+PATH="$tools:$PATH" ip netns exec "$ns" env "${KP_ENV:-KPROXY_BENCH=1}" "$kproxy" --master http://127.0.0.1:6443 --hostname-override bench-node \
+  --proxy-mode iptables --cluster-cidr 10.128.0.0/9 --sync-period 1h \
+  --healthz-bind-address 127.0.0.1:10256 --metrics-bind-address 127.0.0.1:10249 > "$work/kproxy.log" 2>&1 &
+pid=$!
+hz=$(getconf CLK_TCK)
+until [ "$(metric kubeproxy_sync_full_proxy_rules_duration_seconds_count 2>/dev/null)" = 1 ]; do sleep 0.1; kill -0 $pid || exit 1; done
+to_rules=$(echo "$(date +%s.%N) - $start" | bc)
+read -r u s cu cs <<<"$(awk '{print $14, $15, $16, $17}' /proc/"$pid"/stat)"
+full=$(metric kubeproxy_sync_full_proxy_rules_duration_seconds_sum)
+sleep 10
+steady=$(awk '/VmRSS/{print $2}' /proc/"$pid"/status); peak=$(awk '/VmHWM/{print $2}' /proc/"$pid"/status)
+last=$((n - 1)); now=$(date -u +%Y-%m-%dT%H:%M:%S.%6NZ)
+python3 - "$n" "$endpoints" "$now" > "$work/slice.json" <<'PY'
+import sys, json
+n, m, now = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+i = n - 1
+print(json.dumps({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+    "metadata": {"name": f"svc-{i}-ep", "namespace": f"ns-{i % 10}", "labels": {"kubernetes.io/service-name": f"svc-{i}"},
+                 "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": now}},
+    "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    "endpoints": [{"addresses": [f"10.255.{j}.{1 + j}"], "conditions": {"ready": True}, "nodeName": "node-0"} for j in range(m)]}))
+PY
+b=$(metric kubeproxy_network_programming_duration_seconds_sum); c=$(metric kubeproxy_network_programming_duration_seconds_count)
+read -r u0 s0 cu0 cs0 <<<"$(awk '{print $14, $15, $16, $17}' /proc/"$pid"/stat)"
+ip netns exec "$ns" curl -sf -o /dev/null -X PUT -H 'Content-Type: application/json' --data @"$work/slice.json" \
+  "http://127.0.0.1:6443/apis/discovery.k8s.io/v1/namespaces/ns-$((last % 10))/endpointslices/svc-$last-ep"
+until [ "$(metric kubeproxy_network_programming_duration_seconds_count)" != "$c" ]; do sleep 0.1; done
+read -r u1 s1 cu1 cs1 <<<"$(awk '{print $14, $15, $16, $17}' /proc/"$pid"/stat)"
+prog=$(echo "$(metric kubeproxy_network_programming_duration_seconds_sum) - $b" | bc)
+PATH="$tools:$PATH" ip netns exec "$ns" iptables-save -t nat | grep -q '10.255.0.1:8080' || echo "CHANGE NOT IN KERNEL"
+printf "legacy n=%s start_to_rules=%.2fs full_sync=%.3fs peak=%dMiB steady=%dMiB change=%.3fs | first sync CPU: kproxy %.2f s, tools %.2f s | change CPU: kproxy %.2f s, tools %.2f s | load %s\n" \
+  "$n" "$to_rules" "$full" $((peak / 1024)) $((steady / 1024)) "$prog" "$(echo "($u+$s)/$hz" | bc -l)" \
+  "$(echo "($cu+$cs)/$hz" | bc -l)" "$(echo "($u1+$s1-$u0-$s0)/$hz" | bc -l)" "$(echo "($cu1+$cs1-$cu0-$cs0)/$hz" | bc -l)" \
+  "$(cut -d' ' -f1 /proc/loadavg)"
+echo "syncs failed: $(grep -c "sync failed" "$work/kproxy.log")"
+kill "$pid"; wait "$pid" 2>/dev/null; kill "$api_pid"; wait "$api_pid" 2>/dev/null; ip netns del "$ns"; rm -rf "$work"
