@@ -15,7 +15,8 @@
 #
 # usage: sudo scripts/bench-ipvs-vm.sh [SIZES]   (default "1000 5000 10000")
 # env: KPROXY_BENCH_NO_WRITE=1 prints without touching BENCHMARKS.md; KPROXY_VM_TIMEOUT
-#      (default 5400 s for the whole guest run).
+#      (default 5400 s for the whole guest run); KPROXY_BENCH_PERF=1 profiles the largest size's
+#      full and partial sync with perf (printed as @@PERF lines in target/ipvs-vm/console.log).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,6 +38,22 @@ wait_metric() { # NAME MIN
     sleep 1
   done
 }
+# With PERF set, the largest size's full and partial syncs are profiled (kproxy's user and
+# kernel time, by symbol) and the top of each profile is printed.
+profile_start() {
+  [ -n "$PERF" ] && [ "$n" = "$last_size" ] && command -v perf >/dev/null || return 0
+  perf record -q -e cpu-clock -F 499 -p "$kp" -o "/tmp/perf-$1.data" > /dev/null 2>&1 &
+  perf_pid=$!
+  sleep 1
+}
+profile_end() {
+  [ -n "${perf_pid:-}" ] || return 0
+  kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null
+  perf_pid=
+  perf report -i "/tmp/perf-$1.data" --stdio --no-children --sort dso,sym 2>/dev/null |
+    grep -v '^#' | grep -v '^$' | head -25 | sed "s/^/@@PERF $1 $n /; s/\$/@@/"
+}
+for s in $SIZES; do last_size=$s; done
 for n in $SIZES; do
   /usr/sbin/ip netns add bench
   /usr/sbin/ip netns exec bench ip link set lo up
@@ -45,7 +62,8 @@ for n in $SIZES; do
   api=$!
   until grep -q '^fakeapi: serving' /tmp/api.log; do sleep 1; done
   start=$(cut -d' ' -f1 /proc/uptime)
-  /usr/sbin/ip netns exec bench ./kproxy --master http://127.0.0.1:6443 --hostname-override bench-node --proxy-mode ipvs \
+  # The IPVS dataplane's debug line per sync says how long each step took.
+  /usr/sbin/ip netns exec bench env RUST_LOG=info,kproxy::dataplane::ipvs=debug ./kproxy --master http://127.0.0.1:6443 --hostname-override bench-node --proxy-mode ipvs \
     --cluster-cidr 10.128.0.0/9 --sync-period 1h --ipvs-sync-period 1h --min-sync-period 0s --ipvs-min-sync-period 0s \
     --healthz-bind-address 127.0.0.1:10256 --metrics-bind-address 127.0.0.1:10249 > /tmp/kp.log 2>&1 &
   kp=$!
@@ -56,25 +74,30 @@ for n in $SIZES; do
   sleep 5
   # A full resync: this node's addresses change.
   c0=$(cpu "$kp"); s0=$(metric kubeproxy_sync_full_proxy_rules_duration_seconds_sum)
+  profile_start full
   /usr/sbin/ip netns exec bench curl -sf -o /dev/null -X PATCH -H 'Content-Type: application/merge-patch+json' \
     --data '{"status":{"addresses":[{"type":"InternalIP","address":"192.0.2.1"},{"type":"InternalIP","address":"192.0.2.2"}]}}' \
     http://127.0.0.1:6443/api/v1/nodes/bench-node/status
   wait_metric kubeproxy_sync_full_proxy_rules_duration_seconds_count 2 || exit 1
   full_cpu=$(( $(cpu "$kp") - c0 ))
+  profile_end full
   full_sync=$(awk -v a="$(metric kubeproxy_sync_full_proxy_rules_duration_seconds_sum)" -v b="$s0" 'BEGIN {print a - b}')
   sleep 5
   # A partial sync: one EndpointSlice of the last Service.
   last=$((n - 1))
   c0=$(cpu "$kp"); p0=$(metric kubeproxy_sync_partial_proxy_rules_duration_seconds_count); p0=${p0%.*}
   ps0=$(metric kubeproxy_sync_partial_proxy_rules_duration_seconds_sum)
+  profile_start partial
   /usr/sbin/ip netns exec bench curl -sf -o /dev/null -X PATCH -H 'Content-Type: application/merge-patch+json' \
     --data '{"endpoints":[{"addresses":["10.255.0.1"],"conditions":{"ready":true}}]}' \
     "http://127.0.0.1:6443/apis/discovery.k8s.io/v1/namespaces/ns-$((last % 10))/endpointslices/svc-$last-ep"
   wait_metric kubeproxy_sync_partial_proxy_rules_duration_seconds_count $(( ${p0:-0} + 1 )) || exit 1
   partial_cpu=$(( $(cpu "$kp") - c0 ))
+  profile_end partial
   partial_sync=$(awk -v a="$(metric kubeproxy_sync_partial_proxy_rules_duration_seconds_sum)" -v b="${ps0:-0}" 'BEGIN {print a - b}')
   /usr/sbin/ip netns exec bench ipvsadm -Ln | grep -q '10.255.0.1:8080' || echo "warning: the changed endpoint is not in IPVS"
   vs=$(/usr/sbin/ip netns exec bench ipvsadm -Ln | grep -c '^TCP')
+  grep -a 'IPVS sync steps' /tmp/kp.log | sed 's/^.*IPVS sync steps: /@@STEPS '"$n"' /; s/$/@@/' | tail -4
   echo "@@BENCH services=$n virtual_services=$vs first_wall_s=$first_wall first_cpu_ticks=$first_cpu first_sync_s=$first_sync full_cpu_ticks=$full_cpu full_sync_s=$full_sync partial_cpu_ticks=$partial_cpu partial_sync_s=$partial_sync peak_kib=$(kib "$kp" VmHWM) steady_kib=$(kib "$kp" VmRSS)@@"
   kill "$kp"; wait "$kp"
   kill "$api"; wait "$api"
@@ -84,7 +107,7 @@ GUEST
 )
 
 export KPROXY_VM_RELEASE=1 KPROXY_VM_TIMEOUT=${KPROXY_VM_TIMEOUT:-5400}
-KPROXY_VM_RUN="SIZES='$sizes'
+KPROXY_VM_RUN="SIZES='$sizes' PERF='${KPROXY_BENCH_PERF:-}'
 $guest" "$here/scripts/ipvs-vm.sh" || true
 log=$here/target/ipvs-vm/console.log
 grep -a '@@BENCH' "$log" > /dev/null || { echo "bench-ipvs-vm.sh: no figures from the guest (see $log)" >&2; exit 1; }

@@ -12,7 +12,7 @@
 # iptables-nft (for the default-mode --cleanup), their libraries and the kernel modules; then a
 # software-emulated (TCG) boot that runs the tests as PID 1's child and powers off.
 #
-# KPROXY_VM_RUN='shell command' runs that in the guest instead of the tests (with strace and
+# KPROXY_VM_RUN='shell command' runs that in the guest instead of the tests (with strace, perf and
 # ipvsadm at hand): e.g. to capture what ipvsadm sends, for the netlink encoding's unit tests.
 # Environment: KPROXY_VM_TIMEOUT (seconds for the whole boot, default 1500), KPROXY_VM_ACCEL
 # (tcg by default; kvm only on a host with real hardware virtualisation), KPROXY_VM_SMP (2),
@@ -165,6 +165,8 @@ mknod -m 600 "$STAGE/dev/console" c 5 1 2>/dev/null || true
 if [ -n "${KPROXY_VM_RUN:-}" ]; then
   printf '%s\n' "$KPROXY_VM_RUN" > "$STAGE/test/run.sh"
   if command -v strace >/dev/null; then copy_with_libs "$(command -v strace)" /usr/bin/strace; fi
+  # perf (software clock events: TCG has no PMU) for profiles; kallsyms gives kernel symbols.
+  if command -v perf >/dev/null; then copy_with_libs "$(readlink -f "$(command -v perf)")" /usr/bin/perf; fi
 fi
 cat > "$STAGE/init" <<'INIT'
 #!/bin/sh

@@ -41,7 +41,18 @@ pub struct IpvsClient {
     socket: Socket,
     family: u16,
     seq: u32,
+    /// One receive buffer for every reply. Its size also tells the kernel how much to put in
+    /// each datagram of a dump: the kernel sizes dump datagrams by the largest read it has
+    /// seen (up to 32 KiB), and a dump restarts its walk of the service table for every
+    /// datagram, so small reads made a service dump quadratic.
+    buf: Vec<u8>,
 }
+
+/// `recv(2)`'s flag to report a datagram's real length even when it was cut.
+const MSG_TRUNC: i32 = 0x20;
+
+/// Larger than any datagram the kernel sends (dumps are at most 32 KiB each).
+const RECV_BUFFER: usize = 64 * 1024;
 
 impl IpvsClient {
     /// Opens a socket and resolves the IPVS family. A kernel without IPVS (no `ip_vs` module
@@ -58,6 +69,7 @@ impl IpvsClient {
             socket,
             family: netlink::GENL_ID_CTRL,
             seq: 0,
+            buf: Vec::with_capacity(RECV_BUFFER),
         };
         let seq = client.next_seq();
         let what = "looking up the IPVS generic netlink family";
@@ -138,8 +150,14 @@ impl IpvsClient {
         self.socket.send(msg, 0).map_err(socket)?;
         let mut out = Vec::new();
         loop {
-            let (buf, _) = self.socket.recv_from_full().map_err(socket)?;
-            for reply in decode_replies(&buf).map_err(|e| Failure::Socket(e.to_string()))? {
+            self.buf.clear();
+            let len = self.socket.recv(&mut self.buf, MSG_TRUNC).map_err(socket)?;
+            if len > self.buf.len() {
+                return Err(Failure::Socket(format!(
+                    "a {len}-byte reply did not fit in {RECV_BUFFER} bytes"
+                )));
+            }
+            for reply in decode_replies(&self.buf).map_err(|e| Failure::Socket(e.to_string()))? {
                 match reply {
                     Reply::Data { seq: s, attrs, .. } if s == seq => out.push(attrs.to_vec()),
                     Reply::Error { seq: s, errno: 0 } | Reply::Done { seq: s } if s == seq => return Ok(out),

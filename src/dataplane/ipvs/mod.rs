@@ -3,19 +3,24 @@
 //! `kube-ipvs0` and a small nftables table for what IPVS cannot do (see [`rules`]).
 //!
 //! [`plan`] is pure: desired virtual services from the model, and the requests that turn the
-//! kernel's table (read back every sync) into them. [`client`] and [`link`] talk to the kernel;
-//! [`netlink`] encodes and decodes the messages. No `ipvsadm` or `ip` binary is used.
+//! kernel's table into them; [`state`] keeps what was programmed. [`client`] and [`link`] talk
+//! to the kernel; [`netlink`] encodes and decodes the messages. No `ipvsadm` or `ip` binary is used.
 //!
-//! A sync reads every virtual service, and the real servers of those it looks at: all of them on
-//! a full sync, the changed Services' and the draining ones' on a partial sync. Real servers that
-//! are no longer wanted are set to weight 0 and deleted once their TCP connections are gone (or
-//! after `--ipvs-graceful-period`); UDP and SCTP ones at once, as kube-proxy does.
+//! A full sync (the first, the periodic `--ipvs-sync-period` one, and any after a failure)
+//! reads the kernel's addresses, every virtual service and every real server, repairs what
+//! differs, rewrites the nftables table, and keeps what it programmed. A partial sync plans
+//! only the changed Services against that record and reads only the real servers of their
+//! virtual services and of the draining ones: its cost follows the change, not the cluster.
+//! Real servers that are no longer wanted are set to weight 0 and deleted once their TCP
+//! connections are gone (or after `--ipvs-graceful-period`); UDP and SCTP ones at once, as
+//! kube-proxy does.
 
 pub mod client;
 pub mod link;
 pub mod netlink;
 pub mod plan;
 pub mod rules;
+pub mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -23,15 +28,15 @@ use std::process::Stdio;
 use std::time::Instant;
 
 use futures::future::BoxFuture;
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use self::client::IpvsClient;
 use self::link::Rtnl;
 use self::netlink::{Request, VsKey};
-use self::plan::{plan_desired, plan_requests, Draining, KernelState, PlanConfig, Scope};
-use self::rules::{render_ruleset, RulesConfig};
+use self::plan::{plan_desired, plan_requests, DesiredIpvs, Draining, KernelState, PlanConfig, Scope};
+use self::rules::{render_element_changes, render_ruleset, RulesConfig};
+use self::state::Committed;
 use super::iptables::{local_detector, NodePortAddresses};
 use super::{Dataplane, DataplaneError, Result, SyncStats};
 use crate::config::{DetectLocal, IpvsConfig};
@@ -53,16 +58,9 @@ pub struct IpvsProxier {
     cfg: ProxierConfig,
     client: IpvsClient,
     draining: Draining,
-    /// Virtual services of each Service after the last successful sync.
-    owners: BTreeMap<ServiceKey, Box<[VsKey]>>,
-    /// SHA-256 of the nft input last applied, to skip an unchanged table on partial syncs (the
-    /// digest, not the text: the text is rendered anew each sync anyway).
-    last_rules: Option<[u8; 32]>,
-}
-
-/// What [`IpvsProxier::last_rules`] remembers of an nft input.
-fn rules_digest(rules: &str) -> [u8; 32] {
-    Sha256::digest(rules.as_bytes()).into()
+    /// What the last successful sync programmed; `None` until a full sync succeeds, and
+    /// after any failure (the next sync is full and reads the kernel again).
+    committed: Option<Committed>,
 }
 
 /// Sysctls IPVS mode needs, as kube-proxy sets them.
@@ -165,31 +163,26 @@ impl IpvsProxier {
             client: IpvsClient::connect()?,
             cfg,
             draining: Draining::default(),
-            owners: BTreeMap::new(),
-            last_rules: None,
+            committed: None,
         })
     }
 
-    async fn sync_inner(&mut self, desired: &DesiredState, changes: &ChangeSet) -> Result<SyncStats> {
+    /// Reads the kernel (addresses, every virtual service and its real servers), programs all
+    /// of `desired`, repairs what drifted, and records what it programmed.
+    async fn sync_full(&mut self, desired: &DesiredState) -> Result<SyncStats> {
         let family = self.cfg.family;
         let in_family = |ip: &IpAddr| IpFamily::of(ip) == family;
+        let mut took = Phases::start();
+        // The kernel is read anew: the old record would only double the peak.
+        self.committed = None;
         let rtnl = Rtnl::connect()?;
         let dummy = rtnl.ensure_dummy().await?;
         let addresses = rtnl.addresses().await?;
+        took.mark("list_addresses");
         let plan_cfg = plan_config(&self.cfg, &link::node_addresses(&addresses, Some(dummy)), desired);
         let want = plan_desired(desired, &plan_cfg);
+        took.mark("plan_desired");
 
-        let scope = if changes.full {
-            Scope::Full
-        } else {
-            let new_owners = want.owners();
-            let mut keys = self.draining.services();
-            for svc in &changes.services {
-                keys.extend(self.owners.get(svc).into_iter().flatten());
-                keys.extend(new_owners.get(svc).into_iter().flatten());
-            }
-            Scope::Only(keys)
-        };
         let mut kernel = KernelState {
             local_addresses: addresses.iter().map(|(_, ip, _)| *ip).filter(in_family).collect(),
             ..KernelState::default()
@@ -199,19 +192,23 @@ impl IpvsProxier {
                 kernel.services.insert(svc.key, svc);
             }
         }
-        let inspect: Vec<VsKey> = match &scope {
-            Scope::Full => kernel.services.keys().copied().collect(),
-            Scope::Only(keys) => keys
-                .iter()
-                .filter(|k| kernel.services.contains_key(k))
-                .copied()
-                .collect(),
-        };
-        for key in inspect {
+        took.mark("list_services");
+        let keys: Vec<VsKey> = kernel.services.keys().copied().collect();
+        for key in keys {
             let dests = self.client.dests(&key)?;
             kernel.dests.insert(key, dests);
         }
-        let requests = plan_requests(&want, &kernel, &scope, &mut self.draining, Instant::now(), &plan_cfg);
+        took.mark("list_real_servers");
+        let requests = plan_requests(
+            &want,
+            &kernel,
+            &Scope::Full,
+            &mut self.draining,
+            Instant::now(),
+            &plan_cfg,
+        );
+        drop(kernel);
+        took.mark("plan_requests");
 
         // Addresses first (a virtual service is only reached once its address is local), then
         // the rules that guard them, then IPVS, and stale addresses last.
@@ -220,36 +217,140 @@ impl IpvsProxier {
             .filter(|(index, ip, _)| *index == dummy && in_family(ip))
             .map(|(_, ip, prefix)| (*ip, *prefix))
             .collect();
-        for ip in want.bound.iter().filter(|ip| !bound.contains_key(ip)) {
+        drop(addresses);
+        for ip in want.bound.keys().filter(|ip| !bound.contains_key(ip)) {
             rtnl.add_address(dummy, *ip).await?;
         }
+        took.mark("bind");
         let rules = render_ruleset(&want, &rules_config(&self.cfg, desired));
-        let digest = rules_digest(&rules);
-        if changes.full || self.last_rules != Some(digest) {
-            self.last_rules = None;
-            nft(&["-f", "-"], Some(&rules)).await?;
-            self.last_rules = Some(digest);
-        }
+        nft(&["-f", "-"], Some(&rules)).await?;
         drop(rules);
-        for req in &requests {
-            tracing::debug!(family = ?family, "IPVS: {req}");
-            self.client.execute(req)?;
-        }
-        for (ip, prefix) in bound.iter().filter(|(ip, _)| !want.bound.contains(ip)) {
+        took.mark("nft");
+        self.execute(&requests)?;
+        took.mark("ipvs");
+        for (ip, prefix) in bound.iter().filter(|(ip, _)| !want.bound.contains_key(ip)) {
             rtnl.del_address(dummy, *ip, *prefix).await?;
         }
-        self.owners = want.owners();
+        took.mark("unbind");
+        let stats = sync_stats(&want, requests.len());
+        self.committed = Some(Committed::new(want, plan_cfg, dummy));
+        took.log(family, true, requests.len());
+        Ok(stats)
+    }
+
+    /// Programs the changed Services only, against the record of the last sync: reads the real
+    /// servers of their virtual services (and of those draining), nothing else.
+    async fn sync_partial(&mut self, desired: &DesiredState, changed: &BTreeSet<ServiceKey>) -> Result<SyncStats> {
+        let family = self.cfg.family;
+        let Some(committed) = self.committed.as_ref() else {
+            return self.sync_full(desired).await;
+        };
+        let mut took = Phases::start();
+        let change = committed.plan_change(desired, changed, &self.draining);
+        let mut dests = BTreeMap::new();
+        for key in committed.existing(&change) {
+            dests.insert(*key, self.client.dests(key)?);
+        }
+        took.mark("list_real_servers");
+        let kernel = committed.kernel_view(&change, dests);
+        let requests = plan_requests(
+            &change.want,
+            &kernel,
+            &Scope::Only(change.scope.clone()),
+            &mut self.draining,
+            Instant::now(),
+            &committed.cfg,
+        );
+        drop(kernel);
+        let edits = committed.edits(&change);
+        took.mark("plan");
+
+        let dummy = committed.dummy;
+        let rtnl = if edits.bind.is_empty() && edits.unbind.is_empty() {
+            None
+        } else {
+            Some(Rtnl::connect()?)
+        };
+        if let Some(rtnl) = &rtnl {
+            for ip in &edits.bind {
+                rtnl.add_address(dummy, *ip).await?;
+            }
+        }
+        if edits.touches_rules() {
+            let text = render_element_changes(family, &edits.delete_elements, &edits.add_elements);
+            nft(&["-f", "-"], Some(&text)).await?;
+        }
+        took.mark("nft");
+        self.execute(&requests)?;
+        took.mark("ipvs");
+        if let Some(rtnl) = &rtnl {
+            for ip in &edits.unbind {
+                let prefix = if ip.is_ipv4() { 32 } else { 128 };
+                rtnl.del_address(dummy, *ip, prefix).await?;
+            }
+        }
+        let Some(committed) = self.committed.as_mut() else {
+            unreachable!("checked above")
+        };
+        committed.commit(change);
+        let stats = sync_stats(&committed.ipvs, requests.len());
+        took.log(family, false, requests.len());
+        Ok(stats)
+    }
+
+    fn execute(&mut self, requests: &[Request]) -> Result<()> {
+        for req in requests {
+            tracing::trace!(family = ?self.cfg.family, "IPVS: {req}");
+            self.client.execute(req)?;
+        }
         if self.draining.len() > 0 {
             tracing::debug!(real_servers = self.draining.len(), "waiting for real servers to drain");
         }
-        Ok(SyncStats {
-            rules_written: requests.len(),
-            rules_total: vec![
-                ("ipvs-services", want.services.len()),
-                ("ipvs-real-servers", want.real_server_count()),
-            ],
-            no_local_endpoints: want.no_local_endpoints,
-        })
+        Ok(())
+    }
+}
+
+/// What a sync reports: the requests it wrote, and what is programmed after it.
+fn sync_stats(programmed: &DesiredIpvs, written: usize) -> SyncStats {
+    SyncStats {
+        rules_written: written,
+        rules_total: vec![
+            ("ipvs-services", programmed.services.len()),
+            ("ipvs-real-servers", programmed.real_server_count()),
+        ],
+        no_local_endpoints: programmed.no_local_endpoints,
+    }
+}
+
+/// How long each step of one sync took, for the debug log: where a slow sync spends its time.
+struct Phases {
+    last: Instant,
+    steps: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Phases {
+    fn start() -> Phases {
+        Phases {
+            last: Instant::now(),
+            steps: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, step: &'static str) {
+        let now = Instant::now();
+        self.steps.push((step, now - self.last));
+        self.last = now;
+    }
+
+    fn log(&self, family: IpFamily, full: bool, requests: usize) {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let steps: Vec<String> = self
+                .steps
+                .iter()
+                .map(|(step, d)| format!("{step}={:.3}s", d.as_secs_f64()))
+                .collect();
+            tracing::debug!(?family, full, requests, "IPVS sync steps: {}", steps.join(" "));
+        }
     }
 }
 
@@ -260,10 +361,14 @@ impl Dataplane for IpvsProxier {
 
     fn sync<'a>(&'a mut self, desired: &'a DesiredState, changes: &'a ChangeSet) -> BoxFuture<'a, Result<SyncStats>> {
         Box::pin(async move {
-            let result = self.sync_inner(desired, changes).await;
+            let result = if changes.full {
+                self.sync_full(desired).await
+            } else {
+                self.sync_partial(desired, &changes.services).await
+            };
             if result.is_err() {
                 // What the kernel holds is unknown now: the next (full) sync reads it all again.
-                self.last_rules = None;
+                self.committed = None;
             }
             result
         })

@@ -14,7 +14,7 @@ use super::netlink::{
     addr_port, RealServer, RealServerState, Request, VirtualService, VsKey, FWD_MASQ, SVC_F_PERSISTENT,
 };
 use crate::model::topology::categorize_endpoints;
-use crate::model::{DesiredState, Endpoint, IpFamily, Protocol, ServiceKey};
+use crate::model::{DesiredState, Endpoint, IpFamily, NodeInfo, Protocol, ServiceKey, ServiceState};
 
 /// Settings of one planning pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,30 +58,90 @@ pub struct DesiredVs {
     pub source_ranges: Vec<IpNet>,
 }
 
-/// Everything IPVS mode wants in the kernel for one family.
+/// Everything IPVS mode wants in the kernel for one family. After a successful sync the
+/// proxier keeps the one it programmed as its record of the kernel (see [`super::state`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredIpvs {
     pub services: BTreeMap<VsKey, DesiredVs>,
-    /// Addresses to bind to the dummy interface.
-    pub bound: BTreeSet<IpAddr>,
+    /// Addresses to bind to the dummy interface, each with the number of its virtual services
+    /// (an address goes when its last one does).
+    pub bound: BTreeMap<IpAddr, u32>,
     /// Service ports with a Local policy and no local endpoint (internal, external).
     pub no_local_endpoints: (usize, usize),
+    /// What each Service got: its virtual services and its share of `no_local_endpoints`.
+    pub owners: BTreeMap<ServiceKey, Owned>,
+    /// The real servers of all `services` added by [`DesiredIpvs::insert_service`], kept as
+    /// they come and go so that a partial sync need not count them.
+    real_servers: usize,
+}
+
+/// The part of a [`DesiredIpvs`] that one Service owns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Owned {
+    /// Its virtual services, sorted (most Services have one or two: a slice, not a set).
+    pub keys: Box<[VsKey]>,
+    /// Its ports with a Local policy and no local endpoint (internal, external).
+    pub no_local_endpoints: (u32, u32),
 }
 
 impl DesiredIpvs {
-    /// The virtual services of each Service, for partial syncs: kept between syncs, so a
-    /// sorted slice each (most Services have one or two), not a set.
-    pub fn owners(&self) -> BTreeMap<ServiceKey, Box<[VsKey]>> {
-        let mut out: BTreeMap<ServiceKey, Vec<VsKey>> = BTreeMap::new();
-        for (key, vs) in &self.services {
-            out.entry(vs.owner.clone()).or_default().push(*key);
-        }
-        // `services` iterates in key order, so each list is sorted already.
-        out.into_iter().map(|(k, v)| (k, v.into_boxed_slice())).collect()
+    pub fn real_server_count(&self) -> usize {
+        self.real_servers
     }
 
-    pub fn real_server_count(&self) -> usize {
-        self.services.values().map(|v| v.servers.len()).sum()
+    /// Adds one Service's plan. A virtual service another Service already has stays that
+    /// one's (the first in key order wins, as on a full sync).
+    pub fn insert_service(&mut self, owner: &ServiceKey, plan: ServicePlan) {
+        let mut keys = Vec::with_capacity(plan.services.len());
+        for (key, vs) in plan.services {
+            if self.services.contains_key(&key) {
+                tracing::debug!(%key, service = %owner, "virtual service already taken by another Service port");
+                continue;
+            }
+            if vs.bound {
+                *self.bound.entry(key.addr).or_default() += 1;
+            }
+            self.real_servers += vs.servers.len();
+            self.services.insert(key, vs);
+            keys.push(key);
+        }
+        let (internal, external) = plan.no_local_endpoints;
+        self.no_local_endpoints.0 += internal as usize;
+        self.no_local_endpoints.1 += external as usize;
+        if !keys.is_empty() || plan.no_local_endpoints != (0, 0) {
+            keys.sort_unstable();
+            self.owners.insert(
+                owner.clone(),
+                Owned {
+                    keys: keys.into_boxed_slice(),
+                    no_local_endpoints: plan.no_local_endpoints,
+                },
+            );
+        }
+    }
+
+    /// Takes one Service's part out again, returning its virtual services.
+    pub fn remove_service(&mut self, owner: &ServiceKey) -> Vec<(VsKey, DesiredVs)> {
+        let Some(owned) = self.owners.remove(owner) else {
+            return Vec::new();
+        };
+        self.no_local_endpoints.0 -= owned.no_local_endpoints.0 as usize;
+        self.no_local_endpoints.1 -= owned.no_local_endpoints.1 as usize;
+        let mut out = Vec::with_capacity(owned.keys.len());
+        for key in owned.keys.iter() {
+            let Some(vs) = self.services.remove(key) else { continue };
+            self.real_servers -= vs.servers.len();
+            if vs.bound {
+                if let Some(n) = self.bound.get_mut(&key.addr) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.bound.remove(&key.addr);
+                    }
+                }
+            }
+            out.push((*key, vs));
+        }
+        out
     }
 }
 
@@ -89,93 +149,104 @@ fn of_family(family: IpFamily) -> impl Fn(&&IpAddr) -> bool {
     move |ip| IpFamily::of(ip) == family
 }
 
+/// The virtual services of one Service, before other Services are considered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServicePlan {
+    pub services: Vec<(VsKey, DesiredVs)>,
+    /// Its ports with a Local policy and no local endpoint (internal, external).
+    pub no_local_endpoints: (u32, u32),
+}
+
 /// The virtual services and bound addresses that implement `desired` for `cfg.family`.
 pub fn plan_desired(desired: &DesiredState, cfg: &PlanConfig) -> DesiredIpvs {
     let mut out = DesiredIpvs::default();
-    let node = &desired.node;
     for (owner, state) in &desired.services {
-        for p in &state.ports {
-            let sp = &p.port;
-            let sets = categorize_endpoints(&p.endpoints, sp, &node.name, node.zone.as_deref());
-            let servers = |eps: &[&Endpoint]| -> BTreeMap<(IpAddr, u16), u32> {
-                eps.iter()
-                    .filter(|e| IpFamily::of(&e.ip) == cfg.family)
-                    .map(|e| ((e.ip, e.port), 1))
-                    .collect()
+        out.insert_service(owner, plan_service(owner, state, &desired.node, cfg));
+    }
+    out
+}
+
+/// The virtual services of one Service for `cfg.family`: what a partial sync recomputes.
+pub fn plan_service(owner: &ServiceKey, state: &ServiceState, node: &NodeInfo, cfg: &PlanConfig) -> ServicePlan {
+    let mut out = ServicePlan::default();
+    for p in &state.ports {
+        let sp = &p.port;
+        let sets = categorize_endpoints(&p.endpoints, sp, &node.name, node.zone.as_deref());
+        let servers = |eps: &[&Endpoint]| -> BTreeMap<(IpAddr, u16), u32> {
+            eps.iter()
+                .filter(|e| IpFamily::of(&e.ip) == cfg.family)
+                .map(|e| ((e.ip, e.port), 1))
+                .collect()
+        };
+        let internal = servers(if sp.internal_policy_local {
+            &sets.local
+        } else {
+            &sets.cluster
+        });
+        let external = servers(if sp.external_policy_local {
+            &sets.local
+        } else {
+            &sets.cluster
+        });
+        if sp.internal_policy_local && sets.local.is_empty() {
+            out.no_local_endpoints.0 += 1;
+        }
+        if sp.external_policy_local && sp.has_external_destinations() && sets.local.is_empty() {
+            out.no_local_endpoints.1 += 1;
+        }
+        let (flags, timeout) = match sp.affinity_timeout {
+            Some(t) => (SVC_F_PERSISTENT, t),
+            None => (0, 0),
+        };
+        let mut add = |addr: IpAddr, port: u16, traffic: Traffic, bound: bool, ranges: &[IpNet]| {
+            let key = VsKey {
+                addr,
+                protocol: sp.name.protocol,
+                port,
             };
-            let internal = servers(if sp.internal_policy_local {
-                &sets.local
-            } else {
-                &sets.cluster
-            });
-            let external = servers(if sp.external_policy_local {
-                &sets.local
-            } else {
-                &sets.cluster
-            });
-            if sp.internal_policy_local && sets.local.is_empty() {
-                out.no_local_endpoints.0 += 1;
-            }
-            if sp.external_policy_local && sp.has_external_destinations() && sets.local.is_empty() {
-                out.no_local_endpoints.1 += 1;
-            }
-            let (flags, timeout) = match sp.affinity_timeout {
-                Some(t) => (SVC_F_PERSISTENT, t),
-                None => (0, 0),
+            let (servers, local_policy) = match traffic {
+                Traffic::Internal => (&internal, sp.internal_policy_local),
+                Traffic::External => (&external, sp.external_policy_local),
             };
-            let mut add = |addr: IpAddr, port: u16, traffic: Traffic, bound: bool, ranges: &[IpNet]| {
-                let key = VsKey {
-                    addr,
-                    protocol: sp.name.protocol,
-                    port,
-                };
-                let (servers, local_policy) = match traffic {
-                    Traffic::Internal => (&internal, sp.internal_policy_local),
-                    Traffic::External => (&external, sp.external_policy_local),
-                };
-                if out.services.contains_key(&key) {
-                    tracing::debug!(%key, service = %sp.name, "virtual service already taken by another Service port");
-                    return;
-                }
-                if bound {
-                    out.bound.insert(addr);
-                }
-                out.services.insert(
-                    key,
-                    DesiredVs {
-                        service: VirtualService {
-                            key,
-                            scheduler: cfg.scheduler.clone(),
-                            flags,
-                            timeout,
-                        },
-                        servers: servers.clone(),
-                        owner: owner.clone(),
-                        traffic,
-                        local_policy,
-                        has_any_endpoint: sets.has_any,
-                        bound,
-                        source_ranges: ranges
-                            .iter()
-                            .filter(|n| IpFamily::of(&n.addr()) == cfg.family)
-                            .copied()
-                            .collect(),
+            if out.services.iter().any(|(k, _)| *k == key) {
+                tracing::debug!(%key, service = %sp.name, "virtual service already taken by another port of the Service");
+                return;
+            }
+            out.services.push((
+                key,
+                DesiredVs {
+                    service: VirtualService {
+                        key,
+                        scheduler: cfg.scheduler.clone(),
+                        flags,
+                        timeout,
                     },
-                );
-            };
-            for ip in sp.cluster_ips.iter().filter(of_family(cfg.family)) {
-                add(*ip, sp.port, Traffic::Internal, true, &[]);
-            }
-            for ip in sp.external_ips.iter().filter(of_family(cfg.family)) {
-                add(*ip, sp.port, Traffic::External, true, &[]);
-            }
-            for ip in sp.load_balancer_ips.iter().filter(of_family(cfg.family)) {
-                add(*ip, sp.port, Traffic::External, true, &sp.load_balancer_source_ranges);
-            }
-            if let Some(np) = sp.node_port {
-                for ip in cfg.nodeport_addresses.iter().filter(of_family(cfg.family)) {
-                    add(*ip, np, Traffic::External, false, &[]);
-                }
+                    servers: servers.clone(),
+                    owner: owner.clone(),
+                    traffic,
+                    local_policy,
+                    has_any_endpoint: sets.has_any,
+                    bound,
+                    source_ranges: ranges
+                        .iter()
+                        .filter(|n| IpFamily::of(&n.addr()) == cfg.family)
+                        .copied()
+                        .collect(),
+                },
+            ));
+        };
+        for ip in sp.cluster_ips.iter().filter(of_family(cfg.family)) {
+            add(*ip, sp.port, Traffic::Internal, true, &[]);
+        }
+        for ip in sp.external_ips.iter().filter(of_family(cfg.family)) {
+            add(*ip, sp.port, Traffic::External, true, &[]);
+        }
+        for ip in sp.load_balancer_ips.iter().filter(of_family(cfg.family)) {
+            add(*ip, sp.port, Traffic::External, true, &sp.load_balancer_source_ranges);
+        }
+        if let Some(np) = sp.node_port {
+            for ip in cfg.nodeport_addresses.iter().filter(of_family(cfg.family)) {
+                add(*ip, np, Traffic::External, false, &[]);
             }
         }
     }

@@ -23,10 +23,14 @@
 //!
 //! The table is replaced in one `nft -f` transaction, so there is never a moment without it.
 
+use std::collections::BTreeSet;
 use std::fmt::Write;
 use std::net::IpAddr;
 
-use super::plan::{DesiredIpvs, Traffic};
+use ipnet::IpNet;
+
+use super::netlink::VsKey;
+use super::plan::{DesiredIpvs, DesiredVs, Traffic};
 use crate::dataplane::iptables::render::LocalDetector;
 use crate::model::IpFamily;
 
@@ -51,87 +55,153 @@ fn words(family: IpFamily) -> (&'static str, &'static str, &'static str) {
     }
 }
 
-fn fmt_addr(ip: &IpAddr) -> String {
-    ip.to_string()
+/// The table's sets (see the module's table), in the order they are declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetName {
+    ClusterIps,
+    External,
+    NoEndpoints,
+    NoLocalEndpoints,
+    ServiceIps,
+    ServicePorts,
+    Hairpin,
+    Firewall,
+    FirewallAllow,
 }
 
-fn set(out: &mut String, name: &str, kind: &str, flags: Option<&str>, elements: &[String]) {
-    let _ = writeln!(out, "\tset {name} {{\n\t\ttype {kind}");
+impl SetName {
+    const ALL: [SetName; 9] = [
+        SetName::ClusterIps,
+        SetName::External,
+        SetName::NoEndpoints,
+        SetName::NoLocalEndpoints,
+        SetName::ServiceIps,
+        SetName::ServicePorts,
+        SetName::Hairpin,
+        SetName::Firewall,
+        SetName::FirewallAllow,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SetName::ClusterIps => "cluster-ips",
+            SetName::External => "external",
+            SetName::NoEndpoints => "no-endpoints",
+            SetName::NoLocalEndpoints => "no-local-endpoints",
+            SetName::ServiceIps => "service-ips",
+            SetName::ServicePorts => "service-ports",
+            SetName::Hairpin => "hairpin",
+            SetName::Firewall => "firewall",
+            SetName::FirewallAllow => "firewall-allow",
+        }
+    }
+}
+
+/// One element of one of the sets, as a value: rendered only when written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Element {
+    /// `address . protocol . port` of a virtual service.
+    Vs(VsKey),
+    /// A service address (`service-ips`).
+    Ip(IpAddr),
+    /// `endpoint . endpoint` (`hairpin`).
+    Hairpin(IpAddr),
+    /// A virtual service and one allowed source range (`firewall-allow`).
+    VsSource(VsKey, IpNet),
+}
+
+impl std::fmt::Display for Element {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Element::Vs(k) => write!(f, "{} . {} . {}", k.addr, k.protocol, k.port),
+            Element::Ip(ip) => write!(f, "{ip}"),
+            Element::Hairpin(ip) => write!(f, "{ip} . {ip}"),
+            Element::VsSource(k, net) => write!(f, "{} . {} . {} . {net}", k.addr, k.protocol, k.port),
+        }
+    }
+}
+
+/// The elements one virtual service puts into the sets keyed by virtual service. The shared
+/// ones (`service-ips`, `hairpin`) depend on every virtual service of an address or an
+/// endpoint, and are counted by the caller.
+pub fn vs_elements(key: &VsKey, vs: &DesiredVs, mut out: impl FnMut(SetName, Element)) {
+    let elem = Element::Vs(*key);
+    match vs.traffic {
+        Traffic::Internal => out(SetName::ClusterIps, elem),
+        Traffic::External if !vs.local_policy => out(SetName::External, elem),
+        Traffic::External => {}
+    }
+    if vs.servers.is_empty() {
+        if vs.has_any_endpoint {
+            out(SetName::NoLocalEndpoints, elem);
+        } else {
+            out(SetName::NoEndpoints, elem);
+        }
+    }
+    if !vs.source_ranges.is_empty() {
+        out(SetName::Firewall, elem);
+        for net in &vs.source_ranges {
+            out(SetName::FirewallAllow, Element::VsSource(*key, *net));
+        }
+    }
+    if vs.bound {
+        out(SetName::ServicePorts, elem);
+    }
+}
+
+/// The declaration of one set, with its elements (`elements` is ", "-separated, may be empty).
+fn set(out: &mut String, family: IpFamily, name: SetName, elements: &str) {
+    let (_, addr_type, _) = words(family);
+    let svc_type = format!("{addr_type} . inet_proto . inet_service");
+    let (kind, flags) = match name {
+        SetName::ServiceIps => (addr_type.to_string(), None),
+        SetName::Hairpin => (format!("{addr_type} . {addr_type}"), None),
+        SetName::FirewallAllow => (format!("{svc_type} . {addr_type}"), Some("interval")),
+        _ => (svc_type, None),
+    };
+    let _ = writeln!(out, "\tset {} {{\n\t\ttype {kind}", name.as_str());
     if let Some(f) = flags {
         let _ = writeln!(out, "\t\tflags {f}");
     }
     if !elements.is_empty() {
-        let _ = writeln!(out, "\t\telements = {{ {} }}", elements.join(", "));
+        let _ = writeln!(out, "\t\telements = {{ {elements} }}");
     }
     let _ = writeln!(out, "\t}}");
 }
 
+/// Appends `elem` to a ", "-separated list.
+fn push_element(list: &mut String, elem: &Element) {
+    if !list.is_empty() {
+        list.push_str(", ");
+    }
+    let _ = write!(list, "{elem}");
+}
+
 /// The whole `nft -f` input: the table created if missing, deleted, and written anew, atomically.
 pub fn render_ruleset(desired: &DesiredIpvs, cfg: &RulesConfig) -> String {
-    let (fam, addr_type, sel) = words(cfg.family);
-    let svc_type = format!("{addr_type} . inet_proto . inet_service");
-    let mut cluster = Vec::new();
-    let mut external = Vec::new();
-    let mut reject = Vec::new();
-    let mut drop = Vec::new();
-    let mut service_ports = Vec::new();
-    let mut hairpin = std::collections::BTreeSet::new();
-    let mut firewall = Vec::new();
-    let mut firewall_allow = Vec::new();
+    let (fam, _, sel) = words(cfg.family);
+    // Elements go straight into one text per set: no string per element is kept.
+    let mut lists: [String; 9] = Default::default();
+    let mut hairpin = BTreeSet::new();
     for (key, vs) in &desired.services {
-        let elem = format!("{} . {} . {}", fmt_addr(&key.addr), key.protocol, key.port);
-        match vs.traffic {
-            Traffic::Internal => cluster.push(elem.clone()),
-            Traffic::External if !vs.local_policy => external.push(elem.clone()),
-            Traffic::External => {}
-        }
-        if vs.servers.is_empty() {
-            if vs.has_any_endpoint {
-                drop.push(elem.clone());
-            } else {
-                reject.push(elem.clone());
-            }
-        }
-        if !vs.source_ranges.is_empty() {
-            firewall.push(elem.clone());
-            firewall_allow.extend(vs.source_ranges.iter().map(|net| format!("{elem} . {net}")));
-        }
-        if vs.bound {
-            service_ports.push(elem);
-        }
-        for (ip, _) in vs.servers.keys() {
-            hairpin.insert(format!("{ip} . {ip}"));
-        }
+        vs_elements(key, vs, |set, elem| push_element(&mut lists[set as usize], &elem));
+        hairpin.extend(vs.servers.keys().map(|(ip, _)| *ip));
     }
-    let service_ips: Vec<String> = desired.bound.iter().map(fmt_addr).collect();
-    let hairpin: Vec<String> = hairpin.into_iter().collect();
+    for ip in desired.bound.keys() {
+        push_element(&mut lists[SetName::ServiceIps as usize], &Element::Ip(*ip));
+    }
+    for ip in hairpin {
+        push_element(&mut lists[SetName::Hairpin as usize], &Element::Hairpin(ip));
+    }
 
     let mut out = String::new();
     let _ = writeln!(
         out,
         "add table {fam} {TABLE}\ndelete table {fam} {TABLE}\ntable {fam} {TABLE} {{"
     );
-    set(&mut out, "cluster-ips", &svc_type, None, &cluster);
-    set(&mut out, "external", &svc_type, None, &external);
-    set(&mut out, "no-endpoints", &svc_type, None, &reject);
-    set(&mut out, "no-local-endpoints", &svc_type, None, &drop);
-    set(&mut out, "service-ips", addr_type, None, &service_ips);
-    set(&mut out, "service-ports", &svc_type, None, &service_ports);
-    set(
-        &mut out,
-        "hairpin",
-        &format!("{addr_type} . {addr_type}"),
-        None,
-        &hairpin,
-    );
-    set(&mut out, "firewall", &svc_type, None, &firewall);
-    set(
-        &mut out,
-        "firewall-allow",
-        &format!("{svc_type} . {addr_type}"),
-        Some("interval"),
-        &firewall_allow,
-    );
+    for name in SetName::ALL {
+        set(&mut out, cfg.family, name, &lists[name as usize]);
+    }
 
     let dst = format!("{sel} daddr . meta l4proto . th dport");
     let mark = format!("meta mark set meta mark | {:#010x}", cfg.masquerade_mark);
@@ -174,6 +244,25 @@ pub fn render_ruleset(desired: &DesiredIpvs, cfg: &RulesConfig) -> String {
         "\tchain filter-output {{\n\t\ttype filter hook output priority -150; policy accept;\n{refuse}\t}}"
     );
     out.push_str("}\n");
+    out
+}
+
+/// The `nft -f` input of a partial sync: only the elements that come and go, in one
+/// transaction. Deletions first, so an element that moves between sets never collides.
+pub fn render_element_changes(family: IpFamily, delete: &[(SetName, Element)], add: &[(SetName, Element)]) -> String {
+    let (fam, _, _) = words(family);
+    let mut out = String::new();
+    for (verb, list) in [("delete", delete), ("add", add)] {
+        for name in SetName::ALL {
+            let mut elements = String::new();
+            for (_, elem) in list.iter().filter(|(s, _)| *s == name) {
+                push_element(&mut elements, elem);
+            }
+            if !elements.is_empty() {
+                let _ = writeln!(out, "{verb} element {fam} {TABLE} {} {{ {elements} }}", name.as_str());
+            }
+        }
+    }
     out
 }
 
@@ -236,7 +325,7 @@ mod tests {
             vs("10.96.0.12", 80, Traffic::Internal, &[], false, true),
         ] {
             if v.bound {
-                d.bound.insert(k.addr);
+                *d.bound.entry(k.addr).or_default() += 1;
             }
             d.services.insert(k, v);
         }
@@ -297,7 +386,7 @@ mod tests {
         let (k, mut v) = vs("198.51.100.5", 80, Traffic::External, &["10.244.1.2"], true, true);
         v.local_policy = false;
         v.source_ranges = vec!["192.0.2.0/24".parse().unwrap(), "203.0.113.7/32".parse().unwrap()];
-        d.bound.insert(k.addr);
+        d.bound.insert(k.addr, 1);
         d.services.insert(k, v);
         let text = render_ruleset(&d, &cfg());
         assert_eq!(elements(&text, "firewall"), "{ 198.51.100.5 . tcp . 80 }");
@@ -332,5 +421,33 @@ mod tests {
             text.contains("table ip6 kproxy-ipvs {") && text.contains("type ipv6_addr . inet_proto . inet_service")
         );
         assert!(!text.contains("elements"), "empty sets have no elements line");
+    }
+
+    #[test]
+    fn element_changes_name_each_set_once_per_verb_deletions_first() {
+        let k = VsKey {
+            addr: "198.51.100.5".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            port: 80,
+        };
+        let net: IpNet = "192.0.2.0/24".parse().unwrap();
+        let text = render_element_changes(
+            IpFamily::V4,
+            &[(SetName::NoEndpoints, Element::Vs(k))],
+            &[
+                (SetName::FirewallAllow, Element::VsSource(k, net)),
+                (SetName::Firewall, Element::Vs(k)),
+                (SetName::Hairpin, Element::Hairpin("10.244.1.2".parse().unwrap())),
+                (SetName::Hairpin, Element::Hairpin("10.244.1.3".parse().unwrap())),
+            ],
+        );
+        assert_eq!(
+            text,
+            "delete element ip kproxy-ipvs no-endpoints { 198.51.100.5 . tcp . 80 }\n\
+             add element ip kproxy-ipvs hairpin { 10.244.1.2 . 10.244.1.2, 10.244.1.3 . 10.244.1.3 }\n\
+             add element ip kproxy-ipvs firewall { 198.51.100.5 . tcp . 80 }\n\
+             add element ip kproxy-ipvs firewall-allow { 198.51.100.5 . tcp . 80 . 192.0.2.0/24 }\n"
+        );
+        assert!(render_element_changes(IpFamily::V6, &[], &[]).is_empty());
     }
 }

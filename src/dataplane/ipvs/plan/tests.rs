@@ -140,7 +140,7 @@ fn cluster_ip_and_node_port_become_virtual_services() {
         )]),
         &cfg(),
     );
-    assert_eq!(d.bound, ["10.96.0.10".parse().unwrap()].into_iter().collect());
+    assert_eq!(d.bound, [("10.96.0.10".parse().unwrap(), 1)].into_iter().collect());
     let keys: Vec<String> = d.services.keys().map(|k| k.to_string()).collect();
     assert_eq!(keys, ["tcp:10.96.0.10:80", "tcp:192.0.2.1:30080"]);
     let cip = &d.services[&key("10.96.0.10", 80)];
