@@ -204,6 +204,21 @@ impl Tools {
         status(self.iptables, &list).await
     }
 
+    /// How many rules `chain` of `table` holds; `None` if there is no such chain.
+    pub async fn chain_rules(&self, table: &str, chain: &str) -> Result<Option<usize>> {
+        let (out, err) = output(self.iptables, &["-w", LOCK_WAIT, "-t", table, "-S", chain]).await?;
+        match out.status.code() {
+            Some(0) => Ok(Some(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| l.starts_with("-A "))
+                    .count(),
+            )),
+            Some(1) => Ok(None),
+            _ => Err(err),
+        }
+    }
+
     /// Creates the canary chain unless it is there.
     pub async fn ensure_canary(&self) -> Result<()> {
         if !self.canary_present().await? {

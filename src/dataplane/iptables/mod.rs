@@ -202,21 +202,33 @@ impl Dataplane for IptablesProxier {
     }
 
     /// kube-proxy v1.33's iptables mode: partial syncs on changes and on `--sync-period`, a
-    /// full one every hour, and sooner when the canary chain is gone.
+    /// full one every hour, and sooner when the canary chain is gone. kproxy also looks at nat
+    /// KPROXY-SERVICES, where every Service starts: a flushed or deleted one is drift too
+    /// (kube-proxy notices that only at its hourly sync).
     fn full_sync_period(&self) -> Option<std::time::Duration> {
         Some(FULL_SYNC_PERIOD)
     }
 
     fn drifted(&mut self) -> BoxFuture<'_, bool> {
         Box::pin(async move {
-            match self.tools.canary_present().await {
-                Ok(true) => false,
-                Ok(false) => {
-                    tracing::info!(family = ?self.cfg.family, "the canary chain {} is gone (a firewall reload?): the next sync is a full one", names::CANARY);
-                    true
-                }
-                Err(e) => {
-                    tracing::warn!(family = ?self.cfg.family, error = %e, "cannot look for the canary chain; the next sync is a full one");
+            let family = self.cfg.family;
+            let why = match self.tools.canary_present().await {
+                Ok(true) if !self.planner.expects_nat_services_rules() => None,
+                Ok(true) => match self.tools.chain_rules("nat", names::SERVICES).await {
+                    Ok(Some(n)) if n > 0 => None,
+                    Ok(_) => Some(format!("nat {} is empty or gone", names::SERVICES)),
+                    Err(e) => Some(format!("cannot list nat {}: {e}", names::SERVICES)),
+                },
+                Ok(false) => Some(format!(
+                    "the canary chain {} is gone (a firewall reload?)",
+                    names::CANARY
+                )),
+                Err(e) => Some(format!("cannot look for the canary chain: {e}")),
+            };
+            match why {
+                None => false,
+                Some(why) => {
+                    tracing::info!(?family, "{why}: the next sync is a full one");
                     true
                 }
             }

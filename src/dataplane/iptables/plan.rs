@@ -473,6 +473,14 @@ impl Planner {
         self.fixed.clear();
     }
 
+    /// Whether nat KPROXY-SERVICES holds rules as last committed (any Service's, or the jump to
+    /// KPROXY-NODEPORTS that ends it): an empty one in the kernel then means someone flushed it.
+    pub fn expects_nat_services_rules(&self) -> bool {
+        self.config.as_ref().is_some_and(|cfg| {
+            !render_nodeport_jump(cfg).is_empty() || self.services.values().any(|s| !s.nat_services.is_empty())
+        })
+    }
+
     /// The last plan was applied: drop what [`Planner::rollback`] would need.
     pub fn commit(&mut self) {
         self.undo = None;

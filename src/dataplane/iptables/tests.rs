@@ -1315,6 +1315,20 @@ mod kernel {
                 assert!(!canary(backend), "{backend}: a partial sync planted the canary");
                 proxier.sync(&d, &ChangeSet::full()).await.unwrap();
                 assert!(canary(backend), "{backend}: the full sync after drift left no canary");
+                assert!(!proxier.drifted().await, "{backend}: drift after the repair");
+
+                // A flushed KPROXY-SERVICES, canary or not, is drift too.
+                let status = std::process::Command::new(format!("iptables-{backend}"))
+                    .args(["-t", "nat", "-F", "KPROXY-SERVICES"])
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+                assert!(
+                    proxier.drifted().await,
+                    "{backend}: a flushed KPROXY-SERVICES is not drift"
+                );
+                proxier.sync(&d, &ChangeSet::full()).await.unwrap();
+                assert!(!proxier.drifted().await, "{backend}: drift after the repair");
 
                 proxier.cleanup().await.unwrap();
                 assert!(!canary(backend), "{backend}: cleanup left the canary");

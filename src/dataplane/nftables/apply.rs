@@ -89,6 +89,15 @@ impl Kernel {
     }
 }
 
+impl Kernel {
+    /// Whether anyone but kproxy committed to nf_tables in this namespace since kproxy's last
+    /// commit or listing: one GETGEN, however large the table.
+    pub fn changed_by_others(&mut self) -> Result<bool> {
+        let now = self.sock.generation()?;
+        Ok(!only_own_commits(self.netns, self.generation, now))
+    }
+}
+
 /// What one applied plan wrote.
 #[derive(Debug, Default)]
 pub struct Applied {

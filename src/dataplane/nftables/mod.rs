@@ -333,7 +333,44 @@ impl Dataplane for NftablesProxier {
     fn cleanup(&mut self) -> BoxFuture<'_, Result<()>> {
         Box::pin(cleanup())
     }
+
+    /// The periodic sync asks the ruleset generation whether anyone else committed (O(1));
+    /// only then, and every hour as kube-proxy's full sync, is the table listed and compared.
+    /// Listing is not cheap at scale: the kernel restarts its walk of a hash set for every
+    /// message of a dump, about 3 s of kernel CPU at 10,000 Services.
+    fn full_sync_period(&self) -> Option<std::time::Duration> {
+        Some(FULL_CHECK_PERIOD)
+    }
+
+    fn drifted(&mut self) -> BoxFuture<'_, bool> {
+        let family = self.cfg.family;
+        let mut inner = lock(&self.inner);
+        let answer = if inner.recover {
+            true
+        } else {
+            match inner.kernel.as_mut().map(Kernel::changed_by_others) {
+                Some(Ok(false)) => false,
+                Some(Ok(true)) => {
+                    tracing::info!(
+                        ?family,
+                        "nftables: someone else committed to nf_tables; checking the table"
+                    );
+                    true
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(?family, error = %e, "nftables: cannot read the ruleset generation; checking the table");
+                    true
+                }
+                None => true,
+            }
+        };
+        Box::pin(async move { answer })
+    }
 }
+
+/// The longest nftables mode goes without listing its table to compare it with what it
+/// committed, when the ruleset generation shows no other writer (kube-proxy's full sync period).
+pub const FULL_CHECK_PERIOD: std::time::Duration = std::time::Duration::from_secs(3600);
 
 #[cfg(test)]
 mod tests;
