@@ -1279,14 +1279,19 @@ mod kernel {
         }
     }
 
-    /// Whether the canary chain is in the backend's mangle table.
-    fn canary(backend: &str) -> bool {
+    /// Runs the backend's iptables with `args`; whether it succeeded.
+    fn iptables(backend: &str, args: &[&str]) -> bool {
         std::process::Command::new(format!("iptables-{backend}"))
-            .args(["-t", "mangle", "-n", "-L", "KPROXY-CANARY"])
+            .args(args)
             .output()
             .unwrap()
             .status
             .success()
+    }
+
+    /// Whether the canary chain is in the backend's mangle table.
+    fn canary(backend: &str) -> bool {
+        iptables(backend, &["-t", "mangle", "-n", "-L", "KPROXY-CANARY"])
     }
 
     #[test]
@@ -1305,11 +1310,7 @@ mod kernel {
                 assert!(!proxier.drifted().await, "{backend}: drift with the canary there");
 
                 // A partial sync does not put it back: only a full one, which the drift asks for.
-                let status = std::process::Command::new(format!("iptables-{backend}"))
-                    .args(["-t", "mangle", "-X", "KPROXY-CANARY"])
-                    .status()
-                    .unwrap();
-                assert!(status.success());
+                assert!(iptables(backend, &["-t", "mangle", "-X", "KPROXY-CANARY"]));
                 assert!(proxier.drifted().await, "{backend}: the canary's loss is not drift");
                 proxier.sync(&d, &ChangeSet::default()).await.unwrap();
                 assert!(!canary(backend), "{backend}: a partial sync planted the canary");
@@ -1318,11 +1319,7 @@ mod kernel {
                 assert!(!proxier.drifted().await, "{backend}: drift after the repair");
 
                 // A flushed KPROXY-SERVICES, canary or not, is drift too.
-                let status = std::process::Command::new(format!("iptables-{backend}"))
-                    .args(["-t", "nat", "-F", "KPROXY-SERVICES"])
-                    .status()
-                    .unwrap();
-                assert!(status.success());
+                assert!(iptables(backend, &["-t", "nat", "-F", "KPROXY-SERVICES"]));
                 assert!(
                     proxier.drifted().await,
                     "{backend}: a flushed KPROXY-SERVICES is not drift"

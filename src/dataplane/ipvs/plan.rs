@@ -458,4 +458,4 @@ fn plan_servers(
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

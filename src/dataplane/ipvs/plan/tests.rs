@@ -8,7 +8,8 @@ use crate::model::{NodeInfo, PortState, ServicePort, ServicePortName, ServiceSta
 
 const NODE_IP: &str = "192.0.2.1";
 
-fn cfg() -> PlanConfig {
+/// The plan configuration both planning test modules use.
+pub(crate) fn cfg() -> PlanConfig {
     PlanConfig {
         family: IpFamily::V4,
         scheduler: "rr".into(),

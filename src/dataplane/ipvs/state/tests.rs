@@ -9,17 +9,7 @@ use crate::dataplane::ipvs::plan::{plan_desired, plan_requests, Scope};
 use crate::dataplane::ipvs::rules::render_element_changes;
 use crate::model::{Endpoint, IpFamily, NodeInfo, PortState, Protocol, ServicePort, ServicePortName, ServiceState};
 
-const NODE_IP: &str = "192.0.2.1";
-
-fn cfg() -> PlanConfig {
-    PlanConfig {
-        family: IpFamily::V4,
-        scheduler: "rr".into(),
-        nodeport_addresses: vec![NODE_IP.parse().unwrap()],
-        exclude_cidrs: vec![],
-        graceful_period: Duration::ZERO,
-    }
-}
+use crate::dataplane::ipvs::plan::tests::cfg;
 
 fn port(name: &str, cluster_ip: &str) -> ServicePort {
     ServicePort {
