@@ -19,24 +19,9 @@ for tool in nginx curl ip; do
   command -v "$tool" >/dev/null || { echo "gateway.sh: missing $tool (apt-get install nginx-light curl iproute2)" >&2; exit 1; }
 done
 
-cargo build --quiet --release --bin kproxy --manifest-path "$here/Cargo.toml"
-kproxy=$here/target/release/kproxy
-
-ns=kpgwbench-$$
-work=$(mktemp -d /tmp/kproxy-gwbench.XXXXXX)
-pids=()
-cleanup() {
-  set +e
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
-  for p in $(ip netns pids "$ns" 2>/dev/null); do kill "$p" 2>/dev/null; done
-  sleep 0.5
-  ip netns del "$ns" 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
-ip netns add "$ns"
-in_ns() { ip netns exec "$ns" "$@"; }
-in_ns ip link set lo up
+ns_prefix=kpgwbench
+# The binary, the namespace with its cleanup, `work`, `pids` and `in_ns`.
+. "$here/benches/ingress-common.sh"
 
 cat > "$work/backend.conf" <<CONF
 worker_processes 1;

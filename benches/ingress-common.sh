@@ -1,8 +1,9 @@
-# Sourced by benches/ingress.sh and benches/ingress-idle.sh (not run on its own): what both
-# set up the same way. Expects `here` (the repository) and `ns_prefix`; defines `kproxy` (the
-# binary), `ns`, `work`, `pids`, `in_ns`, `write_manifests`, `start_kproxy` and `wait_for`,
-# creates the network namespace (its /etc/hosts resolves myapp.example.com to loopback, so TLS
-# clients send it as SNI) and removes it, and everything started in it, on exit.
+# Sourced by benches/ingress.sh, benches/ingress-idle.sh and benches/gateway.sh (not run on its
+# own): what they set up the same way. Expects `here` (the repository) and `ns_prefix`;
+# defines `kproxy` (the binary, or KPROXY_BIN), `ns`, `work`, `pids`, `in_ns`,
+# `write_manifests`, `start_kproxy` and `wait_for`, creates the network namespace (its
+# /etc/hosts resolves myapp.example.com to loopback, so TLS clients send it as SNI) and removes
+# it, and everything started in it, on exit.
 
 if [ -n "${KPROXY_BIN:-}" ]; then
   kproxy=$KPROXY_BIN
