@@ -252,12 +252,17 @@ def change_loop(d, n, watcher, log, start_k, count, api=None):
         else:
             t0 = time.time_ns()
             os.rename(tmp, f"{d}/last-slice.yaml")
-        t1 = watcher.wait(new)
-        if t1 is None:
-            raise SystemExit(f"{new} never reached the kernel; see {log}")
-        results.append(((t1 - t0) / 1e6, t0, t1))
-        time.sleep(random.uniform(0.15, 0.35))
+        results.append(arrival(watcher, log, new, t0))
     return results
+
+def arrival(watcher, log, address, t0):
+    """Waits for `address` in the kernel, then pauses before the next change; (API->kernel ms,
+    t0, t1)."""
+    t1 = watcher.wait(address)
+    if t1 is None:
+        raise SystemExit(f"{address} never reached the kernel; see {log}")
+    time.sleep(random.uniform(0.15, 0.35))
+    return ((t1 - t0) / 1e6, t0, t1)
 
 def scale_loop(d, n, watcher, log, count, api):
     """`count` changes of the endpoint count of the second-to-last Service (10 -> 11 -> 10 ...),
@@ -270,11 +275,7 @@ def scale_loop(d, n, watcher, log, count, api):
         ips = ips + [new] if len(ips) == M else ips[2:] + [new]
         open(f"{d}/change.yaml", "w").write(slice_doc(i, ips))
         t0 = api.apply(f"{d}/change.yaml")
-        t1 = watcher.wait(new)
-        if t1 is None:
-            raise SystemExit(f"{new} never reached the kernel; see {log}")
-        results.append(((t1 - t0) / 1e6, t0, t1))
-        time.sleep(random.uniform(0.15, 0.35))
+        results.append(arrival(watcher, log, new, t0))
     return results
 
 def new_service_loop(d, n, watcher, log, count, api):
@@ -289,11 +290,7 @@ def new_service_loop(d, n, watcher, log, count, api):
         doc += slice_doc(n + c, [ep_ip((n + c) * M + j) for j in range(M)]).replace(f"svc-{n + c}", name)
         open(f"{d}/change.yaml", "w").write(doc)
         t0 = api.apply(f"{d}/change.yaml")
-        t1 = watcher.wait(cip)
-        if t1 is None:
-            raise SystemExit(f"{cip} never reached the kernel; see {log}")
-        results.append(((t1 - t0) / 1e6, t0, t1))
-        time.sleep(random.uniform(0.15, 0.35))
+        results.append(arrival(watcher, log, cip, t0))
     return results
 
 def source_latencies(log, results):
