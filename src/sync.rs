@@ -195,8 +195,9 @@ pub async fn run(
         let now = Instant::now();
         let periodic = now >= full_due && matches!(full_sync, FullSync::Periodic);
         let force_full = match full_sync_period {
-            // kube-proxy's iptables mode: the periodic sync is partial (nothing to do if
-            // nothing changed) unless a full one is due or the kernel lost kproxy's rules.
+            // A dataplane that trusts its record (iptables and nftables modes): the periodic
+            // sync is partial (nothing to do if nothing changed) unless a full one is due or
+            // the dataplane sees drift in the kernel.
             Some(period) if periodic => now >= last_full + period || dataplane.drifted().await,
             _ => now >= full_due,
         };
