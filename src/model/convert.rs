@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::intern::intern;
-use super::{Endpoint, NodeInfo, Protocol, ServiceKey, ServicePort, ServicePortName};
+use super::{Endpoint, Name, NodeInfo, Protocol, ServiceKey, ServicePort, ServicePortName};
 
 /// Label that hands a Service to another proxy implementation (kube-proxy skips these too).
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -248,7 +248,7 @@ fn parse_ips<'a>(
 /// this very list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlicePort {
-    pub name: Arc<str>,
+    pub name: Name,
     pub port: u16,
     pub protocol: Protocol,
     pub endpoints: Arc<[Endpoint]>,
@@ -366,8 +366,8 @@ pub fn convert_endpoint_slice(
             ready,
             serving,
             terminating,
-            node_name: ep.node_name.as_deref().map(intern),
-            zone: ep.zone.as_deref().map(intern),
+            node_name: ep.node_name.as_deref().map(Name::new),
+            zone: ep.zone.as_deref().map(Name::new),
             zone_hints: hints
                 .and_then(|h| h.for_zones.as_ref())
                 .into_iter()
@@ -397,7 +397,7 @@ pub fn convert_endpoint_slice(
             continue;
         };
         ports.push(SlicePort {
-            name: intern(pname),
+            name: Name::new(pname),
             port,
             protocol,
             endpoints: endpoints.iter().map(|ep| Endpoint { port, ..ep.clone() }).collect(),
@@ -435,12 +435,16 @@ fn dedup_by_address(endpoints: Vec<Endpoint>) -> Vec<Endpoint> {
 /// The endpoints of one Service port, merged over all slices of its Service: matched by port
 /// name and protocol, deduplicated by address (a ready copy wins; among equals, the first
 /// slice's), sorted. When one slice alone serves the port, its list is shared, not copied.
-pub fn merge_endpoints<'a>(port: &ServicePortName, slices: impl Iterator<Item = &'a SliceInfo>) -> Arc<[Endpoint]> {
-    let mut matching = slices.flat_map(|slice| {
-        slice
-            .ports
+/// `slices` are the ports of each slice.
+pub fn merge_endpoints<'a>(port: &ServicePortName, slices: impl Iterator<Item = &'a [SlicePort]>) -> Arc<[Endpoint]> {
+    // A port name never interned is on no slice.
+    let Some(name) = Name::find(&port.port) else {
+        return Arc::from([]);
+    };
+    let mut matching = slices.flat_map(|ports| {
+        ports
             .iter()
-            .filter(|sp| *sp.name == *port.port && sp.protocol == port.protocol)
+            .filter(|sp| sp.name == name && sp.protocol == port.protocol)
     });
     let Some(first) = matching.next() else {
         return Arc::from([]);
@@ -704,7 +708,7 @@ endpoints:
             port: "http".into(),
             protocol: Protocol::Tcp,
         };
-        let eps = merge_endpoints(&http, [&a, &b].into_iter());
+        let eps = merge_endpoints(&http, [&a.ports[..], &b.ports[..]].into_iter());
         let summary: Vec<_> = eps.iter().map(|e| (e.addr_string(), e.ready, e.is_local)).collect();
         assert_eq!(
             summary,
@@ -719,7 +723,7 @@ endpoints:
             protocol: Protocol::Udp,
             ..http.clone()
         };
-        assert_eq!(merge_endpoints(&dns, [&a, &b].into_iter()).len(), 2);
+        assert_eq!(merge_endpoints(&dns, [&a.ports[..], &b.ports[..]].into_iter()).len(), 2);
     }
 
     #[test]

@@ -11,7 +11,9 @@ use std::time::SystemTime;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::convert::{self, ConvertedNode, ConvertedService, ConvertedSlice, ServiceDecision, SliceInfo, SliceKey};
+use super::convert::{
+    self, ConvertedNode, ConvertedService, ConvertedSlice, ServiceDecision, SliceInfo, SliceKey, SlicePort,
+};
 use super::{ChangeSet, DesiredState, NodeInfo, PortState, ServiceKey, ServiceMap, ServicePort, ServiceState};
 
 /// The kinds a source lists; kproxy programs nothing until each has been listed once.
@@ -39,20 +41,35 @@ pub struct Snapshot {
     pub endpoint_changes: usize,
 }
 
-/// The EndpointSlices of one Service, by name. Most Services have one or two, so a sorted
-/// vector, not a map (a map's first node alone holds room for eleven).
-type ServiceSlices = Vec<(Arc<str>, SliceInfo)>;
+/// One EndpointSlice as the store keeps it: under its Service's entry, so without the
+/// Service's key (the entry's), and only what proxying and change detection read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSlice {
+    pub name: Arc<str>,
+    pub ports: Box<[SlicePort]>,
+    pub trigger_time: Option<SystemTime>,
+}
+
+/// One Service's record: its converted ports and its EndpointSlices, under one key, since
+/// both are looked up together for every change (one map entry per Service, not two).
+#[derive(Debug, Default)]
+struct Entry {
+    /// `None`: not proxied (not seen yet, skipped or invalid), while its slices may be known.
+    ports: Option<Box<[Arc<ServicePort>]>>,
+    /// By name. Most Services have one or two, so a sorted vector, not a map (a map's first
+    /// node alone holds room for eleven).
+    slices: Vec<StoredSlice>,
+}
 
 #[derive(Debug, Default)]
 pub struct Store {
     node_name: String,
-    /// Proxied Services (skipped and invalid ones are not kept).
-    services: BTreeMap<ServiceKey, Vec<Arc<ServicePort>>>,
+    /// Proxied Services and the EndpointSlices of any Service; an entry with neither is removed.
+    entries: BTreeMap<ServiceKey, Entry>,
     /// The last conversion error or skip note per Service, so a relist does not repeat warnings.
     notes: BTreeMap<ServiceKey, String>,
-    slices: BTreeMap<ServiceKey, ServiceSlices>,
-    /// The Service each slice belongs to, for deletes.
-    slice_owner: BTreeMap<SliceKey, ServiceKey>,
+    /// The name of the Service each slice belongs to (in the slice's namespace), for deletes.
+    slice_owner: BTreeMap<SliceKey, Arc<str>>,
     slice_notes: BTreeMap<SliceKey, String>,
     /// `spec.externalName` of ExternalName Services: they get no rules, but Ingress may route to them.
     external_names: BTreeMap<ServiceKey, String>,
@@ -198,7 +215,12 @@ impl Store {
             listed.insert(svc.key.clone());
             changed |= self.apply_converted_service(svc);
         }
-        let gone: Vec<ServiceKey> = self.services.keys().filter(|k| !listed.contains(*k)).cloned().collect();
+        let gone: Vec<ServiceKey> = self
+            .entries
+            .iter()
+            .filter(|(k, e)| e.ports.is_some() && !listed.contains(*k))
+            .map(|(k, _)| k.clone())
+            .collect();
         self.notes.retain(|k, _| listed.contains(k));
         self.external_names.retain(|k, _| listed.contains(k));
         for key in gone {
@@ -211,8 +233,8 @@ impl Store {
     /// The ports and endpoints of one proxied Service, computed now (the Ingress route builder
     /// reads this; it does not touch change tracking).
     pub fn service_state(&self, key: &ServiceKey) -> Option<ServiceState> {
-        let ports = self.services.get(key)?;
-        Some(build_service_state(ports, self.slices.get(key).map(Vec::as_slice)))
+        let entry = self.entries.get(key)?;
+        Some(build_service_state(entry.ports.as_deref()?, Some(&entry.slices)))
     }
 
     /// `spec.externalName` of an ExternalName Service.
@@ -229,15 +251,21 @@ impl Store {
     }
 
     fn set_service(&mut self, key: ServiceKey, ports: Option<Vec<Arc<ServicePort>>>) -> bool {
-        let changed = match ports {
-            Some(ports) => match self.services.get(&key) {
-                Some(old) if *old == ports => false,
-                _ => {
-                    self.services.insert(key.clone(), ports);
-                    true
+        let ports = ports.map(Vec::into_boxed_slice);
+        let changed = match self.entries.get_mut(&key) {
+            Some(entry) if entry.ports == ports => false,
+            Some(entry) => {
+                entry.ports = ports;
+                if entry.ports.is_none() && entry.slices.is_empty() {
+                    self.entries.remove(&key);
                 }
-            },
-            None => self.services.remove(&key).is_some(),
+                true
+            }
+            None if ports.is_none() => false,
+            None => {
+                self.entries.insert(key.clone(), Entry { ports, slices: Vec::new() });
+                true
+            }
         };
         if changed {
             self.service_changes += 1;
@@ -316,21 +344,31 @@ impl Store {
     }
 
     fn set_slice(&mut self, key: SliceKey, info: Option<SliceInfo>) -> bool {
-        let old_owner = self.slice_owner.get(&key).cloned();
+        let old_owner = self.slice_owner.get(&key).map(|name| ServiceKey {
+            namespace: key.namespace.clone(),
+            name: name.clone(),
+        });
         let old = old_owner
             .as_ref()
-            .and_then(|owner| self.slices.get(owner))
-            .and_then(|slices| find_slice(slices, &key.name).map(|i| &slices[i].1));
-        if old == info.as_ref() {
+            .and_then(|owner| self.entries.get(owner))
+            .and_then(|entry| find_slice(&entry.slices, &key.name).map(|i| &entry.slices[i]));
+        let unchanged = match (old, &info) {
+            (None, None) => true,
+            (Some(old), Some(new)) => {
+                Some(&new.service) == old_owner.as_ref() && *old.ports == *new.ports && old.trigger_time == new.trigger_time
+            }
+            _ => false,
+        };
+        if unchanged {
             return false;
         }
         if let Some(owner) = old_owner {
-            if let Some(slices) = self.slices.get_mut(&owner) {
-                if let Some(i) = find_slice(slices, &key.name) {
-                    slices.remove(i);
+            if let Some(entry) = self.entries.get_mut(&owner) {
+                if let Some(i) = find_slice(&entry.slices, &key.name) {
+                    entry.slices.remove(i);
                 }
-                if slices.is_empty() {
-                    self.slices.remove(&owner);
+                if entry.ports.is_none() && entry.slices.is_empty() {
+                    self.entries.remove(&owner);
                 }
             }
             self.slice_owner.remove(&key);
@@ -340,13 +378,27 @@ impl Store {
             if let Some(t) = info.trigger_time {
                 self.trigger_times.push(t);
             }
-            let owner = info.service.clone();
-            self.slice_owner.insert(key.clone(), owner.clone());
-            let slices = self.slices.entry(owner.clone()).or_default();
-            let at = slices.partition_point(|(name, _)| **name < *key.name);
+            // The entry's own key, so the slice shares its Service's strings.
+            let owner = match self.entries.get_key_value(&info.service) {
+                Some((owner, _)) => owner.clone(),
+                None => {
+                    self.entries.insert(info.service.clone(), Entry::default());
+                    info.service
+                }
+            };
+            self.slice_owner.insert(key.clone(), owner.name.clone());
+            let entry = self.entries.get_mut(&owner).expect("the entry was just found or made");
+            let at = entry.slices.partition_point(|s| *s.name < *key.name);
             // One more, not double: most Services keep their one or two slices for good.
-            slices.reserve_exact(1);
-            slices.insert(at, (key.name, info));
+            entry.slices.reserve_exact(1);
+            entry.slices.insert(
+                at,
+                StoredSlice {
+                    name: key.name,
+                    ports: info.ports.into_boxed_slice(),
+                    trigger_time: info.trigger_time,
+                },
+            );
             self.dirty.insert(owner);
         }
         self.endpoint_changes += 1;
@@ -372,7 +424,12 @@ impl Store {
         }
         if info.zone != self.node.zone {
             // Topology hints depend on the zone: every Service may change.
-            self.dirty.extend(self.services.keys().cloned());
+            self.dirty.extend(
+                self.entries
+                    .iter()
+                    .filter(|(_, e)| e.ports.is_some())
+                    .map(|(k, _)| k.clone()),
+            );
         }
         self.node = info;
         self.full = true;
@@ -404,9 +461,9 @@ impl Store {
     pub fn snapshot(&mut self) -> Snapshot {
         let dirty = std::mem::take(&mut self.dirty);
         for key in &dirty {
-            let old = match self.services.get(key) {
-                Some(ports) => {
-                    let state = build_service_state(ports, self.slices.get(key).map(Vec::as_slice));
+            let old = match self.entries.get(key).and_then(|e| Some((e.ports.as_deref()?, &e.slices))) {
+                Some((ports, slices)) => {
+                    let state = build_service_state(ports, Some(slices));
                     self.state_ports += state.ports.len();
                     self.state_endpoints += endpoints_of(&state);
                     self.state.insert(key.clone(), Arc::new(state))
@@ -441,19 +498,19 @@ fn endpoints_of(state: &ServiceState) -> usize {
     state.ports.iter().map(|p| p.endpoints.len()).sum()
 }
 
-fn find_slice(slices: &ServiceSlices, name: &str) -> Option<usize> {
-    slices.binary_search_by(|(n, _)| (**n).cmp(name)).ok()
+fn find_slice(slices: &[StoredSlice], name: &str) -> Option<usize> {
+    slices.binary_search_by(|s| (*s.name).cmp(name)).ok()
 }
 
 /// The per-port endpoints of one Service, from all its slices (by slice name).
-pub fn build_service_state(ports: &[Arc<ServicePort>], slices: Option<&[(Arc<str>, SliceInfo)]>) -> ServiceState {
+pub fn build_service_state(ports: &[Arc<ServicePort>], slices: Option<&[StoredSlice]>) -> ServiceState {
     ServiceState {
         ports: ports
             .iter()
             .map(|p| PortState {
                 port: p.clone(),
                 endpoints: match slices {
-                    Some(s) => convert::merge_endpoints(&p.name, s.iter().map(|(_, info)| info)),
+                    Some(s) => convert::merge_endpoints(&p.name, s.iter().map(|s| &s.ports[..])),
                     None => Arc::from([]),
                 },
             })
@@ -627,5 +684,105 @@ mod tests {
         let snap = s.snapshot();
         assert_eq!(snap.changes.services.len(), 2);
         assert_eq!(snap.desired.endpoint_count(), 1);
+    }
+
+    /// The compact model is the Kubernetes objects' content: every field a dataplane reads
+    /// comes back out of the store as it went in, names included.
+    #[test]
+    fn endpoints_round_trip_through_the_store() {
+        let mut s = Store::new("n1");
+        s.apply_node(&serde_yaml::from_str("metadata: {name: n1, labels: {topology.kubernetes.io/zone: zone-b}}").unwrap());
+        s.apply_service(&serde_yaml::from_str(
+            "metadata: {name: web, namespace: prod}\nspec: {clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, 'fd00::10'], ports: [{name: http, port: 80}]}",
+        ).unwrap());
+        for (name, family, addresses) in [("web-v4", "IPv4", ["10.244.1.2", "10.244.2.3"]), ("web-v6", "IPv6", ["fd00:1::2", "fd00:1::3"])] {
+            s.apply_slice(&serde_yaml::from_str(&format!(
+                r#"
+metadata: {{name: {name}, namespace: prod, labels: {{kubernetes.io/service-name: web}}}}
+addressType: {family}
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- addresses: ['{}']
+  conditions: {{ready: true}}
+  nodeName: n1
+  zone: zone-b
+  hints: {{forZones: [{{name: zone-b}}, {{name: zone-a}}], forNodes: [{{name: n1}}]}}
+- addresses: ['{}']
+  conditions: {{ready: false, serving: true, terminating: true}}
+  nodeName: n2
+"#,
+                addresses[0], addresses[1]
+            )).unwrap());
+        }
+        let snap = s.snapshot();
+        let web = &snap.desired.services[&ServiceKey::new("prod", "web")];
+        let eps = &web.ports[0].endpoints;
+        let seen: Vec<_> = eps
+            .iter()
+            .map(|e| {
+                (
+                    e.addr_string(),
+                    (e.ready, e.serving, e.terminating, e.is_local),
+                    e.node_name.map(|n| n.as_str()),
+                    e.zone.map(|z| z.as_str()),
+                    {
+                        let mut z: Vec<_> = e.zone_hints.iter().collect();
+                        z.sort();
+                        z
+                    },
+                    e.node_hints.iter().collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let hinted = |addr: &str| {
+            (addr.to_string(), (true, true, false, true), Some("n1"), Some("zone-b"), vec!["zone-a", "zone-b"], vec!["n1"])
+        };
+        let terminating =
+            |addr: &str| (addr.to_string(), (false, true, true, false), Some("n2"), None, vec![], vec![]);
+        assert_eq!(
+            seen,
+            [
+                hinted("10.244.1.2:8080"),
+                terminating("10.244.2.3:8080"),
+                hinted("[fd00:1::2]:8080"),
+                terminating("[fd00:1::3]:8080"),
+            ]
+        );
+        // Slices' changes keep their meaning: the same slice again is no change, a slice of
+        // another Service moves, and deleting both slices empties the port.
+        assert!(!s.apply_slice(&serde_yaml::from_str(
+            "metadata: {name: web-v4, namespace: prod, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.244.1.2], conditions: {ready: true}, nodeName: n1, zone: zone-b, hints: {forZones: [{name: zone-a}, {name: zone-b}], forNodes: [{name: n1}]}}, {addresses: [10.244.2.3], conditions: {ready: false, serving: true, terminating: true}, nodeName: n2}]",
+        ).unwrap()));
+        s.delete_slice_key(&SliceKey::new("prod", "web-v4"));
+        s.delete_slice_key(&SliceKey::new("prod", "web-v6"));
+        let snap = s.snapshot();
+        assert!(snap.desired.services[&ServiceKey::new("prod", "web")].ports[0].endpoints.is_empty());
+        assert_eq!(snap.endpoints, 0);
+    }
+
+    /// Slices may arrive before their Service and outlive it: the store keeps them and
+    /// programs them once the Service is there, and forgets a Service only with both gone.
+    #[test]
+    fn slices_before_and_after_their_service() {
+        let key = ServiceKey::new("ns", "a");
+        let mut s = Store::new("n1");
+        assert!(s.apply_slice(&slice("a-1", "a", "10.244.1.2")));
+        let snap = s.snapshot();
+        assert!(snap.desired.services.is_empty());
+        assert!(s.service_state(&key).is_none());
+        assert!(s.apply_service(&svc("a", "10.96.0.1")));
+        let snap = s.snapshot();
+        assert_eq!(snap.desired.services[&key].ports[0].endpoints.len(), 1);
+        assert!(s.delete_service_key(&key));
+        assert!(s.snapshot().desired.services.is_empty());
+        // The slice is still known: the Service coming back gets its endpoint at once.
+        assert!(s.apply_service(&svc("a", "10.96.0.1")));
+        assert_eq!(s.snapshot().endpoints, 1);
+        assert!(s.delete_service_key(&key));
+        assert!(s.delete_slice_key(&SliceKey::new("ns", "a-1")));
+        assert!(s.entries.is_empty() && s.slice_owner.is_empty());
+        // Deleting what is gone changes nothing.
+        assert!(!s.delete_slice_key(&SliceKey::new("ns", "a-1")));
+        assert!(!s.delete_service_key(&key));
     }
 }

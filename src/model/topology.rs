@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use super::{Endpoint, ServicePort};
+use super::{Endpoint, Name, ServicePort};
 
 /// The endpoints a dataplane programs for one Service port.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -47,11 +47,14 @@ pub fn categorize_endpoints<'a>(
     let mut sets = EndpointSets::default();
 
     if uses_cluster_endpoints(port) {
-        let mode = topology_mode(endpoints, node_name, zone);
+        // Hints hold interned names: a name never interned is in no hint.
+        let node = Name::find(node_name);
+        let zone_name = zone.and_then(Name::find);
+        let mode = topology_mode(endpoints, node, zone_name, node_name, zone);
         let fits = |ep: &Endpoint| match mode {
             TopologyMode::None => true,
-            TopologyMode::SameZone => zone.is_some_and(|z| ep.zone_hints.contains(z)),
-            TopologyMode::SameNode => ep.node_hints.contains(node_name),
+            TopologyMode::SameZone => zone_name.is_some_and(|z| ep.zone_hints.contains_name(z)),
+            TopologyMode::SameNode => node.is_some_and(|n| ep.node_hints.contains_name(n)),
         };
         sets.cluster = endpoints.iter().filter(|ep| ep.ready && fits(ep)).collect();
         // No ready endpoint anywhere (topology was already ignored when the zone had none):
@@ -108,7 +111,13 @@ pub fn categorize_endpoints<'a>(
 
 /// Hints are honoured only when every ready endpoint carries them and at least one fits this
 /// node; otherwise kube-proxy ignores them all (a partial rollout of hints must not skew traffic).
-fn topology_mode(endpoints: &[Endpoint], node_name: &str, zone: Option<&str>) -> TopologyMode {
+fn topology_mode(
+    endpoints: &[Endpoint],
+    node: Option<Name>,
+    zone_name: Option<Name>,
+    node_name: &str,
+    zone: Option<&str>,
+) -> TopologyMode {
     let mut all_node_hints = true;
     let mut any_for_node = false;
     let mut all_zone_hints = true;
@@ -118,12 +127,12 @@ fn topology_mode(endpoints: &[Endpoint], node_name: &str, zone: Option<&str>) ->
         any_ready = true;
         if ep.node_hints.is_empty() {
             all_node_hints = false;
-        } else if ep.node_hints.contains(node_name) {
+        } else if node.is_some_and(|n| ep.node_hints.contains_name(n)) {
             any_for_node = true;
         }
         if ep.zone_hints.is_empty() {
             all_zone_hints = false;
-        } else if zone.is_some_and(|z| ep.zone_hints.contains(z)) {
+        } else if zone_name.is_some_and(|z| ep.zone_hints.contains_name(z)) {
             any_for_zone = true;
         }
     }
