@@ -1,0 +1,109 @@
+//! What the model costs in heap per Service, counted by this test binary's own allocator (the
+//! library forbids unsafe code, and a global allocator is process-wide, so it lives here).
+//! Bytes asked of the allocator, not its rounding to size classes; never a time.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kproxy::model::convert;
+use kproxy::model::store::Store;
+
+thread_local! {
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+}
+
+/// The system's allocator, counting the bytes live per thread, so a test weighs what it
+/// builds itself while other tests run on their own threads.
+struct Counting;
+
+fn add(bytes: isize) {
+    let _ = LIVE.try_with(|live| live.set(live.get() + bytes));
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; the counter is a
+// thread-local integer with a constant initialiser, so counting allocates nothing.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        add(layout.size() as isize);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        add(-(layout.size() as isize));
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        add(new_size as isize - layout.size() as isize);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Bytes allocated and not yet freed by this thread.
+fn live() -> isize {
+    LIVE.with(Cell::get)
+}
+
+/// A Service and its EndpointSlice as the API benchmark's fake API server shapes them
+/// (`integration/fakeapi_cli.rs`): one named port, 10 ready endpoints on 100 nodes in 3 zones.
+fn bench_shaped(i: usize) -> (Service, EndpointSlice) {
+    let ip = |base: usize, x: usize| format!("10.{}.{}.{}", base + x / 65536, (x / 256) % 256, x % 256);
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("svc-{i}"), "namespace": format!("ns-{}", i % 100)},
+        "spec": {"type": "ClusterIP", "clusterIP": ip(96, i + 1), "clusterIPs": [ip(96, i + 1)],
+                 "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}]},
+    }))
+    .unwrap();
+    let endpoints: Vec<_> = (0..10)
+        .map(|j| {
+            let x = i * 10 + j + 1;
+            serde_json::json!({
+                "addresses": [ip(128, x)],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "nodeName": format!("node-{}", x % 100),
+                "zone": format!("zone-{}", ["a", "b", "c"][x % 100 % 3]),
+            })
+        })
+        .collect();
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("svc-{i}-ep"), "namespace": format!("ns-{}", i % 100),
+                     "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+        "addressType": "IPv4", "endpoints": endpoints,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    }))
+    .unwrap();
+    (svc, slice)
+}
+
+/// What the store keeps per Service with its slice of 10 endpoints, the derived state that
+/// every snapshot shares included, is at most 0.6 KiB of heap (issue 11; it was 1.7 KiB).
+#[test]
+fn a_service_with_ten_endpoints_costs_at_most_600_bytes() {
+    const N: usize = 2000;
+    let mut s = Store::new("node-1");
+    let node: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": "node-1"}})).unwrap();
+    s.apply_node(&node);
+    // Names interned for good (nodes, zones, namespaces, the port name) are not per Service.
+    for i in 0..100 {
+        let (svc, slice) = bench_shaped(i);
+        s.apply_service(&svc);
+        s.apply_slice(&slice);
+    }
+    drop(s.snapshot());
+    let objects: Vec<_> = (100..100 + N).map(bench_shaped).collect();
+    let before = live();
+    for (svc, slice) in &objects {
+        s.apply_converted_service(convert::convert_service_object(svc));
+        s.apply_converted_slice(convert::convert_slice_object(slice, "node-1"));
+    }
+    let snap = s.snapshot();
+    assert_eq!(snap.desired.services.len(), N + 100);
+    assert_eq!(snap.endpoints, (N + 100) * 10);
+    drop(snap);
+    let per_service = (live() - before) / N as isize;
+    eprintln!("the store keeps {per_service} bytes per Service with 10 endpoints");
+    assert!(per_service <= 600, "{per_service} bytes per Service");
+}
