@@ -17,25 +17,87 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[cfg(not(feature = "system-allocator"))]
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
+/// `mi_option_allow_thp` in the same enum (checked the same way, against its default 1).
+#[cfg(not(feature = "system-allocator"))]
+const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
+
 /// Freed memory goes back to the kernel at once (mimalloc's purge delay 0) instead of after
 /// its default 1 s. mimalloc purges a delayed page only when the thread that freed it calls
 /// into the allocator again, and the threads that ran a large sync then mostly sit idle: the
 /// resident size stayed at the first sync's peak for good. What it costs and saves is measured
-/// in BENCHMARKS.md ("Allocator policy"). An operator's `MIMALLOC_PURGE_DELAY` wins.
+/// in BENCHMARKS.md ("Allocator policy").
+///
+/// And no transparent huge pages: mimalloc asks for them on its arena (`MADV_HUGEPAGE`, which
+/// the kernel honours in its default `madvise` mode), and a 2 MiB page is resident whole as
+/// long as one object on it lives. At 10,000 Services that was 44 MiB of huge pages in a
+/// 118 MiB process, and steady 118 -> 99 MiB without them (BENCHMARKS.md, "The gap between the
+/// live heap and the resident size"). An operator's `MIMALLOC_PURGE_DELAY` or
+/// `MIMALLOC_ALLOW_THP` wins.
 #[cfg(not(feature = "system-allocator"))]
 #[allow(unsafe_code)]
 fn set_allocator_policy() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
-        return;
+    for (option, env, value) in [
+        (MI_OPTION_PURGE_DELAY, "MIMALLOC_PURGE_DELAY", 0),
+        (MI_OPTION_ALLOW_THP, "MIMALLOC_ALLOW_THP", 0),
+    ] {
+        if std::env::var_os(env).is_none() {
+            // SAFETY: mi_option_set writes one entry of mimalloc's static option table and is
+            // not thread safe; this runs first thing in main, before the async runtime or any
+            // other thread exists, and both options are plain integers mimalloc reads when it
+            // maps or purges memory.
+            unsafe { libmimalloc_sys::mi_option_set(option, value) }
+        }
     }
-    // SAFETY: mi_option_set writes one entry of mimalloc's static option table and is not
-    // thread safe; this runs first thing in main, before the async runtime or any other
-    // thread exists, and the option is a plain integer that mimalloc reads on each purge.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
 }
 
 #[cfg(feature = "system-allocator")]
 fn set_allocator_policy() {}
+
+/// Returning what a full sync freed. mimalloc hands a page back to the kernel only when the
+/// thread owning it collects it, and a page freed from another thread (a watcher's converted
+/// object dropped by the sync, a plan dropped after its apply) stays with its owner until then;
+/// the async runtime's workers then mostly sit parked. So the sync bumps an epoch and collects
+/// its own thread, and every worker collects once when it next parks and finds the epoch moved
+/// (a load and a compare per park otherwise). Measured in BENCHMARKS.md ("The gap between the
+/// live heap and the resident size").
+#[cfg(not(feature = "system-allocator"))]
+mod memory {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static EPOCH: AtomicU64 = AtomicU64::new(0);
+
+    thread_local! {
+        static COLLECTED: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// After a full sync, on the thread that ran it.
+    pub fn release() {
+        EPOCH.fetch_add(1, Ordering::Relaxed);
+        collect_if_behind();
+        // Wake the parked workers so that they collect now, not at their next event.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            for _ in 0..super::WORKER_THREADS {
+                runtime.spawn(async {});
+            }
+        }
+    }
+
+    /// On a worker, each time it parks.
+    #[allow(unsafe_code)]
+    pub fn collect_if_behind() {
+        let epoch = EPOCH.load(Ordering::Relaxed);
+        let behind = COLLECTED.try_with(|c| c.replace(epoch) != epoch).unwrap_or(false);
+        if behind {
+            // SAFETY: mi_collect takes no pointer and is safe to call from any thread at any
+            // time; it frees this thread's empty pages and purges free arena memory.
+            unsafe { libmimalloc_sys::mi_collect(true) }
+        }
+    }
+}
+
+/// The async runtime's worker threads (the Ingress proxy runs its own).
+const WORKER_THREADS: usize = 2;
 
 use clap::Parser;
 
@@ -142,11 +204,14 @@ fn main() -> ExitCode {
     if rustls::crypto::ring::default_provider().install_default().is_err() {
         tracing::debug!("a rustls crypto provider was already installed");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(WORKER_THREADS).enable_all();
+    #[cfg(not(feature = "system-allocator"))]
     {
+        builder.on_thread_park(memory::collect_if_behind);
+        kproxy::sync::set_memory_release(memory::release);
+    }
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kproxy: starting the async runtime: {e}");
@@ -187,5 +252,24 @@ mod tests {
         // SAFETY: reads one entry of mimalloc's option table; nothing in this test binary sets it.
         let value = unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY) };
         assert_eq!(value, 1000);
+    }
+
+    /// The same for `mi_option_allow_thp`, whose default is 1, between
+    /// `page_cross_thread_max_reclaim` (32) and `minimal_purge_size` (0).
+    #[test]
+    #[allow(unsafe_code)]
+    fn allow_thp_option_is_the_one_we_mean() {
+        if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+            return;
+        }
+        // SAFETY: as above.
+        let (value, before, after) = unsafe {
+            (
+                libmimalloc_sys::mi_option_get(super::MI_OPTION_ALLOW_THP),
+                libmimalloc_sys::mi_option_get(super::MI_OPTION_ALLOW_THP - 1),
+                libmimalloc_sys::mi_option_get(super::MI_OPTION_ALLOW_THP + 1),
+            )
+        };
+        assert_eq!((before, value, after), (32, 1, 0));
     }
 }

@@ -18,6 +18,24 @@ use crate::metrics::metrics;
 use crate::model::store::{Snapshot, Store};
 use crate::model::ServiceKey;
 
+/// What hands the memory a full sync freed back to the kernel: set once at start by the
+/// binary, which owns the allocator (`src/main.rs`); nothing when unset (tests, tools).
+static RELEASE_MEMORY: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets what runs after every successful full sync to return freed memory to the kernel. A
+/// full sync (above all the first, with the initial lists just converted) frees far more than
+/// it keeps; the allocator returns a page only when the thread that owns it collects, and the
+/// threads that did the work then mostly sit idle.
+pub fn set_memory_release(release: fn()) {
+    let _ = RELEASE_MEMORY.set(release);
+}
+
+fn release_memory() {
+    if let Some(release) = RELEASE_MEMORY.get() {
+        release();
+    }
+}
+
 /// The store shared by the sources (writers) and the sync loop (reader).
 pub struct SharedState {
     store: Mutex<Store>,
@@ -227,6 +245,10 @@ pub async fn run(
                     last_full = now;
                     last_periodic = now;
                     full_sync = FullSync::Periodic;
+                    // The snapshot the sync worked from goes first: its changes may hold the
+                    // last references to what the sync replaced.
+                    drop(snapshot);
+                    release_memory();
                 }
             }
             Err(err) => {
