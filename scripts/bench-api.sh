@@ -31,7 +31,10 @@
 #      implies NO_WRITE (compare with a run without it for what the Ingress side costs);
 #      KPROXY_BENCH_KPROXY=PATH measures that kproxy binary instead of this tree's (an older
 #      build, to compare in one run); implies NO_WRITE; KPROXY_BENCH_FAKEAPI=PATH uses that
-#      integration test binary as the fake API server instead of building this tree's.
+#      integration test binary as the fake API server instead of building this tree's;
+#      KPROXY_BENCH_SMAPS=DIR copies kproxy's /proc status, smaps and smaps_rollup at the steady
+#      reading, its thread count and its log (with MIMALLOC_SHOW_STATS=1, the allocator's
+#      statistics at exit) into DIR.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -211,6 +214,13 @@ for mode_arg in $modes; do
     sleep 10
     steady=$(status_kib VmRSS)
     peak=$(status_kib VmHWM)
+    if [ -n "${KPROXY_BENCH_SMAPS:-}" ]; then
+      mkdir -p "$KPROXY_BENCH_SMAPS"
+      for f in status smaps smaps_rollup; do
+        cp "/proc/$(kproxy_pid)/$f" "$KPROXY_BENCH_SMAPS/$f.$mode_arg.$n"
+      done
+      ls "/proc/$(kproxy_pid)/task" | wc -l > "$KPROXY_BENCH_SMAPS/threads.$mode_arg.$n"
+    fi
     changed_slice "$n" > "$work/slice.json"
     # The first sync observed the listed slices' trigger times too: count only the change.
     programmed_before=$(metric kubeproxy_network_programming_duration_seconds_sum)
@@ -233,6 +243,8 @@ for mode_arg in $modes; do
     # counts as leaked is then the steady state (heaptrack's peak is the peak).
     [ -z "${KPROXY_BENCH_HEAPTRACK:-}" ] || kill -KILL "$(kproxy_pid)"
     stop "$pid"; pid=
+    # With MIMALLOC_SHOW_STATS=1 the log ends with the allocator's statistics at exit.
+    [ -z "${KPROXY_BENCH_SMAPS:-}" ] || cp "$work/kproxy.log" "$KPROXY_BENCH_SMAPS/kproxy.log.$mode_arg.$n"
     stop "$api_pid"; api_pid=
     ip netns del "$ns"
     if [ -n "${KPROXY_BENCH_HEAPTRACK:-}" ]; then
