@@ -168,6 +168,7 @@ PY
 }
 
 tsv=$work/api-rss.tsv
+load_start=$(cut -d' ' -f1 /proc/loadavg)
 printf 'mode\tservices\tendpoints\tstart_to_rules_s\tfull_sync_s\tpeak_kib\tsteady_kib\tprogramming_s\tcpu_first_s\tcpu_change_ms\n' > "$tsv"
 for mode_arg in $modes; do
   case $mode_arg in
@@ -219,7 +220,7 @@ for mode_arg in $modes; do
       for f in status smaps smaps_rollup; do
         cp "/proc/$(kproxy_pid)/$f" "$KPROXY_BENCH_SMAPS/$f.$mode_arg.$n"
       done
-      ls "/proc/$(kproxy_pid)/task" | wc -l > "$KPROXY_BENCH_SMAPS/threads.$mode_arg.$n"
+      awk '$1 == "Threads:" {print $2}' "/proc/$(kproxy_pid)/status" > "$KPROXY_BENCH_SMAPS/threads.$mode_arg.$n"
     fi
     changed_slice "$n" > "$work/slice.json"
     # The first sync observed the listed slices' trigger times too: count only the change.
@@ -264,18 +265,25 @@ for mode_arg in $modes; do
 done
 
 cpu=$(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//')
+commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)
+git -C "$here" diff --quiet HEAD 2>/dev/null || commit="$commit with uncommitted changes"
+# How loaded the machine was: timings depend on it, resident memory does not.
+load="load average $load_start at the start, $(cut -d' ' -f1 /proc/loadavg) at the end"
+fake_note=
+[ -z "${KPROXY_BENCH_FAKEAPI:-}" ] || fake_note=" The fake API server was \`${fakeapi#"$here"/}\` (KPROXY_BENCH_FAKEAPI)."
 python3 - "$tsv" "$work/section.md" "$(date -u +%Y-%m-%d)" "$(nproc) cores, $cpu" \
-  "$here/docs/benchmarks/api-rss-before.tsv" <<'PY'
+  "$here/docs/benchmarks/api-rss-before.tsv" "$commit" "$load" "$fake_note" <<'PY'
 import sys, csv
 tsv, out, day, machine = sys.argv[1:5]
+commit, load, fake_note = sys.argv[6:9]
 rows = list(csv.DictReader(open(tsv), delimiter="\t"))
 mib = lambda kib: int(kib) / 1024
 labels = {"nftables": "nftables", "legacy": "iptables (legacy)", "nft": "iptables (nft)"}
 sizes = sorted({int(r["services"]) for r in rows})
 eps = rows[0]["endpoints"] if rows else "10"
 lines = [
-    f"Written by `scripts/bench-api.sh \"{' '.join(map(str, sizes))}\"` on {day} ({machine}). Single runs on a",
-    "shared machine: rerun the script to compare. Through the API path as in production (kube-rs",
+    f"Written by `scripts/bench-api.sh \"{' '.join(map(str, sizes))}\"` on {day} ({machine}) at {commit},",
+    f"{load}.{fake_note} Single runs: rerun the script to compare. Through the API path as in production (kube-rs",
     "watchers, lists paginated by 500, the Ingress proxy on) against `integration __fakeapi`, whose",
     f"objects carry what a real kube-apiserver adds (managedFields, last-applied annotations); {eps} endpoints",
     "per Service, every tenth Service a NodePort. Peak is VmHWM after the first sync, steady is VmRSS",

@@ -31,8 +31,10 @@ const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 /// the kernel honours in its default `madvise` mode), and a 2 MiB page is resident whole as
 /// long as one object on it lives. At 10,000 Services that was 44 MiB of huge pages in a
 /// 118 MiB process, and steady 118 -> 99 MiB without them (BENCHMARKS.md, "The gap between the
-/// live heap and the resident size"). An operator's `MIMALLOC_PURGE_DELAY` or
-/// `MIMALLOC_ALLOW_THP` wins.
+/// live heap and the resident size"). mimalloc has reserved and advised its first arena before
+/// `main` runs, so its option alone comes too late for it: the process itself opts out
+/// (`PR_SET_THP_DISABLE`, inherited by the tools kproxy runs, which do not need them either).
+/// An operator's `MIMALLOC_PURGE_DELAY` or `MIMALLOC_ALLOW_THP` wins.
 #[cfg(not(feature = "system-allocator"))]
 #[allow(unsafe_code)]
 fn set_allocator_policy() {
@@ -47,6 +49,10 @@ fn set_allocator_policy() {
             // maps or purges memory.
             unsafe { libmimalloc_sys::mi_option_set(option, value) }
         }
+    }
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        // Without it (a kernel before 3.15) huge pages only cost memory, never correctness.
+        let _ = nix::sys::prctl::set_thp_disable(true);
     }
 }
 

@@ -178,7 +178,9 @@ impl<S: AsRef<str>> FromIterator<S> for Names {
         }
         names.sort();
         names.dedup();
-        Names(Some(Ids::insert(&NAME_SETS, &names[..], |set| Box::leak(Box::from(set)))))
+        Names(Some(Ids::insert(&NAME_SETS, &names[..], |set| {
+            Box::leak(Box::from(set))
+        })))
     }
 }
 

@@ -263,7 +263,13 @@ impl Store {
             }
             None if ports.is_none() => false,
             None => {
-                self.entries.insert(key.clone(), Entry { ports, slices: Vec::new() });
+                self.entries.insert(
+                    key.clone(),
+                    Entry {
+                        ports,
+                        slices: Vec::new(),
+                    },
+                );
                 true
             }
         };
@@ -355,7 +361,9 @@ impl Store {
         let unchanged = match (old, &info) {
             (None, None) => true,
             (Some(old), Some(new)) => {
-                Some(&new.service) == old_owner.as_ref() && *old.ports == *new.ports && old.trigger_time == new.trigger_time
+                Some(&new.service) == old_owner.as_ref()
+                    && *old.ports == *new.ports
+                    && old.trigger_time == new.trigger_time
             }
             _ => false,
         };
@@ -461,7 +469,11 @@ impl Store {
     pub fn snapshot(&mut self) -> Snapshot {
         let dirty = std::mem::take(&mut self.dirty);
         for key in &dirty {
-            let old = match self.entries.get(key).and_then(|e| Some((e.ports.as_deref()?, &e.slices))) {
+            let old = match self
+                .entries
+                .get(key)
+                .and_then(|e| Some((e.ports.as_deref()?, &e.slices)))
+            {
                 Some((ports, slices)) => {
                     let state = build_service_state(ports, Some(slices));
                     self.state_ports += state.ports.len();
@@ -691,13 +703,19 @@ mod tests {
     #[test]
     fn endpoints_round_trip_through_the_store() {
         let mut s = Store::new("n1");
-        s.apply_node(&serde_yaml::from_str("metadata: {name: n1, labels: {topology.kubernetes.io/zone: zone-b}}").unwrap());
+        s.apply_node(
+            &serde_yaml::from_str("metadata: {name: n1, labels: {topology.kubernetes.io/zone: zone-b}}").unwrap(),
+        );
         s.apply_service(&serde_yaml::from_str(
             "metadata: {name: web, namespace: prod}\nspec: {clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, 'fd00::10'], ports: [{name: http, port: 80}]}",
         ).unwrap());
-        for (name, family, addresses) in [("web-v4", "IPv4", ["10.244.1.2", "10.244.2.3"]), ("web-v6", "IPv6", ["fd00:1::2", "fd00:1::3"])] {
-            s.apply_slice(&serde_yaml::from_str(&format!(
-                r#"
+        for (name, family, addresses) in [
+            ("web-v4", "IPv4", ["10.244.1.2", "10.244.2.3"]),
+            ("web-v6", "IPv6", ["fd00:1::2", "fd00:1::3"]),
+        ] {
+            s.apply_slice(
+                &serde_yaml::from_str(&format!(
+                    r#"
 metadata: {{name: {name}, namespace: prod, labels: {{kubernetes.io/service-name: web}}}}
 addressType: {family}
 ports: [{{name: http, port: 8080}}]
@@ -711,8 +729,10 @@ endpoints:
   conditions: {{ready: false, serving: true, terminating: true}}
   nodeName: n2
 "#,
-                addresses[0], addresses[1]
-            )).unwrap());
+                    addresses[0], addresses[1]
+                ))
+                .unwrap(),
+            );
         }
         let snap = s.snapshot();
         let web = &snap.desired.services[&ServiceKey::new("prod", "web")];
@@ -735,10 +755,25 @@ endpoints:
             })
             .collect();
         let hinted = |addr: &str| {
-            (addr.to_string(), (true, true, false, true), Some("n1"), Some("zone-b"), vec!["zone-a", "zone-b"], vec!["n1"])
+            (
+                addr.to_string(),
+                (true, true, false, true),
+                Some("n1"),
+                Some("zone-b"),
+                vec!["zone-a", "zone-b"],
+                vec!["n1"],
+            )
         };
-        let terminating =
-            |addr: &str| (addr.to_string(), (false, true, true, false), Some("n2"), None, vec![], vec![]);
+        let terminating = |addr: &str| {
+            (
+                addr.to_string(),
+                (false, true, true, false),
+                Some("n2"),
+                None,
+                vec![],
+                vec![],
+            )
+        };
         assert_eq!(
             seen,
             [
@@ -756,7 +791,9 @@ endpoints:
         s.delete_slice_key(&SliceKey::new("prod", "web-v4"));
         s.delete_slice_key(&SliceKey::new("prod", "web-v6"));
         let snap = s.snapshot();
-        assert!(snap.desired.services[&ServiceKey::new("prod", "web")].ports[0].endpoints.is_empty());
+        assert!(snap.desired.services[&ServiceKey::new("prod", "web")].ports[0]
+            .endpoints
+            .is_empty());
         assert_eq!(snap.endpoints, 0);
     }
 
