@@ -228,8 +228,17 @@ for mode_arg in $modes; do
     programmed_count=$(metric kubeproxy_network_programming_duration_seconds_count)
     last=$((n - 1))
     cpu_before=$(cpu_s)
-    ip netns exec "$ns" curl -sf -o /dev/null -X PUT -H 'Content-Type: application/json' --data @"$work/slice.json" \
-      "$api/apis/discovery.k8s.io/v1/namespaces/ns-$((last % 10))/endpointslices/svc-$last-ep"
+    # A write that fails (seen now and then at 10,000 Services on a loaded machine) is shown
+    # and retried, rather than ending the run without a word.
+    for attempt in 1 2 3; do
+      code=$(ip netns exec "$ns" curl -s -o "$work/put.json" -w '%{http_code}' -X PUT -H 'Content-Type: application/json' \
+        --data @"$work/slice.json" "$api/apis/discovery.k8s.io/v1/namespaces/ns-$((last % 10))/endpointslices/svc-$last-ep" ||
+        true)
+      [ "$code" = 200 ] && break
+      echo "bench-api.sh: writing the changed EndpointSlice (attempt $attempt): HTTP $code: $(head -c 300 "$work/put.json" 2>/dev/null)" >&2
+      [ "$attempt" = 3 ] && exit 1
+      sleep 1
+    done
     # Any sync that programs it counts (a failed sync, say on a busy xtables lock, makes the next one full).
     wait_metric kubeproxy_network_programming_duration_seconds_count $((${programmed_count%.*} + 1)) 600
     cpu_change_ms=$(echo "($(cpu_s) - $cpu_before) * 1000" | bc)
