@@ -669,4 +669,62 @@ mod tests {
             "a deleted Ingress is no longer served"
         );
     }
+
+    /// One request with `Connection: close` on a new connection through `start_connection`;
+    /// the answer the client read.
+    async fn one_request(w: &Rc<Worker>, listener: &std::net::TcpListener) -> String {
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::task::spawn_blocking(move || {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            std::io::Write::write_all(&mut c, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").unwrap();
+            let mut answer = String::new();
+            std::io::Read::read_to_string(&mut c, &mut answer).unwrap();
+            answer
+        });
+        let (stream, peer) = loop {
+            match listener.accept() {
+                Ok(a) => break a,
+                Err(_) => tokio::task::yield_now().await,
+            }
+        };
+        stream.set_nonblocking(true).unwrap();
+        start_connection(w, stream, peer, addr.port(), None);
+        client.await.unwrap()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_finished_connection_task_serves_the_next_connection_and_ends_on_drain() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                // No route table yet: every request is answered 503 by the worker itself.
+                let (_routes_tx, routes) = watch::channel(None);
+                let (_stop, shutdown) = watch::channel(false);
+                let tls = client_tls_config().unwrap();
+                let proxy = Proxy::new(routes, Clients::new(tls.clone()), false, 443);
+                let w = Rc::new(Worker::new(Arc::new(proxy), Pool::new(tls), shutdown));
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                listener.set_nonblocking(true).unwrap();
+
+                let first = one_request(&w, &listener).await;
+                assert!(first.starts_with("HTTP/1.1 503"), "{first}");
+                while w.waiting_tasks.borrow().is_empty() {
+                    tokio::task::yield_now().await;
+                }
+                assert_eq!(w.open.get(), 0);
+
+                // The waiting task takes the next connection; afterwards it waits again, and no
+                // second task was started.
+                let second = one_request(&w, &listener).await;
+                assert!(second.starts_with("HTTP/1.1 503"), "{second}");
+                while w.open.get() > 0 || w.waiting_tasks.borrow().is_empty() {
+                    tokio::task::yield_now().await;
+                }
+                assert_eq!(w.waiting_tasks.borrow().len(), 1);
+
+                w.start_draining();
+                assert!(w.waiting_tasks.borrow().is_empty(), "draining ends the waiting tasks");
+            })
+            .await;
+    }
 }
