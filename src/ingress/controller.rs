@@ -451,7 +451,7 @@ fn start_connection(
     // stage copies the whole stage); a pointer instead of the connection's whole state saves
     // about 1,500 instructions per connection. The task then serves connection after
     // connection: a task and its box per connection were three allocations (the task, the
-    // boxed future, 3.8 KiB with the request's state) and frees, and with mimalloc's purge
+    // boxed future, 3.6 KiB with the request's state) and frees, and with mimalloc's purge
     // delay 0 (src/main.rs) the pages they emptied went back to the kernel and faulted in
     // again (0.45 page faults per new connection; BENCHMARKS.md).
     tokio::task::spawn_local(Box::pin(async move {
