@@ -15,13 +15,20 @@
 #
 # usage: sudo benches/ingress.sh [DURATION_SECONDS] [RUNS] [SHAPES]
 #          SHAPES: any of "keepalive newconn 1mib https" (default: all four)
-#        BENCH_PERF=FILE sudo benches/ingress.sh [DURATION]   records a perf profile of kproxy
-#          under the keep-alive shape instead (perf report -i FILE)
+#        BENCH_PERF=FILE sudo benches/ingress.sh [DURATION]   records perf profiles of kproxy
+#          (FILE) and nginx's workers (FILE.nginx) under the keep-alive shape (SHAPES "newconn": a
+#          new connection per request) instead (perf report -i FILE);
+#          BENCH_PERF_EVENTS="-e EVENT ..." samples those events instead of the CPU clock
 #        BENCH_COUNT=1|DIR sudo benches/ingress.sh [DURATION]   counts instead of timing: user-space
 #          instructions per request (valgrind's callgrind) and system calls per request (strace
 #          -c) of kproxy and nginx, keep-alive shape; deterministic, unlike times on a shared machine
 #          (with a directory, the callgrind files are kept there for callgrind_annotate); with
 #          SHAPES "newconn", a new connection per request; "https", HTTPS with keep-alive
+#        BENCH_SYSCALLS=1 sudo benches/ingress.sh [DURATION] [RUNS] [SHAPES]   counts per request
+#          under the real load (wrk -c64, no tracer slowing the proxy down): system calls by
+#          kind, reads that found nothing (EAGAIN), epoll_wait calls and the events they
+#          returned, context switches and CPU migrations, from the kernel's tracepoints and
+#          software counters (perf stat), kproxy and nginx interleaved; keep-alive by default
 #        BENCH_WRITE=0 ...   print the results without rewriting BENCHMARKS.md and the plots
 #        KPROXY_BIN=PATH ...   measure that binary instead of building target/release/kproxy
 #        BENCH_PROXY_CPUS=LIST BENCH_LOAD_CPUS=LIST ...   CPUs (taskset lists) for the proxy
@@ -125,12 +132,69 @@ nginx_master=$(pgrep -f "nginx -c $work/proxy.conf" | head -1)
 mapfile -t nginx_pids < <(echo "$nginx_master"; pgrep -P "$nginx_master")
 
 if [ -n "${BENCH_PERF:-}" ]; then
-  perf record -F 999 -g -p "$kproxy_pid" -o "$BENCH_PERF" -- sleep "$duration" >/dev/null 2>&1 &
-  perf_pid=$!
-  in_ns taskset -c "$load_cpus" wrk -t2 -c"$connections" -d"${duration}s" -H "Host: myapp.example.com" http://127.0.0.1:8083/ >/dev/null
-  # Only perf: a bare `wait` would also wait for the servers started above.
-  wait "$perf_pid"
-  echo "profile in $BENCH_PERF"
+  # kproxy into FILE, then nginx's workers into FILE.nginx, each under the same load.
+  record_one() { # output, url, pids
+    # shellcheck disable=SC2086 # BENCH_PERF_EVENTS: perf record's own options, word-split.
+    perf record ${BENCH_PERF_EVENTS:--F 999} -g -p "$3" -o "$1" -- sleep "$duration" >/dev/null 2>&1 &
+    local perf_pid=$!
+    local extra=()
+    [ "$shapes" = newconn ] && extra=(-H "Connection: close")
+    in_ns taskset -c "$load_cpus" wrk -t2 -c"$connections" -d"${duration}s" -H "Host: myapp.example.com" "${extra[@]}" "$2" >/dev/null
+    # Only perf: a bare `wait` would also wait for the servers started above.
+    wait "$perf_pid"
+  }
+  record_one "$BENCH_PERF" http://127.0.0.1:8083/ "$kproxy_pid"
+  record_one "$BENCH_PERF.nginx" http://127.0.0.1:8082/ "$(pgrep -P "$nginx_master" | tr '\n' ',' | sed 's/,$//')"
+  echo "profiles in $BENCH_PERF (kproxy) and $BENCH_PERF.nginx"
+  exit 0
+fi
+
+if [ -n "${BENCH_SYSCALLS:-}" ]; then
+  # Counted by the kernel (tracepoints and software counters), so the proxy runs at full speed:
+  # strace stops it at every call, which batches readiness events and hides what waits.
+  events=raw_syscalls:sys_enter,context-switches,cpu-migrations,page-faults,task-clock
+  for call in epoll_wait epoll_pwait recvfrom read readv sendto write writev sendmsg futex epoll_ctl accept4 close getsockopt setsockopt; do
+    [ -d "/sys/kernel/tracing/events/syscalls/sys_enter_$call" ] && events+=,syscalls:sys_enter_$call
+  done
+  [ "$shapes" = "keepalive newconn 1mib https" ] && shapes=keepalive
+  echo "| shape | proxy | run | requests | CPU µs/request | system calls | epoll_wait | recvfrom | of them EAGAIN | sendto | writev | write | futex | epoll_ctl | context switches | migrations | page faults |"
+  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  count_calls() { # shape, name, run, url, pids (comma-separated)
+    local shape=$1 name=$2 run=$3 url=$4 target=$5 out=$work/perf.$2 args=(-t2 -c"$connections" -d"${duration}s" -H "Host: myapp.example.com")
+    [ "$shape" = newconn ] && args+=(-H "Connection: close")
+    # recvfrom's exit carries its result: -11 is EAGAIN, a read that found nothing.
+    perf stat -x, -o "$out" -e "$events" -e syscalls:sys_exit_recvfrom --filter 'ret == -11' -p "$target" &
+    local perf_pid=$! wrk_out
+    sleep 0.5
+    wrk_out=$(in_ns taskset -c "$load_cpus" wrk "${args[@]}" "$url")
+    kill -INT "$perf_pid"
+    wait "$perf_pid" 2>/dev/null || true
+    local requests
+    requests=$(awk '/requests in/ {print $1}' <<<"$wrk_out")
+    awk -F, -v shape="$shape" -v name="$name" -v run="$run" -v n="$requests" '
+      $3 != "" { c[$3] = $1 + 0 }
+      END {
+        printf "| %s | %s | %s | %d | %.1f | %.2f | %.3f | %.2f | %.3f | %.2f | %.2f | %.2f | %.3f | %.3f | %.3f | %.4f | %.4f |\n", shape, name, run, n,
+          c["task-clock"] * 1000 / n, c["raw_syscalls:sys_enter"] / n, (c["syscalls:sys_enter_epoll_wait"] + c["syscalls:sys_enter_epoll_pwait"]) / n,
+          (c["syscalls:sys_enter_recvfrom"] + c["syscalls:sys_enter_read"]) / n, c["syscalls:sys_exit_recvfrom"] / n,
+          c["syscalls:sys_enter_sendto"] / n, c["syscalls:sys_enter_writev"] / n, c["syscalls:sys_enter_write"] / n,
+          c["syscalls:sys_enter_futex"] / n, c["syscalls:sys_enter_epoll_ctl"] / n, c["context-switches"] / n, c["cpu-migrations"] / n, c["page-faults"] / n
+      }' "$out"
+  }
+  for run in $(seq 1 "$runs"); do
+    for shape in $shapes; do
+      k=http://127.0.0.1:8083/ n=http://127.0.0.1:8082/
+      [ "$shape" = https ] && k=https://myapp.example.com:8443/ n=https://myapp.example.com:8442/
+      nginx_workers=$(pgrep -P "$nginx_master" | tr '\n' ',' | sed 's/,$//')
+      if [ $((run % 2)) = 1 ]; then
+        count_calls "$shape" kproxy "$run" "$k" "$kproxy_pid"
+        count_calls "$shape" nginx "$run" "$n" "$nginx_workers"
+      else
+        count_calls "$shape" nginx "$run" "$n" "$nginx_workers"
+        count_calls "$shape" kproxy "$run" "$k" "$kproxy_pid"
+      fi
+    done
+  done
   exit 0
 fi
 

@@ -397,7 +397,34 @@ async fn serve_listener(
     }
 }
 
-/// Serves one accepted (non-blocking) connection on this worker.
+/// Connection tasks a worker keeps waiting for a new connection; more finish and end.
+const WAITING_TASKS: usize = 64;
+
+/// An accepted connection and the listener it came from; counted as open from its accept.
+struct Accepted {
+    open: OpenConnection,
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    tls: Option<TlsAcceptor>,
+}
+
+/// A connection task waiting, in [`Worker::waiting_tasks`], for its next connection.
+#[derive(Default)]
+pub struct TaskSlot {
+    next: std::cell::Cell<Option<Accepted>>,
+    ready: tokio::sync::Notify,
+}
+
+impl TaskSlot {
+    /// Wakes the task without a connection: it ends.
+    pub fn wake_empty(&self) {
+        self.ready.notify_one();
+    }
+}
+
+/// Serves one accepted (non-blocking) connection on this worker: on a connection task that
+/// finished its last connection if one waits, else on a new task.
 /// TCP_NODELAY comes from the listening socket (Linux copies it to accepted ones).
 fn start_connection(
     w: &Rc<Worker>,
@@ -406,45 +433,82 @@ fn start_connection(
     port: u16,
     tls: Option<TlsAcceptor>,
 ) {
-    let conn = Conn::new(peer, tls.is_some(), port);
-    let guard = OpenConnection::new(w.clone());
+    let accepted = Accepted {
+        open: OpenConnection::new(w.clone()),
+        stream,
+        peer,
+        port,
+        tls,
+    };
+    let waiting = w.waiting_tasks.borrow_mut().pop();
+    if let Some(slot) = waiting {
+        slot.next.set(Some(accepted));
+        slot.ready.notify_one();
+        return;
+    }
+    let w = w.clone();
     // Boxed: the task moves its future several times (spawning it, and each change of its
     // stage copies the whole stage); a pointer instead of the connection's whole state saves
-    // about 1,500 instructions per connection.
+    // about 1,500 instructions per connection. The task then serves connection after
+    // connection: a task and its box per connection were three allocations (the task, the
+    // boxed future, 3.6 KiB with the request's state) and frees, and with mimalloc's purge
+    // delay 0 (src/main.rs) the pages they emptied went back to the kernel and faulted in
+    // again (0.45 page faults per new connection; BENCHMARKS.md).
     tokio::task::spawn_local(Box::pin(async move {
-        let w = guard.0.clone();
-        let io = match tls {
-            None => ClientIo::Fresh(Some(stream)),
-            Some(acceptor) => {
-                // The handshake waits on the socket: registered now.
-                let Ok(stream) = TcpStream::from_std(stream) else {
-                    return;
-                };
-                // Boxed: the handshake's state is large and short-lived.
-                let handshake = Box::pin(tokio::time::timeout(
-                    proxy::TLS_HANDSHAKE_TIMEOUT,
-                    acceptor.accept(stream),
-                ));
-                let Ok(Ok(tls_stream)) = handshake.await else {
-                    return;
-                };
-                if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                    Box::pin(h1::serve_h2(
-                        w,
-                        h1::Prefixed::new(ClientIo::Tls(Box::new(tls_stream)), Vec::new()),
-                        conn,
-                    ))
-                    .await;
-                    return;
-                }
-                ClientIo::Tls(Box::new(tls_stream))
+        let slot = Rc::new(TaskSlot::default());
+        let mut next = Some(accepted);
+        while let Some(a) = next.take() {
+            serve_connection(&w, a).await;
+            if w.draining() || w.waiting_tasks.borrow().len() >= WAITING_TASKS {
+                break;
             }
-        };
-        if let h1::Served::H2(io, read) = h1::serve(w.clone(), io, conn).await {
-            Box::pin(h1::serve_h2(w, h1::Prefixed::new(io, read), conn)).await;
+            w.waiting_tasks.borrow_mut().push(slot.clone());
+            slot.ready.notified().await;
+            next = slot.next.take();
         }
-        drop(guard);
     }));
+}
+
+/// Serves one connection to its end.
+async fn serve_connection(w: &Rc<Worker>, a: Accepted) {
+    let Accepted {
+        open: _open,
+        stream,
+        peer,
+        port,
+        tls,
+    } = a;
+    let conn = Conn::new(peer, tls.is_some(), port);
+    let io = match tls {
+        None => ClientIo::Fresh(Some(stream)),
+        Some(acceptor) => {
+            // The handshake waits on the socket: registered now.
+            let Ok(stream) = TcpStream::from_std(stream) else {
+                return;
+            };
+            // Boxed: the handshake's state is large and short-lived.
+            let handshake = Box::pin(tokio::time::timeout(
+                proxy::TLS_HANDSHAKE_TIMEOUT,
+                acceptor.accept(stream),
+            ));
+            let Ok(Ok(tls_stream)) = handshake.await else {
+                return;
+            };
+            if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                Box::pin(h1::serve_h2(
+                    w.clone(),
+                    h1::Prefixed::new(ClientIo::Tls(Box::new(tls_stream)), Vec::new()),
+                    conn,
+                ))
+                .await;
+                return;
+            }
+            ClientIo::Tls(Box::new(tls_stream))
+        }
+    };
+    if let h1::Served::H2(io, read) = h1::serve(w.clone(), io, conn).await {
+        Box::pin(h1::serve_h2(w.clone(), h1::Prefixed::new(io, read), conn)).await;
+    }
 }
 
 /// Counts a connection as open on its worker until dropped.
@@ -604,5 +668,63 @@ mod tests {
             rx.borrow().as_ref().unwrap().ingresses.is_empty(),
             "a deleted Ingress is no longer served"
         );
+    }
+
+    /// One request with `Connection: close` on a new connection through `start_connection`;
+    /// the answer the client read.
+    async fn one_request(w: &Rc<Worker>, listener: &std::net::TcpListener) -> String {
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::task::spawn_blocking(move || {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            std::io::Write::write_all(&mut c, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").unwrap();
+            let mut answer = String::new();
+            std::io::Read::read_to_string(&mut c, &mut answer).unwrap();
+            answer
+        });
+        let (stream, peer) = loop {
+            match listener.accept() {
+                Ok(a) => break a,
+                Err(_) => tokio::task::yield_now().await,
+            }
+        };
+        stream.set_nonblocking(true).unwrap();
+        start_connection(w, stream, peer, addr.port(), None);
+        client.await.unwrap()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_finished_connection_task_serves_the_next_connection_and_ends_on_drain() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                // No route table yet: every request is answered 503 by the worker itself.
+                let (_routes_tx, routes) = watch::channel(None);
+                let (_stop, shutdown) = watch::channel(false);
+                let tls = client_tls_config().unwrap();
+                let proxy = Proxy::new(routes, Clients::new(tls.clone()), false, 443);
+                let w = Rc::new(Worker::new(Arc::new(proxy), Pool::new(tls), shutdown));
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                listener.set_nonblocking(true).unwrap();
+
+                let first = one_request(&w, &listener).await;
+                assert!(first.starts_with("HTTP/1.1 503"), "{first}");
+                while w.waiting_tasks.borrow().is_empty() {
+                    tokio::task::yield_now().await;
+                }
+                assert_eq!(w.open.get(), 0);
+
+                // The waiting task takes the next connection; afterwards it waits again, and no
+                // second task was started.
+                let second = one_request(&w, &listener).await;
+                assert!(second.starts_with("HTTP/1.1 503"), "{second}");
+                while w.open.get() > 0 || w.waiting_tasks.borrow().is_empty() {
+                    tokio::task::yield_now().await;
+                }
+                assert_eq!(w.waiting_tasks.borrow().len(), 1);
+
+                w.start_draining();
+                assert!(w.waiting_tasks.borrow().is_empty(), "draining ends the waiting tasks");
+            })
+            .await;
     }
 }

@@ -125,6 +125,9 @@ pub struct Worker {
     counters: RefCell<foldhash::HashMap<(usize, u16), prometheus::IntCounter>>,
     /// Connections open on this worker (the drain waits for them).
     pub open: Cell<usize>,
+    /// Connection tasks that finished their connection and wait for another
+    /// (`controller::start_connection`), so a new connection costs no task and no allocation.
+    pub waiting_tasks: RefCell<Vec<Rc<super::controller::TaskSlot>>>,
     pub closed: tokio::sync::Notify,
 }
 
@@ -144,20 +147,25 @@ impl Worker {
             shutdown,
             counters: RefCell::new(foldhash::HashMap::default()),
             open: Cell::new(0),
+            waiting_tasks: RefCell::new(Vec::new()),
             closed: tokio::sync::Notify::new(),
         }
     }
 
     /// Whether the worker drains: answers say `Connection: close`. A flag of the worker's own,
     /// read on every request, rather than the shutdown channel's lock shared by all threads.
-    fn draining(&self) -> bool {
+    pub fn draining(&self) -> bool {
         self.draining.get()
     }
 
-    /// Called by the worker once shutdown began: idle connections get their last call.
+    /// Called by the worker once shutdown began: idle connections get their last call, and
+    /// connection tasks waiting for a connection end.
     pub fn start_draining(&self) {
         self.draining.set(true);
         self.drain.notify_waiters();
+        for slot in self.waiting_tasks.borrow_mut().drain(..) {
+            slot.wake_empty();
+        }
     }
 
     /// Becomes true when the worker drains.
@@ -433,9 +441,12 @@ pub async fn serve(w: Rc<Worker>, mut io: ClientIo, conn: Conn) -> Served {
             }
         }
         let buf = carry.take().unwrap_or_else(|| w.take_buf());
-        // Boxed: the request's state exists only while a request is in flight, so an idle
-        // connection's task stays small.
-        let next = Box::pin(request(&w, &mut io, conn, buf, first)).await;
+        // Not boxed: a box per request (2.2 KiB) was a malloc and a free on every request, and
+        // with mimalloc's purge delay 0 (src/main.rs) the pages those boxes emptied went back
+        // to the kernel and faulted in again: 0.43 page faults per keep-alive request (nginx
+        // 0.004; BENCHMARKS.md). Inline, the request's state is part of the connection's own
+        // allocation, which an idle connection keeps (about 2 KiB more each).
+        let next = request(&w, &mut io, conn, buf, first).await;
         first = false;
         match next {
             Next::KeepAlive(c) => carry = c,
