@@ -141,7 +141,7 @@ impl Tools {
     /// holds (to delete them), and which jumps from the built-in chains are in place (to add
     /// the missing ones). iptables-save's output is read a line at a time and only those
     /// facts are kept: at 10,000 Services the nat table prints as 50 MB.
-    pub async fn kernel_state(&self, stray: impl Fn(&str) -> bool) -> Result<KernelState> {
+    pub async fn kernel_state(&self, mut stray: impl FnMut(&str) -> bool) -> Result<KernelState> {
         let mut state = KernelState::default();
         for table in ["filter", "nat"] {
             self.save_lines(table, |line| {

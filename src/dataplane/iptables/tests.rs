@@ -17,7 +17,6 @@ const NODE_IP: &str = "192.0.2.1";
 
 /// A plan with its restore input rendered whole, as the tests read it.
 struct Planned {
-    #[allow(dead_code)]
     plan: Plan,
     restore: String,
 }
@@ -850,6 +849,44 @@ fn detect_local_by_interface() {
         let r = rules.tracer([NODE_IP.parse().unwrap()]).trace(&from_outside).unwrap();
         assert_eq!(r.masquerade(), Some(true), "{}", r.explain());
     }
+}
+
+#[test]
+fn partial_plans_count_the_rules_a_full_plan_counts() {
+    // A partial plan keeps running sums instead of walking every Service: after any series
+    // of changes (and a refused one rolled back) they must agree with a fresh full plan.
+    let mut store = store(&basic());
+    let mut planner = Planner::new();
+    let first = store.snapshot();
+    planner.plan_text(&first.desired, &first.changes, &config(), None);
+    planner.commit();
+    let counts = |p: &Plan| (p.filter_rules, p.nat_rules, p.no_local_endpoints);
+    let steps = [
+        slice("empty", "http", 8080, &["10.244.2.2"]),
+        slice("web", "http", 8080, &["10.244.2.2"]),
+        slice("web", "http", 8080, &[]),
+        slice("web", "http", 8080, &["10.244.1.2", "10.244.2.2", "10.244.3.2"]),
+    ];
+    for (i, yaml) in steps.iter().enumerate() {
+        let s: EndpointSlice = serde_yaml::from_str(yaml).unwrap();
+        assert!(store.apply_slice(&s));
+        let snap = store.snapshot();
+        if i == 1 {
+            planner.plan_text(&snap.desired, &snap.changes, &config(), None);
+            planner.rollback();
+        }
+        let partial = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
+        planner.commit();
+        let full = Planner::new().plan_text(&snap.desired, &ChangeSet::full(), &config(), None);
+        assert_eq!(counts(&partial.plan), counts(&full.plan), "after step {i}");
+    }
+    let web_svc: Service =
+        serde_yaml::from_str(&svc("web", "{clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}")).unwrap();
+    store.delete_service(&web_svc);
+    let snap = store.snapshot();
+    let partial = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
+    let full = Planner::new().plan_text(&snap.desired, &ChangeSet::full(), &config(), None);
+    assert_eq!(counts(&partial.plan), counts(&full.plan), "after the delete");
 }
 
 #[test]
