@@ -135,11 +135,16 @@ impl Dataplane for IptablesProxier {
         Box::pin(async move {
             let started = std::time::Instant::now();
             let cfg = render_config(&self.cfg, desired).await?;
+            // Only a full sync looks at the kernel (one iptables-save per table, read as it
+            // prints): partial syncs know from the planner what they wrote. The tools start
+            // before planning, so that they load the tables while kproxy renders.
+            let read = match self.planner.plans_full(changes, &cfg) {
+                true => Some(self.tools.start_kernel_read()?),
+                false => None,
+            };
             let plan = self.planner.plan(desired, changes, &cfg);
             let planned = started.elapsed();
-            // Only a full sync looks at the kernel (one iptables-save per table, read as it
-            // prints): partial syncs know from the planner what they wrote.
-            if plan.full {
+            if let Some(read) = read {
                 let kernel = {
                     // The set of wanted chains is built only if the kernel shows one of
                     // kproxy's nat chains: on a node's first start it has none.
@@ -149,7 +154,7 @@ impl Dataplane for IptablesProxier {
                         let wanted = wanted.get_or_insert_with(|| planner.wanted_nat_chains());
                         !wanted.contains(&plan::ChainName::new(chain))
                     };
-                    self.tools.kernel_state(stray).await
+                    self.tools.kernel_state(read, stray).await
                 };
                 match kernel {
                     Ok(kernel) => self.planner.adopt_kernel(&kernel),

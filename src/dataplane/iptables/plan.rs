@@ -341,12 +341,10 @@ impl Planner {
         let previous_stale = std::mem::take(&mut self.fixed_stale);
         let mut nat_written = 0;
         if full {
-            let mut services = BTreeMap::new();
+            let services = commit_all(desired, cfg);
             let mut totals = Totals::default();
-            for (key, state) in &desired.services {
-                let committed = Committed::of(&render_service(state, &desired.node, cfg));
-                totals.add(&committed, 1);
-                services.insert(key.clone(), committed);
+            for committed in services.values() {
+                totals.add(committed, 1);
             }
             nat_written += totals.chain_rules;
             self.totals = totals;
@@ -607,6 +605,35 @@ impl Planner {
         self.undo = None;
         self.pending = Pending::default();
     }
+}
+
+/// Every Service rendered and recorded, for a full plan. iptables-restore cannot start before
+/// every chain is known (each is declared before any rule), so this pass is the part of a full
+/// sync that nothing overlaps: it is split over the machine's cores (at most four).
+fn commit_all(desired: &DesiredState, cfg: &RenderConfig) -> BTreeMap<ServiceKey, Committed> {
+    let node = &desired.node;
+    let commit = |part: &[(&ServiceKey, &ServiceState)]| -> Vec<(ServiceKey, Committed)> {
+        part.iter()
+            .map(|(key, state)| ((*key).clone(), Committed::of(&render_service(state, node, cfg))))
+            .collect()
+    };
+    let all: Vec<(&ServiceKey, &ServiceState)> = desired.services.iter().map(|(k, s)| (k, &**s)).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+    if threads < 2 || all.len() < 1000 {
+        return commit(&all).into_iter().collect();
+    }
+    let parts: Vec<Vec<(ServiceKey, Committed)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = all
+            .chunks(all.len().div_ceil(threads))
+            .map(|part| scope.spawn(move || commit(part)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
+    });
+    // In key order already: the map is built in bulk.
+    parts.into_iter().flatten().collect()
 }
 
 /// Every fixed chain, by (table, chain), in the order they are written.
