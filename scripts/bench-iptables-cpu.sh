@@ -5,9 +5,11 @@
 # (iptables-restore, iptables-save) from /proc/PID/stat, at the end of the first sync and
 # around the change. Takes the binaries as arguments (no build), so it can run beside a build.
 # Prints one line; writes nothing. Never run by the tests. KP_ENV=VAR=VALUE sets an environment
-# variable for kproxy (e.g. MIMALLOC_PURGE_DELAY=0).
+# variable for kproxy (e.g. MIMALLOC_PURGE_DELAY=0). CHANGES=N adds N more single changes and
+# prints the p50 / p99 of their latency and CPU (BENCHMARKS.md's one-change percentiles);
+# KPROXY_LOG=FILE keeps kproxy's log.
 #
-# usage: sudo scripts/bench-iptables-cpu.sh KPROXY INTEGRATION_TEST_BINARY SERVICES
+# usage: sudo [CHANGES=N] scripts/bench-iptables-cpu.sh KPROXY INTEGRATION_TEST_BINARY SERVICES
 set -u
 kproxy=$1; fakeapi=$2; n=$3; endpoints=10
 [ "$(id -u)" = 0 ] || { echo "bench-iptables-cpu.sh: needs root" >&2; exit 1; }
@@ -32,28 +34,56 @@ read -r u s cu cs <<<"$(awk '{print $14, $15, $16, $17}' /proc/"$pid"/stat)"
 full=$(metric kubeproxy_sync_full_proxy_rules_duration_seconds_sum)
 sleep 10
 steady=$(awk '/VmRSS/{print $2}' /proc/"$pid"/status); peak=$(awk '/VmHWM/{print $2}' /proc/"$pid"/status)
-last=$((n - 1)); now=$(date -u +%Y-%m-%dT%H:%M:%S.%6NZ)
-python3 - "$n" "$endpoints" "$now" > "$work/slice.json" <<'PY'
+last=$((n - 1))
+# One EndpointSlice change: the last Service's slice with endpoint 0 moved to 10.254.K.1 (a new
+# KPROXY-SEP chain, one deleted, the Service's KPROXY-SVC chain rewritten). Waits until the
+# network-programming metric shows it; prints "programmed_s wall_s kproxy_cpu_s tools_cpu_s".
+change() {
+  local k=$1 now b c u0 s0 cu0 cs0 u1 s1 cu1 cs1 t0 t1
+  now=$(date -u +%Y-%m-%dT%H:%M:%S.%6NZ)
+  python3 - "$n" "$endpoints" "$now" "$k" > "$work/slice.json" <<'PY'
 import sys, json
-n, m, now = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+n, m, now, k = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 i = n - 1
+addr = lambda j: f"10.254.{k % 250}.1" if j == 0 else f"10.255.{j}.{1 + j}"
 print(json.dumps({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
     "metadata": {"name": f"svc-{i}-ep", "namespace": f"ns-{i % 10}", "labels": {"kubernetes.io/service-name": f"svc-{i}"},
                  "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": now}},
     "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-    "endpoints": [{"addresses": [f"10.255.{j}.{1 + j}"], "conditions": {"ready": True}, "nodeName": "node-0"} for j in range(m)]}))
+    "endpoints": [{"addresses": [addr(j)], "conditions": {"ready": True}, "nodeName": "node-0"} for j in range(m)]}))
 PY
-b=$(metric kubeproxy_network_programming_duration_seconds_sum); c=$(metric kubeproxy_network_programming_duration_seconds_count)
-read -r u0 s0 cu0 cs0 <<<"$(awk '{print $14, $15, $16, $17}' /proc/"$pid"/stat)"
-ip netns exec "$ns" curl -sf -o /dev/null -X PUT -H 'Content-Type: application/json' --data @"$work/slice.json" \
-  "http://127.0.0.1:6443/apis/discovery.k8s.io/v1/namespaces/ns-$((last % 10))/endpointslices/svc-$last-ep"
-until [ "$(metric kubeproxy_network_programming_duration_seconds_count)" != "$c" ]; do sleep 0.1; done
-read -r u1 s1 cu1 cs1 <<<"$(awk '{print $14, $15, $16, $17}' /proc/"$pid"/stat)"
-prog=$(echo "$(metric kubeproxy_network_programming_duration_seconds_sum) - $b" | bc)
-PATH="$tools:$PATH" ip netns exec "$ns" iptables-save -t nat | grep -q '10.255.0.1:8080' || echo "CHANGE NOT IN KERNEL"
+  b=$(metric kubeproxy_network_programming_duration_seconds_sum); c=$(metric kubeproxy_network_programming_duration_seconds_count)
+  read -r u0 s0 cu0 cs0 <<<"$(awk '{print $14, $15, $16, $17}' /proc/"$pid"/stat)"
+  t0=$(date +%s.%N)
+  ip netns exec "$ns" curl -sf -o /dev/null -X PUT -H 'Content-Type: application/json' --data @"$work/slice.json" \
+    "http://127.0.0.1:6443/apis/discovery.k8s.io/v1/namespaces/ns-$((last % 10))/endpointslices/svc-$last-ep"
+  until [ "$(metric kubeproxy_network_programming_duration_seconds_count)" != "$c" ]; do sleep 0.05; done
+  t1=$(date +%s.%N)
+  read -r u1 s1 cu1 cs1 <<<"$(awk '{print $14, $15, $16, $17}' /proc/"$pid"/stat)"
+  echo "$(echo "$(metric kubeproxy_network_programming_duration_seconds_sum) - $b" | bc) $(echo "$t1 - $t0" | bc)" \
+    "$(echo "($u1+$s1-$u0-$s0)/$hz" | bc -l)" "$(echo "($cu1+$cs1-$cu0-$cs0)/$hz" | bc -l)"
+}
+read -r prog _ kcpu tcpu <<<"$(change 0)"
+PATH="$tools:$PATH" ip netns exec "$ns" iptables-save -t nat | grep -q '10.254.0.1:8080' || echo "CHANGE NOT IN KERNEL"
 printf "legacy n=%s start_to_rules=%.2fs full_sync=%.3fs peak=%dMiB steady=%dMiB change=%.3fs | first sync CPU: kproxy %.2f s, tools %.2f s | change CPU: kproxy %.2f s, tools %.2f s | load %s\n" \
   "$n" "$to_rules" "$full" $((peak / 1024)) $((steady / 1024)) "$prog" "$(echo "($u+$s)/$hz" | bc -l)" \
-  "$(echo "($cu+$cs)/$hz" | bc -l)" "$(echo "($u1+$s1-$u0-$s0)/$hz" | bc -l)" "$(echo "($cu1+$cs1-$cu0-$cs0)/$hz" | bc -l)" \
-  "$(cut -d' ' -f1 /proc/loadavg)"
+  "$(echo "($cu+$cs)/$hz" | bc -l)" "$kcpu" "$tcpu" "$(cut -d' ' -f1 /proc/loadavg)"
+# CHANGES=N: N more changes, one at a time (a pause between them so that no two share a
+# sync), and the percentiles of each column (nearest rank: with 20 samples p99 is the worst).
+if [ "${CHANGES:-0}" -gt 0 ]; then
+  for k in $(seq 1 "$CHANGES"); do change "$k" >> "$work/changes.txt"; sleep "${CHANGE_PAUSE:-1.5}"; done
+  PATH="$tools:$PATH" ip netns exec "$ns" iptables-save -t nat | grep -q "10.254.$((CHANGES % 250)).1:8080" || echo "LAST CHANGE NOT IN KERNEL"
+  python3 - "$work/changes.txt" "$(cut -d' ' -f1 /proc/loadavg)" <<'PY'
+import sys, math
+rows = [list(map(float, l.split())) for l in open(sys.argv[1]) if l.strip()]
+def pct(col, p):
+    v = sorted(r[col] for r in rows)
+    return v[max(0, math.ceil(p / 100 * len(v)) - 1)]
+names = ["trigger to kernel (metric)", "write to metric seen (wall)", "kproxy CPU", "tools CPU"]
+print(f"{len(rows)} changes, load {sys.argv[2]}: " + "; ".join(
+    f"{name} p50 {pct(i, 50):.3f} / p99 {pct(i, 99):.3f} / max {max(r[i] for r in rows):.3f} s" for i, name in enumerate(names)))
+PY
+fi
 echo "syncs failed: $(grep -c "sync failed" "$work/kproxy.log")"
+[ -z "${KPROXY_LOG:-}" ] || cp "$work/kproxy.log" "$KPROXY_LOG"
 kill "$pid"; wait "$pid" 2>/dev/null; kill "$api_pid"; wait "$api_pid" 2>/dev/null; ip netns del "$ns"; rm -rf "$work"

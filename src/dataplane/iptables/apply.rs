@@ -137,14 +137,24 @@ impl Tools {
         Ok(chains)
     }
 
-    /// What a full sync needs to know of the kernel: kproxy's nat chains for which `stray`
-    /// holds (to delete them), and which jumps from the built-in chains are in place (to add
-    /// the missing ones). iptables-save's output is read a line at a time and only those
-    /// facts are kept: at 10,000 Services the nat table prints as 50 MB.
-    pub async fn kernel_state(&self, stray: impl Fn(&str) -> bool) -> Result<KernelState> {
-        let mut state = KernelState::default();
+    /// Starts the iptables-save runs a full sync reads ([`Tools::kernel_state`]), one per
+    /// table, so that they load the tables from the kernel while kproxy plans.
+    pub fn start_kernel_read(&self) -> Result<KernelRead> {
+        let mut saves = Vec::new();
         for table in ["filter", "nat"] {
-            self.save_lines(table, |line| {
+            saves.push((table, self.spawn_save(table)?));
+        }
+        Ok(KernelRead { saves })
+    }
+
+    /// What a full sync needs to know of the kernel, from the runs `read` started: kproxy's
+    /// nat chains for which `stray` holds (to delete them), and which jumps from the built-in
+    /// chains are in place (to add the missing ones). iptables-save's output is read a line at
+    /// a time and only those facts are kept: at 10,000 Services the nat table prints as 50 MB.
+    pub async fn kernel_state(&self, read: KernelRead, mut stray: impl FnMut(&str) -> bool) -> Result<KernelState> {
+        let mut state = KernelState::default();
+        for (table, child) in read.saves {
+            self.read_save(table, child, |line| {
                 if table == "nat" {
                     if let Some(chain) = chain_of_line(line) {
                         if stray(chain) {
@@ -163,15 +173,23 @@ impl Tools {
     }
 
     /// Runs iptables-save for `table` and hands each line of its output to `each`.
-    async fn save_lines(&self, table: &str, mut each: impl FnMut(&str)) -> Result<()> {
-        let mut child = Command::new(self.save)
+    async fn save_lines(&self, table: &str, each: impl FnMut(&str)) -> Result<()> {
+        let child = self.spawn_save(table)?;
+        self.read_save(table, child, each).await
+    }
+
+    fn spawn_save(&self, table: &str) -> Result<tokio::process::Child> {
+        Command::new(self.save)
             .args(["-t", table])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| spawn_error(self.save, source))?;
+            .map_err(|source| spawn_error(self.save, source))
+    }
+
+    async fn read_save(&self, table: &str, mut child: tokio::process::Child, mut each: impl FnMut(&str)) -> Result<()> {
         let read_error = |e: std::io::Error| DataplaneError::Command {
             command: format!("{} -t {table}", self.save),
             message: format!("reading its output: {e}"),
@@ -270,6 +288,13 @@ impl Tools {
         }
         self.restore_text(&input).await
     }
+}
+
+/// iptables-save runs started by [`Tools::start_kernel_read`], one per table, in the order
+/// they are read.
+#[derive(Debug)]
+pub struct KernelRead {
+    saves: Vec<(&'static str, tokio::process::Child)>,
 }
 
 /// How much of a restore input is written to the tool's stdin at a time.

@@ -133,14 +133,28 @@ impl Dataplane for IptablesProxier {
 
     fn sync<'a>(&'a mut self, desired: &'a DesiredState, changes: &'a ChangeSet) -> BoxFuture<'a, Result<SyncStats>> {
         Box::pin(async move {
+            let started = std::time::Instant::now();
             let cfg = render_config(&self.cfg, desired).await?;
-            let plan = self.planner.plan(desired, changes, &cfg);
             // Only a full sync looks at the kernel (one iptables-save per table, read as it
-            // prints): partial syncs know from the planner what they wrote.
-            if plan.full {
+            // prints): partial syncs know from the planner what they wrote. The tools start
+            // before planning, so that they load the tables while kproxy renders.
+            let read = match self.planner.plans_full(changes, &cfg) {
+                true => Some(self.tools.start_kernel_read()?),
+                false => None,
+            };
+            let plan = self.planner.plan(desired, changes, &cfg);
+            let planned = started.elapsed();
+            if let Some(read) = read {
                 let kernel = {
-                    let wanted = self.planner.wanted_nat_chains();
-                    self.tools.kernel_state(|chain| !wanted.contains(chain)).await
+                    // The set of wanted chains is built only if the kernel shows one of
+                    // kproxy's nat chains: on a node's first start it has none.
+                    let planner = &self.planner;
+                    let mut wanted = None;
+                    let stray = |chain: &str| {
+                        let wanted = wanted.get_or_insert_with(|| planner.wanted_nat_chains());
+                        !wanted.contains(&plan::ChainName::new(chain))
+                    };
+                    self.tools.kernel_state(read, stray).await
                 };
                 match kernel {
                     Ok(kernel) => self.planner.adopt_kernel(&kernel),
@@ -150,6 +164,7 @@ impl Dataplane for IptablesProxier {
                     }
                 }
             }
+            let kernel_read = started.elapsed();
             if tracing::enabled!(tracing::Level::TRACE) {
                 let input = self.planner.restore_input(desired).into_string();
                 tracing::trace!(family = ?self.cfg.family, "iptables-restore input:\n{input}");
@@ -171,6 +186,16 @@ impl Dataplane for IptablesProxier {
                 }
             }
             self.planner.commit();
+            let restored = started.elapsed();
+            tracing::debug!(
+                family = ?self.cfg.family,
+                full = plan.full,
+                rules_written = plan.rules_written,
+                plan_ms = planned.as_millis() as u64,
+                kernel_read_ms = (kernel_read - planned).as_millis() as u64,
+                restore_ms = (restored - kernel_read).as_millis() as u64,
+                "iptables sync steps"
+            );
             if plan.full {
                 // Put the canary back (or there for the first time) now that every rule is.
                 if let Err(e) = self.tools.ensure_canary().await {

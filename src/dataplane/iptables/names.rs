@@ -150,19 +150,65 @@ fn port_proto_hash(input: &str) -> String {
     base32_prefix(&digest[..10])
 }
 
+const BASE32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+
 /// RFC 4648 base32 of exactly 10 bytes: 16 characters, no padding needed.
 fn base32_prefix(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let mut out = String::with_capacity(16);
     for chunk in bytes.chunks(5) {
         let mut buf = [0u8; 5];
         buf[..chunk.len()].copy_from_slice(chunk);
         let bits = buf.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
         for i in (0..8).rev() {
-            out.push(char::from(ALPHABET[((bits >> (i * 5)) & 31) as usize]));
+            out.push(char::from(BASE32[((bits >> (i * 5)) & 31) as usize]));
         }
     }
     out
+}
+
+/// The kinds of generated chain, in the order [`pack`] numbers them.
+const GENERATED: [&str; 5] = ["SVC", "SVL", "EXT", "FW", "SEP"];
+
+/// A generated chain name (`KPROXY-KIND-` and 16 base32 characters) as 11 bytes: its kind and
+/// the 10 bytes of hash the characters spell. `None` for any other name. A large cluster
+/// keeps a hundred thousand of these between syncs, and the 28-byte text is what [`unpack`]
+/// gives back.
+pub fn pack(name: &str) -> Option<[u8; 11]> {
+    let rest = name.strip_prefix(PREFIX)?;
+    let (kind, hash) = rest.split_once('-')?;
+    let kind = GENERATED.iter().position(|k| *k == kind)?;
+    if hash.len() != 16 {
+        return None;
+    }
+    let mut out = [0u8; 11];
+    out[0] = kind as u8;
+    for (i, chunk) in hash.as_bytes().chunks(8).enumerate() {
+        let mut bits = 0u64;
+        for c in chunk {
+            let v = BASE32.iter().position(|b| b == c)?;
+            bits = (bits << 5) | v as u64;
+        }
+        out[1 + i * 5..6 + i * 5].copy_from_slice(&bits.to_be_bytes()[3..]);
+    }
+    Some(out)
+}
+
+/// The name [`pack`] packed, written into `out`; its length.
+pub fn unpack(packed: &[u8; 11], out: &mut [u8; MAX_CHAIN_LEN]) -> usize {
+    let kind = GENERATED[usize::from(packed[0]).min(GENERATED.len() - 1)];
+    let mut len = 0;
+    for b in PREFIX.bytes().chain(kind.bytes()).chain(std::iter::once(b'-')) {
+        out[len] = b;
+        len += 1;
+    }
+    for chunk in packed[1..].chunks(5) {
+        let bits = chunk.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+        for i in (0..8).rev() {
+            out[len] = BASE32[((bits >> (i * 5)) & 31) as usize];
+            len += 1;
+        }
+    }
+    len
 }
 
 fn service_hash(name: &ServicePortName) -> String {
@@ -240,6 +286,30 @@ mod tests {
             ..name.clone()
         };
         assert_ne!(svc_chain(&name), svc_chain(&udp));
+    }
+
+    #[test]
+    fn generated_names_pack_and_unpack() {
+        let name = ServicePortName {
+            service: ServiceKey::new("ns", "svc"),
+            port: "http".into(),
+            protocol: Protocol::Tcp,
+        };
+        for chain in [svc_chain(&name), svl_chain(&name), ext_chain(&name), fw_chain(&name)] {
+            let packed = pack(&chain).expect("a generated name packs");
+            let mut out = [0u8; MAX_CHAIN_LEN];
+            let len = unpack(&packed, &mut out);
+            assert_eq!(std::str::from_utf8(&out[..len]).unwrap(), chain);
+        }
+        for other in [
+            SERVICES,
+            MARK_MASQ,
+            "KPROXY-SEP-SHORT",
+            "KPROXY-SEP-abcdefghijklmnop",
+            "KUBE-SVC-AAAAAAAAAAAAAAAA",
+        ] {
+            assert_eq!(pack(other), None, "{other}");
+        }
     }
 
     #[test]

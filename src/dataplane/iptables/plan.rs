@@ -52,13 +52,13 @@ pub struct Plan {
 /// large cluster has a hundred thousand of them (one allocation each would be most of the
 /// planner's memory).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct ChainName {
+pub struct ChainName {
     bytes: [u8; names::MAX_CHAIN_LEN],
     len: u8,
 }
 
 impl ChainName {
-    fn new(name: &str) -> ChainName {
+    pub fn new(name: &str) -> ChainName {
         debug_assert!(name.len() <= names::MAX_CHAIN_LEN, "{name}");
         let len = name.len().min(names::MAX_CHAIN_LEN);
         let mut bytes = [0; names::MAX_CHAIN_LEN];
@@ -66,9 +66,27 @@ impl ChainName {
         ChainName { bytes, len: len as u8 }
     }
 
-    fn as_str(&self) -> &str {
+    fn unpack(packed: &[u8; 11]) -> ChainName {
+        let mut bytes = [0; names::MAX_CHAIN_LEN];
+        let len = names::unpack(packed, &mut bytes);
+        ChainName { bytes, len: len as u8 }
+    }
+
+    pub fn as_str(&self) -> &str {
         // Built from a &str cut at a length every (ASCII) chain name fits in.
         std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl PartialOrd for ChainName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ChainName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
     }
 }
 
@@ -78,12 +96,56 @@ impl std::fmt::Debug for ChainName {
     }
 }
 
-/// One of a Service's own nat chains as last written.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct ChainDigest {
-    name: ChainName,
-    /// Hash of the chain's rules: an unchanged chain is not rewritten by a partial sync.
-    hash: u64,
+/// A Service's own nat chains as last written, each its name and a hash of its rules (an
+/// unchanged chain is not rewritten by a partial sync), in one allocation: a generated name as
+/// [`names::pack`] packs it (a kind byte and 10 bytes), any other as [`RAW`], its length and
+/// its bytes; then the hash's 8 bytes. 19 bytes a chain, where name and hash side by side
+/// took 40, and a large cluster has a hundred thousand chains.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct ChainDigests(Box<[u8]>);
+
+/// The kind byte of a name [`names::pack`] does not pack (none that kproxy generates).
+const RAW: u8 = 0xff;
+
+impl ChainDigests {
+    fn of<'c>(chains: impl Iterator<Item = (&'c str, u64)>) -> ChainDigests {
+        let mut out = Vec::new();
+        for (name, hash) in chains {
+            match names::pack(name) {
+                Some(packed) => out.extend_from_slice(&packed),
+                None => {
+                    let name = ChainName::new(name);
+                    out.push(RAW);
+                    out.push(name.len);
+                    out.extend_from_slice(name.as_str().as_bytes());
+                }
+            }
+            out.extend_from_slice(&hash.to_le_bytes());
+        }
+        ChainDigests(out.into_boxed_slice())
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (ChainName, u64)> + '_ {
+        let mut rest: &[u8] = &self.0;
+        std::iter::from_fn(move || {
+            let (&kind, after) = rest.split_first()?;
+            let (name, after) = if kind == RAW {
+                let (&len, after) = after.split_first()?;
+                let (text, after) = after.split_at_checked(usize::from(len))?;
+                (ChainName::new(std::str::from_utf8(text).ok()?), after)
+            } else {
+                let (packed, _) = rest.split_first_chunk::<11>()?;
+                (ChainName::unpack(packed), &rest[11..])
+            };
+            let (hash, after) = after.split_first_chunk::<8>()?;
+            rest = after;
+            Some((name, u64::from_le_bytes(*hash)))
+        })
+    }
+
+    fn names(&self) -> impl Iterator<Item = ChainName> + '_ {
+        self.iter().map(|(name, _)| name)
+    }
 }
 
 /// What the planner remembers of one Service.
@@ -97,10 +159,10 @@ struct Committed {
     nat_services: Box<str>,
     nat_nodeports: Box<str>,
     filter: Box<str>,
-    chains: Box<[ChainDigest]>,
+    chains: ChainDigests,
     /// Rules in its own chains.
-    chain_rules: usize,
-    no_local: (usize, usize),
+    chain_rules: u32,
+    no_local: (u32, u32),
 }
 
 impl Committed {
@@ -117,21 +179,72 @@ impl Committed {
             nat_services: join(|p| &p.nat_services),
             nat_nodeports: join(|p| &p.nat_nodeports),
             filter: join(|p| &p.filter),
-            chains: ports
-                .iter()
-                .flat_map(|p| &p.nat_chains)
-                .map(|c| ChainDigest {
-                    name: ChainName::new(&c.name),
-                    hash: hash_of(&c.rules),
-                })
-                .collect(),
-            chain_rules: ports.iter().flat_map(|p| &p.nat_chains).map(|c| c.len).sum(),
+            chains: ChainDigests::of(
+                ports
+                    .iter()
+                    .flat_map(|p| &p.nat_chains)
+                    .map(|c| (c.name.as_str(), hash_of(&c.rules))),
+            ),
+            chain_rules: ports.iter().flat_map(|p| &p.nat_chains).map(|c| c.len as u32).sum(),
             no_local: ports.iter().fold((0, 0), |(i, e), p| {
-                (
-                    i + usize::from(p.no_local_internal),
-                    e + usize::from(p.no_local_external),
-                )
+                (i + u32::from(p.no_local_internal), e + u32::from(p.no_local_external))
             }),
+        }
+    }
+}
+
+/// Running sums over every Service the planner remembers, so that a partial sync's counts
+/// cost what its Services do, not what the table does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Totals {
+    chain_rules: usize,
+    nat_services: usize,
+    nat_nodeports: usize,
+    /// Service lines of each filter chain, by position in [`names::FILTER_CHAINS`].
+    filter: [usize; names::FILTER_CHAINS.len()],
+    no_local: (usize, usize),
+}
+
+impl Totals {
+    fn add(&mut self, c: &Committed, sign: isize) {
+        let apply = |total: &mut usize, n: usize| *total = total.wrapping_add_signed(sign * n as isize);
+        apply(&mut self.chain_rules, c.chain_rules as usize);
+        apply(&mut self.nat_services, c.nat_services.lines().count());
+        apply(&mut self.nat_nodeports, c.nat_nodeports.lines().count());
+        for line in c.filter.lines() {
+            if let Some(i) = names::FILTER_CHAINS.iter().position(|f| *f == chain_of(line)) {
+                apply(&mut self.filter[i], 1);
+            }
+        }
+        apply(&mut self.no_local.0, c.no_local.0 as usize);
+        apply(&mut self.no_local.1, c.no_local.1 as usize);
+    }
+}
+
+/// The chain an `-A CHAIN ...` line appends to.
+fn chain_of(rule: &str) -> &str {
+    rule.split(' ').nth(1).unwrap_or_default()
+}
+
+/// Adds to `out` the fixed chains whose lines differ between a Service's old and new record.
+fn changed_fixed_chains(
+    old: Option<&Committed>,
+    new: Option<&Committed>,
+    out: &mut BTreeSet<(&'static str, &'static str)>,
+) {
+    if old.map_or("", |c| &*c.nat_services) != new.map_or("", |c| &*c.nat_services) {
+        out.insert(("nat", names::SERVICES));
+    }
+    if old.map_or("", |c| &*c.nat_nodeports) != new.map_or("", |c| &*c.nat_nodeports) {
+        out.insert(("nat", names::NODEPORTS));
+    }
+    let (before, after) = (old.map_or("", |c| &*c.filter), new.map_or("", |c| &*c.filter));
+    if before != after {
+        for &chain in names::FILTER_CHAINS {
+            let lines_before = before.lines().filter(|l| chain_of(l) == chain);
+            if !lines_before.eq(after.lines().filter(|l| chain_of(l) == chain)) {
+                out.insert(("filter", chain));
+            }
         }
     }
 }
@@ -147,6 +260,7 @@ fn hash_of(text: &str) -> u64 {
 struct Undo {
     services: Replaced,
     config: Option<RenderConfig>,
+    totals: Totals,
 }
 
 /// What a plan replaced in the planner's map of Services.
@@ -179,7 +293,7 @@ struct Pending {
     /// Which of [`names::JUMPS`] to insert.
     jumps: Vec<usize>,
     /// The fixed chains to write, by (table, chain).
-    fixed: Vec<(&'static str, &'static str)>,
+    fixed: BTreeSet<(&'static str, &'static str)>,
     fixed_filter: Vec<String>,
     fixed_nat: Vec<String>,
     nodeport_jump: Vec<String>,
@@ -191,8 +305,10 @@ struct Pending {
 pub struct Planner {
     services: BTreeMap<ServiceKey, Committed>,
     config: Option<RenderConfig>,
-    /// Hash of each fixed chain's rules as last written, by (table, chain).
-    fixed: BTreeMap<(&'static str, &'static str), u64>,
+    totals: Totals,
+    /// The fixed chains may not hold what was last planned (a refused input may have been
+    /// committed in one table and not the other): the next plan writes every one of them.
+    fixed_stale: bool,
     undo: Option<Undo>,
     pending: Pending,
 }
@@ -211,8 +327,9 @@ impl Planner {
     /// every chain and puts in the jumps from the built-in chains; [`Planner::adopt_kernel`]
     /// then narrows the jumps to the missing ones and adds kproxy's stray chains to delete.
     /// A partial sync writes the changed Services' chains that differ from what was written,
-    /// deletes the chains they no longer have, and rewrites a dispatch chain only if its rules
-    /// changed.
+    /// deletes the chains they no longer have, and rewrites a dispatch chain only if the
+    /// changed Services' lines of it changed: its cost follows the changed Services, and the
+    /// size of the table only when a dispatch chain must be written whole.
     pub fn plan(&mut self, desired: &DesiredState, changes: &ChangeSet, cfg: &RenderConfig) -> Plan {
         let full = self.plans_full(changes, cfg);
         let previous_config = self.config.replace(cfg.clone());
@@ -220,18 +337,22 @@ impl Planner {
             full,
             ..Pending::default()
         };
+        let previous_totals = self.totals;
+        let previous_stale = std::mem::take(&mut self.fixed_stale);
         let mut nat_written = 0;
         if full {
-            let mut services = BTreeMap::new();
-            for (key, state) in &desired.services {
-                let committed = Committed::of(&render_service(state, &desired.node, cfg));
-                nat_written += committed.chain_rules;
-                services.insert(key.clone(), committed);
+            let services = commit_all(desired, cfg);
+            let mut totals = Totals::default();
+            for committed in services.values() {
+                totals.add(committed, 1);
             }
+            nat_written += totals.chain_rules;
+            self.totals = totals;
             let previous = std::mem::replace(&mut self.services, services);
             self.undo = Some(Undo {
                 services: Replaced::All(previous),
                 config: previous_config,
+                totals: previous_totals,
             });
             pending.jumps = (0..names::JUMPS.len()).collect();
         } else {
@@ -240,19 +361,16 @@ impl Planner {
                 let old = self.services.remove(key);
                 let now = desired.services.get(key).map(|state| {
                     let ports = render_service(state, &desired.node, cfg);
-                    let old_hashes: BTreeMap<&str, u64> = old
-                        .iter()
-                        .flat_map(|o| o.chains.iter())
-                        .map(|c| (c.name.as_str(), c.hash))
-                        .collect();
+                    let old_hashes: BTreeMap<ChainName, u64> = old.iter().flat_map(|o| o.chains.iter()).collect();
                     let mut changed = ChangedChains {
                         service: key.clone(),
                         names: Vec::new(),
                         rules: String::new(),
                     };
                     for chain in ports.iter().flat_map(|p| &p.nat_chains) {
-                        if old_hashes.get(chain.name.as_str()) != Some(&hash_of(&chain.rules)) {
-                            changed.names.push(ChainName::new(&chain.name));
+                        let name = ChainName::new(&chain.name);
+                        if old_hashes.get(&name) != Some(&hash_of(&chain.rules)) {
+                            changed.names.push(name);
                             if chain.len > 0 {
                                 changed.rules.push_str(&chain.rules);
                                 changed.rules.push('\n');
@@ -265,20 +383,19 @@ impl Planner {
                     }
                     Committed::of(&ports)
                 });
+                changed_fixed_chains(old.as_ref(), now.as_ref(), &mut pending.fixed);
                 if let Some(old) = &old {
-                    let kept: HashSet<&str> = now
-                        .iter()
-                        .flat_map(|n| n.chains.iter())
-                        .map(|c| c.name.as_str())
-                        .collect();
+                    self.totals.add(old, -1);
+                    let kept: HashSet<ChainName> = now.iter().flat_map(|n| n.chains.names()).collect();
                     pending.delete.extend(
                         old.chains
-                            .iter()
-                            .filter(|c| !kept.contains(c.name.as_str()))
-                            .map(|c| c.name.as_str().to_string()),
+                            .names()
+                            .filter(|c| !kept.contains(c))
+                            .map(|c| c.as_str().to_string()),
                     );
                 }
                 if let Some(now) = now {
+                    self.totals.add(&now, 1);
                     self.services.insert(key.clone(), now);
                 }
                 undo.push((key.clone(), old));
@@ -286,36 +403,46 @@ impl Planner {
             self.undo = Some(Undo {
                 services: Replaced::Some(undo),
                 config: previous_config,
+                totals: previous_totals,
             });
         }
 
+        let (fixed_filter, fixed_nat) = render_fixed(cfg);
+        let nodeport_jump = render_nodeport_jump(cfg);
+        if full || previous_stale {
+            pending.fixed.extend(all_fixed_chains());
+        }
+        let t = &self.totals;
+        let fixed_lines = |chain: &str, lines: &[String]| lines.iter().filter(|r| chain_of(r) == chain).count();
         let mut plan = Plan {
             full,
             ..Plan::default()
         };
-        let (fixed_filter, fixed_nat) = render_fixed(cfg);
-        let nodeport_jump = render_nodeport_jump(cfg);
         let mut filter_written = 0;
-        for (table, chain, lines) in fixed_chain_lines(&self.services, &fixed_filter, &fixed_nat, &nodeport_jump) {
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            lines.hash(&mut hasher);
-            let hash = hasher.finish();
-            let unchanged = self.fixed.insert((table, chain), hash) == Some(hash);
+        for (table, chain) in all_fixed_chains() {
+            let lines = match (table, chain) {
+                ("filter", _) => {
+                    let i = names::FILTER_CHAINS
+                        .iter()
+                        .position(|c| *c == chain)
+                        .unwrap_or_default();
+                    fixed_lines(chain, &fixed_filter) + t.filter[i]
+                }
+                (_, names::SERVICES) => t.nat_services + nodeport_jump.len(),
+                (_, names::NODEPORTS) => t.nat_nodeports,
+                _ => fixed_lines(chain, &fixed_nat),
+            };
             let (total, written) = match table {
                 "filter" => (&mut plan.filter_rules, &mut filter_written),
                 _ => (&mut plan.nat_rules, &mut nat_written),
             };
-            *total += lines.len();
-            if full || !unchanged {
-                *written += lines.len();
-                pending.fixed.push((table, chain));
+            *total += lines;
+            if pending.fixed.contains(&(table, chain)) {
+                *written += lines;
             }
         }
-        for s in self.services.values() {
-            plan.nat_rules += s.chain_rules;
-            plan.no_local_endpoints.0 += s.no_local.0;
-            plan.no_local_endpoints.1 += s.no_local.1;
-        }
+        plan.nat_rules += t.chain_rules;
+        plan.no_local_endpoints = t.no_local;
         plan.rules_written = filter_written + nat_written;
         plan.written = (filter_written, nat_written);
         plan.empty = !full && pending.changed.is_empty() && pending.delete.is_empty() && pending.fixed.is_empty();
@@ -327,12 +454,12 @@ impl Planner {
     }
 
     /// Every nat chain the last plan leaves in place: what a full sync must not delete.
-    pub fn wanted_nat_chains(&self) -> HashSet<&str> {
+    pub fn wanted_nat_chains(&self) -> HashSet<ChainName> {
         self.services
             .values()
-            .flat_map(|s| s.chains.iter().map(|c| c.name.as_str()))
-            .chain(names::NAT_CHAINS.iter().copied())
-            .chain(names::FILTER_CHAINS.iter().copied())
+            .flat_map(|s| s.chains.names())
+            .chain(names::NAT_CHAINS.iter().map(|c| ChainName::new(c)))
+            .chain(names::FILTER_CHAINS.iter().map(|c| ChainName::new(c)))
             .collect()
     }
 
@@ -352,7 +479,7 @@ impl Planner {
         let delete = kernel
             .nat_chains
             .iter()
-            .filter(|c| c.starts_with(names::PREFIX) && !wanted.contains(c.as_str()))
+            .filter(|c| c.starts_with(names::PREFIX) && !wanted.contains(&ChainName::new(c)))
             .cloned()
             .collect();
         self.pending.delete = delete;
@@ -367,13 +494,10 @@ impl Planner {
         let p = &self.pending;
         let mut filter_chains = Vec::new();
         let mut nat_chains = Vec::new();
-        for (table, chain, lines) in fixed_chain_lines(&self.services, &p.fixed_filter, &p.fixed_nat, &p.nodeport_jump)
-        {
-            if p.fixed.contains(&(table, chain)) {
-                match table {
-                    "filter" => filter_chains.push((chain, lines)),
-                    _ => nat_chains.push((chain, lines)),
-                }
+        for (table, chain, lines) in fixed_chain_lines(&self.services, p) {
+            match table {
+                "filter" => filter_chains.push((chain, lines)),
+                _ => nat_chains.push((chain, lines)),
             }
         }
         let jumps = |table: &'static str| -> Vec<Piece<'a>> {
@@ -388,7 +512,7 @@ impl Planner {
 
         let filter_jumps = jumps("filter");
         if !filter_chains.is_empty() || !filter_jumps.is_empty() {
-            let declared = filter_chains.iter().map(|(c, _)| *c);
+            let declared = filter_chains.iter().map(|(c, _)| ChainName::new(c));
             parts.push(table_head("filter", declared.collect()));
             parts.push(Box::new(
                 filter_chains
@@ -401,19 +525,13 @@ impl Planner {
 
         let nat_jumps = jumps("nat");
         if p.full || !p.changed.is_empty() || !nat_chains.is_empty() || !p.delete.is_empty() || !nat_jumps.is_empty() {
-            let mut declared: Vec<&'a str> = if p.full {
-                self.services
-                    .values()
-                    .flat_map(|s| s.chains.iter().map(|c| c.name.as_str()))
-                    .collect()
+            let mut declared: Vec<ChainName> = if p.full {
+                self.services.values().flat_map(|s| s.chains.names()).collect()
             } else {
-                p.changed
-                    .iter()
-                    .flat_map(|c| c.names.iter().map(ChainName::as_str))
-                    .collect()
+                p.changed.iter().flat_map(|c| c.names.iter().copied()).collect()
             };
-            declared.extend(nat_chains.iter().map(|(c, _)| *c));
-            declared.extend(p.delete.iter().map(String::as_str));
+            declared.extend(nat_chains.iter().map(|(c, _)| ChainName::new(c)));
+            declared.extend(p.delete.iter().map(|c| ChainName::new(c)));
             parts.push(table_head("nat", declared));
             if p.full {
                 let node = &desired.node;
@@ -470,15 +588,16 @@ impl Planner {
             }
         }
         self.config = undo.config;
-        self.fixed.clear();
+        self.totals = undo.totals;
+        self.fixed_stale = true;
     }
 
     /// Whether nat KPROXY-SERVICES holds rules as last committed (any Service's, or the jump to
     /// KPROXY-NODEPORTS that ends it): an empty one in the kernel then means someone flushed it.
     pub fn expects_nat_services_rules(&self) -> bool {
-        self.config.as_ref().is_some_and(|cfg| {
-            !render_nodeport_jump(cfg).is_empty() || self.services.values().any(|s| !s.nat_services.is_empty())
-        })
+        self.config
+            .as_ref()
+            .is_some_and(|cfg| !render_nodeport_jump(cfg).is_empty() || self.totals.nat_services > 0)
     }
 
     /// The last plan was applied: drop what [`Planner::rollback`] would need.
@@ -488,45 +607,73 @@ impl Planner {
     }
 }
 
-/// Each fixed chain's lines, in the order they are written: kproxy's own rules and every
-/// Service's lines of that chain.
+/// Every Service rendered and recorded, for a full plan. iptables-restore cannot start before
+/// every chain is known (each is declared before any rule), so this pass is the part of a full
+/// sync that nothing overlaps: it is split over the machine's cores (at most four).
+fn commit_all(desired: &DesiredState, cfg: &RenderConfig) -> BTreeMap<ServiceKey, Committed> {
+    let node = &desired.node;
+    let commit = |part: &[(&ServiceKey, &ServiceState)]| -> Vec<(ServiceKey, Committed)> {
+        part.iter()
+            .map(|(key, state)| ((*key).clone(), Committed::of(&render_service(state, node, cfg))))
+            .collect()
+    };
+    let all: Vec<(&ServiceKey, &ServiceState)> = desired.services.iter().map(|(k, s)| (k, &**s)).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+    if threads < 2 || all.len() < 1000 {
+        return commit(&all).into_iter().collect();
+    }
+    let parts: Vec<Vec<(ServiceKey, Committed)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = all
+            .chunks(all.len().div_ceil(threads))
+            .map(|part| scope.spawn(move || commit(part)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
+    });
+    // In key order already: the map is built in bulk.
+    parts.into_iter().flatten().collect()
+}
+
+/// Every fixed chain, by (table, chain), in the order they are written.
+fn all_fixed_chains() -> impl Iterator<Item = (&'static str, &'static str)> {
+    let filter = names::FILTER_CHAINS.iter().map(|&c| ("filter", c));
+    filter.chain(names::NAT_CHAINS.iter().map(|&c| ("nat", c)))
+}
+
+/// The lines of each fixed chain `pending` writes, in the order they are written: kproxy's own
+/// rules and every Service's lines of that chain. Only the chains written are walked.
 fn fixed_chain_lines<'a>(
     services: &'a BTreeMap<ServiceKey, Committed>,
-    fixed_filter: &'a [String],
-    fixed_nat: &'a [String],
-    nodeport_jump: &'a [String],
+    pending: &'a Pending,
 ) -> Vec<(&'static str, &'static str, Vec<&'a str>)> {
-    let chain_of = |rule: &str| rule.split(' ').nth(1).unwrap_or_default().to_string();
-    let filter_lines: Vec<&str> = services.values().flat_map(|s| s.filter.lines()).collect();
-    let mut chains: Vec<(&'static str, &'static str, Vec<&str>)> = names::FILTER_CHAINS
-        .iter()
-        .map(|&chain| {
-            let lines = fixed_filter
-                .iter()
-                .map(String::as_str)
-                .chain(filter_lines.iter().copied())
-                .filter(|r| chain_of(r) == chain)
-                .collect();
-            ("filter", chain, lines)
+    let fixed = |lines: &'a [String], chain: &'static str| {
+        lines.iter().map(String::as_str).filter(move |r| chain_of(r) == chain)
+    };
+    all_fixed_chains()
+        .filter(|key| pending.fixed.contains(key))
+        .map(|(table, chain)| {
+            let lines: Vec<&str> = match (table, chain) {
+                ("filter", _) => fixed(&pending.fixed_filter, chain)
+                    .chain(
+                        services
+                            .values()
+                            .flat_map(|s| s.filter.lines())
+                            .filter(|r| chain_of(r) == chain),
+                    )
+                    .collect(),
+                (_, names::SERVICES) => services
+                    .values()
+                    .flat_map(|s| s.nat_services.lines())
+                    .chain(pending.nodeport_jump.iter().map(String::as_str))
+                    .collect(),
+                (_, names::NODEPORTS) => services.values().flat_map(|s| s.nat_nodeports.lines()).collect(),
+                _ => fixed(&pending.fixed_nat, chain).collect(),
+            };
+            (table, chain, lines)
         })
-        .collect();
-    for &chain in names::NAT_CHAINS {
-        let lines: Vec<&str> = match chain {
-            names::SERVICES => services
-                .values()
-                .flat_map(|s| s.nat_services.lines())
-                .chain(nodeport_jump.iter().map(String::as_str))
-                .collect(),
-            names::NODEPORTS => services.values().flat_map(|s| s.nat_nodeports.lines()).collect(),
-            _ => fixed_nat
-                .iter()
-                .map(String::as_str)
-                .filter(|r| chain_of(r) == chain)
-                .collect(),
-        };
-        chains.push(("nat", chain, lines));
-    }
-    chains
+        .collect()
 }
 
 /// `*table` and its chain declarations.
@@ -540,15 +687,17 @@ fn fixed_chain_lines<'a>(
 /// newest first, that it searches for each rule's jump target, so the chain declared last
 /// is found first. Same rules, same tables: a third less CPU for iptables-restore at
 /// 10,000 Services (BENCHMARKS.md). Declaring a chain under `--noflush` creates or flushes it.
-fn table_head<'a>(table: &'static str, mut chains: Vec<&'a str>) -> Pieces<'a> {
-    chains.sort_unstable_by_key(|c| (*c == names::MARK_MASQ, *c));
+fn table_head<'a>(table: &'static str, mut chains: Vec<ChainName>) -> Pieces<'a> {
+    chains.sort_unstable_by(|a, b| {
+        (a.as_str() == names::MARK_MASQ, a.as_str()).cmp(&(b.as_str() == names::MARK_MASQ, b.as_str()))
+    });
     chains.dedup();
     let head = std::iter::once(Piece::owned(None, format!("*{table}\n")));
     Box::new(
         head.chain(
             chains
                 .into_iter()
-                .map(|c| Piece::owned(None, format!(":{c} - [0:0]\n"))),
+                .map(|c| Piece::owned(None, format!(":{} - [0:0]\n", c.as_str()))),
         ),
     )
 }

@@ -17,7 +17,6 @@ const NODE_IP: &str = "192.0.2.1";
 
 /// A plan with its restore input rendered whole, as the tests read it.
 struct Planned {
-    #[allow(dead_code)]
     plan: Plan,
     restore: String,
 }
@@ -850,6 +849,95 @@ fn detect_local_by_interface() {
         let r = rules.tracer([NODE_IP.parse().unwrap()]).trace(&from_outside).unwrap();
         assert_eq!(r.masquerade(), Some(true), "{}", r.explain());
     }
+}
+
+#[test]
+fn a_full_plan_of_many_services_rendered_on_several_threads_routes_each_and_records_each() {
+    // Above 1000 Services the full plan renders on several threads; the record it builds
+    // must still be the one a partial plan compares against.
+    let n = 1200;
+    let docs: Vec<String> = (0..n)
+        .flat_map(|i| {
+            let name = format!("svc-{i}");
+            let spec = format!(
+                "{{clusterIP: 10.96.{}.{}, ports: [{{name: http, port: 80}}]}}",
+                i / 250,
+                i % 250 + 1
+            );
+            let eps = [
+                format!("10.244.{}.{}", i / 250, i % 250 + 1),
+                format!("10.245.{}.{}", i / 250, i % 250 + 1),
+            ];
+            [svc(&name, &spec), slice(&name, "http", 8080, &[&eps[0], &eps[1]])]
+        })
+        .collect();
+    let mut store = store(&docs.join("\n---\n"));
+    let first = store.snapshot();
+    let mut planner = Planner::new();
+    let full = planner.plan_text(&first.desired, &first.changes, &config(), None);
+    planner.commit();
+    // Four fixed rules, the jump to KPROXY-NODEPORTS; per Service its dispatch rule, its
+    // chain (masquerade and two endpoints) and two endpoint chains of two rules.
+    assert_eq!(full.plan.nat_rules, 5 + n * (1 + 3 + 2 * 2), "{:?}", full.plan);
+    let rules = Ruleset::parse(&full.restore).unwrap();
+    for i in [0, n / 2, n - 1] {
+        let want = format!("10.244.{0}.{1}:8080, 10.245.{0}.{1}:8080", i / 250, i % 250 + 1);
+        let dst = format!("10.96.{}.{}:80", i / 250, i % 250 + 1);
+        check(&rules, Origin::Remote, "10.244.200.5", &dst, &want, Some(false));
+    }
+    // One endpoint of the last Service changes: only its Service chain and the new endpoint's
+    // chain are written, and the old endpoint's is declared (flushed) and deleted.
+    let last = format!("svc-{}", n - 1);
+    let s: EndpointSlice = serde_yaml::from_str(&slice(&last, "http", 8080, &["10.244.4.200", "10.246.0.1"])).unwrap();
+    assert!(store.apply_slice(&s));
+    let snap = store.snapshot();
+    let plan = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
+    assert_eq!(declared(&plan.restore, "nat").len(), 3, "{}", plan.restore);
+    assert_eq!(
+        plan.restore.lines().filter(|l| l.starts_with("-X ")).count(),
+        1,
+        "{}",
+        plan.restore
+    );
+    assert!(!plan.restore.contains("*filter"), "{}", plan.restore);
+}
+
+#[test]
+fn partial_plans_count_the_rules_a_full_plan_counts() {
+    // A partial plan keeps running sums instead of walking every Service: after any series
+    // of changes (and a refused one rolled back) they must agree with a fresh full plan.
+    let mut store = store(&basic());
+    let mut planner = Planner::new();
+    let first = store.snapshot();
+    planner.plan_text(&first.desired, &first.changes, &config(), None);
+    planner.commit();
+    let counts = |p: &Plan| (p.filter_rules, p.nat_rules, p.no_local_endpoints);
+    let steps = [
+        slice("empty", "http", 8080, &["10.244.2.2"]),
+        slice("web", "http", 8080, &["10.244.2.2"]),
+        slice("web", "http", 8080, &[]),
+        slice("web", "http", 8080, &["10.244.1.2", "10.244.2.2", "10.244.3.2"]),
+    ];
+    for (i, yaml) in steps.iter().enumerate() {
+        let s: EndpointSlice = serde_yaml::from_str(yaml).unwrap();
+        assert!(store.apply_slice(&s));
+        let snap = store.snapshot();
+        if i == 1 {
+            planner.plan_text(&snap.desired, &snap.changes, &config(), None);
+            planner.rollback();
+        }
+        let partial = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
+        planner.commit();
+        let full = Planner::new().plan_text(&snap.desired, &ChangeSet::full(), &config(), None);
+        assert_eq!(counts(&partial.plan), counts(&full.plan), "after step {i}");
+    }
+    let web_svc: Service =
+        serde_yaml::from_str(&svc("web", "{clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}")).unwrap();
+    store.delete_service(&web_svc);
+    let snap = store.snapshot();
+    let partial = planner.plan_text(&snap.desired, &snap.changes, &config(), None);
+    let full = Planner::new().plan_text(&snap.desired, &ChangeSet::full(), &config(), None);
+    assert_eq!(counts(&partial.plan), counts(&full.plan), "after the delete");
 }
 
 #[test]

@@ -120,7 +120,7 @@ pub async fn prepare_kernel(cfg: &IpvsConfig) -> Result<String> {
 fn plan_config(cfg: &ProxierConfig, node_addresses: &BTreeSet<IpAddr>, desired: &DesiredState) -> PlanConfig {
     PlanConfig {
         family: cfg.family,
-        scheduler: cfg.ipvs.scheduler.clone(),
+        scheduler: cfg.ipvs.scheduler.as_str().into(),
         nodeport_addresses: plan::nodeport_addresses(&cfg.nodeport_addresses, node_addresses, &desired.node)
             .into_iter()
             .filter(|ip| IpFamily::of(ip) == cfg.family)

@@ -110,7 +110,7 @@ impl std::fmt::Display for VsKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VirtualService {
     pub key: VsKey,
-    pub scheduler: String,
+    pub scheduler: std::sync::Arc<str>,
     /// `IP_VS_SVC_F_*`, without the kernel-owned hashed bit.
     pub flags: u32,
     /// Persistence timeout in seconds (meaningful with [`SVC_F_PERSISTENT`]).
@@ -540,8 +540,8 @@ pub fn decode_service(attrs_buf: &[u8]) -> Result<Option<VirtualService>, Decode
         port: get_port(svc, svc_attr::PORT)?,
     };
     let scheduler = find(svc, svc_attr::SCHED_NAME)
-        .map(|p| String::from_utf8_lossy(p.split(|b| *b == 0).next().unwrap_or_default()).into_owned())
-        .unwrap_or_default();
+        .map(|p| String::from_utf8_lossy(p.split(|b| *b == 0).next().unwrap_or_default()).into())
+        .unwrap_or_else(|| "".into());
     let flags = get_u32(svc, svc_attr::FLAGS, "IPVS_SVC_ATTR_FLAGS")? & !SVC_F_HASHED;
     let timeout = get_u32(svc, svc_attr::TIMEOUT, "IPVS_SVC_ATTR_TIMEOUT")?;
     Ok(Some(VirtualService {

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -20,7 +21,8 @@ use crate::model::{DesiredState, Endpoint, IpFamily, NodeInfo, Protocol, Service
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanConfig {
     pub family: IpFamily,
-    pub scheduler: String,
+    /// Shared by every virtual service planned with it.
+    pub scheduler: Arc<str>,
     /// The local addresses NodePorts are served on, resolved for this sync.
     pub nodeport_addresses: Vec<IpAddr>,
     /// Virtual services on these addresses are never touched.
@@ -43,7 +45,7 @@ pub enum Traffic {
 pub struct DesiredVs {
     pub service: VirtualService,
     /// Real servers by (address, port), with their weights.
-    pub servers: BTreeMap<(IpAddr, u16), u32>,
+    pub servers: Servers,
     /// The Service it implements.
     pub owner: ServiceKey,
     pub traffic: Traffic,
@@ -56,6 +58,63 @@ pub struct DesiredVs {
     /// `loadBalancerSourceRanges` on a LoadBalancer IP: only these sources may connect.
     /// Empty: anyone may.
     pub source_ranges: Vec<IpNet>,
+}
+
+/// The real servers of one virtual service by (address, port), with their weights: sorted, in
+/// one allocation. The record of a full sync keeps one per virtual service (10,000 at 10,000
+/// Services); a B-tree map allocates a node sized for 11 entries apart from the map, and looks
+/// no faster at ten.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Servers(Box<[((IpAddr, u16), u32)]>);
+
+type ServerEntry = ((IpAddr, u16), u32);
+
+impl Servers {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn contains_key(&self, key: &(IpAddr, u16)) -> bool {
+        self.0.binary_search_by(|(k, _)| k.cmp(key)).is_ok()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &(IpAddr, u16)> {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&(IpAddr, u16), &u32)> {
+        self.0.iter().map(|(k, w)| (k, w))
+    }
+}
+
+/// As a map collects: sorted by key, the last weight given for a key wins.
+impl FromIterator<ServerEntry> for Servers {
+    fn from_iter<I: IntoIterator<Item = ServerEntry>>(iter: I) -> Self {
+        let mut v: Vec<ServerEntry> = iter.into_iter().collect();
+        // Stable: equal keys keep their order, and the last of each run is kept.
+        v.sort_by_key(|(k, _)| *k);
+        let mut out: Vec<ServerEntry> = Vec::with_capacity(v.len());
+        for e in v {
+            match out.last_mut() {
+                Some(last) if last.0 == e.0 => *last = e,
+                _ => out.push(e),
+            }
+        }
+        Servers(out.into_boxed_slice())
+    }
+}
+
+impl<'a> IntoIterator for &'a Servers {
+    type Item = (&'a (IpAddr, u16), &'a u32);
+    type IntoIter = std::iter::Map<std::slice::Iter<'a, ServerEntry>, fn(&'a ServerEntry) -> Self::Item>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, w)| (k, w))
+    }
 }
 
 /// Everything IPVS mode wants in the kernel for one family. After a successful sync the
@@ -172,7 +231,7 @@ pub fn plan_service(owner: &ServiceKey, state: &ServiceState, node: &NodeInfo, c
     for p in &state.ports {
         let sp = &p.port;
         let sets = categorize_endpoints(&p.endpoints, sp, &node.name, node.zone.as_deref());
-        let servers = |eps: &[&Endpoint]| -> BTreeMap<(IpAddr, u16), u32> {
+        let servers = |eps: &[&Endpoint]| -> Servers {
             eps.iter()
                 .filter(|e| IpFamily::of(&e.ip) == cfg.family)
                 .map(|e| ((e.ip, e.port), 1))

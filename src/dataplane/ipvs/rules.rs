@@ -272,7 +272,6 @@ mod tests {
     use crate::dataplane::ipvs::netlink::{VirtualService, VsKey};
     use crate::dataplane::ipvs::plan::DesiredVs;
     use crate::model::{Protocol, ServiceKey};
-    use std::collections::BTreeMap;
 
     fn vs(addr: &str, port: u16, traffic: Traffic, servers: &[&str], has_any: bool, bound: bool) -> (VsKey, DesiredVs) {
         let key = VsKey {
@@ -280,7 +279,8 @@ mod tests {
             protocol: Protocol::Tcp,
             port,
         };
-        let servers: BTreeMap<(IpAddr, u16), u32> = servers.iter().map(|s| ((s.parse().unwrap(), 8080), 1)).collect();
+        let servers: crate::dataplane::ipvs::plan::Servers =
+            servers.iter().map(|s| ((s.parse().unwrap(), 8080), 1)).collect();
         (
             key,
             DesiredVs {
