@@ -1022,15 +1022,26 @@ fn a_streamed_cold_start_commits_what_was_planned() {
                 assert!(applied.transactions > 10, "step 0 is many batches: {applied:?}");
             }
             if i == 1 {
-                assert!(applied.writes > 0 && applied.writes < 10, "step 1 is one Service's change: {applied:?}");
+                assert!(
+                    applied.writes > 0 && applied.writes < 10,
+                    "step 1 is one Service's change: {applied:?}"
+                );
             }
             let (listed, _, snapshot) = read_table(&mut kernel.sock, kernel.table).unwrap();
             assert!(snapshot);
             assert!(
-                planner.state.chains.values().flat_map(|c| &c.rules).all(|r| r.handle != 0),
+                planner
+                    .state
+                    .chains
+                    .values()
+                    .flat_map(|c| &c.rules)
+                    .all(|r| r.handle != 0),
                 "step {i}: every rule's handle is recorded"
             );
-            assert!(listed == planner.state, "step {i}: the kernel does not hold what was committed");
+            assert!(
+                listed == planner.state,
+                "step {i}: the kernel does not hold what was committed"
+            );
         }
         let listing = nft(&["list", "ruleset"]);
         assert!(listing.contains("10.244.6.3 . 10.244.6.3"), "{listing}");
