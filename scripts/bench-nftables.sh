@@ -20,6 +20,7 @@
 # usage: sudo scripts/bench-nftables.sh [SIZES] [CHANGES]     (default: "1000 5000 10000" 100)
 #        WRITERS="netlink nft-f": also measure the nft -f writer again (default: its rows
 #        already in BENCHMARKS.md are kept, and plotted);
+#        PREVIOUS=LABEL: the rows of the measured writer's previous run are kept, labelled LABEL;
 #        AFFINITY=1 ...: every Service with sessionAffinity ClientIP (a set per endpoint); its
 #        own section of BENCHMARKS.md and its own plot. AFFINITY=0.1: every tenth Service
 #        (not the changed ones), in that section too.
@@ -398,9 +399,11 @@ if begin in text:
         if len(cells) < 6 or not cells[0].replace(",", "").isdigit():
             continue
         if cells[1] in measured and len(cells) == 10:
-            # Round 2's netlink writer (a chain per Service), kept to show the layout's gain.
-            line = line.replace(f"| {cells[1]} |", f"| {cells[1]} (round 2) |", 1)
-            cells[1] += " (round 2)"
+            # The previous run of the same writer, kept under the label PREVIOUS names, to show
+            # the gain of what changed since.
+            prev = os.environ.get("PREVIOUS", "round 3 before the pipelined cold start")
+            line = line.replace(f"| {cells[1]} |", f"| {cells[1]} ({prev}) |", 1)
+            cells[1] += f" ({prev})"
         elif cells[1] in measured:
             if len(cells) != 8:
                 continue
@@ -419,7 +422,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 fig, ax = plt.subplots(figsize=(7, 4.2))
-for label, style in [("netlink", "-o"), ("netlink (round 2)", "-.v"), ("netlink (round 1)", "-.^"), ("nft -f", "--s")]:
+previous = "netlink (" + os.environ.get("PREVIOUS", "round 3 before the pipelined cold start") + ")"
+for label, style in [("netlink", "-o"), (previous, "-.d"), ("netlink (round 2)", "-.v"), ("netlink (round 1)", "-.^"), ("nft -f", "--s")]:
     rs = sorted([r for r in rows + kept if r["writer"] == label], key=lambda r: r["n"])
     xs = [r["n"] for r in rs]
     ax.plot(xs, [r["a_src"][1] for r in rs], style, label=f"{label}: p99")
@@ -456,7 +460,7 @@ for r in sorted(rows, key=lambda r: r["n"]):
 kept10 = [k for k in kept if k["line"].count("|") == 11]
 kept = [k for k in kept if k["line"].count("|") != 11]
 if kept10:
-    lines += ["", "Kept from the previous run of this script (round 2's layout, a chain per Service):", "", lines[4], lines[5]]
+    lines += ["", "Kept from the previous runs of this script (each labelled by what it measured; round 2: a chain per Service):", "", lines[4], lines[5]]
     lines += [k["line"] for k in sorted(kept10, key=lambda k: k["n"])]
 if kept:
     lines += ["", "Kept from an earlier run of this script (other columns: first full sync, source -> kernel, file -> kernel, with resyncs, CPU, memory):", "",

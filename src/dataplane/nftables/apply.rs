@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use super::command::{fixed_set_kind, CommandText};
 use super::names;
 use super::netlink::{self, decode_chain, decode_elements, decode_rule, decode_set, msg, Dump, Table};
-use super::plan::{data_hash, hash_of, ChainState, Hash, Owner, Plan, Planner, RuleState, TableState, Unit};
+use super::plan::{data_hash, hash_of, ChainState, Hash, Owner, Plan, Planner, RuleState, Sink, TableState, Unit};
 use super::socket::{errno_text, BatchError, NftSocket};
 use crate::dataplane::{DataplaneError, Result};
 use crate::model::IpFamily;
@@ -112,12 +112,162 @@ pub struct Applied {
 /// must read the table back ([`read_table`]) before planning again.
 pub fn apply_plan(kernel: &mut Kernel, planner: &mut Planner, plan: &Plan) -> Result<Applied> {
     let mut applied = Applied::default();
+    let sent = send_units(kernel, &plan.units);
+    record(planner, &plan.units, &sent, &mut applied)?;
+    match sent.error {
+        Some(e) => Err(e),
+        None => Ok(applied),
+    }
+}
+
+/// How the planner hands a batch of units over ([`super::plan::Sink`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handoff {
+    /// More batches follow: the batch may still be on its way to the kernel when the sink
+    /// returns, while the planner plans the next one.
+    Async,
+    /// The sink returns only when this batch and every earlier one is committed and their
+    /// echoed handles are recorded in the planner: the last batch of a sync, and any batch
+    /// before a Service is planned a second time in the same sync (its rules' handles may be
+    /// in flight).
+    Wait,
+}
+
+/// Applies the batches `plan` hands to its sink, in order, and in bounded transactions as
+/// [`apply_plan`] does. While the planner plans batch N+1, a writer thread sends batch N (the
+/// kernel does its work in that thread's `sendmsg`), so a cold start costs about the larger of
+/// kproxy's and the kernel's share, not their sum. The thread is started by the first
+/// [`Handoff::Async`] batch only: a sync of one batch (a partial sync) runs here, as before.
+/// Each transaction is still whole or refused whole; after an error no later batch is sent,
+/// and the caller must read the table back.
+pub fn apply_streamed(
+    kernel: &mut Kernel,
+    planner: &mut Planner,
+    plan: impl FnOnce(&mut Planner, &mut Sink<'_, DataplaneError>) -> Result<()>,
+) -> Result<Applied> {
+    std::thread::scope(|scope| {
+        let mut writer = Writer {
+            scope,
+            kernel: Some(kernel),
+            thread: None,
+            applied: Applied::default(),
+        };
+        let planned = plan(planner, &mut |p: &mut Planner, units: Vec<Unit>, handoff: Handoff| {
+            writer.hand(p, units, handoff)
+        });
+        let finished = writer.finish(planner);
+        planned?;
+        finished?;
+        Ok(writer.applied)
+    })
+}
+
+/// A batch sent on the writer thread, and what the kernel answered.
+type Done = (Vec<Unit>, Sent);
+
+/// The writer thread of [`apply_streamed`]: batches in, answers out, one in flight at most.
+struct WriterThread {
+    jobs: std::sync::mpsc::Sender<Vec<Unit>>,
+    done: std::sync::mpsc::Receiver<Done>,
+    in_flight: bool,
+}
+
+struct Writer<'scope, 'env: 'scope, 'k> {
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    /// Here until the first asynchronous batch moves it to the writer thread.
+    kernel: Option<&'k mut Kernel>,
+    thread: Option<WriterThread>,
+    applied: Applied,
+}
+
+impl<'scope, 'env, 'k: 'scope> Writer<'scope, 'env, 'k> {
+    fn hand(&mut self, planner: &mut Planner, units: Vec<Unit>, handoff: Handoff) -> Result<()> {
+        self.finish(planner)?;
+        if handoff == Handoff::Async && self.thread.is_none() {
+            self.start();
+        }
+        match (&mut self.thread, self.kernel.as_deref_mut()) {
+            (Some(t), _) => {
+                if t.jobs.send(units).is_err() {
+                    return Err(DataplaneError::Netlink("the nftables writer thread is gone".into()));
+                }
+                t.in_flight = true;
+                if handoff == Handoff::Wait {
+                    self.finish(planner)?;
+                }
+                Ok(())
+            }
+            (None, Some(kernel)) => {
+                let sent = send_units(kernel, &units);
+                self.record(planner, (units, sent))
+            }
+            (None, None) => Err(DataplaneError::Netlink("no nftables writer".into())),
+        }
+    }
+
+    /// Waits for the batch in flight, if any, and records what the kernel answered.
+    fn finish(&mut self, planner: &mut Planner) -> Result<()> {
+        let Some(t) = self.thread.as_mut().filter(|t| t.in_flight) else {
+            return Ok(());
+        };
+        t.in_flight = false;
+        match t.done.recv() {
+            Ok(done) => self.record(planner, done),
+            Err(_) => Err(DataplaneError::Netlink("the nftables writer thread stopped".into())),
+        }
+    }
+
+    fn record(&mut self, planner: &mut Planner, (units, sent): Done) -> Result<()> {
+        record(planner, &units, &sent, &mut self.applied)?;
+        match sent.error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn start(&mut self) {
+        let Some(kernel) = self.kernel.take() else { return };
+        let (jobs, job_rx) = std::sync::mpsc::channel::<Vec<Unit>>();
+        let (done_tx, done) = std::sync::mpsc::channel::<Done>();
+        let span = tracing::Span::current();
+        self.scope.spawn(move || {
+            let _span = span.enter();
+            for units in job_rx {
+                let sent = send_units(kernel, &units);
+                let failed = sent.error.is_some();
+                if done_tx.send((units, sent)).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        self.thread = Some(WriterThread {
+            jobs,
+            done,
+            in_flight: false,
+        });
+    }
+}
+
+/// What the kernel answered to a run of units: the handles echoed for each committed unit
+/// (the first `handles.len()` units were committed, in transactions of their own), and the
+/// error that stopped the rest.
+#[derive(Debug, Default)]
+pub struct Sent {
+    pub handles: Vec<Vec<Option<u64>>>,
+    pub transactions: usize,
+    pub error: Option<DataplaneError>,
+}
+
+/// Sends `units` in bounded transactions, in order, and stops at the first that fails. Needs
+/// no planner, so that it can run on a thread of its own while the next units are planned.
+pub fn send_units(kernel: &mut Kernel, units: &[Unit]) -> Sent {
+    let mut sent = Sent::default();
     let mut start = 0;
-    while start < plan.units.len() {
+    while start < units.len() {
         let mut end = start;
         let (mut requests, mut writes) = (0, 0);
-        while end < plan.units.len() {
-            let u = &plan.units[end];
+        while end < units.len() {
+            let u = &units[end];
             let w: usize = u.commands.iter().map(|(_, c)| c.writes()).sum();
             if end > start && (requests + u.commands.len() > MAX_REQUESTS || writes + w > MAX_WRITES) {
                 break;
@@ -126,13 +276,39 @@ pub fn apply_plan(kernel: &mut Kernel, planner: &mut Planner, plan: &Plan) -> Re
             writes += w;
             end += 1;
         }
-        apply_transaction(kernel, planner, &plan.units[start..end], &mut applied)?;
+        match send_transaction(kernel, &units[start..end]) {
+            Ok(handles) => {
+                sent.handles.extend(handles);
+                sent.transactions += 1;
+            }
+            Err(e) => {
+                sent.error = Some(e);
+                break;
+            }
+        }
         start = end;
     }
-    Ok(applied)
+    sent
 }
 
-fn apply_transaction(kernel: &mut Kernel, planner: &mut Planner, units: &[Unit], applied: &mut Applied) -> Result<()> {
+/// Records in `planner` the handles the kernel echoed for the committed units of `sent`.
+pub fn record(planner: &mut Planner, units: &[Unit], sent: &Sent, applied: &mut Applied) -> Result<()> {
+    for (unit, handles) in units.iter().zip(&sent.handles) {
+        if !planner.commit(unit, handles) {
+            return Err(DataplaneError::Netlink(format!(
+                "the kernel did not echo every new rule of {}",
+                unit.owner
+            )));
+        }
+        applied.owners.insert(unit.owner.clone());
+        applied.writes += unit.commands.iter().map(|(_, c)| c.writes()).sum::<usize>();
+    }
+    applied.transactions += sent.transactions;
+    Ok(())
+}
+
+/// Sends `units` as one transaction; the handles echoed for each unit's commands.
+fn send_transaction(kernel: &mut Kernel, units: &[Unit]) -> Result<Vec<Vec<Option<u64>>>> {
     // Every unit's commands, ordered by section across units (stable within one).
     let mut order: Vec<(usize, usize)> = Vec::new();
     for (u, unit) in units.iter().enumerate() {
@@ -199,18 +375,7 @@ fn apply_transaction(kernel: &mut Kernel, planner: &mut Planner, units: &[Unit],
     for (i, &(u, c)) in order.iter().enumerate() {
         handles[u][c] = committed.handles.get(i).copied().flatten();
     }
-    for (u, unit) in units.iter().enumerate() {
-        if !planner.commit(unit, &handles[u]) {
-            return Err(DataplaneError::Netlink(format!(
-                "the kernel did not echo every new rule of {}",
-                unit.owner
-            )));
-        }
-        applied.owners.insert(unit.owner.clone());
-        applied.writes += unit.commands.iter().map(|(_, c)| c.writes()).sum::<usize>();
-    }
-    applied.transactions += 1;
-    Ok(())
+    Ok(handles)
 }
 
 /// The generations kproxy's own commits made, to both families' tables (the last few).

@@ -250,10 +250,17 @@ impl fmt::Display for CommandText<'_> {
     }
 }
 
-/// The set kind of one of kproxy's fixed sets, by name.
+/// The set kind of one of kproxy's fixed sets, by name. Asked for every element of a listing
+/// (and of a cold start's stray search): the declarations are made once, not per question.
 pub fn fixed_set_kind(name: &str) -> Option<SetKind> {
-    super::render::fixed_sets()
-        .into_iter()
-        .find(|d| d.name == name)
-        .map(|d| d.kind)
+    static KINDS: std::sync::OnceLock<std::collections::HashMap<String, SetKind>> = std::sync::OnceLock::new();
+    KINDS
+        .get_or_init(|| {
+            super::render::fixed_sets()
+                .into_iter()
+                .map(|d| (d.name, d.kind))
+                .collect()
+        })
+        .get(name)
+        .copied()
 }

@@ -141,26 +141,27 @@ impl NftablesProxier {
             kernel.generation = generation;
             inner.recover = false;
         }
-        // Planned and applied in batches: a cold start never holds its whole plan.
-        let mut applied = apply::Applied::default();
-        let mut apply_batch = |planner: &mut Planner, units: Vec<plan::Unit>| -> Result<()> {
-            let plan = plan::Plan { units };
-            if tracing::enabled!(tracing::Level::TRACE) {
-                tracing::trace!(?family, "transaction:\n{}", apply::plan_text(&plan, family));
+        // Planned and applied in batches: a cold start never holds its whole plan, and the
+        // kernel commits one batch while the next is planned.
+        let trace = tracing::enabled!(tracing::Level::TRACE);
+        let applied = apply::apply_streamed(kernel, &mut inner.planner, |planner, sink| {
+            let mut traced = |p: &mut plan::Planner, units: Vec<plan::Unit>, handoff| {
+                if trace {
+                    let plan = plan::Plan { units };
+                    tracing::trace!(?family, "transaction:\n{}", apply::plan_text(&plan, family));
+                    return sink(p, plan.units, handoff);
+                }
+                sink(p, units, handoff)
+            };
+            planner.plan_streamed(desired, changes, cfg, apply::MAX_WRITES - 256, &mut traced)
+        });
+        let applied = match applied {
+            Ok(a) => a,
+            Err(e) => {
+                inner.recover = true;
+                return Err(e);
             }
-            let a = apply_plan(kernel, planner, &plan)?;
-            applied.writes += a.writes;
-            applied.transactions += a.transactions;
-            applied.owners.extend(a.owners);
-            Ok(())
         };
-        let planned = inner
-            .planner
-            .plan_streamed(desired, changes, cfg, apply::MAX_WRITES - 256, &mut apply_batch);
-        if let Err(e) = planned {
-            inner.recover = true;
-            return Err(e);
-        }
         if let Some(t) = inner.touched.as_mut() {
             t.extend(applied.owners.iter().cloned());
         }

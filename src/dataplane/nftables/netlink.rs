@@ -360,7 +360,19 @@ impl Request {
 /// (`NFT_MSG_NEWGEN`) only to a batch whose first message does.
 pub fn encode_batch<'a>(genid: u32, first_seq: u32, requests: impl IntoIterator<Item = &'a Request>) -> Vec<u8> {
     let mut buf = Vec::with_capacity(4096);
-    let mut w = Writer { buf: &mut buf };
+    encode_batch_into(&mut buf, genid, first_seq, requests);
+    buf
+}
+
+/// [`encode_batch`] into `buf` (cleared first), so that a writer reuses one buffer.
+pub fn encode_batch_into<'a>(
+    buf: &mut Vec<u8>,
+    genid: u32,
+    first_seq: u32,
+    requests: impl IntoIterator<Item = &'a Request>,
+) {
+    buf.clear();
+    let mut w = Writer { buf };
     // The batch messages carry the subsystem in res_id, in network order.
     let s = w.begin_message(
         MSG_BATCH_BEGIN,
@@ -379,10 +391,9 @@ pub fn encode_batch<'a>(genid: u32, first_seq: u32, requests: impl IntoIterator<
         r.encode_with(seq, echo, w.buf);
         seq = seq.wrapping_add(1);
     }
-    let mut w = Writer { buf: &mut buf };
+    let mut w = Writer { buf };
     let s = w.begin_message(MSG_BATCH_END, NLM_F_REQUEST, seq, 0, SUBSYS_NFTABLES);
     w.end_message(s);
-    buf
 }
 
 /// `NFT_MSG_GETGEN`: the ruleset's current generation.

@@ -20,6 +20,7 @@ use std::hash::Hasher;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use super::apply::Handoff;
 use super::command::{fixed_set_kind, Command, ElemKey};
 use super::names;
 use super::names::Bucket;
@@ -294,7 +295,7 @@ const DISPATCH_PER_COMMAND: usize = 512;
 const DISPATCH: [&str; 3] = [names::SERVICE_IPS, names::SERVICE_NODEPORTS, names::FIREWALL_IPS];
 
 /// Where [`Planner::plan_streamed`] hands its batches of units.
-pub type Sink<'a, E> = dyn FnMut(&mut Planner, Vec<Unit>) -> Result<(), E> + 'a;
+pub type Sink<'a, E> = dyn FnMut(&mut Planner, Vec<Unit>, Handoff) -> Result<(), E> + 'a;
 
 type Adds = BTreeMap<String, Vec<(ElemKey, Option<Value>)>>;
 
@@ -315,7 +316,7 @@ pub struct Planner {
     /// Services that lost a claim, by element: they try again when the winner lets go.
     losers: HashMap<(&'static str, Key), BTreeSet<ServiceKey>>,
     /// How many Services DNAT to each endpoint address: the hairpin element goes with the last.
-    hairpin: HashMap<IpAddr, usize>,
+    hairpin: HashMap<IpAddr, u32>,
     cfg: Option<RenderConfig>,
     node: Option<NodeInfo>,
     /// After [`Planner::adopt`]: the next plan renders everything and deletes strays.
@@ -592,7 +593,7 @@ impl Planner {
     /// Plans one sync of `desired`, whole.
     pub fn plan(&mut self, desired: &DesiredState, changes: &ChangeSet, cfg: &RenderConfig) -> Plan {
         let mut units = Vec::new();
-        let mut collect = |_: &mut Planner, mut batch: Vec<Unit>| -> Result<(), std::convert::Infallible> {
+        let mut collect = |_: &mut Planner, mut batch: Vec<Unit>, _: Handoff| -> Result<(), std::convert::Infallible> {
             units.append(&mut batch);
             Ok(())
         };
@@ -616,7 +617,8 @@ impl Planner {
         let mut plan = Plan { units: Vec::new() };
         let mut pending_writes = 0;
         // A cold start: nothing of the Services' is in the table yet.
-        if self.fresh && self.state.elements.values().all(HashMap::is_empty) {
+        let adopted_elements = !self.state.elements.values().all(HashMap::is_empty);
+        if self.fresh && !adopted_elements {
             self.deferred = Some(Adds::new());
         }
         self.cfg = Some(cfg.clone());
@@ -663,8 +665,16 @@ impl Planner {
         }
         let mut queue: std::collections::VecDeque<ServiceKey> = keys.into();
         let mut seen: HashSet<ServiceKey> = HashSet::new();
+        let mut handed = false;
         while let Some(k) = queue.pop_front() {
             let retry = seen.contains(&k);
+            if retry && handed {
+                // Its rules' handles may still be on their way back from the kernel.
+                let batch = std::mem::take(&mut plan.units);
+                sink(self, batch, Handoff::Wait)?;
+                pending_writes = 0;
+                handed = false;
+            }
             seen.insert(k.clone());
             let unit = self.plan_service(&k, desired.services.get(&k), &desired.node, cfg, &mut queue);
             if !unit.is_empty() || !retry {
@@ -674,12 +684,13 @@ impl Planner {
             if pending_writes >= batch_writes {
                 let mut batch = std::mem::take(&mut plan.units);
                 batch.retain(|u| !u.is_empty());
-                sink(self, batch)?;
+                sink(self, batch, Handoff::Async)?;
                 pending_writes = 0;
+                handed = true;
             }
         }
         if std::mem::take(&mut self.fresh) {
-            let strays = self.find_strays();
+            let strays = self.find_strays(adopted_elements);
             plan.units.extend(self.plan_strays(strays));
         }
         if let Some(deferred) = self.deferred.take() {
@@ -699,10 +710,10 @@ impl Planner {
             plan.units.push(unit);
         }
         plan.units.retain(|u| !u.is_empty());
-        if plan.units.is_empty() {
+        if plan.units.is_empty() && !handed {
             return Ok(());
         }
-        sink(self, plan.units)
+        sink(self, plan.units, Handoff::Wait)
     }
 
     /// The table, its fixed chains and rules, its fixed maps; whether a map was recreated.
@@ -879,18 +890,22 @@ impl Planner {
             self.rules += rules;
             self.no_local.0 += no_local.0;
             self.no_local.1 += no_local.1;
-            self.owned.insert(
-                key.clone(),
-                Owned {
-                    state: state.clone(),
-                    chains: chains.into_iter().map(|(n, _)| n).collect(),
-                    sets,
-                    elements: elements.into_iter().map(|(m, k, _)| (m, k)).collect(),
-                    hairpin: hairpin.into_iter().collect(),
-                    rules,
-                    no_local,
-                },
-            );
+            // Collected into vectors of their own size: collecting in place would keep the
+            // rendered vectors' allocations (elements with their values, grown by doubling),
+            // about 1 KiB per Service for as long as it exists.
+            let mut owned = Owned {
+                state: state.clone(),
+                chains: Vec::with_capacity(chains.len()),
+                sets,
+                elements: Vec::with_capacity(elements.len()),
+                hairpin: hairpin.into_iter().collect(),
+                rules,
+                no_local,
+            };
+            owned.chains.extend(chains.into_iter().map(|(n, _)| n));
+            owned.elements.extend(elements.into_iter().map(|(m, k, _)| (m, k)));
+            owned.sets.shrink_to_fit();
+            self.owned.insert(key.clone(), owned);
         }
         unit
     }
@@ -921,8 +936,10 @@ impl Planner {
         }
     }
 
-    /// Everything in the committed table that nobody owns.
-    fn find_strays(&self) -> Strays {
+    /// Everything in the committed table that nobody owns. Only what was read back from the
+    /// kernel can be a stray (the elements planned since all have an owner): with `elements`
+    /// false (the table held no elements when it was adopted), elements are not looked at.
+    fn find_strays(&self, elements: bool) -> Strays {
         let mut strays = Strays::default();
         for name in self.state.chains.keys() {
             if owner_of_chain(&self.chain_owner, name).is_none() {
@@ -934,7 +951,7 @@ impl Planner {
                 strays.sets.push(name.clone());
             }
         }
-        for (set, elements) in &self.state.elements {
+        for (set, elements) in self.state.elements.iter().filter(|_| elements) {
             for key in elements.keys() {
                 if self.owner_of_element(set, key).is_none() {
                     strays.elements.push((set.clone(), key.clone()));

@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
 use super::netlink::wire::{decode_replies, Attrs, Reply, NLM_F_DUMP_INTR};
-use super::netlink::{self, encode_batch, encode_dump, encode_get_gen, msg, Dump, Request};
+use super::netlink::{self, encode_batch_into, encode_dump, encode_get_gen, msg, Dump, Request};
 use crate::dataplane::{DataplaneError, Result};
 
 /// Receive buffer: a batch's echoes (one message per new rule) must fit until they are read.
@@ -63,6 +63,8 @@ pub struct NftSocket {
     /// reader's buffer (up to 32 KiB), and a dump restarts its walk of the table for every
     /// part: small parts make listing a large table quadratic.
     buf: Vec<u8>,
+    /// The last batch as sent: its capacity is reused by the next one.
+    out: Vec<u8>,
 }
 
 /// Receive buffer per `recv`: a dump part or a batch's answers.
@@ -96,6 +98,7 @@ impl NftSocket {
             seq: std::process::id().wrapping_mul(1 << 16),
             sndbuf: 0,
             buf: vec![0; RECV_BUF],
+            out: Vec::new(),
         })
     }
 
@@ -154,9 +157,11 @@ impl NftSocket {
         let n = requests.len() as u32;
         let begin = self.next_seq(n + 2);
         let first = begin.wrapping_add(1);
-        let buf = encode_batch(genid, first, requests);
-        self.send(&buf)
-            .map_err(|e| BatchError::Lost(format!("sending the batch: {e}")))?;
+        let mut buf = std::mem::take(&mut self.out);
+        encode_batch_into(&mut buf, genid, first, requests);
+        let sent = self.send(&buf);
+        self.out = buf;
+        sent.map_err(|e| BatchError::Lost(format!("sending the batch: {e}")))?;
 
         let mut acked = vec![false; requests.len()];
         let mut pending = requests.len();
