@@ -19,7 +19,8 @@ pub(crate) fn cfg() -> PlanConfig {
     }
 }
 
-fn port(name: &str, cluster_ip: &str, node_port: Option<u16>) -> ServicePort {
+/// A TCP Service port `http` on port 80 of `cluster_ip` (both planning test modules use it).
+pub(crate) fn port(name: &str, cluster_ip: &str, node_port: Option<u16>) -> ServicePort {
     ServicePort {
         name: ServicePortName {
             service: ServiceKey::new("default", name),
@@ -40,7 +41,7 @@ fn port(name: &str, cluster_ip: &str, node_port: Option<u16>) -> ServicePort {
 }
 
 /// `state` is "ready", "terminating" (serving) or "down"; `local` places it on this node.
-fn ep(ip: &str, state: &str, local: bool) -> Endpoint {
+pub(crate) fn ep(ip: &str, state: &str, local: bool) -> Endpoint {
     Endpoint {
         ip: ip.parse().unwrap(),
         port: 8080,

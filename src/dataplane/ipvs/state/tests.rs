@@ -7,44 +7,9 @@ use super::*;
 use crate::dataplane::ipvs::netlink::{RealServer, Request, FWD_MASQ};
 use crate::dataplane::ipvs::plan::{plan_desired, plan_requests, Scope};
 use crate::dataplane::ipvs::rules::render_element_changes;
-use crate::model::{Endpoint, IpFamily, NodeInfo, PortState, Protocol, ServicePort, ServicePortName, ServiceState};
+use crate::model::{Endpoint, IpFamily, NodeInfo, PortState, Protocol, ServicePort, ServiceState};
 
-use crate::dataplane::ipvs::plan::tests::cfg;
-
-fn port(name: &str, cluster_ip: &str) -> ServicePort {
-    ServicePort {
-        name: ServicePortName {
-            service: ServiceKey::new("default", name),
-            port: String::new(),
-            protocol: Protocol::Tcp,
-        },
-        cluster_ips: vec![cluster_ip.parse().unwrap()],
-        port: 80,
-        node_port: None,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        affinity_timeout: None,
-        external_policy_local: false,
-        internal_policy_local: false,
-        health_check_node_port: None,
-    }
-}
-
-fn ep(ip: &str) -> Endpoint {
-    Endpoint {
-        ip: ip.parse().unwrap(),
-        port: 8080,
-        ready: true,
-        serving: true,
-        terminating: false,
-        node_name: Some("node-1".into()),
-        zone: None,
-        zone_hints: Default::default(),
-        node_hints: Default::default(),
-        is_local: true,
-    }
-}
+use crate::dataplane::ipvs::plan::tests::{cfg, ep, port};
 
 fn name(n: &str) -> ServiceKey {
     ServiceKey::new("default", n)
@@ -52,7 +17,7 @@ fn name(n: &str) -> ServiceKey {
 
 /// Puts one single-port Service into `d` (replacing it).
 fn put(d: &mut DesiredState, p: ServicePort, endpoints: &[&str]) {
-    let eps: Vec<Endpoint> = endpoints.iter().map(|e| ep(e)).collect();
+    let eps: Vec<Endpoint> = endpoints.iter().map(|e| ep(e, "ready", true)).collect();
     d.services.insert(
         p.name.service.clone(),
         Arc::new(ServiceState {
@@ -76,7 +41,7 @@ fn cluster() -> DesiredState {
     for i in 0..100 {
         put(
             &mut d,
-            port(&format!("svc-{i}"), &format!("10.96.0.{}", i + 1)),
+            port(&format!("svc-{i}"), &format!("10.96.0.{}", i + 1), None),
             &[&format!("10.244.{i}.1"), &format!("10.244.{i}.2")],
         );
     }
@@ -154,7 +119,7 @@ fn a_new_endpoint_touches_only_its_service() {
     let mut c = committed(&d);
     put(
         &mut d,
-        port("svc-41", "10.96.0.42"),
+        port("svc-41", "10.96.0.42", None),
         &["10.244.41.1", "10.244.41.2", "10.244.41.3"],
     );
     let changed: BTreeSet<ServiceKey> = [name("svc-41")].into_iter().collect();
@@ -185,7 +150,7 @@ fn an_unchanged_service_is_not_planned_even_if_it_differs() {
     // svc-7 changed in the model, but the change set names svc-8 only: svc-7 waits for its
     // own change or the next full sync.
     let mut d2 = d.clone();
-    put(&mut d2, port("svc-7", "10.96.0.8"), &[]);
+    put(&mut d2, port("svc-7", "10.96.0.8", None), &[]);
     let (requests, edits) = partial(&mut c, &d2, &["svc-8"], &mut Draining::default());
     assert!(requests.is_empty(), "{requests:?}");
     assert_eq!(edits, Edits::default());
@@ -217,7 +182,7 @@ fn a_deleted_service_goes_with_its_address_and_elements() {
 fn a_new_service_is_added_with_its_address_and_elements() {
     let mut d = cluster();
     let mut c = committed(&d);
-    put(&mut d, port("new", "10.96.1.1"), &[]);
+    put(&mut d, port("new", "10.96.1.1", None), &[]);
     let (requests, edits) = partial(&mut c, &d, &["new"], &mut Draining::default());
     assert_eq!(requests, ["add service tcp:10.96.1.1:80 (rr)"]);
     assert_eq!(edits.bind, ["10.96.1.1".parse::<IpAddr>().unwrap()]);
@@ -233,7 +198,7 @@ fn a_new_service_is_added_with_its_address_and_elements() {
     assert_record_matches(&c, &d);
 
     // Its first endpoint: no longer rejected.
-    put(&mut d, port("new", "10.96.1.1"), &["10.244.200.1"]);
+    put(&mut d, port("new", "10.96.1.1", None), &["10.244.200.1"]);
     let (requests, edits) = partial(&mut c, &d, &["new"], &mut Draining::default());
     assert_eq!(requests, ["add real server 10.244.200.1:8080 to tcp:10.96.1.1:80"]);
     assert_eq!(texts(&edits.delete_elements), ["no-endpoints 10.96.1.1 . tcp . 80"]);
@@ -245,9 +210,9 @@ fn a_new_service_is_added_with_its_address_and_elements() {
 fn shared_addresses_and_endpoints_stay_while_another_service_uses_them() {
     let mut d = cluster();
     // Two Services on one externalIP (different ports), and the same pod behind both.
-    let mut a = port("a", "10.96.2.1");
+    let mut a = port("a", "10.96.2.1", None);
     a.external_ips = vec!["203.0.113.9".parse().unwrap()];
-    let mut b = port("b", "10.96.2.2");
+    let mut b = port("b", "10.96.2.2", None);
     b.external_ips = vec!["203.0.113.9".parse().unwrap()];
     b.port = 443;
     put(&mut d, a, &["10.244.9.9"]);
@@ -273,7 +238,7 @@ fn a_virtual_service_held_by_an_unchanged_service_stays_its_own() {
     let mut d = cluster();
     let mut c = committed(&d);
     // "zz" claims svc-0's ClusterIP and port: svc-0 keeps it.
-    put(&mut d, port("zz", "10.96.0.1"), &["10.244.250.1"]);
+    put(&mut d, port("zz", "10.96.0.1", None), &["10.244.250.1"]);
     let (requests, edits) = partial(&mut c, &d, &["zz"], &mut Draining::default());
     assert!(requests.is_empty(), "{requests:?}");
     assert_eq!(edits, Edits::default());
@@ -284,7 +249,7 @@ fn a_virtual_service_held_by_an_unchanged_service_stays_its_own() {
 fn removed_tcp_endpoint_drains_and_its_service_is_read_until_deleted() {
     let mut d = cluster();
     let mut c = committed(&d);
-    put(&mut d, port("svc-5", "10.96.0.6"), &["10.244.5.1"]);
+    put(&mut d, port("svc-5", "10.96.0.6", None), &["10.244.5.1"]);
     let changed: BTreeSet<ServiceKey> = [name("svc-5")].into_iter().collect();
     let mut draining = Draining::default();
     let change = c.plan_change(&d, &changed, &draining);
@@ -313,7 +278,7 @@ fn removed_tcp_endpoint_drains_and_its_service_is_read_until_deleted() {
 
     // A later partial sync for another Service reads the draining one too, and deletes the
     // server once its connections are gone.
-    put(&mut d, port("svc-9", "10.96.0.10"), &["10.244.9.1"]);
+    put(&mut d, port("svc-9", "10.96.0.10", None), &["10.244.9.1"]);
     let changed: BTreeSet<ServiceKey> = [name("svc-9")].into_iter().collect();
     let change = c.plan_change(&d, &changed, &draining);
     assert_eq!(
@@ -366,15 +331,15 @@ fn many_changes_in_a_row_keep_the_record_equal_to_a_full_plan() {
             0 => {
                 d.services.remove(&name(&n));
             }
-            1 => put(&mut d, port(&n, &format!("10.96.0.{}", i + 1)), &[]),
+            1 => put(&mut d, port(&n, &format!("10.96.0.{}", i + 1), None), &[]),
             // Another Service's endpoint: shared hairpin entries.
             2 => put(
                 &mut d,
-                port(&n, &format!("10.96.0.{}", i + 1)),
+                port(&n, &format!("10.96.0.{}", i + 1), None),
                 &["10.244.0.1", &format!("10.244.{i}.7")],
             ),
             _ => {
-                let mut p = port(&n, &format!("10.96.0.{}", i + 1));
+                let mut p = port(&n, &format!("10.96.0.{}", i + 1), None);
                 p.external_ips = vec!["203.0.113.1".parse().unwrap()];
                 p.port = 1000 + i as u16;
                 put(&mut d, p, &[&format!("10.244.{i}.1")]);
