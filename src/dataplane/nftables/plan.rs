@@ -195,18 +195,48 @@ impl Plan {
     }
 }
 
-/// What one Service owns in the table.
+/// What one Service owns in the table. Kept small (about 10,000 of them at scale): slices of
+/// their own size, and no endpoint slot, which its bucket element implies ([`slots_of`]).
 #[derive(Debug, Clone)]
 struct Owned {
     /// The state it was rendered from, to skip it when the next full sync hands out the same.
     state: Arc<ServiceState>,
-    chains: Vec<String>,
-    sets: Vec<AffinitySet>,
-    /// Map elements it claimed.
-    elements: Vec<(&'static str, Key)>,
-    hairpin: Vec<IpAddr>,
+    chains: Box<[String]>,
+    sets: Box<[AffinitySet]>,
+    /// Map elements it claimed, endpoint slots left out: [`Owned::elements`] has them all.
+    claimed: Box<[(&'static str, Key)]>,
+    /// Endpoint addresses it DNATs to (each counted once in [`Planner::hairpin`]).
+    hairpin: Box<[IpAddr]>,
     rules: usize,
     no_local: (usize, usize),
+}
+
+impl Owned {
+    /// Every map element it wrote: its claims, and the endpoint slots of its bucket claims.
+    fn elements(&self) -> impl Iterator<Item = (&'static str, Key)> + '_ {
+        self.claimed
+            .iter()
+            .flat_map(|(map, key)| std::iter::once((*map, key.clone())).chain(slots_of(map, key)))
+    }
+}
+
+/// The endpoint slots an element of a bucket set implies: a Service address (or NodePort) in
+/// `cluster-nN` has slots `0..N` in its protocol's endpoint map (`local-nN`: from
+/// [`names::LOCAL_SLOTS`]), as [`super::render`] writes them. None for any other element.
+fn slots_of(map: &str, key: &Key) -> impl Iterator<Item = (&'static str, Key)> {
+    let (first, n) = match names::Bucket::of_set(map) {
+        Some((bucket, n)) => (bucket.first_slot(), n as u32),
+        None => (0, 0),
+    };
+    let key = key.clone();
+    (first..first + n).filter_map(move |slot| match key {
+        Key::AddrPort(ip, proto, port) => Some((
+            names::service_endpoints(proto),
+            Key::AddrPortSlot(ip, proto, port, slot),
+        )),
+        Key::ProtoPort(proto, port) => Some((names::nodeport_endpoints(proto), Key::ProtoPortSlot(proto, port, slot))),
+        _ => None,
+    })
 }
 
 /// Objects found in the table that nobody owns.
@@ -316,6 +346,8 @@ pub struct Planner {
     /// Services that lost a claim, by element: they try again when the winner lets go.
     losers: HashMap<(&'static str, Key), BTreeSet<ServiceKey>>,
     /// How many Services DNAT to each endpoint address: the hairpin element goes with the last.
+    /// The hairpin set's elements are these addresses, and are kept nowhere else (in
+    /// [`TableState`] only after [`Planner::adopt`], until the next plan compared them).
     hairpin: HashMap<IpAddr, u32>,
     cfg: Option<RenderConfig>,
     node: Option<NodeInfo>,
@@ -470,6 +502,12 @@ impl Builder<'_> {
     }
 
     fn add_element(&mut self, set: &str, key: ElemKey, value: Option<Value>) {
+        if set == names::HAIRPIN && !self.state.elements.contains_key(set) {
+            // Derived (see [`Planner::hairpin`]); only a listing adopted from the kernel holds
+            // its elements, until the first plan after it has compared them.
+            self.adds.entry(set.into()).or_default().push((key, value));
+            return;
+        }
         let hash = value_hash(&value);
         let bytes = key.bytes();
         let elements = self.state.elements.entry(set.into()).or_default();
@@ -483,6 +521,10 @@ impl Builder<'_> {
     }
 
     fn delete_element(&mut self, set: &str, key: ElemKey) {
+        if set == names::HAIRPIN && !self.state.elements.contains_key(set) {
+            self.dels.entry(set.into()).or_default().push(key);
+            return;
+        }
         let removed = self
             .state
             .elements
@@ -628,10 +670,14 @@ impl Planner {
             plan.units.push(unit);
             if recreated {
                 // A fixed map was recreated empty: every Service adds its elements again.
+                // The hairpin set is derived from the counts: counted again from zero, every
+                // address is added again.
                 for o in self.owned.values_mut() {
-                    o.elements.clear();
+                    o.claimed = Box::default();
+                    o.hairpin = Box::default();
                 }
                 self.element_owner.clear();
+                self.hairpin.clear();
             }
         }
         // Deleted Services first, so that what they let go can be claimed in the same sync.
@@ -692,6 +738,9 @@ impl Planner {
         if std::mem::take(&mut self.fresh) {
             let strays = self.find_strays(adopted_elements);
             plan.units.extend(self.plan_strays(strays));
+            // Every Service compared its hairpin addresses with the listing, and the strays
+            // among them are deleted: from now on the set is derived from the counts.
+            self.state.elements.remove(names::HAIRPIN);
         }
         if let Some(deferred) = self.deferred.take() {
             let mut unit = Unit::new(Owner::Dispatch);
@@ -762,7 +811,7 @@ impl Planner {
             self.rules -= o.rules;
             self.no_local.0 -= o.no_local.0;
             self.no_local.1 -= o.no_local.1;
-            for (map, k) in &o.elements {
+            for (map, k) in o.claimed.iter() {
                 let e = (names::claim_class(map), k.clone());
                 if self.element_owner.get(&e).is_some_and(|(s, _)| s == key) {
                     self.element_owner.remove(&e);
@@ -833,13 +882,19 @@ impl Planner {
             no_local.1 += usize::from(p.no_local_external);
         }
         for ip in &hairpin {
-            hairpin_was.entry(*ip).or_insert(false);
+            let counted = self.hairpin.contains_key(ip);
+            hairpin_was.entry(*ip).or_insert(counted);
             *self.hairpin.entry(*ip).or_default() += 1;
         }
 
+        // The hairpin set is not kept in the committed table: it is the addresses counted in
+        // `self.hairpin`, and an element is written when its count leaves or reaches zero.
         let hairpin_now: Vec<(IpAddr, bool)> = hairpin_was
-            .keys()
-            .map(|ip| (*ip, self.hairpin.contains_key(ip)))
+            .into_iter()
+            .filter_map(|(ip, was)| {
+                let present = self.hairpin.contains_key(&ip);
+                (present != was).then_some((ip, present))
+            })
             .collect();
         let mut b = self.builder(Owner::Service(key.clone()));
         let mut recreated = false;
@@ -860,16 +915,15 @@ impl Planner {
                     b.delete_set(&s.name);
                 }
             }
-            for (map, k) in &o.elements {
-                if !elements.iter().any(|(m, nk, _)| m == map && nk == k) {
-                    b.delete_element(map, ElemKey::Key(k.clone()));
+            for (map, k) in o.elements() {
+                if !elements.iter().any(|(m, nk, _)| *m == map && *nk == k) {
+                    b.delete_element(map, ElemKey::Key(k));
                 }
             }
         }
         for (map, k, v) in &elements {
             b.add_element(map, ElemKey::Key(k.clone()), v.clone());
         }
-        // Hairpin elements of addresses whose count went from or to zero.
         for (ip, present) in hairpin_now {
             let key = ElemKey::Key(Key::Pair(ip));
             if present {
@@ -893,18 +947,19 @@ impl Planner {
             // Collected into vectors of their own size: collecting in place would keep the
             // rendered vectors' allocations (elements with their values, grown by doubling),
             // about 1 KiB per Service for as long as it exists.
-            let mut owned = Owned {
+            let owned = Owned {
                 state: state.clone(),
-                chains: Vec::with_capacity(chains.len()),
-                sets,
-                elements: Vec::with_capacity(elements.len()),
+                chains: chains.into_iter().map(|(n, _)| n).collect(),
+                sets: sets.into_boxed_slice(),
+                claimed: elements
+                    .into_iter()
+                    .filter(|(_, k, _)| slot_claim(k).is_none())
+                    .map(|(m, k, _)| (m, k))
+                    .collect(),
                 hairpin: hairpin.into_iter().collect(),
                 rules,
                 no_local,
             };
-            owned.chains.extend(chains.into_iter().map(|(n, _)| n));
-            owned.elements.extend(elements.into_iter().map(|(m, k, _)| (m, k)));
-            owned.sets.shrink_to_fit();
             self.owned.insert(key.clone(), owned);
         }
         unit
@@ -927,7 +982,7 @@ impl Planner {
             let rendered = self
                 .owned
                 .get(s)
-                .is_some_and(|o| o.elements.iter().any(|(m, e)| *m == name && *e == k));
+                .is_some_and(|o| o.elements().any(|(m, e)| m == name && e == k));
             return rendered.then(|| Owner::Service(s.clone()));
         }
         match self.element_owner.get(&(names::claim_class(name), k)) {
@@ -1027,7 +1082,7 @@ impl Planner {
         let mut dirty: BTreeSet<Owner> = BTreeSet::new();
         let mut found = Strays::default();
         let mut differences = 0;
-        let mut hairpin_dirty = false;
+        let mut hairpin_listed: Option<Vec<Vec<u8>>> = None;
         let skipped = |o: &Option<Owner>| o.as_ref().is_some_and(|o| skip.contains(o));
         let mut differed: Vec<String> = Vec::new();
         let mut note = |what: String| {
@@ -1063,11 +1118,19 @@ impl Planner {
             |name| owner_of_set(set_owner, name),
             &mut found.sets,
         );
+        // The hairpin set is compared even when neither side lists an element of it: its
+        // committed elements are derived (see `Planner::hairpin`).
+        let hairpin = self
+            .state
+            .sets
+            .contains_key(names::HAIRPIN)
+            .then(|| names::HAIRPIN.to_string());
         let sets: BTreeSet<String> = kernel
             .elements
             .keys()
             .chain(self.state.elements.keys())
             .cloned()
+            .chain(hairpin)
             .collect();
         let empty = HashMap::new();
         for set in sets {
@@ -1075,23 +1138,22 @@ impl Planner {
                 continue;
             }
             let k = kernel.elements.get(&set).unwrap_or(&empty);
+            if set == names::HAIRPIN {
+                // Derived from the Services' endpoints: repaired as a whole below, unless
+                // a Service changed since the listing (it may show either side of that).
+                if self.hairpin_is(k) || !skip.is_empty() {
+                    continue;
+                }
+                differences += 1;
+                note(format!("elements of {set}"));
+                hairpin_listed = Some(k.keys().cloned().collect());
+                continue;
+            }
             // Compared in place: a set's elements are copied only when they differ.
             if k == self.state.elements.get(&set).unwrap_or(&empty) {
                 continue;
             }
             let c = self.state.elements.get(&set).unwrap_or(&empty).clone();
-            if set == names::HAIRPIN {
-                // Derived from the Services' endpoints: repaired as a whole below, unless
-                // a Service changed since the listing (it may show either side of that).
-                if !skip.is_empty() {
-                    continue;
-                }
-                differences += 1;
-                note(format!("elements of {set}"));
-                hairpin_dirty = true;
-                self.state.elements.insert(set, k.clone());
-                continue;
-            }
             let keys: BTreeSet<Vec<u8>> = k.keys().chain(c.keys()).cloned().collect();
             for key in keys {
                 let (kv, cv) = (k.get(&key).copied(), c.get(&key).copied());
@@ -1139,8 +1201,8 @@ impl Planner {
             let (unit, _) = self.plan_fixed(&cfg);
             plan.units.push(unit);
         }
-        if hairpin_dirty {
-            self.repair_hairpin(&mut plan);
+        if let Some(listed) = hairpin_listed {
+            self.repair_hairpin(&listed, &mut plan);
         }
         let mut queue = std::collections::VecDeque::new();
         for owner in dirty {
@@ -1160,26 +1222,44 @@ impl Planner {
         (plan, differences)
     }
 
-    /// Makes the hairpin set hold exactly the addresses some Service DNATs to.
-    fn repair_hairpin(&mut self, plan: &mut Plan) {
-        let want: BTreeSet<IpAddr> = self.hairpin.keys().copied().collect();
+    /// Whether `listed` (the kernel's hairpin elements) is exactly the set of addresses some
+    /// Service DNATs to.
+    fn hairpin_is(&self, listed: &HashMap<Vec<u8>, Hash>) -> bool {
+        let none = data_hash(None);
+        listed.len() == self.hairpin.len()
+            && listed.iter().all(|(key, data)| {
+                *data == none
+                    && matches!(ElemKey::parse(SetKind::AddrPair, self.family, key),
+                        ElemKey::Key(Key::Pair(ip)) if self.hairpin.contains_key(&ip))
+            })
+    }
+
+    /// Makes the hairpin set, listed as `have`, hold exactly the addresses some Service DNATs to.
+    fn repair_hairpin(&mut self, have: &[Vec<u8>], plan: &mut Plan) {
+        let mut missing: BTreeSet<IpAddr> = self.hairpin.keys().copied().collect();
         let family = self.family;
-        let have: Vec<Vec<u8>> = self
-            .state
-            .elements
-            .get(names::HAIRPIN)
-            .map(|e| e.keys().cloned().collect())
-            .unwrap_or_default();
         let mut b = self.builder(Owner::Fixed);
         for key in have {
-            match ElemKey::parse(SetKind::AddrPair, family, &key) {
-                ElemKey::Key(Key::Pair(ip)) if want.contains(&ip) => {}
+            match ElemKey::parse(SetKind::AddrPair, family, key) {
+                ElemKey::Key(Key::Pair(ip)) if missing.remove(&ip) => {}
                 parsed => b.delete_element(names::HAIRPIN, parsed),
             }
         }
-        for ip in want {
+        for ip in missing {
             b.add_element(names::HAIRPIN, ElemKey::Key(Key::Pair(ip)), None);
         }
         plan.units.push(b.finish());
+    }
+
+    /// The table as committed, with the elements kept only as counts (the hairpin set's)
+    /// written out: what a listing of the kernel shows when nobody else wrote to it.
+    pub fn committed(&self) -> TableState {
+        let mut t = self.state.clone();
+        if t.sets.contains_key(names::HAIRPIN) && !t.elements.contains_key(names::HAIRPIN) {
+            let none = data_hash(None);
+            let elements = self.hairpin.keys().map(|ip| (Key::Pair(*ip).bytes(), none)).collect();
+            t.elements.insert(names::HAIRPIN.into(), elements);
+        }
+        t
     }
 }
