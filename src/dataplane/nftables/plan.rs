@@ -47,6 +47,99 @@ fn value_hash(v: &Option<Value>) -> Hash {
     data_hash(v.as_ref().map(Value::data).as_ref())
 }
 
+/// An element key as the kernel stores it, inline: every key kproxy writes to a set whose
+/// elements it keeps fits (the longest, an IPv6 endpoint slot, is 24 bytes), so the committed
+/// table holds no allocation per element. A longer key (an IPv6 hairpin pair, read back) is
+/// kept on the heap.
+#[derive(Clone)]
+pub enum KeyBytes {
+    Inline { len: u8, bytes: [u8; KeyBytes::INLINE] },
+    Heap(Box<[u8]>),
+}
+
+impl KeyBytes {
+    /// As long as fits beside the length and the variant in the size of the heap form.
+    pub const INLINE: usize = 30;
+
+    pub fn new(b: &[u8]) -> KeyBytes {
+        if b.len() <= Self::INLINE {
+            let mut bytes = [0; Self::INLINE];
+            bytes[..b.len()].copy_from_slice(b);
+            KeyBytes::Inline {
+                len: b.len() as u8,
+                bytes,
+            }
+        } else {
+            KeyBytes::Heap(b.into())
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            KeyBytes::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            KeyBytes::Heap(b) => b,
+        }
+    }
+}
+
+impl std::ops::Deref for KeyBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+/// Looked up by the slice, so it hashes and compares as one.
+impl std::borrow::Borrow<[u8]> for KeyBytes {
+    fn borrow(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl std::hash::Hash for KeyBytes {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_slice().hash(state);
+    }
+}
+
+impl PartialEq for KeyBytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for KeyBytes {}
+
+impl PartialOrd for KeyBytes {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for KeyBytes {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_slice().cmp(other.as_slice())
+    }
+}
+
+impl std::fmt::Debug for KeyBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:02x?}", self.as_slice())
+    }
+}
+
+impl From<&[u8]> for KeyBytes {
+    fn from(b: &[u8]) -> KeyBytes {
+        KeyBytes::new(b)
+    }
+}
+
+impl From<Vec<u8>> for KeyBytes {
+    fn from(b: Vec<u8>) -> KeyBytes {
+        KeyBytes::new(&b)
+    }
+}
+
 /// One rule as committed: the handle the kernel gave it and a hash of its expressions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RuleState {
@@ -69,7 +162,7 @@ pub struct TableState {
     /// Set name to a hash of its declaration ([`super::netlink::SetSpec`]).
     pub sets: HashMap<String, Hash>,
     /// Fixed set name to element key to a hash of its data.
-    pub elements: HashMap<String, HashMap<Vec<u8>, Hash>>,
+    pub elements: HashMap<String, HashMap<KeyBytes, Hash>>,
     /// In a listing: sets whose elements could not be read while nothing was committed (see
     /// `read_table`); their elements are not in `elements` and are not compared.
     pub unlisted: HashSet<String>,
@@ -79,7 +172,7 @@ pub struct TableState {
 /// whether or not an empty entry for it is kept.
 impl PartialEq for TableState {
     fn eq(&self, other: &Self) -> bool {
-        type Sorted = Vec<(String, Vec<(Vec<u8>, Hash)>)>;
+        type Sorted = Vec<(String, Vec<(KeyBytes, Hash)>)>;
         let non_empty = |t: &TableState| -> Sorted {
             let mut v: Vec<_> = t
                 .elements
@@ -244,7 +337,7 @@ fn slots_of(map: &str, key: &Key) -> impl Iterator<Item = (&'static str, Key)> {
 struct Strays {
     chains: Vec<String>,
     sets: Vec<String>,
-    elements: Vec<(String, Vec<u8>)>,
+    elements: Vec<(String, KeyBytes)>,
 }
 
 fn owner_of_chain(chain_owner: &HashMap<String, ServiceKey>, name: &str) -> Option<Owner> {
@@ -511,12 +604,12 @@ impl Builder<'_> {
         let hash = value_hash(&value);
         let bytes = key.bytes();
         let elements = self.state.elements.entry(set.into()).or_default();
-        match elements.get(&bytes) {
+        match elements.get(bytes.as_slice()) {
             Some(h) if *h == hash => return,
             Some(_) => self.dels.entry(set.into()).or_default().push(key.clone()),
             None => {}
         }
-        elements.insert(bytes, hash);
+        elements.insert(KeyBytes::new(&bytes), hash);
         self.adds.entry(set.into()).or_default().push((key, value));
     }
 
@@ -529,7 +622,7 @@ impl Builder<'_> {
             .state
             .elements
             .get_mut(set)
-            .is_some_and(|e| e.remove(&key.bytes()).is_some());
+            .is_some_and(|e| e.remove(key.bytes().as_slice()).is_some());
         if removed {
             self.dels.entry(set.into()).or_default().push(key);
         }
@@ -1030,7 +1123,7 @@ impl Planner {
             for (set, key) in chunk {
                 let parsed = match fixed_set_kind(set) {
                     Some(kind) => ElemKey::parse(kind, family, key),
-                    None => ElemKey::Raw(key.clone()),
+                    None => ElemKey::Raw(key.to_vec()),
                 };
                 b.delete_element(set, parsed);
             }
@@ -1082,7 +1175,7 @@ impl Planner {
         let mut dirty: BTreeSet<Owner> = BTreeSet::new();
         let mut found = Strays::default();
         let mut differences = 0;
-        let mut hairpin_listed: Option<Vec<Vec<u8>>> = None;
+        let mut hairpin_listed: Option<Vec<KeyBytes>> = None;
         let skipped = |o: &Option<Owner>| o.as_ref().is_some_and(|o| skip.contains(o));
         let mut differed: Vec<String> = Vec::new();
         let mut note = |what: String| {
@@ -1154,7 +1247,7 @@ impl Planner {
                 continue;
             }
             let c = self.state.elements.get(&set).unwrap_or(&empty).clone();
-            let keys: BTreeSet<Vec<u8>> = k.keys().chain(c.keys()).cloned().collect();
+            let keys: BTreeSet<KeyBytes> = k.keys().chain(c.keys()).cloned().collect();
             for key in keys {
                 let (kv, cv) = (k.get(&key).copied(), c.get(&key).copied());
                 if kv == cv {
@@ -1174,7 +1267,7 @@ impl Planner {
                 differences += 1;
                 let shown = match fixed_set_kind(&set) {
                     Some(kind) => ElemKey::parse(kind, self.family, &key),
-                    None => ElemKey::Raw(key.clone()),
+                    None => ElemKey::Raw(key.to_vec()),
                 };
                 note(format!(
                     "element {shown} of {set} ({})",
@@ -1224,7 +1317,7 @@ impl Planner {
 
     /// Whether `listed` (the kernel's hairpin elements) is exactly the set of addresses some
     /// Service DNATs to.
-    fn hairpin_is(&self, listed: &HashMap<Vec<u8>, Hash>) -> bool {
+    fn hairpin_is(&self, listed: &HashMap<KeyBytes, Hash>) -> bool {
         let none = data_hash(None);
         listed.len() == self.hairpin.len()
             && listed.iter().all(|(key, data)| {
@@ -1235,7 +1328,7 @@ impl Planner {
     }
 
     /// Makes the hairpin set, listed as `have`, hold exactly the addresses some Service DNATs to.
-    fn repair_hairpin(&mut self, have: &[Vec<u8>], plan: &mut Plan) {
+    fn repair_hairpin(&mut self, have: &[KeyBytes], plan: &mut Plan) {
         let mut missing: BTreeSet<IpAddr> = self.hairpin.keys().copied().collect();
         let family = self.family;
         let mut b = self.builder(Owner::Fixed);
@@ -1257,7 +1350,11 @@ impl Planner {
         let mut t = self.state.clone();
         if t.sets.contains_key(names::HAIRPIN) && !t.elements.contains_key(names::HAIRPIN) {
             let none = data_hash(None);
-            let elements = self.hairpin.keys().map(|ip| (Key::Pair(*ip).bytes(), none)).collect();
+            let elements = self
+                .hairpin
+                .keys()
+                .map(|ip| (KeyBytes::from(Key::Pair(*ip).bytes()), none))
+                .collect();
             t.elements.insert(names::HAIRPIN.into(), elements);
         }
         t

@@ -578,11 +578,11 @@ fn a_check_repairs_only_what_differs() {
         k.chains.get_mut(names::SERVICES).unwrap().rules.clear();
         k.chains.get_mut(&sticky).unwrap().rules.pop();
         let np = k.elements.get_mut(names::EXTERNAL_CLUSTER_NODEPORTS).unwrap();
-        assert!(np.remove(&np_key).is_some());
+        assert!(np.remove(np_key.as_slice()).is_some());
         k.chains.insert("intruder".into(), Default::default());
         let stray = super::rule::Key::ProtoPort(crate::model::Protocol::Udp, 31999).bytes();
         let np = k.elements.get_mut(names::EXTERNAL_CLUSTER_NODEPORTS).unwrap();
-        np.insert(stray, super::plan::data_hash(None));
+        np.insert(stray.into(), super::plan::data_hash(None));
     });
     let (plan, differences) = planner.reconcile(kernel, &none, true);
     assert_eq!(differences, 5);
@@ -620,6 +620,28 @@ fn a_check_repairs_only_what_differs() {
     assert_eq!((plan.units.len(), differences), (0, 0));
 }
 
+/// Element keys are kept inline: every key kproxy keeps fits (no allocation per element), a
+/// longer one read back is kept whole, and either is found by its bytes.
+#[test]
+fn element_keys_are_kept_inline_and_found_by_their_bytes() {
+    use super::plan::KeyBytes;
+    use super::rule::Key;
+    use crate::model::Protocol;
+    assert_eq!(std::mem::size_of::<KeyBytes>(), 32);
+    let v6_slot = Key::AddrPortSlot("fd00::10".parse().unwrap(), Protocol::Tcp, 80, 65536).bytes();
+    let v6_pair = Key::Pair("fd00:244::2".parse().unwrap()).bytes();
+    assert_eq!((v6_slot.len(), v6_pair.len()), (24, 32));
+    let slot = KeyBytes::from(v6_slot.clone());
+    assert!(matches!(slot, KeyBytes::Inline { .. }));
+    let pair = KeyBytes::from(v6_pair.clone());
+    assert!(matches!(pair, KeyBytes::Heap(_)));
+    let set: std::collections::HashMap<KeyBytes, u64> = [(slot, 1), (pair, 2)].into();
+    assert_eq!(set.get(v6_slot.as_slice()), Some(&1));
+    assert_eq!(set.get(v6_pair.as_slice()), Some(&2));
+    assert_eq!(set.get(&v6_slot[..23]), None, "a prefix is another key");
+    assert_eq!(&*KeyBytes::new(&v6_slot), v6_slot.as_slice());
+}
+
 /// The hairpin set is kept as counts and endpoint slots as their bucket's claim, not as
 /// elements: a check still finds and repairs a foreign change to either.
 #[test]
@@ -636,9 +658,9 @@ fn derived_elements_are_compared_and_repaired() {
     let web_slot = Key::AddrPortSlot("10.96.0.10".parse().unwrap(), crate::model::Protocol::Tcp, 80, 1).bytes();
     let kernel = kernel_after(&planner, |k| {
         let hairpin = k.elements.get_mut(names::HAIRPIN).unwrap();
-        assert!(hairpin.remove(&pair("10.244.2.2")).is_some());
-        hairpin.insert(pair("10.9.9.9"), super::plan::data_hash(None));
-        assert!(k.elements.get_mut(tcp).unwrap().remove(&web_slot).is_some());
+        assert!(hairpin.remove(pair("10.244.2.2").as_slice()).is_some());
+        hairpin.insert(pair("10.9.9.9").into(), super::plan::data_hash(None));
+        assert!(k.elements.get_mut(tcp).unwrap().remove(web_slot.as_slice()).is_some());
     });
     let (plan, differences) = planner.reconcile(kernel, &none, true);
     assert_eq!(differences, 2, "{:?}", planner.differed);
@@ -665,7 +687,7 @@ fn derived_elements_are_compared_and_repaired() {
         k.elements
             .get_mut(tcp)
             .unwrap()
-            .insert(stray, super::plan::data_hash(Some(&value)));
+            .insert(stray.into(), super::plan::data_hash(Some(&value)));
     });
     let (plan, differences) = planner.reconcile(kernel, &none, true);
     assert_eq!(differences, 1);
@@ -701,7 +723,9 @@ fn a_foreign_delete_of_derived_elements_is_repaired_in_the_kernel() {
         nft(&["delete", "element", "ip", "kproxy", tcp, "{ 10.96.0.10 . 80 . 0 }"]);
         let (listed, _, snapshot) = read_table(&mut kernel.sock, kernel.table).unwrap();
         assert!(snapshot);
-        assert!(!listed.elements[names::HAIRPIN].contains_key(&Key::Pair("10.244.1.2".parse().unwrap()).bytes()));
+        assert!(
+            !listed.elements[names::HAIRPIN].contains_key(Key::Pair("10.244.1.2".parse().unwrap()).bytes().as_slice())
+        );
         let (plan, differences) = planner.reconcile(listed, &HashSet::new(), true);
         assert_eq!(differences, 2, "{:?}", planner.differed);
         let applied = apply_plan(&mut kernel, &mut planner, &plan).unwrap();
