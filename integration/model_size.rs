@@ -79,12 +79,14 @@ fn bench_shaped(i: usize) -> (Service, EndpointSlice) {
 }
 
 /// What the store keeps per Service with its slice of 10 endpoints, the derived state that
-/// every snapshot shares included: 1,145 bytes now (1.7 KiB before the compact endpoint, by
-/// heaptrack), of which 416 the endpoints, 200 the Service port and about 300 the three maps'
-/// entries (Services with slices, slice owners, the snapshot's persistent map). Issue 11 aims
-/// at 0.6 KiB; the bound here guards what is reached against a field that quietly grows.
+/// every snapshot shares included: 884 bytes now (1,145 with 40-byte endpoints and a 184-byte
+/// Service port; 1.7 KiB before the compact endpoint, by heaptrack), of which 256 the
+/// endpoints (24 bytes each), 120 the Service port and its Arc, and about 450 the three maps'
+/// entries (Services with slices, slice owners, the snapshot's persistent map) with the
+/// records they hold. Issue 11 aims at 0.6 KiB; the bound here guards what is reached
+/// against a field that quietly grows.
 #[test]
-fn a_service_with_ten_endpoints_costs_at_most_1200_bytes() {
+fn a_service_with_ten_endpoints_costs_at_most_900_bytes() {
     const N: usize = 2000;
     let mut s = Store::new("node-1");
     let node: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": "node-1"}})).unwrap();
@@ -108,5 +110,5 @@ fn a_service_with_ten_endpoints_costs_at_most_1200_bytes() {
     drop(snap);
     let per_service = (live() - before) / N as isize;
     eprintln!("the store keeps {per_service} bytes per Service with 10 endpoints");
-    assert!(per_service <= 1200, "{per_service} bytes per Service");
+    assert!(per_service <= 900, "{per_service} bytes per Service");
 }

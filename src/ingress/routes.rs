@@ -455,7 +455,7 @@ fn resolve_backend(
                 p.port.name.protocol == Protocol::Tcp
                     && match (&number, &name) {
                         (Some(n), _) => i32::from(p.port.port) == *n,
-                        (None, Some(name)) => &p.port.name.port == name,
+                        (None, Some(name)) => p.port.name.port == **name,
                         (None, None) => false,
                     }
             });
@@ -465,7 +465,7 @@ fn resolve_backend(
             Upstream::Endpoints(
                 port.endpoints
                     .iter()
-                    .filter(|e| e.ready)
+                    .filter(|e| e.ready())
                     .map(|e| SocketAddr::new(e.ip, e.port))
                     .collect(),
             )

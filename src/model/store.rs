@@ -157,10 +157,10 @@ impl Store {
                 mut ports,
                 mut warnings,
             }) => {
-                if self.ignore_external_ips && ports.iter().any(|p| !p.external_ips.is_empty()) {
+                if self.ignore_external_ips && ports.iter().any(|p| !p.external_ips().is_empty()) {
                     warnings.push(format!("Service {key}: ignoring externalIPs (--disable-external-ips)"));
                     for p in &mut ports {
-                        Arc::make_mut(p).external_ips.clear();
+                        Arc::make_mut(p).set_external_ips(Vec::new());
                     }
                 }
                 let note = warnings.join("; ");
@@ -742,15 +742,15 @@ endpoints:
             .map(|e| {
                 (
                     e.addr_string(),
-                    (e.ready, e.serving, e.terminating, e.is_local),
-                    e.node_name.map(|n| n.as_str()),
-                    e.zone.map(|z| z.as_str()),
+                    (e.ready(), e.serving(), e.terminating(), e.is_local()),
+                    e.node_name().map(|n| n.as_str()),
+                    e.zone().map(|z| z.as_str()),
                     {
-                        let mut z: Vec<_> = e.zone_hints.iter().collect();
+                        let mut z: Vec<_> = e.zone_hints().iter().collect();
                         z.sort();
                         z
                     },
-                    e.node_hints.iter().collect::<Vec<_>>(),
+                    e.node_hints().iter().collect::<Vec<_>>(),
                 )
             })
             .collect();

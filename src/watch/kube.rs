@@ -533,7 +533,7 @@ mod tests {
         );
         let snap = store.snapshot();
         let a = &snap.desired.services[&ServiceKey::new("ns", "a")].ports[0].endpoints[0];
-        assert!(a.is_local, "converted for this node");
+        assert!(a.is_local(), "converted for this node");
     }
 
     /// Objects of a fake kind that count how many of them are alive.
