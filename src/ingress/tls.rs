@@ -82,8 +82,28 @@ struct CertMap {
     fallback: Option<Arc<CertifiedKey>>,
 }
 
-/// A Secret and what parsing it gave (`None`: malformed).
-type ParsedSecret = (Secret, Option<Arc<CertifiedKey>>);
+/// What parsing a Secret gave (`None`: malformed), with the SHA-256 of the data it was parsed
+/// from: enough to tell a rotated Secret from the same one again, without a second copy of
+/// its certificate and key (the Ingress objects keep the one copy).
+type ParsedSecret = ([u8; 32], Option<Arc<CertifiedKey>>);
+
+/// The SHA-256 of the fields [`convert_secret`] reads (each length-prefixed, so moving bytes
+/// from one to the other changes it).
+fn data_digest(secret: &Secret) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for k in super::objects::TLS_SECRET_KEYS {
+        match secret.data.as_ref().and_then(|d| d.get(k)) {
+            Some(v) => {
+                h.update([1]);
+                h.update((v.0.len() as u64).to_be_bytes());
+                h.update(&v.0);
+            }
+            None => h.update([0]),
+        }
+    }
+    h.finalize().into()
+}
 
 /// The SNI resolver the HTTPS listener uses; [`CertResolver::update`] swaps its certificates.
 #[derive(Debug)]
@@ -119,8 +139,9 @@ impl CertResolver {
                     ));
                     return None;
                 };
+                let digest = data_digest(secret);
                 match cache.get(&b.secret) {
-                    Some((old, cert)) if old.data == secret.data => cert.clone(),
+                    Some((old, cert)) if *old == digest => cert.clone(),
                     _ => {
                         let cert = convert_secret(&b.secret, secret);
                         let cert = match cert {
@@ -130,7 +151,7 @@ impl CertResolver {
                                 None
                             }
                         };
-                        cache.insert(b.secret.clone(), (secret.clone(), cert.clone()));
+                        cache.insert(b.secret.clone(), (digest, cert.clone()));
                         cert
                     }
                 }

@@ -107,6 +107,7 @@ impl SliceOwners {
         })
     }
 
+    #[cfg(test)]
     fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
