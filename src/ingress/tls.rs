@@ -1,7 +1,7 @@
 //! TLS termination: rustls with the ring provider, certificates from the `kubernetes.io/tls`
 //! Secrets that Ingresses name, chosen by SNI (exact host, then `*.` wildcard), and a
-//! self-signed default certificate for every other name. Secrets are re-read on every change,
-//! so a rotated certificate is served from the next handshake on.
+//! self-signed default certificate for every other name. Secrets are parsed as they arrive
+//! ([`TlsSecret`]), so a rotated certificate is served from the next handshake on.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -14,7 +14,7 @@ use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::objects::ObjectKey;
+use super::objects::{ObjectKey, TlsSecret};
 use super::routes::{normalize_host, TlsBinding};
 
 #[derive(Debug, thiserror::Error)]
@@ -82,36 +82,11 @@ struct CertMap {
     fallback: Option<Arc<CertifiedKey>>,
 }
 
-/// What parsing a Secret gave (`None`: malformed), with the SHA-256 of the data it was parsed
-/// from: enough to tell a rotated Secret from the same one again, without a second copy of
-/// its certificate and key (the Ingress objects keep the one copy).
-type ParsedSecret = ([u8; 32], Option<Arc<CertifiedKey>>);
-
-/// The SHA-256 of the fields [`convert_secret`] reads (each length-prefixed, so moving bytes
-/// from one to the other changes it).
-fn data_digest(secret: &Secret) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    for k in super::objects::TLS_SECRET_KEYS {
-        match secret.data.as_ref().and_then(|d| d.get(k)) {
-            Some(v) => {
-                h.update([1]);
-                h.update((v.0.len() as u64).to_be_bytes());
-                h.update(&v.0);
-            }
-            None => h.update([0]),
-        }
-    }
-    h.finalize().into()
-}
-
 /// The SNI resolver the HTTPS listener uses; [`CertResolver::update`] swaps its certificates.
 #[derive(Debug)]
 pub struct CertResolver {
     default: Arc<CertifiedKey>,
     map: RwLock<Arc<CertMap>>,
-    /// Parsed Secrets by key, with the data they were parsed from: unchanged Secrets are not re-parsed.
-    cache: RwLock<BTreeMap<ObjectKey, ParsedSecret>>,
 }
 
 impl CertResolver {
@@ -119,15 +94,13 @@ impl CertResolver {
         CertResolver {
             default,
             map: RwLock::new(Arc::default()),
-            cache: RwLock::new(BTreeMap::new()),
         }
     }
 
     /// Installs the certificates `bindings` name. Returns one message per Secret that is
     /// missing or malformed (its hosts get the default certificate), naming it.
-    pub fn update(&self, bindings: &[TlsBinding], secrets: &BTreeMap<ObjectKey, Secret>) -> Vec<String> {
+    pub fn update(&self, bindings: &[TlsBinding], secrets: &BTreeMap<ObjectKey, TlsSecret>) -> Vec<String> {
         let mut problems = Vec::new();
-        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
         let mut parsed: BTreeMap<ObjectKey, Option<Arc<CertifiedKey>>> = BTreeMap::new();
         let mut map = CertMap::default();
         for b in bindings {
@@ -139,20 +112,11 @@ impl CertResolver {
                     ));
                     return None;
                 };
-                let digest = data_digest(secret);
-                match cache.get(&b.secret) {
-                    Some((old, cert)) if *old == digest => cert.clone(),
-                    _ => {
-                        let cert = convert_secret(&b.secret, secret);
-                        let cert = match cert {
-                            Ok(c) => Some(c),
-                            Err(e) => {
-                                problems.push(format!("{e}; its hosts use the default certificate"));
-                                None
-                            }
-                        };
-                        cache.insert(b.secret.clone(), (digest, cert.clone()));
-                        cert
+                match &secret.parsed {
+                    Ok(cert) => Some(cert.clone()),
+                    Err(e) => {
+                        problems.push(format!("{e}; its hosts use the default certificate"));
+                        None
                     }
                 }
             });
@@ -170,7 +134,6 @@ impl CertResolver {
                 table.entry(name).or_insert_with(|| cert.clone());
             }
         }
-        cache.retain(|k, _| parsed.contains_key(k));
         *self.map.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
         problems
     }
@@ -222,6 +185,14 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Result<Arc<ServerConfig>> {
 mod tests {
     use super::*;
 
+    /// The Secrets as the Ingress objects keep them: parsed.
+    fn parsed(secrets: &BTreeMap<ObjectKey, Secret>) -> BTreeMap<ObjectKey, TlsSecret> {
+        secrets
+            .iter()
+            .map(|(k, s)| (k.clone(), TlsSecret::parse(k, s)))
+            .collect()
+    }
+
     fn tls_secret(name: &str, host: &str) -> Secret {
         let cert = rcgen::generate_simple_self_signed(vec![host.to_string()]).unwrap();
         let yaml = format!("metadata: {{name: {name}, namespace: ns}}\ntype: kubernetes.io/tls\nstringData: {{}}");
@@ -272,7 +243,7 @@ mod tests {
                 binding("bad.test", "bad"),
                 binding("gone.test", "missing"),
             ],
-            &secrets,
+            &parsed(&secrets),
         );
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems.iter().any(|p| p.contains("Secret ns/bad")));
@@ -288,7 +259,7 @@ mod tests {
 
         // Rotation: new data, new certificate.
         let secrets = BTreeMap::from([(key("a"), tls_secret("a", "a.test"))]);
-        assert!(r.update(&[binding("a.test", "a")], &secrets).is_empty());
+        assert!(r.update(&[binding("a.test", "a")], &parsed(&secrets)).is_empty());
         assert!(!same(&r.pick(Some("a.test")), &a));
     }
 
@@ -305,7 +276,7 @@ mod tests {
             ..binding(host, secret)
         };
         assert!(r
-            .update(&[gateway("*.example.com", "w"), gateway("", "all")], &secrets)
+            .update(&[gateway("*.example.com", "w"), gateway("", "all")], &parsed(&secrets))
             .is_empty());
         let same = |a: &Arc<CertifiedKey>, b: &Arc<CertifiedKey>| a.cert == b.cert;
         let w = r.pick(Some("a.example.com"));

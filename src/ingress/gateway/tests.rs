@@ -103,7 +103,11 @@ fn cfg() -> GatewayConfig {
 }
 
 fn build_with(o: &GatewayObjects, secrets: &BTreeMap<ObjectKey, Secret>) -> GatewayBuilt {
-    build_gateway(o, secrets, &lookup, &cfg())
+    let parsed = secrets
+        .iter()
+        .map(|(k, s)| (k.clone(), crate::ingress::objects::TlsSecret::parse(k, s)))
+        .collect();
+    build_gateway(o, &parsed, &lookup, &cfg())
 }
 
 fn build(yaml: &str) -> (GatewayObjects, GatewayBuilt) {
