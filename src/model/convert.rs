@@ -634,6 +634,18 @@ spec:
     }
 
     #[test]
+    fn more_than_two_cluster_ips_name_the_service() {
+        let bad = service(
+            "metadata: {name: three, namespace: prod}\nspec: {clusterIP: 10.96.0.1, clusterIPs: [10.96.0.1, 'fd00::1', 10.96.0.2], ports: [{port: 80}]}",
+        );
+        let err = convert_service(&bad).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Service prod/three: 3 cluster IPs (at most two, one per family)"
+        );
+    }
+
+    #[test]
     fn bad_ports_are_skipped_with_warnings_and_good_ones_kept() {
         let svc = service(
             r#"

@@ -464,5 +464,50 @@ mod tests {
         // The address (17 bytes), the port, a byte of flags and the placement's 4-byte id.
         assert_eq!(std::mem::size_of::<Endpoint>(), 24);
         assert_eq!(std::mem::size_of::<ServiceKey>(), 32);
+        // The name (key, port name id, protocol), the cluster IPs inline, one pointer for the
+        // rare external destinations, the numbers and flags.
+        assert_eq!(std::mem::size_of::<ServicePort>(), 104);
+    }
+
+    #[test]
+    fn cluster_ips_read_as_a_slice_of_at_most_two() {
+        let (a, b): (IpAddr, IpAddr) = ("10.96.0.1".parse().unwrap(), "fd00::1".parse().unwrap());
+        assert_eq!(*ClusterIps::new(&[a]).unwrap(), [a]);
+        assert_eq!(*ClusterIps::new(&[a, b]).unwrap(), [a, b]);
+        assert!(ClusterIps::new(&[]).unwrap().is_empty());
+        assert_eq!(ClusterIps::new(&[a, b, a]), None);
+    }
+
+    /// The rare destinations live behind one pointer: set and cleared, they read back, and a
+    /// port without any holds none.
+    #[test]
+    fn external_destinations_read_back() {
+        let mut p = testing::service_port("ns/web", "http", "10.96.0.1", 80).build();
+        assert!(p.external.is_none() && !p.has_external_destinations());
+        p.set_external_ips(vec!["192.0.2.1".parse().unwrap()]);
+        p.set_load_balancer_source_ranges(vec!["10.0.0.0/8".parse().unwrap()]);
+        assert_eq!(p.external_ips(), ["192.0.2.1".parse::<IpAddr>().unwrap()]);
+        assert!(p.load_balancer_ips().is_empty() && p.has_external_destinations());
+        assert_eq!(p.load_balancer_source_ranges().len(), 1);
+        let mut q = testing::service_port("ns/web", "dns", "10.96.0.1", 53).build();
+        q.share_external_destinations(&p);
+        assert!(Arc::ptr_eq(p.external.as_ref().unwrap(), q.external.as_ref().unwrap()));
+        p.set_external_ips(vec![]);
+        p.set_load_balancer_source_ranges(vec![]);
+        assert!(p.external.is_none());
+        assert_eq!(q.external_ips().len(), 1, "the other port's copy is untouched");
+    }
+
+    #[test]
+    fn service_port_names_order_by_text() {
+        let name = |port: &str| ServicePortName {
+            service: ServiceKey::new("ns", "web"),
+            port: Name::new(port),
+            protocol: Protocol::Tcp,
+        };
+        // Interned in the opposite order of their text.
+        let (z, a) = (name("zz-order-test"), name("aa-order-test"));
+        assert!(a < z);
+        assert_eq!(format!("{z} {}", name("")), "ns/web:zz-order-test ns/web");
     }
 }
