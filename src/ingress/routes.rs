@@ -437,12 +437,15 @@ pub fn claims(ing: &Ingress, classes: &BTreeMap<String, IngressClass>, cfg: &Cla
     }
 }
 
+/// One rule's host (or "" for every host), path, `rewrite-target` regex and backend.
+type ConvertedPath = (String, PathMatch, Option<Arc<Regex>>, Arc<Backend>);
+
 /// One Ingress, converted: everything it routes, before merging.
 struct Converted {
     name: String,
     settings: Arc<Settings>,
     /// (host or "" for every host, path, backend)
-    paths: Vec<(String, PathMatch, Option<Arc<Regex>>, Arc<Backend>)>,
+    paths: Vec<ConvertedPath>,
     default: Option<Arc<Backend>>,
     hosts: Vec<String>,
     tls: Vec<TlsBinding>,

@@ -331,7 +331,7 @@ async fn watch_ingress_kind<K>(
         K::KIND,
         IngressConvert,
         shutdown,
-        |change: Change<(K::Key, Option<K::Kept>), K::Key>| match change {
+        |change: Change<<IngressConvert as Convert<K>>::Converted, K::Key>| match change {
             Change::Replace(all) => state.update_ingress(|s| K::replace_converted(s, all)),
             Change::Apply((key, kept)) => state.update_ingress(|s| K::apply_converted(s, key, kept)),
             Change::Delete(key) => state.update_ingress(|s| K::delete_key(s, &key)),
