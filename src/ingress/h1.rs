@@ -897,6 +897,7 @@ struct Plan<'t> {
     gateway: Option<gateway::Forward<'t>>,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn route_and_forward<'t>(
     w: &Worker,
     io: &mut ClientIo,
