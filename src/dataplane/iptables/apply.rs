@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -71,7 +72,8 @@ impl Tools {
     /// none: the input goes to the tool's stdin in chunks of about [`CHUNK`] bytes as it is
     /// produced, so a large one is never held whole. A refusal comes back as
     /// [`Refusal`], for the caller to find the line it names in the input.
-    pub async fn restore(&self, mut fill: impl FnMut(&mut Vec<u8>, usize) -> bool) -> Result<(), Refusal> {
+    pub async fn restore(&self, mut fill: impl FnMut(&mut Vec<u8>, usize) -> bool) -> Result<RestoreTimes, Refusal> {
+        let mut times = RestoreTimes::default();
         let mut child = Command::new(self.restore)
             .args(["-w", LOCK_WAIT, "--noflush"])
             .stdin(Stdio::piped())
@@ -82,9 +84,18 @@ impl Tools {
             .map_err(|source| Refusal::Failed(spawn_error(self.restore, source)))?;
         if let Some(mut stdin) = child.stdin.take() {
             let mut buf = Vec::with_capacity(CHUNK + 4096);
-            while fill(&mut buf, CHUNK) {
+            loop {
+                let rendering = Instant::now();
+                let more = fill(&mut buf, CHUNK);
+                times.rendering += rendering.elapsed();
+                if !more {
+                    break;
+                }
+                let writing = Instant::now();
                 // A write error means the tool exited early; its stderr says why.
-                if stdin.write_all(&buf).await.is_err() {
+                let written = stdin.write_all(&buf).await;
+                times.writing += writing.elapsed();
+                if written.is_err() {
                     break;
                 }
                 buf.clear();
@@ -92,12 +103,14 @@ impl Tools {
             // Closing stdin ends the input: the tool commits (or refuses) and exits.
             drop(stdin);
         }
+        let committing = Instant::now();
         let out = child
             .wait_with_output()
             .await
             .map_err(|source| Refusal::Failed(spawn_error(self.restore, source)))?;
+        times.committing = committing.elapsed();
         if out.status.success() {
-            return Ok(());
+            return Ok(times);
         }
         let message = String::from_utf8_lossy(&out.stderr).trim().to_string();
         Err(Refusal::Refused {
@@ -108,7 +121,7 @@ impl Tools {
     }
 
     /// Applies a small input held whole (cleanup).
-    async fn restore_text(&self, input: &str) -> Result<()> {
+    async fn restore_text(&self, input: &str) -> Result<RestoreTimes> {
         let mut sent = false;
         let result = self
             .restore(|buf, _| {
@@ -286,7 +299,7 @@ impl Tools {
         if input.is_empty() {
             return Ok(());
         }
-        self.restore_text(&input).await
+        self.restore_text(&input).await.map(drop)
     }
 }
 
@@ -295,6 +308,19 @@ impl Tools {
 #[derive(Debug)]
 pub struct KernelRead {
     saves: Vec<(&'static str, tokio::process::Child)>,
+}
+
+/// Where the wall time of one iptables-restore run went, as kproxy saw it: what it waits on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreTimes {
+    /// Producing the input (kproxy rendering the next chunk).
+    pub rendering: Duration,
+    /// Waiting for the tool to read a chunk: the tool parsing (or loading the table) slower
+    /// than kproxy renders.
+    pub writing: Duration,
+    /// From the end of the input to the tool's exit: libiptc building the table and the kernel
+    /// replacing it.
+    pub committing: Duration,
 }
 
 /// How much of a restore input is written to the tool's stdin at a time.

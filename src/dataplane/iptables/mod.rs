@@ -169,20 +169,24 @@ impl Dataplane for IptablesProxier {
                 let input = self.planner.restore_input(desired).into_string();
                 tracing::trace!(family = ?self.cfg.family, "iptables-restore input:\n{input}");
             }
+            let mut times = apply::RestoreTimes::default();
             if !plan.empty {
                 let mut input = self.planner.restore_input(desired);
                 let result = self.tools.restore(|buf, limit| input.fill(buf, limit)).await;
                 drop(input);
-                if let Err(refusal) = result {
-                    // The kernel kept its rules (each table is committed whole or not at all).
-                    // The input is rendered again to quote the line the tool named.
-                    let planner = &self.planner;
-                    let err = refusal.into_error(|n| {
-                        let (text, owner) = planner.restore_input(desired).line(n)?;
-                        Some((text, owner.map(|k| k.to_string())))
-                    });
-                    self.planner.rollback();
-                    return Err(err);
+                match result {
+                    Ok(t) => times = t,
+                    Err(refusal) => {
+                        // The kernel kept its rules (each table is committed whole or not at all).
+                        // The input is rendered again to quote the line the tool named.
+                        let planner = &self.planner;
+                        let err = refusal.into_error(|n| {
+                            let (text, owner) = planner.restore_input(desired).line(n)?;
+                            Some((text, owner.map(|k| k.to_string())))
+                        });
+                        self.planner.rollback();
+                        return Err(err);
+                    }
                 }
             }
             self.planner.commit();
@@ -194,6 +198,9 @@ impl Dataplane for IptablesProxier {
                 plan_ms = planned.as_millis() as u64,
                 kernel_read_ms = (kernel_read - planned).as_millis() as u64,
                 restore_ms = (restored - kernel_read).as_millis() as u64,
+                render_ms = times.rendering.as_millis() as u64,
+                write_wait_ms = times.writing.as_millis() as u64,
+                commit_ms = times.committing.as_millis() as u64,
                 "iptables sync steps"
             );
             if plan.full {

@@ -13,7 +13,9 @@ use std::collections::{HashMap, HashSet};
 use super::command::{fixed_set_kind, CommandText};
 use super::names;
 use super::netlink::{self, decode_chain, decode_elements, decode_rule, decode_set, msg, Dump, Table};
-use super::plan::{data_hash, hash_of, ChainState, Hash, Owner, Plan, Planner, RuleState, Sink, TableState, Unit};
+use super::plan::{
+    data_hash, hash_of, ChainState, Hash, KeyBytes, Owner, Plan, Planner, RuleState, Sink, TableState, Unit,
+};
 use super::socket::{errno_text, BatchError, NftSocket};
 use crate::dataplane::{DataplaneError, Result};
 use crate::model::IpFamily;
@@ -521,14 +523,14 @@ pub fn read_table(sock: &mut NftSocket, table: Table) -> Result<(TableState, u32
 /// elements already sent) and never flags it interrupted, so an element added or deleted
 /// during the dump, by any owner, shifts the rest: an element of another Service is skipped or
 /// sent twice. Only a dump with the same generation before and after is the set's content.
-fn read_elements(sock: &mut NftSocket, table: Table, set: &str) -> Result<Option<HashMap<Vec<u8>, Hash>>> {
+fn read_elements(sock: &mut NftSocket, table: Table, set: &str) -> Result<Option<HashMap<KeyBytes, Hash>>> {
     for _ in 0..3 {
         let before = sock.generation()?;
         let mut elements = HashMap::new();
         sock.dump(Dump::Elements(table, set), |kind, _, a| {
             if kind == msg::NEWSETELEM {
                 for e in decode_elements(a)?.1 {
-                    elements.insert(e.key, data_hash(e.data.as_ref()));
+                    elements.insert(KeyBytes::new(&e.key), data_hash(e.data.as_ref()));
                 }
             }
             Ok(())

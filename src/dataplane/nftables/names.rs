@@ -155,6 +155,20 @@ impl Bucket {
         let i = Bucket::ALL.iter().position(|b| *b == self).unwrap_or(0);
         BUCKETS[i * MAX_BUCKET + n.clamp(1, MAX_BUCKET) - 1]
     }
+
+    /// Which bucket set `name` is, with its endpoint count: the inverse of [`Bucket::set`].
+    pub fn of_set(name: &str) -> Option<(Bucket, usize)> {
+        let i = BUCKETS.iter().position(|b| *b == name)?;
+        Some((Bucket::ALL[i / MAX_BUCKET], i % MAX_BUCKET + 1))
+    }
+
+    /// Where this bucket's endpoints start in a Service's slots.
+    pub fn first_slot(self) -> u32 {
+        match self {
+            Bucket::Cluster | Bucket::NodePortCluster => 0,
+            Bucket::Local | Bucket::NodePortLocal => LOCAL_SLOTS,
+        }
+    }
 }
 
 static BUCKET_NAMES: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {

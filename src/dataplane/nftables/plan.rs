@@ -47,6 +47,99 @@ fn value_hash(v: &Option<Value>) -> Hash {
     data_hash(v.as_ref().map(Value::data).as_ref())
 }
 
+/// An element key as the kernel stores it, inline: every key kproxy writes to a set whose
+/// elements it keeps fits (the longest, an IPv6 endpoint slot, is 24 bytes), so the committed
+/// table holds no allocation per element. A longer key (an IPv6 hairpin pair, read back) is
+/// kept on the heap.
+#[derive(Clone)]
+pub enum KeyBytes {
+    Inline { len: u8, bytes: [u8; KeyBytes::INLINE] },
+    Heap(Box<[u8]>),
+}
+
+impl KeyBytes {
+    /// As long as fits beside the length and the variant in the size of the heap form.
+    pub const INLINE: usize = 30;
+
+    pub fn new(b: &[u8]) -> KeyBytes {
+        if b.len() <= Self::INLINE {
+            let mut bytes = [0; Self::INLINE];
+            bytes[..b.len()].copy_from_slice(b);
+            KeyBytes::Inline {
+                len: b.len() as u8,
+                bytes,
+            }
+        } else {
+            KeyBytes::Heap(b.into())
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            KeyBytes::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            KeyBytes::Heap(b) => b,
+        }
+    }
+}
+
+impl std::ops::Deref for KeyBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+/// Looked up by the slice, so it hashes and compares as one.
+impl std::borrow::Borrow<[u8]> for KeyBytes {
+    fn borrow(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl std::hash::Hash for KeyBytes {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_slice().hash(state);
+    }
+}
+
+impl PartialEq for KeyBytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for KeyBytes {}
+
+impl PartialOrd for KeyBytes {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for KeyBytes {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_slice().cmp(other.as_slice())
+    }
+}
+
+impl std::fmt::Debug for KeyBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:02x?}", self.as_slice())
+    }
+}
+
+impl From<&[u8]> for KeyBytes {
+    fn from(b: &[u8]) -> KeyBytes {
+        KeyBytes::new(b)
+    }
+}
+
+impl From<Vec<u8>> for KeyBytes {
+    fn from(b: Vec<u8>) -> KeyBytes {
+        KeyBytes::new(&b)
+    }
+}
+
 /// One rule as committed: the handle the kernel gave it and a hash of its expressions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RuleState {
@@ -69,7 +162,7 @@ pub struct TableState {
     /// Set name to a hash of its declaration ([`super::netlink::SetSpec`]).
     pub sets: HashMap<String, Hash>,
     /// Fixed set name to element key to a hash of its data.
-    pub elements: HashMap<String, HashMap<Vec<u8>, Hash>>,
+    pub elements: HashMap<String, HashMap<KeyBytes, Hash>>,
     /// In a listing: sets whose elements could not be read while nothing was committed (see
     /// `read_table`); their elements are not in `elements` and are not compared.
     pub unlisted: HashSet<String>,
@@ -79,7 +172,7 @@ pub struct TableState {
 /// whether or not an empty entry for it is kept.
 impl PartialEq for TableState {
     fn eq(&self, other: &Self) -> bool {
-        type Sorted = Vec<(String, Vec<(Vec<u8>, Hash)>)>;
+        type Sorted = Vec<(String, Vec<(KeyBytes, Hash)>)>;
         let non_empty = |t: &TableState| -> Sorted {
             let mut v: Vec<_> = t
                 .elements
@@ -195,18 +288,48 @@ impl Plan {
     }
 }
 
-/// What one Service owns in the table.
+/// What one Service owns in the table. Kept small (about 10,000 of them at scale): slices of
+/// their own size, and no endpoint slot, which its bucket element implies ([`slots_of`]).
 #[derive(Debug, Clone)]
 struct Owned {
     /// The state it was rendered from, to skip it when the next full sync hands out the same.
     state: Arc<ServiceState>,
-    chains: Vec<String>,
-    sets: Vec<AffinitySet>,
-    /// Map elements it claimed.
-    elements: Vec<(&'static str, Key)>,
-    hairpin: Vec<IpAddr>,
+    chains: Box<[String]>,
+    sets: Box<[AffinitySet]>,
+    /// Map elements it claimed, endpoint slots left out: [`Owned::elements`] has them all.
+    claimed: Box<[(&'static str, Key)]>,
+    /// Endpoint addresses it DNATs to (each counted once in [`Planner::hairpin`]).
+    hairpin: Box<[IpAddr]>,
     rules: usize,
     no_local: (usize, usize),
+}
+
+impl Owned {
+    /// Every map element it wrote: its claims, and the endpoint slots of its bucket claims.
+    fn elements(&self) -> impl Iterator<Item = (&'static str, Key)> + '_ {
+        self.claimed
+            .iter()
+            .flat_map(|(map, key)| std::iter::once((*map, key.clone())).chain(slots_of(map, key)))
+    }
+}
+
+/// The endpoint slots an element of a bucket set implies: a Service address (or NodePort) in
+/// `cluster-nN` has slots `0..N` in its protocol's endpoint map (`local-nN`: from
+/// [`names::LOCAL_SLOTS`]), as [`super::render`] writes them. None for any other element.
+fn slots_of(map: &str, key: &Key) -> impl Iterator<Item = (&'static str, Key)> {
+    let (first, n) = match names::Bucket::of_set(map) {
+        Some((bucket, n)) => (bucket.first_slot(), n as u32),
+        None => (0, 0),
+    };
+    let key = key.clone();
+    (first..first + n).filter_map(move |slot| match key {
+        Key::AddrPort(ip, proto, port) => Some((
+            names::service_endpoints(proto),
+            Key::AddrPortSlot(ip, proto, port, slot),
+        )),
+        Key::ProtoPort(proto, port) => Some((names::nodeport_endpoints(proto), Key::ProtoPortSlot(proto, port, slot))),
+        _ => None,
+    })
 }
 
 /// Objects found in the table that nobody owns.
@@ -214,7 +337,7 @@ struct Owned {
 struct Strays {
     chains: Vec<String>,
     sets: Vec<String>,
-    elements: Vec<(String, Vec<u8>)>,
+    elements: Vec<(String, KeyBytes)>,
 }
 
 fn owner_of_chain(chain_owner: &HashMap<String, ServiceKey>, name: &str) -> Option<Owner> {
@@ -316,6 +439,8 @@ pub struct Planner {
     /// Services that lost a claim, by element: they try again when the winner lets go.
     losers: HashMap<(&'static str, Key), BTreeSet<ServiceKey>>,
     /// How many Services DNAT to each endpoint address: the hairpin element goes with the last.
+    /// The hairpin set's elements are these addresses, and are kept nowhere else (in
+    /// [`TableState`] only after [`Planner::adopt`], until the next plan compared them).
     hairpin: HashMap<IpAddr, u32>,
     cfg: Option<RenderConfig>,
     node: Option<NodeInfo>,
@@ -470,24 +595,34 @@ impl Builder<'_> {
     }
 
     fn add_element(&mut self, set: &str, key: ElemKey, value: Option<Value>) {
+        if set == names::HAIRPIN && !self.state.elements.contains_key(set) {
+            // Derived (see [`Planner::hairpin`]); only a listing adopted from the kernel holds
+            // its elements, until the first plan after it has compared them.
+            self.adds.entry(set.into()).or_default().push((key, value));
+            return;
+        }
         let hash = value_hash(&value);
         let bytes = key.bytes();
         let elements = self.state.elements.entry(set.into()).or_default();
-        match elements.get(&bytes) {
+        match elements.get(bytes.as_slice()) {
             Some(h) if *h == hash => return,
             Some(_) => self.dels.entry(set.into()).or_default().push(key.clone()),
             None => {}
         }
-        elements.insert(bytes, hash);
+        elements.insert(KeyBytes::new(&bytes), hash);
         self.adds.entry(set.into()).or_default().push((key, value));
     }
 
     fn delete_element(&mut self, set: &str, key: ElemKey) {
+        if set == names::HAIRPIN && !self.state.elements.contains_key(set) {
+            self.dels.entry(set.into()).or_default().push(key);
+            return;
+        }
         let removed = self
             .state
             .elements
             .get_mut(set)
-            .is_some_and(|e| e.remove(&key.bytes()).is_some());
+            .is_some_and(|e| e.remove(key.bytes().as_slice()).is_some());
         if removed {
             self.dels.entry(set.into()).or_default().push(key);
         }
@@ -628,10 +763,14 @@ impl Planner {
             plan.units.push(unit);
             if recreated {
                 // A fixed map was recreated empty: every Service adds its elements again.
+                // The hairpin set is derived from the counts: counted again from zero, every
+                // address is added again.
                 for o in self.owned.values_mut() {
-                    o.elements.clear();
+                    o.claimed = Box::default();
+                    o.hairpin = Box::default();
                 }
                 self.element_owner.clear();
+                self.hairpin.clear();
             }
         }
         // Deleted Services first, so that what they let go can be claimed in the same sync.
@@ -692,6 +831,9 @@ impl Planner {
         if std::mem::take(&mut self.fresh) {
             let strays = self.find_strays(adopted_elements);
             plan.units.extend(self.plan_strays(strays));
+            // Every Service compared its hairpin addresses with the listing, and the strays
+            // among them are deleted: from now on the set is derived from the counts.
+            self.state.elements.remove(names::HAIRPIN);
         }
         if let Some(deferred) = self.deferred.take() {
             let mut unit = Unit::new(Owner::Dispatch);
@@ -762,7 +904,7 @@ impl Planner {
             self.rules -= o.rules;
             self.no_local.0 -= o.no_local.0;
             self.no_local.1 -= o.no_local.1;
-            for (map, k) in &o.elements {
+            for (map, k) in o.claimed.iter() {
                 let e = (names::claim_class(map), k.clone());
                 if self.element_owner.get(&e).is_some_and(|(s, _)| s == key) {
                     self.element_owner.remove(&e);
@@ -833,13 +975,19 @@ impl Planner {
             no_local.1 += usize::from(p.no_local_external);
         }
         for ip in &hairpin {
-            hairpin_was.entry(*ip).or_insert(false);
+            let counted = self.hairpin.contains_key(ip);
+            hairpin_was.entry(*ip).or_insert(counted);
             *self.hairpin.entry(*ip).or_default() += 1;
         }
 
+        // The hairpin set is not kept in the committed table: it is the addresses counted in
+        // `self.hairpin`, and an element is written when its count leaves or reaches zero.
         let hairpin_now: Vec<(IpAddr, bool)> = hairpin_was
-            .keys()
-            .map(|ip| (*ip, self.hairpin.contains_key(ip)))
+            .into_iter()
+            .filter_map(|(ip, was)| {
+                let present = self.hairpin.contains_key(&ip);
+                (present != was).then_some((ip, present))
+            })
             .collect();
         let mut b = self.builder(Owner::Service(key.clone()));
         let mut recreated = false;
@@ -860,16 +1008,15 @@ impl Planner {
                     b.delete_set(&s.name);
                 }
             }
-            for (map, k) in &o.elements {
-                if !elements.iter().any(|(m, nk, _)| m == map && nk == k) {
-                    b.delete_element(map, ElemKey::Key(k.clone()));
+            for (map, k) in o.elements() {
+                if !elements.iter().any(|(m, nk, _)| *m == map && *nk == k) {
+                    b.delete_element(map, ElemKey::Key(k));
                 }
             }
         }
         for (map, k, v) in &elements {
             b.add_element(map, ElemKey::Key(k.clone()), v.clone());
         }
-        // Hairpin elements of addresses whose count went from or to zero.
         for (ip, present) in hairpin_now {
             let key = ElemKey::Key(Key::Pair(ip));
             if present {
@@ -893,18 +1040,19 @@ impl Planner {
             // Collected into vectors of their own size: collecting in place would keep the
             // rendered vectors' allocations (elements with their values, grown by doubling),
             // about 1 KiB per Service for as long as it exists.
-            let mut owned = Owned {
+            let owned = Owned {
                 state: state.clone(),
-                chains: Vec::with_capacity(chains.len()),
-                sets,
-                elements: Vec::with_capacity(elements.len()),
+                chains: chains.into_iter().map(|(n, _)| n).collect(),
+                sets: sets.into_boxed_slice(),
+                claimed: elements
+                    .into_iter()
+                    .filter(|(_, k, _)| slot_claim(k).is_none())
+                    .map(|(m, k, _)| (m, k))
+                    .collect(),
                 hairpin: hairpin.into_iter().collect(),
                 rules,
                 no_local,
             };
-            owned.chains.extend(chains.into_iter().map(|(n, _)| n));
-            owned.elements.extend(elements.into_iter().map(|(m, k, _)| (m, k)));
-            owned.sets.shrink_to_fit();
             self.owned.insert(key.clone(), owned);
         }
         unit
@@ -927,7 +1075,7 @@ impl Planner {
             let rendered = self
                 .owned
                 .get(s)
-                .is_some_and(|o| o.elements.iter().any(|(m, e)| *m == name && *e == k));
+                .is_some_and(|o| o.elements().any(|(m, e)| m == name && e == k));
             return rendered.then(|| Owner::Service(s.clone()));
         }
         match self.element_owner.get(&(names::claim_class(name), k)) {
@@ -975,7 +1123,7 @@ impl Planner {
             for (set, key) in chunk {
                 let parsed = match fixed_set_kind(set) {
                     Some(kind) => ElemKey::parse(kind, family, key),
-                    None => ElemKey::Raw(key.clone()),
+                    None => ElemKey::Raw(key.to_vec()),
                 };
                 b.delete_element(set, parsed);
             }
@@ -1027,7 +1175,7 @@ impl Planner {
         let mut dirty: BTreeSet<Owner> = BTreeSet::new();
         let mut found = Strays::default();
         let mut differences = 0;
-        let mut hairpin_dirty = false;
+        let mut hairpin_listed: Option<Vec<KeyBytes>> = None;
         let skipped = |o: &Option<Owner>| o.as_ref().is_some_and(|o| skip.contains(o));
         let mut differed: Vec<String> = Vec::new();
         let mut note = |what: String| {
@@ -1063,11 +1211,19 @@ impl Planner {
             |name| owner_of_set(set_owner, name),
             &mut found.sets,
         );
+        // The hairpin set is compared even when neither side lists an element of it: its
+        // committed elements are derived (see `Planner::hairpin`).
+        let hairpin = self
+            .state
+            .sets
+            .contains_key(names::HAIRPIN)
+            .then(|| names::HAIRPIN.to_string());
         let sets: BTreeSet<String> = kernel
             .elements
             .keys()
             .chain(self.state.elements.keys())
             .cloned()
+            .chain(hairpin)
             .collect();
         let empty = HashMap::new();
         for set in sets {
@@ -1075,24 +1231,23 @@ impl Planner {
                 continue;
             }
             let k = kernel.elements.get(&set).unwrap_or(&empty);
+            if set == names::HAIRPIN {
+                // Derived from the Services' endpoints: repaired as a whole below, unless
+                // a Service changed since the listing (it may show either side of that).
+                if self.hairpin_is(k) || !skip.is_empty() {
+                    continue;
+                }
+                differences += 1;
+                note(format!("elements of {set}"));
+                hairpin_listed = Some(k.keys().cloned().collect());
+                continue;
+            }
             // Compared in place: a set's elements are copied only when they differ.
             if k == self.state.elements.get(&set).unwrap_or(&empty) {
                 continue;
             }
             let c = self.state.elements.get(&set).unwrap_or(&empty).clone();
-            if set == names::HAIRPIN {
-                // Derived from the Services' endpoints: repaired as a whole below, unless
-                // a Service changed since the listing (it may show either side of that).
-                if !skip.is_empty() {
-                    continue;
-                }
-                differences += 1;
-                note(format!("elements of {set}"));
-                hairpin_dirty = true;
-                self.state.elements.insert(set, k.clone());
-                continue;
-            }
-            let keys: BTreeSet<Vec<u8>> = k.keys().chain(c.keys()).cloned().collect();
+            let keys: BTreeSet<KeyBytes> = k.keys().chain(c.keys()).cloned().collect();
             for key in keys {
                 let (kv, cv) = (k.get(&key).copied(), c.get(&key).copied());
                 if kv == cv {
@@ -1112,7 +1267,7 @@ impl Planner {
                 differences += 1;
                 let shown = match fixed_set_kind(&set) {
                     Some(kind) => ElemKey::parse(kind, self.family, &key),
-                    None => ElemKey::Raw(key.clone()),
+                    None => ElemKey::Raw(key.to_vec()),
                 };
                 note(format!(
                     "element {shown} of {set} ({})",
@@ -1139,8 +1294,8 @@ impl Planner {
             let (unit, _) = self.plan_fixed(&cfg);
             plan.units.push(unit);
         }
-        if hairpin_dirty {
-            self.repair_hairpin(&mut plan);
+        if let Some(listed) = hairpin_listed {
+            self.repair_hairpin(&listed, &mut plan);
         }
         let mut queue = std::collections::VecDeque::new();
         for owner in dirty {
@@ -1160,26 +1315,48 @@ impl Planner {
         (plan, differences)
     }
 
-    /// Makes the hairpin set hold exactly the addresses some Service DNATs to.
-    fn repair_hairpin(&mut self, plan: &mut Plan) {
-        let want: BTreeSet<IpAddr> = self.hairpin.keys().copied().collect();
+    /// Whether `listed` (the kernel's hairpin elements) is exactly the set of addresses some
+    /// Service DNATs to.
+    fn hairpin_is(&self, listed: &HashMap<KeyBytes, Hash>) -> bool {
+        let none = data_hash(None);
+        listed.len() == self.hairpin.len()
+            && listed.iter().all(|(key, data)| {
+                *data == none
+                    && matches!(ElemKey::parse(SetKind::AddrPair, self.family, key),
+                        ElemKey::Key(Key::Pair(ip)) if self.hairpin.contains_key(&ip))
+            })
+    }
+
+    /// Makes the hairpin set, listed as `have`, hold exactly the addresses some Service DNATs to.
+    fn repair_hairpin(&mut self, have: &[KeyBytes], plan: &mut Plan) {
+        let mut missing: BTreeSet<IpAddr> = self.hairpin.keys().copied().collect();
         let family = self.family;
-        let have: Vec<Vec<u8>> = self
-            .state
-            .elements
-            .get(names::HAIRPIN)
-            .map(|e| e.keys().cloned().collect())
-            .unwrap_or_default();
         let mut b = self.builder(Owner::Fixed);
         for key in have {
-            match ElemKey::parse(SetKind::AddrPair, family, &key) {
-                ElemKey::Key(Key::Pair(ip)) if want.contains(&ip) => {}
+            match ElemKey::parse(SetKind::AddrPair, family, key) {
+                ElemKey::Key(Key::Pair(ip)) if missing.remove(&ip) => {}
                 parsed => b.delete_element(names::HAIRPIN, parsed),
             }
         }
-        for ip in want {
+        for ip in missing {
             b.add_element(names::HAIRPIN, ElemKey::Key(Key::Pair(ip)), None);
         }
         plan.units.push(b.finish());
+    }
+
+    /// The table as committed, with the elements kept only as counts (the hairpin set's)
+    /// written out: what a listing of the kernel shows when nobody else wrote to it.
+    pub fn committed(&self) -> TableState {
+        let mut t = self.state.clone();
+        if t.sets.contains_key(names::HAIRPIN) && !t.elements.contains_key(names::HAIRPIN) {
+            let none = data_hash(None);
+            let elements = self
+                .hairpin
+                .keys()
+                .map(|ip| (KeyBytes::from(Key::Pair(*ip).bytes()), none))
+                .collect();
+            t.elements.insert(names::HAIRPIN.into(), elements);
+        }
+        t
     }
 }

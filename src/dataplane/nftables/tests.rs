@@ -557,7 +557,7 @@ fn a_full_sync_of_unchanged_services_writes_nothing() {
 
 /// The committed table with `f` applied: what the kernel would list after a foreign change.
 fn kernel_after(planner: &Planner, f: impl FnOnce(&mut super::plan::TableState)) -> super::plan::TableState {
-    let mut k = planner.state.clone();
+    let mut k = planner.committed();
     f(&mut k);
     k
 }
@@ -567,7 +567,7 @@ fn a_check_repairs_only_what_differs() {
     let d = desired(&representative());
     let (mut planner, _) = full(&d, &config());
     let none = HashSet::new();
-    let same = planner.state.clone();
+    let same = planner.committed();
     assert_eq!(planner.reconcile(same, &none, true).1, 0, "nothing differs");
 
     let sticky = names::service_chain(&port("sticky"));
@@ -578,11 +578,11 @@ fn a_check_repairs_only_what_differs() {
         k.chains.get_mut(names::SERVICES).unwrap().rules.clear();
         k.chains.get_mut(&sticky).unwrap().rules.pop();
         let np = k.elements.get_mut(names::EXTERNAL_CLUSTER_NODEPORTS).unwrap();
-        assert!(np.remove(&np_key).is_some());
+        assert!(np.remove(np_key.as_slice()).is_some());
         k.chains.insert("intruder".into(), Default::default());
         let stray = super::rule::Key::ProtoPort(crate::model::Protocol::Udp, 31999).bytes();
         let np = k.elements.get_mut(names::EXTERNAL_CLUSTER_NODEPORTS).unwrap();
-        np.insert(stray, super::plan::data_hash(None));
+        np.insert(stray.into(), super::plan::data_hash(None));
     });
     let (plan, differences) = planner.reconcile(kernel, &none, true);
     assert_eq!(differences, 5);
@@ -613,18 +613,139 @@ fn a_check_repairs_only_what_differs() {
     assert_eq!((plan.units.len(), differences), (0, 0));
 
     // A set the listing could not read consistently is not compared.
-    let mut kernel = planner.state.clone();
+    let mut kernel = planner.committed();
     kernel.elements.remove(names::EXTERNAL_CLUSTER_NODEPORTS);
     kernel.unlisted.insert(names::EXTERNAL_CLUSTER_NODEPORTS.into());
     let (plan, differences) = planner.reconcile(kernel, &none, true);
     assert_eq!((plan.units.len(), differences), (0, 0));
 }
 
+/// Element keys are kept inline: every key kproxy keeps fits (no allocation per element), a
+/// longer one read back is kept whole, and either is found by its bytes.
+#[test]
+fn element_keys_are_kept_inline_and_found_by_their_bytes() {
+    use super::plan::KeyBytes;
+    use super::rule::Key;
+    use crate::model::Protocol;
+    assert_eq!(std::mem::size_of::<KeyBytes>(), 32);
+    let v6_slot = Key::AddrPortSlot("fd00::10".parse().unwrap(), Protocol::Tcp, 80, 65536).bytes();
+    let v6_pair = Key::Pair("fd00:244::2".parse().unwrap()).bytes();
+    assert_eq!((v6_slot.len(), v6_pair.len()), (24, 32));
+    let slot = KeyBytes::from(v6_slot.clone());
+    assert!(matches!(slot, KeyBytes::Inline { .. }));
+    let pair = KeyBytes::from(v6_pair.clone());
+    assert!(matches!(pair, KeyBytes::Heap(_)));
+    let set: std::collections::HashMap<KeyBytes, u64> = [(slot, 1), (pair, 2)].into();
+    assert_eq!(set.get(v6_slot.as_slice()), Some(&1));
+    assert_eq!(set.get(v6_pair.as_slice()), Some(&2));
+    assert_eq!(set.get(&v6_slot[..23]), None, "a prefix is another key");
+    assert_eq!(&*KeyBytes::new(&v6_slot), v6_slot.as_slice());
+}
+
+/// The hairpin set is kept as counts and endpoint slots as their bucket's claim, not as
+/// elements: a check still finds and repairs a foreign change to either.
+#[test]
+fn derived_elements_are_compared_and_repaired() {
+    use super::rule::Key;
+    let d = desired(&representative());
+    let (mut planner, _) = full(&d, &config());
+    assert!(!planner.state.elements.contains_key(names::HAIRPIN), "not kept");
+    let none = HashSet::new();
+    assert_eq!(planner.reconcile(planner.committed(), &none, true).1, 0);
+
+    let pair = |ip: &str| Key::Pair(ip.parse().unwrap()).bytes();
+    let tcp = names::service_endpoints(crate::model::Protocol::Tcp);
+    let web_slot = Key::AddrPortSlot("10.96.0.10".parse().unwrap(), crate::model::Protocol::Tcp, 80, 1).bytes();
+    let kernel = kernel_after(&planner, |k| {
+        let hairpin = k.elements.get_mut(names::HAIRPIN).unwrap();
+        assert!(hairpin.remove(pair("10.244.2.2").as_slice()).is_some());
+        hairpin.insert(pair("10.9.9.9").into(), super::plan::data_hash(None));
+        assert!(k.elements.get_mut(tcp).unwrap().remove(web_slot.as_slice()).is_some());
+    });
+    let (plan, differences) = planner.reconcile(kernel, &none, true);
+    assert_eq!(differences, 2, "{:?}", planner.differed);
+    let t = text(&plan);
+    assert!(added(&t, names::HAIRPIN).contains("10.244.2.2 . 10.244.2.2"), "{t}");
+    assert_eq!(added(&t, names::HAIRPIN).len(), 1, "only the missing one:\n{t}");
+    assert!(
+        t.contains("delete element ip kproxy hairpin { 10.9.9.9 . 10.9.9.9 }"),
+        "{t}"
+    );
+    assert!(
+        added(&t, tcp).contains("10.96.0.10 . 80 . 1 : 10.244.2.2 . 8080"),
+        "{t}"
+    );
+    assert!(!t.contains("10.96.0.11"), "other Services are not rewritten:\n{t}");
+    echo(&mut planner, &plan);
+    assert_eq!(planner.reconcile(planner.committed(), &none, true).1, 0);
+    assert!(!planner.state.elements.contains_key(names::HAIRPIN), "still not kept");
+
+    // A slot nobody's bucket implies is a stray; one of a Service's is its own.
+    let kernel = kernel_after(&planner, |k| {
+        let stray = Key::AddrPortSlot("10.96.0.10".parse().unwrap(), crate::model::Protocol::Tcp, 80, 7).bytes();
+        let value = super::rule::Value::Endpoint("10.9.9.9".parse().unwrap(), 80).data();
+        k.elements
+            .get_mut(tcp)
+            .unwrap()
+            .insert(stray.into(), super::plan::data_hash(Some(&value)));
+    });
+    let (plan, differences) = planner.reconcile(kernel, &none, true);
+    assert_eq!(differences, 1);
+    assert_eq!(
+        text(&plan),
+        "delete element ip kproxy service-endpoints-tcp { 10.96.0.10 . 80 . 7 }\n"
+    );
+}
+
+/// A foreign writer deletes hairpin and endpoint elements (which kproxy keeps only derived)
+/// in the kernel: the check lists the table, repairs just those, and the kernel then holds
+/// what was committed. Skipped without root.
+#[test]
+fn a_foreign_delete_of_derived_elements_is_repaired_in_the_kernel() {
+    use super::rule::Key;
+    let yaml = representative();
+    let Some(()) = in_netns(move || {
+        let cfg = config();
+        let mut kernel = Kernel::connect(IpFamily::V4).unwrap();
+        let mut planner = Planner::new(IpFamily::V4);
+        planner.adopt(Default::default());
+        let plan = planner.plan(&desired(&yaml), &ChangeSet::full(), &cfg);
+        apply_plan(&mut kernel, &mut planner, &plan).unwrap();
+        let tcp = names::service_endpoints(crate::model::Protocol::Tcp);
+        nft(&[
+            "delete",
+            "element",
+            "ip",
+            "kproxy",
+            names::HAIRPIN,
+            "{ 10.244.1.2 . 10.244.1.2 }",
+        ]);
+        nft(&["delete", "element", "ip", "kproxy", tcp, "{ 10.96.0.10 . 80 . 0 }"]);
+        let (listed, _, snapshot) = read_table(&mut kernel.sock, kernel.table).unwrap();
+        assert!(snapshot);
+        assert!(
+            !listed.elements[names::HAIRPIN].contains_key(Key::Pair("10.244.1.2".parse().unwrap()).bytes().as_slice())
+        );
+        let (plan, differences) = planner.reconcile(listed, &HashSet::new(), true);
+        assert_eq!(differences, 2, "{:?}", planner.differed);
+        let applied = apply_plan(&mut kernel, &mut planner, &plan).unwrap();
+        assert_eq!(applied.writes, 2, "{}", plan_text(&plan, IpFamily::V4));
+        let (listed, _, _) = read_table(&mut kernel.sock, kernel.table).unwrap();
+        assert!(
+            listed == planner.committed(),
+            "the kernel holds what was committed again"
+        );
+    }) else {
+        eprintln!("skipping: needs root (network namespaces)");
+        return;
+    };
+}
+
 #[test]
 fn after_a_read_back_everything_is_compared_and_strays_deleted() {
     let d = desired(&representative());
     let (planner, _) = full(&d, &config());
-    let mut kernel = planner.state.clone();
+    let mut kernel = planner.committed();
     kernel
         .chains
         .insert("service-XXXX-ns/old/tcp/http".into(), Default::default());
@@ -742,8 +863,9 @@ fn the_kernel_holds_what_the_planner_committed() {
                     .unwrap_or_else(|e| panic!("step {i}: {e}\n{}", plan_text(&plan, family)));
                 let (listed, _, snapshot) = read_table(&mut kernel.sock, kernel.table).unwrap();
                 assert!(snapshot);
-                if listed != planner.state {
-                    let (k, c) = (&listed, &planner.state);
+                let committed = planner.committed();
+                if listed != committed {
+                    let (k, c) = (&listed, &committed);
                     let mut diff = Vec::new();
                     for (n, ch) in &k.chains {
                         if c.chains.get(n) != Some(ch) {
@@ -1039,7 +1161,7 @@ fn a_streamed_cold_start_commits_what_was_planned() {
                 "step {i}: every rule's handle is recorded"
             );
             assert!(
-                listed == planner.state,
+                listed == planner.committed(),
                 "step {i}: the kernel does not hold what was committed"
             );
         }
