@@ -173,6 +173,11 @@ use sockopt::TcpDeferAccept;
 /// to accept anyway (one SYN-ACK retransmission; HTTP and TLS clients speak first).
 const DEFER_ACCEPT_SECONDS: i32 = 1;
 
+/// Sets `TCP_DEFER_ACCEPT` on a listening socket (see [`bind`]); the Gateway listeners use it too.
+pub(crate) fn defer_accept(socket: &impl std::os::fd::AsFd) -> nix::Result<()> {
+    nix::sys::socket::setsockopt(socket, TcpDeferAccept, &DEFER_ACCEPT_SECONDS)
+}
+
 /// One worker's socket for a listener: bound at start with SO_REUSEPORT, so that a taken port
 /// is an error at once, and listening only once the routes exist (see [`serve_listener`]).
 ///
@@ -191,7 +196,7 @@ fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpSocket, IngressError>
         s.set_reuseaddr(true)?;
         s.set_reuseport(true)?;
         s.set_nodelay(true)?;
-        nix::sys::socket::setsockopt(&s, TcpDeferAccept, &DEFER_ACCEPT_SECONDS)?;
+        defer_accept(&s)?;
         s.bind(addr)?;
         Ok(s)
     });

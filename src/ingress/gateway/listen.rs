@@ -131,6 +131,8 @@ impl GatewayListeners {
         // Accepted sockets inherit TCP_NODELAY from the listener (Linux): no Nagle delay on
         // an answer written in more than one piece, and no setsockopt per connection.
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::TcpNoDelay, &true)?;
+        // As the Ingress listeners: accepted when the client's first bytes are there.
+        crate::ingress::controller::defer_accept(&socket)?;
         let (resolver, tls) = if https {
             let resolver = Arc::new(CertResolver::new(self.default_cert.clone()));
             let config = tls::server_config(resolver.clone()).map_err(std::io::Error::other)?;
