@@ -387,6 +387,21 @@ pub mod tests {
     }
 
     #[test]
+    fn a_datagram_larger_than_the_buffer_fails_the_call_and_grows_the_buffer() {
+        let Some(()) = in_netns(|| {
+            let mut sock = NftSocket::connect().unwrap();
+            assert_eq!(sock.buf.len(), RECV_BUF);
+            sock.buf = vec![0; 16];
+            let e = sock.generation().unwrap_err().to_string();
+            assert!(e.contains("did not fit the receive buffer"), "{e}");
+            assert!(sock.buf.len() > 16);
+            sock.generation().unwrap();
+        }) else {
+            return;
+        };
+    }
+
+    #[test]
     fn a_batch_writes_what_nft_lists_and_a_refused_one_changes_nothing() {
         let Some(()) = in_netns(|| {
             let mut sock = NftSocket::connect().unwrap();
