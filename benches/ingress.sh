@@ -28,7 +28,9 @@
 #          under the real load (wrk -c64, no tracer slowing the proxy down): system calls by
 #          kind, reads that found nothing (EAGAIN), epoll_wait calls and the events they
 #          returned, context switches and CPU migrations, from the kernel's tracepoints and
-#          software counters (perf stat), kproxy and nginx interleaved; keep-alive by default
+#          software counters (perf stat), and TCP segments sent in the namespace per request
+#          (nstat: every hop, client, proxy and backend), kproxy and nginx interleaved;
+#          keep-alive by default
 #        BENCH_WRITE=0 ...   print the results without rewriting BENCHMARKS.md and the plots
 #        KPROXY_BIN=PATH ...   measure that binary instead of building target/release/kproxy
 #        BENCH_PROXY_CPUS=LIST BENCH_LOAD_CPUS=LIST ...   CPUs (taskset lists) for the proxy
@@ -157,8 +159,10 @@ if [ -n "${BENCH_SYSCALLS:-}" ]; then
     [ -d "/sys/kernel/tracing/events/syscalls/sys_enter_$call" ] && events+=,syscalls:sys_enter_$call
   done
   [ "$shapes" = "keepalive newconn 1mib https" ] && shapes=keepalive
-  echo "| shape | proxy | run | requests | CPU µs/request | system calls | epoll_wait | recvfrom | of them EAGAIN | sendto | writev | write | futex | epoll_ctl | context switches | migrations | page faults |"
-  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  echo "| shape | proxy | run | requests | CPU µs/request | system calls | epoll_wait | recvfrom | of them EAGAIN | sendto | writev, sendmsg | write | futex | epoll_ctl | context switches | migrations | page faults | TCP segments |"
+  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  # nstat's history file of its own: the default one is per user, shared with other runs.
+  export NSTAT_HISTORY=$work/nstat.history
   count_calls() { # shape, name, run, url, pids (comma-separated)
     local shape=$1 name=$2 run=$3 url=$4 target=$5 out=$work/perf.$2 args=(-t2 -c"$connections" -d"${duration}s" -H "Host: myapp.example.com")
     [ "$shape" = newconn ] && args+=(-H "Connection: close")
@@ -166,19 +170,22 @@ if [ -n "${BENCH_SYSCALLS:-}" ]; then
     perf stat -x, -o "$out" -e "$events" -e syscalls:sys_exit_recvfrom --filter 'ret == -11' -p "$target" &
     local perf_pid=$! wrk_out
     sleep 0.5
+    in_ns nstat -n
     wrk_out=$(in_ns taskset -c "$load_cpus" wrk "${args[@]}" "$url")
+    local segments
+    segments=$(in_ns nstat -z TcpOutSegs | awk '$1 == "TcpOutSegs" {print $2}')
     kill -INT "$perf_pid"
     wait "$perf_pid" 2>/dev/null || true
     local requests
     requests=$(awk '/requests in/ {print $1}' <<<"$wrk_out")
-    awk -F, -v shape="$shape" -v name="$name" -v run="$run" -v n="$requests" '
+    awk -F, -v shape="$shape" -v name="$name" -v run="$run" -v n="$requests" -v segs="${segments:-0}" '
       $3 != "" { c[$3] = $1 + 0 }
       END {
-        printf "| %s | %s | %s | %d | %.1f | %.2f | %.3f | %.2f | %.3f | %.2f | %.2f | %.2f | %.3f | %.3f | %.3f | %.4f | %.4f |\n", shape, name, run, n,
+        printf "| %s | %s | %s | %d | %.1f | %.2f | %.3f | %.2f | %.3f | %.2f | %.2f | %.2f | %.3f | %.3f | %.3f | %.4f | %.4f | %.2f |\n", shape, name, run, n,
           c["task-clock"] * 1000 / n, c["raw_syscalls:sys_enter"] / n, (c["syscalls:sys_enter_epoll_wait"] + c["syscalls:sys_enter_epoll_pwait"]) / n,
           (c["syscalls:sys_enter_recvfrom"] + c["syscalls:sys_enter_read"]) / n, c["syscalls:sys_exit_recvfrom"] / n,
-          c["syscalls:sys_enter_sendto"] / n, c["syscalls:sys_enter_writev"] / n, c["syscalls:sys_enter_write"] / n,
-          c["syscalls:sys_enter_futex"] / n, c["syscalls:sys_enter_epoll_ctl"] / n, c["context-switches"] / n, c["cpu-migrations"] / n, c["page-faults"] / n
+          c["syscalls:sys_enter_sendto"] / n, (c["syscalls:sys_enter_writev"] + c["syscalls:sys_enter_sendmsg"]) / n, c["syscalls:sys_enter_write"] / n,
+          c["syscalls:sys_enter_futex"] / n, c["syscalls:sys_enter_epoll_ctl"] / n, c["context-switches"] / n, c["cpu-migrations"] / n, c["page-faults"] / n, segs / n
       }' "$out"
   }
   for run in $(seq 1 "$runs"); do

@@ -124,7 +124,10 @@ PY
 fi
 
 api=http://127.0.0.1:6443
-metric() { ip netns exec "$ns" curl -s --max-time 2 http://127.0.0.1:10249/metrics | awk -v n="$1" '$1 == n {print $2}'; }
+# Under heaptrack a debug build can take longer than a second or two to answer /metrics.
+metric_timeout=2
+[ -z "${KPROXY_BENCH_HEAPTRACK:-}" ] || metric_timeout=60
+metric() { ip netns exec "$ns" curl -s --max-time "$metric_timeout" http://127.0.0.1:10249/metrics | awk -v n="$1" '$1 == n {print $2}'; }
 wait_metric() { # NAME MIN SECONDS
   local deadline=$((SECONDS + $3)) c
   while [ $SECONDS -lt $deadline ]; do

@@ -461,8 +461,8 @@ pub fn services_table(desired: &DesiredState) -> String {
         };
         let sp = &first.port;
         let ips = |v: &[std::net::IpAddr]| v.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
-        let mut external: Vec<std::net::IpAddr> = sp.external_ips.clone();
-        external.extend(&sp.load_balancer_ips);
+        let mut external: Vec<std::net::IpAddr> = sp.external_ips().to_vec();
+        external.extend(sp.load_balancer_ips());
         let ports = state
             .ports
             .iter()
@@ -480,7 +480,7 @@ pub fn services_table(desired: &DesiredState) -> String {
         let mut eps: Vec<String> = state
             .ports
             .iter()
-            .flat_map(|p| p.endpoints.iter().filter(|e| e.ready).map(|e| e.addr_string()))
+            .flat_map(|p| p.endpoints.iter().filter(|e| e.ready()).map(|e| e.addr_string()))
             .collect();
         eps.dedup();
         rows.push([

@@ -39,8 +39,8 @@ pub fn udp_ports(desired: &DesiredState, family: IpFamily) -> UdpPorts {
                 .iter()
                 .filter(of_family)
                 .take(1)
-                .chain(sp.external_ips.iter().filter(of_family))
-                .chain(sp.load_balancer_ips.iter().filter(of_family))
+                .chain(sp.external_ips().iter().filter(of_family))
+                .chain(sp.load_balancer_ips().iter().filter(of_family))
                 .copied()
                 .collect();
             if service_ips.is_empty() {

@@ -25,10 +25,10 @@ impl<'a> FamilyView<'a> {
         let in_family = |ip: &&IpAddr| IpFamily::of(ip) == family;
         Some(FamilyView {
             cluster_ip: *sp.cluster_ips.iter().find(|ip| IpFamily::of(ip) == family)?,
-            external_ips: sp.external_ips.iter().filter(in_family).collect(),
-            lb_ips: sp.load_balancer_ips.iter().filter(in_family).collect(),
+            external_ips: sp.external_ips().iter().filter(in_family).collect(),
+            lb_ips: sp.load_balancer_ips().iter().filter(in_family).collect(),
             source_ranges: sp
-                .load_balancer_source_ranges
+                .load_balancer_source_ranges()
                 .iter()
                 .filter(|n| IpFamily::of(&n.addr()) == family)
                 .collect(),

@@ -152,8 +152,35 @@ const BACKLOG: u32 = 4096;
 /// How often idle backend connections are checked for their idle timeout.
 const POOL_PURGE_INTERVAL: Duration = Duration::from_secs(5);
 
+mod sockopt {
+    // The macro's expansion names `libc` at the call site.
+    use nix::libc;
+
+    /// Linux's `TCP_DEFER_ACCEPT` (an `int`, seconds), which neither nix nor socket2 names.
+    #[derive(Clone, Copy, Debug)]
+    pub struct TcpDeferAccept;
+    nix::setsockopt_impl!(
+        TcpDeferAccept,
+        libc::IPPROTO_TCP,
+        libc::TCP_DEFER_ACCEPT,
+        i32,
+        nix::sys::socket::sockopt::SetStruct<i32>
+    );
+}
+use sockopt::TcpDeferAccept;
+
+/// How long the kernel holds a connection whose client sent nothing yet before it hands it
+/// to accept anyway (one SYN-ACK retransmission; HTTP and TLS clients speak first).
+const DEFER_ACCEPT_SECONDS: i32 = 1;
+
 /// One worker's socket for a listener: bound at start with SO_REUSEPORT, so that a taken port
 /// is an error at once, and listening only once the routes exist (see [`serve_listener`]).
+///
+/// `TCP_DEFER_ACCEPT`: a connection becomes acceptable when its first bytes arrive, not at the
+/// handshake's last ACK. The first read of a new connection then finds the request (without it
+/// a third of them found nothing and cost an `EAGAIN` read, the `epoll_ctl`s that register and
+/// remove the socket and another wake-up: BENCHMARKS.md), and a client that connects and says
+/// nothing costs the proxy nothing for that second. (nginx: `listen ... deferred`.)
 fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpSocket, IngressError> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -164,6 +191,7 @@ fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpSocket, IngressError>
         s.set_reuseaddr(true)?;
         s.set_reuseport(true)?;
         s.set_nodelay(true)?;
+        nix::sys::socket::setsockopt(&s, TcpDeferAccept, &DEFER_ACCEPT_SECONDS)?;
         s.bind(addr)?;
         Ok(s)
     });
@@ -378,6 +406,10 @@ async fn serve_listener(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let port = listener.get_ref().local_addr().map_or(0, |a| a.port());
+    // One wait for the stop for the listener's whole life: a new one per accepted connection
+    // registered on (and removed from) the shutdown channel, whose lock all workers share.
+    let stop = stopped(&mut shutdown);
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             r = accept(&listener) => match r {
@@ -387,7 +419,7 @@ async fn serve_listener(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = stopped(&mut shutdown) => break,
+            _ = &mut stop => break,
         }
     }
     // Connections in the accept queue completed their handshake with this process: serve them.
@@ -668,6 +700,31 @@ mod tests {
             rx.borrow().as_ref().unwrap().ingresses.is_empty(),
             "a deleted Ingress is no longer served"
         );
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_accepted_with_its_first_bytes_and_a_silent_one_after_the_deferral() {
+        let socket = bind("HTTP", "127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(16).unwrap().into_std().unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let listener = std::sync::Arc::new(listener);
+
+        // Accepted only once its request came: the first read finds it without waiting.
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        std::io::Write::write_all(&mut client, b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let l = listener.clone();
+        let (accepted, _) = tokio::task::spawn_blocking(move || l.accept()).await.unwrap().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        let mut got = [0u8; 64];
+        let n = std::io::Read::read(&mut &accepted, &mut got).expect("the request is there at accept");
+        assert_eq!(&got[..n], b"GET / HTTP/1.1\r\n\r\n");
+
+        // A client that connects and says nothing is not lost: it is accepted after the deferral.
+        let _silent = std::net::TcpStream::connect(addr).unwrap();
+        let l = listener.clone();
+        let accepted = tokio::task::spawn_blocking(move || l.accept()).await.unwrap();
+        assert!(accepted.is_ok(), "{accepted:?}");
     }
 
     /// One request with `Connection: close` on a new connection through `start_connection`;

@@ -13,6 +13,7 @@
 //! waits, bufferless, for the next request.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::io::{IoSlice, Write as _};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -228,7 +229,7 @@ pub enum ClientIo {
     /// the socket's send buffer: such a connection is read, answered and closed with plain
     /// system calls, without the `epoll_ctl` that adds it, the one that removes it, and the
     /// runtime's state for it. It is registered (becomes `Plain`) the first time a read or a
-    /// write would wait. `None` once registering failed.
+    /// write would wait. `None` once registering failed, or once closed by `write_last`.
     Fresh(Option<std::net::TcpStream>),
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
@@ -261,6 +262,42 @@ impl ClientIo {
             ClientIo::Plain(s) => Ok(s),
             ClientIo::Tls(s) => Ok(s.get_ref().0),
             ClientIo::Fresh(_) => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// Writes `a` then `b` as the connection's last bytes and closes it, so that the FIN leaves
+    /// in the same segment as the answer: the bytes go out with `MSG_MORE`, which holds them in
+    /// the socket until the close adds the FIN and sends both. The client's kernel then takes
+    /// one segment instead of two (and acknowledges both at once). For a connection whose
+    /// client asked to close and sent nothing more (a close with unread bytes resets the
+    /// connection, and held bytes would be lost with it). A TLS connection, or a socket that
+    /// does not take all at once, gets ordinary writes and closes later.
+    async fn write_last(&mut self, a: &[u8], b: &[u8]) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let send = |fd: std::os::fd::RawFd| {
+            let flags = nix::sys::socket::MsgFlags::from_bits_retain(nix::libc::MSG_MORE | nix::libc::MSG_NOSIGNAL);
+            nix::sys::socket::sendmsg::<()>(fd, &[IoSlice::new(a), IoSlice::new(b)], &[], flags, None)
+                .map_err(std::io::Error::from)
+        };
+        let sent = match self {
+            ClientIo::Fresh(Some(s)) => send(s.as_raw_fd()),
+            ClientIo::Plain(s) => s.try_io(tokio::io::Interest::WRITABLE, || send(s.as_raw_fd())),
+            _ => Err(std::io::ErrorKind::WouldBlock.into()),
+        };
+        match sent {
+            Ok(n) if n == a.len() + b.len() => {
+                // The close: FIN and the held bytes leave together.
+                *self = ClientIo::Fresh(None);
+                Ok(())
+            }
+            Ok(n) => {
+                let from_a = n.min(a.len());
+                write_two(self, &a[from_a..], &b[n - from_a..]).await
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {
+                write_two(self, a, b).await
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -355,6 +392,24 @@ impl AsyncWrite for ClientIo {
     }
 }
 
+/// `tokio::time::timeout`, with the timer made only if `f` has to wait. Most reads and writes
+/// here complete at once, and making a timer reads the clock and clones the runtime's handle.
+/// The limit then runs from the first wait, microseconds later than from the call.
+async fn within<F: Future>(limit: Duration, f: F) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut f = std::pin::pin!(f);
+    if let Poll::Ready(v) = std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await {
+        return Ok(v);
+    }
+    tokio::time::timeout(limit, f).await
+}
+
+/// A connection's timer for one kind of wait (for its next request; for a backend's answer),
+/// moved on for each wait rather than made anew. Moving a registered timer's deadline later is
+/// one atomic exchange; a timer per wait took the runtime's timer lock twice (into the wheel,
+/// and out of it when the wait ended first), and read the clock and cloned the runtime's
+/// handle to be made.
+type Timer<'a> = Pin<&'a mut tokio::time::Sleep>;
+
 /// Writes `a` then `b` with as few `writev`s as the socket takes.
 async fn write_two<W: AsyncWrite + Unpin>(io: &mut W, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
     while !a.is_empty() || !b.is_empty() {
@@ -405,6 +460,11 @@ pub async fn serve(w: Rc<Worker>, mut io: ClientIo, conn: Conn) -> Served {
     tokio::pin!(draining_began);
     draining_began.as_mut().enable();
     let mut draining = w.draining();
+    // Not registered with the runtime until first armed (see `Timer`).
+    let idle_timer = tokio::time::sleep(KEEPALIVE_TIMEOUT);
+    tokio::pin!(idle_timer);
+    let upstream_timer = tokio::time::sleep(KEEPALIVE_TIMEOUT);
+    tokio::pin!(upstream_timer);
     if let ClientIo::Fresh(Some(s)) = &io {
         // A new connection's request is usually there by the time its task runs: read it
         // now, without a round through the runtime's readiness events and a timer first
@@ -427,9 +487,10 @@ pub async fn serve(w: Rc<Worker>, mut io: ClientIo, conn: Conn) -> Served {
                 (false, false) => KEEPALIVE_TIMEOUT,
             };
             let Ok(socket) = io.registered() else { break };
+            idle_timer.as_mut().reset(tokio::time::Instant::now() + idle);
             let ready = tokio::select! {
                 r = socket.readable() => r.is_ok(),
-                _ = tokio::time::sleep(idle) => false,
+                _ = idle_timer.as_mut() => false,
                 _ = &mut draining_began, if !draining => {
                     // Draining began: give the idle connection its last-call grace.
                     draining = true;
@@ -446,7 +507,7 @@ pub async fn serve(w: Rc<Worker>, mut io: ClientIo, conn: Conn) -> Served {
         // to the kernel and faulted in again: 0.43 page faults per keep-alive request (nginx
         // 0.004; BENCHMARKS.md). Inline, the request's state is part of the connection's own
         // allocation, which an idle connection keeps (about 2 KiB more each).
-        let next = request(&w, &mut io, conn, buf, first).await;
+        let next = request(&w, &mut io, conn, buf, first, upstream_timer.as_mut()).await;
         first = false;
         match next {
             Next::KeepAlive(c) => carry = c,
@@ -479,7 +540,8 @@ enum NoHead {
 
 /// Reads until `buf` starts with a complete request head.
 async fn read_head(io: &mut ClientIo, buf: &mut Buf, first: bool) -> Result<RequestHead, NoHead> {
-    let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+    // From the first read that has to wait: the head is usually read whole, at once.
+    let mut deadline = None;
     loop {
         if !buf.is_empty() {
             if first && H2_PREFACE.starts_with(&buf.filled()[..buf.filled().len().min(H2_PREFACE.len())]) {
@@ -494,7 +556,22 @@ async fn read_head(io: &mut ClientIo, buf: &mut Buf, first: bool) -> Result<Requ
                 }
             }
         }
-        match tokio::time::timeout_at(deadline, buf.read_from(io, framing::MAX_HEAD + 1)).await {
+        let read = buf.read_from(io, framing::MAX_HEAD + 1);
+        let read = match deadline {
+            Some(d) => tokio::time::timeout_at(d, read).await,
+            None => {
+                let mut read = std::pin::pin!(read);
+                match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+                    Poll::Ready(r) => Ok(r),
+                    Poll::Pending => {
+                        let d = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+                        deadline = Some(d);
+                        tokio::time::timeout_at(d, read).await
+                    }
+                }
+            }
+        };
+        match read {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err(NoHead::Gone),
             Ok(Ok(_)) => {}
         }
@@ -638,7 +715,14 @@ fn record(w: &Worker, table: Option<&Arc<RouteTable>>, conn: Conn, r: &Record<'_
 }
 
 /// One request on a client connection, from its head to the end of its answer.
-async fn request(w: &Worker, io: &mut ClientIo, conn: Conn, mut buf: Buf, first: bool) -> Next {
+async fn request(
+    w: &Worker,
+    io: &mut ClientIo,
+    conn: Conn,
+    mut buf: Buf,
+    first: bool,
+    upstream_timer: Timer<'_>,
+) -> Next {
     let head = match read_head(io, &mut buf, first).await {
         Ok(h) => h,
         Err(NoHead::H2) => return Next::H2(buf),
@@ -668,7 +752,7 @@ async fn request(w: &Worker, io: &mut ClientIo, conn: Conn, mut buf: Buf, first:
         }),
     };
     let outcome = match &table {
-        Some(table) => route_and_forward(w, io, conn, &mut buf, &head, table, &mut rec).await,
+        Some(table) => route_and_forward(w, io, conn, &mut buf, &head, table, &mut rec, upstream_timer).await,
         None => {
             local(
                 w,
@@ -813,6 +897,7 @@ struct Plan<'t> {
     gateway: Option<gateway::Forward<'t>>,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn route_and_forward<'t>(
     w: &Worker,
     io: &mut ClientIo,
@@ -821,13 +906,14 @@ async fn route_and_forward<'t>(
     head: &RequestHead,
     table: &'t RouteTable,
     rec: &mut Record<'t>,
+    upstream_timer: Timer<'_>,
 ) -> Outcome {
     let mut out = w.take_head();
     let planned = plan(w, conn, buf.filled(), head, table, &mut out);
     match planned {
         Ok(p) => {
             rec.route = Some(p.route);
-            forward(w, io, buf, p, out, rec).await
+            forward(w, io, buf, p, out, rec, upstream_timer).await
         }
         Err((route, a)) => {
             w.give_head(out);
@@ -1291,7 +1377,7 @@ async fn stream_body(
             up.write_all(out).await?;
             up.flush().await
         };
-        match tokio::time::timeout(send_timeout, sent).await {
+        match within(send_timeout, sent).await {
             Ok(Ok(())) => {}
             _ => return Err(BodyError::Upstream),
         }
@@ -1313,8 +1399,9 @@ async fn read_response_head(
     ub: &mut Buf,
     head_request: bool,
     timeout: Duration,
+    mut timer: Timer<'_>,
 ) -> Result<ResponseHead, NoResponse> {
-    let deadline = tokio::time::Instant::now() + timeout;
+    timer.as_mut().reset(tokio::time::Instant::now() + timeout);
     let mut got_any = false;
     loop {
         if !ub.is_empty() {
@@ -1329,8 +1416,13 @@ async fn read_response_head(
                 Err(framing::ResponseError::Malformed) => return Err(NoResponse::Bad),
             }
         }
-        match tokio::time::timeout_at(deadline, ub.read_from(up, framing::MAX_HEAD + 1)).await {
-            Err(_) => return Err(NoResponse::Timeout),
+        let read = tokio::select! {
+            biased;
+            r = ub.read_from(up, framing::MAX_HEAD + 1) => Ok(r),
+            _ = timer.as_mut() => Err(()),
+        };
+        match read {
+            Err(()) => return Err(NoResponse::Timeout),
             Ok(Ok(0)) | Ok(Err(_)) if !got_any => return Err(NoResponse::Closed),
             Ok(Ok(0)) | Ok(Err(_)) => return Err(NoResponse::Bad),
             Ok(Ok(_)) => got_any = true,
@@ -1354,6 +1446,7 @@ async fn forward<'t>(
     plan: Plan<'t>,
     mut out: Vec<u8>,
     rec: &mut Record<'t>,
+    mut upstream_timer: Timer<'_>,
 ) -> Outcome {
     let route = plan.route;
     let lim = limits(route);
@@ -1412,7 +1505,7 @@ async fn forward<'t>(
                 up.io.write_all(&out).await?;
                 up.io.flush().await
             };
-            match tokio::time::timeout(lim.send, sent).await {
+            match within(lim.send, sent).await {
                 Ok(Ok(())) => {}
                 // A pooled connection the backend closed meanwhile: the same request on a new one.
                 Ok(Err(_)) if up.reused => {
@@ -1437,7 +1530,7 @@ async fn forward<'t>(
                 }
             }
             let mut ubuf = w.take_buf();
-            match read_response_head(&mut up.io, &mut ubuf, plan.is_head, lim.read).await {
+            match read_response_head(&mut up.io, &mut ubuf, plan.is_head, lim.read, upstream_timer.as_mut()).await {
                 Ok(resp) => return Ok((up, ubuf, resp, early)),
                 Err(NoResponse::Closed)
                     if up.reused && !streamed && !stale_retried && (plan.body == Body::None || plan.idempotent) =>
@@ -1497,6 +1590,9 @@ async fn forward<'t>(
     };
     // A declined Upgrade leaves an HTTP/1 connection: the next request is parsed as any other.
     let client_close = plan.close || w.draining() || early || !body_done;
+    // The client asked to close and sent nothing after this request: the answer may carry
+    // the FIN (see `ClientIo::write_last`).
+    let fin_with_answer = plan.close && body_done && !early && buf.is_empty();
     let relayed = relay_response(
         io,
         &mut up.io,
@@ -1504,7 +1600,7 @@ async fn forward<'t>(
         &mut out,
         &plan,
         &resp,
-        client_close,
+        (client_close, fin_with_answer),
         set_cookie,
         lim.read,
     )
@@ -1537,7 +1633,7 @@ async fn relay_response(
     out: &mut Vec<u8>,
     plan: &Plan<'_>,
     resp: &ResponseHead,
-    close: bool,
+    (close, fin_with_answer): (bool, bool),
     set_cookie: Option<String>,
     read_timeout: Duration,
 ) -> Result<bool, ()> {
@@ -1639,7 +1735,11 @@ async fn relay_response(
             // The head and the body bytes read with it in one writev, then straight copies.
             let mut left = n;
             let first = left.min(ub.filled().len() as u64) as usize;
-            write_two(io, out, &ub.filled()[..first]).await.map_err(|_| ())?;
+            if close && fin_with_answer && first as u64 == n {
+                io.write_last(out, &ub.filled()[..first]).await.map_err(|_| ())?;
+            } else {
+                write_two(io, out, &ub.filled()[..first]).await.map_err(|_| ())?;
+            }
             ub.consume(first);
             left -= first as u64;
             let read_size = if left > BUF_SIZE as u64 {
@@ -1883,5 +1983,47 @@ mod tests {
         io.shutdown().await.unwrap();
         drop(io);
         assert_eq!(reader.join().unwrap(), answer.len() + 5);
+    }
+
+    /// What the client reads until the proxy's side closes.
+    fn read_all(client: std::net::TcpStream) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut client = client;
+            let mut all = Vec::new();
+            std::io::Read::read_to_end(&mut client, &mut all).unwrap();
+            all
+        })
+    }
+
+    #[tokio::test]
+    async fn the_last_answer_is_sent_whole_and_closes_the_connection() {
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\n";
+        // A fresh socket, and one registered with the runtime (a keep-alive connection that
+        // waited): the bytes arrive whole, then the end of the stream.
+        for register in [false, true] {
+            let (mut io, mut client) = fresh_pair(b"");
+            if register {
+                // Registered by a read that had to wait, as a keep-alive connection's is.
+                let mut read = Box::pin(async {
+                    let mut got = [0u8; 8];
+                    io.read(&mut got).await.map(|n| n > 0)
+                });
+                assert!(futures::poll!(&mut read).is_pending());
+                std::io::Write::write_all(&mut client, b"x").unwrap();
+                assert!(read.await.unwrap());
+                assert!(matches!(io, ClientIo::Plain(_)));
+            }
+            let reader = read_all(client);
+            io.write_last(head, b"hello").await.unwrap();
+            assert!(matches!(io, ClientIo::Fresh(None)), "closed by the write");
+            assert_eq!(reader.join().unwrap(), [&head[..], b"hello"].concat());
+        }
+        // More than the socket takes at once: the rest is written as usual, all of it arrives.
+        let (mut io, client) = fresh_pair(b"");
+        let reader = read_all(client);
+        let body = vec![b'x'; 16 << 20];
+        io.write_last(head, &body).await.unwrap();
+        drop(io);
+        assert_eq!(reader.join().unwrap().len(), head.len() + body.len());
     }
 }

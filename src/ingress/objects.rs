@@ -1,16 +1,18 @@
 //! The Ingress-side objects kproxy knows: Ingresses, IngressClasses and TLS Secrets, reduced as
 //! they arrive to the fields the route builder, the status writer and the certificate resolver
-//! read (no managedFields, no `kubectl` last-applied copy, no labels; of a Secret, only its
-//! certificate and key). The route builder converts them all at once, so a change of one
-//! object needs no incremental bookkeeping here.
+//! read (no managedFields, no `kubectl` last-applied copy, no labels; a TLS Secret is parsed
+//! as it arrives and kept only as the certificate and key rustls serves, see [`TlsSecret`]).
+//! The route builder converts them all at once, so a change of one object needs no
+//! incremental bookkeeping here.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass, IngressClassSpec, IngressStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::ByteString;
 use kube::ResourceExt;
+use rustls::sign::CertifiedKey;
 
 use super::annotations::{KPROXY_PREFIX, NGINX_PREFIX};
 use super::routes::{DEFAULT_CLASS_ANNOTATION, LEGACY_CLASS_ANNOTATION};
@@ -39,27 +41,74 @@ fn key_of<K: ResourceExt>(obj: &K) -> ObjectKey {
 pub struct IngressObjects {
     pub ingresses: BTreeMap<ObjectKey, Ingress>,
     pub classes: BTreeMap<String, IngressClass>,
-    pub secrets: BTreeMap<ObjectKey, Secret>,
+    pub secrets: BTreeMap<ObjectKey, TlsSecret>,
     /// Gateway API objects (they share the Secrets above), listed on their own.
     pub gateway: super::gateway::objects::GatewayObjects,
     synced: BTreeSet<IngressKind>,
 }
 
+/// A `kubernetes.io/tls` Secret as kproxy keeps it: parsed once, as it arrives, into the
+/// certificate chain (DER) and signing key rustls serves, with the SHA-256 of the data it came
+/// from to tell a rotated Secret from the same one again. Its PEM text is not kept (it was,
+/// besides the parsed copy: about 3 KiB per RSA 2048 Secret).
+#[derive(Debug, Clone)]
+pub struct TlsSecret {
+    digest: [u8; 32],
+    /// The certificate, or why the Secret cannot be served (the message names the Secret).
+    pub parsed: Result<Arc<CertifiedKey>, String>,
+}
+
+impl PartialEq for TlsSecret {
+    fn eq(&self, other: &Self) -> bool {
+        self.digest == other.digest
+    }
+}
+
+impl TlsSecret {
+    /// Parses `secret` (named `key`): never fails, an unusable Secret is kept with its error.
+    pub fn parse(key: &ObjectKey, secret: &Secret) -> TlsSecret {
+        TlsSecret {
+            digest: data_digest(secret),
+            parsed: super::tls::convert_secret(key, secret).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// The SHA-256 of the fields a TLS Secret is parsed from (each length-prefixed, so moving
+/// bytes from one to the other changes it).
+fn data_digest(secret: &Secret) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for k in TLS_SECRET_KEYS {
+        match secret.data.as_ref().and_then(|d| d.get(k)) {
+            Some(v) => {
+                h.update([1]);
+                h.update((v.0.len() as u64).to_be_bytes());
+                h.update(&v.0);
+            }
+            None => h.update([0]),
+        }
+    }
+    h.finalize().into()
+}
+
 /// How one kind is converted and kept in [`IngressObjects`]. The `*_converted` methods take
 /// what [`IngressObject::convert`] made of an object as it arrived (the API watchers stage a
 /// list so); the others convert first. Each returns whether anything changed.
-pub trait IngressObject: Sized + PartialEq {
+pub trait IngressObject: Sized {
     const KIND: IngressKind;
     /// How an object of the kind is named.
     type Key: Ord + Clone + Send + 'static;
+    /// What is kept of an object: the object reduced, or (a TLS Secret) what it parses to.
+    type Kept: PartialEq + Send + 'static;
 
     fn key(obj: &Self) -> Self::Key;
     /// What is kept of `obj`; `None` when nothing is (a Secret that is not TLS).
-    fn convert(obj: &Self) -> Option<Self>;
-    fn kept(objects: &mut IngressObjects) -> &mut BTreeMap<Self::Key, Self>;
+    fn convert(obj: &Self) -> Option<Self::Kept>;
+    fn kept(objects: &mut IngressObjects) -> &mut BTreeMap<Self::Key, Self::Kept>;
 
     /// Stores what [`IngressObject::convert`] made of an object (`None`: forget it).
-    fn apply_converted(objects: &mut IngressObjects, key: Self::Key, kept: Option<Self>) -> bool {
+    fn apply_converted(objects: &mut IngressObjects, key: Self::Key, kept: Option<Self::Kept>) -> bool {
         let map = Self::kept(objects);
         match kept {
             Some(obj) if map.get(&key) == Some(&obj) => false,
@@ -76,9 +125,9 @@ pub trait IngressObject: Sized + PartialEq {
     }
 
     /// A complete list, converted: replaces every object of the kind and marks it synced.
-    fn replace_converted(objects: &mut IngressObjects, all: Vec<(Self::Key, Option<Self>)>) -> bool {
+    fn replace_converted(objects: &mut IngressObjects, all: Vec<(Self::Key, Option<Self::Kept>)>) -> bool {
         let first = objects.synced.insert(Self::KIND);
-        let new: BTreeMap<Self::Key, Self> = all.into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+        let new: BTreeMap<Self::Key, Self::Kept> = all.into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
         let map = Self::kept(objects);
         if *map == new {
             return first;
@@ -124,6 +173,7 @@ fn slim_meta(meta: &ObjectMeta, keep: impl Fn(&str) -> bool) -> ObjectMeta {
 impl IngressObject for Ingress {
     const KIND: IngressKind = IngressKind::Ingress;
     type Key = ObjectKey;
+    type Kept = Ingress;
 
     fn key(obj: &Self) -> ObjectKey {
         key_of(obj)
@@ -152,6 +202,7 @@ impl IngressObject for Ingress {
 impl IngressObject for IngressClass {
     const KIND: IngressKind = IngressKind::IngressClass;
     type Key = String;
+    type Kept = IngressClass;
 
     fn key(obj: &Self) -> String {
         obj.name_any()
@@ -176,32 +227,21 @@ impl IngressObject for IngressClass {
 impl IngressObject for Secret {
     const KIND: IngressKind = IngressKind::Secret;
     type Key = ObjectKey;
+    type Kept = TlsSecret;
 
     fn key(obj: &Self) -> ObjectKey {
         key_of(obj)
     }
 
-    /// A TLS Secret's certificate and key; nothing of any other Secret.
-    fn convert(obj: &Self) -> Option<Self> {
+    /// A TLS Secret's certificate and key, parsed; nothing of any other Secret.
+    fn convert(obj: &Self) -> Option<TlsSecret> {
         if obj.type_.as_deref() != Some(TLS_SECRET_TYPE) {
             return None;
         }
-        let data: BTreeMap<String, ByteString> = obj
-            .data
-            .iter()
-            .flatten()
-            .filter(|(k, _)| TLS_SECRET_KEYS.contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        Some(Secret {
-            metadata: slim_meta(&obj.metadata, |_| false),
-            type_: obj.type_.clone(),
-            data: Some(data),
-            ..Secret::default()
-        })
+        Some(TlsSecret::parse(&key_of(obj), obj))
     }
 
-    fn kept(objects: &mut IngressObjects) -> &mut BTreeMap<ObjectKey, Self> {
+    fn kept(objects: &mut IngressObjects) -> &mut BTreeMap<ObjectKey, TlsSecret> {
         &mut objects.secrets
     }
 }
@@ -243,20 +283,36 @@ mod tests {
         assert!(o.is_ready());
     }
 
+    /// A Secret is parsed as it arrives: a bad one is kept with an error naming it (its hosts
+    /// get the default certificate), a good one as its certificate; only `tls.crt` and
+    /// `tls.key` count (a changed `ca.crt` is no change).
     #[test]
-    fn a_tls_secret_keeps_only_its_certificate_and_key() {
-        let mut s = secret("a", TLS_SECRET_TYPE);
-        s.metadata.labels = Some(BTreeMap::from([("app".into(), "web".into())]));
-        s.metadata.uid = Some("u".into());
-        let kept = Secret::convert(&s).unwrap();
-        let data = kept.data.as_ref().unwrap();
-        assert_eq!(data.keys().collect::<Vec<_>>(), ["tls.crt", "tls.key"]);
-        assert_eq!(data["tls.crt"].0, b"cert");
-        assert_eq!(
-            (kept.metadata.name.as_deref(), kept.metadata.namespace.as_deref()),
-            (Some("a"), Some("ns"))
+    fn a_tls_secret_is_kept_parsed() {
+        let kept = Secret::convert(&secret("a", TLS_SECRET_TYPE)).unwrap();
+        let err = kept.parsed.as_ref().unwrap_err();
+        assert!(err.starts_with("Secret ns/a: tls.crt"), "{err}");
+
+        let cert = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
+        let mut good = secret("a", TLS_SECRET_TYPE);
+        let data = good.data.as_mut().unwrap();
+        data.insert("tls.crt".into(), k8s_openapi::ByteString(cert.cert.pem().into_bytes()));
+        data.insert(
+            "tls.key".into(),
+            k8s_openapi::ByteString(cert.key_pair.serialize_pem().into_bytes()),
         );
-        assert!(kept.metadata.labels.is_none() && kept.metadata.uid.is_none());
+        let kept = Secret::convert(&good).unwrap();
+        assert_eq!(kept.parsed.as_ref().unwrap().cert[0].as_ref(), cert.cert.der().as_ref());
+        let mut o = IngressObjects::default();
+        assert!(Secret::apply(&mut o, &good));
+        good.data
+            .as_mut()
+            .unwrap()
+            .insert("ca.crt".into(), k8s_openapi::ByteString(b"other".to_vec()));
+        assert!(!Secret::apply(&mut o, &good), "ca.crt is not read");
+        assert!(
+            Secret::apply(&mut o, &secret("a", TLS_SECRET_TYPE)),
+            "a rotated Secret is a change"
+        );
     }
 
     #[test]

@@ -81,7 +81,8 @@ pub enum PathMatch {
     Exact(String),
     /// Normalised: no trailing `/` (except the root `/` itself).
     Prefix(String),
-    Regex(Regex),
+    /// Shared by every rule of the same pattern in a table (see [`Regexes`]).
+    Regex(Arc<Regex>),
 }
 
 impl PathMatch {
@@ -117,6 +118,24 @@ impl PathMatch {
 /// Prefix added to user regexes: anchored at the start, case-insensitive (as ingress-nginx's `~*`).
 const REGEX_WRAP: &str = "(?i)^";
 
+/// The regexes of one table build, compiled once per pattern: thousands of Ingresses with
+/// `rewrite-target` mostly share a handful of paths, and a compiled regex is about 1.1 KiB
+/// (a clone, with its own match cache pool, about 0.4 KiB), so rules share one.
+#[derive(Default)]
+struct Regexes(HashMap<String, Arc<Regex>>);
+
+impl Regexes {
+    /// `raw` anchored and case-insensitive ([`REGEX_WRAP`]).
+    fn get(&mut self, raw: &str) -> Result<Arc<Regex>, regex::Error> {
+        if let Some(r) = self.0.get(raw) {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(Regex::new(&format!("{REGEX_WRAP}{raw}"))?);
+        self.0.insert(raw.to_string(), r.clone());
+        Ok(r)
+    }
+}
+
 /// What a matched request is served by.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -124,8 +143,8 @@ pub struct Route {
     pub ingress: String,
     pub backend: Arc<Backend>,
     pub settings: Arc<Settings>,
-    /// `rewrite-target`: the path regex whose match is replaced.
-    pub rewrite: Option<Regex>,
+    /// `rewrite-target`: the path regex whose match is replaced (shared, see [`Regexes`]).
+    pub rewrite: Option<Arc<Regex>>,
     /// The request's host has TLS configured (HTTP requests are redirected unless `ssl-redirect: "false"`).
     pub host_tls: bool,
     pub canary: Option<Arc<CanaryRoute>>,
@@ -418,12 +437,15 @@ pub fn claims(ing: &Ingress, classes: &BTreeMap<String, IngressClass>, cfg: &Cla
     }
 }
 
+/// One rule's host (or "" for every host), path, `rewrite-target` regex and backend.
+type ConvertedPath = (String, PathMatch, Option<Arc<Regex>>, Arc<Backend>);
+
 /// One Ingress, converted: everything it routes, before merging.
 struct Converted {
     name: String,
     settings: Arc<Settings>,
     /// (host or "" for every host, path, backend)
-    paths: Vec<(String, PathMatch, Option<Regex>, Arc<Backend>)>,
+    paths: Vec<ConvertedPath>,
     default: Option<Arc<Backend>>,
     hosts: Vec<String>,
     tls: Vec<TlsBinding>,
@@ -455,7 +477,7 @@ fn resolve_backend(
                 p.port.name.protocol == Protocol::Tcp
                     && match (&number, &name) {
                         (Some(n), _) => i32::from(p.port.port) == *n,
-                        (None, Some(name)) => &p.port.name.port == name,
+                        (None, Some(name)) => p.port.name.port == **name,
                         (None, None) => false,
                     }
             });
@@ -465,7 +487,7 @@ fn resolve_backend(
             Upstream::Endpoints(
                 port.endpoints
                     .iter()
-                    .filter(|e| e.ready)
+                    .filter(|e| e.ready())
                     .map(|e| SocketAddr::new(e.ip, e.port))
                     .collect(),
             )
@@ -478,10 +500,16 @@ fn resolve_backend(
     }))
 }
 
-fn convert_path(path: Option<&str>, path_type: &str, settings: &Settings) -> Result<PathMatch, String> {
+fn convert_path(
+    path: Option<&str>,
+    path_type: &str,
+    settings: &Settings,
+    regexes: &mut Regexes,
+) -> Result<PathMatch, String> {
     let raw = path.unwrap_or("/");
-    let regex = |p: &str| {
-        Regex::new(&format!("{REGEX_WRAP}{p}"))
+    let mut regex = |p: &str| {
+        regexes
+            .get(p)
             .map(PathMatch::Regex)
             .map_err(|e| format!("path {p:?}: bad regex: {e}"))
     };
@@ -514,6 +542,7 @@ fn valid_host(h: &str) -> bool {
 fn convert_ingress(
     ing: &Ingress,
     lookup: &dyn Fn(&ServiceKey) -> ServiceLookup,
+    regexes: &mut Regexes,
     warnings: &mut Vec<String>,
 ) -> Option<Converted> {
     let ns = ing.metadata.namespace.clone().unwrap_or_else(|| "default".into());
@@ -557,7 +586,7 @@ fn convert_ingress(
             out.hosts.push(host.clone());
         }
         for p in rule.http.iter().flat_map(|h| h.paths.iter()) {
-            let path = match convert_path(p.path.as_deref(), &p.path_type, &settings) {
+            let path = match convert_path(p.path.as_deref(), &p.path_type, &settings, regexes) {
                 Ok(path) => path,
                 Err(e) => return fail(warnings, e),
             };
@@ -565,7 +594,7 @@ fn convert_ingress(
                 None => None,
                 Some(_) => {
                     let raw = p.path.as_deref().unwrap_or("/");
-                    match Regex::new(&format!("{REGEX_WRAP}{raw}")) {
+                    match regexes.get(raw) {
                         Ok(r) => Some(r),
                         Err(e) => return fail(warnings, format!("path {raw:?}: bad regex for rewrite-target: {e}")),
                     }
@@ -616,9 +645,10 @@ pub fn build_routes(
         let kb = (&b.metadata.creation_timestamp, &b.metadata.namespace, &b.metadata.name);
         ka.partial_cmp(&kb).unwrap_or(std::cmp::Ordering::Equal)
     });
+    let mut regexes = Regexes::default();
     let converted: Vec<Converted> = ingresses
         .iter()
-        .filter_map(|i| convert_ingress(i, lookup, &mut warnings))
+        .filter_map(|i| convert_ingress(i, lookup, &mut regexes, &mut warnings))
         .collect();
     let mut table = RouteTable::default();
     for c in &converted {
@@ -627,14 +657,15 @@ pub fn build_routes(
     let host_tls = |host: &str, tls: &[TlsBinding]| {
         !host.is_empty() && tls.iter().any(|t| t.host == host || host_matches(&t.host, host))
     };
-    let route = |c: &Converted, host: &str, rewrite: Option<Regex>, backend: &Arc<Backend>, tls: &[TlsBinding]| Route {
-        ingress: c.name.clone(),
-        backend: backend.clone(),
-        settings: c.settings.clone(),
-        rewrite,
-        host_tls: host_tls(host, tls),
-        canary: None,
-    };
+    let route =
+        |c: &Converted, host: &str, rewrite: Option<Arc<Regex>>, backend: &Arc<Backend>, tls: &[TlsBinding]| Route {
+            ingress: c.name.clone(),
+            backend: backend.clone(),
+            settings: c.settings.clone(),
+            rewrite,
+            host_tls: host_tls(host, tls),
+            canary: None,
+        };
     // Merge: host -> rules in insertion (age) order, with who owns each (pathType, path).
     let mut hosts: BTreeMap<String, HostRules> = BTreeMap::new();
     let mut owners: HashMap<(String, String), String> = HashMap::new();

@@ -1,7 +1,7 @@
 //! TLS termination: rustls with the ring provider, certificates from the `kubernetes.io/tls`
 //! Secrets that Ingresses name, chosen by SNI (exact host, then `*.` wildcard), and a
-//! self-signed default certificate for every other name. Secrets are re-read on every change,
-//! so a rotated certificate is served from the next handshake on.
+//! self-signed default certificate for every other name. Secrets are parsed as they arrive
+//! ([`TlsSecret`]), so a rotated certificate is served from the next handshake on.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -14,7 +14,7 @@ use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::objects::ObjectKey;
+use super::objects::{ObjectKey, TlsSecret};
 use super::routes::{normalize_host, TlsBinding};
 
 #[derive(Debug, thiserror::Error)]
@@ -82,16 +82,11 @@ struct CertMap {
     fallback: Option<Arc<CertifiedKey>>,
 }
 
-/// A Secret and what parsing it gave (`None`: malformed).
-type ParsedSecret = (Secret, Option<Arc<CertifiedKey>>);
-
 /// The SNI resolver the HTTPS listener uses; [`CertResolver::update`] swaps its certificates.
 #[derive(Debug)]
 pub struct CertResolver {
     default: Arc<CertifiedKey>,
     map: RwLock<Arc<CertMap>>,
-    /// Parsed Secrets by key, with the data they were parsed from: unchanged Secrets are not re-parsed.
-    cache: RwLock<BTreeMap<ObjectKey, ParsedSecret>>,
 }
 
 impl CertResolver {
@@ -99,15 +94,13 @@ impl CertResolver {
         CertResolver {
             default,
             map: RwLock::new(Arc::default()),
-            cache: RwLock::new(BTreeMap::new()),
         }
     }
 
     /// Installs the certificates `bindings` name. Returns one message per Secret that is
     /// missing or malformed (its hosts get the default certificate), naming it.
-    pub fn update(&self, bindings: &[TlsBinding], secrets: &BTreeMap<ObjectKey, Secret>) -> Vec<String> {
+    pub fn update(&self, bindings: &[TlsBinding], secrets: &BTreeMap<ObjectKey, TlsSecret>) -> Vec<String> {
         let mut problems = Vec::new();
-        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
         let mut parsed: BTreeMap<ObjectKey, Option<Arc<CertifiedKey>>> = BTreeMap::new();
         let mut map = CertMap::default();
         for b in bindings {
@@ -119,19 +112,11 @@ impl CertResolver {
                     ));
                     return None;
                 };
-                match cache.get(&b.secret) {
-                    Some((old, cert)) if old.data == secret.data => cert.clone(),
-                    _ => {
-                        let cert = convert_secret(&b.secret, secret);
-                        let cert = match cert {
-                            Ok(c) => Some(c),
-                            Err(e) => {
-                                problems.push(format!("{e}; its hosts use the default certificate"));
-                                None
-                            }
-                        };
-                        cache.insert(b.secret.clone(), (secret.clone(), cert.clone()));
-                        cert
+                match &secret.parsed {
+                    Ok(cert) => Some(cert.clone()),
+                    Err(e) => {
+                        problems.push(format!("{e}; its hosts use the default certificate"));
+                        None
                     }
                 }
             });
@@ -149,7 +134,6 @@ impl CertResolver {
                 table.entry(name).or_insert_with(|| cert.clone());
             }
         }
-        cache.retain(|k, _| parsed.contains_key(k));
         *self.map.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
         problems
     }
@@ -201,6 +185,14 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Result<Arc<ServerConfig>> {
 mod tests {
     use super::*;
 
+    /// The Secrets as the Ingress objects keep them: parsed.
+    fn parsed(secrets: &BTreeMap<ObjectKey, Secret>) -> BTreeMap<ObjectKey, TlsSecret> {
+        secrets
+            .iter()
+            .map(|(k, s)| (k.clone(), TlsSecret::parse(k, s)))
+            .collect()
+    }
+
     fn tls_secret(name: &str, host: &str) -> Secret {
         let cert = rcgen::generate_simple_self_signed(vec![host.to_string()]).unwrap();
         let yaml = format!("metadata: {{name: {name}, namespace: ns}}\ntype: kubernetes.io/tls\nstringData: {{}}");
@@ -251,7 +243,7 @@ mod tests {
                 binding("bad.test", "bad"),
                 binding("gone.test", "missing"),
             ],
-            &secrets,
+            &parsed(&secrets),
         );
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems.iter().any(|p| p.contains("Secret ns/bad")));
@@ -267,7 +259,7 @@ mod tests {
 
         // Rotation: new data, new certificate.
         let secrets = BTreeMap::from([(key("a"), tls_secret("a", "a.test"))]);
-        assert!(r.update(&[binding("a.test", "a")], &secrets).is_empty());
+        assert!(r.update(&[binding("a.test", "a")], &parsed(&secrets)).is_empty());
         assert!(!same(&r.pick(Some("a.test")), &a));
     }
 
@@ -284,7 +276,7 @@ mod tests {
             ..binding(host, secret)
         };
         assert!(r
-            .update(&[gateway("*.example.com", "w"), gateway("", "all")], &secrets)
+            .update(&[gateway("*.example.com", "w"), gateway("", "all")], &parsed(&secrets))
             .is_empty());
         let same = |a: &Arc<CertifiedKey>, b: &Arc<CertifiedKey>| a.cert == b.cert;
         let w = r.pick(Some("a.example.com"));

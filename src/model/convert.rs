@@ -13,7 +13,10 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::intern::intern;
-use super::{Endpoint, Name, NodeInfo, Protocol, ServiceKey, ServicePort, ServicePortName};
+use super::{
+    ClusterIps, Conditions, Endpoint, Name, Names, NodeInfo, Placement, Protocol, ServiceKey, ServicePort,
+    ServicePortName,
+};
 
 /// Label that hands a Service to another proxy implementation (kube-proxy skips these too).
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -38,6 +41,8 @@ pub enum ConvertError {
         port: String,
         other: String,
     },
+    #[error("Service {service}: {count} cluster IPs (at most two, one per family)")]
+    TooManyClusterIps { service: ServiceKey, count: usize },
     #[error("Service {service}: has no ports")]
     NoPorts { service: ServiceKey },
     #[error("{kind} {namespace}/{name}: {reason}")]
@@ -106,6 +111,10 @@ pub fn convert_service(svc: &Service) -> Result<ServiceDecision, ConvertError> {
         })?;
         cluster_ips.push(ip);
     }
+    let cluster_ips = ClusterIps::new(&cluster_ips).ok_or_else(|| ConvertError::TooManyClusterIps {
+        service: key.clone(),
+        count: cluster_ips.len(),
+    })?;
 
     let mut warnings = Vec::new();
     let external_ips = parse_ips(spec.external_ips.iter().flatten(), &key, "externalIP", &mut warnings);
@@ -156,6 +165,19 @@ pub fn convert_service(svc: &Service) -> Result<ServiceDecision, ConvertError> {
         .and_then(|p| u16::try_from(p).ok())
         .filter(|p| *p != 0);
 
+    // The Service's external destinations, shared by all its ports.
+    let mut template = ServicePort::new(
+        ServicePortName {
+            service: key.clone(),
+            port: Name::new(""),
+            protocol: Protocol::Tcp,
+        },
+        cluster_ips,
+        0,
+    );
+    template.set_external_ips(external_ips);
+    template.set_load_balancer_ips(load_balancer_ips);
+    template.set_load_balancer_source_ranges(load_balancer_source_ranges);
     let mut ports = Vec::with_capacity(spec.ports.as_ref().map_or(0, Vec::len));
     let mut seen: BTreeMap<(String, Protocol), String> = BTreeMap::new();
     for p in spec.ports.iter().flatten() {
@@ -198,23 +220,22 @@ pub fn convert_service(svc: &Service) -> Result<ServiceDecision, ConvertError> {
                 other,
             });
         }
-        ports.push(Arc::new(ServicePort {
-            name: ServicePortName {
+        let mut sp = ServicePort::new(
+            ServicePortName {
                 service: key.clone(),
-                port: port_name,
+                port: Name::new(&port_name),
                 protocol,
             },
-            cluster_ips: cluster_ips.clone(),
+            cluster_ips,
             port,
-            node_port,
-            external_ips: external_ips.clone(),
-            load_balancer_ips: load_balancer_ips.clone(),
-            load_balancer_source_ranges: load_balancer_source_ranges.clone(),
-            affinity_timeout,
-            external_policy_local,
-            internal_policy_local,
-            health_check_node_port,
-        }));
+        );
+        sp.share_external_destinations(&template);
+        sp.node_port = node_port;
+        sp.affinity_timeout = affinity_timeout;
+        sp.external_policy_local = external_policy_local;
+        sp.internal_policy_local = internal_policy_local;
+        sp.health_check_node_port = health_check_node_port;
+        ports.push(Arc::new(sp));
     }
     if ports.is_empty() && warnings.is_empty() {
         return Err(ConvertError::NoPorts { service: key });
@@ -360,28 +381,35 @@ pub fn convert_endpoint_slice(
         let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
         let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
         let hints = ep.hints.as_ref();
-        endpoints.push(Endpoint {
+        let zone_hints: Names = hints
+            .and_then(|h| h.for_zones.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|z| z.name.as_str())
+            .collect();
+        let node_hints: Names = hints
+            .and_then(|h| h.for_nodes.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|n| n.name.as_str())
+            .collect();
+        let placement = Placement::new(
+            ep.node_name.as_deref().map(Name::new),
+            ep.zone.as_deref().map(Name::new),
+            zone_hints,
+            node_hints,
+        );
+        endpoints.push(Endpoint::new(
             ip,
-            port: 0,
-            ready,
-            serving,
-            terminating,
-            node_name: ep.node_name.as_deref().map(Name::new),
-            zone: ep.zone.as_deref().map(Name::new),
-            zone_hints: hints
-                .and_then(|h| h.for_zones.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|z| z.name.as_str())
-                .collect(),
-            node_hints: hints
-                .and_then(|h| h.for_nodes.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|n| n.name.as_str())
-                .collect(),
-            is_local: ep.node_name.as_deref() == Some(node_name),
-        });
+            0,
+            Conditions {
+                ready,
+                serving,
+                terminating,
+            },
+            placement,
+            ep.node_name.as_deref() == Some(node_name),
+        ));
     }
     let endpoints = dedup_by_address(endpoints);
     // Exactly as long as needed: kept for as long as the slice is.
@@ -423,7 +451,7 @@ fn dedup_by_address(endpoints: Vec<Endpoint>) -> Vec<Endpoint> {
     let mut by_ip: BTreeMap<IpAddr, Endpoint> = BTreeMap::new();
     for ep in endpoints {
         match by_ip.get(&ep.ip) {
-            Some(existing) if existing.ready || !ep.ready => {}
+            Some(existing) if existing.ready() || !ep.ready() => {}
             _ => {
                 by_ip.insert(ep.ip, ep);
             }
@@ -437,10 +465,7 @@ fn dedup_by_address(endpoints: Vec<Endpoint>) -> Vec<Endpoint> {
 /// slice's), sorted. When one slice alone serves the port, its list is shared, not copied.
 /// `slices` are the ports of each slice.
 pub fn merge_endpoints<'a>(port: &ServicePortName, slices: impl Iterator<Item = &'a [SlicePort]>) -> Arc<[Endpoint]> {
-    // A port name never interned is on no slice.
-    let Some(name) = Name::find(&port.port) else {
-        return Arc::from([]);
-    };
+    let name = port.port;
     let mut matching = slices.flat_map(|ports| {
         ports
             .iter()
@@ -456,7 +481,7 @@ pub fn merge_endpoints<'a>(port: &ServicePortName, slices: impl Iterator<Item = 
     for sp in [first, second].into_iter().chain(matching) {
         for ep in sp.endpoints.iter() {
             match merged.get(&(ep.ip, ep.port)) {
-                Some(existing) if existing.ready || !ep.ready => {}
+                Some(existing) if existing.ready() || !ep.ready() => {}
                 _ => {
                     merged.insert((ep.ip, ep.port), ep);
                 }
@@ -575,7 +600,7 @@ spec:
         assert_eq!(ports.len(), 1);
         let p = &ports[0];
         assert_eq!(p.name.to_string(), "default/myapp-svc");
-        assert_eq!(p.cluster_ips, vec!["10.96.0.50".parse::<IpAddr>().unwrap()]);
+        assert_eq!(*p.cluster_ips, ["10.96.0.50".parse::<IpAddr>().unwrap()]);
         assert_eq!((p.port, p.node_port, p.name.protocol), (80, None, Protocol::Tcp));
     }
 
@@ -606,6 +631,18 @@ spec:
             service("metadata: {name: bad, namespace: prod}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}");
         let err = convert_service(&bad).unwrap_err();
         assert_eq!(err.to_string(), "Service prod/bad: invalid cluster IP \"10.96.0.300\"");
+    }
+
+    #[test]
+    fn more_than_two_cluster_ips_name_the_service() {
+        let bad = service(
+            "metadata: {name: three, namespace: prod}\nspec: {clusterIP: 10.96.0.1, clusterIPs: [10.96.0.1, 'fd00::1', 10.96.0.2], ports: [{port: 80}]}",
+        );
+        let err = convert_service(&bad).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Service prod/three: 3 cluster IPs (at most two, one per family)"
+        );
     }
 
     #[test]
@@ -663,11 +700,11 @@ status:
             panic!("expected Proxy");
         };
         let p = &ports[0];
-        assert_eq!(p.external_ips, vec!["192.0.2.10".parse::<IpAddr>().unwrap()]);
-        assert_eq!(p.load_balancer_ips, vec!["198.51.100.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(p.external_ips(), ["192.0.2.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(p.load_balancer_ips(), ["198.51.100.1".parse::<IpAddr>().unwrap()]);
         assert_eq!(
-            p.load_balancer_source_ranges,
-            vec!["203.0.113.0/24".parse::<IpNet>().unwrap()]
+            p.load_balancer_source_ranges(),
+            ["203.0.113.0/24".parse::<IpNet>().unwrap()]
         );
         assert_eq!(p.affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
         assert!(p.external_policy_local);
@@ -709,7 +746,7 @@ endpoints:
             protocol: Protocol::Tcp,
         };
         let eps = merge_endpoints(&http, [&a.ports[..], &b.ports[..]].into_iter());
-        let summary: Vec<_> = eps.iter().map(|e| (e.addr_string(), e.ready, e.is_local)).collect();
+        let summary: Vec<_> = eps.iter().map(|e| (e.addr_string(), e.ready(), e.is_local())).collect();
         assert_eq!(
             summary,
             vec![

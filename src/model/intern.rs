@@ -5,9 +5,10 @@
 //!   that the table forgets once nothing else holds them (checked when the table has doubled
 //!   since the last sweep), because a cluster's namespaces come and go all the time;
 //! - an endpoint's node name, zone and topology hints are [`Name`]s and [`Names`]: 4-byte ids,
-//!   so an endpoint owns no pointer and clones without touching a reference count. Their text
-//!   is kept for the life of the process (a few dozen bytes per distinct node name, zone, port
-//!   name or hint set ever seen), which a cluster's set of nodes and zones bounds in practice.
+//!   and the four together one [`Placement`], so an endpoint owns no pointer and clones without
+//!   touching a reference count. Their text is kept for the life of the process (a few dozen
+//!   bytes per distinct node name, zone, port name, hint set or placement ever seen), which a
+//!   cluster's set of nodes and zones bounds in practice.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -87,6 +88,7 @@ impl<T: ?Sized + Eq + std::hash::Hash> Ids<T> {
 
 static NAMES: RwLock<Option<Ids<str>>> = RwLock::new(None);
 static NAME_SETS: RwLock<Option<Ids<[Name]>>> = RwLock::new(None);
+static PLACEMENTS: RwLock<Option<Ids<PlacementParts>>> = RwLock::new(None);
 
 /// An interned name (an endpoint's node name or zone, a port name): 4 bytes, `Copy`, equal
 /// exactly when the text is. Orders by id, not by text.
@@ -106,6 +108,16 @@ impl Name {
 
     pub fn as_str(self) -> &'static str {
         Ids::get(&NAMES, self.0)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.as_str().is_empty()
+    }
+}
+
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
     }
 }
 
@@ -184,6 +196,70 @@ impl<S: AsRef<str>> FromIterator<S> for Names {
     }
 }
 
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+struct PlacementParts {
+    node_name: Option<Name>,
+    zone: Option<Name>,
+    zone_hints: Names,
+    node_hints: Names,
+}
+
+/// Where an endpoint runs and whom it should serve: its `nodeName`, `zone` and
+/// `hints.forZones`/`hints.forNodes`, interned as one 4-byte id (endpoints on one node mostly
+/// share it). The default is no node, no zone and no hints.
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Placement(Option<NonZeroU32>);
+
+impl Placement {
+    pub fn new(node_name: Option<Name>, zone: Option<Name>, zone_hints: Names, node_hints: Names) -> Placement {
+        let parts = PlacementParts {
+            node_name,
+            zone,
+            zone_hints,
+            node_hints,
+        };
+        if parts == PlacementParts::default() {
+            return Placement(None);
+        }
+        Placement(Some(Ids::insert(&PLACEMENTS, &parts, |p| Box::leak(Box::new(*p)))))
+    }
+
+    fn parts(self) -> PlacementParts {
+        match self.0 {
+            Some(id) => *Ids::get(&PLACEMENTS, id),
+            None => PlacementParts::default(),
+        }
+    }
+
+    pub fn node_name(self) -> Option<Name> {
+        self.parts().node_name
+    }
+
+    pub fn zone(self) -> Option<Name> {
+        self.parts().zone
+    }
+
+    pub fn zone_hints(self) -> Names {
+        self.parts().zone_hints
+    }
+
+    pub fn node_hints(self) -> Names {
+        self.parts().node_hints
+    }
+}
+
+impl fmt::Debug for Placement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = self.parts();
+        f.debug_struct("Placement")
+            .field("node_name", &p.node_name)
+            .field("zone", &p.zone)
+            .field("zone_hints", &p.zone_hints)
+            .field("node_hints", &p.node_hints)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +310,27 @@ mod tests {
         assert_eq!(Names::default(), Vec::<String>::new().into_iter().collect::<Names>());
         assert_eq!(format!("{:?}", ["z"].into_iter().collect::<Names>()), "{\"z\"}");
         assert_eq!(std::mem::size_of::<Names>(), 4);
+    }
+
+    #[test]
+    fn placements_are_ids_of_their_parts() {
+        let node = Some(Name::new("node-p"));
+        let zones: Names = ["zone-p"].into_iter().collect();
+        let a = Placement::new(node, Some(Name::new("zone-p")), zones, Names::default());
+        assert_eq!(
+            a,
+            Placement::new(node, Some(Name::new("zone-p")), zones, Names::default())
+        );
+        assert_ne!(a, Placement::new(node, None, zones, Names::default()));
+        assert_eq!((a.node_name(), a.zone().map(Name::as_str)), (node, Some("zone-p")));
+        assert_eq!((a.zone_hints(), a.node_hints()), (zones, Names::default()));
+        let none = Placement::new(None, None, Names::default(), Names::default());
+        assert_eq!(none, Placement::default());
+        assert_eq!(
+            (none.node_name(), none.zone(), none.zone_hints().is_empty()),
+            (None, None, true)
+        );
+        assert_eq!(std::mem::size_of::<Placement>(), 4);
     }
 
     #[test]

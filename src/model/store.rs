@@ -5,6 +5,7 @@
 //! Only changed Services are recomputed, so a sync costs what changed, not what exists.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -47,7 +48,15 @@ pub struct Snapshot {
 pub struct StoredSlice {
     pub name: Arc<str>,
     pub ports: Box<[SlicePort]>,
-    pub trigger_time: Option<SystemTime>,
+    /// `last-change-trigger-time` in nanoseconds since the epoch: only compared, to tell a
+    /// rewritten slice from the same one again, so 8 bytes, not a `SystemTime`'s 16.
+    pub trigger_stamp: Option<NonZeroU64>,
+}
+
+/// A trigger time as [`StoredSlice::trigger_stamp`] keeps it.
+fn trigger_stamp(time: Option<SystemTime>) -> Option<NonZeroU64> {
+    let since_epoch = time?.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+    NonZeroU64::new(u64::try_from(since_epoch.as_nanos()).ok()?)
 }
 
 /// One Service's record: its converted ports and its EndpointSlices, under one key, since
@@ -56,9 +65,52 @@ pub struct StoredSlice {
 struct Entry {
     /// `None`: not proxied (not seen yet, skipped or invalid), while its slices may be known.
     ports: Option<Box<[Arc<ServicePort>]>>,
-    /// By name. Most Services have one or two, so a sorted vector, not a map (a map's first
-    /// node alone holds room for eleven).
-    slices: Vec<StoredSlice>,
+    /// By name. Most Services have one or two, so a sorted boxed slice, not a map (a map's
+    /// first node alone holds room for eleven) nor a vector (its capacity is one more word in
+    /// every entry).
+    slices: Box<[StoredSlice]>,
+}
+
+/// The name of the Service each EndpointSlice belongs to, by namespace, then slice name: a
+/// slice's delete or relist names only the slice. Split by namespace so that an entry holds
+/// two names, not three (the namespace is in the outer key once).
+#[derive(Debug, Default)]
+struct SliceOwners(BTreeMap<Arc<str>, BTreeMap<Arc<str>, Arc<str>>>);
+
+impl SliceOwners {
+    fn get(&self, key: &SliceKey) -> Option<&Arc<str>> {
+        self.0.get(&key.namespace)?.get(&key.name)
+    }
+
+    fn insert(&mut self, key: &SliceKey, owner: Arc<str>) {
+        self.0
+            .entry(key.namespace.clone())
+            .or_default()
+            .insert(key.name.clone(), owner);
+    }
+
+    fn remove(&mut self, key: &SliceKey) {
+        if let Some(names) = self.0.get_mut(&key.namespace) {
+            names.remove(&key.name);
+            if names.is_empty() {
+                self.0.remove(&key.namespace);
+            }
+        }
+    }
+
+    fn keys(&self) -> impl Iterator<Item = SliceKey> + '_ {
+        self.0.iter().flat_map(|(namespace, names)| {
+            names.keys().map(|name| SliceKey {
+                namespace: namespace.clone(),
+                name: name.clone(),
+            })
+        })
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -69,7 +121,7 @@ pub struct Store {
     /// The last conversion error or skip note per Service, so a relist does not repeat warnings.
     notes: BTreeMap<ServiceKey, String>,
     /// The name of the Service each slice belongs to (in the slice's namespace), for deletes.
-    slice_owner: BTreeMap<SliceKey, Arc<str>>,
+    slice_owner: SliceOwners,
     slice_notes: BTreeMap<SliceKey, String>,
     /// `spec.externalName` of ExternalName Services: they get no rules, but Ingress may route to them.
     external_names: BTreeMap<ServiceKey, String>,
@@ -157,10 +209,10 @@ impl Store {
                 mut ports,
                 mut warnings,
             }) => {
-                if self.ignore_external_ips && ports.iter().any(|p| !p.external_ips.is_empty()) {
+                if self.ignore_external_ips && ports.iter().any(|p| !p.external_ips().is_empty()) {
                     warnings.push(format!("Service {key}: ignoring externalIPs (--disable-external-ips)"));
                     for p in &mut ports {
-                        Arc::make_mut(p).external_ips.clear();
+                        Arc::make_mut(p).set_external_ips(Vec::new());
                     }
                 }
                 let note = warnings.join("; ");
@@ -267,7 +319,7 @@ impl Store {
                     key.clone(),
                     Entry {
                         ports,
-                        slices: Vec::new(),
+                        slices: Box::default(),
                     },
                 );
                 true
@@ -335,12 +387,7 @@ impl Store {
             listed.insert(slice.key.clone());
             changed |= self.apply_converted_slice(slice);
         }
-        let gone: Vec<SliceKey> = self
-            .slice_owner
-            .keys()
-            .filter(|key| !listed.contains(*key))
-            .cloned()
-            .collect();
+        let gone: Vec<SliceKey> = self.slice_owner.keys().filter(|key| !listed.contains(key)).collect();
         self.slice_notes.retain(|key, _| listed.contains(key));
         for key in gone {
             changed |= self.set_slice(key, None);
@@ -363,7 +410,7 @@ impl Store {
             (Some(old), Some(new)) => {
                 Some(&new.service) == old_owner.as_ref()
                     && *old.ports == *new.ports
-                    && old.trigger_time == new.trigger_time
+                    && old.trigger_stamp == trigger_stamp(new.trigger_time)
             }
             _ => false,
         };
@@ -373,7 +420,9 @@ impl Store {
         if let Some(owner) = old_owner {
             if let Some(entry) = self.entries.get_mut(&owner) {
                 if let Some(i) = find_slice(&entry.slices, &key.name) {
-                    entry.slices.remove(i);
+                    let mut slices = std::mem::take(&mut entry.slices).into_vec();
+                    slices.remove(i);
+                    entry.slices = slices.into_boxed_slice();
                 }
                 if entry.ports.is_none() && entry.slices.is_empty() {
                     self.entries.remove(&owner);
@@ -394,19 +443,21 @@ impl Store {
                     info.service
                 }
             };
-            self.slice_owner.insert(key.clone(), owner.name.clone());
+            self.slice_owner.insert(&key, owner.name.clone());
             let entry = self.entries.get_mut(&owner).expect("the entry was just found or made");
             let at = entry.slices.partition_point(|s| *s.name < *key.name);
             // One more, not double: most Services keep their one or two slices for good.
-            entry.slices.reserve_exact(1);
-            entry.slices.insert(
+            let mut slices = std::mem::take(&mut entry.slices).into_vec();
+            slices.reserve_exact(1);
+            slices.insert(
                 at,
                 StoredSlice {
                     name: key.name,
                     ports: info.ports.into_boxed_slice(),
-                    trigger_time: info.trigger_time,
+                    trigger_stamp: trigger_stamp(info.trigger_time),
                 },
             );
+            entry.slices = slices.into_boxed_slice();
             self.dirty.insert(owner);
         }
         self.endpoint_changes += 1;
@@ -742,15 +793,15 @@ endpoints:
             .map(|e| {
                 (
                     e.addr_string(),
-                    (e.ready, e.serving, e.terminating, e.is_local),
-                    e.node_name.map(|n| n.as_str()),
-                    e.zone.map(|z| z.as_str()),
+                    (e.ready(), e.serving(), e.terminating(), e.is_local()),
+                    e.node_name().map(|n| n.as_str()),
+                    e.zone().map(|z| z.as_str()),
                     {
-                        let mut z: Vec<_> = e.zone_hints.iter().collect();
+                        let mut z: Vec<_> = e.zone_hints().iter().collect();
                         z.sort();
                         z
                     },
-                    e.node_hints.iter().collect::<Vec<_>>(),
+                    e.node_hints().iter().collect::<Vec<_>>(),
                 )
             })
             .collect();

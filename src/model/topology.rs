@@ -53,17 +53,17 @@ pub fn categorize_endpoints<'a>(
         let mode = topology_mode(endpoints, node, zone_name, node_name, zone);
         let fits = |ep: &Endpoint| match mode {
             TopologyMode::None => true,
-            TopologyMode::SameZone => zone_name.is_some_and(|z| ep.zone_hints.contains_name(z)),
-            TopologyMode::SameNode => node.is_some_and(|n| ep.node_hints.contains_name(n)),
+            TopologyMode::SameZone => zone_name.is_some_and(|z| ep.zone_hints().contains_name(z)),
+            TopologyMode::SameNode => node.is_some_and(|n| ep.node_hints().contains_name(n)),
         };
-        sets.cluster = endpoints.iter().filter(|ep| ep.ready && fits(ep)).collect();
+        sets.cluster = endpoints.iter().filter(|ep| ep.ready() && fits(ep)).collect();
         // No ready endpoint anywhere (topology was already ignored when the zone had none):
         // fall back to endpoints that are terminating but still serving, so a rolling
         // update never blackholes traffic.
         if sets.cluster.is_empty() {
             sets.cluster = endpoints
                 .iter()
-                .filter(|ep| ep.serving && ep.terminating && fits(ep))
+                .filter(|ep| ep.serving() && ep.terminating() && fits(ep))
                 .collect();
         }
         sets.has_any = !sets.cluster.is_empty();
@@ -77,20 +77,20 @@ pub fn categorize_endpoints<'a>(
     let mut local_ready = false;
     let mut local_terminating = false;
     for ep in endpoints {
-        if ep.ready {
+        if ep.ready() {
             sets.has_any = true;
-            local_ready |= ep.is_local;
-        } else if ep.serving && ep.terminating {
+            local_ready |= ep.is_local();
+        } else if ep.serving() && ep.terminating() {
             sets.has_any = true;
-            local_terminating |= ep.is_local;
+            local_terminating |= ep.is_local();
         }
     }
     if local_ready {
-        sets.local = endpoints.iter().filter(|ep| ep.is_local && ep.ready).collect();
+        sets.local = endpoints.iter().filter(|ep| ep.is_local() && ep.ready()).collect();
     } else if local_terminating {
         sets.local = endpoints
             .iter()
-            .filter(|ep| ep.is_local && ep.serving && ep.terminating)
+            .filter(|ep| ep.is_local() && ep.serving() && ep.terminating())
             .collect();
     }
 
@@ -123,16 +123,16 @@ fn topology_mode(
     let mut all_zone_hints = true;
     let mut any_for_zone = false;
     let mut any_ready = false;
-    for ep in endpoints.iter().filter(|ep| ep.ready) {
+    for ep in endpoints.iter().filter(|ep| ep.ready()) {
         any_ready = true;
-        if ep.node_hints.is_empty() {
+        if ep.node_hints().is_empty() {
             all_node_hints = false;
-        } else if node.is_some_and(|n| ep.node_hints.contains_name(n)) {
+        } else if node.is_some_and(|n| ep.node_hints().contains_name(n)) {
             any_for_node = true;
         }
-        if ep.zone_hints.is_empty() {
+        if ep.zone_hints().is_empty() {
             all_zone_hints = false;
-        } else if zone_name.is_some_and(|z| ep.zone_hints.contains_name(z)) {
+        } else if zone_name.is_some_and(|z| ep.zone_hints().contains_name(z)) {
             any_for_zone = true;
         }
     }
@@ -158,42 +158,33 @@ fn topology_mode(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Protocol, ServiceKey, ServicePortName};
-    use std::net::IpAddr;
+    use crate::model::testing::{endpoint, service_port};
 
     fn port(itp_local: bool, etp_local: bool, node_port: bool) -> ServicePort {
-        ServicePort {
-            name: ServicePortName {
-                service: ServiceKey::new("ns", "svc"),
-                port: "http".into(),
-                protocol: Protocol::Tcp,
-            },
-            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
-            port: 80,
-            node_port: node_port.then_some(30080),
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            load_balancer_source_ranges: vec![],
-            affinity_timeout: None,
-            external_policy_local: etp_local,
-            internal_policy_local: itp_local,
-            health_check_node_port: None,
+        let mut p = service_port("ns/svc", "http", "10.96.0.10", 80);
+        if itp_local {
+            p = p.internal_policy_local();
         }
+        if etp_local {
+            p = p.external_policy_local();
+        }
+        if node_port {
+            p = p.node_port(30080);
+        }
+        p.build()
     }
 
     fn ep(ip: &str, state: &str, local: bool, zones: &[&str]) -> Endpoint {
-        Endpoint {
-            ip: ip.parse::<IpAddr>().unwrap(),
-            port: 8080,
-            ready: state == "ready",
-            serving: state != "down",
-            terminating: state == "terminating",
-            node_name: Some(if local { "me" } else { "other" }.into()),
-            zone: None,
-            zone_hints: zones.iter().map(|z| z.to_string()).collect(),
-            node_hints: Default::default(),
-            is_local: local,
+        let e = endpoint(ip, 8080)
+            .node(if local { "me" } else { "other" })
+            .local(local)
+            .zone_hints(zones.iter().copied());
+        match state {
+            "ready" => e,
+            "terminating" => e.terminating(),
+            _ => e.down(),
         }
+        .build()
     }
 
     fn ips(eps: &[&Endpoint]) -> Vec<String> {
@@ -291,11 +282,9 @@ mod tests {
 
     #[test]
     fn node_hints_prefer_same_node() {
-        let mut a = ep("10.0.0.1", "ready", true, &[]);
-        a.node_hints = ["me"].into_iter().collect();
-        let mut b = ep("10.0.0.2", "ready", false, &[]);
-        b.node_hints = ["other"].into_iter().collect();
-        let eps = [a, b];
+        let a = endpoint("10.0.0.1", 8080).node("me").local(true).node_hints(["me"]);
+        let b = endpoint("10.0.0.2", 8080).node("other").node_hints(["other"]);
+        let eps = [a.build(), b.build()];
         let sets = categorize_endpoints(&eps, &port(false, false, false), "me", None);
         assert_eq!(ips(&sets.cluster), ["10.0.0.1"]);
     }

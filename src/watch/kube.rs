@@ -306,7 +306,7 @@ pub fn spawn_watchers(
 struct IngressConvert;
 
 impl<K: IngressObject + Send> Convert<K> for IngressConvert {
-    type Converted = (K::Key, Option<K>);
+    type Converted = (K::Key, Option<K::Kept>);
     type Key = K::Key;
     fn convert(&self, obj: K) -> Self::Converted {
         (K::key(&obj), K::convert(&obj))
@@ -331,7 +331,7 @@ async fn watch_ingress_kind<K>(
         K::KIND,
         IngressConvert,
         shutdown,
-        |change: Change<(K::Key, Option<K>), K::Key>| match change {
+        |change: Change<<IngressConvert as Convert<K>>::Converted, K::Key>| match change {
             Change::Replace(all) => state.update_ingress(|s| K::replace_converted(s, all)),
             Change::Apply((key, kept)) => state.update_ingress(|s| K::apply_converted(s, key, kept)),
             Change::Delete(key) => state.update_ingress(|s| K::delete_key(s, &key)),
@@ -533,7 +533,7 @@ mod tests {
         );
         let snap = store.snapshot();
         let a = &snap.desired.services[&ServiceKey::new("ns", "a")].ports[0].endpoints[0];
-        assert!(a.is_local, "converted for this node");
+        assert!(a.is_local(), "converted for this node");
     }
 
     /// Objects of a fake kind that count how many of them are alive.

@@ -297,11 +297,11 @@ pub fn plan_service(owner: &ServiceKey, state: &ServiceState, node: &NodeInfo, c
         for ip in sp.cluster_ips.iter().filter(of_family(cfg.family)) {
             add(*ip, sp.port, Traffic::Internal, true, &[]);
         }
-        for ip in sp.external_ips.iter().filter(of_family(cfg.family)) {
+        for ip in sp.external_ips().iter().filter(of_family(cfg.family)) {
             add(*ip, sp.port, Traffic::External, true, &[]);
         }
-        for ip in sp.load_balancer_ips.iter().filter(of_family(cfg.family)) {
-            add(*ip, sp.port, Traffic::External, true, &sp.load_balancer_source_ranges);
+        for ip in sp.load_balancer_ips().iter().filter(of_family(cfg.family)) {
+            add(*ip, sp.port, Traffic::External, true, sp.load_balancer_source_ranges());
         }
         if let Some(np) = sp.node_port {
             for ip in cfg.nodeport_addresses.iter().filter(of_family(cfg.family)) {

@@ -226,7 +226,7 @@ impl NftablesProxier {
 fn first_port_of(key: &ServiceKey) -> ServicePortName {
     ServicePortName {
         service: key.clone(),
-        port: String::new(),
+        port: "".into(),
         protocol: crate::model::Protocol::Tcp,
     }
 }

@@ -322,21 +322,10 @@ mod tests {
         assert_ne!(chain, local_chain(&name));
         let long = ServicePortName {
             service: ServiceKey::new("n".repeat(63), "s".repeat(63)),
-            port: "p".repeat(15),
+            port: (&*"p".repeat(15)).into(),
             protocol: Protocol::Sctp,
         };
-        let ep = Endpoint {
-            ip: "fd00:1234:5678:9abc:def0:1234:5678:9abc".parse().unwrap(),
-            port: 65535,
-            ready: true,
-            serving: true,
-            terminating: false,
-            node_name: None,
-            zone: None,
-            zone_hints: Default::default(),
-            node_hints: Default::default(),
-            is_local: false,
-        };
+        let ep = crate::model::testing::endpoint("fd00:1234:5678:9abc:def0:1234:5678:9abc", 65535).build();
         let set = affinity_set(&long, &ep);
         assert!(set.len() < 256, "{}", set.len());
         assert!(!set.contains(':'), "{set}");

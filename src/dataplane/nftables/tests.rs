@@ -193,18 +193,7 @@ fn rules<'a>(text: &'a str, chain: &str) -> Vec<&'a str> {
 }
 
 fn endpoint(port: &crate::model::ServicePortName, ip: &str) -> String {
-    let ep = crate::model::Endpoint {
-        ip: ip.parse().unwrap(),
-        port: 8080,
-        ready: true,
-        serving: true,
-        terminating: false,
-        node_name: None,
-        zone: None,
-        zone_hints: Default::default(),
-        node_hints: Default::default(),
-        is_local: false,
-    };
+    let ep = crate::model::testing::endpoint(ip, 8080).build();
     names::endpoint_chain(port, &ep)
 }
 

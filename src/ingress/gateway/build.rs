@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Secret;
+use crate::ingress::objects::TlsSecret;
 
 use super::listeners::{model_gateway, GatewayModel, ListenerContext, NamespacePolicy, PortClaims};
 use super::objects::GatewayObjects;
@@ -174,7 +174,7 @@ fn attach(
 /// (the store's view). Before every Gateway API kind is listed, nothing is built.
 pub fn build_gateway(
     objects: &GatewayObjects,
-    secrets: &BTreeMap<ObjectKey, Secret>,
+    secrets: &BTreeMap<ObjectKey, TlsSecret>,
     lookup: &dyn Fn(&ServiceKey) -> ServiceLookup,
     cfg: &GatewayConfig,
 ) -> GatewayBuilt {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Secret;
+use crate::ingress::objects::TlsSecret;
 use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -77,7 +77,7 @@ impl GatewayListeners {
         &mut self,
         listen: &Listen,
         certs: &BTreeMap<u16, Vec<TlsBinding>>,
-        secrets: &BTreeMap<ObjectKey, Secret>,
+        secrets: &BTreeMap<ObjectKey, TlsSecret>,
     ) -> Vec<String> {
         let mut changed = false;
         let closing: Vec<u16> = self

@@ -7,13 +7,12 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Secret;
+use crate::ingress::objects::TlsSecret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::refs::{permits, RefEnd};
 use super::types::{Gateway, Listener, ReferenceGrant, RouteGroupKind, GROUP};
 use crate::ingress::objects::ObjectKey;
-use crate::ingress::tls::convert_secret;
 
 /// A condition's reason and message (for one that is not in its good state).
 pub type Problem = (&'static str, String);
@@ -91,7 +90,7 @@ impl GatewayModel {
 
 /// What the listeners are checked against.
 pub struct ListenerContext<'a> {
-    pub secrets: &'a BTreeMap<ObjectKey, Secret>,
+    pub secrets: &'a BTreeMap<ObjectKey, TlsSecret>,
     pub grants: &'a BTreeMap<ObjectKey, ReferenceGrant>,
     pub ingress_http: Option<u16>,
     pub ingress_https: Option<u16>,
@@ -202,9 +201,9 @@ fn certificates(gw_ns: &str, l: &Listener, ctx: &ListenerContext<'_>) -> (Option
                     "InvalidCertificateRef",
                     format!("Secret {ns}/{} not found (or not of type kubernetes.io/tls)", r.name),
                 )),
-                Some(secret) => match convert_secret(&key, secret) {
+                Some(secret) => match &secret.parsed {
                     Ok(_) => Ok(key),
-                    Err(e) => Err(("InvalidCertificateRef", e.to_string())),
+                    Err(e) => Err(("InvalidCertificateRef", e.clone())),
                 },
             }
         };

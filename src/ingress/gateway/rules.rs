@@ -339,7 +339,7 @@ pub fn resolve_backend(
             Upstream::Endpoints(
                 p.endpoints
                     .iter()
-                    .filter(|e| e.ready)
+                    .filter(|e| e.ready())
                     .map(|e| std::net::SocketAddr::new(e.ip, e.port))
                     .collect(),
             )

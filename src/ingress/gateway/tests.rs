@@ -3,7 +3,6 @@
 //! tests they are modelled on.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::Method;
@@ -18,7 +17,7 @@ use crate::ingress::objects::ObjectKey;
 use crate::ingress::routes::RequestLine;
 use crate::ingress::routes::{RouteTable, ServiceLookup};
 use crate::model::store::build_service_state;
-use crate::model::{Endpoint, PortState, Protocol, ServiceKey, ServicePort, ServicePortName};
+use crate::model::{Endpoint, PortState, ServiceKey};
 
 const INFRA: &str = "gateway-conformance-infra";
 const WEB: &str = "gateway-conformance-web-backend";
@@ -68,18 +67,7 @@ fn objects(yaml: &str) -> GatewayObjects {
 }
 
 fn endpoint(ip: &str) -> Endpoint {
-    Endpoint {
-        ip: ip.parse().unwrap(),
-        port: 3000,
-        ready: true,
-        serving: true,
-        terminating: false,
-        node_name: None,
-        zone: None,
-        zone_hints: Default::default(),
-        node_hints: Default::default(),
-        is_local: false,
-    }
+    crate::model::testing::endpoint(ip, 3000).build()
 }
 
 /// Services `infra-backend-v1..3` in the infra namespace and `web-backend` in the web one,
@@ -97,23 +85,7 @@ fn lookup(key: &ServiceKey) -> ServiceLookup {
     else {
         return ServiceLookup::Missing;
     };
-    let port = Arc::new(ServicePort {
-        name: ServicePortName {
-            service: key.clone(),
-            port: "http".into(),
-            protocol: Protocol::Tcp,
-        },
-        cluster_ips: vec!["10.96.0.1".parse().unwrap()],
-        port: 8080,
-        node_port: None,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        affinity_timeout: None,
-        external_policy_local: false,
-        internal_policy_local: false,
-        health_check_node_port: None,
-    });
+    let port = crate::model::testing::service_port(&key.to_string(), "http", "10.96.0.1", 8080).arc();
     let mut state = build_service_state(std::slice::from_ref(&port), None);
     state.ports = vec![PortState {
         port,
@@ -131,7 +103,11 @@ fn cfg() -> GatewayConfig {
 }
 
 fn build_with(o: &GatewayObjects, secrets: &BTreeMap<ObjectKey, Secret>) -> GatewayBuilt {
-    build_gateway(o, secrets, &lookup, &cfg())
+    let parsed = secrets
+        .iter()
+        .map(|(k, s)| (k.clone(), crate::ingress::objects::TlsSecret::parse(k, s)))
+        .collect();
+    build_gateway(o, &parsed, &lookup, &cfg())
 }
 
 fn build(yaml: &str) -> (GatewayObjects, GatewayBuilt) {

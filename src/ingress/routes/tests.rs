@@ -5,43 +5,17 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use super::*;
 use crate::ingress::objects::IngressObject;
 use crate::model::store::build_service_state;
-use crate::model::{Endpoint, PortState, ServicePort, ServicePortName};
+use crate::model::testing::service_port;
+use crate::model::{testing, Endpoint, PortState};
 
 fn endpoint(ip: &str, port: u16, ready: bool) -> Endpoint {
-    Endpoint {
-        ip: ip.parse().unwrap(),
-        port,
-        ready,
-        serving: ready,
-        terminating: false,
-        node_name: None,
-        zone: None,
-        zone_hints: Default::default(),
-        node_hints: Default::default(),
-        is_local: false,
-    }
+    testing::endpoint(ip, port).conditions(ready, ready, false).build()
 }
 
 /// Service `name` in `ns` with port 80 named `http`, its endpoints on 8080.
 fn service(ns: &str, name: &str, eps: &[(&str, bool)]) -> (ServiceKey, ServiceLookup) {
     let key = ServiceKey::new(ns, name);
-    let port = Arc::new(ServicePort {
-        name: ServicePortName {
-            service: key.clone(),
-            port: "http".into(),
-            protocol: Protocol::Tcp,
-        },
-        cluster_ips: vec!["10.96.0.1".parse().unwrap()],
-        port: 80,
-        node_port: None,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        affinity_timeout: None,
-        external_policy_local: false,
-        internal_policy_local: false,
-        health_check_node_port: None,
-    });
+    let port = service_port(&key.to_string(), "http", "10.96.0.1", 80).arc();
     let mut state = build_service_state(std::slice::from_ref(&port), None);
     state.ports = vec![PortState {
         port,

@@ -29,7 +29,7 @@ fn port_of(state: &SharedState, name: &str) -> Option<(Vec<IpAddr>, Option<u16>,
     state.read(|store, _| {
         let st = store.service_state(&ServiceKey::new("default", name))?;
         let p = st.ports.first()?.port.clone();
-        Some((p.cluster_ips.clone(), p.node_port, p.port))
+        Some((p.cluster_ips.to_vec(), p.node_port, p.port))
     })
 }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::dataplane::ipvs::netlink::RealServerState;
-use crate::model::{NodeInfo, PortState, ServicePort, ServicePortName, ServiceState};
+use crate::model::{testing, NodeInfo, PortState, ServicePort, ServiceState};
 
 const NODE_IP: &str = "192.0.2.1";
 
@@ -21,39 +21,25 @@ pub(crate) fn cfg() -> PlanConfig {
 
 /// A TCP Service port `http` on port 80 of `cluster_ip` (both planning test modules use it).
 pub(crate) fn port(name: &str, cluster_ip: &str, node_port: Option<u16>) -> ServicePort {
-    ServicePort {
-        name: ServicePortName {
-            service: ServiceKey::new("default", name),
-            port: "http".into(),
-            protocol: Protocol::Tcp,
-        },
-        cluster_ips: vec![cluster_ip.parse().unwrap()],
-        port: 80,
-        node_port,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        affinity_timeout: None,
-        external_policy_local: false,
-        internal_policy_local: false,
-        health_check_node_port: None,
+    let p = testing::service_port(&format!("default/{name}"), "http", cluster_ip, 80);
+    match node_port {
+        Some(np) => p.node_port(np),
+        None => p,
     }
+    .build()
 }
 
 /// `state` is "ready", "terminating" (serving) or "down"; `local` places it on this node.
 pub(crate) fn ep(ip: &str, state: &str, local: bool) -> Endpoint {
-    Endpoint {
-        ip: ip.parse().unwrap(),
-        port: 8080,
-        ready: state == "ready",
-        serving: state != "down",
-        terminating: state == "terminating",
-        node_name: Some(if local { "node-1" } else { "node-2" }.into()),
-        zone: None,
-        zone_hints: Default::default(),
-        node_hints: Default::default(),
-        is_local: local,
+    let e = testing::endpoint(ip, 8080)
+        .node(if local { "node-1" } else { "node-2" })
+        .local(local);
+    match state {
+        "ready" => e,
+        "terminating" => e.terminating(),
+        _ => e.down(),
     }
+    .build()
 }
 
 fn state(ports: Vec<(ServicePort, Vec<Endpoint>)>) -> DesiredState {
@@ -339,7 +325,7 @@ fn terminating_endpoint_is_drained_while_ready_ones_serve() {
 fn external_traffic_policy_local_uses_local_endpoints_on_external_services() {
     let mut p = port("web", "10.96.0.10", Some(30080));
     p.external_policy_local = true;
-    p.external_ips = vec!["203.0.113.5".parse().unwrap()];
+    p.set_external_ips(vec!["203.0.113.5".parse().unwrap()]);
     let d = plan_desired(
         &state(vec![(
             p,
@@ -390,8 +376,10 @@ fn partial_scope_touches_only_the_named_services() {
 
 #[test]
 fn other_family_is_ignored() {
-    let mut p = port("web", "10.96.0.10", Some(30080));
-    p.cluster_ips.push("fd00::10".parse().unwrap());
+    let p = testing::service_port("default/web", "http", "10.96.0.10", 80)
+        .cluster_ips(["10.96.0.10", "fd00::10"])
+        .node_port(30080)
+        .build();
     let desired = state(vec![(
         p,
         vec![ep("10.244.1.2", "ready", true), ep("fd00::2", "ready", true)],
@@ -421,10 +409,12 @@ fn render_save_reads_like_ipvsadm() {
 
 #[test]
 fn source_ranges_apply_to_load_balancer_ips_only() {
-    let mut p = port("web", "10.96.0.10", Some(30080));
-    p.load_balancer_ips = vec!["198.51.100.5".parse().unwrap()];
-    p.external_ips = vec!["203.0.113.5".parse().unwrap()];
-    p.load_balancer_source_ranges = vec!["192.0.2.0/24".parse().unwrap(), "2001:db8::/32".parse().unwrap()];
+    let p = testing::service_port("default/web", "http", "10.96.0.10", 80)
+        .node_port(30080)
+        .load_balancer_ips(["198.51.100.5"])
+        .external_ips(["203.0.113.5"])
+        .source_ranges(["192.0.2.0/24", "2001:db8::/32"])
+        .build();
     let d = plan_desired(&state(vec![(p, vec![ep("10.244.1.2", "ready", true)])]), &cfg());
     let ranges = |addr: &str, port: u16| d.services[&key(addr, port)].source_ranges.clone();
     assert_eq!(

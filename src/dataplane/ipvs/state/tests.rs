@@ -211,9 +211,9 @@ fn shared_addresses_and_endpoints_stay_while_another_service_uses_them() {
     let mut d = cluster();
     // Two Services on one externalIP (different ports), and the same pod behind both.
     let mut a = port("a", "10.96.2.1", None);
-    a.external_ips = vec!["203.0.113.9".parse().unwrap()];
+    a.set_external_ips(vec!["203.0.113.9".parse().unwrap()]);
     let mut b = port("b", "10.96.2.2", None);
-    b.external_ips = vec!["203.0.113.9".parse().unwrap()];
+    b.set_external_ips(vec!["203.0.113.9".parse().unwrap()]);
     b.port = 443;
     put(&mut d, a, &["10.244.9.9"]);
     put(&mut d, b, &["10.244.9.9"]);
@@ -340,7 +340,7 @@ fn many_changes_in_a_row_keep_the_record_equal_to_a_full_plan() {
             ),
             _ => {
                 let mut p = port(&n, &format!("10.96.0.{}", i + 1), None);
-                p.external_ips = vec!["203.0.113.1".parse().unwrap()];
+                p.set_external_ips(vec!["203.0.113.1".parse().unwrap()]);
                 p.port = 1000 + i as u16;
                 put(&mut d, p, &[&format!("10.244.{i}.1")]);
             }
