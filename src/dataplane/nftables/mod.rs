@@ -18,6 +18,7 @@
 
 pub mod apply;
 pub mod command;
+mod hairpin;
 pub mod names;
 pub mod netlink;
 pub mod plan;

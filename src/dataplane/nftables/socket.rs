@@ -59,16 +59,24 @@ pub struct NftSocket {
     socket: Socket,
     seq: u32,
     sndbuf: usize,
-    /// One datagram at a time. Large, because the kernel sizes the parts of a dump by the
-    /// reader's buffer (up to 32 KiB), and a dump restarts its walk of the table for every
-    /// part: small parts make listing a large table quadratic.
+    /// One datagram at a time. At least 32 KiB, because the kernel sizes the parts of a dump
+    /// by the reader's buffer (up to 32 KiB), and a dump restarts its walk of the table for
+    /// every part: small parts make listing a large table quadratic. Grown when a datagram
+    /// did not fit (see [`NftSocket::recv`]).
     buf: Vec<u8>,
-    /// The last batch as sent: its capacity is reused by the next one.
+    /// The last batch as sent: its capacity is reused by the next one, up to [`OUT_KEPT`].
     out: Vec<u8>,
 }
 
-/// Receive buffer per `recv`: a dump part or a batch's answers.
-const RECV_BUF: usize = 1 << 20;
+/// Receive buffer per `recv`: a dump part (the kernel makes them at most 32 KiB) or one
+/// answer to a batch (an acknowledgement, an error, a rule's echo: each its own datagram,
+/// none near this size).
+const RECV_BUF: usize = 64 << 10;
+
+/// How much of a batch's buffer is kept between batches: a partial sync's batch fits; a cold
+/// start's large transactions allocate theirs and give it back, so the steady state does not
+/// keep the largest batch ever sent.
+const OUT_KEPT: usize = 64 << 10;
 
 impl NftSocket {
     /// Opens the socket. Fails with [`DataplaneError::Unsupported`] where nf_tables cannot be
@@ -102,10 +110,19 @@ impl NftSocket {
         })
     }
 
-    /// Reads one datagram.
+    /// Reads one datagram. One that did not fit the buffer is gone: the answer is reported
+    /// incomplete (an `InvalidData` error), and the buffer grown so that the next one fits.
     fn recv(&mut self) -> std::io::Result<Vec<u8>> {
         let mut b = &mut self.buf[..];
-        let n = self.socket.recv(&mut b, 0)?;
+        // With MSG_TRUNC a netlink socket returns the datagram's whole length.
+        let n = self.socket.recv(&mut b, nix::libc::MSG_TRUNC)?;
+        if n > self.buf.len() {
+            self.buf = vec![0; n.next_power_of_two()];
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a datagram of {n} bytes did not fit the receive buffer"),
+            ));
+        }
         Ok(self.buf[..n].to_vec())
     }
 
@@ -160,6 +177,9 @@ impl NftSocket {
         let mut buf = std::mem::take(&mut self.out);
         encode_batch_into(&mut buf, genid, first, requests);
         let sent = self.send(&buf);
+        if buf.capacity() > OUT_KEPT {
+            buf = Vec::new();
+        }
         self.out = buf;
         sent.map_err(|e| BatchError::Lost(format!("sending the batch: {e}")))?;
 
@@ -182,6 +202,11 @@ impl NftSocket {
                 Ok(data) => data,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // A datagram that did not fit: the rest of the answer is still queued.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    lost = Some(format!("reading the answer: {e}"));
+                    continue;
+                }
                 // ENOBUFS: the queue overflowed and some of the answer is gone; read the rest.
                 Err(e) => {
                     lost = Some(format!("reading the answer: {e}"));
@@ -359,6 +384,21 @@ pub mod tests {
         })
         .unwrap();
         out
+    }
+
+    #[test]
+    fn a_datagram_larger_than_the_buffer_fails_the_call_and_grows_the_buffer() {
+        let Some(()) = in_netns(|| {
+            let mut sock = NftSocket::connect().unwrap();
+            assert_eq!(sock.buf.len(), RECV_BUF);
+            sock.buf = vec![0; 16];
+            let e = sock.generation().unwrap_err().to_string();
+            assert!(e.contains("did not fit the receive buffer"), "{e}");
+            assert!(sock.buf.len() > 16);
+            sock.generation().unwrap();
+        }) else {
+            return;
+        };
     }
 
     #[test]
