@@ -138,6 +138,17 @@ fn full(d: &DesiredState, cfg: &RenderConfig) -> (Planner, Plan) {
     (planner, plan)
 }
 
+/// Programs a full sync of `yaml` into the (empty) table of this network namespace, and
+/// returns the kernel connection and the planner that committed it.
+fn programmed(yaml: &str, cfg: &RenderConfig) -> (Kernel, Planner) {
+    let mut kernel = Kernel::connect(cfg.family).unwrap();
+    let mut planner = Planner::new(cfg.family);
+    planner.adopt(Default::default());
+    let plan = planner.plan(&desired(yaml), &ChangeSet::full(), cfg);
+    apply_plan(&mut kernel, &mut planner, &plan).unwrap();
+    (kernel, planner)
+}
+
 /// Gives every new rule a handle, as the kernel's echo would.
 fn echo(planner: &mut Planner, plan: &Plan) {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1000);
@@ -695,11 +706,7 @@ fn a_foreign_delete_of_derived_elements_is_repaired_in_the_kernel() {
     let yaml = representative();
     let Some(()) = in_netns(move || {
         let cfg = config();
-        let mut kernel = Kernel::connect(IpFamily::V4).unwrap();
-        let mut planner = Planner::new(IpFamily::V4);
-        planner.adopt(Default::default());
-        let plan = planner.plan(&desired(&yaml), &ChangeSet::full(), &cfg);
-        apply_plan(&mut kernel, &mut planner, &plan).unwrap();
+        let (mut kernel, mut planner) = programmed(&yaml, &cfg);
         let tcp = names::service_endpoints(crate::model::Protocol::Tcp);
         nft(&[
             "delete",
@@ -976,11 +983,7 @@ fn a_check_during_commits_to_a_shared_set_finds_no_difference() {
     let yaml = docs.join("\n---\n");
     let Some(()) = in_netns(move || {
         let cfg = config();
-        let mut kernel = Kernel::connect(IpFamily::V4).unwrap();
-        let mut planner = Planner::new(IpFamily::V4);
-        planner.adopt(Default::default());
-        let plan = planner.plan(&desired(&yaml), &ChangeSet::full(), &cfg);
-        apply_plan(&mut kernel, &mut planner, &plan).unwrap();
+        let (mut kernel, mut planner) = programmed(&yaml, &cfg);
         // Another writer of the same set: elements nobody owns come and go, one per commit.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = {
