@@ -138,6 +138,16 @@ def cpu_split(pid):
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return int(f[11]), int(f[12])
 
+def cpu_ns(pid):
+    """Nanoseconds on a CPU of `pid`'s threads (schedstat: not rounded to the 10 ms tick)."""
+    total = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            total += int(open(f"/proc/{pid}/task/{t}/schedstat").read().split()[0])
+        except (OSError, ValueError):
+            pass  # a thread that ended between the listing and the read
+    return total
+
 def loadavg():
     return float(open("/proc/loadavg").read().split()[0])
 
@@ -233,6 +243,29 @@ class Watcher:
     def stop(self):
         self.proc.kill()
         self.proc.wait()
+
+class ForeignWriter:
+    """Another nftables writer in the node's namespace, committing a table of its own (created
+    and deleted in one transaction) every half second: each commit moves the ruleset
+    generation, so every periodic sync of kproxy finds it moved and starts a check that lists
+    kproxy's table and compares it, as on a node where a CNI or firewall also writes nftables.
+    BENCH_FOREIGN=0 leaves it out."""
+    def __init__(self, ns):
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, args=(ns,), daemon=True)
+        if os.environ.get("BENCH_FOREIGN", "1") != "0":
+            self.thread.start()
+
+    def run(self, ns):
+        while not self.stop.is_set():
+            subprocess.run(["ip", "netns", "exec", ns, "nft", "add table ip bench-foreign; delete table ip bench-foreign"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.stop.wait(0.5)
+
+    def close(self):
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
 
 def change_loop(d, n, watcher, log, start_k, count, api=None):
     """`count` changes of the last Service's slice, one endpoint each; per change
@@ -341,15 +374,17 @@ for n in sizes:
             rss = rss_mib(run.proc.pid)
             watcher = Watcher(ns)
             time.sleep(1)
-            idle0, tidle = cpu_split(run.proc.pid), time.time()
+            idle0, idle0_ns, tidle = cpu_split(run.proc.pid), cpu_ns(run.proc.pid), time.time()
             time.sleep(3)
-            idle1 = cpu_split(run.proc.pid)
+            idle1, idle1_ns = cpu_split(run.proc.pid), cpu_ns(run.proc.pid)
             idle_rate = [(idle1[k] - idle0[k]) / HZ / (time.time() - tidle) for k in (0, 1)]
+            idle_ns_rate = (idle1_ns - idle0_ns) / 1e9 / (time.time() - tidle)
             print(f"    {changes} changes, no resync", flush=True)
-            c0, tc = cpu_split(run.proc.pid), time.time()
+            c0, c0_ns, tc = cpu_split(run.proc.pid), cpu_ns(run.proc.pid), time.time()
             a = change_loop(d, n, watcher, log, 0, changes, api)
-            c1, took = cpu_split(run.proc.pid), time.time() - tc
+            c1, c1_ns, took = cpu_split(run.proc.pid), cpu_ns(run.proc.pid), time.time() - tc
             cpu = [((c1[k] - c0[k]) / HZ - idle_rate[k] * took) / changes * 1000 for k in (0, 1)]
+            cpu_exact = ((c1_ns - c0_ns) / 1e9 - idle_ns_rate * took) / changes * 1000
             src_a = [x[0] for x in a] if api else source_latencies(log, a)
             scale = new = [0.0]
             if api:
@@ -361,7 +396,9 @@ for n in sizes:
             run = Run(binary, d, ns, "4s", log, api)
             wait_metric(ns, "kubeproxy_sync_full_proxy_rules_duration_seconds_count", 1, run.proc, 3600)
             t_start = time.time_ns()
+            foreign = ForeignWriter(ns)
             b = change_loop(d, n, watcher, log, changes, changes // 2, api)
+            foreign.close()
             # Let the resync in progress (if any) finish, so its log line is there.
             time.sleep(1)
             src_b = [x[0] for x in b] if api else source_latencies(log, b)
@@ -370,7 +407,7 @@ for n in sizes:
             resyncs = len([w for w in windows if w[0] <= b[-1][2]])
             run.stop()
             load1 = loadavg()
-            rows.append(dict(n=n, writer=label, source=source, full_s=full_s, rss=rss, cpu_user=cpu[0], cpu_sys=cpu[1],
+            rows.append(dict(n=n, writer=label, source=source, full_s=full_s, rss=rss, cpu_user=cpu[0], cpu_sys=cpu[1], cpu_exact=cpu_exact,
                              a_src=[pct(src_a, 50), pct(src_a, 99), max(src_a)],
                              b_src=[pct(src_b, 50), pct(src_b, 99), max(src_b)],
                              scale=[pct(scale, 50), max(scale)], new=[pct(new, 50), max(new)],
@@ -449,13 +486,13 @@ lines = [
     + ((", every Service with session affinity" if affinity_every == 1 else f", every {affinity_every}th Service with session affinity (not the changed ones)") if affinity else "") + ". Single runs on a shared",
     f"machine (its load average is in the table): rerun the script to compare. Plot: [docs/bench-nftables{tag}.png](docs/bench-nftables{tag}.png).",
     "",
-    f"| Services x 10 | writer | first full sync | change: {src_word}, median / p99 / max | with resyncs every 4 s: median / p99 / max (changes during a resync) | kproxy CPU per change, user + system | endpoint count changes: median / max | new Service: median / max | memory after first sync | load average |",
+    f"| Services x 10 | writer | first full sync | change: {src_word}, median / p99 / max | with resyncs every 4 s and another writer (each resync lists the table): median / p99 / max (changes during a listing or resync) | kproxy CPU per change, user + system (all threads' schedstat, ns resolution) | endpoint count changes: median / max | new Service: median / max | memory after first sync | load average |",
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
 ]
 for r in sorted(rows, key=lambda r: r["n"]):
     lines.append(f"| {r['n']:,} | {r['writer']} | {r['full_s']:.2f} s | {' / '.join(f(x) for x in r['a_src'])} ms | "
                  f"{' / '.join(f(x) for x in r['b_src'])} ms ({r['during']} of {changes // 2}, {r['resyncs']} resyncs) | "
-                 f"{r['cpu_user']:.2f} + {r['cpu_sys']:.2f} ms | {' / '.join(f(x) for x in r['scale'])} ms | {' / '.join(f(x) for x in r['new'])} ms | "
+                 f"{r['cpu_user']:.2f} + {r['cpu_sys']:.2f} ms ({r['cpu_exact']:.2f} ms by schedstat) | {' / '.join(f(x) for x in r['scale'])} ms | {' / '.join(f(x) for x in r['new'])} ms | "
                  f"{r['rss']} MiB | {r['load'][0]:.1f} -> {r['load'][1]:.1f} |")
 kept10 = [k for k in kept if k["line"].count("|") == 11]
 kept = [k for k in kept if k["line"].count("|") != 11]
