@@ -396,11 +396,27 @@ impl AsyncWrite for ClientIo {
 /// here complete at once, and making a timer reads the clock and clones the runtime's handle.
 /// The limit then runs from the first wait, microseconds later than from the call.
 async fn within<F: Future>(limit: Duration, f: F) -> Result<F::Output, tokio::time::error::Elapsed> {
+    within_deadline(&mut None, limit, f).await
+}
+
+/// [`within`] for a series of waits under one deadline: `deadline` is set `limit` after the
+/// first of them that has to wait, and every later one ends at it.
+async fn within_deadline<F: Future>(
+    deadline: &mut Option<tokio::time::Instant>,
+    limit: Duration,
+    f: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
     let mut f = std::pin::pin!(f);
-    if let Poll::Ready(v) = std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await {
-        return Ok(v);
-    }
-    tokio::time::timeout(limit, f).await
+    let d = match *deadline {
+        Some(d) => d,
+        None => {
+            if let Poll::Ready(v) = std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await {
+                return Ok(v);
+            }
+            *deadline.insert(tokio::time::Instant::now() + limit)
+        }
+    };
+    tokio::time::timeout_at(d, f).await
 }
 
 /// A connection's timer for one kind of wait (for its next request; for a backend's answer),
@@ -556,21 +572,12 @@ async fn read_head(io: &mut ClientIo, buf: &mut Buf, first: bool) -> Result<Requ
                 }
             }
         }
-        let read = buf.read_from(io, framing::MAX_HEAD + 1);
-        let read = match deadline {
-            Some(d) => tokio::time::timeout_at(d, read).await,
-            None => {
-                let mut read = std::pin::pin!(read);
-                match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
-                    Poll::Ready(r) => Ok(r),
-                    Poll::Pending => {
-                        let d = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
-                        deadline = Some(d);
-                        tokio::time::timeout_at(d, read).await
-                    }
-                }
-            }
-        };
+        let read = within_deadline(
+            &mut deadline,
+            HEADER_READ_TIMEOUT,
+            buf.read_from(io, framing::MAX_HEAD + 1),
+        )
+        .await;
         match read {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err(NoHead::Gone),
             Ok(Ok(_)) => {}
