@@ -153,6 +153,11 @@ fn port_proto_hash(input: &str) -> String {
 
 const BASE32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
 
+/// The value of one [`BASE32`] character.
+fn base32_digit(c: u8) -> Option<usize> {
+    BASE32.iter().position(|&b| b == c)
+}
+
 /// RFC 4648 base32 of exactly 10 bytes: 16 characters, no padding needed.
 fn base32_prefix(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(16);
@@ -186,7 +191,7 @@ pub fn pack(name: &str) -> Option<[u8; 11]> {
     for (i, chunk) in hash.as_bytes().chunks(8).enumerate() {
         let mut bits = 0u64;
         for c in chunk {
-            let v = BASE32.iter().position(|b| b == c)?;
+            let v = base32_digit(*c)?;
             bits = (bits << 5) | v as u64;
         }
         out[1 + i * 5..6 + i * 5].copy_from_slice(&bits.to_be_bytes()[3..]);
@@ -322,7 +327,7 @@ const XT: XtBuckets = {
 /// (BENCHMARKS.md). The names are still a hash of what they name; another iptables only
 /// loses the speed.
 fn xt_bucket_suffix(prefix: &str, hash: &str) -> [u8; 2] {
-    let digit = |c: u8| BASE32.iter().position(|&b| b == c).unwrap_or(0);
+    let digit = |c: u8| base32_digit(c).unwrap_or(0);
     let lead = hash.as_bytes();
     let lead = digit(lead[0]) * 32 + digit(lead[1]);
     let at = lead * XT.count / 1024;
