@@ -1,6 +1,7 @@
 //! The hairpin set's bookkeeping in few bytes: how many Services DNAT to each endpoint
 //! address, and each Service's addresses. At 10,000 Services x 10 endpoints these are 100,000
-//! counts and as many addresses; an IPv4 address is kept in its 4 bytes, not in an `IpAddr`'s 17.
+//! counts and as many addresses; an address is kept in its family's 4 or 16 bytes, not in an
+//! `IpAddr`'s 17.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -9,14 +10,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 #[derive(Debug, Default, Clone)]
 pub struct Counts {
     v4: HashMap<Ipv4Addr, u32>,
-    v6: HashMap<IpAddr, u32>,
+    v6: HashMap<Ipv6Addr, u32>,
 }
 
 impl Counts {
     pub fn contains(&self, ip: &IpAddr) -> bool {
         match ip {
             IpAddr::V4(a) => self.v4.contains_key(a),
-            IpAddr::V6(_) => self.v6.contains_key(ip),
+            IpAddr::V6(a) => self.v6.contains_key(a),
         }
     }
 
@@ -24,7 +25,7 @@ impl Counts {
     pub fn add(&mut self, ip: IpAddr) {
         match ip {
             IpAddr::V4(a) => *self.v4.entry(a).or_default() += 1,
-            IpAddr::V6(_) => *self.v6.entry(ip).or_default() += 1,
+            IpAddr::V6(a) => *self.v6.entry(a).or_default() += 1,
         }
     }
 
@@ -40,7 +41,7 @@ impl Counts {
         }
         match ip {
             IpAddr::V4(a) => dec(&mut self.v4, a),
-            IpAddr::V6(_) => dec(&mut self.v6, ip),
+            IpAddr::V6(a) => dec(&mut self.v6, a),
         }
     }
 
@@ -55,7 +56,10 @@ impl Counts {
 
     /// Every address counted at least once.
     pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.v4.keys().map(|a| IpAddr::V4(*a)).chain(self.v6.keys().copied())
+        self.v4
+            .keys()
+            .map(|a| IpAddr::V4(*a))
+            .chain(self.v6.keys().map(|a| IpAddr::V6(*a)))
     }
 }
 

@@ -129,12 +129,6 @@ impl std::fmt::Debug for KeyBytes {
     }
 }
 
-impl From<&[u8]> for KeyBytes {
-    fn from(b: &[u8]) -> KeyBytes {
-        KeyBytes::new(b)
-    }
-}
-
 impl From<Vec<u8>> for KeyBytes {
     fn from(b: Vec<u8>) -> KeyBytes {
         KeyBytes::new(&b)
