@@ -81,12 +81,14 @@ impl Kernel {
     pub fn connect(family: IpFamily) -> Result<Kernel> {
         let mut sock = NftSocket::connect()?;
         let generation = sock.generation()?;
+        let netns = netns_id();
+        forget_commits_after(netns, generation);
         Ok(Kernel {
             sock,
             table: table(family),
             generation,
             foreign_change: false,
-            netns: netns_id(),
+            netns,
         })
     }
 }
@@ -380,10 +382,10 @@ fn send_transaction(kernel: &mut Kernel, units: &[Unit]) -> Result<Vec<Vec<Optio
     Ok(handles)
 }
 
-/// The generations kproxy's own commits made, to both families' tables (the last few).
-/// By network namespace (tests run many in one process).
-static OWN_COMMITS: std::sync::Mutex<std::collections::VecDeque<(u64, u32)>> =
-    std::sync::Mutex::new(std::collections::VecDeque::new());
+/// The generations kproxy's own commits made, to both families' tables: the last
+/// [`OWN_COMMITS_KEPT`] of each network namespace (by its inode). Tests run many namespaces in
+/// one process, so one namespace's commits must not push out another's.
+static OWN_COMMITS: std::sync::Mutex<Vec<(u64, std::collections::VecDeque<u32>)>> = std::sync::Mutex::new(Vec::new());
 const OWN_COMMITS_KEPT: usize = 256;
 
 /// The inode of the calling thread's network namespace (0 if unknown).
@@ -392,20 +394,44 @@ fn netns_id() -> u64 {
     std::fs::metadata("/proc/thread-self/ns/net").map_or(0, |m| m.ino())
 }
 
+fn own_commits() -> std::sync::MutexGuard<'static, Vec<(u64, std::collections::VecDeque<u32>)>> {
+    OWN_COMMITS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn record_own_commit(netns: u64, generation: u32) {
-    let mut own = OWN_COMMITS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut all = own_commits();
+    let i = match all.iter().position(|(n, _)| *n == netns) {
+        Some(i) => i,
+        None => {
+            all.push((netns, Default::default()));
+            all.len() - 1
+        }
+    };
+    let own = &mut all[i].1;
     if own.len() == OWN_COMMITS_KEPT {
         own.pop_front();
     }
-    own.push_back((netns, generation));
+    own.push_back(generation);
+}
+
+/// Forgets the commits recorded for `netns` after generation `now`: they were made in an
+/// earlier namespace whose inode the kernel has since given to this one, and would pass
+/// someone else's future commits off as kproxy's own.
+fn forget_commits_after(netns: u64, now: u32) {
+    if let Some((_, own)) = own_commits().iter_mut().find(|(n, _)| *n == netns) {
+        own.retain(|g| (g.wrapping_sub(now) as i32) <= 0);
+    }
 }
 
 /// Whether every commit after generation `from` up to `to` in namespace `netns` was kproxy's
 /// own (to the other family's table): then nobody else changed the ruleset.
 fn only_own_commits(netns: u64, from: u32, to: u32) -> bool {
-    let own = OWN_COMMITS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let all = own_commits();
+    let Some((_, own)) = all.iter().find(|(n, _)| *n == netns) else {
+        return from == to;
+    };
     let span = to.wrapping_sub(from);
-    span as usize <= OWN_COMMITS_KEPT && (1..=span).all(|i| own.contains(&(netns, from.wrapping_add(i))))
+    span as usize <= OWN_COMMITS_KEPT && (1..=span).all(|i| own.contains(&from.wrapping_add(i)))
 }
 
 /// The test hook of [`TEST_REFUSE_ENV`]: points the first rule (or element) request at an
@@ -565,4 +591,42 @@ pub fn plan_text(plan: &Plan, family: IpFamily) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Namespace ids no real namespace has (inodes are 32-bit).
+    const NS_A: u64 = u64::MAX - 1;
+    const NS_B: u64 = u64::MAX - 2;
+
+    #[test]
+    fn one_namespaces_commits_do_not_push_out_anothers() {
+        record_own_commit(NS_A, 7);
+        for g in 0..(3 * OWN_COMMITS_KEPT as u32) {
+            record_own_commit(NS_B, g);
+        }
+        assert!(only_own_commits(NS_A, 6, 7), "NS_A's commit is still known");
+        assert!(!only_own_commits(NS_A, 6, 8), "generation 8 in NS_A was someone else's");
+        let last = 3 * OWN_COMMITS_KEPT as u32 - 1;
+        assert!(only_own_commits(NS_B, last - 10, last));
+        assert!(!only_own_commits(NS_B, 0, 5), "NS_B keeps only its last commits");
+    }
+
+    #[test]
+    fn a_reused_namespace_inode_forgets_the_old_namespaces_later_commits() {
+        const NS: u64 = u64::MAX - 3;
+        for g in 1..=5 {
+            record_own_commit(NS, g);
+        }
+        // A new namespace with the same inode, its ruleset at generation 2.
+        forget_commits_after(NS, 2);
+        assert!(!only_own_commits(NS, 2, 3), "generation 3 here is not kproxy's");
+        assert!(only_own_commits(NS, 1, 2), "earlier ones are harmless and kept");
+        record_own_commit(NS, 3);
+        assert!(only_own_commits(NS, 2, 3));
+        assert!(only_own_commits(u64::MAX - 4, 9, 9), "no commits since: nobody else's");
+        assert!(!only_own_commits(u64::MAX - 4, 9, 10));
+    }
 }
