@@ -29,6 +29,8 @@ pub const QUIET: Duration = Duration::from_secs(30);
 /// item, and the watcher emits one (`Init`) before each list attempt, failed ones included,
 /// so honouring it would keep an outage at the first step forever.
 pub struct WatchBackoff {
+    /// No delay is longer ([`CAP`] unless [`WatchBackoff::with_cap`] chose another).
+    cap: Duration,
     /// Failures in this outage.
     attempt: u32,
     last_failure: Option<Instant>,
@@ -41,6 +43,12 @@ impl WatchBackoff {
         Self::with_rng(fastrand::Rng::new())
     }
 
+    /// The same policy up to another cap (for what is expected to stay failing, such as a
+    /// kind whose CRD is not installed: it is looked for again less often).
+    pub fn with_cap(cap: Duration) -> Self {
+        WatchBackoff { cap, ..Self::new() }
+    }
+
     /// A reproducible backoff, for tests.
     pub fn with_seed(seed: u64) -> Self {
         Self::with_rng(fastrand::Rng::with_seed(seed))
@@ -48,6 +56,7 @@ impl WatchBackoff {
 
     fn with_rng(rng: fastrand::Rng) -> Self {
         WatchBackoff {
+            cap: CAP,
             attempt: 0,
             last_failure: None,
             rng,
@@ -63,8 +72,13 @@ impl Default for WatchBackoff {
 
 /// The ceiling of the `attempt`-th delay (0-based): [`INITIAL`] doubled per attempt, at most [`CAP`].
 pub fn ceiling(attempt: u32) -> Duration {
-    // 2^4 * 0.5 s already passes the cap; the shift never overflows.
-    INITIAL.saturating_mul(1 << attempt.min(16)).min(CAP)
+    ceiling_to(attempt, CAP)
+}
+
+/// [`ceiling`] up to `cap`.
+fn ceiling_to(attempt: u32, cap: Duration) -> Duration {
+    // 2^16 * 0.5 s passes any cap used; the shift never overflows.
+    INITIAL.saturating_mul(1 << attempt.min(16)).min(cap)
 }
 
 impl Iterator for WatchBackoff {
@@ -77,7 +91,7 @@ impl Iterator for WatchBackoff {
             self.attempt = 0;
         }
         self.last_failure = Some(now);
-        let top = ceiling(self.attempt);
+        let top = ceiling_to(self.attempt, self.cap);
         self.attempt = self.attempt.saturating_add(1);
         // Uniform in [top/2, top]: at least half the step, so retries stay spread out but a
         // struggling API server still sees the rate fall as the outage lasts.
@@ -112,6 +126,17 @@ mod tests {
                 top / 2
             );
         }
+    }
+
+    #[test]
+    fn another_cap_bounds_the_same_doubling() {
+        let mut backoff = WatchBackoff::with_cap(Duration::from_secs(10));
+        let delays: Vec<Duration> = (&mut backoff).take(12).collect();
+        for (attempt, delay) in delays.iter().enumerate() {
+            let top = (INITIAL * (1 << attempt)).min(Duration::from_secs(10));
+            assert!(*delay >= top / 2 && *delay <= top, "attempt {attempt}: {delay:?}");
+        }
+        assert!(delays[11] >= Duration::from_secs(5), "past the default cap");
     }
 
     #[tokio::test(start_paused = true)]
