@@ -488,11 +488,6 @@ mod tests {
     ) -> impl futures::Stream<Item = T> + Unpin {
         Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     fn pool() -> Pool {
         Pool::new(client_tls_config().expect("client TLS config"))
