@@ -23,7 +23,9 @@
 #          instructions per request (valgrind's callgrind) and system calls per request (strace
 #          -c) of kproxy and nginx, keep-alive shape; deterministic, unlike times on a shared machine
 #          (with a directory, the callgrind files are kept there for callgrind_annotate); with
-#          SHAPES "newconn", a new connection per request; "https", HTTPS with keep-alive
+#          SHAPES "newconn", a new connection per request; "https", HTTPS with keep-alive;
+#          BENCH_COUNT_VALGRIND="--cache-sim=yes ..." adds callgrind's options (cache misses),
+#          BENCH_COUNT_CONNECTIONS=N wrk's connections (8 by default)
 #        BENCH_SYSCALLS=1 sudo benches/ingress.sh [DURATION] [RUNS] [SHAPES]   counts per request
 #          under the real load (wrk -c64, no tracer slowing the proxy down): system calls by
 #          kind, reads that found nothing (EAGAIN), epoll_wait calls and the events they
@@ -213,7 +215,8 @@ if [ -n "${BENCH_COUNT:-}" ]; then
     local name=$1 url=$2
     shift 2
     local out="$work/cg.$name"
-    in_ns taskset -c "$proxy_cpus" valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" "$@" >/dev/null 2>"$work/cg.$name.log" &
+    # shellcheck disable=SC2086 # BENCH_COUNT_VALGRIND: valgrind's own options, word-split.
+    in_ns taskset -c "$proxy_cpus" valgrind --tool=callgrind --instr-atstart=no ${BENCH_COUNT_VALGRIND:-} --callgrind-out-file="$out" "$@" >/dev/null 2>"$work/cg.$name.log" &
     pids+=($!)
     for _ in $(seq 1 300); do
       in_ns curl -skf -H "Host: myapp.example.com" "$url" >/dev/null && break
@@ -223,7 +226,7 @@ if [ -n "${BENCH_COUNT:-}" ]; then
     pid=$(pgrep -f "callgrind-out-file=$out" | tail -1)
     callgrind_control -i on "$pid" >/dev/null 2>&1
     local wrk_out requests
-    wrk_out=$(in_ns taskset -c "$load_cpus" wrk -t1 -c8 -d"${duration}s" -H "Host: myapp.example.com" "${count_extra[@]}" "$url")
+    wrk_out=$(in_ns taskset -c "$load_cpus" wrk -t1 -c"$count_conns" -d"${duration}s" -H "Host: myapp.example.com" "${count_extra[@]}" "$url")
     requests=$(awk '/requests in/ {print $1}' <<<"$wrk_out")
     callgrind_control -d "$pid" >/dev/null 2>&1
     if [ -d "${BENCH_COUNT}" ]; then cp "$out".* "$BENCH_COUNT/"; fi
@@ -242,7 +245,7 @@ if [ -n "${BENCH_COUNT:-}" ]; then
     strace -c -f -qq -o "$work/strace.$name" -p "$target_pid" &
     local strace_pid=$!
     sleep 0.5
-    wrk_out=$(in_ns taskset -c "$load_cpus" wrk -t1 -c8 -d"${duration}s" -H "Host: myapp.example.com" "${count_extra[@]}" "$port_url")
+    wrk_out=$(in_ns taskset -c "$load_cpus" wrk -t1 -c"$count_conns" -d"${duration}s" -H "Host: myapp.example.com" "${count_extra[@]}" "$port_url")
     kill -INT "$strace_pid"
     wait "$strace_pid" 2>/dev/null || true
     local sreq calls
@@ -253,6 +256,7 @@ if [ -n "${BENCH_COUNT:-}" ]; then
     echo "system calls of $name (strace -c):" >&2
     cat "$work/strace.$name" >&2
   }
+  count_conns=${BENCH_COUNT_CONNECTIONS:-8}
   # The shape: keepalive (default), or newconn or https with the third argument.
   count_extra=(-H "X-Shape: keepalive")
   kproxy_url=http://127.0.0.1:8083/ nginx_url=http://127.0.0.1:8082/

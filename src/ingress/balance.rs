@@ -83,8 +83,11 @@ impl Balancer {
         }
         let skip = exclude.and_then(|x| endpoints.iter().position(|e| *e == x));
         let count = endpoints.len() - usize::from(skip.is_some());
-        if count == 0 {
-            return None;
+        match count {
+            0 => return None,
+            // One choice: no position to keep, and no lock shared by all workers to take for it.
+            1 => return endpoints.iter().copied().find(|e| Some(*e) != exclude),
+            _ => {}
         }
         let key = backend as *const Backend as usize;
         let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
@@ -140,6 +143,27 @@ mod tests {
         let others: Vec<SocketAddr> = (0..4).filter_map(|_| b.pick(svc, &e, None, Some(e[1]))).collect();
         assert!(others.iter().all(|a| *a != e[1]) && others.contains(&e[0]) && others.contains(&e[2]));
         assert_eq!(b.pick(svc, &[], None, None), None);
+    }
+
+    #[test]
+    fn one_endpoint_is_picked_without_a_position_and_never_when_excluded() {
+        let b = Balancer::default();
+        let one: Vec<SocketAddr> = eps()[..1].to_vec();
+        let backend = Backend {
+            service: crate::model::ServiceKey::new("ns", "svc"),
+            port: "80".into(),
+            upstream: super::super::routes::Upstream::Endpoints(one.clone()),
+        };
+        for _ in 0..3 {
+            assert_eq!(b.pick(&backend, &one, None, None), Some(one[0]));
+        }
+        assert_eq!(b.pick(&backend, &one, None, Some(one[0])), None);
+        // Of two, the one not excluded, every time.
+        let two: Vec<SocketAddr> = eps()[..2].to_vec();
+        for _ in 0..3 {
+            assert_eq!(b.pick(&backend, &two, None, Some(two[0])), Some(two[1]));
+        }
+        assert!(b.next.lock().unwrap().is_empty(), "no round-robin position was kept");
     }
 
     #[test]

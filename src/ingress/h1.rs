@@ -20,13 +20,14 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::balance::affinity_value;
 use super::framing::{self, Body, ChunkError, ChunkedDecoder, HeadError, RequestHead, ResponseHead};
@@ -115,7 +116,11 @@ impl Buf {
 pub struct Worker {
     pub proxy: Arc<Proxy>,
     pub pool: Pool,
-    routes: RefCell<Option<Arc<RouteTable>>>,
+    /// The worker's handle on the current table: an `Rc` of its own, so that a request's copy
+    /// is a plain increment, not an atomic one on the count all workers share (one more
+    /// allocation per table change, hence the allowed `redundant_allocation`).
+    #[allow(clippy::redundant_allocation)]
+    routes: RefCell<Option<Rc<Arc<RouteTable>>>>,
     routes_rx: RefCell<super::proxy::Routes>,
     buffers: RefCell<Vec<Vec<u8>>>,
     heads: RefCell<Vec<Vec<u8>>>,
@@ -175,10 +180,11 @@ impl Worker {
     }
 
     /// The current route table, refreshed only when it changed.
-    fn table(&self) -> Option<Arc<RouteTable>> {
+    #[allow(clippy::redundant_allocation)]
+    fn table(&self) -> Option<Rc<Arc<RouteTable>>> {
         let mut rx = self.routes_rx.borrow_mut();
         if rx.has_changed().unwrap_or(false) || self.routes.borrow().is_none() {
-            *self.routes.borrow_mut() = rx.borrow_and_update().clone();
+            *self.routes.borrow_mut() = rx.borrow_and_update().clone().map(Rc::new);
             // Keyed by routes of the old table.
             self.counters.borrow_mut().clear();
         }
@@ -402,7 +408,7 @@ async fn within<F: Future>(limit: Duration, f: F) -> Result<F::Output, tokio::ti
 /// [`within`] for a series of waits under one deadline: `deadline` is set `limit` after the
 /// first of them that has to wait, and every later one ends at it.
 async fn within_deadline<F: Future>(
-    deadline: &mut Option<tokio::time::Instant>,
+    deadline: &mut Option<Instant>,
     limit: Duration,
     f: F,
 ) -> Result<F::Output, tokio::time::error::Elapsed> {
@@ -413,7 +419,7 @@ async fn within_deadline<F: Future>(
             if let Poll::Ready(v) = std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await {
                 return Ok(v);
             }
-            *deadline.insert(tokio::time::Instant::now() + limit)
+            *deadline.insert(Instant::now() + limit)
         }
     };
     tokio::time::timeout_at(d, f).await
@@ -470,6 +476,9 @@ pub enum Served {
 pub async fn serve(w: Rc<Worker>, mut io: ClientIo, conn: Conn) -> Served {
     let mut carry: Option<Buf> = None;
     let mut first = true;
+    // When this connection's last request ended (the clock read for its metrics), for the
+    // idle wait after it: one clock read per request fewer.
+    let mut ended: Option<Instant> = None;
     // One wait for the drain for the connection's whole life, on the worker's own Notify:
     // registering on the shutdown channel on every idle wait cost a lock shared by all workers.
     let draining_began = w.drain.notified();
@@ -503,8 +512,12 @@ pub async fn serve(w: Rc<Worker>, mut io: ClientIo, conn: Conn) -> Served {
                 (false, false) => KEEPALIVE_TIMEOUT,
             };
             let Ok(socket) = io.registered() else { break };
-            idle_timer.as_mut().reset(tokio::time::Instant::now() + idle);
+            let from = ended.take().unwrap_or_else(Instant::now);
+            idle_timer.as_mut().reset(from + idle);
+            // Biased: in the order written (the socket first), without the random start
+            // `select!` otherwise draws on every poll.
             let ready = tokio::select! {
+                biased;
                 r = socket.readable() => r.is_ok(),
                 _ = idle_timer.as_mut() => false,
                 _ = &mut draining_began, if !draining => {
@@ -523,7 +536,8 @@ pub async fn serve(w: Rc<Worker>, mut io: ClientIo, conn: Conn) -> Served {
         // to the kernel and faulted in again: 0.43 page faults per keep-alive request (nginx
         // 0.004; BENCHMARKS.md). Inline, the request's state is part of the connection's own
         // allocation, which an idle connection keeps (about 2 KiB more each).
-        let next = request(&w, &mut io, conn, buf, first, upstream_timer.as_mut()).await;
+        let (next, end) = request(&w, &mut io, conn, buf, first, upstream_timer.as_mut()).await;
+        ended = end;
         first = false;
         match next {
             Next::KeepAlive(c) => carry = c,
@@ -667,6 +681,8 @@ fn forwarded_headers(buf: &[u8], head: &RequestHead) -> HeaderMap {
 /// What the metrics and the access log record about a request.
 struct Record<'t> {
     started: Instant,
+    /// When the answer was relayed, if the clock was read then (a backend connection put back).
+    ended: Option<Instant>,
     route: Option<&'t Route>,
     upstream: Option<Dest>,
     code: u16,
@@ -674,8 +690,12 @@ struct Record<'t> {
     line: Option<(String, String, &'static str)>,
 }
 
-fn record(w: &Worker, table: Option<&Arc<RouteTable>>, conn: Conn, r: &Record<'_>) {
+/// Counts the request; returns when it ended.
+#[allow(clippy::redundant_allocation)]
+fn record(w: &Worker, table: Option<&Rc<Arc<RouteTable>>>, conn: Conn, r: &Record<'_>) -> Instant {
     let m = metrics();
+    let ended = r.ended.unwrap_or_else(Instant::now);
+    let took = ended.saturating_duration_since(r.started);
     let labels = || {
         (
             r.route.map_or("", |route| route.ingress.as_str()),
@@ -686,7 +706,7 @@ fn record(w: &Worker, table: Option<&Arc<RouteTable>>, conn: Conn, r: &Record<'_
     };
     // The worker keeps each series' counter while the route table that keys it is current.
     let current = match (table, w.routes.borrow().as_ref()) {
-        (Some(t), Some(c)) => Arc::ptr_eq(t, c),
+        (Some(t), Some(c)) => Rc::ptr_eq(t, c),
         (None, None) => true,
         _ => false,
     };
@@ -702,7 +722,7 @@ fn record(w: &Worker, table: Option<&Arc<RouteTable>>, conn: Conn, r: &Record<'_
         let (ingress, service) = labels();
         m.inc_ingress_request(ingress, &service, r.code);
     }
-    m.observe_ingress_duration(r.started.elapsed());
+    m.observe_ingress_duration(took);
     if let Some((method, uri, version)) = &r.line {
         let service = r.route.map(|route| route.backend.service.to_string());
         tracing::info!(
@@ -715,10 +735,11 @@ fn record(w: &Worker, table: Option<&Arc<RouteTable>>, conn: Conn, r: &Record<'_
             ingress = r.route.map_or("", |route| route.ingress.as_str()),
             service = service.as_deref().unwrap_or(""),
             upstream = %r.upstream.as_ref().map_or_else(|| "-".to_string(), Dest::to_string),
-            duration_ms = r.started.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = took.as_secs_f64() * 1000.0,
             "request"
         );
     }
+    ended
 }
 
 /// One request on a client connection, from its head to the end of its answer.
@@ -729,13 +750,13 @@ async fn request(
     mut buf: Buf,
     first: bool,
     upstream_timer: Timer<'_>,
-) -> Next {
+) -> (Next, Option<Instant>) {
     let head = match read_head(io, &mut buf, first).await {
         Ok(h) => h,
-        Err(NoHead::H2) => return Next::H2(buf),
+        Err(NoHead::H2) => return (Next::H2(buf), None),
         Err(NoHead::Gone) => {
             w.give_buf(buf);
-            return Next::Close;
+            return (Next::Close, None);
         }
         Err(NoHead::Refused(e)) => {
             let (code, text) = e.answer();
@@ -743,12 +764,15 @@ async fn request(
             let _ = answer(w, io, &Answer::text(status, text), true, false).await;
             metrics().inc_ingress_request("", "", code);
             w.give_buf(buf);
-            return Next::Close;
+            return (Next::Close, None);
         }
     };
     let table = w.table();
     let mut rec = Record {
+        // The request's one clock read before its answer: the backend's read timeout and the
+        // pool's idle check start from it too.
         started: Instant::now(),
+        ended: None,
         route: None,
         upstream: None,
         code: 0,
@@ -772,8 +796,8 @@ async fn request(
             .await
         }
     };
-    record(w, table.as_ref(), conn, &rec);
-    match outcome {
+    let ended = record(w, table.as_ref(), conn, &rec);
+    let next = match outcome {
         Outcome::KeepAlive if buf.is_empty() => {
             w.give_buf(buf);
             Next::KeepAlive(None)
@@ -783,7 +807,8 @@ async fn request(
             w.give_buf(buf);
             Next::Close
         }
-    }
+    };
+    (next, Some(ended))
 }
 
 /// How a request ended for its connection. On `KeepAlive`, the request (head and body) has
@@ -1405,10 +1430,10 @@ async fn read_response_head(
     up: &mut UpstreamIo,
     ub: &mut Buf,
     head_request: bool,
-    timeout: Duration,
+    (from, timeout): (Instant, Duration),
     mut timer: Timer<'_>,
 ) -> Result<ResponseHead, NoResponse> {
-    timer.as_mut().reset(tokio::time::Instant::now() + timeout);
+    timer.as_mut().reset(from + timeout);
     let mut got_any = false;
     loop {
         if !ub.is_empty() {
@@ -1475,11 +1500,12 @@ async fn forward<'t>(
     let mut fresh = plan.upgrade;
     let mut connect_retried = false;
     let mut stale_retried = false;
+    let started = rec.started;
     // Up to the backend's response head: connect (one retry elsewhere), send, stream the body.
     let exchange = async {
         loop {
             rec.upstream = Some(dest.clone());
-            let got = match (fresh, w.pool.checkout(&dest)) {
+            let got = match (fresh, w.pool.checkout(&dest, started.into_std())) {
                 (false, Some(u)) => Ok(u),
                 // Boxed: the connect (and TLS handshake) state is large and needed only now.
                 _ => Box::pin(w.pool.connect(&dest, lim.connect)).await,
@@ -1536,8 +1562,16 @@ async fn forward<'t>(
                     Err(e) => return Err(Failed::Body(e)),
                 }
             }
+            // The read timeout runs from the request's start when it went out at once (a pooled
+            // connection, no body to stream): microseconds earlier, and no clock read.
+            let sent_at = if up.reused && !streamed {
+                started
+            } else {
+                Instant::now()
+            };
             let mut ubuf = w.take_buf();
-            match read_response_head(&mut up.io, &mut ubuf, plan.is_head, lim.read, upstream_timer.as_mut()).await {
+            let timeout = (sent_at, lim.read);
+            match read_response_head(&mut up.io, &mut ubuf, plan.is_head, timeout, upstream_timer.as_mut()).await {
                 Ok(resp) => return Ok((up, ubuf, resp, early)),
                 Err(NoResponse::Closed)
                     if up.reused && !streamed && !stale_retried && (plan.body == Body::None || plan.idempotent) =>
@@ -1617,7 +1651,9 @@ async fn forward<'t>(
     match relayed {
         Ok(close) => {
             if !resp.close && !early && body_done && !plan.upgrade {
-                w.pool.checkin(&dest, up.io);
+                let now = Instant::now();
+                w.pool.checkin(&dest, up.io, now.into_std());
+                rec.ended = Some(now);
             }
             if close {
                 Outcome::Close

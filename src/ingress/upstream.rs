@@ -383,28 +383,29 @@ impl Pool {
         }
     }
 
-    /// An idle connection to `dest` that still looks usable, newest first.
-    pub fn checkout(&self, dest: &Dest) -> Option<Pooled> {
+    /// An idle connection to `dest` that still looks usable, newest first. `now` is the
+    /// caller's clock reading (the request's start), not read again here.
+    pub fn checkout(&self, dest: &Dest, now: Instant) -> Option<Pooled> {
         let mut idle = self.idle.borrow_mut();
         let conns = idle.get_mut(dest)?;
         while let Some((io, since)) = conns.pop() {
-            if since.elapsed() < POOL_IDLE_TIMEOUT && io.still_idle() {
+            if now.saturating_duration_since(since) < POOL_IDLE_TIMEOUT && io.still_idle() {
                 return Some(Pooled { io, reused: true });
             }
         }
         None
     }
 
-    /// Puts a connection whose last exchange ended cleanly back.
-    pub fn checkin(&self, dest: &Dest, io: UpstreamIo) {
+    /// Puts a connection whose last exchange ended cleanly back; idle from `now`.
+    pub fn checkin(&self, dest: &Dest, io: UpstreamIo, now: Instant) {
         let mut idle = self.idle.borrow_mut();
         if let Some(conns) = idle.get_mut(dest) {
             if conns.len() < POOL_MAX_IDLE {
-                conns.push((io, Instant::now()));
+                conns.push((io, now));
             }
             return;
         }
-        idle.insert(dest.clone(), vec![(io, Instant::now())]);
+        idle.insert(dest.clone(), vec![(io, now)]);
     }
 
     /// Closes connections idle for longer than [`POOL_IDLE_TIMEOUT`] or closed by their backend.
@@ -486,5 +487,35 @@ mod tests {
         mut rx: tokio::sync::mpsc::Receiver<T>,
     ) -> impl futures::Stream<Item = T> + Unpin {
         Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+    }
+
+    fn pool() -> Pool {
+        Pool::new(client_tls_config().expect("client TLS config"))
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_is_reused_until_idle_for_the_pool_timeout_by_the_callers_clock() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dest = Dest::Addr(addr, false);
+        let p = pool();
+        let t0 = Instant::now();
+        // The backend's ends stay open: a closed one would not look idle.
+        let mut accepted = Vec::new();
+        for _ in 0..2 {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            accepted.push(listener.accept().await.unwrap());
+            p.checkin(&dest, UpstreamIo::Plain(tcp), t0);
+        }
+        let got = p
+            .checkout(&dest, t0 + Duration::from_secs(1))
+            .expect("idle for 1 s: reused");
+        assert!(got.reused);
+        assert!(
+            p.checkout(&dest, t0 + POOL_IDLE_TIMEOUT + Duration::from_secs(1))
+                .is_none(),
+            "idle past the pool timeout: dropped"
+        );
+        assert!(p.checkout(&dest, t0).is_none(), "the expired one was not kept");
     }
 }
