@@ -19,7 +19,25 @@ kproxy=$1; fakeapi=$2; n=$3; endpoints=10
 work=$(mktemp -d /tmp/kproxy-bench-cpu.XXXXXX)
 ns=kpipt3api$$
 tools=$work/tools; mkdir -p "$tools"
-for t in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do ln -sf "$(command -v "${t/iptables/iptables-legacy}")" "$tools/$t"; done
+for t in iptables iptables-save ip6tables ip6tables-save ip6tables-restore; do ln -sf "$(command -v "${t/iptables/iptables-legacy}")" "$tools/$t"; done
+# iptables-restore through a wrapper that splits each run's wall time with the child's
+# /proc/PID/schedstat, read every 10 ms until it exits: on a CPU, waiting for one (the machine's
+# load), and the rest, blocked (a lock, the kernel sleeping). One line per run in restores.txt:
+# "start end run_ns runqueue_ns". Builtins only (the sleep is a read with a timeout).
+restore_log=$work/restores.txt
+cat > "$tools/iptables-restore" <<WRAPPER
+#!/bin/bash
+exec 9<> <(:)
+start=\$EPOCHREALTIME
+exec 8<&0
+$(command -v iptables-legacy-restore) "\$@" <&8 & child=\$!
+run=0 queued=0
+while { read -r r q _ < /proc/\$child/schedstat; } 2>/dev/null; do run=\$r queued=\$q; read -t 0.01 -u 9 || :; done
+wait \$child; rc=\$?
+echo "\$start \$EPOCHREALTIME \$run \$queued" >> $restore_log
+exit \$rc
+WRAPPER
+chmod +x "$tools/iptables-restore"
 ip netns add "$ns"; ip netns exec "$ns" ip link set lo up
 ip netns exec "$ns" "$fakeapi" __fakeapi --listen 127.0.0.1:6443 --services "$n" --endpoints "$endpoints" --node bench-node > "$work/fakeapi.log" 2>&1 &
 api_pid=$!
@@ -59,7 +77,7 @@ print(json.dumps({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
 PY
   b=$(metric kubeproxy_network_programming_duration_seconds_sum); c=$(metric kubeproxy_network_programming_duration_seconds_count)
   read -r u0 s0 cu0 cs0 <<<"$(awk '{print $14, $15, $16, $17}' /proc/"$pid"/stat)"
-  [ -z "${STRACE:-}" ] || [ "$k" != 0 ] || { strace -f -tt -T -e trace=execve,recvfrom,setsockopt,getsockopt,flock,wait4,exit_group \
+  [ -z "${STRACE:-}" ] || [ "$k" != 0 ] || { strace -f --seccomp-bpf -tt -T -e trace=execve,recvfrom,setsockopt,getsockopt,flock,wait4,exit_group \
     -o "$STRACE" -p "$pid" 2>/dev/null & strace_pid=$!; sleep 1; }
   e=$EPOCHREALTIME; printf -v now '%(%Y-%m-%dT%H:%M:%S)T.%sZ' "${e%.*}" "${e#*.}"
   t0=$(date +%s.%N)
@@ -75,7 +93,7 @@ PY
     "$(echo "($u1+$s1-$u0-$s0)/$hz" | bc -l)" "$(echo "($cu1+$cs1-$cu0-$cs0)/$hz" | bc -l)" \
     "$(echo "($cu1-$cu0)/$hz" | bc -l)" "$(echo "($cs1-$cs0)/$hz" | bc -l)"
 }
-read -r prog _ kcpu tcpu <<<"$(change 0)"
+read -r prog _ kcpu tcpu _ _ <<<"$(change 0)"
 PATH="$tools:$PATH" ip netns exec "$ns" iptables-save -t nat | grep -q '10.254.0.1:8080' || echo "CHANGE NOT IN KERNEL"
 printf "legacy n=%s start_to_rules=%.2fs full_sync=%.3fs peak=%dMiB steady=%dMiB change=%.3fs | first sync CPU: kproxy %.2f s, tools %.2f s | change CPU: kproxy %.2f s, tools %.2f s | load %s\n" \
   "$n" "$to_rules" "$full" $((peak / 1024)) $((steady / 1024)) "$prog" "$(echo "($u+$s)/$hz" | bc -l)" \
@@ -85,7 +103,7 @@ printf "legacy n=%s start_to_rules=%.2fs full_sync=%.3fs peak=%dMiB steady=%dMiB
 if [ "${CHANGES:-0}" -gt 0 ]; then
   for k in $(seq 1 "$CHANGES"); do change "$k" >> "$work/changes.txt"; sleep "${CHANGE_PAUSE:-1.5}"; done
   PATH="$tools:$PATH" ip netns exec "$ns" iptables-save -t nat | grep -q "10.254.$((CHANGES % 250)).1:8080" || echo "LAST CHANGE NOT IN KERNEL"
-  python3 - "$work/changes.txt" "$(cut -d' ' -f1 /proc/loadavg)" <<'PY'
+  python3 - "$work/changes.txt" "$(cut -d' ' -f1 /proc/loadavg)" "$restore_log" "$CHANGES" <<'PY'
 import sys, math
 rows = [list(map(float, l.split())) for l in open(sys.argv[1]) if l.strip()]
 def pct(col, p):
@@ -93,6 +111,13 @@ def pct(col, p):
     return v[max(0, math.ceil(p / 100 * len(v)) - 1)]
 names = ["trigger to kernel (metric)", "write to metric seen (wall)", "kproxy CPU", "tools CPU", "tools user", "tools sys"]
 print(f"{len(rows)} changes, load {sys.argv[2]}: " + "; ".join(
+    f"{name} p50 {pct(i, 50):.3f} / p99 {pct(i, 99):.3f} / max {max(r[i] for r in rows):.3f} s" for i, name in enumerate(names)))
+# The iptables-restore run of each of those changes (the last N in the log): its wall time, on a
+# CPU, waiting for one, and the rest (blocked).
+runs = [list(map(float, l.split())) for l in open(sys.argv[3]) if l.strip()][-int(sys.argv[4]):]
+rows = [[e - s, r / 1e9, q / 1e9, (e - s) - r / 1e9 - q / 1e9] for s, e, r, q in runs]
+names = ["wall", "on a CPU", "waiting for a CPU", "blocked"]
+print(f"iptables-restore of each change ({len(rows)}): " + "; ".join(
     f"{name} p50 {pct(i, 50):.3f} / p99 {pct(i, 99):.3f} / max {max(r[i] for r in rows):.3f} s" for i, name in enumerate(names)))
 PY
 fi
