@@ -6,7 +6,12 @@
 # times, alternating, with the given iptables-restore (legacy by default). Prints the CPU
 # time of each run and the median. Never run by the tests.
 #
-# usage: sudo scripts/bench-iptables-restore.sh [SERVICES] [ENDPOINTS] [ROUNDS] [RESTORE]
+# KERNEL=1 also times the kernel alone on each restored nat table: a small C program (built
+# with gcc) reads it (IPT_SO_GET_ENTRIES) and writes it back unchanged (IPT_SO_SET_REPLACE), what
+# the legacy backend makes the kernel do for any change, however small. KPROXY=PATH uses that
+# kproxy binary instead of building one (the release profile is a fat-LTO build).
+#
+# usage: sudo [KERNEL=1] [KPROXY=PATH] scripts/bench-iptables-restore.sh [SERVICES] [ENDPOINTS] [ROUNDS] [RESTORE]
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,9 +21,45 @@ rounds=${3:-3}
 restore=${4:-iptables-legacy-restore}
 [ "$(id -u)" = 0 ] || { echo "bench-iptables-restore.sh: needs root" >&2; exit 1; }
 
-cargo build --quiet --release --manifest-path "$here/Cargo.toml"
+kproxy=${KPROXY:-$here/target/release/kproxy}
+[ -n "${KPROXY:-}" ] || cargo build --quiet --release --manifest-path "$here/Cargo.toml"
 work=$(mktemp -d /tmp/kproxy-restore.XXXXXX)
 trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+if [ -n "${KERNEL:-}" ]; then
+  cat > "$work/replace.c" <<'C'
+/* Reads the nat table and writes it back unchanged; prints each call's wall time. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <linux/netfilter_ipv4/ip_tables.h>
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+int main(void) {
+  int s = socket(AF_INET, SOCK_RAW, IPPROTO_RAW);
+  struct ipt_getinfo info = {.name = "nat"};
+  socklen_t len = sizeof info;
+  if (s < 0 || getsockopt(s, IPPROTO_IP, IPT_SO_GET_INFO, &info, &len)) { perror("nat table"); return 1; }
+  struct ipt_get_entries *e = calloc(1, sizeof *e + info.size);
+  strcpy(e->name, "nat"); e->size = info.size; len = sizeof *e + info.size;
+  double t0 = now();
+  if (getsockopt(s, IPPROTO_IP, IPT_SO_GET_ENTRIES, e, &len)) { perror("GET_ENTRIES"); return 1; }
+  double t1 = now();
+  struct ipt_replace *r = calloc(1, sizeof *r + info.size);
+  strcpy(r->name, "nat"); r->valid_hooks = info.valid_hooks; r->num_entries = info.num_entries; r->size = info.size;
+  memcpy(r->hook_entry, info.hook_entry, sizeof r->hook_entry); memcpy(r->underflow, info.underflow, sizeof r->underflow);
+  r->num_counters = info.num_entries; r->counters = calloc(info.num_entries, sizeof(struct xt_counters));
+  memcpy(r->entries, e->entrytable, info.size);
+  double t2 = now();
+  if (setsockopt(s, IPPROTO_IP, IPT_SO_SET_REPLACE, r, sizeof *r + info.size)) { perror("SET_REPLACE"); return 1; }
+  double t3 = now();
+  printf("%u entries, %u bytes: GET_ENTRIES %.3f s, SET_REPLACE %.3f s\n", info.num_entries, info.size, t1 - t0, t3 - t2);
+  return 0;
+}
+C
+  gcc -O2 -o "$work/replace" "$work/replace.c"
+fi
 
 python3 - "$work" "$services" "$endpoints" <<'PY'
 import sys, hashlib, base64, random
@@ -96,7 +137,7 @@ with open(f"{out}/kube-proxy.txt", "w") as f:
     f.write("COMMIT\n")
 PY
 mkdir -p "$work/m" && mv "$work/node.yaml" "$work/objects.yaml" "$work/m/"
-"$here/target/release/kproxy" render --manifests "$work/m" --hostname-override bench-node \
+"$kproxy" render --manifests "$work/m" --hostname-override bench-node \
   --cluster-cidr 10.128.0.0/9 2>/dev/null | awk '/^# ip6tables/ {exit} !/^#/' > "$work/kproxy.txt"
 
 # CPU seconds (user + system) of one restore of FILE into a fresh namespace.
@@ -106,6 +147,8 @@ cpu_of() {
   # bash's `times`, in the subshell that ran the restore: its second line is the children's.
   cpu=$( (ip netns exec "$ns" "$restore" -w 5 --noflush < "$1" || echo "failed" >&2; times) | tail -1 |
     awk '{for (i = 1; i <= 2; i++) {m = $i; sub(/m.*/, "", m); s = $i; sub(/^[0-9]+m/, "", s); sub(/s$/, "", s); t += m * 60 + s}} END {printf "%.2f", t}')
+  # The kernel alone on that table (to stderr, beside the CPU figure): twice.
+  [ -z "${KERNEL:-}" ] || for _ in 1 2; do echo "  kernel, $(basename "$1" .txt)'s table: $(ip netns exec "$ns" "$work/replace")" >&2; done
   ip netns del "$ns"
   echo "$cpu"
 }
