@@ -121,7 +121,16 @@ impl NftablesProxier {
         cfg: &RenderConfig,
     ) -> Result<(SyncStats, bool)> {
         let family = self.cfg.family;
+        let asked = std::time::Instant::now();
         let mut inner = lock(&self.inner);
+        let waited = asked.elapsed();
+        if waited >= std::time::Duration::from_millis(1) {
+            tracing::debug!(
+                ?family,
+                waited_ms = waited.as_secs_f64() * 1000.0,
+                "nftables sync: waited for the planner's lock"
+            );
+        }
         let inner = &mut *inner;
         if inner.kernel.is_none() {
             inner.kernel = Some(Kernel::connect(family)?);
@@ -245,7 +254,9 @@ fn check_table(inner: &Mutex<Inner>, family: IpFamily) {
     let table = apply::table(family);
     let started = std::time::Instant::now();
     let listed = read_table(&mut sock, table);
+    let listed_in = started.elapsed();
     let mut guard = lock(inner);
+    let locked = std::time::Instant::now();
     let inner = &mut *guard;
     let touched = inner.touched.take().unwrap_or_default();
     let (state, snapshot) = match listed {
@@ -259,12 +270,17 @@ fn check_table(inner: &Mutex<Inner>, family: IpFamily) {
         return; // the next sync reads the table back anyway
     }
     let Some(kernel) = inner.kernel.as_mut() else { return };
-    let listed_in = started.elapsed();
+    let lock_wait = locked - started - listed_in;
     let (plan, differences) = inner.planner.reconcile(state, &touched, snapshot && touched.is_empty());
     if differences == 0 {
+        let held = locked.elapsed();
+        drop(guard);
         tracing::debug!(
             ?family,
             listed_ms = listed_in.as_secs_f64() * 1000.0,
+            lock_wait_ms = lock_wait.as_secs_f64() * 1000.0,
+            held_ms = held.as_secs_f64() * 1000.0,
+            check_ms = started.elapsed().as_secs_f64() * 1000.0,
             "nftables check: table as committed"
         );
         return;
