@@ -382,9 +382,7 @@ fn compare_and_repair(
         .planner
         .repair(listed, found, &touched, snapshot && touched.is_empty());
     held.differences = differences;
-    let Some(kernel) = inner.kernel.as_mut() else {
-        return None;
-    };
+    let kernel = inner.kernel.as_mut()?;
     if differences > 0 {
         tracing::warn!(
             ?family,
