@@ -13,8 +13,9 @@
 //! what was committed; [`command`] and [`netlink`] are the commands and their bytes; [`apply`]
 //! and [`socket`] talk to the kernel. A sync writes only what changed, addressing rules by the
 //! handles the kernel echoed. The periodic full sync compares state objects (cheap) and starts
-//! a check on a thread of its own: it lists the table over netlink and repairs whatever
-//! differs from what kproxy committed, without holding back the next sync.
+//! a check on a thread of its own: it lists the table over netlink (at a lower priority) and
+//! repairs whatever differs from what kproxy committed, comparing in short steps under the
+//! planner's lock, so that a sync waits for one step at most.
 
 pub mod apply;
 pub mod command;

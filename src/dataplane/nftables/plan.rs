@@ -13,7 +13,8 @@
 //! table was read back from the kernel ([`Planner::adopt`]), every Service is rendered and
 //! compared with what the kernel really holds, and whatever nobody owns is deleted.
 //! [`Planner::reconcile`] compares a listing of the kernel with the committed table and plans
-//! only the repairs.
+//! only the repairs; the check does the same in steps ([`Comparison`], a moment under the
+//! planner's lock each), then [`Planner::repair`] looks again at what differed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::Hasher;
