@@ -23,7 +23,11 @@
 #        PREVIOUS=LABEL: the rows of the measured writer's previous run are kept, labelled LABEL;
 #        AFFINITY=1 ...: every Service with sessionAffinity ClientIP (a set per endpoint); its
 #        own section of BENCHMARKS.md and its own plot. AFFINITY=0.1: every tenth Service
-#        (not the changed ones), in that section too.
+#        (not the changed ones), in that section too;
+#        KPROXY_BIN=PATH FAKEAPI_BIN=PATH: measure these binaries instead of building this tree
+#        (say in BENCHMARKS.md which profile they were built with);
+#        BASELINE="LABEL=PATH": also measure the kproxy binary at PATH, labelled LABEL, right
+#        after the measured one at each size (interleaved, so both see the same load).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,10 +35,18 @@ sizes=${1:-1000 5000 10000}
 changes=${2:-100}
 [ "$(id -u)" = 0 ] || { echo "bench-nftables.sh: needs root" >&2; exit 1; }
 
-cargo build --quiet --release --manifest-path "$here/Cargo.toml" --bin kproxy --example fakeapi
 mkdir -p "$here/target/bench"
-cp "$here/target/release/kproxy" "$here/target/bench/kproxy-netlink"
-cp "$here/target/release/examples/fakeapi" "$here/target/bench/fakeapi"
+if [ -n "${KPROXY_BIN:-}" ]; then
+  cp "$KPROXY_BIN" "$here/target/bench/kproxy-netlink"
+  cp "${FAKEAPI_BIN:-$(dirname "$KPROXY_BIN")/examples/fakeapi}" "$here/target/bench/fakeapi"
+else
+  cargo build --quiet --release --manifest-path "$here/Cargo.toml" --bin kproxy --example fakeapi
+  cp "$here/target/release/kproxy" "$here/target/bench/kproxy-netlink"
+  cp "$here/target/release/examples/fakeapi" "$here/target/bench/fakeapi"
+fi
+if [ -n "${BASELINE:-}" ]; then
+  cp "${BASELINE#*=}" "$here/target/bench/kproxy-baseline"
+fi
 old=$here/target/bench/kproxy-nft-f
 if [[ " ${WRITERS:-netlink} " == *" nft-f "* ]] && [ ! -x "$old" ]; then
   # The nft -f writer, as it was before the netlink one replaced it.
@@ -60,6 +72,9 @@ tag = "-affinity" if affinity else ""
 M = 10
 all_writers = {"netlink": ("netlink", f"{here}/target/bench/kproxy-netlink"), "nft-f": ("nft -f", f"{here}/target/bench/kproxy-nft-f")}
 writers = [all_writers[w] for w in os.environ.get("WRITERS", "netlink").split()]
+baseline = os.environ.get("BASELINE", "").split("=", 1)[0]
+if baseline:
+    writers.insert(1, (baseline, f"{here}/target/bench/kproxy-baseline"))
 source = os.environ.get("SOURCE", "api")
 FAKEAPI = f"{here}/target/bench/fakeapi"
 HZ = os.sysconf("SC_CLK_TCK")
@@ -345,7 +360,8 @@ def busy_windows(log):
         if m:
             w.append((t - int(float(m.group(1)) * 1e6), t))
     for t, line in log_times(log, "nftables check"):
-        m = re.search(r"listed_ms=([0-9.]+)", line)
+        # The whole check (listing, comparison, repair) where the line says; else the listing.
+        m = re.search(r"check_ms=([0-9.]+)", line) or re.search(r"listed_ms=([0-9.]+)", line)
         if m:
             w.append((t - int(float(m.group(1)) * 1e6), t))
     return w[1:] if w else w   # the first full sync is the cold start
@@ -403,7 +419,10 @@ for n in sizes:
             time.sleep(1)
             src_b = [x[0] for x in b] if api else source_latencies(log, b)
             windows = [w for w in busy_windows(log) if w[1] >= t_start]
-            during = sum(1 for _, t0, t1 in b if any(s <= t0 <= e or s <= t1 <= e for s, e in windows))
+            during_ms = sorted(x for x, t0, t1 in b if any(s <= t0 <= e or s <= t1 <= e for s, e in windows))
+            during = len(during_ms)
+            waits = [float(m.group(1)) for t, line in log_times(log, "waited for the planner's lock") if t >= t_start
+                     for m in [re.search(r"waited_ms=([0-9.]+)", line)] if m]
             resyncs = len([w for w in windows if w[0] <= b[-1][2]])
             run.stop()
             load1 = loadavg()
@@ -411,7 +430,7 @@ for n in sizes:
                              a_src=[pct(src_a, 50), pct(src_a, 99), max(src_a)],
                              b_src=[pct(src_b, 50), pct(src_b, 99), max(src_b)],
                              scale=[pct(scale, 50), max(scale)], new=[pct(new, 50), max(new)],
-                             during=during, resyncs=resyncs, samples=(len(src_a), len(src_b)), load=(load0, load1)))
+                             during=during, during_ms=during_ms, lock_waits=sorted(waits), resyncs=resyncs, samples=(len(src_a), len(src_b)), load=(load0, load1)))
             print("    " + json.dumps(rows[-1]), flush=True)
         finally:
             if watcher:
@@ -460,7 +479,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 fig, ax = plt.subplots(figsize=(7, 4.2))
 previous = "netlink (" + os.environ.get("PREVIOUS", "round 3 before the pipelined cold start") + ")"
-for label, style in [("netlink", "-o"), (previous, "-.d"), ("netlink (round 2)", "-.v"), ("netlink (round 1)", "-.^"), ("nft -f", "--s")]:
+for label, style in [("netlink", "-o"), (previous, "-.d"), *([(baseline, "-x")] if baseline else []), ("netlink (round 2)", "-.v"), ("netlink (round 1)", "-.^"), ("nft -f", "--s")]:
     rs = sorted([r for r in rows + kept if r["writer"] == label], key=lambda r: r["n"])
     xs = [r["n"] for r in rs]
     ax.plot(xs, [r["a_src"][1] for r in rs], style, label=f"{label}: p99")
@@ -491,7 +510,10 @@ lines = [
 ]
 for r in sorted(rows, key=lambda r: r["n"]):
     lines.append(f"| {r['n']:,} | {r['writer']} | {r['full_s']:.2f} s | {' / '.join(f(x) for x in r['a_src'])} ms | "
-                 f"{' / '.join(f(x) for x in r['b_src'])} ms ({r['during']} of {changes // 2}, {r['resyncs']} resyncs) | "
+                 f"{' / '.join(f(x) for x in r['b_src'])} ms ({r['during']} of {changes // 2}, {r['resyncs']} resyncs"
+                 + (f"; those: median {f(pct(r['during_ms'], 50))}, max {f(max(r['during_ms']))} ms" if r['during_ms'] else "")
+                 + (f"; {len(r['lock_waits'])} syncs waited >= 1 ms for the lock, longest {f(max(r['lock_waits']))} ms" if r['lock_waits'] else "")
+                 + ") | "
                  f"{r['cpu_user']:.2f} + {r['cpu_sys']:.2f} ms ({r['cpu_exact']:.2f} ms by schedstat) | {' / '.join(f(x) for x in r['scale'])} ms | {' / '.join(f(x) for x in r['new'])} ms | "
                  f"{r['rss']} MiB | {r['load'][0]:.1f} -> {r['load'][1]:.1f} |")
 kept10 = [k for k in kept if k["line"].count("|") == 11]

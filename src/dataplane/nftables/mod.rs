@@ -13,8 +13,9 @@
 //! what was committed; [`command`] and [`netlink`] are the commands and their bytes; [`apply`]
 //! and [`socket`] talk to the kernel. A sync writes only what changed, addressing rules by the
 //! handles the kernel echoed. The periodic full sync compares state objects (cheap) and starts
-//! a check on a thread of its own: it lists the table over netlink and repairs whatever
-//! differs from what kproxy committed, without holding back the next sync.
+//! a check on a thread of its own: it lists the table over netlink (at a lower priority) and
+//! repairs whatever differs from what kproxy committed, comparing in short steps under the
+//! planner's lock, so that a sync waits for one step at most.
 
 pub mod apply;
 pub mod command;
@@ -27,6 +28,7 @@ pub mod rule;
 pub mod socket;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures::future::BoxFuture;
@@ -59,10 +61,52 @@ struct Inner {
     touched: Option<HashSet<Owner>>,
 }
 
+impl Inner {
+    /// Notes what a sync committed, for a check in progress (it leaves those owners alone).
+    fn committed(&mut self, owners: &HashSet<Owner>) {
+        if let Some(t) = self.touched.as_mut() {
+            t.extend(owners.iter().cloned());
+        }
+    }
+}
+
+/// [`Inner`] behind its lock, and how many syncs wait for it: the check takes the lock for one
+/// step of its comparison at a time and lets a waiting sync go first.
+struct Shared {
+    inner: Mutex<Inner>,
+    waiting: AtomicUsize,
+}
+
+impl Shared {
+    fn new(inner: Inner) -> Shared {
+        Shared {
+            inner: Mutex::new(inner),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// The lock, for a sync (or the periodic sync's question): the check steps aside.
+    fn lock_for_sync(&self) -> MutexGuard<'_, Inner> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let g = lock(&self.inner);
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        g
+    }
+
+    /// The lock, for the check's next step: first waits while a sync waits for it (a mutex
+    /// just released would most likely go to the thread that released it).
+    fn lock_for_check(&self) -> MutexGuard<'_, Inner> {
+        while self.waiting.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+        lock(&self.inner)
+    }
+}
+
 /// The nftables dataplane for one IP family.
 pub struct NftablesProxier {
     cfg: ProxierConfig,
-    inner: Arc<Mutex<Inner>>,
+    inner: Arc<Shared>,
     check: Option<std::thread::JoinHandle<()>>,
     /// UDP ports as last programmed, to find stale conntrack flows; `None` before the first sync.
     udp: Option<UdpPorts>,
@@ -84,7 +128,7 @@ fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 impl NftablesProxier {
     pub fn new(cfg: ProxierConfig) -> Self {
         NftablesProxier {
-            inner: Arc::new(Mutex::new(Inner {
+            inner: Arc::new(Shared::new(Inner {
                 planner: Planner::new(cfg.family),
                 kernel: None,
                 recover: true,
@@ -102,11 +146,11 @@ impl NftablesProxier {
         if self.check.as_ref().is_some_and(|h| !h.is_finished()) {
             return;
         }
-        let inner = self.inner.clone();
+        let shared = self.inner.clone();
         let family = self.cfg.family;
         let spawned = std::thread::Builder::new()
             .name(format!("nft-check-{family:?}"))
-            .spawn(move || check_table(&inner, family));
+            .spawn(move || check_table(&shared, family));
         match spawned {
             Ok(h) => self.check = Some(h),
             Err(e) => tracing::warn!(error = %e, "could not start the nftables check"),
@@ -121,7 +165,16 @@ impl NftablesProxier {
         cfg: &RenderConfig,
     ) -> Result<(SyncStats, bool)> {
         let family = self.cfg.family;
-        let mut inner = lock(&self.inner);
+        let asked = std::time::Instant::now();
+        let mut inner = self.inner.lock_for_sync();
+        let waited = asked.elapsed();
+        if waited >= std::time::Duration::from_millis(1) {
+            tracing::debug!(
+                ?family,
+                waited_ms = waited.as_secs_f64() * 1000.0,
+                "nftables sync: waited for the planner's lock"
+            );
+        }
         let inner = &mut *inner;
         if inner.kernel.is_none() {
             inner.kernel = Some(Kernel::connect(family)?);
@@ -163,10 +216,9 @@ impl NftablesProxier {
                 return Err(e);
             }
         };
-        if let Some(t) = inner.touched.as_mut() {
-            t.extend(applied.owners.iter().cloned());
-        }
-        let check = std::mem::take(&mut kernel.foreign_change) || (changes.full && !recovering);
+        let foreign = std::mem::take(&mut kernel.foreign_change);
+        inner.committed(&applied.owners);
+        let check = foreign || (changes.full && !recovering);
         let (rules, no_local) = inner.planner.totals();
         Ok((
             SyncStats {
@@ -231,9 +283,13 @@ fn first_port_of(key: &ServiceKey) -> ServicePortName {
     }
 }
 
-/// The check: lists the table (no lock held), then compares it with what was committed and
-/// repairs what differs. Commits made while it listed are not second-guessed.
-fn check_table(inner: &Mutex<Inner>, family: IpFamily) {
+/// Objects the check compares per hold of the planner's lock: about a tenth of a millisecond.
+const COMPARE_STEP: usize = 2048;
+
+/// The check: lists the table (no lock held, at a lower priority), then compares it with what
+/// was committed in steps, each under the lock for a moment, and repairs what differs (see
+/// [`compare_and_repair`]). Commits made meanwhile are not second-guessed.
+fn check_table(shared: &Shared, family: IpFamily) {
     let mut sock = match NftSocket::connect() {
         Ok(s) => s,
         Err(e) => {
@@ -241,46 +297,136 @@ fn check_table(inner: &Mutex<Inner>, family: IpFamily) {
             return;
         }
     };
-    lock(inner).touched = Some(HashSet::new());
+    lock(&shared.inner).touched = Some(HashSet::new());
     let table = apply::table(family);
     let started = std::time::Instant::now();
+    // The kernel encodes the dump in this thread's recvmsg, and the thread decodes it: at a
+    // lower priority, so that a sync due meanwhile gets the CPU first. The comparison runs at
+    // the thread's own priority again: it takes the lock, and must not be preempted holding it.
+    let niced = lower_priority();
     let listed = read_table(&mut sock, table);
-    let mut guard = lock(inner);
-    let inner = &mut *guard;
-    let touched = inner.touched.take().unwrap_or_default();
+    if let Some(nice) = niced {
+        set_thread_nice(nice);
+    }
+    let listed_in = started.elapsed();
     let (state, snapshot) = match listed {
         Ok((state, _, snapshot)) => (state, snapshot),
         Err(e) => {
+            lock(&shared.inner).touched = None;
             tracing::warn!(error = %e, "nftables check: listing the table failed");
             return;
         }
     };
-    if inner.recover {
-        return; // the next sync reads the table back anyway
-    }
-    let Some(kernel) = inner.kernel.as_mut() else { return };
-    let listed_in = started.elapsed();
-    let (plan, differences) = inner.planner.reconcile(state, &touched, snapshot && touched.is_empty());
-    if differences == 0 {
-        tracing::debug!(
-            ?family,
-            listed_ms = listed_in.as_secs_f64() * 1000.0,
-            "nftables check: table as committed"
-        );
+    let Some(held) = compare_and_repair(shared, family, &state, snapshot, COMPARE_STEP, &mut || {}) else {
         return;
-    }
-    tracing::warn!(
+    };
+    tracing::debug!(
         ?family,
-        differences,
-        objects = ?inner.planner.differed,
-        "nftables check: the table differs from what kproxy wrote; repairing"
+        listed_ms = listed_in.as_secs_f64() * 1000.0,
+        steps = held.steps,
+        held_ms = held.total.as_secs_f64() * 1000.0,
+        longest_hold_ms = held.longest.as_secs_f64() * 1000.0,
+        check_ms = started.elapsed().as_secs_f64() * 1000.0,
+        differences = held.differences,
+        "nftables check: compared"
     );
-    match apply_plan(kernel, &mut inner.planner, &plan) {
-        Ok(a) => tracing::info!(?family, rules = a.writes, "nftables check: repaired"),
+    // `state`, the listing, is freed here, with no lock held.
+}
+
+/// How long a check held the planner's lock.
+#[derive(Debug, Default)]
+struct Held {
+    steps: usize,
+    total: std::time::Duration,
+    longest: std::time::Duration,
+    differences: usize,
+}
+
+/// Compares `listed` (a listing that started when `touched` was set) with the committed table
+/// in steps of `step` objects, each under the lock and each after any sync waiting for it; `between` runs after every step, with no lock held (a test's hook). The last step
+/// keeps the lock, looks again at what differed, leaves out every owner a sync committed since
+/// the listing started, and applies the repairs. `None` when the check gave up (a sync failed
+/// meanwhile and the table is read back anyway).
+fn compare_and_repair(
+    shared: &Shared,
+    family: IpFamily,
+    listed: &plan::TableState,
+    snapshot: bool,
+    step: usize,
+    between: &mut dyn FnMut(),
+) -> Option<Held> {
+    let mut comparison = plan::Comparison::new(listed);
+    let mut held = Held::default();
+    let mut guard = loop {
+        let mut guard = shared.lock_for_check();
+        let locked = std::time::Instant::now();
+        if guard.recover || guard.kernel.is_none() {
+            guard.touched = None;
+            return None;
+        }
+        let done = comparison.step(&guard.planner, step);
+        let hold = locked.elapsed();
+        held.steps += 1;
+        held.total += hold;
+        held.longest = held.longest.max(hold);
+        if done {
+            break guard;
+        }
+        drop(guard);
+        between();
+    };
+    let locked = std::time::Instant::now();
+    let inner = &mut *guard;
+    let touched = inner.touched.take().unwrap_or_default();
+    let found = comparison.finish();
+    let (plan, differences) = inner
+        .planner
+        .repair(listed, found, &touched, snapshot && touched.is_empty());
+    held.differences = differences;
+    let kernel = inner.kernel.as_mut()?;
+    if differences > 0 {
+        tracing::warn!(
+            ?family,
+            differences,
+            objects = ?inner.planner.differed,
+            "nftables check: the table differs from what kproxy wrote; repairing"
+        );
+        match apply_plan(kernel, &mut inner.planner, &plan) {
+            Ok(a) => tracing::info!(?family, rules = a.writes, "nftables check: repaired"),
+            Err(e) => {
+                metrics().inc_sync_failures("nftables");
+                tracing::error!(?family, error = %e, "nftables check: repair failed; the next sync reads the table back");
+                inner.recover = true;
+            }
+        }
+    }
+    let hold = locked.elapsed();
+    drop(guard);
+    held.total += hold;
+    held.longest = held.longest.max(hold);
+    Some(held)
+}
+
+/// How much nicer the check thread is while it lists the table.
+const CHECK_NICER: i32 = 10;
+
+/// Makes the calling thread [`CHECK_NICER`] nicer (Linux: a nice value per thread); its nice
+/// value before, if it changed.
+fn lower_priority() -> Option<i32> {
+    let before = rustix::process::getpriority_process(Some(rustix::thread::gettid())).ok()?;
+    let nicer = (before + CHECK_NICER).min(19);
+    (nicer != before && set_thread_nice(nicer)).then_some(before)
+}
+
+/// Sets the calling thread's nice value; whether it was set. Going back to a lower value
+/// needs CAP_SYS_NICE, which kproxy has as root.
+fn set_thread_nice(nice: i32) -> bool {
+    let tid = rustix::thread::gettid();
+    match rustix::process::setpriority_process(Some(tid), nice) {
+        Ok(()) => true,
         Err(e) => {
-            metrics().inc_sync_failures("nftables");
-            tracing::error!(?family, error = %e, "nftables check: repair failed; the next sync reads the table back");
-            inner.recover = true;
+            tracing::debug!(nice, error = %e, "nftables check: could not change the thread's priority");
+            false
         }
     }
 }
@@ -346,7 +492,7 @@ impl Dataplane for NftablesProxier {
 
     fn drifted(&mut self) -> BoxFuture<'_, bool> {
         let family = self.cfg.family;
-        let mut inner = lock(&self.inner);
+        let mut inner = self.inner.lock_for_sync();
         let answer = if inner.recover {
             true
         } else {

@@ -13,7 +13,8 @@
 //! table was read back from the kernel ([`Planner::adopt`]), every Service is rendered and
 //! compared with what the kernel really holds, and whatever nobody owns is deleted.
 //! [`Planner::reconcile`] compares a listing of the kernel with the committed table and plans
-//! only the repairs.
+//! only the repairs; the check does the same in steps ([`Comparison`], a moment under the
+//! planner's lock each), then [`Planner::repair`] looks again at what differed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::Hasher;
@@ -380,19 +381,20 @@ struct Named<'a, S, N> {
 }
 
 impl<S: Fn(&Option<Owner>) -> bool, N: FnMut(String)> Named<'_, S, N> {
-    /// Takes the kernel's word for every object of one kind that differs from `committed`:
+    /// Takes the kernel's word for every object of one kind named in `names` (what a
+    /// [`Comparison`] found) that still differs from `committed`:
     /// its owner is marked dirty, or, nobody's and listed by the kernel, it is a stray (only
     /// with `strays`). Returns how many differed.
     fn reconcile<V: Clone + PartialEq>(
         &mut self,
         kind: &str,
+        names: BTreeSet<String>,
         kernel: &HashMap<String, V>,
         committed: &mut HashMap<String, V>,
         owner_of: impl Fn(&str) -> Option<Owner>,
         found: &mut Vec<String>,
     ) -> usize {
         let mut differences = 0;
-        let names: BTreeSet<String> = kernel.keys().chain(committed.keys()).cloned().collect();
         for name in names {
             let k = kernel.get(&name);
             if k == committed.get(&name) {
@@ -436,6 +438,174 @@ const DISPATCH: [&str; 3] = [names::SERVICE_IPS, names::SERVICE_NODEPORTS, names
 
 /// Where [`Planner::plan_streamed`] hands its batches of units.
 pub type Sink<'a, E> = dyn FnMut(&mut Planner, Vec<Unit>, Handoff) -> Result<(), E> + 'a;
+
+/// What a [`Comparison`] found different between a listing and the committed table, by name
+/// (nothing else is kept: at scale a table holds 230,000 elements). [`Planner::repair`] looks
+/// at each again.
+#[derive(Debug)]
+pub struct Candidates {
+    chains: BTreeSet<String>,
+    sets: BTreeSet<String>,
+    elements: BTreeMap<String, BTreeSet<KeyBytes>>,
+    /// Every listed hairpin element is an address some Service DNATs to (with the counts as
+    /// they were when compared: [`Planner::repair`] trusts it only when nothing was committed
+    /// since the listing started).
+    hairpin_listed_ok: bool,
+}
+
+/// A comparison of a listing (`kernel`) with the committed table, made in steps of bounded
+/// work, each against the planner as it is at that step: the check takes the planner's lock
+/// for one step at a time, so a sync never waits for the whole comparison. Both ways: every
+/// listed object against the committed one, then every committed object of kproxy's (fixed
+/// chains and maps, each Service's chains, sets and elements, endpoint slots included) for
+/// its presence in the listing. Objects a sync changes between steps may be compared on
+/// either side of that change: they are candidates at worst, and their owners are in the
+/// check's `skip` set when [`Planner::repair`] looks again.
+pub struct Comparison<'a> {
+    kernel: &'a TableState,
+    phase: Phase<'a>,
+    found: Candidates,
+}
+
+enum Phase<'a> {
+    Chains(std::collections::hash_map::Iter<'a, String, ChainState>),
+    Sets(std::collections::hash_map::Iter<'a, String, Hash>),
+    Elements {
+        sets: std::collections::hash_map::Iter<'a, String, HashMap<KeyBytes, Hash>>,
+        set: Option<(&'a str, std::collections::hash_map::Iter<'a, KeyBytes, Hash>)>,
+    },
+    /// The fixed chains and maps committed, for their presence in the listing.
+    Fixed,
+    /// The Services that owned something when this phase started, and how many were compared.
+    Owners(Vec<ServiceKey>, usize),
+    Done,
+}
+
+impl<'a> Comparison<'a> {
+    pub fn new(kernel: &'a TableState) -> Comparison<'a> {
+        Comparison {
+            kernel,
+            phase: Phase::Chains(kernel.chains.iter()),
+            found: Candidates {
+                chains: BTreeSet::new(),
+                sets: BTreeSet::new(),
+                elements: BTreeMap::new(),
+                hairpin_listed_ok: true,
+            },
+        }
+    }
+
+    /// Compares about `budget` objects against `planner`; whether the comparison is done.
+    pub fn step(&mut self, planner: &Planner, budget: usize) -> bool {
+        let kernel = self.kernel;
+        let found = &mut self.found;
+        let mut left = budget.max(1);
+        while left > 0 {
+            match &mut self.phase {
+                Phase::Chains(it) => match it.next() {
+                    Some((name, chain)) => {
+                        if planner.state.chains.get(name) != Some(chain) {
+                            found.chains.insert(name.clone());
+                        }
+                        left -= 1;
+                    }
+                    None => self.phase = Phase::Sets(kernel.sets.iter()),
+                },
+                Phase::Sets(it) => match it.next() {
+                    Some((name, hash)) => {
+                        if planner.state.sets.get(name) != Some(hash) {
+                            found.sets.insert(name.clone());
+                        }
+                        left -= 1;
+                    }
+                    None => {
+                        self.phase = Phase::Elements {
+                            sets: kernel.elements.iter(),
+                            set: None,
+                        }
+                    }
+                },
+                Phase::Elements { sets, set } => {
+                    let Some((name, elements)) = set else {
+                        match sets.next() {
+                            Some((name, e)) => *set = Some((name.as_str(), e.iter())),
+                            None => self.phase = Phase::Fixed,
+                        }
+                        continue;
+                    };
+                    let Some((key, data)) = elements.next() else {
+                        *set = None;
+                        continue;
+                    };
+                    left -= 1;
+                    if *name == names::HAIRPIN {
+                        let ok = *data == data_hash(None)
+                            && matches!(ElemKey::parse(SetKind::AddrPair, planner.family, key),
+                                ElemKey::Key(Key::Pair(ip)) if planner.hairpin.contains(&ip));
+                        found.hairpin_listed_ok &= ok;
+                        continue;
+                    }
+                    let committed = planner.state.elements.get(*name).and_then(|e| e.get(key));
+                    if committed != Some(data) {
+                        found.elements.entry(name.to_string()).or_default().insert(key.clone());
+                    }
+                }
+                Phase::Fixed => {
+                    for name in names::fixed_chains() {
+                        if planner.state.chains.contains_key(name) && !kernel.chains.contains_key(name) {
+                            found.chains.insert(name.into());
+                        }
+                    }
+                    for name in names::MAPS.iter() {
+                        if planner.state.sets.contains_key(*name) && !kernel.sets.contains_key(*name) {
+                            found.sets.insert((*name).into());
+                        }
+                    }
+                    left = left.saturating_sub(names::MAPS.len());
+                    // The Services' keys (reference counts): a Service added after this is
+                    // a sync's, and its owner is skipped.
+                    self.phase = Phase::Owners(planner.owned.keys().cloned().collect(), 0);
+                }
+                Phase::Owners(keys, next) => {
+                    let Some(key) = keys.get(*next) else {
+                        self.phase = Phase::Done;
+                        continue;
+                    };
+                    *next += 1;
+                    left = left.saturating_sub(1);
+                    let Some(o) = planner.owned.get(key) else { continue };
+                    for c in o.chains.iter().filter(|c| !kernel.chains.contains_key(*c)) {
+                        found.chains.insert(c.clone());
+                    }
+                    for s in o.sets.iter().filter(|s| !kernel.sets.contains_key(&s.name)) {
+                        found.sets.insert(s.name.clone());
+                    }
+                    for (map, k) in o.elements() {
+                        left = left.saturating_sub(1);
+                        if kernel.unlisted.contains(map) {
+                            continue;
+                        }
+                        let bytes = k.bytes();
+                        if !kernel
+                            .elements
+                            .get(map)
+                            .is_some_and(|e| e.contains_key(bytes.as_slice()))
+                        {
+                            found.elements.entry(map.to_string()).or_default().insert(bytes.into());
+                        }
+                    }
+                }
+                Phase::Done => return true,
+            }
+        }
+        matches!(self.phase, Phase::Done)
+    }
+
+    /// What was found different.
+    pub fn finish(self) -> Candidates {
+        self.found
+    }
+}
 
 type Adds = BTreeMap<String, Vec<(ElemKey, Option<Value>)>>;
 
@@ -1190,9 +1360,27 @@ impl Planner {
     /// differs, and plans the repairs: the owners of differing objects are rendered again from
     /// the state they were last synced from; objects nobody owns are deleted (only with
     /// `strays`: a listing older than kproxy's last commit may show what it just deleted).
+    /// In one go: the check compares in steps ([`Comparison`]) and then calls [`Planner::repair`].
     pub fn reconcile(&mut self, kernel: TableState, skip: &HashSet<Owner>, strays: bool) -> (Plan, usize) {
+        let mut comparison = Comparison::new(&kernel);
+        while !comparison.step(self, usize::MAX) {}
+        let found = comparison.finish();
+        self.repair(&kernel, found, skip, strays)
+    }
+
+    /// [`Planner::reconcile`]'s second half: looks again at what a [`Comparison`] of `kernel`
+    /// found different (against the table as committed now: a sync may have committed since),
+    /// leaves out what `skip`'s owners committed since the listing started, takes the kernel's
+    /// word for the rest and plans the repairs.
+    pub fn repair(
+        &mut self,
+        kernel: &TableState,
+        found: Candidates,
+        skip: &HashSet<Owner>,
+        strays: bool,
+    ) -> (Plan, usize) {
         let mut dirty: BTreeSet<Owner> = BTreeSet::new();
-        let mut found = Strays::default();
+        let mut strayed = Strays::default();
         let mut differences = 0;
         let mut hairpin_listed: Option<Vec<KeyBytes>> = None;
         let skipped = |o: &Option<Owner>| o.as_ref().is_some_and(|o| skip.contains(o));
@@ -1217,58 +1405,44 @@ impl Planner {
         let chain_owner = &self.chain_owner;
         differences += named.reconcile(
             "chain",
+            found.chains,
             &kernel.chains,
             &mut self.state.chains,
             |name| owner_of_chain(chain_owner, name),
-            &mut found.chains,
+            &mut strayed.chains,
         );
         let set_owner = &self.set_owner;
         differences += named.reconcile(
             "set",
+            found.sets,
             &kernel.sets,
             &mut self.state.sets,
             |name| owner_of_set(set_owner, name),
-            &mut found.sets,
+            &mut strayed.sets,
         );
         // The hairpin set is compared even when neither side lists an element of it: its
-        // committed elements are derived (see `Planner::hairpin`).
-        let hairpin = self
-            .state
-            .sets
-            .contains_key(names::HAIRPIN)
-            .then(|| names::HAIRPIN.to_string());
-        let sets: BTreeSet<String> = kernel
-            .elements
-            .keys()
-            .chain(self.state.elements.keys())
-            .cloned()
-            .chain(hairpin)
-            .collect();
-        let empty = HashMap::new();
-        for set in sets {
-            if kernel.unlisted.contains(&set) {
-                continue;
-            }
-            let k = kernel.elements.get(&set).unwrap_or(&empty);
-            if set == names::HAIRPIN {
-                // Derived from the Services' endpoints: repaired as a whole below, unless
-                // a Service changed since the listing (it may show either side of that).
-                if self.hairpin_is(k) || !skip.is_empty() {
-                    continue;
-                }
+        // committed elements are derived (see `Planner::hairpin`). Repaired as a whole,
+        // unless a Service changed since the listing started (it may show either side of
+        // that, and the comparison may have seen the counts on either side).
+        let hairpin = !kernel.unlisted.contains(names::HAIRPIN)
+            && (kernel.elements.contains_key(names::HAIRPIN)
+                || self.state.elements.contains_key(names::HAIRPIN)
+                || self.state.sets.contains_key(names::HAIRPIN));
+        if hairpin && skip.is_empty() {
+            let listed = kernel.elements.get(names::HAIRPIN);
+            if !found.hairpin_listed_ok || listed.map_or(0, HashMap::len) != self.hairpin.len() {
                 differences += 1;
-                note(format!("elements of {set}"));
-                hairpin_listed = Some(k.keys().cloned().collect());
+                note(format!("elements of {}", names::HAIRPIN));
+                hairpin_listed = Some(listed.map(|k| k.keys().cloned().collect()).unwrap_or_default());
+            }
+        }
+        for (set, keys) in found.elements {
+            if kernel.unlisted.contains(&set) || set == names::HAIRPIN {
                 continue;
             }
-            // Compared in place: a set's elements are copied only when they differ.
-            if k == self.state.elements.get(&set).unwrap_or(&empty) {
-                continue;
-            }
-            let c = self.state.elements.get(&set).unwrap_or(&empty).clone();
-            let keys: BTreeSet<KeyBytes> = k.keys().chain(c.keys()).cloned().collect();
             for key in keys {
-                let (kv, cv) = (k.get(&key).copied(), c.get(&key).copied());
+                let kv = kernel.elements.get(&set).and_then(|e| e.get(&key)).copied();
+                let cv = self.state.elements.get(&set).and_then(|e| e.get(&key)).copied();
                 if kv == cv {
                     continue;
                 }
@@ -1280,7 +1454,7 @@ impl Planner {
                     (Some(o), _) => {
                         dirty.insert(o);
                     }
-                    (None, Some(_)) if strays => found.elements.push((set.clone(), key.clone())),
+                    (None, Some(_)) if strays => strayed.elements.push((set.clone(), key.clone())),
                     (None, _) => continue,
                 }
                 differences += 1;
@@ -1329,21 +1503,9 @@ impl Planner {
             let unit = self.plan_service(&key, state.as_ref(), &node, &cfg, &mut queue);
             plan.units.push(unit);
         }
-        plan.units.extend(self.plan_strays(found));
+        plan.units.extend(self.plan_strays(strayed));
         plan.units.retain(|u| !u.is_empty());
         (plan, differences)
-    }
-
-    /// Whether `listed` (the kernel's hairpin elements) is exactly the set of addresses some
-    /// Service DNATs to.
-    fn hairpin_is(&self, listed: &HashMap<KeyBytes, Hash>) -> bool {
-        let none = data_hash(None);
-        listed.len() == self.hairpin.len()
-            && listed.iter().all(|(key, data)| {
-                *data == none
-                    && matches!(ElemKey::parse(SetKind::AddrPair, self.family, key),
-                        ElemKey::Key(Key::Pair(ip)) if self.hairpin.contains(&ip))
-            })
     }
 
     /// Makes the hairpin set, listed as `have`, hold exactly the addresses some Service DNATs to.
