@@ -119,7 +119,7 @@ for bin in $variants; do
   /usr/sbin/ip netns exec bench ipvsadm -Ln | grep -q "10.255.0.$PARTIALS:8080" || echo "warning: the changed endpoint is not in IPVS"
   vs=$(/usr/sbin/ip netns exec bench ipvsadm -Ln | grep -c '^TCP')
   grep -a 'IPVS sync steps' /tmp/kp.log | sed 's/^.*IPVS sync steps: /@@STEPS '"$bin $n"' /; s/$/@@/' | tail -8
-  echo "@@BENCH variant=$bin services=$n virtual_services=$vs first_wall_s=$first_wall first_cpu_ticks=$first_cpu first_sync_s=$first_sync full_cpu_ticks=$full_cpu full_sync_s=$full_sync partial_cpu_ticks=$partial_cpu partials=$PARTIALS partial_sync_s=$partial_sync peak_kib=$(kib "$kp" VmHWM) steady_kib=$(kib "$kp" VmRSS) after_first_kib=$first_kib anon_kib=$(kib "$kp" RssAnon) file_kib=$(kib "$kp" RssFile)@@"
+  echo "@@BENCH variant=$bin services=$n virtual_services=$vs first_wall_s=$first_wall first_cpu_ticks=$first_cpu first_sync_s=$first_sync full_cpu_ticks=$full_cpu full_sync_s=$full_sync partial_cpu_ticks=$partial_cpu partials=$PARTIALS partial_sync_s=$partial_sync peak_kib=$(kib "$kp" VmHWM) steady_kib=$(kib "$kp" VmRSS) after_first_kib=$first_kib anon_kib=$(kib "$kp" RssAnon) file_kib=$(( $(kib "$kp" RssFile) + $(kib "$kp" RssShmem) ))@@"
   kill "$kp"; wait "$kp"
   kill "$api"; wait "$api"
   /usr/sbin/ip netns del bench
@@ -172,7 +172,8 @@ lines = [
     f"absolute speed means nothing, so each is also given as a ratio to the {int(base['services']):,}-Service run.",
     "The full sync is forced by a change of the node's addresses; the partial one is the mean of",
     f"{base.get('partials', 1)} one-EndpointSlice changes in a row. RSS: after the first sync, peak (VmHWM), and",
-    "steady (VmRSS after the partial syncs, of it RssFile the mapped binary).",
+    "steady (VmRSS after the partial syncs; in brackets RssFile + RssShmem, the mapped binary: the",
+    "guest's root file system is in memory).",
     "",
     "| " + ("binary | " if two else "") + "Services | virtual services | first sync CPU (with the lists) | full sync CPU | ratio | partial sync CPU | ratio | RSS after first sync / peak / steady (file) |",
     "| " + ("--- | " if two else "") + "---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

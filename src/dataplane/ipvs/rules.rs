@@ -540,10 +540,7 @@ mod tests {
             let statements = text.lines().filter(|l| l.contains(&format!(" {name} {{ "))).count();
             assert_eq!(statements, 3, "{name}: in three statements");
         }
-        assert_eq!(
-            &elements(&text, "hairpin")[..40],
-            "{ 10.244.0.0 . 10.244.0.0, 10.244.0.1 . 1"
-        );
+        assert!(elements(&text, "hairpin").starts_with("{ 10.244.0.0 . 10.244.0.0, 10.244.0.1 . 10.244.0.1, "));
         assert_eq!(elements(&text, "no-endpoints"), "");
     }
 
