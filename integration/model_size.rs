@@ -12,6 +12,7 @@ use kproxy::model::store::Store;
 
 thread_local! {
     static LIVE: Cell<isize> = const { Cell::new(0) };
+    static PEAK: Cell<isize> = const { Cell::new(0) };
 }
 
 /// The system's allocator, counting the bytes live per thread, so a test weighs what it
@@ -19,7 +20,11 @@ thread_local! {
 struct Counting;
 
 fn add(bytes: isize) {
-    let _ = LIVE.try_with(|live| live.set(live.get() + bytes));
+    let _ = LIVE.try_with(|live| {
+        let now = live.get() + bytes;
+        live.set(now);
+        let _ = PEAK.try_with(|peak| peak.set(peak.get().max(now)));
+    });
 }
 
 // SAFETY: every call is forwarded to the system allocator unchanged; the counter is a
@@ -45,6 +50,12 @@ static ALLOCATOR: Counting = Counting;
 /// Bytes allocated and not yet freed by this thread.
 fn live() -> isize {
     LIVE.with(Cell::get)
+}
+
+/// The most bytes live on this thread since the last call, above what was live at that call.
+fn peak_since_last() -> isize {
+    let now = live();
+    PEAK.with(|p| p.replace(now)) - now
 }
 
 /// A Service and its EndpointSlice as the API benchmark's fake API server shapes them
@@ -123,6 +134,96 @@ fn a_service_with_ten_endpoints_costs_at_most_900_bytes() {
         per(slices, live())
     );
     assert!(per_service <= 900, "{per_service} bytes per Service");
+}
+
+/// IPVS mode's record of what it programmed (kept between syncs so that a partial sync is
+/// partial), per Service with 10 endpoints, and what a full sync holds beside it while it
+/// writes: the nft input (written in pieces) and the requests (planned a batch of virtual
+/// services at a time). Those two must not grow with the number of Services.
+#[test]
+fn ipvs_keeps_a_compact_record_and_a_full_sync_holds_bounded_transients() {
+    use kproxy::dataplane::iptables::render::LocalDetector;
+    use kproxy::dataplane::ipvs::plan::{
+        full_scope, plan_desired, plan_requests, Draining, KernelState, PlanConfig, Scope,
+    };
+    use kproxy::dataplane::ipvs::rules::{render_ruleset, RulesConfig};
+    use kproxy::dataplane::ipvs::state::Committed;
+    use kproxy::dataplane::ipvs::VS_PER_BATCH;
+    use kproxy::model::IpFamily;
+
+    const N: usize = 5000;
+    let mut s = Store::new("node-1");
+    let node: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": "node-1"}})).unwrap();
+    s.apply_node(&node);
+    for i in 0..N {
+        let (svc, slice) = bench_shaped(i);
+        s.apply_service(&svc);
+        s.apply_slice(&slice);
+    }
+    let desired = s.snapshot().desired;
+    let cfg = PlanConfig {
+        family: IpFamily::V4,
+        scheduler: "rr".into(),
+        nodeport_addresses: vec![],
+        exclude_cidrs: vec![],
+        graceful_period: std::time::Duration::ZERO,
+    };
+    let rules = RulesConfig {
+        family: IpFamily::V4,
+        masquerade_all: false,
+        masquerade_mark: 0x4000,
+        local_detector: LocalDetector::Cidr("10.128.0.0/9".parse().unwrap()),
+    };
+
+    let before = live();
+    let committed = Committed::new(plan_desired(&desired, &cfg), cfg.clone(), 1);
+    let record = (live() - before) / N as isize;
+    assert_eq!(committed.ipvs.services.len(), N);
+    assert_eq!(committed.ipvs.real_server_count(), N * 10);
+
+    peak_since_last();
+    let (mut text, mut largest) = (0, 0);
+    for piece in render_ruleset(&committed.ipvs, committed.hairpin_ips(), &rules) {
+        text += piece.len();
+        largest = largest.max(piece.len());
+    }
+    let render_peak = peak_since_last();
+
+    // The first full sync, the kernel empty: every virtual service and real server is new.
+    let kernel = KernelState::default();
+    let mut draining = Draining::default();
+    let now = std::time::Instant::now();
+    let all = plan_requests(&committed.ipvs, &kernel, &Scope::Full, &mut draining, now, &cfg);
+    let requests_at_once = peak_since_last();
+    let count = all.len();
+    drop(all);
+    peak_since_last();
+    let scope = full_scope(&committed.ipvs, &kernel, &cfg);
+    let scope_bytes = peak_since_last();
+    let mut keys = scope.into_iter().peekable();
+    let mut batched = 0;
+    let mut batch_peak = 0;
+    while keys.peek().is_some() {
+        let batch = keys.by_ref().take(VS_PER_BATCH).collect();
+        let requests = plan_requests(&committed.ipvs, &kernel, &Scope::Only(batch), &mut draining, now, &cfg);
+        batched += requests.len();
+        drop(requests);
+        batch_peak = batch_peak.max(peak_since_last());
+    }
+    assert_eq!(batched, count, "the batches plan what one pass does");
+    assert_eq!(count, N * 11);
+    eprintln!(
+        "IPVS mode at {N} Services: the record keeps {record} bytes per Service with 10 endpoints; \
+         the nft input is {text} bytes in pieces of at most {largest}, {render_peak} bytes held while \
+         rendering; the first sync's {count} requests held {requests_at_once} bytes at once, planned \
+         in batches of {VS_PER_BATCH} virtual services at most {batch_peak} (and the scope's keys {scope_bytes})"
+    );
+    assert!(record <= 750, "{record} bytes per Service");
+    assert!(render_peak < 256 * 1024, "{render_peak} bytes held while rendering");
+    assert!(
+        batch_peak < 1024 * 1024,
+        "{batch_peak} bytes held by one batch's requests"
+    );
 }
 
 /// What the Ingress side keeps per Ingress with its own TLS Secret, shaped as the API

@@ -17,7 +17,10 @@
 # Environment: KPROXY_VM_TIMEOUT (seconds for the whole boot, default 1500), KPROXY_VM_ACCEL
 # (tcg by default; kvm only on a host with real hardware virtualisation), KPROXY_VM_SMP (2),
 # KPROXY_VM_NO_APT=1 to skip apt when the tools are installed, KPROXY_VM_RELEASE=1 for release
-# builds of both binaries (benchmarks: scripts/bench-ipvs-vm.sh).
+# builds of both binaries (benchmarks: scripts/bench-ipvs-vm.sh), KPROXY_VM_TESTBIN=PATH an
+# integration test binary already built (then only kproxy is built), KPROXY_VM_KPROXY=PATH a
+# kproxy binary already built, KPROXY_VM_EXTRA_BINS="NAME=PATH ..." more binaries for /test
+# (e.g. another commit's kproxy, for a before/after benchmark in one boot).
 # Exit codes: the tests' code; 90 when the guest gives no result (crash or timeout); 2 on setup errors.
 set -euo pipefail
 
@@ -92,15 +95,17 @@ fi
 step "building kproxy and the integration tests"
 PROFILE=() BINDIR=debug
 if [ -n "${KPROXY_VM_RELEASE:-}" ]; then PROFILE=(--release) BINDIR=release; fi
-cargo build --locked "${PROFILE[@]}" --bin kproxy
-TESTBIN=$(cargo test --locked "${PROFILE[@]}" --no-run --test integration --message-format=json |
+KPROXY=${KPROXY_VM_KPROXY:-$ROOT/target/$BINDIR/kproxy}
+[ -n "${KPROXY_VM_KPROXY:-}" ] || cargo build --locked "${PROFILE[@]}" --bin kproxy
+TESTBIN=${KPROXY_VM_TESTBIN:-}
+[ -n "$TESTBIN" ] || TESTBIN=$(cargo test --locked "${PROFILE[@]}" --no-run --test integration --message-format=json |
   python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "integration" and m.get("executable"):
         print(m["executable"])')
 [ -x "$TESTBIN" ] || die "no integration test binary"
-KPROXY=$ROOT/target/$BINDIR/kproxy
+[ -x "$KPROXY" ] || die "no kproxy binary at $KPROXY"
 
 # ---- 4. the initramfs ----
 step "building the initramfs (kernel $KVER)"
@@ -140,6 +145,10 @@ done
 copy_with_libs "$TESTBIN" /test/integration
 copy_with_libs "$KPROXY" /test/kproxy
 strip --strip-debug "$STAGE/test/integration" "$STAGE/test/kproxy"
+for extra in ${KPROXY_VM_EXTRA_BINS:-}; do
+  copy_with_libs "${extra#*=}" "/test/${extra%%=*}"
+  strip --strip-debug "$STAGE/test/${extra%%=*}"
+done
 
 : > "$STAGE/etc/modules.order"
 for m in $MODULES; do

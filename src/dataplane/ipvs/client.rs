@@ -107,19 +107,28 @@ impl IpvsClient {
         Ok(netlink::version_string(v))
     }
 
-    /// Every virtual service in the kernel (`ipvsadm -Ln`, services only).
+    /// Every virtual service in the kernel (`ipvsadm -Ln`, services only). Each is decoded
+    /// as its datagram arrives: at 10,000 services the raw replies are not kept beside them.
     pub fn services(&mut self) -> Result<Vec<VirtualService>> {
         let seq = self.next_seq();
-        let replies = self
-            .exchange(&encode_dump_services(self.family, seq), seq)
-            .map_err(|e| e.context("listing IPVS services"))?;
         let mut out = Vec::new();
-        for attrs in replies {
-            if let Some(svc) = netlink::decode_service(&attrs).map_err(|e| nl_error("IPVS service dump", e))? {
-                out.push(svc);
-            }
+        let mut bad = None;
+        self.exchange_each(
+            &encode_dump_services(self.family, seq),
+            seq,
+            |attrs| match netlink::decode_service(attrs) {
+                Ok(Some(svc)) => out.push(svc),
+                Ok(None) => {}
+                Err(e) => {
+                    bad.get_or_insert(e);
+                }
+            },
+        )
+        .map_err(|e| e.context("listing IPVS services"))?;
+        match bad {
+            Some(e) => Err(nl_error("IPVS service dump", e)),
+            None => Ok(out),
         }
-        Ok(out)
     }
 
     /// The real servers of one virtual service.
@@ -146,9 +155,15 @@ impl IpvsClient {
     /// Sends `msg` (which asks for an acknowledgement or a dump) and collects the attributes of
     /// every data message answering `seq`, until the acknowledgement or the end of the dump.
     fn exchange(&mut self, msg: &[u8], seq: u32) -> std::result::Result<Vec<Vec<u8>>, Failure> {
+        let mut out = Vec::new();
+        self.exchange_each(msg, seq, |attrs| out.push(attrs.to_vec()))?;
+        Ok(out)
+    }
+
+    /// As [`Self::exchange`], handing each data message's attributes to `each` as it arrives.
+    fn exchange_each(&mut self, msg: &[u8], seq: u32, mut each: impl FnMut(&[u8])) -> std::result::Result<(), Failure> {
         let socket = |e: std::io::Error| Failure::Socket(e.to_string());
         self.socket.send(msg, 0).map_err(socket)?;
-        let mut out = Vec::new();
         loop {
             self.buf.clear();
             let len = self.socket.recv(&mut self.buf, MSG_TRUNC).map_err(socket)?;
@@ -159,8 +174,8 @@ impl IpvsClient {
             }
             for reply in decode_replies(&self.buf).map_err(|e| Failure::Socket(e.to_string()))? {
                 match reply {
-                    Reply::Data { seq: s, attrs, .. } if s == seq => out.push(attrs.to_vec()),
-                    Reply::Error { seq: s, errno: 0 } | Reply::Done { seq: s } if s == seq => return Ok(out),
+                    Reply::Data { seq: s, attrs, .. } if s == seq => each(attrs),
+                    Reply::Error { seq: s, errno: 0 } | Reply::Done { seq: s } if s == seq => return Ok(()),
                     Reply::Error { seq: s, errno } if s == seq => return Err(Failure::Kernel(-errno)),
                     // A late answer to an earlier request: not ours any more.
                     _ => {}

@@ -42,6 +42,9 @@ use super::{Dataplane, DataplaneError, Result, SyncStats};
 use crate::config::{DetectLocal, IpvsConfig};
 use crate::model::{ChangeSet, DesiredState, IpFamily, ServiceKey};
 
+/// Virtual services whose real servers a full sync reads, compares and writes at a time.
+pub const VS_PER_BATCH: usize = 500;
+
 /// Settings of the IPVS proxier that do not change while it runs.
 #[derive(Debug, Clone)]
 pub struct ProxierConfig {
@@ -136,14 +139,12 @@ pub async fn render(desired: &DesiredState, cfg: &ProxierConfig) -> Result<Strin
     let rtnl = Rtnl::connect()?;
     let dummy = rtnl.dummy_index().await?;
     let addresses = rtnl.addresses().await?;
-    let want = plan_desired(
-        desired,
-        &plan_config(cfg, &link::node_addresses(&addresses, dummy), desired),
-    );
+    let plan_cfg = plan_config(cfg, &link::node_addresses(&addresses, dummy), desired);
+    let committed = Committed::new(plan_desired(desired, &plan_cfg), plan_cfg, 0);
+    let rules: String = render_ruleset(&committed.ipvs, committed.hairpin_ips(), &rules_config(cfg, desired)).collect();
     Ok(format!(
-        "# ipvsadm-restore\n{}# nft -f -\n{}",
-        plan::render_save(&want),
-        render_ruleset(&want, &rules_config(cfg, desired))
+        "# ipvsadm-restore\n{}# nft -f -\n{rules}",
+        plan::render_save(&committed.ipvs),
     ))
 }
 
@@ -169,6 +170,11 @@ impl IpvsProxier {
 
     /// Reads the kernel (addresses, every virtual service and its real servers), programs all
     /// of `desired`, repairs what drifted, and records what it programmed.
+    ///
+    /// What it holds besides the record it makes is bounded: the nft input is written in
+    /// pieces, and the real servers are read, compared and written [`VS_PER_BATCH`] virtual
+    /// services at a time (the kernel's real servers and the requests of 10,000 virtual
+    /// services with 10 each were over 10 MiB held at once).
     async fn sync_full(&mut self, desired: &DesiredState) -> Result<SyncStats> {
         let family = self.cfg.family;
         let in_family = |ip: &IpAddr| IpFamily::of(ip) == family;
@@ -181,6 +187,9 @@ impl IpvsProxier {
         took.mark("list_addresses");
         let plan_cfg = plan_config(&self.cfg, &link::node_addresses(&addresses, Some(dummy)), desired);
         let want = plan_desired(desired, &plan_cfg);
+        // The record is made before anything is written (its hairpin counts are the hairpin
+        // set), and kept only once all of it is.
+        let committed = Committed::new(want, plan_cfg, dummy);
         took.mark("plan_desired");
 
         let mut kernel = KernelState {
@@ -193,22 +202,6 @@ impl IpvsProxier {
             }
         }
         took.mark("list_services");
-        let keys: Vec<VsKey> = kernel.services.keys().copied().collect();
-        for key in keys {
-            let dests = self.client.dests(&key)?;
-            kernel.dests.insert(key, dests);
-        }
-        took.mark("list_real_servers");
-        let requests = plan_requests(
-            &want,
-            &kernel,
-            &Scope::Full,
-            &mut self.draining,
-            Instant::now(),
-            &plan_cfg,
-        );
-        drop(kernel);
-        took.mark("plan_requests");
 
         // Addresses first (a virtual service is only reached once its address is local), then
         // the rules that guard them, then IPVS, and stale addresses last.
@@ -218,23 +211,48 @@ impl IpvsProxier {
             .map(|(_, ip, prefix)| (*ip, *prefix))
             .collect();
         drop(addresses);
+        let want = &committed.ipvs;
         for ip in want.bound.keys().filter(|ip| !bound.contains_key(ip)) {
             rtnl.add_address(dummy, *ip).await?;
         }
         took.mark("bind");
-        let rules = render_ruleset(&want, &rules_config(&self.cfg, desired));
-        nft(&["-f", "-"], Some(&rules)).await?;
-        drop(rules);
+        let rules = rules_config(&self.cfg, desired);
+        nft_streamed(render_ruleset(want, committed.hairpin_ips(), &rules)).await?;
         took.mark("nft");
-        self.execute(&requests)?;
+
+        let mut keys = plan::full_scope(want, &kernel, &committed.cfg).into_iter().peekable();
+        let mut written = 0;
+        let mut reading = std::time::Duration::ZERO;
+        while keys.peek().is_some() {
+            let batch: BTreeSet<VsKey> = keys.by_ref().take(VS_PER_BATCH).collect();
+            let started = Instant::now();
+            kernel.dests.clear();
+            for key in batch.iter().filter(|key| kernel.services.contains_key(key)) {
+                kernel.dests.insert(*key, self.client.dests(key)?);
+            }
+            reading += started.elapsed();
+            let requests = plan_requests(
+                want,
+                &kernel,
+                &Scope::Only(batch),
+                &mut self.draining,
+                Instant::now(),
+                &committed.cfg,
+            );
+            self.execute(&requests)?;
+            written += requests.len();
+        }
+        drop(kernel);
         took.mark("ipvs");
+        took.part("of_it_list_real_servers", reading);
         for (ip, prefix) in bound.iter().filter(|(ip, _)| !want.bound.contains_key(ip)) {
             rtnl.del_address(dummy, *ip, *prefix).await?;
         }
         took.mark("unbind");
-        let stats = sync_stats(&want, requests.len());
-        self.committed = Some(Committed::new(want, plan_cfg, dummy));
-        took.log(family, true, requests.len());
+        self.log_draining();
+        let stats = sync_stats(want, written);
+        self.committed = Some(committed);
+        took.log(family, true, written);
         Ok(stats)
     }
 
@@ -282,6 +300,7 @@ impl IpvsProxier {
         }
         took.mark("nft");
         self.execute(&requests)?;
+        self.log_draining();
         took.mark("ipvs");
         if let Some(rtnl) = &rtnl {
             for ip in &edits.unbind {
@@ -303,10 +322,13 @@ impl IpvsProxier {
             tracing::trace!(family = ?self.cfg.family, "IPVS: {req}");
             self.client.execute(req)?;
         }
+        Ok(())
+    }
+
+    fn log_draining(&self) {
         if self.draining.len() > 0 {
             tracing::debug!(real_servers = self.draining.len(), "waiting for real servers to drain");
         }
-        Ok(())
     }
 }
 
@@ -334,6 +356,11 @@ impl Phases {
             last: Instant::now(),
             steps: Vec::new(),
         }
+    }
+
+    /// A part of the step just marked, measured apart.
+    fn part(&mut self, step: &'static str, took: std::time::Duration) {
+        self.steps.push((step, took));
     }
 
     fn mark(&mut self, step: &'static str) {
@@ -442,12 +469,38 @@ async fn load_ip_vs() -> bool {
     loaded
 }
 
+/// `nft -f -` fed `pieces` one after the other, each dropped once written: nft reads its
+/// whole input before it commits it as one transaction.
+async fn nft_streamed(pieces: impl Iterator<Item = String> + Send) -> Result<()> {
+    let command = "nft -f -".to_string();
+    let mut child = nft_command(&["-f", "-"], true)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        for piece in pieces {
+            // A write error means nft exited early; its stderr says why.
+            if stdin.write_all(piece.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    }
+    nft_result(command, child).await.map(drop)
+}
+
 /// Runs `nft` with `args`, feeding `input` on stdin.
 async fn nft(args: &[&str], input: Option<&str>) -> Result<String> {
     let command = format!("nft {}", args.join(" "));
-    let mut child = Command::new("nft")
+    let mut child = nft_command(args, input.is_some())?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        // A write error means nft exited early; its stderr says why.
+        let _ = stdin.write_all(text.as_bytes()).await;
+    }
+    nft_result(command, child).await
+}
+
+fn nft_command(args: &[&str], input: bool) -> Result<tokio::process::Child> {
+    let command = format!("nft {}", args.join(" "));
+    Command::new("nft")
         .args(args)
-        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if input { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -456,16 +509,14 @@ async fn nft(args: &[&str], input: Option<&str>) -> Result<String> {
             if source.kind() == std::io::ErrorKind::NotFound {
                 DataplaneError::Unsupported("nft not found: IPVS mode needs nftables (the nft command)".into())
             } else {
-                DataplaneError::Spawn {
-                    command: command.clone(),
-                    source,
-                }
+                DataplaneError::Spawn { command, source }
             }
-        })?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        // A write error means nft exited early; its stderr says why.
-        let _ = stdin.write_all(text.as_bytes()).await;
-    }
+        })
+}
+
+/// Waits for an nft started by [`nft_command`] (its stdin taken and dropped): its output, or
+/// its stderr as the error.
+async fn nft_result(command: String, child: tokio::process::Child) -> Result<String> {
     let out = child.wait_with_output().await.map_err(|source| DataplaneError::Spawn {
         command: command.clone(),
         source,

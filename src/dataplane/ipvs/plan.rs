@@ -5,7 +5,7 @@
 //! time as an `Instant` argument, so every decision (including graceful termination) is testable.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,7 +44,7 @@ pub enum Traffic {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredVs {
     pub service: VirtualService,
-    /// Real servers by (address, port), with their weights.
+    /// Real servers by (address, port).
     pub servers: Servers,
     /// The Service it implements.
     pub owner: ServiceKey,
@@ -60,60 +60,68 @@ pub struct DesiredVs {
     pub source_ranges: Vec<IpNet>,
 }
 
-/// The real servers of one virtual service by (address, port), with their weights: sorted, in
-/// one allocation. The record of a full sync keeps one per virtual service (10,000 at 10,000
-/// Services); a B-tree map allocates a node sized for 11 entries apart from the map, and looks
-/// no faster at ten.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Servers(Box<[((IpAddr, u16), u32)]>);
+/// The IPVS weight of every real server kproxy programs: each endpoint gets the same share,
+/// as with kube-proxy.
+pub const WEIGHT: u32 = 1;
 
-type ServerEntry = ((IpAddr, u16), u32);
+/// The real servers of one virtual service by (address, port), sorted, each of [`WEIGHT`].
+/// The record of a full sync keeps one per virtual service (10,000 at 10,000 Services, with
+/// 100,000 real servers), so each family's addresses are kept at their own width: 6 bytes an
+/// IPv4 real server, where an `(IpAddr, u16)` with its weight took 24 (and a B-tree map before
+/// that, a node sized for 11 entries apart from the map). IPv4 sorts before IPv6 as in
+/// `IpAddr`'s order, so the two slices read as one sorted list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Servers {
+    v4: Box<[(Ipv4Addr, u16)]>,
+    v6: Box<[(Ipv6Addr, u16)]>,
+}
 
 impl Servers {
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.v4.len() + self.v6.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
     }
 
-    pub fn contains_key(&self, key: &(IpAddr, u16)) -> bool {
-        self.0.binary_search_by(|(k, _)| k.cmp(key)).is_ok()
+    pub fn contains(&self, (ip, port): (IpAddr, u16)) -> bool {
+        match ip {
+            IpAddr::V4(a) => self.v4.binary_search(&(a, port)).is_ok(),
+            IpAddr::V6(a) => self.v6.binary_search(&(a, port)).is_ok(),
+        }
     }
 
-    pub fn keys(&self) -> impl Iterator<Item = &(IpAddr, u16)> {
-        self.0.iter().map(|(k, _)| k)
+    /// The real servers as (address, port), in order.
+    pub fn iter(&self) -> impl Iterator<Item = (IpAddr, u16)> + '_ {
+        let v4 = self.v4.iter().map(|(a, p)| (IpAddr::V4(*a), *p));
+        v4.chain(self.v6.iter().map(|(a, p)| (IpAddr::V6(*a), *p)))
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&(IpAddr, u16), &u32)> {
-        self.0.iter().map(|(k, w)| (k, w))
+    /// The real servers' addresses, in order (one per real server: an address may repeat).
+    pub fn ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.iter().map(|(ip, _)| ip)
     }
 }
 
-/// As a map collects: sorted by key, the last weight given for a key wins.
-impl FromIterator<ServerEntry> for Servers {
-    fn from_iter<I: IntoIterator<Item = ServerEntry>>(iter: I) -> Self {
-        let mut v: Vec<ServerEntry> = iter.into_iter().collect();
-        // Stable: equal keys keep their order, and the last of each run is kept.
-        v.sort_by_key(|(k, _)| *k);
-        let mut out: Vec<ServerEntry> = Vec::with_capacity(v.len());
-        for e in v {
-            match out.last_mut() {
-                Some(last) if last.0 == e.0 => *last = e,
-                _ => out.push(e),
+/// As a set collects: sorted, each (address, port) once.
+impl FromIterator<(IpAddr, u16)> for Servers {
+    fn from_iter<I: IntoIterator<Item = (IpAddr, u16)>>(iter: I) -> Self {
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for (ip, port) in iter {
+            match ip {
+                IpAddr::V4(a) => v4.push((a, port)),
+                IpAddr::V6(a) => v6.push((a, port)),
             }
         }
-        Servers(out.into_boxed_slice())
-    }
-}
-
-impl<'a> IntoIterator for &'a Servers {
-    type Item = (&'a (IpAddr, u16), &'a u32);
-    type IntoIter = std::iter::Map<std::slice::Iter<'a, ServerEntry>, fn(&'a ServerEntry) -> Self::Item>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.iter().map(|(k, w)| (k, w))
+        v4.sort_unstable();
+        v4.dedup();
+        v6.sort_unstable();
+        v6.dedup();
+        Servers {
+            v4: v4.into_boxed_slice(),
+            v6: v6.into_boxed_slice(),
+        }
     }
 }
 
@@ -234,7 +242,7 @@ pub fn plan_service(owner: &ServiceKey, state: &ServiceState, node: &NodeInfo, c
         let servers = |eps: &[&Endpoint]| -> Servers {
             eps.iter()
                 .filter(|e| IpFamily::of(&e.ip) == cfg.family)
-                .map(|e| ((e.ip, e.port), 1))
+                .map(|e| (e.ip, e.port))
                 .collect()
         };
         let internal = servers(if sp.internal_policy_local {
@@ -327,8 +335,8 @@ pub fn render_save(desired: &DesiredIpvs) -> String {
             out.push_str(&format!(" -p {}", vs.service.timeout));
         }
         out.push('\n');
-        for (&(ip, port), weight) in &vs.servers {
-            out.push_str(&format!("-a {kind} {vip} -r {} -m -w {weight}\n", addr_port(ip, port)));
+        for (ip, port) in vs.servers.iter() {
+            out.push_str(&format!("-a {kind} {vip} -r {} -m -w {WEIGHT}\n", addr_port(ip, port)));
         }
     }
     out
@@ -401,6 +409,30 @@ pub fn is_owned(key: &VsKey, local_addresses: &BTreeSet<IpAddr>, exclude: &[IpNe
     local_addresses.contains(&key.addr) && !exclude.iter().any(|c| c.contains(&key.addr))
 }
 
+/// Whether kproxy may change or delete the kernel's virtual service `key` in this sync.
+fn owned_by_kproxy(key: &VsKey, desired: &DesiredIpvs, kernel: &KernelState, cfg: &PlanConfig) -> bool {
+    IpFamily::of(&key.addr) == cfg.family
+        && (is_owned(key, &kernel.local_addresses, &cfg.exclude_cidrs) || desired.services.contains_key(key))
+}
+
+/// The virtual services [`Scope::Full`] compares: every wanted one and every one in the kernel
+/// that kproxy may own. A full sync may plan them in batches (`Scope::Only` of consecutive
+/// parts of this set) to the same requests, so as to read and hold the real servers of one
+/// batch at a time.
+pub fn full_scope(desired: &DesiredIpvs, kernel: &KernelState, cfg: &PlanConfig) -> BTreeSet<VsKey> {
+    desired
+        .services
+        .keys()
+        .chain(
+            kernel
+                .services
+                .keys()
+                .filter(|k| owned_by_kproxy(k, desired, kernel, cfg)),
+        )
+        .copied()
+        .collect()
+}
+
 /// The requests that make `kernel` match `desired` within `scope`, in a safe order: deletions
 /// of services first, then additions and edits, then removal of real servers.
 /// `draining` is updated for real servers put to weight 0 or finally deleted.
@@ -412,28 +444,24 @@ pub fn plan_requests(
     now: Instant,
     cfg: &PlanConfig,
 ) -> Vec<Request> {
-    let owned = |key: &VsKey| {
-        IpFamily::of(&key.addr) == cfg.family
-            && (is_owned(key, &kernel.local_addresses, &cfg.exclude_cidrs) || desired.services.contains_key(key))
-    };
-    let keys: BTreeSet<VsKey> = match scope {
-        Scope::Full => desired
-            .services
-            .keys()
-            .chain(kernel.services.keys().filter(|k| owned(k)))
-            .copied()
-            .collect(),
-        Scope::Only(keys) => keys.clone(),
+    let owned = |key: &VsKey| owned_by_kproxy(key, desired, kernel, cfg);
+    let full;
+    let keys: &BTreeSet<VsKey> = match scope {
+        Scope::Full => {
+            full = full_scope(desired, kernel, cfg);
+            &full
+        }
+        Scope::Only(keys) => keys,
     };
     let mut deletes = Vec::new();
     let mut upserts = Vec::new();
     let mut removals = Vec::new();
-    for key in &keys {
+    for key in keys {
         match (desired.services.get(key), kernel.services.get(key)) {
             (Some(want), None) => {
                 upserts.push(Request::NewService(want.service.clone()));
-                for (&(addr, port), &weight) in &want.servers {
-                    upserts.push(Request::NewDest(*key, real_server(addr, port, weight)));
+                for (addr, port) in want.servers.iter() {
+                    upserts.push(Request::NewDest(*key, real_server(addr, port, WEIGHT)));
                 }
                 draining.forget_service(key);
             }
@@ -481,11 +509,11 @@ fn plan_servers(
         .iter()
         .map(|rs| ((rs.server.addr, rs.server.port), rs))
         .collect();
-    for (&(addr, port), &weight) in &want.servers {
-        let rs = real_server(addr, port, weight);
+    for (addr, port) in want.servers.iter() {
+        let rs = real_server(addr, port, WEIGHT);
         match have.get(&(addr, port)) {
             None => upserts.push(Request::NewDest(*key, rs)),
-            Some(cur) if cur.server.weight != weight || cur.server.fwd_method != FWD_MASQ => {
+            Some(cur) if cur.server.weight != WEIGHT || cur.server.fwd_method != FWD_MASQ => {
                 upserts.push(Request::SetDest(*key, rs))
             }
             Some(_) => {}
@@ -493,7 +521,7 @@ fn plan_servers(
         draining.since.remove(&(*key, addr, port));
     }
     for (&(addr, port), cur) in &have {
-        if want.servers.contains_key(&(addr, port)) {
+        if want.servers.contains((addr, port)) {
             continue;
         }
         let id = (*key, addr, port);

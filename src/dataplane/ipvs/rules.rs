@@ -23,7 +23,6 @@
 //!
 //! The table is replaced in one `nft -f` transaction, so there is never a moment without it.
 
-use std::collections::BTreeSet;
 use std::fmt::Write;
 use std::net::IpAddr;
 
@@ -177,30 +176,98 @@ fn push_element(list: &mut String, elem: &Element) {
     let _ = write!(list, "{elem}");
 }
 
-/// The whole `nft -f` input: the table created if missing, deleted, and written anew, atomically.
-pub fn render_ruleset(desired: &DesiredIpvs, cfg: &RulesConfig) -> String {
-    let (fam, _, sel) = words(cfg.family);
-    // Elements go straight into one text per set: no string per element is kept.
-    let mut lists: [String; 9] = Default::default();
-    let mut hairpin = BTreeSet::new();
-    for (key, vs) in &desired.services {
-        vs_elements(key, vs, |set, elem| push_element(&mut lists[set as usize], &elem));
-        hairpin.extend(vs.servers.keys().map(|(ip, _)| *ip));
-    }
-    for ip in desired.bound.keys() {
-        push_element(&mut lists[SetName::ServiceIps as usize], &Element::Ip(*ip));
-    }
-    for ip in hairpin {
-        push_element(&mut lists[SetName::Hairpin as usize], &Element::Hairpin(ip));
-    }
+/// Elements per `add element` statement of a full sync's input: about 30 KiB of text each.
+pub const ELEMENTS_PER_STATEMENT: usize = 1000;
 
+/// The sets whose elements go inline into the table's declaration. `firewall-allow` is an
+/// interval set, and nft checks added intervals against the elements it has cached, which for
+/// a table deleted in the same transaction may be the old ones: it stays declared whole (it
+/// holds one element per allowed source range of a LoadBalancer: few).
+fn declared_inline(name: SetName) -> bool {
+    name == SetName::FirewallAllow
+}
+
+/// The elements of one set keyed by virtual service, in key order.
+fn vs_set_elements(desired: &DesiredIpvs, name: SetName) -> impl Iterator<Item = Element> + '_ {
+    desired.services.iter().flat_map(move |(key, vs)| {
+        let mut out = Vec::new();
+        vs_elements(key, vs, |set, elem| {
+            if set == name {
+                out.push(elem);
+            }
+        });
+        out
+    })
+}
+
+/// `add element` statements for `elements`, [`ELEMENTS_PER_STATEMENT`] to each.
+fn add_statements<'a>(
+    family: IpFamily,
+    name: SetName,
+    elements: impl Iterator<Item = Element> + 'a,
+) -> impl Iterator<Item = String> + 'a {
+    let (fam, _, _) = words(family);
+    let mut elements = elements.peekable();
+    std::iter::from_fn(move || {
+        elements.peek()?;
+        let mut list = String::new();
+        for elem in elements.by_ref().take(ELEMENTS_PER_STATEMENT) {
+            push_element(&mut list, &elem);
+        }
+        Some(format!("add element {fam} {TABLE} {} {{ {list} }}\n", name.as_str()))
+    })
+}
+
+/// The whole `nft -f` input, in pieces to be written one after the other and dropped: the
+/// table created if missing, deleted, and declared anew with its chains and (empty) sets, then
+/// the sets' elements in `add element` statements of [`ELEMENTS_PER_STATEMENT`]. It is one
+/// transaction all the same (nft reads its whole input first), so there is never a moment
+/// without the table; and kproxy never holds the whole text, which at 10,000 Services with 10
+/// endpoints each is several MiB (100,000 `hairpin` elements alone). `hairpin` are the
+/// endpoint addresses of every virtual service, each once, in order.
+pub fn render_ruleset<'a>(
+    desired: &'a DesiredIpvs,
+    hairpin: impl Iterator<Item = IpAddr> + Send + 'a,
+    cfg: &RulesConfig,
+) -> impl Iterator<Item = String> + Send + 'a {
+    let family = cfg.family;
+    let mut hairpin = Some(hairpin);
+    let elements = SetName::ALL
+        .into_iter()
+        .filter(|name| !declared_inline(*name))
+        .flat_map(move |name| -> Box<dyn Iterator<Item = String> + Send + 'a> {
+            match name {
+                SetName::ServiceIps => Box::new(add_statements(
+                    family,
+                    name,
+                    desired.bound.keys().map(|ip| Element::Ip(*ip)),
+                )),
+                SetName::Hairpin => match hairpin.take() {
+                    Some(ips) => Box::new(add_statements(family, name, ips.map(Element::Hairpin))),
+                    None => Box::new(std::iter::empty()),
+                },
+                _ => Box::new(add_statements(family, name, vs_set_elements(desired, name))),
+            }
+        });
+    std::iter::once(render_table(desired, cfg)).chain(elements)
+}
+
+/// The table's declaration: its sets (only the inline ones with elements) and its chains.
+fn render_table(desired: &DesiredIpvs, cfg: &RulesConfig) -> String {
+    let (fam, _, sel) = words(cfg.family);
     let mut out = String::new();
     let _ = writeln!(
         out,
         "add table {fam} {TABLE}\ndelete table {fam} {TABLE}\ntable {fam} {TABLE} {{"
     );
     for name in SetName::ALL {
-        set(&mut out, cfg.family, name, &lists[name as usize]);
+        let mut inline = String::new();
+        if declared_inline(name) {
+            for elem in vs_set_elements(desired, name) {
+                push_element(&mut inline, &elem);
+            }
+        }
+        set(&mut out, cfg.family, name, &inline);
     }
 
     let dst = format!("{sel} daddr . meta l4proto . th dport");
@@ -280,7 +347,7 @@ mod tests {
             port,
         };
         let servers: crate::dataplane::ipvs::plan::Servers =
-            servers.iter().map(|s| ((s.parse().unwrap(), 8080), 1)).collect();
+            servers.iter().map(|s| (s.parse().unwrap(), 8080)).collect();
         (
             key,
             DesiredVs {
@@ -332,20 +399,34 @@ mod tests {
         d
     }
 
-    /// The elements line of set `name`, or "" when it has none.
+    /// The whole input, as nft reads it; the hairpin addresses from the real servers.
+    fn render(d: &DesiredIpvs, c: &RulesConfig) -> String {
+        let hairpin: std::collections::BTreeSet<IpAddr> = d.services.values().flat_map(|vs| vs.servers.ips()).collect();
+        render_ruleset(d, hairpin.into_iter(), c).collect()
+    }
+
+    /// The elements of set `name` as nft gets them (declared inline or added after the
+    /// table), as one "{ a, b }" list, or "" when it has none.
     fn elements(text: &str, name: &str) -> String {
         let start = text.find(&format!("set {name} {{")).unwrap();
         let block = &text[start..start + text[start..].find("\t}").unwrap()];
-        block
+        let added = format!("add element ip kproxy-ipvs {name} {{ ");
+        let list: Vec<&str> = block
             .lines()
-            .find_map(|l| l.trim().strip_prefix("elements = "))
-            .unwrap_or_default()
-            .to_string()
+            .filter_map(|l| l.trim().strip_prefix("elements = { "))
+            .chain(text.lines().filter_map(|l| l.strip_prefix(added.as_str())))
+            .map(|l| l.strip_suffix(" }").unwrap())
+            .collect();
+        if list.is_empty() {
+            String::new()
+        } else {
+            format!("{{ {} }}", list.join(", "))
+        }
     }
 
     #[test]
     fn sets_say_what_happens_to_each_virtual_service() {
-        let text = render_ruleset(&desired(), &cfg());
+        let text = render(&desired(), &cfg());
         assert!(text.starts_with("add table ip kproxy-ipvs\ndelete table ip kproxy-ipvs\ntable ip kproxy-ipvs {"));
         assert_eq!(
             elements(&text, "cluster-ips"),
@@ -375,7 +456,7 @@ mod tests {
             ..v
         };
         d.services.insert(k, v);
-        let text = render_ruleset(&d, &cfg());
+        let text = render(&d, &cfg());
         assert_eq!(elements(&text, "no-local-endpoints"), "{ 192.0.2.1 . tcp . 30081 }");
         assert_eq!(elements(&text, "external"), "", "source IP is preserved");
     }
@@ -388,7 +469,7 @@ mod tests {
         v.source_ranges = vec!["192.0.2.0/24".parse().unwrap(), "203.0.113.7/32".parse().unwrap()];
         d.bound.insert(k.addr, 1);
         d.services.insert(k, v);
-        let text = render_ruleset(&d, &cfg());
+        let text = render(&d, &cfg());
         assert_eq!(elements(&text, "firewall"), "{ 198.51.100.5 . tcp . 80 }");
         assert_eq!(
             elements(&text, "firewall-allow"),
@@ -403,24 +484,64 @@ mod tests {
     fn detectors_and_ipv6() {
         let mut c = cfg();
         c.local_detector = LocalDetector::None;
-        let text = render_ruleset(&desired(), &c);
+        let text = render(&desired(), &c);
         assert!(
             !text.contains("@cluster-ips meta mark"),
             "no detector: ClusterIP traffic is not masqueraded"
         );
         c.masquerade_all = true;
-        assert!(
-            render_ruleset(&desired(), &c).contains("\t\tip daddr . meta l4proto . th dport @cluster-ips meta mark")
-        );
+        assert!(render(&desired(), &c).contains("\t\tip daddr . meta l4proto . th dport @cluster-ips meta mark"));
         c.masquerade_all = false;
         c.local_detector = LocalDetector::InterfacePrefix("veth".into());
-        assert!(render_ruleset(&desired(), &c).contains("iifname != \"veth*\" ip daddr"));
+        assert!(render(&desired(), &c).contains("iifname != \"veth*\" ip daddr"));
         c.family = IpFamily::V6;
-        let text = render_ruleset(&DesiredIpvs::default(), &c);
+        let text = render(&DesiredIpvs::default(), &c);
         assert!(
             text.contains("table ip6 kproxy-ipvs {") && text.contains("type ipv6_addr . inet_proto . inet_service")
         );
         assert!(!text.contains("elements"), "empty sets have no elements line");
+    }
+
+    #[test]
+    fn large_sets_are_added_in_statements_of_bounded_size_after_the_table() {
+        let mut d = DesiredIpvs::default();
+        let n = 2 * ELEMENTS_PER_STATEMENT + 7;
+        for i in 0..n {
+            let addr = format!("10.96.{}.{}", i / 256, i % 256);
+            let ep = format!("10.244.{}.{}", i / 256, i % 256);
+            let (k, mut v) = vs(&addr, 80, Traffic::Internal, &[&ep], true, true);
+            if i == 3 {
+                v.source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
+            }
+            *d.bound.entry(k.addr).or_default() += 1;
+            d.services.insert(k, v);
+        }
+        let hairpin: Vec<IpAddr> = d.services.values().flat_map(|v| v.servers.ips()).collect();
+        let pieces: Vec<String> = render_ruleset(&d, hairpin.into_iter(), &cfg()).collect();
+        let table = &pieces[0];
+        assert!(table.starts_with("add table ip kproxy-ipvs\ndelete table ip kproxy-ipvs\ntable ip kproxy-ipvs {"));
+        assert!(
+            !table.contains("add element"),
+            "the table comes whole, before any element"
+        );
+        assert!(
+            table.contains("elements = { 10.96.0.3 . tcp . 80 . 192.0.2.0/24 }"),
+            "the interval set is declared with its elements"
+        );
+        for piece in &pieces[1..] {
+            assert_eq!(piece.lines().count(), 1, "one statement per piece");
+            assert!(piece.starts_with("add element ip kproxy-ipvs "), "{piece}");
+            assert!(piece.matches(", ").count() < ELEMENTS_PER_STATEMENT, "{piece}");
+        }
+        let text: String = pieces.concat();
+        for name in ["cluster-ips", "service-ports", "service-ips", "hairpin"] {
+            let list = elements(&text, name);
+            assert_eq!(list.matches(", ").count() + 1, n, "{name}: every element once");
+            let statements = text.lines().filter(|l| l.contains(&format!(" {name} {{ "))).count();
+            assert_eq!(statements, 3, "{name}: in three statements");
+        }
+        assert!(elements(&text, "hairpin").starts_with("{ 10.244.0.0 . 10.244.0.0, 10.244.0.1 . 10.244.0.1, "));
+        assert_eq!(elements(&text, "no-endpoints"), "");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! I/O in between [`Committed::plan_change`] and [`Committed::commit`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::netlink::{RealServerState, VsKey};
 use super::plan::{plan_service, DesiredIpvs, DesiredVs, Draining, KernelState, PlanConfig, ServicePlan};
@@ -21,7 +21,7 @@ pub struct Committed {
     /// The virtual services, real servers and bound addresses of the last successful sync.
     pub ipvs: DesiredIpvs,
     /// Endpoint addresses in the `hairpin` set, each with the number of its real servers.
-    hairpin: BTreeMap<IpAddr, u32>,
+    hairpin: AddressCounts,
     /// The settings of the last full sync (its NodePort addresses): a partial sync plans with
     /// them, and a change of the node's addresses comes with a full sync.
     pub cfg: PlanConfig,
@@ -56,21 +56,70 @@ impl Edits {
     }
 }
 
-fn hairpin_of(ipvs: &DesiredIpvs) -> BTreeMap<IpAddr, u32> {
-    let mut out = BTreeMap::new();
+/// How many real servers each endpoint address has: the `hairpin` set's record, with 100,000
+/// addresses at 10,000 Services, so each family's addresses are kept at their own width (a
+/// B-tree entry of 8 bytes for IPv4, where an `IpAddr` key made it 21).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct AddressCounts {
+    v4: BTreeMap<Ipv4Addr, u32>,
+    v6: BTreeMap<Ipv6Addr, u32>,
+}
+
+impl AddressCounts {
+    fn get(&self, ip: &IpAddr) -> u32 {
+        match ip {
+            IpAddr::V4(a) => self.v4.get(a).copied(),
+            IpAddr::V6(a) => self.v6.get(a).copied(),
+        }
+        .unwrap_or(0)
+    }
+
+    /// Counts one more real server of `ip`.
+    fn up(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(a) => *self.v4.entry(a).or_default() += 1,
+            IpAddr::V6(a) => *self.v6.entry(a).or_default() += 1,
+        }
+    }
+
+    /// Counts one real server of `ip` less; an address without any goes.
+    fn down(&mut self, ip: IpAddr) {
+        fn down<K: Ord>(map: &mut BTreeMap<K, u32>, key: K) {
+            if let Some(n) = map.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&key);
+                }
+            }
+        }
+        match ip {
+            IpAddr::V4(a) => down(&mut self.v4, a),
+            IpAddr::V6(a) => down(&mut self.v6, a),
+        }
+    }
+
+    /// The addresses counted, in `IpAddr` order.
+    fn keys(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        let v4 = self.v4.keys().map(|a| IpAddr::V4(*a));
+        v4.chain(self.v6.keys().map(|a| IpAddr::V6(*a)))
+    }
+}
+
+fn hairpin_of(ipvs: &DesiredIpvs) -> AddressCounts {
+    let mut out = AddressCounts::default();
     for vs in ipvs.services.values() {
-        for (ip, _) in vs.servers.keys() {
-            *out.entry(*ip).or_default() += 1;
+        for ip in vs.servers.ips() {
+            out.up(ip);
         }
     }
     out
 }
 
 /// Addresses whose count goes from zero to more (`up`) or from more to zero (`down`).
-fn crossings(counts: &BTreeMap<IpAddr, u32>, delta: &BTreeMap<IpAddr, i64>) -> (Vec<IpAddr>, Vec<IpAddr>) {
+fn crossings(count: impl Fn(&IpAddr) -> u32, delta: &BTreeMap<IpAddr, i64>) -> (Vec<IpAddr>, Vec<IpAddr>) {
     let (mut up, mut down) = (Vec::new(), Vec::new());
     for (ip, d) in delta {
-        let before = i64::from(counts.get(ip).copied().unwrap_or(0));
+        let before = i64::from(count(ip));
         match (before > 0, before + d > 0) {
             (false, true) => up.push(*ip),
             (true, false) => down.push(*ip),
@@ -89,6 +138,11 @@ impl Committed {
             cfg,
             dummy,
         }
+    }
+
+    /// The endpoint addresses of every virtual service, each once, in order: the `hairpin` set.
+    pub fn hairpin_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.hairpin.keys()
     }
 
     /// Plans the Services in `changed` from `desired`: their new virtual services, and which
@@ -166,8 +220,8 @@ impl Committed {
             if vs.bound {
                 *bound.entry(key.addr).or_default() += by;
             }
-            for (ip, _) in vs.servers.keys() {
-                *hairpin.entry(*ip).or_default() += by;
+            for ip in vs.servers.ips() {
+                *hairpin.entry(ip).or_default() += by;
             }
         };
         for (svc, plan) in &change.plans {
@@ -186,8 +240,8 @@ impl Committed {
                 count(vs, key, 1);
             }
         }
-        let (bind, unbind) = crossings(&self.ipvs.bound, &bound);
-        let (hairpin_up, hairpin_down) = crossings(&self.hairpin, &hairpin);
+        let (bind, unbind) = crossings(|ip| self.ipvs.bound.get(ip).copied().unwrap_or(0), &bound);
+        let (hairpin_up, hairpin_down) = crossings(|ip| self.hairpin.get(ip), &hairpin);
         let mut edits = Edits {
             add_elements: new.difference(&old).copied().collect(),
             delete_elements: old.difference(&new).copied().collect(),
@@ -219,20 +273,15 @@ impl Committed {
         // changed Service to another is free by the time its new owner comes.
         for (svc, _) in &change.plans {
             for (_, vs) in self.ipvs.remove_service(svc) {
-                for (ip, _) in vs.servers.keys() {
-                    if let Some(n) = self.hairpin.get_mut(ip) {
-                        *n -= 1;
-                        if *n == 0 {
-                            self.hairpin.remove(ip);
-                        }
-                    }
+                for ip in vs.servers.ips() {
+                    self.hairpin.down(ip);
                 }
             }
         }
         for (svc, plan) in change.plans {
             for (_, vs) in &plan.services {
-                for (ip, _) in vs.servers.keys() {
-                    *self.hairpin.entry(*ip).or_default() += 1;
+                for ip in vs.servers.ips() {
+                    self.hairpin.up(ip);
                 }
             }
             self.ipvs.insert_service(&svc, plan);

@@ -390,10 +390,7 @@ fn other_family_is_ignored() {
     let d = plan_desired(&desired, &c);
     let keys: Vec<String> = d.services.keys().map(|k| k.to_string()).collect();
     assert_eq!(keys, ["tcp:[2001:db8::1]:30080", "tcp:[fd00::10]:80"]);
-    assert!(d
-        .services
-        .values()
-        .all(|v| v.servers.keys().all(|(ip, _)| ip.is_ipv6())));
+    assert!(d.services.values().all(|v| v.servers.ips().all(|ip| ip.is_ipv6())));
 }
 
 #[test]
@@ -424,4 +421,66 @@ fn source_ranges_apply_to_load_balancer_ips_only() {
     assert!(ranges("203.0.113.5", 80).is_empty());
     assert!(ranges("10.96.0.10", 80).is_empty());
     assert!(ranges(NODE_IP, 30080).is_empty());
+}
+
+#[test]
+fn a_full_sync_in_batches_plans_what_one_pass_does() {
+    let desired = state(vec![
+        (
+            port("web", "10.96.0.10", Some(30080)),
+            vec![ep("10.244.1.2", "ready", true), ep("10.244.2.2", "ready", false)],
+        ),
+        (port("api", "10.96.0.12", None), vec![ep("10.244.1.9", "ready", true)]),
+        (port("db", "10.96.0.13", None), vec![]),
+    ]);
+    let d = plan_desired(&desired, &cfg());
+    let mut k = kernel(vec![
+        // Drifted: a weight, a server to drain (it has connections).
+        (
+            svc("10.96.0.10", 80),
+            vec![rs("10.244.1.2", 3, 0), rs("10.244.3.3", 1, 2)],
+        ),
+        // Stale and kproxy's: deleted.
+        (svc("10.96.0.11", 80), vec![rs("10.244.1.2", 1, 0)]),
+        // Someone else's: not in the scope at all.
+        (svc("198.51.100.7", 80), vec![]),
+    ]);
+    k.local_addresses.insert("10.96.0.12".parse().unwrap());
+    let now = Instant::now();
+    let mut one_pass = Draining::default();
+    let mut whole = text(&plan_requests(&d, &k, &Scope::Full, &mut one_pass, now, &cfg()));
+
+    let scope = full_scope(&d, &k, &cfg());
+    assert!(!scope.contains(&key("198.51.100.7", 80)), "{scope:?}");
+    assert_eq!(scope.len(), 5, "{scope:?}");
+    let mut batched = Vec::new();
+    let mut draining = Draining::default();
+    let all_dests = std::mem::take(&mut k.dests);
+    let mut keys = scope.into_iter().peekable();
+    while keys.peek().is_some() {
+        let batch: BTreeSet<VsKey> = keys.by_ref().take(2).collect();
+        // As the proxier does: only this batch's real servers are read.
+        k.dests = all_dests
+            .iter()
+            .filter(|(key, _)| batch.contains(key))
+            .map(|(key, d)| (*key, d.clone()))
+            .collect();
+        batched.extend(text(&plan_requests(
+            &d,
+            &k,
+            &Scope::Only(batch),
+            &mut draining,
+            now,
+            &cfg(),
+        )));
+    }
+    assert!(
+        whole.iter().any(|r| r.starts_with("delete service tcp:10.96.0.11:80")),
+        "{whole:?}"
+    );
+    assert!(whole.iter().any(|r| r.contains("weight 0")), "{whole:?}");
+    whole.sort();
+    batched.sort();
+    assert_eq!(batched, whole);
+    assert_eq!(draining, one_pass, "the same real servers are draining");
 }

@@ -68,11 +68,11 @@ fn dests_of(c: &Committed, change: &Change) -> BTreeMap<VsKey, Vec<RealServerSta
             let servers = c.ipvs.services[key]
                 .servers
                 .iter()
-                .map(|(&(addr, port), &weight)| RealServerState {
+                .map(|(addr, port)| RealServerState {
                     server: RealServer {
                         addr,
                         port,
-                        weight,
+                        weight: crate::dataplane::ipvs::plan::WEIGHT,
                         fwd_method: FWD_MASQ,
                     },
                     active_conns: 0,
