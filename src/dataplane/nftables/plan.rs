@@ -1360,7 +1360,9 @@ impl Planner {
     /// differs, and plans the repairs: the owners of differing objects are rendered again from
     /// the state they were last synced from; objects nobody owns are deleted (only with
     /// `strays`: a listing older than kproxy's last commit may show what it just deleted).
-    /// In one go: the check compares in steps ([`Comparison`]) and then calls [`Planner::repair`].
+    /// In one go, for tests: the check itself compares in steps ([`Comparison`]) under short
+    /// holds of the planner's lock and then calls [`Planner::repair`].
+    #[cfg(test)]
     pub fn reconcile(&mut self, kernel: TableState, skip: &HashSet<Owner>, strays: bool) -> (Plan, usize) {
         let mut comparison = Comparison::new(&kernel);
         while !comparison.step(self, usize::MAX) {}
