@@ -75,6 +75,12 @@ impl Inner {
 struct Shared {
     inner: Mutex<Inner>,
     waiting: AtomicUsize,
+    /// The check's socket, kept open from one check to the next. Closing a NETLINK_NETFILTER
+    /// socket is not free for the other writers: the kernel's release notifier takes the
+    /// commit mutex and waits there for the deferred release of the last commits (an RCU grace
+    /// period, 10 to 20 ms on a busy two-core machine), so a sync due then waited for it
+    /// (BENCHMARKS.md, "Where a slow change's time went").
+    check_sock: Mutex<Option<NftSocket>>,
 }
 
 impl Shared {
@@ -82,6 +88,7 @@ impl Shared {
         Shared {
             inner: Mutex::new(inner),
             waiting: AtomicUsize::new(0),
+            check_sock: Mutex::new(None),
         }
     }
 
@@ -216,6 +223,13 @@ impl NftablesProxier {
                 return Err(e);
             }
         };
+        tracing::debug!(
+            ?family,
+            waited_us = waited.as_micros() as u64,
+            applied_us = asked.elapsed().as_micros() as u64,
+            transactions = applied.transactions,
+            "nftables sync: committed"
+        );
         let foreign = std::mem::take(&mut kernel.foreign_change);
         inner.committed(&applied.owners);
         let check = foreign || (changes.full && !recovering);
@@ -290,7 +304,8 @@ const COMPARE_STEP: usize = 2048;
 /// was committed in steps, each under the lock for a moment, and repairs what differs (see
 /// [`compare_and_repair`]). Commits made meanwhile are not second-guessed.
 fn check_table(shared: &Shared, family: IpFamily) {
-    let mut sock = match NftSocket::connect() {
+    let kept = shared.check_sock.lock().unwrap_or_else(PoisonError::into_inner).take();
+    let mut sock = match kept.map_or_else(NftSocket::connect, Ok) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "nftables check: no netlink socket");
@@ -310,7 +325,12 @@ fn check_table(shared: &Shared, family: IpFamily) {
     }
     let listed_in = started.elapsed();
     let (state, snapshot) = match listed {
-        Ok((state, _, snapshot)) => (state, snapshot),
+        Ok((state, _, snapshot)) => {
+            // Kept for the next check only after a complete dump: after a failed one, parts
+            // of it may still be queued on the socket (it is dropped and a new one opened).
+            *shared.check_sock.lock().unwrap_or_else(PoisonError::into_inner) = Some(sock);
+            (state, snapshot)
+        }
         Err(e) => {
             lock(&shared.inner).touched = None;
             tracing::warn!(error = %e, "nftables check: listing the table failed");

@@ -110,6 +110,15 @@ impl NftSocket {
         })
     }
 
+    /// The socket's netlink port id (what the kernel's notifications name as the sender).
+    pub fn port_id(&self) -> Result<u32> {
+        let mut addr = SocketAddr::new(0, 0);
+        self.socket
+            .get_address(&mut addr)
+            .map_err(|e| nl_error("reading the netlink socket's address", e))?;
+        Ok(addr.port_number())
+    }
+
     /// Reads one datagram. One that did not fit the buffer is gone: the answer is reported
     /// incomplete (an `InvalidData` error), and the buffer grown so that the next one fits.
     fn recv(&mut self) -> std::io::Result<Vec<u8>> {

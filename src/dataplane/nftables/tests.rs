@@ -1353,6 +1353,49 @@ fn a_check_lets_a_sync_commit_mid_comparison_and_keeps_it() {
     };
 }
 
+/// Checks reuse one netlink socket: closing one makes the kernel take its commit mutex for an
+/// RCU grace period, and a sync then waits. Two checks in the kernel, a foreign delete
+/// before each: both are repaired, and the second lists through the first's socket (the same
+/// port id). Skipped without root.
+#[test]
+fn checks_keep_their_socket_and_still_repair() {
+    let yaml = representative();
+    let Some(()) = in_netns(move || {
+        let cfg = config();
+        let (kernel, planner) = programmed(&yaml, &cfg);
+        let shared = super::Shared::new(super::Inner {
+            planner,
+            kernel: Some(kernel),
+            recover: false,
+            touched: None,
+        });
+        let kept = || {
+            let g = shared.check_sock.lock().unwrap();
+            g.as_ref().map(|s| s.port_id().unwrap())
+        };
+        assert_eq!(kept(), None);
+        let mut ports = Vec::new();
+        for _ in 0..2 {
+            nft(&[
+                "delete",
+                "element",
+                "ip",
+                "kproxy",
+                names::EXTERNAL_CLUSTER_NODEPORTS,
+                "{ tcp . 30080 }",
+            ]);
+            super::check_table(&shared, IpFamily::V4);
+            let np = nft(&["list", "set", "ip", "kproxy", names::EXTERNAL_CLUSTER_NODEPORTS]);
+            assert!(np.contains("30080"), "the check repaired the NodePort:\n{np}");
+            ports.push(kept().expect("the check kept its socket"));
+        }
+        assert_eq!(ports[0], ports[1], "the second check listed through the first's socket");
+    }) else {
+        eprintln!("skipping: needs root (network namespaces)");
+        return;
+    };
+}
+
 /// The check's thread lists at a lower priority and gets its own back: the nice value is the
 /// thread's, not the process's.
 #[test]
