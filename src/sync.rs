@@ -211,6 +211,7 @@ pub async fn run(
             return;
         }
         let now = Instant::now();
+        let woke = now;
         let periodic = now >= full_due && matches!(full_sync, FullSync::Periodic);
         let force_full = match full_sync_period {
             // A dataplane that trusts its record (iptables and nftables modes): the periodic
@@ -228,6 +229,12 @@ pub async fn run(
             continue;
         };
         let full = snapshot.changes.full;
+        tracing::debug!(
+            full,
+            changed = snapshot.changes.services.len(),
+            snapshot_us = woke.elapsed().as_micros() as u64,
+            "sync runner: woke and took a snapshot"
+        );
         if !full {
             snapshot.changes.services.extend(carried.iter().cloned());
         }

@@ -169,7 +169,19 @@ async fn drive<K, V: Convert<K>>(
                 tracing::debug!(?kind, objects = all.len(), "listed");
                 apply(Change::Replace(all));
             }
-            Some(Ok(Event::Apply(obj))) => apply(Change::Apply(converter.convert(obj))),
+            Some(Ok(Event::Apply(obj))) => {
+                let received = std::time::Instant::now();
+                let converted = converter.convert(obj);
+                let convert_us = received.elapsed().as_micros() as u64;
+                apply(Change::Apply(converted));
+                // With its time stamp, where a change's latency goes (scripts/bench-nftables.sh).
+                tracing::debug!(
+                    ?kind,
+                    convert_us,
+                    applied_us = received.elapsed().as_micros() as u64,
+                    "watch event applied"
+                );
+            }
             Some(Ok(Event::Delete(obj))) => apply(Change::Delete(converter.key(obj))),
             // The watcher retries on its own (see `backoff`); the store keeps the last state.
             Some(Err(e)) => tracing::warn!(?kind, error = %e, "watch failed; retrying"),
