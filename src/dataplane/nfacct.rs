@@ -149,7 +149,21 @@ fn decode_counter(mut attrs: &[u8]) -> Result<Counter, String> {
     Ok(c)
 }
 
-fn exchange(msg: &[u8]) -> Result<Vec<Reply>, String> {
+/// The socket of the process's own network namespace, kept from one exchange to the next.
+/// Closing a NETLINK_NETFILTER socket is not free: nf_tables' release notifier takes the
+/// ruleset's commit mutex and waits there for the deferred release of recent commits, so a
+/// socket closed at every scrape could hold up a sync's commit (BENCHMARKS.md, "Where a slow
+/// change's time went"). Threads in other namespaces (tests) open one per exchange: a kept
+/// socket would keep their namespace alive.
+static KEPT: std::sync::Mutex<Option<Socket>> = std::sync::Mutex::new(None);
+
+fn in_process_netns() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    matches!((ino("/proc/thread-self/ns/net"), ino("/proc/self/ns/net")), (Some(a), Some(b)) if a == b)
+}
+
+fn connect() -> Result<Socket, String> {
     let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|e| format!("nfnetlink socket: {e}"))?;
     socket
         .bind_auto()
@@ -157,6 +171,31 @@ fn exchange(msg: &[u8]) -> Result<Vec<Reply>, String> {
     socket
         .connect(&SocketAddr::new(0, 0))
         .map_err(|e| format!("connecting nfnetlink socket: {e}"))?;
+    Ok(socket)
+}
+
+/// Sends one request and reads its answer, on the kept socket where there is one. The socket
+/// goes back only after a complete answer (after an error, parts of one may still be queued).
+fn exchange(msg: &[u8]) -> Result<Vec<Reply>, String> {
+    let keep = in_process_netns();
+    let kept = if keep {
+        KEPT.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+    } else {
+        None
+    };
+    let mut socket = match kept {
+        Some(s) => s,
+        None => connect()?,
+    };
+    let answer = request(&mut socket, msg);
+    if keep && answer.is_ok() {
+        *KEPT.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(socket);
+    }
+    answer?
+}
+
+/// The outer error is the socket's (it is not reused), the inner one the kernel's answer.
+fn request(socket: &mut Socket, msg: &[u8]) -> Result<Result<Vec<Reply>, String>, String> {
     socket.send(msg, 0).map_err(|e| format!("sending to nfnetlink: {e}"))?;
     let mut out = Vec::new();
     loop {
@@ -165,9 +204,9 @@ fn exchange(msg: &[u8]) -> Result<Vec<Reply>, String> {
             .map_err(|e| format!("reading from nfnetlink: {e}"))?;
         for reply in decode(&buf)? {
             match reply {
-                Reply::Done => return Ok(out),
-                Reply::Ack(0) => return Ok(out),
-                Reply::Ack(errno) => return Err(std::io::Error::from_raw_os_error(errno).to_string()),
+                Reply::Done => return Ok(Ok(out)),
+                Reply::Ack(0) => return Ok(Ok(out)),
+                Reply::Ack(errno) => return Ok(Err(std::io::Error::from_raw_os_error(errno).to_string())),
                 c => out.push(c),
             }
         }
@@ -197,6 +236,48 @@ pub fn ensure(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn kept_port() -> Option<u32> {
+        let kept = KEPT.lock().unwrap();
+        kept.as_ref().map(|s| {
+            let mut addr = SocketAddr::new(0, 0);
+            s.get_address(&mut addr).unwrap();
+            addr.port_number()
+        })
+    }
+
+    /// Scrapes reuse one socket in the process's namespace (closing one costs the kernel's
+    /// commit mutex), and threads in other namespaces keep none. Skipped where the kernel has
+    /// no nfacct or without root.
+    #[test]
+    fn the_process_namespace_keeps_its_socket() {
+        if list().is_err() {
+            eprintln!("skipping: nfacct unavailable here");
+            return;
+        }
+        let first = kept_port().expect("a socket kept after a complete answer");
+        list().unwrap();
+        list().unwrap();
+        // Another test of this process may have taken it meanwhile; none do but this one.
+        assert_eq!(kept_port(), Some(first), "the same socket answered again");
+        let other = std::thread::spawn(|| {
+            if nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
+                return None;
+            }
+            let before = kept_port();
+            let listed = list().is_ok();
+            Some((before, listed, kept_port()))
+        })
+        .join()
+        .unwrap();
+        if let Some((before, listed, after)) = other {
+            assert!(listed, "a new namespace's counters are listed too");
+            assert_eq!(
+                before, after,
+                "a thread in another namespace neither took nor replaced the kept socket"
+            );
+        }
+    }
 
     #[test]
     fn add_request_is_an_acct_new_with_the_name() {
