@@ -6,6 +6,7 @@
 
 pub mod apply;
 pub mod names;
+pub mod native;
 pub mod plan;
 pub mod render;
 #[cfg(test)]
