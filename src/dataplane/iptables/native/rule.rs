@@ -259,7 +259,7 @@ struct Match {
 /// Encodes the words after `-A CHAIN` into an entry.
 pub fn encode_rule(family: Family, words: &[String]) -> std::result::Result<Rule, RuleError> {
     let mut ip = IpPart::default();
-    let mut matches: Vec<Match> = Vec::new();
+    let mut pending: Vec<(&str, Vec<String>)> = Vec::new();
     let mut target: Option<(Vec<u8>, Verdict)> = None;
     let mut i = 0;
     let mut negate = false;
@@ -327,24 +327,9 @@ pub fn encode_rule(family: Family, words: &[String]) -> std::result::Result<Rule
                 }
                 let name = arg(i + 1)?;
                 i += 2;
-                // The match's own options follow it, up to the first option it does not take.
-                let start = i;
-                loop {
-                    let option = if words.get(i).is_some_and(|w| w == "!") {
-                        i + 1
-                    } else {
-                        i
-                    };
-                    if !words.get(option).is_some_and(|w| match_takes(name, w)) {
-                        break;
-                    }
-                    i = option + 1;
-                    while i < words.len() && !words[i].starts_with('-') && words[i] != "!" {
-                        i += 1;
-                    }
-                }
-                let m = encode_match(family, name, &words[start..i])?;
-                matches.push(m);
+                // Its options may come anywhere after it (iptables parses the line with one
+                // getopt table for everything loaded): gathered below, encoded at the end.
+                pending.push((name, Vec::new()));
             }
             "-j" | "--jump" => {
                 if neg {
@@ -360,14 +345,29 @@ pub fn encode_rule(family: Family, words: &[String]) -> std::result::Result<Rule
             }
             "-g" | "--goto" => return unsupported("-g"),
             other => {
-                // tcp/udp's --dport without `-m tcp` would load the protocol's match implicitly:
-                // kproxy always names it, so anything else is not ours.
-                return unsupported(format!("option {other}"));
+                // A loaded match's option. (tcp/udp's --dport without `-m tcp` would load the
+                // protocol's match implicitly: kproxy always names it.)
+                let Some((_, opts)) = pending.iter_mut().find(|(m, _)| match_takes(m, other)) else {
+                    return unsupported(format!("option {other}"));
+                };
+                if neg {
+                    opts.push("!".to_string());
+                }
+                opts.push(other.to_string());
+                i += 1;
+                while i < words.len() && !words[i].starts_with('-') && words[i] != "!" {
+                    opts.push(words[i].clone());
+                    i += 1;
+                }
             }
         }
     }
     if negate {
         return invalid("`!' at the end of the rule");
+    }
+    let mut matches = Vec::new();
+    for (name, opts) in &pending {
+        matches.push(encode_match(family, name, opts)?);
     }
     for m in &matches {
         let needs = match m.name {
@@ -426,6 +426,7 @@ fn match_takes(name: &str, option: &str) -> bool {
         ],
         "nfacct" => &["--nfacct-name"],
         "mark" => &["--mark"],
+        "conntrack" => &["--ctstate"],
         // Unknown match: take its options, encode_match refuses it by name.
         _ => return option.starts_with("--"),
     };
@@ -661,6 +662,38 @@ fn encode_match(family: Family, name: &str, options: &[String]) -> std::result::
                 data,
             }
         }
+        "conntrack" => {
+            // Revision 3: struct xt_conntrack_mtinfo3: eight union nf_inet_addr (128),
+            // expires_min/max, l4proto, four ports, match_flags (at 146), invert_flags,
+            // state_mask (at 150), status_mask, four high ports (164 with padding).
+            let (states, neg) = opts
+                .value_neg("--ctstate")?
+                .ok_or(RuleError::Invalid("--ctstate missing".into()))?;
+            let mut mask = 0u16;
+            for state in states.split(',') {
+                mask |= match state {
+                    "INVALID" => 1 << 0,
+                    "ESTABLISHED" => 1 << 1,
+                    "RELATED" => 1 << 2,
+                    "NEW" => 1 << 3,
+                    "UNTRACKED" => 1 << 8,
+                    "SNAT" => 1 << 6,
+                    "DNAT" => 1 << 7,
+                    other => return unsupported(format!("conntrack state {other}")),
+                };
+            }
+            let mut data = vec![0u8; 164];
+            put_u16(&mut data, 146, 1); // XT_CONNTRACK_STATE
+            if neg {
+                put_u16(&mut data, 148, 1);
+            }
+            put_u16(&mut data, 150, mask);
+            Match {
+                name: "conntrack",
+                revision: 3,
+                data,
+            }
+        }
         other => return unsupported(format!("match {other}")),
     };
     opts.finish()?;
@@ -773,6 +806,16 @@ fn encode_target(family: Family, name: &str, options: &[String]) -> std::result:
                     extension("MASQUERADE", 0, data)
                 }
             }
+        }
+        "REJECT" => {
+            // struct ipt_reject_info / ip6t_reject_info { __u32 with; }: only the default,
+            // icmp(6) port unreachable (IPT_ICMP_PORT_UNREACHABLE 3, IP6T_ICMP6_PORT_UNREACH 4).
+            if opts.value("--reject-with")?.is_some() {
+                return unsupported("REJECT --reject-with");
+            }
+            let mut data = vec![0u8; 4];
+            put_u32(&mut data, 0, if family == Family::V4 { 3 } else { 4 });
+            extension("REJECT", 0, data)
         }
         "MARK" => {
             // Revision 2: struct xt_mark_tginfo2 { __u32 mark, mask; }: mark = (mark & ~mask) ^ value.
