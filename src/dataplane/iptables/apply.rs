@@ -108,9 +108,16 @@ impl Tools {
         mut fill: impl FnMut(&mut Vec<u8>, usize) -> bool,
     ) -> Result<(RestoreTimes, String), Refusal> {
         let mut times = RestoreTimes::default();
+        // Only the native writer says something on stdout (its summary): iptables-restore's
+        // would have to be drained while it reads its input.
+        let stdout = if tool == NATIVE_TOOL {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        };
         let mut child = command
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()

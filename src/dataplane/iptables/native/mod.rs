@@ -150,10 +150,16 @@ fn prepare(
 ) -> Result<PreparedTable, Error> {
     let started = Instant::now();
     let io = |what: &str, e: std::io::Error| Error::Failed(format!("{} table: {what}: {}", t.table, explain(&e)));
-    let info = sock.info(&t.table).map_err(|e| io("IPT_SO_GET_INFO", e))?;
-    let raw = sock
-        .entries(&t.table, info.size)
-        .map_err(|e| io("IPT_SO_GET_ENTRIES", e))?;
+    let mut attempt = 1;
+    let (info, raw) = loop {
+        let info = sock.info(&t.table).map_err(|e| io("IPT_SO_GET_INFO", e))?;
+        match sock.entries(&t.table, info.size) {
+            Ok(raw) => break (info, raw),
+            // The table changed size between the two calls (a writer without the lock).
+            Err(e) if e.raw_os_error() == Some(nix::libc::EAGAIN) && attempt < ATTEMPTS => attempt += 1,
+            Err(e) => return Err(io("IPT_SO_GET_ENTRIES", e)),
+        }
+    };
     done.read += started.elapsed();
     let started = Instant::now();
     let old = splice::parse_table(family, info, &raw[GET_ENTRIES_HEADER..])?;
@@ -213,6 +219,21 @@ pub fn child_main(args: &[String]) -> i32 {
                 w.replace.as_millis(),
                 w.counters.as_millis(),
                 w.attempts
+            );
+            // What this process cost, for BENCHMARKS.md: its peak RSS (the tables' copies)
+            // and CPU.
+            let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            let hwm = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .unwrap_or("?")
+                .trim();
+            let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+            let ticks: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            println!(
+                "peak_rss={hwm} utime_ticks={} stime_ticks={}",
+                ticks.get(11).unwrap_or(&"?"),
+                ticks.get(12).unwrap_or(&"?")
             );
             0
         }
