@@ -42,6 +42,9 @@ struct OldChain {
     end: Span,
 }
 
+/// A chain being read: name, hook (built-in), head (user chain), first rule's offset and number.
+type Open = (String, Option<usize>, Option<Span>, usize, usize);
+
 /// The old table cut into chains.
 #[derive(Debug)]
 pub struct OldTable<'b> {
@@ -81,7 +84,7 @@ pub fn parse_table(family: Family, info: TableInfo, blob: &[u8]) -> Result<OldTa
     let hooks: Vec<usize> = (0..HOOKS).filter(|h| info.valid_hooks & (1 << h) != 0).collect();
     let mut chains: Vec<OldChain> = Vec::new();
     // The chain being read: (name, hook, head, first rule's offset and number).
-    let mut open: Option<(String, Option<usize>, Option<Span>, usize, usize)> = None;
+    let mut open: Option<Open> = None;
     let mut last: Option<Span> = None;
     let mut end = None;
     let (mut off, mut n) = (0usize, 0usize);
@@ -169,7 +172,7 @@ pub fn parse_table(family: Family, info: TableInfo, blob: &[u8]) -> Result<OldTa
 
 fn close_user(
     chains: &mut Vec<OldChain>,
-    open: Option<(String, Option<usize>, Option<Span>, usize, usize)>,
+    open: Option<Open>,
     last: Option<Span>,
 ) -> Result<(), Parse> {
     let Some((name, None, Some(head), start, first)) = open else {
