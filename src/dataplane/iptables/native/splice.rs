@@ -170,11 +170,7 @@ pub fn parse_table(family: Family, info: TableInfo, blob: &[u8]) -> Result<OldTa
     })
 }
 
-fn close_user(
-    chains: &mut Vec<OldChain>,
-    open: Option<Open>,
-    last: Option<Span>,
-) -> Result<(), Parse> {
+fn close_user(chains: &mut Vec<OldChain>, open: Option<Open>, last: Option<Span>) -> Result<(), Parse> {
     let Some((name, None, Some(head), start, first)) = open else {
         return Ok(());
     };
