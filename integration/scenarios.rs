@@ -831,6 +831,10 @@ fn refused_sync_keeps_the_kernel_rules(mode: &'static str, kind: SourceKind, ref
                 .status()
                 .expect("chmod");
             tools = Some(dir.as_path());
+            // The refusing tool must be the one that writes: with the legacy backend partial
+            // syncs would go through kproxy's native writer instead (whose refusals
+            // src/dataplane/iptables/native's kernel tests cover).
+            env.push(("KPROXY_IPTABLES_NATIVE", "0".to_string()));
         }
         Refusal::Kernel => env.push(("KPROXY_TEST_NFT_REFUSE", marker.display().to_string())),
     }

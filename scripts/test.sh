@@ -22,6 +22,10 @@ else
   ensure_commands test.sh shellcheck:shellcheck
 fi
 cargo test --locked
+if [ "$(id -u)" = 0 ]; then
+  # iptables mode's scenarios again with the legacy backend (its native writer).
+  scripts/test-iptables-legacy.sh
+fi
 bash scripts/check-deploy.sh
 # Every fuzz target for a bounded time (scripts/fuzz.sh SECONDS for longer runs).
 scripts/fuzz.sh "${KPROXY_FUZZ_SECONDS:-10}"

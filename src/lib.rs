@@ -1,7 +1,7 @@
 //! kproxy as a library: every module of the `kproxy` binary, so that the fuzz targets under
 //! `fuzz/` (and any other harness) can drive the parsers and pure converters directly. The
 //! binary (`src/main.rs`) is a thin user of this crate; nothing here is a stable API.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 // The modules were written as a binary's private modules; lints about the shape of a public
 // API (which this crate does not offer) would only ask for methods nobody calls.
 #![allow(clippy::len_without_is_empty)]

@@ -157,6 +157,12 @@ fn print_version(raw: bool) {
 
 fn main() -> ExitCode {
     set_allocator_policy();
+    // The iptables native writer's child (kproxy re-executes itself): no flags, no logging.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(kproxy::dataplane::iptables::native::SUBCOMMAND) {
+        let code = kproxy::dataplane::iptables::native::child_main(&args[1..]);
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
     let cli = Cli::parse();
     let (flags, render_output) = match cli.command {
         Some(Command::Render { flags, output }) => (flags, Some(output)),

@@ -72,16 +72,56 @@ impl Tools {
     /// none: the input goes to the tool's stdin in chunks of about [`CHUNK`] bytes as it is
     /// produced, so a large one is never held whole. A refusal comes back as
     /// [`Refusal`], for the caller to find the line it names in the input.
-    pub async fn restore(&self, mut fill: impl FnMut(&mut Vec<u8>, usize) -> bool) -> Result<RestoreTimes, Refusal> {
+    pub async fn restore(&self, fill: impl FnMut(&mut Vec<u8>, usize) -> bool) -> Result<RestoreTimes, Refusal> {
+        let mut command = Command::new(self.restore);
+        command.args(["-w", LOCK_WAIT, "--noflush"]);
+        self.run_restore(self.restore, command, fill)
+            .await
+            .map(|(times, _)| times)
+    }
+
+    /// Like [`Tools::restore`], through kproxy's native writer for the legacy backend
+    /// ([`super::native`]): `exe` (kproxy itself) run with its hidden subcommand. An input
+    /// outside what the writer encodes comes back as [`Refusal::Unsupported`], nothing written.
+    /// Also returns the writer's one-line summary.
+    pub async fn restore_native(
+        &self,
+        exe: &std::path::Path,
+        family: IpFamily,
+        fill: impl FnMut(&mut Vec<u8>, usize) -> bool,
+    ) -> Result<(RestoreTimes, String), Refusal> {
+        let mut command = Command::new(exe);
+        command.args([
+            super::native::SUBCOMMAND,
+            match family {
+                IpFamily::V4 => "4",
+                IpFamily::V6 => "6",
+            },
+        ]);
+        self.run_restore(NATIVE_TOOL, command, fill).await
+    }
+
+    async fn run_restore(
+        &self,
+        tool: &'static str,
+        mut command: Command,
+        mut fill: impl FnMut(&mut Vec<u8>, usize) -> bool,
+    ) -> Result<(RestoreTimes, String), Refusal> {
         let mut times = RestoreTimes::default();
-        let mut child = Command::new(self.restore)
-            .args(["-w", LOCK_WAIT, "--noflush"])
+        // Only the native writer says something on stdout (its summary): iptables-restore's
+        // would have to be drained while it reads its input.
+        let stdout = if tool == NATIVE_TOOL {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        };
+        let mut child = command
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| Refusal::Failed(spawn_error(self.restore, source)))?;
+            .map_err(|source| Refusal::Failed(spawn_error(tool, source)))?;
         if let Some(mut stdin) = child.stdin.take() {
             let mut buf = Vec::with_capacity(CHUNK + 4096);
             loop {
@@ -107,14 +147,17 @@ impl Tools {
         let out = child
             .wait_with_output()
             .await
-            .map_err(|source| Refusal::Failed(spawn_error(self.restore, source)))?;
+            .map_err(|source| Refusal::Failed(spawn_error(tool, source)))?;
         times.committing = committing.elapsed();
         if out.status.success() {
-            return Ok(times);
+            return Ok((times, String::from_utf8_lossy(&out.stdout).trim().to_string()));
         }
         let message = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if tool == NATIVE_TOOL && out.status.code() == Some(super::native::EXIT_UNSUPPORTED) {
+            return Err(Refusal::Unsupported(message));
+        }
         Err(Refusal::Refused {
-            tool: self.restore,
+            tool,
             line: refused_line(&message),
             message,
         })
@@ -235,6 +278,14 @@ impl Tools {
         status(self.iptables, &list).await
     }
 
+    /// Whether these are iptables-legacy's tools (`iptables --version` says `(legacy)`).
+    pub async fn is_legacy(&self) -> bool {
+        match output(self.iptables, &["--version"]).await {
+            Ok((out, _)) => out.status.success() && String::from_utf8_lossy(&out.stdout).contains("(legacy)"),
+            Err(_) => false,
+        }
+    }
+
     /// How many rules `chain` of `table` holds; `None` if there is no such chain.
     pub async fn chain_rules(&self, table: &str, chain: &str) -> Result<Option<usize>> {
         let (out, err) = output(self.iptables, &["-w", LOCK_WAIT, "-t", table, "-S", chain]).await?;
@@ -336,7 +387,12 @@ pub enum Refusal {
         message: String,
     },
     Failed(DataplaneError),
+    /// The native writer does not encode this input and wrote nothing: run iptables-restore.
+    Unsupported(String),
 }
+
+/// The native writer, as errors name it.
+pub const NATIVE_TOOL: &str = "kproxy (native iptables writer)";
 
 impl Refusal {
     /// The error to report; `line_of(n)` gives input line `n` and the Service it was written
@@ -344,6 +400,10 @@ impl Refusal {
     pub fn into_error(self, line_of: impl FnOnce(usize) -> Option<(String, Option<String>)>) -> DataplaneError {
         match self {
             Refusal::Failed(e) => e,
+            Refusal::Unsupported(message) => DataplaneError::Command {
+                command: NATIVE_TOOL.to_string(),
+                message,
+            },
             Refusal::Refused { tool, line, message } => match line.and_then(|n| Some((n, line_of(n)?))) {
                 Some((line, (text, owner))) => DataplaneError::Rejected {
                     tool,

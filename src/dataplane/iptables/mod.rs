@@ -6,6 +6,7 @@
 
 pub mod apply;
 pub mod names;
+pub mod native;
 pub mod plan;
 pub mod render;
 #[cfg(test)]
@@ -62,7 +63,22 @@ pub struct IptablesProxier {
     /// UDP ports as last programmed, to find stale conntrack flows; `None` before the first sync
     /// (flows that predate this process are left alone).
     udp: Option<UdpPorts>,
+    native: Native,
 }
+
+/// Whether partial syncs go through the native writer ([`native`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Native {
+    /// Not decided yet: at the first partial sync, on if the tools are iptables-legacy.
+    Detect,
+    Off,
+    /// Run this executable (kproxy itself) with the writer's subcommand.
+    On(std::path::PathBuf),
+}
+
+/// Partial syncs that the native writer handed back to iptables-restore (an input it does not
+/// encode), since start.
+static NATIVE_FALLBACKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl IptablesProxier {
     pub fn new(cfg: ProxierConfig) -> Self {
@@ -71,6 +87,7 @@ impl IptablesProxier {
             cfg,
             planner: Planner::new(),
             udp: None,
+            native: Native::Detect,
         }
     }
 
@@ -78,7 +95,40 @@ impl IptablesProxier {
     pub fn with_tools(cfg: ProxierConfig, tools: apply::Tools) -> Self {
         IptablesProxier {
             tools,
+            native: Native::Off,
             ..IptablesProxier::new(cfg)
+        }
+    }
+
+    /// Partial syncs through the native writer, run as `exe` (a kproxy binary), whatever the
+    /// backend (tests).
+    pub fn with_native(mut self, exe: std::path::PathBuf) -> Self {
+        self.native = Native::On(exe);
+        self
+    }
+
+    /// The native writer's executable, deciding once: on for the legacy backend unless
+    /// `KPROXY_IPTABLES_NATIVE=0`. iptables-nft's tables are not the legacy ones it writes.
+    async fn native_writer(&mut self) -> Option<std::path::PathBuf> {
+        if self.native == Native::Detect {
+            let off = std::env::var("KPROXY_IPTABLES_NATIVE").is_ok_and(|v| v == "0" || v == "false");
+            let legacy = !off && self.tools.is_legacy().await;
+            // /proc/self/exe runs this very binary even after an upgrade replaced the file.
+            self.native = if legacy {
+                Native::On("/proc/self/exe".into())
+            } else {
+                Native::Off
+            };
+            tracing::info!(
+                family = ?self.cfg.family,
+                native = legacy,
+                "iptables legacy backend: partial syncs of {} go through kproxy's native writer",
+                if legacy { "the tables" } else { "nothing (disabled or not legacy)" }
+            );
+        }
+        match &self.native {
+            Native::On(exe) => Some(exe.clone()),
+            _ => None,
         }
     }
 }
@@ -171,9 +221,32 @@ impl Dataplane for IptablesProxier {
             }
             let mut times = apply::RestoreTimes::default();
             if !plan.empty {
-                let mut input = self.planner.restore_input(desired);
-                let result = self.tools.restore(|buf, limit| input.fill(buf, limit)).await;
-                drop(input);
+                // Partial syncs through the native writer (legacy backend): it skips libiptc's
+                // parse and re-layout of the whole table. Full syncs stay with iptables-restore.
+                let native = match plan.full {
+                    true => None,
+                    false => self.native_writer().await,
+                };
+                let mut result = Err(apply::Refusal::Unsupported(String::new()));
+                if let Some(exe) = native {
+                    let mut input = self.planner.restore_input(desired);
+                    result = self
+                        .tools
+                        .restore_native(&exe, self.cfg.family, |buf, limit| input.fill(buf, limit))
+                        .await
+                        .map(|(t, summary)| {
+                            tracing::debug!(family = ?self.cfg.family, %summary, "iptables native writer");
+                            t
+                        });
+                    if let Err(apply::Refusal::Unsupported(why)) = &result {
+                        let n = NATIVE_FALLBACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        tracing::debug!(family = ?self.cfg.family, fallbacks = n, "iptables native writer: {why}; iptables-restore writes this sync");
+                    }
+                }
+                if matches!(result, Err(apply::Refusal::Unsupported(_))) {
+                    let mut input = self.planner.restore_input(desired);
+                    result = self.tools.restore(|buf, limit| input.fill(buf, limit)).await;
+                }
                 match result {
                     Ok(t) => times = t,
                     Err(refusal) => {
