@@ -135,8 +135,10 @@ pub struct Worker {
     shutdown: watch::Receiver<bool>,
     draining: Cell<bool>,
     drain: tokio::sync::Notify,
-    /// Request counters by (route, status code), for the current route table.
-    counters: RefCell<foldhash::HashMap<(usize, u16), prometheus::IntCounter>>,
+    /// Request counters by (route, status code), for the current route table, in this
+    /// worker's own shard of the request metrics (no atomic read-modify-write per request).
+    counters: RefCell<foldhash::HashMap<(usize, u16), crate::metrics::ShardCounter>>,
+    metrics: Arc<crate::metrics::IngressShard>,
     /// Connections open on this worker (the drain waits for them).
     pub open: Cell<usize>,
     /// Connection tasks that finished their connection and wait for another
@@ -161,6 +163,7 @@ impl Worker {
             drain: tokio::sync::Notify::new(),
             shutdown,
             counters: RefCell::new(foldhash::HashMap::default()),
+            metrics: metrics().ingress_shard(),
             open: Cell::new(0),
             waiting_tasks: RefCell::new(Vec::new()),
             closed: tokio::sync::Notify::new(),
@@ -747,14 +750,14 @@ fn record(w: &Worker, table: Option<&Rc<Arc<RouteTable>>>, conn: Conn, r: &Recor
         let mut counters = w.counters.borrow_mut();
         let counter = counters.entry(key).or_insert_with(|| {
             let (ingress, service) = labels();
-            m.ingress_request_counter(ingress, &service, r.code)
+            w.metrics.request_counter(ingress, &service, r.code)
         });
         counter.inc();
     } else {
         let (ingress, service) = labels();
         m.inc_ingress_request(ingress, &service, r.code);
     }
-    m.observe_ingress_duration(took);
+    w.metrics.observe_duration(took);
     if let Some((method, uri, version)) = &r.line {
         let service = r.route.map(|route| route.backend.service.to_string());
         tracing::info!(
