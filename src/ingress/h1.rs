@@ -54,8 +54,9 @@ const BUF_SIZE: usize = 16 * 1024;
 const LARGE_BODY_BUF: usize = 64 * 1024;
 /// Buffers a worker keeps for reuse; a burst beyond that is given back to the allocator.
 const POOLED_BUFFERS: usize = 512;
-/// Pipes a worker keeps for reuse (two file descriptors each).
-const POOLED_PIPES: usize = 64;
+/// Pipes a worker keeps for reuse (two file descriptors each, and 64 pages of the user's pipe
+/// quota, fs.pipe-user-pages-soft, 16,384 by default).
+const POOLED_PIPES: usize = 16;
 /// A body with more than this left after its first read is spliced from the backend's socket
 /// to the client's ([`pipe`]) when both are plain TCP, instead of copied through a buffer.
 const SPLICE_MIN: u64 = BUF_SIZE as u64;

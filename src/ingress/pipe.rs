@@ -19,6 +19,8 @@ use tokio::net::TcpStream;
 /// What a pipe asks to hold in flight (its default is 16 pages). The pipe's pages are only
 /// references to socket buffers while a body is relayed; an idle pipe holds none.
 const PIPE_SIZE: i32 = 256 * 1024;
+/// A pipe smaller than this is not worth splicing through (the default pipe is 64 KiB).
+const MIN_CAPACITY: usize = 64 * 1024;
 
 /// A pipe, both ends non-blocking. Empty whenever it is not lending a relay a hand.
 pub struct Pipe {
@@ -35,11 +37,13 @@ impl Pipe {
         let capacity = fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE))
             .or_else(|_| fcntl(&write, FcntlArg::F_GETPIPE_SZ))
             .map_err(io::Error::from)?;
-        Ok(Pipe {
-            read,
-            write,
-            capacity: usize::try_from(capacity).unwrap_or(0).max(4096),
-        })
+        let capacity = usize::try_from(capacity).unwrap_or(0);
+        // Past the user's soft pipe quota (fs.pipe-user-pages-soft) the kernel makes pipes of
+        // two pages: a relay through one would take a system call per 8 KiB. Copy instead.
+        if capacity < MIN_CAPACITY {
+            return Err(io::Error::other("pipe quota reached"));
+        }
+        Ok(Pipe { read, write, capacity })
     }
 }
 
