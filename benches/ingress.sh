@@ -157,17 +157,18 @@ if [ -n "${BENCH_SYSCALLS:-}" ]; then
   # Counted by the kernel (tracepoints and software counters), so the proxy runs at full speed:
   # strace stops it at every call, which batches readiness events and hides what waits.
   events=raw_syscalls:sys_enter,context-switches,cpu-migrations,page-faults,task-clock
-  for call in epoll_wait epoll_pwait recvfrom read readv sendto write writev sendmsg futex epoll_ctl accept4 close getsockopt setsockopt; do
+  for call in epoll_wait epoll_pwait recvfrom read readv sendto write writev sendmsg splice futex epoll_ctl accept4 close getsockopt setsockopt; do
     [ -d "/sys/kernel/tracing/events/syscalls/sys_enter_$call" ] && events+=,syscalls:sys_enter_$call
   done
   [ "$shapes" = "keepalive newconn 1mib https" ] && shapes=keepalive
-  echo "| shape | proxy | run | requests | CPU µs/request | system calls | epoll_wait | recvfrom | of them EAGAIN | sendto | writev, sendmsg | write | futex | epoll_ctl | context switches | migrations | page faults | TCP segments |"
-  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  echo "| shape | proxy | run | requests | CPU µs/request | system calls | epoll_wait | recvfrom | of them EAGAIN | sendto | writev, sendmsg | write | splice | futex | epoll_ctl | context switches | migrations | page faults | TCP segments |"
+  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   # nstat's history file of its own: the default one is per user, shared with other runs.
   export NSTAT_HISTORY=$work/nstat.history
   count_calls() { # shape, name, run, url, pids (comma-separated)
     local shape=$1 name=$2 run=$3 url=$4 target=$5 out=$work/perf.$2 args=(-t2 -c"$connections" -d"${duration}s" -H "Host: myapp.example.com")
     [ "$shape" = newconn ] && args+=(-H "Connection: close")
+    [ "$shape" = 1mib ] && args=(-t2 -c16 -d"${duration}s" -H "Host: myapp.example.com")
     # recvfrom's exit carries its result: -11 is EAGAIN, a read that found nothing.
     perf stat -x, -o "$out" -e "$events" -e syscalls:sys_exit_recvfrom --filter 'ret == -11' -p "$target" &
     local perf_pid=$! wrk_out
@@ -183,17 +184,18 @@ if [ -n "${BENCH_SYSCALLS:-}" ]; then
     awk -F, -v shape="$shape" -v name="$name" -v run="$run" -v n="$requests" -v segs="${segments:-0}" '
       $3 != "" { c[$3] = $1 + 0 }
       END {
-        printf "| %s | %s | %s | %d | %.1f | %.2f | %.3f | %.2f | %.3f | %.2f | %.2f | %.2f | %.3f | %.3f | %.3f | %.4f | %.4f | %.2f |\n", shape, name, run, n,
+        printf "| %s | %s | %s | %d | %.1f | %.2f | %.3f | %.2f | %.3f | %.2f | %.2f | %.2f | %.2f | %.3f | %.3f | %.3f | %.4f | %.4f | %.2f |\n", shape, name, run, n,
           c["task-clock"] * 1000 / n, c["raw_syscalls:sys_enter"] / n, (c["syscalls:sys_enter_epoll_wait"] + c["syscalls:sys_enter_epoll_pwait"]) / n,
           (c["syscalls:sys_enter_recvfrom"] + c["syscalls:sys_enter_read"]) / n, c["syscalls:sys_exit_recvfrom"] / n,
           c["syscalls:sys_enter_sendto"] / n, (c["syscalls:sys_enter_writev"] + c["syscalls:sys_enter_sendmsg"]) / n, c["syscalls:sys_enter_write"] / n,
-          c["syscalls:sys_enter_futex"] / n, c["syscalls:sys_enter_epoll_ctl"] / n, c["context-switches"] / n, c["cpu-migrations"] / n, c["page-faults"] / n, segs / n
+          c["syscalls:sys_enter_splice"] / n, c["syscalls:sys_enter_futex"] / n, c["syscalls:sys_enter_epoll_ctl"] / n, c["context-switches"] / n, c["cpu-migrations"] / n, c["page-faults"] / n, segs / n
       }' "$out"
   }
   for run in $(seq 1 "$runs"); do
     for shape in $shapes; do
       k=http://127.0.0.1:8083/ n=http://127.0.0.1:8082/
       [ "$shape" = https ] && k=https://myapp.example.com:8443/ n=https://myapp.example.com:8442/
+      [ "$shape" = 1mib ] && k=http://127.0.0.1:8083/big n=http://127.0.0.1:8082/big
       nginx_workers=$(pgrep -P "$nginx_master" | tr '\n' ',' | sed 's/,$//')
       if [ $((run % 2)) = 1 ]; then
         count_calls "$shape" kproxy "$run" "$k" "$kproxy_pid"

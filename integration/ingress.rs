@@ -858,6 +858,53 @@ fn protocols() {
         let r = get_tls(&env, "p.test", "/bytes/4194304", None, &[proto]).expect("4 MiB over TLS");
         assert_eq!((r.code, r.body.len()), (200, 4_194_304), "{proto}");
     }
+    // Over cleartext a long body is spliced from the backend's socket to the client's: each
+    // answer arrives whole, byte for byte, and the keep-alive connection carries the next
+    // request after it (the relay stopped exactly at the body's end on both sides).
+    let answers = raw_in(&env, &format!("{NODE}:80"), |mut s| {
+        let mut answers = Vec::new();
+        for (path, size) in [("/bytes/4194304", 4_194_304usize), ("/bytes/70000", 70_000), ("/", 0)] {
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: p.test\r\n\r\n").as_bytes())
+                .expect("send");
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                assert_eq!(
+                    s.read(&mut byte).expect("read head"),
+                    1,
+                    "closed after {} bytes",
+                    head.len()
+                );
+                head.push(byte[0]);
+            }
+            let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            let length: usize = text
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("content-length");
+            let mut body = vec![0u8; length];
+            s.read_exact(&mut body).expect("body");
+            if size > 0 {
+                assert_eq!(length, size, "{path}");
+                assert!(body.iter().all(|&b| b == b'x'), "{path}: the body's bytes as sent");
+            }
+            answers.push((
+                status_of(&text),
+                String::from_utf8_lossy(&body[..body.len().min(5)]).to_string(),
+            ));
+        }
+        answers
+    });
+    assert_eq!(
+        answers,
+        vec![
+            (200, "xxxxx".to_string()),
+            (200, "xxxxx".to_string()),
+            (200, "pod-a".to_string())
+        ],
+        "two long answers, then a short one, on one connection"
+    );
     let r = get_tls(&env, "p.test", "/h2", None, &["--http2"]).expect("h2 over TLS");
     assert!(r.headers.starts_with("HTTP/2 200"), "{}", r.headers);
     assert!(

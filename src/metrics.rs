@@ -8,7 +8,9 @@
 //! Two kube-proxy counters are read from the kernel at scrape time, as upstream reads them:
 //! the nfacct objects that kproxy's iptables rules count into.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::core::{Collector, Desc};
@@ -50,8 +52,8 @@ pub struct Metrics {
     sync_failures: IntCounterVec,
     programmed_services: IntGauge,
     programmed_endpoints: IntGauge,
-    ingress_requests: IntCounterVec,
-    ingress_duration: Histogram,
+    /// `kproxy_ingress_requests_total` and `kproxy_ingress_request_duration_seconds`.
+    ingress: Arc<IngressRequests>,
     ingress_connect_errors: IntCounterVec,
     rest_requests: IntCounterVec,
     rest_duration: HistogramVec,
@@ -240,19 +242,12 @@ impl Metrics {
                 "kproxy_programmed_endpoints",
                 "Number of endpoints programmed into the dataplane by the last successful sync",
             ),
-            ingress_requests: counter_vec(
-                &r,
-                "kproxy_ingress_requests_total",
-                "Requests answered by the Ingress proxy, by Ingress, Service and status code",
-                &["ingress", "service", "code"],
-                &[],
-            ),
-            ingress_duration: histogram(
-                &r,
-                "kproxy_ingress_request_duration_seconds",
-                "Time from a request's arrival to its response head, in seconds",
-                prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets"),
-            ),
+            ingress: {
+                let ingress = Arc::new(IngressRequests::new());
+                r.register(Box::new(IngressCollector(ingress.clone())))
+                    .expect("metric names are unique");
+                ingress
+            },
             ingress_connect_errors: counter_vec(
                 &r,
                 "kproxy_ingress_upstream_connect_errors_total",
@@ -382,23 +377,34 @@ impl Metrics {
     }
 
     /// Counts one Ingress request; `ingress` and `service` are empty when no route matched.
+    /// From any thread; a worker thread counts through its [`IngressShard`] instead.
     pub fn inc_ingress_request(&self, ingress: &str, service: &str, code: u16) {
-        self.ingress_requests
+        self.ingress
+            .shared_requests
             .with_label_values(&[ingress, service, &code.to_string()])
             .inc();
     }
 
-    /// The counter of Ingress requests for these labels, for a worker to keep and increment
-    /// without looking it up (or allocating its labels) on every request.
-    /// The handle is the registry's own series (a clone shares its count).
-    pub fn ingress_request_counter(&self, ingress: &str, service: &str, code: u16) -> IntCounter {
-        self.ingress_requests
-            .with_label_values(&[ingress, service, &code.to_string()])
+    /// Records the time from a request's arrival to its response head. From any thread; a
+    /// worker thread records through its [`IngressShard`] instead.
+    pub fn observe_ingress_duration(&self, took: Duration) {
+        self.ingress.shared_duration.observe(took.as_secs_f64());
     }
 
-    /// Records the time from a request's arrival to its response head.
-    pub fn observe_ingress_duration(&self, took: Duration) {
-        self.ingress_duration.observe(took.as_secs_f64());
+    /// A new shard of the Ingress request metrics for one worker thread to write, summed into
+    /// the same series at every scrape.
+    pub fn ingress_shard(&self) -> Arc<IngressShard> {
+        let shard = Arc::new(IngressShard {
+            requests: Mutex::new(HashMap::new()),
+            buckets: self.ingress.bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            bounds: self.ingress.bounds.clone(),
+            sum: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        });
+        if let Ok(mut shards) = self.ingress.shards.lock() {
+            shards.push(shard.clone());
+        }
+        shard
     }
 
     /// Counts one failed connection to a backend of `service` (`ns/name`).
@@ -423,6 +429,196 @@ impl Metrics {
             tracing::warn!(error = %e, "encoding metrics failed");
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// The Ingress proxy's request count and duration, written per worker thread and summed at
+/// scrape: a worker's request costs no atomic read-modify-write (prometheus' counter and
+/// histogram make five per request, on cache lines every worker shares). Each worker writes
+/// its own [`IngressShard`] with plain loads and stores; requests counted off a worker (HTTP/2,
+/// a route table being replaced) go to the shared prometheus series. Names, labels, help
+/// texts and buckets are those of the shared series, which render them.
+struct IngressRequests {
+    shared_requests: IntCounterVec,
+    shared_duration: Histogram,
+    bounds: Arc<[f64]>,
+    shards: Mutex<Vec<Arc<IngressShard>>>,
+}
+
+const INGRESS_REQUESTS: (&str, &str) = (
+    "kproxy_ingress_requests_total",
+    "Requests answered by the Ingress proxy, by Ingress, Service and status code",
+);
+
+impl IngressRequests {
+    fn new() -> Self {
+        let bounds = prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets");
+        IngressRequests {
+            shared_requests: IntCounterVec::new(
+                Opts::new(INGRESS_REQUESTS.0, INGRESS_REQUESTS.1),
+                &["ingress", "service", "code"],
+            )
+            .expect("valid counter vec"),
+            shared_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "kproxy_ingress_request_duration_seconds",
+                    "Time from a request's arrival to its response head, in seconds",
+                )
+                .buckets(bounds.clone()),
+            )
+            .expect("valid histogram"),
+            bounds: bounds.into(),
+            shards: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+/// One worker thread's part of the Ingress request metrics. Only that thread writes it (plain
+/// loads and stores of its own cells: a second writer would lose counts); scrapes read it.
+pub struct IngressShard {
+    /// Request counts by (ingress, service, code). Locked when a worker first counts a series
+    /// and at scrape, never per request.
+    requests: Mutex<HashMap<(String, String, u16), Arc<AtomicU64>>>,
+    bounds: Arc<[f64]>,
+    /// Observations per bucket (not cumulative), as `bounds`.
+    buckets: Box<[AtomicU64]>,
+    /// The sum of observations, an `f64`'s bits.
+    sum: AtomicU64,
+    count: AtomicU64,
+}
+
+/// The single writer's increment: a load and a store, no locked instruction.
+fn bump(cell: &AtomicU64, by: u64) {
+    cell.store(cell.load(Ordering::Relaxed).wrapping_add(by), Ordering::Relaxed);
+}
+
+impl IngressShard {
+    /// The request counter for these labels, for the worker to keep and [`ShardCounter::inc`].
+    pub fn request_counter(&self, ingress: &str, service: &str, code: u16) -> ShardCounter {
+        let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        ShardCounter(
+            requests
+                .entry((ingress.to_string(), service.to_string(), code))
+                .or_default()
+                .clone(),
+        )
+    }
+
+    /// Records one request's duration (time to its response head).
+    pub fn observe_duration(&self, took: Duration) {
+        let v = took.as_secs_f64();
+        // The first bucket whose upper bound is at least v; none above the last bound.
+        let i = self.bounds.partition_point(|b| *b < v);
+        if let Some(cell) = self.buckets.get(i) {
+            bump(cell, 1);
+        }
+        let sum = &self.sum;
+        sum.store(
+            (f64::from_bits(sum.load(Ordering::Relaxed)) + v).to_bits(),
+            Ordering::Relaxed,
+        );
+        // Last, with Release: a scrape that reads the count (Acquire) sees the buckets of
+        // every observation it counts.
+        self.count
+            .store(self.count.load(Ordering::Relaxed) + 1, Ordering::Release);
+    }
+}
+
+/// One series' count in a worker's [`IngressShard`].
+pub struct ShardCounter(Arc<AtomicU64>);
+
+impl ShardCounter {
+    pub fn inc(&self) {
+        bump(&self.0, 1);
+    }
+}
+
+struct IngressCollector(Arc<IngressRequests>);
+
+impl Collector for IngressCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut d = self.0.shared_requests.desc();
+        d.extend(self.0.shared_duration.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let ingress = &self.0;
+        let shards = ingress.shards.lock().map(|s| s.clone()).unwrap_or_default();
+        // The counters: the shared series and every shard's, summed by labels in a
+        // scratch vector, which renders them as the shared one would.
+        let requests = IntCounterVec::new(
+            Opts::new(INGRESS_REQUESTS.0, INGRESS_REQUESTS.1),
+            &["ingress", "service", "code"],
+        )
+        .expect("valid counter vec");
+        for family in ingress.shared_requests.collect() {
+            for m in family.get_metric() {
+                let label = |name: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map_or("", |l| l.value())
+                };
+                requests
+                    .with_label_values(&[label("ingress"), label("service"), label("code")])
+                    .inc_by(m.get_counter().get_value() as u64);
+            }
+        }
+        for shard in &shards {
+            let series = shard.requests.lock().unwrap_or_else(|e| e.into_inner());
+            for ((ingress, service, code), n) in series.iter() {
+                requests
+                    .with_label_values(&[ingress, service, &code.to_string()])
+                    .inc_by(n.load(Ordering::Relaxed));
+            }
+        }
+        let mut families = requests.collect();
+        // The histogram: the shared one's, with every shard's observations added.
+        let mut duration = ingress.shared_duration.collect();
+        if let Some(family) = duration.first_mut() {
+            let mut metrics = family.take_metric();
+            if let Some(m) = metrics.first_mut() {
+                let shared = m.get_histogram();
+                let mut count = shared.get_sample_count();
+                let mut sum = shared.get_sample_sum();
+                let mut per_bucket = vec![0u64; ingress.bounds.len()];
+                for shard in &shards {
+                    let n = shard.count.load(Ordering::Acquire);
+                    sum += f64::from_bits(shard.sum.load(Ordering::Relaxed));
+                    let mut in_buckets = 0;
+                    for (total, cell) in per_bucket.iter_mut().zip(shard.buckets.iter()) {
+                        let b = cell.load(Ordering::Relaxed);
+                        *total += b;
+                        in_buckets += b;
+                    }
+                    // Observations made while this was read may show in a bucket and not yet
+                    // in the count: the count is never below the buckets.
+                    count += n.max(in_buckets);
+                }
+                let mut cumulative = 0;
+                let buckets = shared
+                    .get_bucket()
+                    .iter()
+                    .zip(per_bucket)
+                    .map(|(b, add)| {
+                        cumulative += add;
+                        let mut out = prometheus::proto::Bucket::default();
+                        out.set_cumulative_count(b.cumulative_count() + cumulative);
+                        out.set_upper_bound(b.upper_bound());
+                        out
+                    })
+                    .collect();
+                let mut h = prometheus::proto::Histogram::default();
+                h.set_sample_count(count);
+                h.set_sample_sum(sum);
+                h.set_bucket(buckets);
+                m.set_histogram(h);
+            }
+            family.set_metric(metrics);
+        }
+        families.append(&mut duration);
+        families
     }
 }
 
@@ -692,6 +888,85 @@ mod tests {
         assert!(text
             .lines()
             .any(|l| l == r#"kproxy_ingress_requests_total{code="404",ingress="",service=""} 1"#));
+    }
+
+    #[test]
+    fn ingress_shards_render_as_one_prometheus_counter_and_histogram_would() {
+        let m = Metrics::new();
+        let a = m.ingress_shard();
+        let b = m.ingress_shard();
+        // The same series counted by two workers and off the workers.
+        let web_a = a.request_counter("default/web", "default/svc", 200);
+        let web_b = b.request_counter("default/web", "default/svc", 200);
+        for _ in 0..3 {
+            web_a.inc();
+        }
+        web_b.inc();
+        b.request_counter("default/web", "default/svc", 503).inc();
+        m.inc_ingress_request("default/web", "default/svc", 200);
+        m.inc_ingress_request("", "", 404);
+        // A kept counter and one looked up again are the same series.
+        a.request_counter("default/web", "default/svc", 200).inc();
+        let took = [0.0004, 0.001, 0.0015, 0.3, 0.9, 120.0];
+        for (i, t) in took.iter().enumerate() {
+            let d = Duration::from_secs_f64(*t);
+            match i % 3 {
+                0 => a.observe_duration(d),
+                1 => b.observe_duration(d),
+                _ => m.observe_ingress_duration(d),
+            }
+        }
+
+        // What one registered counter vec and histogram render for the same requests.
+        let reference = Registry::new();
+        let requests = register(
+            &reference,
+            IntCounterVec::new(
+                Opts::new(INGRESS_REQUESTS.0, INGRESS_REQUESTS.1),
+                &["ingress", "service", "code"],
+            )
+            .unwrap(),
+        );
+        requests
+            .with_label_values(&["default/web", "default/svc", "200"])
+            .inc_by(6);
+        requests.with_label_values(&["default/web", "default/svc", "503"]).inc();
+        requests.with_label_values(&["", "", "404"]).inc();
+        let duration = histogram(
+            &reference,
+            "kproxy_ingress_request_duration_seconds",
+            "Time from a request's arrival to its response head, in seconds",
+            prometheus::exponential_buckets(0.001, 2.0, 16).unwrap(),
+        );
+        for t in took {
+            duration.observe(Duration::from_secs_f64(t).as_secs_f64());
+        }
+        let mut expected = Vec::new();
+        TextEncoder::new().encode(&reference.gather(), &mut expected).unwrap();
+        let expected = String::from_utf8(expected).unwrap();
+
+        let text = m.render();
+        // The sum is added in another order: equal up to rounding.
+        let sum_of = |t: &str| -> f64 {
+            family(t, "kproxy_ingress_request_duration_seconds")
+                .iter()
+                .find_map(|l| l.strip_prefix("kproxy_ingress_request_duration_seconds_sum "))
+                .and_then(|v| v.parse().ok())
+                .unwrap()
+        };
+        assert!((sum_of(&text) - sum_of(&expected)).abs() < 1e-9);
+        let but_sum = |t: &str, name: &str| -> Vec<String> {
+            family(t, name)
+                .into_iter()
+                .filter(|l| !l.contains("_sum "))
+                .map(str::to_string)
+                .collect()
+        };
+        for name in [INGRESS_REQUESTS.0, "kproxy_ingress_request_duration_seconds"] {
+            assert_eq!(but_sum(&text, name), but_sum(&expected, name), "{name}");
+        }
+        assert!(family(&text, "kproxy_ingress_request_duration_seconds")
+            .contains(&"kproxy_ingress_request_duration_seconds_count 6"));
     }
 
     #[test]

@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use super::balance::affinity_value;
 use super::framing::{self, Body, ChunkError, ChunkedDecoder, HeadError, RequestHead, ResponseHead};
 use super::gateway::proxy as gateway;
+use super::pipe::{self, Pipe};
 use super::proxy::{Action, Answer, Conn, Decision, Proxy, RequestLine, RequestView};
 use super::routes::{join_values, Route, RouteTable, Upstream};
 use super::upstream::{Dest, Pool, UpstreamIo, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, DEFAULT_SEND_TIMEOUT};
@@ -53,6 +54,12 @@ const BUF_SIZE: usize = 16 * 1024;
 const LARGE_BODY_BUF: usize = 64 * 1024;
 /// Buffers a worker keeps for reuse; a burst beyond that is given back to the allocator.
 const POOLED_BUFFERS: usize = 512;
+/// Pipes a worker keeps for reuse (two file descriptors each, and 64 pages of the user's pipe
+/// quota, fs.pipe-user-pages-soft, 16,384 by default).
+const POOLED_PIPES: usize = 16;
+/// A body with more than this left after its first read is spliced from the backend's socket
+/// to the client's ([`pipe`]) when both are plain TCP, instead of copied through a buffer.
+const SPLICE_MIN: u64 = BUF_SIZE as u64;
 
 /// A buffer borrowed from the worker: bytes `start..end` are read and not consumed yet.
 pub struct Buf {
@@ -124,11 +131,15 @@ pub struct Worker {
     routes_rx: RefCell<super::proxy::Routes>,
     buffers: RefCell<Vec<Vec<u8>>>,
     heads: RefCell<Vec<Vec<u8>>>,
+    /// Empty pipes for spliced bodies ([`pipe`]), made on first use.
+    pipes: RefCell<Vec<Pipe>>,
     shutdown: watch::Receiver<bool>,
     draining: Cell<bool>,
     drain: tokio::sync::Notify,
-    /// Request counters by (route, status code), for the current route table.
-    counters: RefCell<foldhash::HashMap<(usize, u16), prometheus::IntCounter>>,
+    /// Request counters by (route, status code), for the current route table, in this
+    /// worker's own shard of the request metrics (no atomic read-modify-write per request).
+    counters: RefCell<foldhash::HashMap<(usize, u16), crate::metrics::ShardCounter>>,
+    metrics: Arc<crate::metrics::IngressShard>,
     /// Connections open on this worker (the drain waits for them).
     pub open: Cell<usize>,
     /// Connection tasks that finished their connection and wait for another
@@ -148,10 +159,12 @@ impl Worker {
             routes_rx: RefCell::new(routes_rx),
             buffers: RefCell::new(Vec::new()),
             heads: RefCell::new(Vec::new()),
+            pipes: RefCell::new(Vec::new()),
             draining,
             drain: tokio::sync::Notify::new(),
             shutdown,
             counters: RefCell::new(foldhash::HashMap::default()),
+            metrics: metrics().ingress_shard(),
             open: Cell::new(0),
             waiting_tasks: RefCell::new(Vec::new()),
             closed: tokio::sync::Notify::new(),
@@ -206,6 +219,21 @@ impl Worker {
         let mut pool = self.buffers.borrow_mut();
         if pool.len() < POOLED_BUFFERS {
             pool.push(data);
+        }
+    }
+
+    /// An empty pipe, or `None` if none can be made (out of file descriptors: bodies are then
+    /// copied).
+    fn take_pipe(&self) -> Option<Pipe> {
+        let pooled = self.pipes.borrow_mut().pop();
+        pooled.or_else(|| Pipe::new().ok())
+    }
+
+    /// Only an empty pipe may be given back.
+    fn give_pipe(&self, p: Pipe) {
+        let mut pool = self.pipes.borrow_mut();
+        if pool.len() < POOLED_PIPES {
+            pool.push(p);
         }
     }
 
@@ -305,6 +333,14 @@ impl ClientIo {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// The plain TCP socket, registered, for splicing into it; `None` for TLS.
+    fn plain_tcp(&mut self) -> Option<&TcpStream> {
+        if let ClientIo::Tls(_) = self {
+            return None;
+        }
+        self.registered().ok()
     }
 
     /// Whether bytes may be ready without waiting for the socket (decrypted TLS data not read yet).
@@ -715,14 +751,14 @@ fn record(w: &Worker, table: Option<&Rc<Arc<RouteTable>>>, conn: Conn, r: &Recor
         let mut counters = w.counters.borrow_mut();
         let counter = counters.entry(key).or_insert_with(|| {
             let (ingress, service) = labels();
-            m.ingress_request_counter(ingress, &service, r.code)
+            w.metrics.request_counter(ingress, &service, r.code)
         });
         counter.inc();
     } else {
         let (ingress, service) = labels();
         m.inc_ingress_request(ingress, &service, r.code);
     }
-    m.observe_ingress_duration(took);
+    w.metrics.observe_duration(took);
     if let Some((method, uri, version)) = &r.line {
         let service = r.route.map(|route| route.backend.service.to_string());
         tracing::info!(
@@ -1635,6 +1671,7 @@ async fn forward<'t>(
     // the FIN (see `ClientIo::write_last`).
     let fin_with_answer = plan.close && body_done && !early && buf.is_empty();
     let relayed = relay_response(
+        w,
         io,
         &mut up.io,
         &mut ubuf,
@@ -1670,6 +1707,7 @@ async fn forward<'t>(
 /// `Err` when either side failed mid-answer: the client connection must close.
 #[allow(clippy::too_many_arguments)]
 async fn relay_response(
+    w: &Worker,
     io: &mut ClientIo,
     up: &mut UpstreamIo,
     ub: &mut Buf,
@@ -1785,6 +1823,18 @@ async fn relay_response(
             }
             ub.consume(first);
             left -= first as u64;
+            if left > SPLICE_MIN {
+                if let Some(from) = up.plain_tcp() {
+                    if let Some(to) = io.plain_tcp() {
+                        if let Some(p) = w.take_pipe() {
+                            // `ub` is empty: all it held went out with the head.
+                            pipe::relay(&p, from, to, left, read_timeout).await.map_err(|_| ())?;
+                            w.give_pipe(p);
+                            left = 0;
+                        }
+                    }
+                }
+            }
             let read_size = if left > BUF_SIZE as u64 {
                 LARGE_BODY_BUF
             } else {

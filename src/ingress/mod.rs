@@ -12,6 +12,7 @@ pub mod framing;
 pub mod gateway;
 pub mod h1;
 pub mod objects;
+pub mod pipe;
 pub mod proxy;
 pub mod routes;
 pub mod status;

@@ -268,6 +268,14 @@ impl UpstreamIo {
         }
     }
 
+    /// The plain TCP socket, for splicing from it; `None` for TLS.
+    pub fn plain_tcp(&self) -> Option<&TcpStream> {
+        match self {
+            UpstreamIo::Plain(s) => Some(s),
+            UpstreamIo::Tls(_) => None,
+        }
+    }
+
     /// Waits until the backend sent something (or closed).
     pub async fn readable(&self) -> std::io::Result<()> {
         self.tcp().readable().await
