@@ -97,11 +97,15 @@ impl Socket {
     /// `IPT_SO_GET_ENTRIES`: the buffer holds the [`GET_ENTRIES_HEADER`], then `size` bytes of
     /// entries (the kernel refuses any other length, e.g. after another writer changed the
     /// table: EAGAIN then).
-    pub fn entries(&self, table: &str, size: u32) -> io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; GET_ENTRIES_HEADER + size as usize];
-        buf[..TABLE_NAME_LEN].copy_from_slice(&table_name(table)?);
-        put_u32(&mut buf, TABLE_NAME_LEN, size);
-        self.get(SO_GET_ENTRIES, &mut buf)?;
+    /// The header starts at `at` of the returned buffer, and `slack` zero bytes follow the
+    /// entries (room for the splice in place; pages of it never written are never touched).
+    pub fn entries(&self, table: &str, size: u32, at: usize, slack: usize) -> io::Result<Vec<u8>> {
+        let len = GET_ENTRIES_HEADER + size as usize;
+        let mut buf = vec![0u8; at + len + slack];
+        let get = &mut buf[at..at + len];
+        get[..TABLE_NAME_LEN].copy_from_slice(&table_name(table)?);
+        put_u32(get, TABLE_NAME_LEN, size);
+        self.get(SO_GET_ENTRIES, get)?;
         Ok(buf)
     }
 

@@ -151,9 +151,10 @@ fn prepare(
     let started = Instant::now();
     let io = |what: &str, e: std::io::Error| Error::Failed(format!("{} table: {what}: {}", t.table, explain(&e)));
     let mut attempt = 1;
+    let slack = splice::growth_bound(family, t);
     let (info, raw) = loop {
         let info = sock.info(&t.table).map_err(|e| io("IPT_SO_GET_INFO", e))?;
-        match sock.entries(&t.table, info.size) {
+        match sock.entries(&t.table, info.size, splice::GET_ENTRIES_AT, slack) {
             Ok(raw) => break (info, raw),
             // The table changed size between the two calls (a writer without the lock).
             Err(e) if e.raw_os_error() == Some(nix::libc::EAGAIN) && attempt < ATTEMPTS => attempt += 1,
@@ -162,13 +163,53 @@ fn prepare(
     };
     done.read += started.elapsed();
     let started = Instant::now();
-    let old = splice::parse_table(family, info, &raw[GET_ENTRIES_HEADER..])?;
-    let mut table = splice::splice(&old, &t.table, t)?;
-    drop(old);
-    drop(raw);
+    #[cfg(test)]
+    let reference = reference_splice(family, info, &raw, t);
+    let table = if in_place() {
+        match splice::splice_in_place(family, info, raw, &t.table, t) {
+            Ok(Ok(table)) => Ok(table),
+            // The old table's chains are not in libiptc's order: splice into a new buffer.
+            Ok(Err(raw)) => reference_splice(family, info, &raw, t),
+            Err(e) => Err(e),
+        }
+    } else {
+        reference_splice(family, info, &raw, t)
+    };
+    #[cfg(test)]
+    match (&reference, &table) {
+        (Ok(r), Ok(t)) => {
+            assert!(r.buf == t.buf, "the splice in place differs from the reference");
+            assert_eq!((&r.kept, r.num_entries), (&t.kept, t.num_entries));
+        }
+        (Err(r), Err(t)) => assert_eq!(r.to_string(), t.to_string()),
+        (r, t) => panic!(
+            "the reference says {:?}, the splice in place {:?}",
+            r.as_ref().err(),
+            t.as_ref().err()
+        ),
+    }
+    let mut table = table?;
     let buf = std::mem::take(&mut table.buf);
     done.splice += started.elapsed();
     Ok(PreparedTable { table, buf })
+}
+
+/// Whether to splice in the read buffer (the default) or into a second one
+/// (`KPROXY_IPTABLES_NATIVE_IN_PLACE=0`, the reference layout, for comparison).
+fn in_place() -> bool {
+    std::env::var_os("KPROXY_IPTABLES_NATIVE_IN_PLACE").is_none_or(|v| v != "0")
+}
+
+/// The splice into a buffer of its own, from a buffer `Socket::entries` filled.
+fn reference_splice(
+    family: Family,
+    info: splice::TableInfo,
+    raw: &[u8],
+    t: &rule::TableInput,
+) -> Result<splice::NewTable, Parse> {
+    let at = splice::GET_ENTRIES_AT + GET_ENTRIES_HEADER;
+    let old = splice::parse_table(family, info, &raw[at..at + info.size as usize])?;
+    splice::splice(&old, &t.table, t)
 }
 
 /// A table ready for the kernel: the layout's bookkeeping, and the replace buffer apart so that
@@ -220,8 +261,8 @@ pub fn child_main(args: &[String]) -> i32 {
                 w.counters.as_millis(),
                 w.attempts
             );
-            // What this process cost, for BENCHMARKS.md: its peak RSS (the tables' copies)
-            // and CPU.
+            // What this process cost, for BENCHMARKS.md: its peak RSS (the tables' copies),
+            // its minor page faults (first touches of fresh memory) and CPU.
             let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
             let hwm = status
                 .lines()
@@ -231,7 +272,8 @@ pub fn child_main(args: &[String]) -> i32 {
             let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
             let ticks: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
             println!(
-                "peak_rss={hwm} utime_ticks={} stime_ticks={}",
+                "peak_rss={hwm} minflt={} utime_ticks={} stime_ticks={}",
+                ticks.get(7).unwrap_or(&"?"),
                 ticks.get(11).unwrap_or(&"?"),
                 ticks.get(12).unwrap_or(&"?")
             );

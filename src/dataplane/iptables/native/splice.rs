@@ -8,6 +8,9 @@ use std::collections::HashMap;
 use super::layout::*;
 use super::rule::{standard_target, Op, Parse, Rule, TableInput, Verdict, MAX_CHAIN_NAME};
 
+mod in_place;
+pub use self::in_place::{growth_bound, splice_in_place, GET_ENTRIES_AT};
+
 /// What `IPT_SO_GET_INFO` says of a table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TableInfo {
@@ -234,11 +237,71 @@ impl NewTable {
     }
 }
 
-/// Applies the input's operations to the old table and lays out the new one.
-pub fn splice(old: &OldTable<'_>, table: &str, input: &TableInput) -> Result<NewTable, Parse> {
-    let family = old.family;
-    let mut chains: Vec<NewChain<'_>> = old
-        .chains
+/// The new table's shape: what the input does to each chain, the chains' order, and where each
+/// chain's first rule lands (a jump's target). Shared by [`splice`] and [`splice_in_place`].
+struct Plan<'r> {
+    chains: Vec<NewChain<'r>>,
+    by_name: HashMap<String, usize>,
+    order: Vec<usize>,
+    start: Vec<usize>,
+    size: usize,
+    entries: usize,
+    /// Old chain number -> new chain number, for jumps in kept entries.
+    renumber: Vec<usize>,
+    /// A user chain's first rule's old offset -> its old chain number.
+    old_starts: HashMap<usize, usize>,
+    rules_written: usize,
+}
+
+impl Plan<'_> {
+    fn jump_target(&self, name: &str, line: &dyn Fn() -> usize) -> Result<usize, Parse> {
+        match self.by_name.get(name).map(|&i| &self.chains[i]) {
+            Some(c) if c.deleted.is_none() && c.hook.is_none() => Ok(self.start[self.by_name[name]]),
+            Some(c) if c.hook.is_some() => Err(Parse::Invalid {
+                line: line(),
+                why: format!("cannot jump to built-in chain {name}"),
+            }),
+            // Perhaps an extension target: iptables-restore knows.
+            _ => Err(Parse::Unsupported {
+                line: line(),
+                why: format!("no chain {name}: a target extension?"),
+            }),
+        }
+    }
+
+    /// Where a kept jump to old offset `v` goes now (`v` starts a user chain).
+    fn relocate_jump(&self, v: usize) -> Result<usize, Parse> {
+        let Some(&o) = self.old_starts.get(&v) else {
+            return unsupported(format!("a jump to offset {v} that starts no chain"));
+        };
+        let c = &self.chains[self.renumber[o]];
+        if let Some(line) = c.deleted {
+            return Err(Parse::Invalid {
+                line,
+                why: format!("chain {} is still referenced", c.name),
+            });
+        }
+        Ok(self.start[self.renumber[o]])
+    }
+}
+
+/// The input line of a rule, for an error.
+fn line_of(input: &TableInput, rule: &Rule) -> usize {
+    input
+        .ops
+        .iter()
+        .find_map(|op| match op {
+            Op::Append { rule: r, line, .. } | Op::InsertFirst { rule: r, line, .. } if std::ptr::eq(r, rule) => {
+                Some(*line)
+            }
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// Applies the input's operations to the old table's chains and lays out the new one's.
+fn plan<'r>(family: Family, old_chains: &[OldChain], old_end: Span, input: &'r TableInput) -> Result<Plan<'r>, Parse> {
+    let mut chains: Vec<NewChain<'_>> = old_chains
         .iter()
         .enumerate()
         .map(|(i, c)| NewChain {
@@ -309,7 +372,7 @@ pub fn splice(old: &OldTable<'_>, table: &str, input: &TableInput) -> Result<New
                     });
                 };
                 let c = &chains[i];
-                let old_rules = c.old.map_or(0, |o| old.chains[o].rules.count);
+                let old_rules = c.old.map_or(0, |o| old_chains[o].rules.count);
                 if c.hook.is_some() {
                     return Err(Parse::Invalid {
                         line: *line,
@@ -345,7 +408,7 @@ pub fn splice(old: &OldTable<'_>, table: &str, input: &TableInput) -> Result<New
     let mut entries = 0usize;
     for &i in &order {
         let c = &chains[i];
-        let oc = c.old.map(|o| &old.chains[o]);
+        let oc = c.old.map(|o| &old_chains[o]);
         if c.hook.is_none() {
             size += oc.and_then(|o| o.head).map_or(head_size, |h| h.len);
             entries += 1;
@@ -358,38 +421,56 @@ pub fn splice(old: &OldTable<'_>, table: &str, input: &TableInput) -> Result<New
         size += oc.map_or(tail_size, |o| o.end.len);
         entries += c.prefix.len() + c.suffix.len() + kept.1 + 1;
     }
-    size += old.end.len;
+    size += old_end.len;
     entries += 1;
     if size > u32::MAX as usize {
         return unsupported("a table over 4 GiB");
     }
     // Old chain number -> new chain number, for jumps in kept entries.
-    let mut renumber = vec![usize::MAX; old.chains.len()];
+    let mut renumber = vec![usize::MAX; old_chains.len()];
     for (i, c) in chains.iter().enumerate() {
         if let Some(o) = c.old {
             renumber[o] = i;
         }
     }
     let mut old_starts: HashMap<usize, usize> = HashMap::new();
-    for (o, c) in old.chains.iter().enumerate() {
+    for (o, c) in old_chains.iter().enumerate() {
         if c.head.is_some() {
             old_starts.insert(c.rules.off, o);
         }
     }
-    let jump_target = |name: &str, line: &dyn Fn() -> usize| -> Result<usize, Parse> {
-        match by_name.get(name).map(|&i| &chains[i]) {
-            Some(c) if c.deleted.is_none() && c.hook.is_none() => Ok(start[by_name[name]]),
-            Some(c) if c.hook.is_some() => Err(Parse::Invalid {
-                line: line(),
-                why: format!("cannot jump to built-in chain {name}"),
-            }),
-            // Perhaps an extension target: iptables-restore knows.
-            _ => Err(Parse::Unsupported {
-                line: line(),
-                why: format!("no chain {name}: a target extension?"),
-            }),
-        }
-    };
+    Ok(Plan {
+        chains,
+        by_name,
+        order,
+        start,
+        size,
+        entries,
+        renumber,
+        old_starts,
+        rules_written,
+    })
+}
+
+/// Applies the input's operations to the old table and lays out the new one in a buffer of
+/// its own. The reference for [`splice_in_place`].
+pub fn splice(old: &OldTable<'_>, table: &str, input: &TableInput) -> Result<NewTable, Parse> {
+    let family = old.family;
+    let head_size = family.entry_size() + ERROR_TARGET_SIZE;
+    let tail_size = family.entry_size() + STANDARD_TARGET_SIZE;
+    let plan = plan(family, &old.chains, old.end, input)?;
+    let Plan {
+        ref chains,
+        ref order,
+        ref start,
+        size,
+        entries,
+        ref renumber,
+        ref old_starts,
+        rules_written,
+        ..
+    } = plan;
+    let jump_target = |name: &str, line: &dyn Fn() -> usize| plan.jump_target(name, line);
 
     // Pass 2: the bytes.
     let mut buf = Vec::with_capacity(REPLACE_HEADER + size);
@@ -469,7 +550,7 @@ pub fn splice(old: &OldTable<'_>, table: &str, input: &TableInput) -> Result<New
         *n += 1;
         Ok(())
     };
-    for &i in &order {
+    for &i in order {
         let c = &chains[i];
         let oc = c.old.map(|o| &old.chains[o]);
         match (c.hook, oc.and_then(|o| o.head)) {

@@ -3,8 +3,8 @@
 //! the native writer against iptables-restore on the real kernel.
 
 use super::layout::*;
-use super::rule::{encode_rule, parse_input, Op, Parse, Rule, Verdict};
-use super::splice::{parse_table, splice, TableInfo};
+use super::rule::{encode_rule, parse_input, Op, Parse, Rule, TableInput, Verdict};
+use super::splice::{growth_bound, parse_table, splice, splice_in_place, NewTable, TableInfo, GET_ENTRIES_AT};
 
 fn words(s: &str) -> Vec<String> {
     s.split_whitespace().map(str::to_string).collect()
@@ -272,6 +272,38 @@ fn synthetic(family: Family, builtins: &[(usize, &[Rule])], users: &[(&str, &[Ru
     Synthetic { blob, info }
 }
 
+/// The splice in the buffer as `IPT_SO_GET_ENTRIES` fills it, with `slack` bytes after the
+/// entries; `None` if it handed the buffer back (chains out of order).
+fn in_place(family: Family, t: &Synthetic, input: &TableInput, slack: usize) -> Option<Result<NewTable, Parse>> {
+    let mut buf = vec![0xa5u8; GET_ENTRIES_AT + GET_ENTRIES_HEADER + t.blob.len() + slack];
+    buf[REPLACE_HEADER..REPLACE_HEADER + t.blob.len()].copy_from_slice(&t.blob);
+    match splice_in_place(family, t.info, buf, "nat", input) {
+        Ok(Ok(new)) => Some(Ok(new)),
+        Ok(Err(_)) => None,
+        Err(e) => Some(Err(e)),
+    }
+}
+
+/// The splice, checked against the splice in place: the same bytes, the same counter runs, or
+/// the same error.
+fn splice_both(family: Family, t: &Synthetic, input: &TableInput) -> Result<NewTable, Parse> {
+    let old = parse_table(family, t.info, &t.blob).unwrap();
+    let reference = splice(&old, "nat", input);
+    let new = in_place(family, t, input, growth_bound(family, input)).expect("chains in order");
+    match (&reference, &new) {
+        (Ok(r), Ok(n)) => {
+            assert!(r.buf == n.buf, "the splice in place differs from the reference");
+            assert_eq!(
+                (&r.kept, r.num_entries, r.rules_written),
+                (&n.kept, n.num_entries, n.rules_written)
+            );
+        }
+        (Err(r), Err(n)) => assert_eq!(r.to_string(), n.to_string()),
+        (r, n) => panic!("reference {:?}, in place {:?}", r.as_ref().err(), n.as_ref().err()),
+    }
+    reference
+}
+
 /// The chains of a laid-out table by name, each rule as (its bytes with the verdict zeroed,
 /// where it jumps: a chain name, "next" for a fallthrough, or the verdict).
 fn chains_of(family: Family, info: &TableInfo, blob: &[u8]) -> Vec<(String, Vec<String>)> {
@@ -358,8 +390,7 @@ fn splice_relocates_jumps_and_keeps_foreign_chains_and_counters() {
          -I POSTROUTING 1 -j KPROXY-SERVICES\n-X KPROXY-SEP-OLD\nCOMMIT\n",
     )
     .unwrap();
-    let old = parse_table(f, t.info, &t.blob).unwrap();
-    let new = splice(&old, "nat", &input[0]).unwrap();
+    let new = splice_both(f, &t, &input[0]).unwrap();
     let blob = &new.buf[REPLACE_HEADER..];
     let mut info = TableInfo {
         valid_hooks: get_u32(&new.buf, 32),
@@ -413,28 +444,82 @@ fn splice_refuses_to_delete_a_referenced_chain_and_leaves_unknown_targets_to_ipt
     let f = Family::V4;
     let r = |s: &str| encode_rule(f, &words(s)).unwrap();
     let t = synthetic(f, &[(0, &[r("-j KPROXY-SEP-X")])], &[("KPROXY-SEP-X", &[])]);
-    let old = parse_table(f, t.info, &t.blob).unwrap();
     let input = parse_input(f, "*nat\n:KPROXY-SEP-X - [0:0]\n-X KPROXY-SEP-X\nCOMMIT\n").unwrap();
-    match splice(&old, "nat", &input[0]) {
+    match splice_both(f, &t, &input[0]) {
         Err(Parse::Invalid { line: 3, why }) => assert!(why.contains("still referenced"), "{why}"),
         other => panic!("{other:?}"),
     }
     let input = parse_input(f, "*nat\n-A PREROUTING -j SOMETARGET\nCOMMIT\n").unwrap();
     assert!(matches!(
-        splice(&old, "nat", &input[0]),
+        splice_both(f, &t, &input[0]),
         Err(Parse::Unsupported { line: 2, .. })
     ));
     let input = parse_input(f, "*nat\n-A NOCHAIN -j ACCEPT\nCOMMIT\n").unwrap();
     assert!(matches!(
-        splice(&old, "nat", &input[0]),
+        splice_both(f, &t, &input[0]),
         Err(Parse::Invalid { line: 2, .. })
     ));
     // Declaring then deleting an unreferenced chain is fine, and so is an empty input.
     let input = parse_input(f, "*nat\n:KPROXY-NEW - [0:0]\n-X KPROXY-NEW\nCOMMIT\n").unwrap();
-    let new = splice(&old, "nat", &input[0]).unwrap();
+    let new = splice_both(f, &t, &input[0]).unwrap();
     assert_eq!(new.num_entries, t.info.num_entries as usize);
     assert_eq!(&new.buf[REPLACE_HEADER..], &t.blob[..], "the same table, byte for byte");
     assert!(matches!(input[0].ops[0], Op::Declare { .. }));
+}
+
+#[test]
+fn the_splice_in_place_moves_runs_both_ways_and_hands_back_a_table_out_of_order() {
+    let f = Family::V4;
+    let r = |s: &str| encode_rule(f, &words(s)).unwrap();
+    let pre = [r("-j KPROXY-SERVICES")];
+    let services = [r("-d 10.96.0.1 -j KPROXY-SVC-A"), r("-d 10.96.0.2 -j KPROXY-SVC-B")];
+    let a = [r("-j KPROXY-SEP-A1"), r("-j KPROXY-SEP-A2")];
+    let b = [r("-m comment --comment fallthrough"), r("-j KPROXY-SEP-B1")];
+    let sep = [r("-s 10.244.0.3 -j ACCEPT")];
+    let users: [(&str, &[Rule]); 7] = [
+        ("KPROXY-SEP-A1", &sep),
+        ("KPROXY-SEP-A2", &sep),
+        ("KPROXY-SEP-B1", &sep),
+        ("KPROXY-SERVICES", &services),
+        ("KPROXY-SVC-A", &a),
+        ("KPROXY-SVC-B", &b),
+        ("ZZZ-FOREIGN", &sep),
+    ];
+    let t = synthetic(f, &[(0, &pre), (3, &[]), (4, &[])], &users);
+    // Grows at the front (a new chain sorted first, a rule in PREROUTING), shrinks in the middle
+    // (SVC-A loses a rule, SEP-A2 goes), grows again (SVC-B gets two), keeps the rest.
+    let inputs = [
+        "*nat\n:KPROXY-AAA - [0:0]\n-A KPROXY-AAA -j ACCEPT\n-I PREROUTING 1 -j KPROXY-AAA\n\
+         :KPROXY-SVC-A - [0:0]\n:KPROXY-SEP-A2 - [0:0]\n-A KPROXY-SVC-A -j KPROXY-SEP-A1\n-X KPROXY-SEP-A2\n\
+         -A KPROXY-SVC-B -j KPROXY-SEP-A1\n-A KPROXY-SVC-B -j KPROXY-SEP-B1\nCOMMIT\n",
+        // Only shrinks: everything moves towards the front.
+        "*nat\n:KPROXY-SEP-A1 - [0:0]\n:KPROXY-SEP-A2 - [0:0]\n:KPROXY-SVC-A - [0:0]\n\
+         -X KPROXY-SEP-A2\n-A KPROXY-SVC-A -j KPROXY-SEP-A1\nCOMMIT\n",
+        // Only grows: everything after POSTROUTING moves towards the back.
+        "*nat\n-A POSTROUTING -j KPROXY-SERVICES\n-A OUTPUT -j KPROXY-SERVICES\nCOMMIT\n",
+        "*nat\nCOMMIT\n",
+    ];
+    for text in inputs {
+        let input = parse_input(f, text).unwrap();
+        let new = splice_both(f, &t, &input[0]).unwrap();
+        // More slack than needed changes nothing; less than the growth is refused, not overrun.
+        let more = in_place(f, &t, &input[0], 4096).unwrap().unwrap();
+        assert!(more.buf == new.buf);
+        let growth = (new.buf.len() - REPLACE_HEADER).saturating_sub(t.blob.len());
+        if growth > 0 {
+            assert!(matches!(
+                in_place(f, &t, &input[0], growth - 1),
+                Some(Err(Parse::Unsupported { .. }))
+            ));
+        }
+    }
+    // User chains not in libiptc's order: the buffer comes back and the caller splices the
+    // other way.
+    let mut shuffled = users;
+    shuffled.swap(0, 6);
+    let t = synthetic(f, &[(0, &pre), (4, &[])], &shuffled);
+    let input = parse_input(f, "*nat\nCOMMIT\n").unwrap();
+    assert!(in_place(f, &t, &input[0], 0).is_none());
 }
 
 mod kernel;
