@@ -73,7 +73,15 @@ pub fn splice_in_place<'r>(
         if span.count == 0 {
             return;
         }
-        pieces.push((*at, Piece::Old(span)));
+        // A run that continues the previous one in the old table moves with it: the pieces
+        // are as many as the places the input changes, not as the table's chains.
+        match pieces.last_mut() {
+            Some((_, Piece::Old(prev))) if prev.off + prev.len == span.off => {
+                prev.len += span.len;
+                prev.count += span.count;
+            }
+            _ => pieces.push((*at, Piece::Old(span))),
+        }
         if keep {
             kept.push((span.first, *n, span.count));
         }
