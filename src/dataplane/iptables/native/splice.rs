@@ -479,18 +479,7 @@ pub fn splice(old: &OldTable<'_>, table: &str, input: &TableInput) -> Result<New
     let mut hook_entry = [u32::MAX; HOOKS];
     let mut underflow = [u32::MAX; HOOKS];
     let mut n = 0usize;
-    let line_of = |rule: &Rule| -> usize {
-        input
-            .ops
-            .iter()
-            .find_map(|op| match op {
-                Op::Append { rule: r, line, .. } | Op::InsertFirst { rule: r, line, .. } if std::ptr::eq(r, rule) => {
-                    Some(*line)
-                }
-                _ => None,
-            })
-            .unwrap_or(0)
-    };
+    let line_of = |rule: &Rule| line_of(input, rule);
     let copy_span = |buf: &mut Vec<u8>,
                      span: Span,
                      n: &mut usize,
