@@ -450,15 +450,21 @@ const INGRESS_REQUESTS: (&str, &str) = (
     "Requests answered by the Ingress proxy, by Ingress, Service and status code",
 );
 
+/// A `kproxy_ingress_requests_total` counter vec: the shared series, and the scrape's scratch
+/// sum of it and the shards.
+fn ingress_requests_vec() -> IntCounterVec {
+    IntCounterVec::new(
+        Opts::new(INGRESS_REQUESTS.0, INGRESS_REQUESTS.1),
+        &["ingress", "service", "code"],
+    )
+    .expect("valid counter vec")
+}
+
 impl IngressRequests {
     fn new() -> Self {
         let bounds = prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets");
         IngressRequests {
-            shared_requests: IntCounterVec::new(
-                Opts::new(INGRESS_REQUESTS.0, INGRESS_REQUESTS.1),
-                &["ingress", "service", "code"],
-            )
-            .expect("valid counter vec"),
+            shared_requests: ingress_requests_vec(),
             shared_duration: Histogram::with_opts(
                 HistogramOpts::new(
                     "kproxy_ingress_request_duration_seconds",
@@ -547,11 +553,7 @@ impl Collector for IngressCollector {
         let shards = ingress.shards.lock().map(|s| s.clone()).unwrap_or_default();
         // The counters: the shared series and every shard's, summed by labels in a
         // scratch vector, which renders them as the shared one would.
-        let requests = IntCounterVec::new(
-            Opts::new(INGRESS_REQUESTS.0, INGRESS_REQUESTS.1),
-            &["ingress", "service", "code"],
-        )
-        .expect("valid counter vec");
+        let requests = ingress_requests_vec();
         for family in ingress.shared_requests.collect() {
             for m in family.get_metric() {
                 let label = |name: &str| {
@@ -919,14 +921,7 @@ mod tests {
 
         // What one registered counter vec and histogram render for the same requests.
         let reference = Registry::new();
-        let requests = register(
-            &reference,
-            IntCounterVec::new(
-                Opts::new(INGRESS_REQUESTS.0, INGRESS_REQUESTS.1),
-                &["ingress", "service", "code"],
-            )
-            .unwrap(),
-        );
+        let requests = register(&reference, ingress_requests_vec());
         requests
             .with_label_values(&["default/web", "default/svc", "200"])
             .inc_by(6);

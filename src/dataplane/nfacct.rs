@@ -260,16 +260,11 @@ mod tests {
         list().unwrap();
         // Another test of this process may have taken it meanwhile; none do but this one.
         assert_eq!(kept_port(), Some(first), "the same socket answered again");
-        let other = std::thread::spawn(|| {
-            if nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
-                return None;
-            }
+        let other = crate::dataplane::nftables::socket::tests::in_netns(|| {
             let before = kept_port();
             let listed = list().is_ok();
-            Some((before, listed, kept_port()))
-        })
-        .join()
-        .unwrap();
+            (before, listed, kept_port())
+        });
         if let Some((before, listed, after)) = other {
             assert!(listed, "a new namespace's counters are listed too");
             assert_eq!(

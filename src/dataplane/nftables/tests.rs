@@ -1283,6 +1283,18 @@ fn a_waiting_sync_goes_before_the_checks_next_step() {
     assert_eq!(*order.lock().unwrap(), ["sync", "check"]);
 }
 
+/// Another writer's change to kproxy's table: the representative NodePort's element deleted.
+fn delete_node_port_behind_our_back() {
+    nft(&[
+        "delete",
+        "element",
+        "ip",
+        "kproxy",
+        names::EXTERNAL_CLUSTER_NODEPORTS,
+        "{ tcp . 30080 }",
+    ]);
+}
+
 /// The check in the kernel: the table listed with a foreign delete in it, then compared one
 /// object per step; between two steps the lock is free and a sync commits a change of
 /// Service web through it. The check repairs the foreign delete only, and the kernel then
@@ -1294,14 +1306,7 @@ fn a_check_lets_a_sync_commit_mid_comparison_and_keeps_it() {
     let Some(()) = in_netns(move || {
         let cfg = config();
         let (mut kernel, planner) = programmed(&yaml, &cfg);
-        nft(&[
-            "delete",
-            "element",
-            "ip",
-            "kproxy",
-            names::EXTERNAL_CLUSTER_NODEPORTS,
-            "{ tcp . 30080 }",
-        ]);
+        delete_node_port_behind_our_back();
         let (listed, _, snapshot) = read_table(&mut kernel.sock, kernel.table).unwrap();
         assert!(snapshot);
         let shared = super::Shared::new(super::Inner {
@@ -1376,14 +1381,7 @@ fn checks_keep_their_socket_and_still_repair() {
         assert_eq!(kept(), None);
         let mut ports = Vec::new();
         for _ in 0..2 {
-            nft(&[
-                "delete",
-                "element",
-                "ip",
-                "kproxy",
-                names::EXTERNAL_CLUSTER_NODEPORTS,
-                "{ tcp . 30080 }",
-            ]);
+            delete_node_port_behind_our_back();
             super::check_table(&shared, IpFamily::V4);
             let np = nft(&["list", "set", "ip", "kproxy", names::EXTERNAL_CLUSTER_NODEPORTS]);
             assert!(np.contains("30080"), "the check repaired the NodePort:\n{np}");
