@@ -113,6 +113,10 @@ pub const NFTABLES_ONLY: &[(&str, Scenario)] = &[
         "nft_1_0_6_and_1_1_3_list_what_netlink_wrote_and_render_means_the_same",
         nft_listings,
     ),
+    (
+        "another_writers_own_tables_start_no_check_a_write_into_kproxys_does",
+        others_tables,
+    ),
 ];
 
 const CLUSTER_IP: &str = "10.96.0.10";
@@ -967,6 +971,53 @@ fn foreign_change(mode: &'static str, kind: SourceKind) {
     let log = env.kproxy.log_text();
     assert!(log.contains("the ruleset changed behind kproxy's back"), "{log}");
     assert!(log.contains("repairing"), "{log}");
+}
+
+/// Another nftables writer (a CNI, a firewall) commits tables of its own while kproxy's
+/// periodic syncs run every second: the ruleset generation moves every time, but the
+/// notifications show that nothing of kproxy's was touched, so kproxy neither lists nor
+/// compares its table. Then the writer adds a chain to kproxy's table: the next periodic sync
+/// names the commit, checks the table and deletes the stray chain, and Services still answer.
+fn others_tables(mode: &'static str, kind: SourceKind) {
+    let env = Env::new(mode, kind, &objects(&pod_ips(&[0, 1])), &["--sync-period", "1s"]);
+    let url = format!("http://{CLUSTER_IP}/");
+    let (node, client) = (env.topo.node.clone(), env.topo.pods[2].ns.clone());
+    eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
+    let checks = |log: &str| log.matches("nftables check: compared").count();
+    let before = checks(&env.kproxy.log_text());
+    for i in 0..8 {
+        env.topo.exec_ok(
+            &node,
+            &[
+                "nft",
+                &format!(
+                    "add table ip busy-{i}; add chain ip busy-{i} c; delete table ip busy-{}",
+                    i
+                ),
+            ],
+        );
+        std::thread::sleep(std::time::Duration::from_millis(400));
+    }
+    env.topo
+        .exec_ok(&node, &["nft", "add table inet kproxy; delete table inet kproxy"]);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let log = env.kproxy.log_text();
+    assert!(
+        log.matches("none of it to kproxy's table").count() >= 2,
+        "periodic syncs looked at the others' commits:\n{log}"
+    );
+    assert_eq!(checks(&log), before, "a check ran for others' tables:\n{log}");
+    assert!(!log.contains("behind its back"), "{log}");
+
+    env.topo.exec_ok(&node, &["nft", "add chain ip kproxy stray"]);
+    eventually("the stray chain is deleted", || {
+        let tables = env.topo.exec_ok(&node, &["nft", "list", "table", "ip", "kproxy"]);
+        (!tables.contains("chain stray")).then_some(())
+    });
+    let log = env.kproxy.log_text();
+    assert!(log.contains("a new chain stray in table kproxy"), "{log}");
+    assert!(checks(&log) > before, "{log}");
+    eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
 }
 
 /// nft 1.1.3 (Debian trixie's), fetched and unpacked under target/ by scripts/nft-trixie.sh.

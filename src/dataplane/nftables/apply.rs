@@ -11,6 +11,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::command::{fixed_set_kind, CommandText};
+use super::monitor::Monitor;
 use super::names;
 use super::netlink::{self, decode_chain, decode_elements, decode_rule, decode_set, msg, Dump, Table};
 use super::plan::{
@@ -75,6 +76,11 @@ pub struct Kernel {
     pub foreign_change: bool,
     /// The network namespace the socket is in (its inode): generations are per namespace.
     netns: u64,
+    /// The socket's port id: what the kernel's notifications name for kproxy's own commits.
+    port: u32,
+    /// nf_tables' notifications, once followed ([`Kernel::follow_others`]): which tables
+    /// someone else's commits touched. Without them every foreign commit calls for a check.
+    monitor: Option<Monitor>,
 }
 
 impl Kernel {
@@ -83,22 +89,94 @@ impl Kernel {
         let generation = sock.generation()?;
         let netns = netns_id();
         forget_commits_after(netns, generation);
+        let port = sock.port_id()?;
         Ok(Kernel {
             sock,
             table: table(family),
             generation,
             foreign_change: false,
             netns,
+            port,
+            monitor: None,
         })
     }
 }
 
 impl Kernel {
-    /// Whether anyone but kproxy committed to nf_tables in this namespace since kproxy's last
-    /// commit or listing: one GETGEN, however large the table.
-    pub fn changed_by_others(&mut self) -> Result<bool> {
+    /// Starts following nf_tables' notifications (once; after the cold start, so that its
+    /// burst of notifications is not queued for nothing). Commits between kproxy's last one
+    /// and the subscription are unknown: if anyone else made one, the next question is
+    /// answered with a check.
+    pub fn follow_others(&mut self) {
+        if self.monitor.is_some() {
+            return;
+        }
+        let mut monitor = match Monitor::open(self.table) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "nftables: cannot follow nf_tables' notifications; every commit by anyone else will start a check of the table");
+                return;
+            }
+        };
+        match self.sock.generation() {
+            Ok(now) if only_own_commits(self.netns, self.generation, now) => {}
+            _ => monitor.mark_unknown("commits before the subscription"),
+        }
+        self.monitor = Some(monitor);
+    }
+
+    /// Whether kproxy's table may have been changed by anyone else since kproxy's last commit
+    /// or check: one GETGEN, however large the table, and a read of the notifications queued
+    /// since when someone else committed. Commits of others that only touched other tables
+    /// move the generation kproxy plans against, and call for nothing.
+    pub fn changed_by_others(&mut self) -> Result<Option<String>> {
         let now = self.sock.generation()?;
-        Ok(!only_own_commits(self.netns, self.generation, now))
+        Ok(self.others_since(now))
+    }
+
+    /// [`Kernel::changed_by_others`] at generation `now`: why the table needs a check, if it does.
+    fn others_since(&mut self, now: u32) -> Option<String> {
+        let own = only_own_commits(self.netns, self.generation, now);
+        let Some(monitor) = self.monitor.as_mut() else {
+            return (!own).then(|| "someone else committed to nf_tables".to_string());
+        };
+        if own {
+            // Nothing dropped from the notification socket was anyone else's.
+            monitor.drain(self.port);
+            monitor.forget_lost();
+            return None;
+        }
+        match monitor.check_due(self.port, now) {
+            Some(reason) => Some(reason.to_string()),
+            None => {
+                tracing::debug!(
+                    table = self.table.name,
+                    from = self.generation,
+                    to = now,
+                    "nftables: others committed, none of it to kproxy's table"
+                );
+                self.generation = now;
+                None
+            }
+        }
+    }
+
+    /// Moves the generation kproxy plans against past the commits it has seen by others that
+    /// did not touch its table, so that its next transaction is not refused for them.
+    fn catch_up(&mut self) {
+        if let Some(g) = self.monitor.as_mut().and_then(|m| m.clean_up_to(self.port)) {
+            if (g.wrapping_sub(self.generation) as i32) > 0 {
+                self.generation = g;
+            }
+        }
+    }
+
+    /// A check is about to list the table: whatever the notifications reported so far is
+    /// covered by it.
+    pub fn check_starts(&mut self) {
+        if let Some(m) = self.monitor.as_mut() {
+            m.clear(self.port);
+        }
     }
 }
 
@@ -323,6 +401,7 @@ fn send_transaction(kernel: &mut Kernel, units: &[Unit]) -> Result<Vec<Vec<Optio
     let mut requests: Vec<netlink::Request> = order.iter().map(|i| command(i).request(kernel.table)).collect();
     test_refusal(&mut requests);
 
+    kernel.catch_up();
     let mut attempts = 0;
     let committed = loop {
         match kernel.sock.batch(kernel.generation, &requests) {
@@ -334,13 +413,14 @@ fn send_transaction(kernel: &mut Kernel, units: &[Unit]) -> Result<Vec<Vec<Optio
                 // the namespace's generation: commits of its own are not someone else's.
                 attempts += 1;
                 let now = kernel.sock.generation()?;
-                let foreign = !only_own_commits(kernel.netns, kernel.generation, now);
+                let foreign = kernel.others_since(now);
                 kernel.generation = now;
-                if foreign {
+                if let Some(why) = foreign {
                     kernel.foreign_change = true;
                     tracing::info!(
                         table = kernel.table.name,
                         generation = kernel.generation,
+                        why,
                         "the ruleset changed behind kproxy's back; checking the table"
                     );
                 }

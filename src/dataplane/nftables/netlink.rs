@@ -167,7 +167,7 @@ pub enum Request {
 }
 
 /// `enum nft_table_attributes`, `nft_chain_attributes`, … (only what kproxy uses).
-mod attr {
+pub mod attr {
     pub const TABLE_NAME: u16 = 1;
     pub const TABLE_FLAGS: u16 = 2;
     pub const CHAIN_TABLE: u16 = 1;

@@ -1083,6 +1083,64 @@ fn the_other_familys_commits_are_not_foreign() {
     };
 }
 
+/// With nf_tables' notifications followed, another writer busy with a table of its own calls
+/// for no check (and no refused transaction), while one commit by anyone else into kproxy's
+/// table does, naming who and what; once a check has started, what came before is covered.
+/// Skipped without root.
+#[test]
+fn only_commits_into_kproxys_table_call_for_a_check() {
+    let yaml = representative();
+    let changed = yaml.replace("10.244.2.2", "10.244.3.2");
+    let Some(()) = in_netns(move || {
+        let cfg = config();
+        let (mut kernel, mut planner) = programmed(&yaml, &cfg);
+        kernel.follow_others();
+        assert_eq!(kernel.changed_by_others().unwrap(), None, "only kproxy committed");
+        for i in 0..3 {
+            nft(&["add", "table", "ip", &format!("someone-else-{i}")]);
+        }
+        nft(&["add", "table", "ip6", "kproxy"]);
+        nft(&["add", "chain", "ip6", "kproxy", "same-name-other-family"]);
+        assert_eq!(kernel.changed_by_others().unwrap(), None, "others' tables only");
+        let web = ChangeSet {
+            full: false,
+            services: [ServiceKey::new("ns", "web")].into(),
+        };
+        nft(&["add", "table", "ip", "someone-else-3"]);
+        let plan = planner.plan(&desired(&changed), &web, &cfg);
+        assert!(!plan.units.is_empty());
+        apply_plan(&mut kernel, &mut planner, &plan).unwrap();
+        assert!(
+            !kernel.foreign_change,
+            "the other writer's commit did not refuse the transaction"
+        );
+
+        nft(&["add", "chain", "ip", "kproxy", "stray"]);
+        let why = kernel
+            .changed_by_others()
+            .unwrap()
+            .expect("a commit into kproxy's table");
+        assert!(why.contains("a new chain stray in table kproxy"), "{why}");
+        assert!(why.contains("nft (pid"), "names who committed: {why}");
+        // Still due until a check starts: another writer's commit elsewhere does not hide it.
+        nft(&["add", "table", "ip", "someone-else-4"]);
+        assert!(kernel.changed_by_others().unwrap().is_some());
+        // A foreign commit into the table refuses kproxy's next transaction, and is noticed.
+        let plan = planner.plan(&desired(&yaml), &web, &cfg);
+        nft(&["delete", "chain", "ip", "kproxy", "stray"]);
+        apply_plan(&mut kernel, &mut planner, &plan).unwrap();
+        assert!(std::mem::take(&mut kernel.foreign_change));
+
+        kernel.check_starts();
+        assert_eq!(kernel.changed_by_others().unwrap(), None, "covered by the check");
+        nft(&["add", "table", "ip", "someone-else-5"]);
+        assert_eq!(kernel.changed_by_others().unwrap(), None);
+    }) else {
+        eprintln!("skipping: needs root (network namespaces)");
+        return;
+    };
+}
+
 /// A cold start in many small batches through the writer thread (the kernel commits batch N
 /// while N+1 is planned), then a partial sync by handle: after each, the table read back
 /// equals what the planner committed, handles of the Services' own rules included. Skipped

@@ -191,6 +191,48 @@ impl PartialEq for Attrs<'_> {
 }
 impl Eq for Attrs<'_> {}
 
+/// One multicast notification (`NFNLGRP_NFTABLES`, what `nft monitor` prints): the message
+/// type within its netfilter subsystem, the subsystem, the port id of the socket whose commit
+/// it reports (`nlmsg_pid`), the object's family and its attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification<'a> {
+    pub subsys: u8,
+    pub kind: u8,
+    pub port: u32,
+    pub family: u8,
+    pub attrs: Attrs<'a>,
+}
+
+/// Splits one datagram of notifications into its messages (control messages are left out).
+pub fn decode_notifications(buf: &[u8]) -> DecodeResult<Vec<Notification<'_>>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 16 <= buf.len() {
+        let len = u32_at(buf, at).ok_or(DecodeError::Truncated)? as usize;
+        if len < 16 || at + len > buf.len() {
+            return Err(DecodeError::Truncated);
+        }
+        let kind = u16_at(buf, at + 4).ok_or(DecodeError::Truncated)?;
+        let port = u32_at(buf, at + 12).ok_or(DecodeError::Truncated)?;
+        let body = &buf[at + 16..at + len];
+        // Types below 16 are netlink's own (NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE, ...).
+        if kind >= 16 {
+            if body.len() < 4 {
+                return Err(DecodeError::Truncated);
+            }
+            out.push(Notification {
+                subsys: (kind >> 8) as u8,
+                kind: (kind & 0xff) as u8,
+                port,
+                family: body[0],
+                attrs: Attrs(&body[4..]),
+            });
+        }
+        at += (len + 3) & !3;
+    }
+    Ok(out)
+}
+
 /// Splits one datagram from the kernel into its messages.
 pub fn decode_replies(buf: &[u8]) -> DecodeResult<Vec<Reply<'_>>> {
     let mut out = Vec::new();
