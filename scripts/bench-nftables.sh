@@ -26,6 +26,9 @@
 #        (not the changed ones), in that section too;
 #        KPROXY_BIN=PATH FAKEAPI_BIN=PATH: measure these binaries instead of building this tree
 #        (say in BENCHMARKS.md which profile they were built with);
+#        BENCH_FOREIGN=kproxy: the resync phase's other writer commits into kproxy's table,
+#        so that every periodic sync lists it (its own section and plot; default "own": a
+#        table of its own, which kproxy's notifications show it need not list; 0: none);
 #        BASELINE="LABEL=PATH": also measure the kproxy binary at PATH, labelled LABEL, right
 #        after the measured one at each size (interleaved, so both see the same load).
 set -euo pipefail
@@ -68,7 +71,11 @@ affinity = affinity_share > 0
 affinity_every = max(1, round(1 / affinity_share)) if affinity else 0
 def sticky(i):
     return ", sessionAffinity: ClientIP" if affinity and i % affinity_every == 0 else ""
-tag = "-affinity" if affinity else ""
+# BENCH_FOREIGN=own (default): the resync phase's other writer commits a table of its own;
+# BENCH_FOREIGN=kproxy: it commits into kproxy's table (a chain added and deleted), so that
+# each periodic sync checks the table; BENCH_FOREIGN=0: no other writer.
+foreign_mode = {"1": "own"}.get(os.environ.get("BENCH_FOREIGN", "own"), os.environ.get("BENCH_FOREIGN", "own"))
+tag = ("-affinity" if affinity else "") + ("-foreign-in-table" if foreign_mode == "kproxy" else "")
 M = 10
 all_writers = {"netlink": ("netlink", f"{here}/target/bench/kproxy-netlink"), "nft-f": ("nft -f", f"{here}/target/bench/kproxy-nft-f")}
 writers = [all_writers[w] for w in os.environ.get("WRITERS", "netlink").split()]
@@ -295,20 +302,24 @@ class Watcher:
         self.proc.wait()
 
 class ForeignWriter:
-    """Another nftables writer in the node's namespace, committing a table of its own (created
-    and deleted in one transaction) every half second: each commit moves the ruleset
-    generation, so every periodic sync of kproxy finds it moved and starts a check that lists
-    kproxy's table and compares it, as on a node where a CNI or firewall also writes nftables.
-    BENCH_FOREIGN=0 leaves it out."""
+    """Another nftables writer in the node's namespace, committing every half second, as on a
+    node where a CNI or firewall also writes nftables. Each commit moves the ruleset
+    generation. By default it commits a table of its own (created and deleted in one
+    transaction): kproxy's notifications show that its table was not touched, so its periodic
+    syncs list nothing. With BENCH_FOREIGN=kproxy it adds and deletes a chain in kproxy's
+    table instead: every periodic sync then starts a check that lists kproxy's table and
+    compares it. BENCH_FOREIGN=0 leaves it out."""
     def __init__(self, ns):
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, args=(ns,), daemon=True)
-        if os.environ.get("BENCH_FOREIGN", "1") != "0":
+        if foreign_mode != "0":
             self.thread.start()
 
     def run(self, ns):
+        script = ("add chain ip kproxy bench-foreign; delete chain ip kproxy bench-foreign" if foreign_mode == "kproxy"
+                  else "add table ip bench-foreign; delete table ip bench-foreign")
         while not self.stop.is_set():
-            subprocess.run(["ip", "netns", "exec", ns, "nft", "add table ip bench-foreign; delete table ip bench-foreign"],
+            subprocess.run(["ip", "netns", "exec", ns, "nft", script],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.stop.wait(0.5)
 
@@ -622,6 +633,9 @@ fig.savefig(f"{here}/docs/bench-nftables{tag}.png", dpi=110)
 cpu = open("/proc/cpuinfo").read().split("model name")[1].split(":")[1].split("\n")[0].strip()
 f = lambda x: f"{x:.1f}"
 src_word = "API -> kernel" if source == "api" else "source -> kernel"
+resync_word = {"own": "with resyncs every 4 s and another writer in a table of its own (a resync lists kproxy's table only if its notifications show a commit into it)",
+               "kproxy": "with resyncs every 4 s and another writer in kproxy's table (each resync lists the table)",
+               "0": "with resyncs every 4 s"}[foreign_mode]
 lines = [
     f"Written by `scripts/bench-nftables.sh` on {datetime.date.today()} ({os.cpu_count()} cores, {cpu}; kernel {os.uname().release}),",
     f"{changes} changes per row and phase, one endpoint replaced per change, "
@@ -629,7 +643,7 @@ lines = [
     + ((", every Service with session affinity" if affinity_every == 1 else f", every {affinity_every}th Service with session affinity (not the changed ones)") if affinity else "") + ". Single runs on a shared",
     f"machine (its load average is in the table): rerun the script to compare. Plot: [docs/bench-nftables{tag}.png](docs/bench-nftables{tag}.png).",
     "",
-    f"| Services x 10 | writer | first full sync | change: {src_word}, median / p99 / max | with resyncs every 4 s and another writer (each resync lists the table): median / p99 / max (changes during a listing or resync) | kproxy CPU per change, user + system (all threads' schedstat, ns resolution) | endpoint count changes: median / max | new Service: median / max | memory after first sync | load average |",
+    f"| Services x 10 | writer | first full sync | change: {src_word}, median / p99 / max | {resync_word}: median / p99 / max (changes during a listing or resync) | kproxy CPU per change, user + system (all threads' schedstat, ns resolution) | endpoint count changes: median / max | new Service: median / max | memory after first sync | load average |",
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
 ]
 for r in sorted(rows, key=lambda r: r["n"]):
