@@ -11,11 +11,11 @@
 use std::collections::{HashMap, HashSet};
 
 use super::command::{fixed_set_kind, CommandText};
-use super::monitor::Monitor;
+use super::monitor::{Monitor, Scope};
 use super::names;
 use super::netlink::{self, decode_chain, decode_elements, decode_rule, decode_set, msg, Dump, Table};
 use super::plan::{
-    data_hash, hash_of, ChainState, Hash, KeyBytes, Owner, Plan, Planner, RuleState, Sink, TableState, Unit,
+    data_hash, hash_of, ChainState, Hash, KeyBytes, Owner, Plan, Planner, RuleState, Sink, Spots, TableState, Unit,
 };
 use super::socket::{errno_text, BatchError, NftSocket};
 use crate::dataplane::{DataplaneError, Result};
@@ -171,11 +171,17 @@ impl Kernel {
         }
     }
 
-    /// A check is about to list the table: whatever the notifications reported so far is
-    /// covered by it.
-    pub fn check_starts(&mut self) {
-        if let Some(m) = self.monitor.as_mut() {
-            m.clear(self.port);
+    /// A check is about to list the table (the whole of it if `whole`): what it must list.
+    /// Whatever the notifications reported so far is covered by it. Without notifications,
+    /// or after lost ones, the whole table.
+    pub fn check_starts(&mut self, whole: bool) -> Scope {
+        match self.monitor.as_mut() {
+            None => Scope::Whole,
+            Some(m) if whole => {
+                m.clear(self.port);
+                Scope::Whole
+            }
+            Some(m) => m.take_scope(self.port),
         }
     }
 }
@@ -575,24 +581,7 @@ pub fn read_table(sock: &mut NftSocket, table: Table) -> Result<(TableState, u32
         let mut names: Vec<String> = state.chains.keys().cloned().collect();
         names.sort();
         for name in names {
-            let mut rules = Vec::new();
-            interrupted |= sock
-                .dump(Dump::Rules(table, Some(&name)), |kind, _, a| {
-                    if kind != msg::NEWRULE {
-                        return Ok(());
-                    }
-                    let r = decode_rule(a)?;
-                    if r.table == table.name && r.chain == name {
-                        // A rule with someone's comment is someone's rule, even if it matches.
-                        let hash = match &r.userdata {
-                            None => hash_of(&r.exprs),
-                            Some(u) => hash_of(&(&r.exprs, u)),
-                        };
-                        rules.push(RuleState { handle: r.handle, hash });
-                    }
-                    Ok(())
-                })?
-                .unwrap_or(false);
+            let rules = read_rules(sock, table, &name, &mut interrupted)?;
             if let Some(c) = state.chains.get_mut(&name) {
                 c.rules = rules;
             }
@@ -622,6 +611,95 @@ pub fn read_table(sock: &mut NftSocket, table: Table) -> Result<(TableState, u32
     }
     let after = sock.generation()?;
     Ok((state, before, !interrupted && before == after))
+}
+
+/// Lists only `spots` of `table`: the chains (with their rules) and the elements named, each
+/// looked up by key; every other fixed set is marked unlisted, so that a comparison leaves it
+/// alone. Returns the listing, the generation it started at, and whether it is a snapshot.
+pub fn read_spots(sock: &mut NftSocket, table: Table, spots: &Spots) -> Result<(TableState, u32, bool)> {
+    let family = netlink::nfproto(table.family);
+    let before = sock.generation()?;
+    let mut state = TableState::default();
+    let mut interrupted = false;
+    sock.dump(Dump::Tables, |_, f, a| {
+        if f == family && netlink::decode_table(f, a)?.1 == table.name {
+            state.exists = true;
+        }
+        Ok(())
+    })?;
+    if state.exists && !spots.chains.is_empty() {
+        interrupted |= sock
+            .dump(Dump::Chains, |kind, f, a| {
+                if kind != msg::NEWCHAIN || f != family {
+                    return Ok(());
+                }
+                let c = decode_chain(f, a)?;
+                if c.table == table.name && spots.chains.contains(&c.name) {
+                    state.chains.insert(
+                        c.name,
+                        ChainState {
+                            hook: c.hook,
+                            rules: Vec::new(),
+                        },
+                    );
+                }
+                Ok(())
+            })?
+            .unwrap_or(false);
+        let listed: Vec<String> = state.chains.keys().cloned().collect();
+        for name in listed {
+            let rules = read_rules(sock, table, &name, &mut interrupted)?;
+            if let Some(c) = state.chains.get_mut(&name) {
+                c.rules = rules;
+            }
+        }
+    }
+    for set in fixed_set_names() {
+        state.unlisted.insert(set);
+    }
+    if state.exists {
+        for (set, keys) in &spots.elements {
+            let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+            let found = sock.get_elements(table, set, &keys)?;
+            let elements = state.elements.entry(set.clone()).or_default();
+            for (key, data) in keys.iter().zip(found) {
+                if let Some(data) = data {
+                    elements.insert(KeyBytes::new(key), data_hash(data.as_ref()));
+                }
+            }
+            state.unlisted.remove(set);
+        }
+    }
+    let after = sock.generation()?;
+    Ok((state, before, !interrupted && before == after))
+}
+
+/// Every fixed set's name (the hairpin set's too), for a listing that leaves them out.
+fn fixed_set_names() -> Vec<String> {
+    super::render::fixed_sets().into_iter().map(|d| d.name).collect()
+}
+
+/// The rules of one chain, in order, as the listing keeps them.
+fn read_rules(sock: &mut NftSocket, table: Table, chain: &str, interrupted: &mut bool) -> Result<Vec<RuleState>> {
+    let mut rules = Vec::new();
+    *interrupted |= sock
+        .dump(Dump::Rules(table, Some(chain)), |kind, _, a| {
+            if kind != msg::NEWRULE {
+                return Ok(());
+            }
+            let r = decode_rule(a)?;
+            if r.table == table.name && r.chain == chain {
+                // A rule with someone's comment is someone's rule, even if it matches.
+                let hash = match &r.userdata {
+                    None => hash_of(&r.exprs),
+                    Some(u) => hash_of(&(&r.exprs, u)),
+                };
+                rules.push(RuleState { handle: r.handle, hash });
+            }
+            Ok(())
+        })?
+        .unwrap_or(false);
+    Ok(rules)
 }
 
 /// Tries to dump a set's elements while nothing is committed: `None` if a commit came during

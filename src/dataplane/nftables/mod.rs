@@ -35,7 +35,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures::future::BoxFuture;
 
-use self::apply::{apply_plan, read_table, read_table_consistent, Kernel};
+use self::apply::{apply_plan, read_spots, read_table, read_table_consistent, Kernel};
+use self::monitor::Scope;
 use self::plan::{Owner, Planner};
 use self::socket::NftSocket;
 use super::conntrack::{delete_flows, plan_cleanup, udp_ports, UdpPorts};
@@ -150,8 +151,9 @@ impl NftablesProxier {
         }
     }
 
-    /// Starts a check of the table on its own thread, unless one is running.
-    fn start_check(&mut self) {
+    /// Starts a check of the table on its own thread, unless one is running: of the whole
+    /// table if `whole`, else of what nf_tables' notifications say someone else touched.
+    fn start_check(&mut self, whole: bool) {
         if self.check.as_ref().is_some_and(|h| !h.is_finished()) {
             return;
         }
@@ -159,20 +161,20 @@ impl NftablesProxier {
         let family = self.cfg.family;
         let spawned = std::thread::Builder::new()
             .name(format!("nft-check-{family:?}"))
-            .spawn(move || check_table(&shared, family));
+            .spawn(move || check_table(&shared, family, whole));
         match spawned {
             Ok(h) => self.check = Some(h),
             Err(e) => tracing::warn!(error = %e, "could not start the nftables check"),
         }
     }
 
-    /// Programs `desired`; whether the table should be checked.
+    /// Programs `desired`; whether the table should be checked, and if so whether whole.
     fn sync_locked(
         &self,
         desired: &DesiredState,
         changes: &ChangeSet,
         cfg: &RenderConfig,
-    ) -> Result<(SyncStats, bool)> {
+    ) -> Result<(SyncStats, Option<bool>)> {
         let family = self.cfg.family;
         let asked = std::time::Instant::now();
         let mut inner = self.inner.lock_for_sync();
@@ -235,7 +237,12 @@ impl NftablesProxier {
         let foreign = std::mem::take(&mut kernel.foreign_change);
         kernel.follow_others();
         inner.committed(&applied.owners);
-        let check = foreign || (changes.full && !recovering);
+        // A full sync checks the whole table; someone else's commit, what it touched.
+        let check = if changes.full && !recovering {
+            Some(true)
+        } else {
+            foreign.then_some(false)
+        };
         let (rules, no_local) = inner.planner.totals();
         Ok((
             SyncStats {
@@ -306,7 +313,7 @@ const COMPARE_STEP: usize = 2048;
 /// The check: lists the table (no lock held, at a lower priority), then compares it with what
 /// was committed in steps, each under the lock for a moment, and repairs what differs (see
 /// [`compare_and_repair`]). Commits made meanwhile are not second-guessed.
-fn check_table(shared: &Shared, family: IpFamily) {
+fn check_table(shared: &Shared, family: IpFamily, whole: bool) {
     let kept = shared.check_sock.lock().unwrap_or_else(PoisonError::into_inner).take();
     let mut sock = match kept.map_or_else(NftSocket::connect, Ok) {
         Ok(s) => s,
@@ -315,20 +322,21 @@ fn check_table(shared: &Shared, family: IpFamily) {
             return;
         }
     };
-    {
+    let scope = {
         let mut g = lock(&shared.inner);
         g.touched = Some(HashSet::new());
-        if let Some(k) = g.kernel.as_mut() {
-            k.check_starts();
-        }
-    }
+        g.kernel.as_mut().map_or(Scope::Whole, |k| k.check_starts(whole))
+    };
     let table = apply::table(family);
     let started = std::time::Instant::now();
     // The kernel encodes the dump in this thread's recvmsg, and the thread decodes it: at a
     // lower priority, so that a sync due meanwhile gets the CPU first. The comparison runs at
     // the thread's own priority again: it takes the lock, and must not be preempted holding it.
     let niced = lower_priority();
-    let listed = read_table(&mut sock, table);
+    let listed = match &scope {
+        Scope::Whole => read_table(&mut sock, table),
+        Scope::Spots(spots) => read_spots(&mut sock, table, spots),
+    };
     if let Some(nice) = niced {
         set_thread_nice(nice);
     }
@@ -346,7 +354,11 @@ fn check_table(shared: &Shared, family: IpFamily) {
             return;
         }
     };
-    let Some(held) = compare_and_repair(shared, family, &state, snapshot, COMPARE_STEP, &mut || {}) else {
+    let held = match &scope {
+        Scope::Whole => compare_and_repair(shared, family, &state, snapshot, COMPARE_STEP, &mut || {}),
+        Scope::Spots(spots) => spot_repair(shared, family, &state, spots, snapshot),
+    };
+    let Some(held) = held else {
         return;
     };
     tracing::debug!(
@@ -357,6 +369,10 @@ fn check_table(shared: &Shared, family: IpFamily) {
         longest_hold_ms = held.longest.as_secs_f64() * 1000.0,
         check_ms = started.elapsed().as_secs_f64() * 1000.0,
         differences = held.differences,
+        spots = match &scope {
+            Scope::Whole => None,
+            Scope::Spots(s) => Some(s.len()),
+        },
         "nftables check: compared"
     );
     // `state`, the listing, is freed here, with no lock held.
@@ -405,9 +421,52 @@ fn compare_and_repair(
         between();
     };
     let locked = std::time::Instant::now();
-    let inner = &mut *guard;
+    repair_and_apply(&mut guard, family, listed, comparison.finish(), snapshot, &mut held)?;
+    let hold = locked.elapsed();
+    drop(guard);
+    held.total += hold;
+    held.longest = held.longest.max(hold);
+    Some(held)
+}
+
+/// The check of what someone else's commits touched (`spots`, listed as `listed`): compared
+/// and repaired in one hold of the planner's lock (it is a handful of objects).
+fn spot_repair(
+    shared: &Shared,
+    family: IpFamily,
+    listed: &plan::TableState,
+    spots: &plan::Spots,
+    snapshot: bool,
+) -> Option<Held> {
+    let mut guard = shared.lock_for_check();
+    let locked = std::time::Instant::now();
+    if guard.recover || guard.kernel.is_none() {
+        guard.touched = None;
+        return None;
+    }
+    let found = plan::Candidates::of_spots(listed, spots, &guard.planner);
+    let mut held = Held {
+        steps: 1,
+        ..Held::default()
+    };
+    repair_and_apply(&mut guard, family, listed, found, snapshot, &mut held)?;
+    held.total = locked.elapsed();
+    held.longest = held.total;
+    Some(held)
+}
+
+/// The end of a check, under the planner's lock: looks again at what the comparison found,
+/// leaves out every owner a sync committed since the listing started, and applies the
+/// repairs. `None` when there is no kernel connection.
+fn repair_and_apply(
+    inner: &mut Inner,
+    family: IpFamily,
+    listed: &plan::TableState,
+    found: plan::Candidates,
+    snapshot: bool,
+    held: &mut Held,
+) -> Option<()> {
     let touched = inner.touched.take().unwrap_or_default();
-    let found = comparison.finish();
     let (plan, differences) = inner
         .planner
         .repair(listed, found, &touched, snapshot && touched.is_empty());
@@ -429,11 +488,7 @@ fn compare_and_repair(
             }
         }
     }
-    let hold = locked.elapsed();
-    drop(guard);
-    held.total += hold;
-    held.longest = held.longest.max(hold);
-    Some(held)
+    Some(())
 }
 
 /// How much nicer the check thread is while it lists the table.
@@ -499,8 +554,8 @@ impl Dataplane for NftablesProxier {
             let result = self.sync_locked(desired, changes, &cfg.1);
             self.rcfg = Some(cfg);
             let (stats, check) = result?;
-            if check {
-                self.start_check();
+            if let Some(whole) = check {
+                self.start_check(whole);
             }
             self.clean_conntrack(desired, changes).await;
             Ok(stats)
@@ -521,9 +576,12 @@ impl Dataplane for NftablesProxier {
         Some(FULL_CHECK_PERIOD)
     }
 
+    /// Someone else's commit into the table starts a check of what it touched (of the whole
+    /// table when the notifications cannot say), with no full sync: the answer is then no.
     fn drifted(&mut self) -> BoxFuture<'_, bool> {
         let family = self.cfg.family;
         let mut inner = self.inner.lock_for_sync();
+        let mut check = false;
         let answer = if inner.recover {
             true
         } else {
@@ -535,7 +593,8 @@ impl Dataplane for NftablesProxier {
                         why,
                         "nftables: kproxy's table may have changed behind its back; checking it"
                     );
-                    true
+                    check = true;
+                    false
                 }
                 Some(Err(e)) => {
                     tracing::warn!(?family, error = %e, "nftables: cannot read the ruleset generation; checking the table");
@@ -544,6 +603,10 @@ impl Dataplane for NftablesProxier {
                 None => true,
             }
         };
+        drop(inner);
+        if check {
+            self.start_check(false);
+        }
         Box::pin(async move { answer })
     }
 }

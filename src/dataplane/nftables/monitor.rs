@@ -18,8 +18,11 @@ use std::os::fd::AsFd;
 
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
+use super::command::fixed_set_kind;
+use super::names;
 use super::netlink::wire::{decode_notifications, Notification};
-use super::netlink::{attr, msg, nfproto, Table, SUBSYS_NFTABLES};
+use super::netlink::{attr, decode_elements, msg, nfproto, Table, SUBSYS_NFTABLES};
+use super::plan::Spots;
 use crate::dataplane::{DataplaneError, Result};
 
 /// `NFNLGRP_NFTABLES`.
@@ -36,6 +39,17 @@ const READS_BEFORE_LOST: usize = 10;
 const GEN_PROC_PID: u16 = 2;
 const GEN_PROC_NAME: u16 = 3;
 const ENOBUFS: i32 = 105;
+/// More touched objects than this are checked by listing the whole table.
+const MAX_SPOTS: usize = 4096;
+
+/// What a check due from the notifications lists and compares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// The whole table.
+    Whole,
+    /// Only these objects: everything someone else's commits touched is among them.
+    Spots(Spots),
+}
 
 /// Why the notifications call for a check of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +79,10 @@ struct Seen {
     /// A foreign change in the commit being read (its `NEWGEN` names who committed).
     pending: Option<String>,
     lost: Option<String>,
+    /// The objects the foreign changes touched, unless only a listing of the whole table
+    /// can check them (`whole`: why).
+    spots: Spots,
+    whole: Option<&'static str>,
 }
 
 impl Seen {
@@ -100,6 +118,7 @@ impl Seen {
         if n.attrs.str(attr::TABLE_NAME, "").ok().as_deref() != Some(table.name) {
             return;
         }
+        self.spot(n);
         if self.pending.is_none() {
             let name = match n.kind {
                 msg::NEWTABLE | msg::DELTABLE => String::new(),
@@ -116,6 +135,68 @@ impl Seen {
             };
             self.pending = Some(format!("{kind}{name} in table {}", table.name));
         }
+    }
+
+    /// Notes what a foreign change to the table touched, for a spot check.
+    fn spot(&mut self, n: &Notification) {
+        if self.whole.is_some() {
+            return;
+        }
+        match n.kind {
+            msg::NEWCHAIN | msg::DELCHAIN => match n.attrs.str(3, "NFTA_CHAIN_NAME") {
+                Ok(chain) => {
+                    self.spots.chains.insert(chain);
+                }
+                Err(_) => self.whole = Some("a chain without a name"),
+            },
+            msg::NEWRULE | msg::DELRULE => match n.attrs.str(2, "NFTA_RULE_CHAIN") {
+                Ok(chain) => {
+                    self.spots.chains.insert(chain);
+                }
+                Err(_) => self.whole = Some("a rule without its chain"),
+            },
+            msg::NEWSETELEM | msg::DELSETELEM => match decode_elements(n.attrs) {
+                // The hairpin set is compared as a whole (its elements are derived).
+                Ok((set, _)) if set == names::HAIRPIN => self.whole = Some("the hairpin set"),
+                // Elements of per-Service sets (session affinity's) are the kernel's to keep.
+                Ok((set, _)) if fixed_set_kind(&set).is_none() => {}
+                Ok((set, elements)) => {
+                    if elements.iter().any(|e| e.key.is_empty()) {
+                        self.whole = Some("an interval or catch-all element");
+                    }
+                    self.spots
+                        .elements
+                        .entry(set)
+                        .or_default()
+                        .extend(elements.into_iter().map(|e| e.key));
+                }
+                Err(_) => self.whole = Some("undecodable elements"),
+            },
+            // A table, a set's declaration, objects, flowtables.
+            _ => self.whole = Some("a table, set or object"),
+        }
+        if self.spots.len() > MAX_SPOTS {
+            self.whole = Some("too many objects");
+        }
+    }
+
+    /// What a check of what was seen lists, and forgets it.
+    fn take_scope(&mut self) -> Scope {
+        let scope = if self.lost.is_some() || self.whole.is_some() {
+            Scope::Whole
+        } else {
+            Scope::Spots(std::mem::take(&mut self.spots))
+        };
+        self.reset();
+        scope
+    }
+
+    fn reset(&mut self) {
+        self.touched = None;
+        self.pending = None;
+        self.lost = None;
+        self.spots = Spots::default();
+        self.whole = None;
     }
 
     /// Why a check is due, if it is.
@@ -271,12 +352,19 @@ impl Monitor {
         self.seen.lost = None;
     }
 
-    /// A check starts (it lists the table after this): what was seen before is covered by it.
+    /// A check of the whole table starts (it lists the table after this): what was seen
+    /// before is covered by it.
     pub fn clear(&mut self, own: u32) {
         self.drain(own);
-        self.seen.touched = None;
-        self.seen.pending = None;
-        self.seen.lost = None;
+        self.seen.reset();
+    }
+
+    /// A check due from what was seen starts (it lists after this): what it must list, and
+    /// what was seen is forgotten. A commit of the same object after this point is noticed
+    /// again.
+    pub fn take_scope(&mut self, own: u32) -> Scope {
+        self.drain(own);
+        self.seen.take_scope()
     }
 
     /// Marks what happened before the subscription as unknown.
@@ -362,6 +450,40 @@ mod tests {
             what,
             "nft (pid 42) committed deleted elements of set cluster-ips in table kproxy (generation 10)"
         );
+    }
+
+    #[test]
+    fn a_spot_check_lists_what_was_touched_and_only_that() {
+        let mut seen = Seen::default();
+        let chain = attrs(&[(1, b"kproxy\0"), (2, &7u64.to_be_bytes()), (3, b"stray\0")]);
+        note(&mut seen, msg::NEWCHAIN, 200, 2, &chain);
+        let rule = attrs(&[(1, b"kproxy\0"), (2, b"services\0")]);
+        note(&mut seen, msg::DELRULE, 200, 2, &rule);
+        // One element of a fixed map: NFTA_SET_ELEM_LIST_ELEMENTS > LIST_ELEM > KEY > VALUE.
+        let value = attrs(&[(1, &[10, 96, 0, 10])]);
+        let key = attrs(&[(attr::ELEM_KEY | 0x8000, &value)]);
+        let elem = attrs(&[(attr::LIST_ELEM | 0x8000, &key)]);
+        let set = names::service_endpoints(crate::model::Protocol::Tcp);
+        let set_name = format!("{set}\0");
+        let elems = attrs(&[
+            (1, b"kproxy\0"),
+            (attr::ELEM_LIST_SET, set_name.as_bytes()),
+            (attr::ELEM_LIST_ELEMENTS | 0x8000, &elem),
+        ]);
+        note(&mut seen, msg::DELSETELEM, 200, 2, &elems);
+        gen(&mut seen, 11, 200);
+        let Scope::Spots(spots) = seen.take_scope() else {
+            panic!("a spot check")
+        };
+        assert_eq!(spots.chains.iter().collect::<Vec<_>>(), ["services", "stray"]);
+        assert_eq!(spots.elements[set], [vec![10, 96, 0, 10]].into());
+        assert_eq!(seen.reason(), None, "taken");
+        // A table or a set's declaration: the whole table.
+        note(&mut seen, msg::NEWSET, 200, 2, &rule);
+        assert_eq!(seen.take_scope(), Scope::Whole);
+        note(&mut seen, msg::NEWCHAIN, 200, 2, &chain);
+        seen.lost = Some("overflow".into());
+        assert_eq!(seen.take_scope(), Scope::Whole);
     }
 
     #[test]

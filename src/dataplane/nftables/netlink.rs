@@ -460,6 +460,32 @@ pub fn encode_dump(seq: u32, what: Dump) -> Vec<u8> {
     buf
 }
 
+/// `nft get element`: one `NFT_MSG_GETSETELEM` (not a dump) per key, each acknowledged, with
+/// sequence numbers from `first`. The kernel looks each key up in the set and answers with the
+/// element or `ENOENT`: the cost of a key, where a dump of the set walks all of it.
+pub fn encode_get_elements(first: u32, table: Table, set: &str, keys: &[&[u8]]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut w = Writer { buf: &mut buf };
+    for (i, key) in keys.iter().enumerate() {
+        let s = w.begin_message(
+            (SUBSYS_NFTABLES << 8) | u16::from(msg::GETSETELEM),
+            NLM_F_REQUEST | NLM_F_ACK,
+            first.wrapping_add(i as u32),
+            nfproto(table.family),
+            0,
+        );
+        w.str(attr::ELEM_LIST_TABLE, table.name);
+        w.str(attr::ELEM_LIST_SET, set);
+        let list = w.nest_start(attr::ELEM_LIST_ELEMENTS);
+        let n = w.nest_start(attr::LIST_ELEM);
+        expr::put_data(&mut w, attr::ELEM_KEY, &Data::Value(key.to_vec()));
+        w.nest_end(n);
+        w.nest_end(list);
+        w.end_message(s);
+    }
+    buf
+}
+
 /// The generation in a `NFT_MSG_NEWGEN` message (the answer to [`encode_get_gen`], and the
 /// notification of a commit that echoes).
 pub fn decode_gen(a: Attrs) -> DecodeResult<u32> {

@@ -607,6 +607,56 @@ impl<'a> Comparison<'a> {
     }
 }
 
+/// The objects of kproxy's table that someone else's commits touched, by name (from nf_tables'
+/// notifications): what a spot check lists and compares instead of the whole table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Spots {
+    /// Chains created, deleted, or whose rules were added or deleted.
+    pub chains: BTreeSet<String>,
+    /// Fixed sets' elements added or deleted, by key.
+    pub elements: BTreeMap<String, BTreeSet<Vec<u8>>>,
+}
+
+impl Spots {
+    pub fn len(&self) -> usize {
+        self.chains.len() + self.elements.values().map(BTreeSet::len).sum::<usize>()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Candidates {
+    /// What differs between `kernel`, a listing of the `spots` only (every other fixed set
+    /// marked unlisted), and the committed table, for those objects: both ways, so that a
+    /// committed chain or element the listing lacks is a candidate too.
+    pub fn of_spots(kernel: &TableState, spots: &Spots, planner: &Planner) -> Candidates {
+        let mut found = Candidates {
+            chains: BTreeSet::new(),
+            sets: BTreeSet::new(),
+            elements: BTreeMap::new(),
+            hairpin_listed_ok: true,
+        };
+        for name in &spots.chains {
+            if kernel.chains.get(name) != planner.state.chains.get(name) {
+                found.chains.insert(name.clone());
+            }
+        }
+        for (set, keys) in &spots.elements {
+            let listed = kernel.elements.get(set);
+            let committed = planner.state.elements.get(set);
+            for key in keys {
+                let key = KeyBytes::new(key);
+                if listed.and_then(|e| e.get(&key)) != committed.and_then(|e| e.get(&key)) {
+                    found.elements.entry(set.clone()).or_default().insert(key);
+                }
+            }
+        }
+        found
+    }
+}
+
 type Adds = BTreeMap<String, Vec<(ElemKey, Option<Value>)>>;
 
 #[derive(Debug)]

@@ -8,7 +8,10 @@ use std::os::fd::AsFd;
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
 use super::netlink::wire::{decode_replies, Attrs, Reply, NLM_F_DUMP_INTR};
-use super::netlink::{self, encode_batch_into, encode_dump, encode_get_gen, msg, Dump, Request};
+use super::netlink::{
+    self, decode_elements, encode_batch_into, encode_dump, encode_get_elements, encode_get_gen, msg, Data, Dump,
+    Request, Table,
+};
 use crate::dataplane::{DataplaneError, Result};
 
 /// Receive buffer: a batch's echoes (one message per new rule) must fit until they are read.
@@ -330,6 +333,61 @@ impl NftSocket {
         }
     }
 }
+
+impl NftSocket {
+    /// Looks up `keys` in `set` of `table` (no dump): for each key, the element's data if the
+    /// set holds it (`Some(None)` in a plain set), `None` if it does not.
+    pub fn get_elements(&mut self, table: Table, set: &str, keys: &[&[u8]]) -> Result<Vec<Option<Option<Data>>>> {
+        let label = format!("looking up elements of set {set}");
+        let mut out = Vec::with_capacity(keys.len());
+        // Bounded per send, so that the answers fit the receive buffer.
+        for chunk in keys.chunks(GET_CHUNK) {
+            let first = self.next_seq(chunk.len() as u32);
+            self.send(&encode_get_elements(first, table, set, chunk))
+                .map_err(|e| nl_error(&label, e))?;
+            let mut got: Vec<Option<Option<Data>>> = vec![None; chunk.len()];
+            let mut answered = 0;
+            while answered < chunk.len() {
+                let buf = self.recv().map_err(|e| nl_error(&label, e))?;
+                for reply in decode_replies(&buf).map_err(|e| nl_error(&label, e))? {
+                    let index = |seq: u32| {
+                        let i = seq.wrapping_sub(first) as usize;
+                        (i < chunk.len()).then_some(i)
+                    };
+                    match reply {
+                        Reply::Message {
+                            seq,
+                            kind: msg::NEWSETELEM,
+                            attrs,
+                            ..
+                        } => {
+                            if let Some(i) = index(seq) {
+                                let (_, mut elements) = decode_elements(attrs).map_err(|e| nl_error(&label, e))?;
+                                got[i] = elements.pop().map(|e| e.data);
+                            }
+                        }
+                        Reply::Error { seq, errno, .. } => {
+                            let Some(i) = index(seq) else { continue };
+                            answered += 1;
+                            match errno {
+                                0 => {}
+                                // ENOENT: not in the set.
+                                2 => got[i] = None,
+                                _ => return Err(nl_error(&label, errno_text(errno))),
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            out.extend(got);
+        }
+        Ok(out)
+    }
+}
+
+/// Keys looked up per send: each answer is an element and an acknowledgement.
+const GET_CHUNK: usize = 512;
 
 #[cfg(test)]
 pub mod tests {

@@ -1131,10 +1131,101 @@ fn only_commits_into_kproxys_table_call_for_a_check() {
         apply_plan(&mut kernel, &mut planner, &plan).unwrap();
         assert!(std::mem::take(&mut kernel.foreign_change));
 
-        kernel.check_starts();
+        kernel.check_starts(true);
         assert_eq!(kernel.changed_by_others().unwrap(), None, "covered by the check");
         nft(&["add", "table", "ip", "someone-else-5"]);
         assert_eq!(kernel.changed_by_others().unwrap(), None);
+    }) else {
+        eprintln!("skipping: needs root (network namespaces)");
+        return;
+    };
+}
+
+/// Someone else's commits into kproxy's table, seen in nf_tables' notifications, are checked
+/// by what they touched: a deleted NodePort element, a rule inserted into a fixed chain, a
+/// stray chain and a stray endpoint slot are listed by name and key only (every other set is
+/// left unlisted), and repaired; the kernel then holds what was committed. A second round
+/// goes through the check's thread entry. Skipped without root.
+#[test]
+fn a_spot_check_lists_and_repairs_only_what_someone_else_touched() {
+    let yaml = representative();
+    let Some(()) = in_netns(move || {
+        let cfg = config();
+        let (mut kernel, planner) = programmed(&yaml, &cfg);
+        kernel.follow_others();
+        let endpoints = names::service_endpoints(crate::model::Protocol::Tcp);
+        delete_node_port_behind_our_back();
+        nft(&[
+            "insert",
+            "rule",
+            "ip",
+            "kproxy",
+            names::SERVICES,
+            "ip",
+            "saddr",
+            "203.0.113.9",
+            "drop",
+        ]);
+        nft(&["add", "chain", "ip", "kproxy", "stray"]);
+        let slot = "10.96.99.99 . 80 . 0 : 10.244.250.250 . 8080";
+        nft(&["add", "element", "ip", "kproxy", endpoints, &format!("{{ {slot} }}")]);
+        nft(&["add", "table", "ip", "someone-else"]);
+        assert!(kernel.changed_by_others().unwrap().is_some());
+        let super::Scope::Spots(spots) = kernel.check_starts(false) else {
+            panic!("a spot check")
+        };
+        assert_eq!(
+            spots.chains.iter().map(String::as_str).collect::<Vec<_>>(),
+            [names::SERVICES, "stray"]
+        );
+        let sets: Vec<&str> = spots.elements.keys().map(String::as_str).collect();
+        assert_eq!(sets.len(), 2, "{sets:?}");
+        assert!(sets.contains(&names::EXTERNAL_CLUSTER_NODEPORTS) && sets.contains(&endpoints));
+        let (listed, _, snapshot) = super::apply::read_spots(&mut kernel.sock, kernel.table, &spots).unwrap();
+        assert!(snapshot);
+        assert_eq!(listed.chains.len(), 2, "only the touched chains are listed");
+        assert!(listed.unlisted.contains(names::HAIRPIN));
+        let shared = super::Shared::new(super::Inner {
+            planner,
+            kernel: Some(kernel),
+            recover: false,
+            touched: Some(HashSet::new()),
+        });
+        let held = super::spot_repair(&shared, IpFamily::V4, &listed, &spots, snapshot).expect("the check ran");
+        assert_eq!(held.differences, 4, "the NodePort, the rule, the chain, the slot");
+        let committed_now = |shared: &super::Shared| {
+            let mut g = super::lock(&shared.inner);
+            let inner = &mut *g;
+            let kernel = inner.kernel.as_mut().unwrap();
+            let (now, _, _) = read_table(&mut kernel.sock, kernel.table).unwrap();
+            now == inner.planner.committed()
+        };
+        assert!(committed_now(&shared), "the kernel holds what was committed");
+        let table = nft(&["list", "table", "ip", "kproxy"]);
+        assert!(!table.contains("203.0.113.9") && !table.contains("chain stray") && !table.contains("10.96.99.99"));
+        assert!(table.contains("tcp . 30080"), "{table}");
+
+        // Through the check's thread entry: the touched scope is taken from the notifications.
+        delete_node_port_behind_our_back();
+        assert!(super::lock(&shared.inner)
+            .kernel
+            .as_mut()
+            .unwrap()
+            .changed_by_others()
+            .unwrap()
+            .is_some());
+        super::check_table(&shared, IpFamily::V4, false);
+        assert!(committed_now(&shared), "repaired again");
+        assert_eq!(
+            super::lock(&shared.inner)
+                .kernel
+                .as_mut()
+                .unwrap()
+                .changed_by_others()
+                .unwrap(),
+            None,
+            "nothing due after the check"
+        );
     }) else {
         eprintln!("skipping: needs root (network namespaces)");
         return;
@@ -1440,7 +1531,7 @@ fn checks_keep_their_socket_and_still_repair() {
         let mut ports = Vec::new();
         for _ in 0..2 {
             delete_node_port_behind_our_back();
-            super::check_table(&shared, IpFamily::V4);
+            super::check_table(&shared, IpFamily::V4, true);
             let np = nft(&["list", "set", "ip", "kproxy", names::EXTERNAL_CLUSTER_NODEPORTS]);
             assert!(np.contains("30080"), "the check repaired the NodePort:\n{np}");
             ports.push(kept().expect("the check kept its socket"));
