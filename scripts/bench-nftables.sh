@@ -27,8 +27,9 @@
 #        KPROXY_BIN=PATH FAKEAPI_BIN=PATH: measure these binaries instead of building this tree
 #        (say in BENCHMARKS.md which profile they were built with);
 #        BENCH_FOREIGN=kproxy: the resync phase's other writer commits into kproxy's table,
-#        so that every periodic sync lists it (its own section and plot; default "own": a
-#        table of its own, which kproxy's notifications show it need not list; 0: none);
+#        so that every periodic sync checks what it touched (its own section and plot;
+#        default "own": a table of its own, which kproxy's notifications show it need not
+#        check; own-socket: the same through one `nft -i` process; 0: none);
 #        BASELINE="LABEL=PATH": also measure the kproxy binary at PATH, labelled LABEL, right
 #        after the measured one at each size (interleaved, so both see the same load).
 set -euo pipefail
@@ -75,7 +76,7 @@ def sticky(i):
 # BENCH_FOREIGN=kproxy: it commits into kproxy's table (a chain added and deleted), so that
 # each periodic sync checks the table; BENCH_FOREIGN=0: no other writer.
 foreign_mode = {"1": "own"}.get(os.environ.get("BENCH_FOREIGN", "own"), os.environ.get("BENCH_FOREIGN", "own"))
-tag = ("-affinity" if affinity else "") + ("-foreign-in-table" if foreign_mode == "kproxy" else "")
+tag = ("-affinity" if affinity else "") + {"kproxy": "-foreign-in-table", "own-socket": "-foreign-socket"}.get(foreign_mode, "")
 M = 10
 all_writers = {"netlink": ("netlink", f"{here}/target/bench/kproxy-netlink"), "nft-f": ("nft -f", f"{here}/target/bench/kproxy-nft-f")}
 writers = [all_writers[w] for w in os.environ.get("WRITERS", "netlink").split()]
@@ -308,7 +309,10 @@ class ForeignWriter:
     transaction): kproxy's notifications show that its table was not touched, so its periodic
     syncs list nothing. With BENCH_FOREIGN=kproxy it adds and deletes a chain in kproxy's
     table instead: every periodic sync then starts a check that lists kproxy's table and
-    compares it. BENCH_FOREIGN=0 leaves it out."""
+    compares it. With BENCH_FOREIGN=own-socket it commits a table of its own through one
+    `nft -i` process that keeps its netlink socket (a daemon writer): no socket is closed after
+    each commit, which the kernel answers by taking its commit mutex for an RCU grace period.
+    BENCH_FOREIGN=0 leaves it out."""
     def __init__(self, ns):
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, args=(ns,), daemon=True)
@@ -318,6 +322,17 @@ class ForeignWriter:
     def run(self, ns):
         script = ("add chain ip kproxy bench-foreign; delete chain ip kproxy bench-foreign" if foreign_mode == "kproxy"
                   else "add table ip bench-foreign; delete table ip bench-foreign")
+        if foreign_mode == "own-socket":
+            nft = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "-i"], stdin=subprocess.PIPE,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+            while not self.stop.is_set():
+                # One line, one transaction, on the same socket.
+                nft.stdin.write(script + "\n")
+                nft.stdin.flush()
+                self.stop.wait(0.5)
+            nft.stdin.close()
+            nft.wait()
+            return
         while not self.stop.is_set():
             subprocess.run(["ip", "netns", "exec", ns, "nft", script],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -634,7 +649,8 @@ cpu = open("/proc/cpuinfo").read().split("model name")[1].split(":")[1].split("\
 f = lambda x: f"{x:.1f}"
 src_word = "API -> kernel" if source == "api" else "source -> kernel"
 resync_word = {"own": "with resyncs every 4 s and another writer in a table of its own (a resync lists kproxy's table only if its notifications show a commit into it)",
-               "kproxy": "with resyncs every 4 s and another writer in kproxy's table (each resync lists the table)",
+               "kproxy": "with resyncs every 4 s and another writer in kproxy's table (each resync checks what it touched)",
+               "own-socket": "with resyncs every 4 s and another writer in a table of its own, through one socket it keeps (`nft -i`)",
                "0": "with resyncs every 4 s"}[foreign_mode]
 lines = [
     f"Written by `scripts/bench-nftables.sh` on {datetime.date.today()} ({os.cpu_count()} cores, {cpu}; kernel {os.uname().release}),",
@@ -657,7 +673,7 @@ for r in sorted(rows, key=lambda r: r["n"]):
 kept10 = [k for k in kept if k["line"].count("|") == 11]
 kept = [k for k in kept if k["line"].count("|") != 11]
 if kept10:
-    lines += ["", "Kept from the previous runs of this script (each labelled by what it measured; round 2: a chain per Service):", "", lines[4], lines[5]]
+    lines += ["", "Kept from the previous runs of this script (each labelled by what it measured; round 2: a chain per Service; before round 9 (nf_tables' notifications) every resync with another writer listed the whole table, whatever table that writer wrote):", "", lines[4], lines[5]]
     lines += [k["line"] for k in sorted(kept10, key=lambda k: k["n"])]
 if kept:
     lines += ["", "Kept from an earlier run of this script (other columns: first full sync, source -> kernel, file -> kernel, with resyncs, CPU, memory):", "",
@@ -680,7 +696,8 @@ lines += [
 ]
 section = "\n".join(lines)
 if begin not in text:
-    title = "nftables mode: netlink writer" + (", session affinity" if affinity else "")
+    title = ("nftables mode: netlink writer" + (", session affinity" if affinity else "")
+             + {"kproxy": ", another writer in kproxy's table", "own-socket": ", another writer keeping its socket"}.get(foreign_mode, ""))
     text += f"\n## {title}\n\n{begin}\n{end}\n"
 head, _, tail = text.partition(begin)
 _, _, tail = tail.partition(end)
