@@ -29,7 +29,9 @@
 #        BENCH_FOREIGN=kproxy: the resync phase's other writer commits into kproxy's table,
 #        so that every periodic sync checks what it touched (its own section and plot;
 #        default "own": a table of its own, which kproxy's notifications show it need not
-#        check; own-socket: the same through one `nft -i` process; 0: none);
+#        check; kproxy-set: a set declared in kproxy's table, which lists the whole table,
+#        as the hourly check does; own-socket: a table of its own through one `nft -i`
+#        process; 0: none);
 #        BASELINE="LABEL=PATH": also measure the kproxy binary at PATH, labelled LABEL, right
 #        after the measured one at each size (interleaved, so both see the same load).
 set -euo pipefail
@@ -76,7 +78,7 @@ def sticky(i):
 # BENCH_FOREIGN=kproxy: it commits into kproxy's table (a chain added and deleted), so that
 # each periodic sync checks the table; BENCH_FOREIGN=0: no other writer.
 foreign_mode = {"1": "own"}.get(os.environ.get("BENCH_FOREIGN", "own"), os.environ.get("BENCH_FOREIGN", "own"))
-tag = ("-affinity" if affinity else "") + {"kproxy": "-foreign-in-table", "own-socket": "-foreign-socket"}.get(foreign_mode, "")
+tag = ("-affinity" if affinity else "") + {"kproxy": "-foreign-in-table", "kproxy-set": "-foreign-whole", "own-socket": "-foreign-socket"}.get(foreign_mode, "")
 M = 10
 all_writers = {"netlink": ("netlink", f"{here}/target/bench/kproxy-netlink"), "nft-f": ("nft -f", f"{here}/target/bench/kproxy-nft-f")}
 writers = [all_writers[w] for w in os.environ.get("WRITERS", "netlink").split()]
@@ -309,7 +311,9 @@ class ForeignWriter:
     transaction): kproxy's notifications show that its table was not touched, so its periodic
     syncs list nothing. With BENCH_FOREIGN=kproxy it adds and deletes a chain in kproxy's
     table instead: every periodic sync then starts a check that lists kproxy's table and
-    compares it. With BENCH_FOREIGN=own-socket it commits a table of its own through one
+    compares it (a chain: a check of that chain only). BENCH_FOREIGN=kproxy-set adds and
+    deletes a set in kproxy's table: a set's declaration is checked by listing the whole table,
+    as the hourly full check does, so every periodic sync lists it. With BENCH_FOREIGN=own-socket it commits a table of its own through one
     `nft -i` process that keeps its netlink socket (a daemon writer): no socket is closed after
     each commit, which the kernel answers by taking its commit mutex for an RCU grace period.
     BENCH_FOREIGN=0 leaves it out."""
@@ -320,8 +324,9 @@ class ForeignWriter:
             self.thread.start()
 
     def run(self, ns):
-        script = ("add chain ip kproxy bench-foreign; delete chain ip kproxy bench-foreign" if foreign_mode == "kproxy"
-                  else "add table ip bench-foreign; delete table ip bench-foreign")
+        script = {"kproxy": "add chain ip kproxy bench-foreign; delete chain ip kproxy bench-foreign",
+                  "kproxy-set": "add set ip kproxy bench-foreign { type ipv4_addr; }; delete set ip kproxy bench-foreign",
+                  }.get(foreign_mode, "add table ip bench-foreign; delete table ip bench-foreign")
         if foreign_mode == "own-socket":
             nft = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "-i"], stdin=subprocess.PIPE,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
@@ -650,6 +655,7 @@ f = lambda x: f"{x:.1f}"
 src_word = "API -> kernel" if source == "api" else "source -> kernel"
 resync_word = {"own": "with resyncs every 4 s and another writer in a table of its own (a resync lists kproxy's table only if its notifications show a commit into it)",
                "kproxy": "with resyncs every 4 s and another writer in kproxy's table (each resync checks what it touched)",
+               "kproxy-set": "with resyncs every 4 s and another writer declaring a set in kproxy's table (each resync lists the whole table, as the hourly check does)",
                "own-socket": "with resyncs every 4 s and another writer in a table of its own, through one socket it keeps (`nft -i`)",
                "0": "with resyncs every 4 s"}[foreign_mode]
 lines = [
@@ -697,7 +703,7 @@ lines += [
 section = "\n".join(lines)
 if begin not in text:
     title = ("nftables mode: netlink writer" + (", session affinity" if affinity else "")
-             + {"kproxy": ", another writer in kproxy's table", "own-socket": ", another writer keeping its socket"}.get(foreign_mode, ""))
+             + {"kproxy": ", another writer in kproxy's table", "kproxy-set": ", another writer's sets in kproxy's table (whole listings)", "own-socket": ", another writer keeping its socket"}.get(foreign_mode, ""))
     text += f"\n## {title}\n\n{begin}\n{end}\n"
 head, _, tail = text.partition(begin)
 _, _, tail = tail.partition(end)

@@ -141,10 +141,12 @@ impl Kernel {
             return (!own).then(|| "someone else committed to nf_tables".to_string());
         };
         if own {
-            // Nothing dropped from the notification socket was anyone else's.
+            // Nothing dropped from the notification socket was anyone else's; a foreign
+            // change seen before and not checked yet (a check was running, or its listing
+            // failed) is still due.
             monitor.drain(self.port);
             monitor.forget_lost();
-            return None;
+            return monitor.due().map(|r| r.to_string());
         }
         match monitor.check_due(self.port, now) {
             Some(reason) => Some(reason.to_string()),
@@ -182,6 +184,14 @@ impl Kernel {
                 Scope::Whole
             }
             Some(m) => m.take_scope(self.port),
+        }
+    }
+
+    /// A check could not list the table: the next question is answered with a check of the
+    /// whole table, if anyone else committed since kproxy's last commit.
+    pub fn check_failed(&mut self) {
+        if let Some(m) = self.monitor.as_mut() {
+            m.recheck("a check's listing failed");
         }
     }
 }

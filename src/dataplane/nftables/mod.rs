@@ -349,7 +349,13 @@ fn check_table(shared: &Shared, family: IpFamily, whole: bool) {
             (state, snapshot)
         }
         Err(e) => {
-            lock(&shared.inner).touched = None;
+            let mut g = lock(&shared.inner);
+            g.touched = None;
+            // What the check was for is still due: the next periodic sync checks again.
+            if let Some(k) = g.kernel.as_mut() {
+                k.check_failed();
+            }
+            drop(g);
             tracing::warn!(error = %e, "nftables check: listing the table failed");
             return;
         }

@@ -367,6 +367,17 @@ impl Monitor {
         self.seen.take_scope()
     }
 
+    /// Why a check is due from what was read so far (nothing is read).
+    pub fn due(&self) -> Option<Reason> {
+        self.seen.reason()
+    }
+
+    /// A check that was due could not be made: the next one lists the whole table.
+    pub fn recheck(&mut self, why: &'static str) {
+        self.seen.touched.get_or_insert_with(|| why.to_string());
+        self.seen.whole = Some(why);
+    }
+
     /// Marks what happened before the subscription as unknown.
     pub fn mark_unknown(&mut self, why: &str) {
         self.seen.lost.get_or_insert_with(|| why.to_string());
