@@ -31,7 +31,8 @@
 #        default "own": a table of its own, which kproxy's notifications show it need not
 #        check; kproxy-set: a set declared in kproxy's table, which lists the whole table,
 #        as the hourly check does; own-socket: a table of its own through one `nft -i`
-#        process; 0: none);
+#        process; full: no other writer, but the hourly check of the whole table every 4 s;
+#        0: none);
 #        BASELINE="LABEL=PATH": also measure the kproxy binary at PATH, labelled LABEL, right
 #        after the measured one at each size (interleaved, so both see the same load).
 set -euo pipefail
@@ -78,7 +79,7 @@ def sticky(i):
 # BENCH_FOREIGN=kproxy: it commits into kproxy's table (a chain added and deleted), so that
 # each periodic sync checks the table; BENCH_FOREIGN=0: no other writer.
 foreign_mode = {"1": "own"}.get(os.environ.get("BENCH_FOREIGN", "own"), os.environ.get("BENCH_FOREIGN", "own"))
-tag = ("-affinity" if affinity else "") + {"kproxy": "-foreign-in-table", "kproxy-set": "-foreign-whole", "own-socket": "-foreign-socket"}.get(foreign_mode, "")
+tag = ("-affinity" if affinity else "") + {"kproxy": "-foreign-in-table", "kproxy-set": "-foreign-whole", "own-socket": "-foreign-socket", "full": "-full-checks"}.get(foreign_mode, "")
 M = 10
 all_writers = {"netlink": ("netlink", f"{here}/target/bench/kproxy-netlink"), "nft-f": ("nft -f", f"{here}/target/bench/kproxy-nft-f")}
 writers = [all_writers[w] for w in os.environ.get("WRITERS", "netlink").split()]
@@ -265,6 +266,9 @@ class Run:
     def __init__(self, binary, d, ns, sync_period, log, api=None):
         self.ns, self.log = ns, log
         env = dict(os.environ, RUST_LOG="info,kproxy::dataplane::nftables=debug")
+        if foreign_mode == "full" and sync_period == "4s":
+            # The hourly check of the whole table, every 4 s.
+            env["KPROXY_NFTABLES_FULL_CHECK_PERIOD"] = "4"
         src = ["--master", api.url] if api else ["--manifests", d]
         self.proc = subprocess.Popen(["ip", "netns", "exec", ns, binary, *src, "--hostname-override", "bench-node",
                                       "--proxy-mode", "nftables", "--cluster-cidr", "10.128.0.0/9", "--min-sync-period", "0s",
@@ -320,7 +324,7 @@ class ForeignWriter:
     def __init__(self, ns):
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, args=(ns,), daemon=True)
-        if foreign_mode != "0":
+        if foreign_mode not in ("0", "full"):
             self.thread.start()
 
     def run(self, ns):
@@ -656,6 +660,7 @@ src_word = "API -> kernel" if source == "api" else "source -> kernel"
 resync_word = {"own": "with resyncs every 4 s and another writer in a table of its own (a resync lists kproxy's table only if its notifications show a commit into it)",
                "kproxy": "with resyncs every 4 s and another writer in kproxy's table (each resync checks what it touched)",
                "kproxy-set": "with resyncs every 4 s and another writer declaring a set in kproxy's table (each resync lists the whole table, as the hourly check does)",
+               "full": "with the hourly check of the whole table every 4 s (KPROXY_NFTABLES_FULL_CHECK_PERIOD=4) and no other writer",
                "own-socket": "with resyncs every 4 s and another writer in a table of its own, through one socket it keeps (`nft -i`)",
                "0": "with resyncs every 4 s"}[foreign_mode]
 lines = [
@@ -703,7 +708,7 @@ lines += [
 section = "\n".join(lines)
 if begin not in text:
     title = ("nftables mode: netlink writer" + (", session affinity" if affinity else "")
-             + {"kproxy": ", another writer in kproxy's table", "kproxy-set": ", another writer's sets in kproxy's table (whole listings)", "own-socket": ", another writer keeping its socket"}.get(foreign_mode, ""))
+             + {"kproxy": ", another writer in kproxy's table", "kproxy-set": ", another writer's sets in kproxy's table (whole listings)", "full": ", the hourly full check every 4 s", "own-socket": ", another writer keeping its socket"}.get(foreign_mode, ""))
     text += f"\n## {title}\n\n{begin}\n{end}\n"
 head, _, tail = text.partition(begin)
 _, _, tail = tail.partition(end)

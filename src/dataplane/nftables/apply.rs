@@ -175,13 +175,16 @@ impl Kernel {
 
     /// A check is about to list the table (the whole of it if `whole`): what it must list.
     /// Whatever the notifications reported so far is covered by it. Without notifications,
-    /// or after lost ones, the whole table.
+    /// or after lost ones, the whole table, every element dumped; a whole check while the
+    /// notifications have shown every foreign change (nothing due) may look elements up.
     pub fn check_starts(&mut self, whole: bool) -> Scope {
         match self.monitor.as_mut() {
-            None => Scope::Whole,
+            None => Scope::Whole { lookups: false },
             Some(m) if whole => {
+                m.drain(self.port);
+                let lookups = m.due().is_none();
                 m.clear(self.port);
-                Scope::Whole
+                Scope::Whole { lookups }
             }
             Some(m) => m.take_scope(self.port),
         }
@@ -557,6 +560,19 @@ fn test_refusal(requests: &mut [netlink::Request]) {
 /// Lists `table` over netlink into its compact form. Returns the listing, the generation it
 /// started at, and whether it is a snapshot (nothing was committed while it ran).
 pub fn read_table(sock: &mut NftSocket, table: Table) -> Result<(TableState, u32, bool)> {
+    read_table_with(sock, table, None)
+}
+
+/// [`read_table`], except that the elements of the sets in `lookups` are looked up by those
+/// keys (what kproxy committed) instead of dumped: no element outside them is seen. For a
+/// check while nf_tables' notifications show every foreign change to the table (they name
+/// any element someone else added); a dump of a 100,000-slot map walks it again for every
+/// message, in stretches the kernel does not preempt.
+pub fn read_table_with(
+    sock: &mut NftSocket,
+    table: Table,
+    lookups: Option<&HashMap<String, Vec<KeyBytes>>>,
+) -> Result<(TableState, u32, bool)> {
     let family = netlink::nfproto(table.family);
     let before = sock.generation()?;
     let mut state = TableState::default();
@@ -608,6 +624,17 @@ pub fn read_table(sock: &mut NftSocket, table: Table) -> Result<(TableState, u32
             })?
             .unwrap_or(false);
         for set in sets.iter().filter(|s| fixed_set_kind(s).is_some()) {
+            if let Some(keys) = lookups.and_then(|l| l.get(set)) {
+                let keys: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+                let found = sock.get_elements(table, set, &keys)?;
+                let elements: HashMap<KeyBytes, Hash> = keys
+                    .iter()
+                    .zip(found)
+                    .filter_map(|(k, data)| Some((KeyBytes::new(k), data_hash(data?.as_ref()))))
+                    .collect();
+                state.elements.insert(set.clone(), elements);
+                continue;
+            }
             match read_elements(sock, table, set)? {
                 Some(elements) => {
                     state.elements.insert(set.clone(), elements);

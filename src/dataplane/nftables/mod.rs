@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures::future::BoxFuture;
 
-use self::apply::{apply_plan, read_spots, read_table, read_table_consistent, Kernel};
+use self::apply::{apply_plan, read_spots, read_table_consistent, read_table_with, Kernel};
 use self::monitor::Scope;
 use self::plan::{Owner, Planner};
 use self::socket::NftSocket;
@@ -307,6 +307,10 @@ fn first_port_of(key: &ServiceKey) -> ServicePortName {
     }
 }
 
+/// Sets with more elements than this are looked up by key in a whole check while nf_tables'
+/// notifications show every foreign change ([`Scope::Whole`]), not dumped.
+const LOOKUP_ABOVE: usize = 1024;
+
 /// Objects the check compares per hold of the planner's lock: about a tenth of a millisecond.
 const COMPARE_STEP: usize = 2048;
 
@@ -322,10 +326,17 @@ fn check_table(shared: &Shared, family: IpFamily, whole: bool) {
             return;
         }
     };
-    let scope = {
+    let (scope, lookups) = {
         let mut g = lock(&shared.inner);
         g.touched = Some(HashSet::new());
-        g.kernel.as_mut().map_or(Scope::Whole, |k| k.check_starts(whole))
+        let scope = g
+            .kernel
+            .as_mut()
+            .map_or(Scope::Whole { lookups: false }, |k| k.check_starts(whole));
+        // The keys of the large sets, copied under the lock (a few MiB at 10,000 Services,
+        // for the length of the check).
+        let lookups = matches!(scope, Scope::Whole { lookups: true }).then(|| g.planner.lookup_keys(LOOKUP_ABOVE));
+        (scope, lookups)
     };
     let table = apply::table(family);
     let started = std::time::Instant::now();
@@ -334,7 +345,7 @@ fn check_table(shared: &Shared, family: IpFamily, whole: bool) {
     // the thread's own priority again: it takes the lock, and must not be preempted holding it.
     let niced = lower_priority();
     let listed = match &scope {
-        Scope::Whole => read_table(&mut sock, table),
+        Scope::Whole { .. } => read_table_with(&mut sock, table, lookups.as_ref()),
         Scope::Spots(spots) => read_spots(&mut sock, table, spots),
     };
     if let Some(nice) = niced {
@@ -361,7 +372,7 @@ fn check_table(shared: &Shared, family: IpFamily, whole: bool) {
         }
     };
     let held = match &scope {
-        Scope::Whole => compare_and_repair(shared, family, &state, snapshot, COMPARE_STEP, &mut || {}),
+        Scope::Whole { .. } => compare_and_repair(shared, family, &state, snapshot, COMPARE_STEP, &mut || {}),
         Scope::Spots(spots) => spot_repair(shared, family, &state, spots, snapshot),
     };
     let Some(held) = held else {
@@ -376,9 +387,10 @@ fn check_table(shared: &Shared, family: IpFamily, whole: bool) {
         check_ms = started.elapsed().as_secs_f64() * 1000.0,
         differences = held.differences,
         spots = match &scope {
-            Scope::Whole => None,
+            Scope::Whole { .. } => None,
             Scope::Spots(s) => Some(s.len()),
         },
+        looked_up = lookups.as_ref().map(|l| l.values().map(Vec::len).sum::<usize>()),
         "nftables check: compared"
     );
     // `state`, the listing, is freed here, with no lock held.
@@ -579,7 +591,7 @@ impl Dataplane for NftablesProxier {
     /// scale: the kernel restarts its walk of a hash set for every message of a dump, about
     /// 1 to 3 s of kernel CPU at 10,000 Services.
     fn full_sync_period(&self) -> Option<std::time::Duration> {
-        Some(FULL_CHECK_PERIOD)
+        Some(full_check_period())
     }
 
     /// Someone else's commit into the table starts a check of what it touched (of the whole
@@ -620,6 +632,30 @@ impl Dataplane for NftablesProxier {
 /// The longest nftables mode goes without listing its table to compare it with what it
 /// committed, when the ruleset generation shows no other writer (kube-proxy's full sync period).
 pub const FULL_CHECK_PERIOD: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// [`FULL_CHECK_PERIOD`], or the seconds in `KPROXY_NFTABLES_FULL_CHECK_PERIOD` (for
+/// benchmarks and diagnosis: kube-proxy has no flag for it).
+fn full_check_period() -> std::time::Duration {
+    static PERIOD: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *PERIOD.get_or_init(
+        || match std::env::var("KPROXY_NFTABLES_FULL_CHECK_PERIOD").map(|v| v.trim().parse::<u64>()) {
+            Ok(Ok(secs)) if secs > 0 => {
+                tracing::info!(
+                    secs,
+                    "nftables: the whole table is checked every KPROXY_NFTABLES_FULL_CHECK_PERIOD seconds"
+                );
+                std::time::Duration::from_secs(secs)
+            }
+            Ok(_) => {
+                tracing::warn!(
+                    "KPROXY_NFTABLES_FULL_CHECK_PERIOD is not a positive number of seconds; checking hourly"
+                );
+                FULL_CHECK_PERIOD
+            }
+            Err(_) => FULL_CHECK_PERIOD,
+        },
+    )
+}
 
 #[cfg(test)]
 mod tests;

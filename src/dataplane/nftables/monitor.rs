@@ -45,8 +45,10 @@ const MAX_SPOTS: usize = 4096;
 /// What a check due from the notifications lists and compares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
-    /// The whole table.
-    Whole,
+    /// The whole table. With `lookups`, the notifications have shown every change someone
+    /// else made (none is due): large sets' committed elements may be looked up by key
+    /// instead of dumped, since a foreign element among them would have been announced.
+    Whole { lookups: bool },
     /// Only these objects: everything someone else's commits touched is among them.
     Spots(Spots),
 }
@@ -183,7 +185,7 @@ impl Seen {
     /// What a check of what was seen lists, and forgets it.
     fn take_scope(&mut self) -> Scope {
         let scope = if self.lost.is_some() || self.whole.is_some() {
-            Scope::Whole
+            Scope::Whole { lookups: false }
         } else {
             Scope::Spots(std::mem::take(&mut self.spots))
         };
@@ -491,10 +493,10 @@ mod tests {
         assert_eq!(seen.reason(), None, "taken");
         // A table or a set's declaration: the whole table.
         note(&mut seen, msg::NEWSET, 200, 2, &rule);
-        assert_eq!(seen.take_scope(), Scope::Whole);
+        assert_eq!(seen.take_scope(), Scope::Whole { lookups: false });
         note(&mut seen, msg::NEWCHAIN, 200, 2, &chain);
         seen.lost = Some("overflow".into());
-        assert_eq!(seen.take_scope(), Scope::Whole);
+        assert_eq!(seen.take_scope(), Scope::Whole { lookups: false });
     }
 
     #[test]

@@ -607,6 +607,30 @@ impl<'a> Comparison<'a> {
     }
 }
 
+impl Planner {
+    /// The committed keys of every fixed set with more than `above` elements (the hairpin
+    /// set's derived from the counts), for a check that looks them up instead of dumping the
+    /// sets: a dump of a set walks it again for every message.
+    pub fn lookup_keys(&self, above: usize) -> HashMap<String, Vec<KeyBytes>> {
+        let mut out: HashMap<String, Vec<KeyBytes>> = self
+            .state
+            .elements
+            .iter()
+            .filter(|(set, e)| set.as_str() != names::HAIRPIN && e.len() > above)
+            .map(|(set, e)| (set.clone(), e.keys().cloned().collect()))
+            .collect();
+        if self.state.sets.contains_key(names::HAIRPIN) && self.hairpin.len() > above {
+            let keys = self
+                .hairpin
+                .addresses()
+                .map(|ip| KeyBytes::from(Key::Pair(ip).bytes()))
+                .collect();
+            out.insert(names::HAIRPIN.into(), keys);
+        }
+        out
+    }
+}
+
 /// The objects of kproxy's table that someone else's commits touched, by name (from nf_tables'
 /// notifications): what a spot check lists and compares instead of the whole table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

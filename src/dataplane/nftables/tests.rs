@@ -1232,6 +1232,76 @@ fn a_spot_check_lists_and_repairs_only_what_someone_else_touched() {
     };
 }
 
+/// A whole check while nf_tables' notifications have shown every foreign change looks the
+/// large sets' committed elements up by key instead of dumping them: 150 Services' 1,500
+/// endpoint slots (and as many hairpin elements) are looked up, a slot someone rewrote and one
+/// they deleted are found and repaired, and the kernel then holds what was committed. With a
+/// foreign change due, the whole check dumps. Skipped without root.
+#[test]
+fn a_whole_check_looks_large_sets_up_by_key() {
+    let mut docs = Vec::new();
+    for i in 0..150 {
+        let name = format!("s{i}");
+        docs.push(svc(
+            &name,
+            &format!("{{clusterIP: 10.96.0.{}, ports: [{{name: http, port: 80}}]}}", 1 + i),
+        ));
+        let eps: Vec<String> = (0..10).map(|j| format!("10.128.{i}.{}", 1 + j)).collect();
+        let refs: Vec<&str> = eps.iter().map(String::as_str).collect();
+        docs.push(slice(&name, "http", 8080, &refs));
+    }
+    let yaml = docs.join("\n---\n");
+    let Some(()) = in_netns(move || {
+        let cfg = config();
+        let (mut kernel, planner) = programmed(&yaml, &cfg);
+        kernel.follow_others();
+        let endpoints = names::service_endpoints(crate::model::Protocol::Tcp);
+        let keys = planner.lookup_keys(super::LOOKUP_ABOVE);
+        assert_eq!(keys.get(endpoints).map(Vec::len), Some(1500), "{:?}", keys.keys());
+        assert_eq!(keys.get(names::HAIRPIN).map(Vec::len), Some(1500));
+        // Nothing due: the whole check may look up.
+        assert_eq!(kernel.check_starts(true), super::Scope::Whole { lookups: true });
+        let (listed, _, snapshot) = super::apply::read_table_with(&mut kernel.sock, kernel.table, Some(&keys)).unwrap();
+        assert!(snapshot);
+        assert!(
+            listed == planner.committed(),
+            "looked up, the table is what was committed"
+        );
+        let shared = super::Shared::new(super::Inner {
+            planner,
+            kernel: Some(kernel),
+            recover: false,
+            touched: None,
+        });
+        nft(&["delete", "element", "ip", "kproxy", endpoints, "{ 10.96.0.7 . 80 . 3 }"]);
+        nft(&[
+            "delete element ip kproxy",
+            endpoints,
+            "{ 10.96.0.9 . 80 . 1 }; add element ip kproxy",
+            endpoints,
+            "{ 10.96.0.9 . 80 . 1 : 10.244.250.250 . 8080 }",
+        ]);
+        {
+            let mut g = super::lock(&shared.inner);
+            let k = g.kernel.as_mut().unwrap();
+            assert!(k.changed_by_others().unwrap().is_some());
+            // Due: a whole check now dumps (an element someone added would be among them).
+            assert_eq!(k.check_starts(true), super::Scope::Whole { lookups: false });
+        }
+        super::check_table(&shared, IpFamily::V4, true);
+        let mut g = super::lock(&shared.inner);
+        let inner = &mut *g;
+        let kernel = inner.kernel.as_mut().unwrap();
+        let (now, _, _) = read_table(&mut kernel.sock, kernel.table).unwrap();
+        assert!(now == inner.planner.committed(), "repaired");
+        let map = nft(&["list", "map", "ip", "kproxy", endpoints]);
+        assert!(!map.contains("10.244.250.250"), "{map}");
+    }) else {
+        eprintln!("skipping: needs root (network namespaces)");
+        return;
+    };
+}
+
 /// A cold start in many small batches through the writer thread (the kernel commits batch N
 /// while N+1 is planned), then a partial sync by handle: after each, the table read back
 /// equals what the planner committed, handles of the Services' own rules included. Skipped
