@@ -460,16 +460,21 @@ pub fn encode_dump(seq: u32, what: Dump) -> Vec<u8> {
     buf
 }
 
-/// `nft get element`: one `NFT_MSG_GETSETELEM` (not a dump) per key, each acknowledged, with
-/// sequence numbers from `first`. The kernel looks each key up in the set and answers with the
-/// element or `ENOENT`: the cost of a key, where a dump of the set walks all of it.
+/// `nft get element`: one `NFT_MSG_GETSETELEM` (not a dump) per key, with sequence numbers
+/// from `first`; only the last asks for an acknowledgement (the kernel answers in order, so it
+/// ends the answers). The kernel looks each key up in the set and answers with the element or
+/// `ENOENT`: the cost of a key, where a dump of the set walks all of it.
 pub fn encode_get_elements(first: u32, table: Table, set: &str, keys: &[&[u8]]) -> Vec<u8> {
     let mut buf = Vec::new();
     let mut w = Writer { buf: &mut buf };
     for (i, key) in keys.iter().enumerate() {
         let s = w.begin_message(
             (SUBSYS_NFTABLES << 8) | u16::from(msg::GETSETELEM),
-            NLM_F_REQUEST | NLM_F_ACK,
+            if i + 1 == keys.len() {
+                NLM_F_REQUEST | NLM_F_ACK
+            } else {
+                NLM_F_REQUEST
+            },
             first.wrapping_add(i as u32),
             nfproto(table.family),
             0,

@@ -346,8 +346,8 @@ impl NftSocket {
             self.send(&encode_get_elements(first, table, set, chunk))
                 .map_err(|e| nl_error(&label, e))?;
             let mut got: Vec<Option<Option<Data>>> = vec![None; chunk.len()];
-            let mut answered = 0;
-            while answered < chunk.len() {
+            let mut done = false;
+            while !done {
                 let buf = self.recv().map_err(|e| nl_error(&label, e))?;
                 for reply in decode_replies(&buf).map_err(|e| nl_error(&label, e))? {
                     let index = |seq: u32| {
@@ -368,7 +368,8 @@ impl NftSocket {
                         }
                         Reply::Error { seq, errno, .. } => {
                             let Some(i) = index(seq) else { continue };
-                            answered += 1;
+                            // The last key's acknowledgement or error: every answer is in.
+                            done |= i + 1 == chunk.len();
                             match errno {
                                 0 => {}
                                 // ENOENT: not in the set.
@@ -386,8 +387,9 @@ impl NftSocket {
     }
 }
 
-/// Keys looked up per send: each answer is an element and an acknowledgement.
-const GET_CHUNK: usize = 512;
+/// Keys looked up per send: the kernel answers them all inside the send, without a pause
+/// (about 3 µs a key), so a send is kept well under a millisecond.
+const GET_CHUNK: usize = 128;
 
 #[cfg(test)]
 pub mod tests {
