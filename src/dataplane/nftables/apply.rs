@@ -175,18 +175,18 @@ impl Kernel {
 
     /// A check is about to list the table (the whole of it if `whole`): what it must list.
     /// Whatever the notifications reported so far is covered by it. Without notifications,
-    /// or after lost ones, the whole table, every element dumped; a whole check while the
-    /// notifications have shown every foreign change (nothing due) may look elements up.
+    /// or after lost ones, the whole table, every element dumped; while they have shown every
+    /// element someone else added or deleted, a whole check may look elements up by key.
     pub fn check_starts(&mut self, whole: bool) -> Scope {
         match self.monitor.as_mut() {
-            None => Scope::Whole { lookups: false },
-            Some(m) if whole => {
-                m.drain(self.port);
-                let lookups = m.due().is_none();
-                m.clear(self.port);
-                Scope::Whole { lookups }
-            }
-            Some(m) => m.take_scope(self.port),
+            None => Scope::Whole {
+                lookups: false,
+                also: Spots::default(),
+            },
+            Some(m) => match m.take_scope(self.port) {
+                Scope::Spots(also) if whole => Scope::Whole { lookups: true, also },
+                scope => scope,
+            },
         }
     }
 

@@ -45,10 +45,10 @@ const MAX_SPOTS: usize = 4096;
 /// What a check due from the notifications lists and compares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
-    /// The whole table. With `lookups`, the notifications have shown every change someone
-    /// else made (none is due): large sets' committed elements may be looked up by key
-    /// instead of dumped, since a foreign element among them would have been announced.
-    Whole { lookups: bool },
+    /// The whole table. With `lookups`, the notifications have shown every element someone
+    /// else added or deleted (their keys are in `also`): large sets may be looked up by those
+    /// keys and the committed ones instead of dumped.
+    Whole { lookups: bool, also: Spots },
     /// Only these objects: everything someone else's commits touched is among them.
     Spots(Spots),
 }
@@ -81,10 +81,11 @@ struct Seen {
     /// A foreign change in the commit being read (its `NEWGEN` names who committed).
     pending: Option<String>,
     lost: Option<String>,
-    /// The objects the foreign changes touched, unless only a listing of the whole table
-    /// can check them (`whole`: why).
+    /// The objects the foreign changes touched. `whole`: a listing of the whole table is
+    /// needed (why), but the touched elements are still known; `untracked`: they are not.
     spots: Spots,
     whole: Option<&'static str>,
+    untracked: Option<&'static str>,
 }
 
 impl Seen {
@@ -141,7 +142,7 @@ impl Seen {
 
     /// Notes what a foreign change to the table touched, for a spot check.
     fn spot(&mut self, n: &Notification) {
-        if self.whole.is_some() {
+        if self.untracked.is_some() {
             return;
         }
         match n.kind {
@@ -158,13 +159,15 @@ impl Seen {
                 Err(_) => self.whole = Some("a rule without its chain"),
             },
             msg::NEWSETELEM | msg::DELSETELEM => match decode_elements(n.attrs) {
-                // The hairpin set is compared as a whole (its elements are derived).
-                Ok((set, _)) if set == names::HAIRPIN => self.whole = Some("the hairpin set"),
                 // Elements of per-Service sets (session affinity's) are the kernel's to keep.
                 Ok((set, _)) if fixed_set_kind(&set).is_none() => {}
                 Ok((set, elements)) => {
                     if elements.iter().any(|e| e.key.is_empty()) {
-                        self.whole = Some("an interval or catch-all element");
+                        self.untracked = Some("an interval or catch-all element");
+                    }
+                    // The hairpin set is compared as a whole (its elements are derived).
+                    if set == names::HAIRPIN {
+                        self.whole = Some("the hairpin set");
                     }
                     self.spots
                         .elements
@@ -172,22 +175,32 @@ impl Seen {
                         .or_default()
                         .extend(elements.into_iter().map(|e| e.key));
                 }
-                Err(_) => self.whole = Some("undecodable elements"),
+                Err(_) => self.untracked = Some("undecodable elements"),
             },
             // A table, a set's declaration, objects, flowtables.
             _ => self.whole = Some("a table, set or object"),
         }
         if self.spots.len() > MAX_SPOTS {
-            self.whole = Some("too many objects");
+            self.untracked = Some("too many objects");
+            self.spots = Spots::default();
         }
     }
 
     /// What a check of what was seen lists, and forgets it.
     fn take_scope(&mut self) -> Scope {
-        let scope = if self.lost.is_some() || self.whole.is_some() {
-            Scope::Whole { lookups: false }
+        let spots = std::mem::take(&mut self.spots);
+        let scope = if self.lost.is_some() || self.untracked.is_some() {
+            Scope::Whole {
+                lookups: false,
+                also: Spots::default(),
+            }
+        } else if self.whole.is_some() {
+            Scope::Whole {
+                lookups: true,
+                also: spots,
+            }
         } else {
-            Scope::Spots(std::mem::take(&mut self.spots))
+            Scope::Spots(spots)
         };
         self.reset();
         scope
@@ -199,6 +212,7 @@ impl Seen {
         self.lost = None;
         self.spots = Spots::default();
         self.whole = None;
+        self.untracked = None;
     }
 
     /// Why a check is due, if it is.
@@ -374,10 +388,11 @@ impl Monitor {
         self.seen.reason()
     }
 
-    /// A check that was due could not be made: the next one lists the whole table.
+    /// A check that was due could not be made (what it was for is forgotten): the next one
+    /// dumps the whole table.
     pub fn recheck(&mut self, why: &'static str) {
         self.seen.touched.get_or_insert_with(|| why.to_string());
-        self.seen.whole = Some(why);
+        self.seen.untracked = Some(why);
     }
 
     /// Marks what happened before the subscription as unknown.
@@ -491,12 +506,23 @@ mod tests {
         assert_eq!(spots.chains.iter().collect::<Vec<_>>(), ["services", "stray"]);
         assert_eq!(spots.elements[set], [vec![10, 96, 0, 10]].into());
         assert_eq!(seen.reason(), None, "taken");
-        // A table or a set's declaration: the whole table.
+        // A table or a set's declaration: the whole table, with the touched keys looked up.
         note(&mut seen, msg::NEWSET, 200, 2, &rule);
-        assert_eq!(seen.take_scope(), Scope::Whole { lookups: false });
+        note(&mut seen, msg::NEWSETELEM, 200, 2, &elems);
+        let Scope::Whole { lookups: true, also } = seen.take_scope() else {
+            panic!("a whole check with lookups")
+        };
+        assert_eq!(also.elements[set], [vec![10, 96, 0, 10]].into());
+        // After lost notifications, nothing is known: every set is dumped.
         note(&mut seen, msg::NEWCHAIN, 200, 2, &chain);
         seen.lost = Some("overflow".into());
-        assert_eq!(seen.take_scope(), Scope::Whole { lookups: false });
+        assert_eq!(
+            seen.take_scope(),
+            Scope::Whole {
+                lookups: false,
+                also: Spots::default()
+            }
+        );
     }
 
     #[test]

@@ -1260,7 +1260,13 @@ fn a_whole_check_looks_large_sets_up_by_key() {
         assert_eq!(keys.get(endpoints).map(Vec::len), Some(1500), "{:?}", keys.keys());
         assert_eq!(keys.get(names::HAIRPIN).map(Vec::len), Some(1500));
         // Nothing due: the whole check may look up.
-        assert_eq!(kernel.check_starts(true), super::Scope::Whole { lookups: true });
+        assert_eq!(
+            kernel.check_starts(true),
+            super::Scope::Whole {
+                lookups: true,
+                also: Default::default()
+            }
+        );
         let (listed, _, snapshot) = super::apply::read_table_with(&mut kernel.sock, kernel.table, Some(&keys)).unwrap();
         assert!(snapshot);
         assert!(
@@ -1285,9 +1291,18 @@ fn a_whole_check_looks_large_sets_up_by_key() {
             let mut g = super::lock(&shared.inner);
             let k = g.kernel.as_mut().unwrap();
             assert!(k.changed_by_others().unwrap().is_some());
-            // Due: a whole check now dumps (an element someone added would be among them).
-            assert_eq!(k.check_starts(true), super::Scope::Whole { lookups: false });
         }
+        // Someone else's elements, in a set kproxy declared: looked up by the keys the
+        // notifications named, and deleted as strays.
+        nft(&[
+            "add",
+            "element",
+            "ip",
+            "kproxy",
+            endpoints,
+            "{ 10.96.9.9 . 80 . 0 : 10.244.250.251 . 8080 }",
+        ]);
+        nft(&["add", "set", "ip", "kproxy", "theirs", "{ type ipv4_addr; }"]);
         super::check_table(&shared, IpFamily::V4, true);
         let mut g = super::lock(&shared.inner);
         let inner = &mut *g;
@@ -1295,7 +1310,14 @@ fn a_whole_check_looks_large_sets_up_by_key() {
         let (now, _, _) = read_table(&mut kernel.sock, kernel.table).unwrap();
         assert!(now == inner.planner.committed(), "repaired");
         let map = nft(&["list", "map", "ip", "kproxy", endpoints]);
-        assert!(!map.contains("10.244.250.250"), "{map}");
+        assert!(!map.contains("10.244.250.250") && !map.contains("10.96.9.9"), "{map}");
+        assert!(!nft(&["list", "table", "ip", "kproxy"]).contains("set theirs"));
+        // After lost notifications, a whole check dumps.
+        kernel.check_failed();
+        assert!(matches!(
+            kernel.check_starts(true),
+            super::Scope::Whole { lookups: false, .. }
+        ));
     }) else {
         eprintln!("skipping: needs root (network namespaces)");
         return;
