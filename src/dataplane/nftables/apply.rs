@@ -573,36 +573,13 @@ pub fn read_table_with(
     table: Table,
     lookups: Option<&HashMap<String, Vec<KeyBytes>>>,
 ) -> Result<(TableState, u32, bool)> {
-    let family = netlink::nfproto(table.family);
     let before = sock.generation()?;
     let mut state = TableState::default();
     let mut interrupted = false;
 
-    sock.dump(Dump::Tables, |_, f, a| {
-        if f == family && netlink::decode_table(f, a)?.1 == table.name {
-            state.exists = true;
-        }
-        Ok(())
-    })?;
+    state.exists = table_exists(sock, table)?;
     if state.exists {
-        interrupted |= sock
-            .dump(Dump::Chains, |kind, f, a| {
-                if kind != msg::NEWCHAIN || f != family {
-                    return Ok(());
-                }
-                let c = decode_chain(f, a)?;
-                if c.table == table.name {
-                    state.chains.insert(
-                        c.name,
-                        ChainState {
-                            hook: c.hook,
-                            rules: Vec::new(),
-                        },
-                    );
-                }
-                Ok(())
-            })?
-            .unwrap_or(false);
+        state.chains = read_chains(sock, table, |_| true, &mut interrupted)?;
         // Chain by chain: a whole-table rule dump walks the table again for every part.
         let mut names: Vec<String> = state.chains.keys().cloned().collect();
         names.sort();
@@ -654,35 +631,12 @@ pub fn read_table_with(
 /// looked up by key; every other fixed set is marked unlisted, so that a comparison leaves it
 /// alone. Returns the listing, the generation it started at, and whether it is a snapshot.
 pub fn read_spots(sock: &mut NftSocket, table: Table, spots: &Spots) -> Result<(TableState, u32, bool)> {
-    let family = netlink::nfproto(table.family);
     let before = sock.generation()?;
     let mut state = TableState::default();
     let mut interrupted = false;
-    sock.dump(Dump::Tables, |_, f, a| {
-        if f == family && netlink::decode_table(f, a)?.1 == table.name {
-            state.exists = true;
-        }
-        Ok(())
-    })?;
+    state.exists = table_exists(sock, table)?;
     if state.exists && !spots.chains.is_empty() {
-        interrupted |= sock
-            .dump(Dump::Chains, |kind, f, a| {
-                if kind != msg::NEWCHAIN || f != family {
-                    return Ok(());
-                }
-                let c = decode_chain(f, a)?;
-                if c.table == table.name && spots.chains.contains(&c.name) {
-                    state.chains.insert(
-                        c.name,
-                        ChainState {
-                            hook: c.hook,
-                            rules: Vec::new(),
-                        },
-                    );
-                }
-                Ok(())
-            })?
-            .unwrap_or(false);
+        state.chains = read_chains(sock, table, |name| spots.chains.contains(name), &mut interrupted)?;
         let listed: Vec<String> = state.chains.keys().cloned().collect();
         for name in listed {
             let rules = read_rules(sock, table, &name, &mut interrupted)?;
@@ -709,6 +663,45 @@ pub fn read_spots(sock: &mut NftSocket, table: Table, spots: &Spots) -> Result<(
     }
     let after = sock.generation()?;
     Ok((state, before, !interrupted && before == after))
+}
+
+/// Whether `table` exists.
+fn table_exists(sock: &mut NftSocket, table: Table) -> Result<bool> {
+    let family = netlink::nfproto(table.family);
+    let mut exists = false;
+    sock.dump(Dump::Tables, |_, f, a| {
+        exists |= f == family && netlink::decode_table(f, a)?.1 == table.name;
+        Ok(())
+    })?;
+    Ok(exists)
+}
+
+/// The chains of `table` whose names `keep` accepts, with their hooks (no rules yet).
+fn read_chains(
+    sock: &mut NftSocket,
+    table: Table,
+    keep: impl Fn(&str) -> bool,
+    interrupted: &mut bool,
+) -> Result<HashMap<String, ChainState>> {
+    let family = netlink::nfproto(table.family);
+    let mut chains = HashMap::new();
+    *interrupted |= sock
+        .dump(Dump::Chains, |kind, f, a| {
+            if kind != msg::NEWCHAIN || f != family {
+                return Ok(());
+            }
+            let c = decode_chain(f, a)?;
+            if c.table == table.name && keep(&c.name) {
+                let state = ChainState {
+                    hook: c.hook,
+                    rules: Vec::new(),
+                };
+                chains.insert(c.name, state);
+            }
+            Ok(())
+        })?
+        .unwrap_or(false);
+    Ok(chains)
 }
 
 /// Every fixed set's name (the hairpin set's too), for a listing that leaves them out.

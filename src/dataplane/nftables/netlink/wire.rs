@@ -206,28 +206,49 @@ pub struct Notification<'a> {
 /// Splits one datagram of notifications into its messages (control messages are left out).
 pub fn decode_notifications(buf: &[u8]) -> DecodeResult<Vec<Notification<'_>>> {
     let mut out = Vec::new();
+    for m in split(buf)? {
+        // Types below 16 are netlink's own (NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE, ...).
+        if m.kind >= 16 {
+            if m.body.len() < 4 {
+                return Err(DecodeError::Truncated);
+            }
+            out.push(Notification {
+                subsys: (m.kind >> 8) as u8,
+                kind: (m.kind & 0xff) as u8,
+                port: m.port,
+                family: m.body[0],
+                attrs: Attrs(&m.body[4..]),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// One netlink message of a datagram: its header's fields and its payload.
+struct Raw<'a> {
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    port: u32,
+    body: &'a [u8],
+}
+
+/// Splits a datagram into its netlink messages.
+fn split(buf: &[u8]) -> DecodeResult<Vec<Raw<'_>>> {
+    let mut out = Vec::new();
     let mut at = 0;
     while at + 16 <= buf.len() {
         let len = u32_at(buf, at).ok_or(DecodeError::Truncated)? as usize;
         if len < 16 || at + len > buf.len() {
             return Err(DecodeError::Truncated);
         }
-        let kind = u16_at(buf, at + 4).ok_or(DecodeError::Truncated)?;
-        let port = u32_at(buf, at + 12).ok_or(DecodeError::Truncated)?;
-        let body = &buf[at + 16..at + len];
-        // Types below 16 are netlink's own (NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE, ...).
-        if kind >= 16 {
-            if body.len() < 4 {
-                return Err(DecodeError::Truncated);
-            }
-            out.push(Notification {
-                subsys: (kind >> 8) as u8,
-                kind: (kind & 0xff) as u8,
-                port,
-                family: body[0],
-                attrs: Attrs(&body[4..]),
-            });
-        }
+        out.push(Raw {
+            kind: u16_at(buf, at + 4).ok_or(DecodeError::Truncated)?,
+            flags: u16_at(buf, at + 6).ok_or(DecodeError::Truncated)?,
+            seq: u32_at(buf, at + 8).ok_or(DecodeError::Truncated)?,
+            port: u32_at(buf, at + 12).ok_or(DecodeError::Truncated)?,
+            body: &buf[at + 16..at + len],
+        });
         at += (len + 3) & !3;
     }
     Ok(out)
@@ -236,16 +257,10 @@ pub fn decode_notifications(buf: &[u8]) -> DecodeResult<Vec<Notification<'_>>> {
 /// Splits one datagram from the kernel into its messages.
 pub fn decode_replies(buf: &[u8]) -> DecodeResult<Vec<Reply<'_>>> {
     let mut out = Vec::new();
-    let mut at = 0;
-    while at + 16 <= buf.len() {
-        let len = u32_at(buf, at).ok_or(DecodeError::Truncated)? as usize;
-        if len < 16 || at + len > buf.len() {
-            return Err(DecodeError::Truncated);
-        }
-        let kind = u16_at(buf, at + 4).ok_or(DecodeError::Truncated)?;
-        let flags = u16_at(buf, at + 6).ok_or(DecodeError::Truncated)?;
-        let seq = u32_at(buf, at + 8).ok_or(DecodeError::Truncated)?;
-        let body = &buf[at + 16..at + len];
+    for Raw {
+        kind, flags, seq, body, ..
+    } in split(buf)?
+    {
         out.push(match kind {
             NLMSG_ERROR => {
                 let errno = (u32_at(body, 0).ok_or(DecodeError::Truncated)? as i32).wrapping_neg();
@@ -279,7 +294,6 @@ pub fn decode_replies(buf: &[u8]) -> DecodeResult<Vec<Reply<'_>>> {
                 }
             }
         });
-        at += (len + 3) & !3;
     }
     Ok(out)
 }
