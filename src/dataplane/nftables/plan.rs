@@ -1472,6 +1472,12 @@ impl Planner {
             dirty.insert(Owner::Fixed);
             self.state.exists = kernel.exists;
         }
+        // Decided before the sets are reconciled: a hairpin set that someone deleted (with the
+        // whole table, say) is declared again, and its derived elements must come with it.
+        let hairpin = !kernel.unlisted.contains(names::HAIRPIN)
+            && (kernel.elements.contains_key(names::HAIRPIN)
+                || self.state.elements.contains_key(names::HAIRPIN)
+                || self.state.sets.contains_key(names::HAIRPIN));
         let mut named = Named {
             skipped: &skipped,
             strays,
@@ -1500,10 +1506,6 @@ impl Planner {
         // committed elements are derived (see `Planner::hairpin`). Repaired as a whole,
         // unless a Service changed since the listing started (it may show either side of
         // that, and the comparison may have seen the counts on either side).
-        let hairpin = !kernel.unlisted.contains(names::HAIRPIN)
-            && (kernel.elements.contains_key(names::HAIRPIN)
-                || self.state.elements.contains_key(names::HAIRPIN)
-                || self.state.sets.contains_key(names::HAIRPIN));
         if hairpin && skip.is_empty() {
             let listed = kernel.elements.get(names::HAIRPIN);
             if !found.hairpin_listed_ok || listed.map_or(0, HashMap::len) != self.hairpin.len() {

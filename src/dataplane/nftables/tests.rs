@@ -1324,6 +1324,40 @@ fn a_whole_check_looks_large_sets_up_by_key() {
     };
 }
 
+/// Someone deletes kproxy's whole table (`nft delete table`, or a flush of the ruleset): the
+/// notifications call for a check of the whole table, which finds it gone and writes it
+/// again, and the kernel then holds what was committed. Skipped without root.
+#[test]
+fn a_deleted_table_is_checked_whole_and_written_again() {
+    let yaml = representative();
+    let Some(()) = in_netns(move || {
+        let cfg = config();
+        let (mut kernel, planner) = programmed(&yaml, &cfg);
+        kernel.follow_others();
+        nft(&["delete", "table", "ip", "kproxy"]);
+        // The kernel announces every rule, chain and set of the table deleted, then the table.
+        assert!(kernel.changed_by_others().unwrap().is_some());
+        let shared = super::Shared::new(super::Inner {
+            planner,
+            kernel: Some(kernel),
+            recover: false,
+            touched: None,
+        });
+        super::check_table(&shared, IpFamily::V4, false);
+        let mut g = super::lock(&shared.inner);
+        let inner = &mut *g;
+        assert!(!inner.recover, "repaired by the check, not left to a read-back");
+        let kernel = inner.kernel.as_mut().unwrap();
+        let (now, _, _) = read_table(&mut kernel.sock, kernel.table).unwrap();
+        assert!(now == inner.planner.committed(), "the table is back as committed");
+        let np = nft(&["list", "set", "ip", "kproxy", names::EXTERNAL_CLUSTER_NODEPORTS]);
+        assert!(np.contains("30080"), "{np}");
+    }) else {
+        eprintln!("skipping: needs root (network namespaces)");
+        return;
+    };
+}
+
 /// A cold start in many small batches through the writer thread (the kernel commits batch N
 /// while N+1 is planned), then a partial sync by handle: after each, the table read back
 /// equals what the planner committed, handles of the Services' own rules included. Skipped
