@@ -117,6 +117,7 @@ pub const NFTABLES_ONLY: &[(&str, Scenario)] = &[
         "another_writers_own_tables_start_no_check_a_write_into_kproxys_does",
         others_tables,
     ),
+    ("a_flushed_ruleset_is_written_again", flushed_ruleset),
 ];
 
 const CLUSTER_IP: &str = "10.96.0.10";
@@ -1018,6 +1019,33 @@ fn others_tables(mode: &'static str, kind: SourceKind) {
     assert!(log.contains("a new chain stray in table kproxy"), "{log}");
     assert!(checks(&log) > before, "{log}");
     eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
+}
+
+/// `nft flush ruleset` on the node (what nftables.service does when it starts or reloads)
+/// deletes kproxy's tables with everything else: the next periodic sync sees it in the
+/// notifications, checks the whole table and writes it again, and the cluster IP and the
+/// NodePort answer again, with the table as kproxy would write it.
+fn flushed_ruleset(mode: &'static str, kind: SourceKind) {
+    let env = Env::new(mode, kind, &objects(&pod_ips(&[0, 1])), &["--sync-period", "1s"]);
+    let url = format!("http://{CLUSTER_IP}/");
+    let node_port = format!("http://{}:30080/", env.topo.node_ip);
+    let (node, client, outside) = (
+        env.topo.node.clone(),
+        env.topo.pods[2].ns.clone(),
+        env.topo.client.clone(),
+    );
+    eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
+    let before = env.topo.exec_ok(&node, &["nft", "list", "table", "ip", "kproxy"]);
+    env.topo.exec_ok(&node, &["nft", "flush ruleset"]);
+    assert!(!env.topo.exec_ok(&node, &["nft", "list", "tables"]).contains("kproxy"));
+    eventually("the table is written again", || {
+        let out = env.topo.exec(&node, &["nft", "list", "table", "ip", "kproxy"]);
+        (out.status.success() && String::from_utf8_lossy(&out.stdout) == before).then_some(())
+    });
+    eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
+    eventually_backends(&env.topo, &outside, &node_port, 10, &["pod-a", "pod-b"]);
+    let log = env.kproxy.log_text();
+    assert!(log.contains("checking it"), "{log}");
 }
 
 /// nft 1.1.3 (Debian trixie's), fetched and unpacked under target/ by scripts/nft-trixie.sh.
