@@ -602,13 +602,10 @@ pub fn read_table_with(
             .unwrap_or(false);
         for set in sets.iter().filter(|s| fixed_set_kind(s).is_some()) {
             if let Some(keys) = lookups.and_then(|l| l.get(set)) {
-                let keys: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
-                let found = sock.get_elements(table, set, &keys)?;
-                let elements: HashMap<KeyBytes, Hash> = keys
-                    .iter()
-                    .zip(found)
-                    .filter_map(|(k, data)| Some((KeyBytes::new(k), data_hash(data?.as_ref()))))
-                    .collect();
+                let mut elements: HashMap<KeyBytes, Hash> = HashMap::with_capacity(keys.len());
+                sock.get_elements(table, set, keys, |i, data| {
+                    elements.insert(keys[i].clone(), data_hash(data.as_ref()));
+                })?;
                 state.elements.insert(set.clone(), elements);
                 continue;
             }
@@ -650,14 +647,11 @@ pub fn read_spots(sock: &mut NftSocket, table: Table, spots: &Spots) -> Result<(
     }
     if state.exists {
         for (set, keys) in &spots.elements {
-            let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-            let found = sock.get_elements(table, set, &keys)?;
+            let keys: Vec<&Vec<u8>> = keys.iter().collect();
             let elements = state.elements.entry(set.clone()).or_default();
-            for (key, data) in keys.iter().zip(found) {
-                if let Some(data) = data {
-                    elements.insert(KeyBytes::new(key), data_hash(data.as_ref()));
-                }
-            }
+            sock.get_elements(table, set, &keys, |i, data| {
+                elements.insert(KeyBytes::new(keys[i]), data_hash(data.as_ref()));
+            })?;
             state.unlisted.remove(set);
         }
     }

@@ -464,7 +464,7 @@ pub fn encode_dump(seq: u32, what: Dump) -> Vec<u8> {
 /// from `first`; only the last asks for an acknowledgement (the kernel answers in order, so it
 /// ends the answers). The kernel looks each key up in the set and answers with the element or
 /// `ENOENT`: the cost of a key, where a dump of the set walks all of it.
-pub fn encode_get_elements(first: u32, table: Table, set: &str, keys: &[&[u8]]) -> Vec<u8> {
+pub fn encode_get_elements<K: AsRef<[u8]>>(first: u32, table: Table, set: &str, keys: &[K]) -> Vec<u8> {
     let mut buf = Vec::new();
     let mut w = Writer { buf: &mut buf };
     for (i, key) in keys.iter().enumerate() {
@@ -483,7 +483,7 @@ pub fn encode_get_elements(first: u32, table: Table, set: &str, keys: &[&[u8]]) 
         w.str(attr::ELEM_LIST_SET, set);
         let list = w.nest_start(attr::ELEM_LIST_ELEMENTS);
         let n = w.nest_start(attr::LIST_ELEM);
-        expr::put_data(&mut w, attr::ELEM_KEY, &Data::Value(key.to_vec()));
+        expr::put_data(&mut w, attr::ELEM_KEY, &Data::Value(key.as_ref().to_vec()));
         w.nest_end(n);
         w.nest_end(list);
         w.end_message(s);

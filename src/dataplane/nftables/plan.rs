@@ -84,6 +84,12 @@ impl KeyBytes {
     }
 }
 
+impl AsRef<[u8]> for KeyBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
 impl std::ops::Deref for KeyBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -335,17 +335,23 @@ impl NftSocket {
 }
 
 impl NftSocket {
-    /// Looks up `keys` in `set` of `table` (no dump): for each key, the element's data if the
-    /// set holds it (`Some(None)` in a plain set), `None` if it does not.
-    pub fn get_elements(&mut self, table: Table, set: &str, keys: &[&[u8]]) -> Result<Vec<Option<Option<Data>>>> {
+    /// Looks up `keys` in `set` of `table` (no dump): `found` is called with the index and
+    /// the data (`None` in a plain set) of every key the set holds; keys it does not hold
+    /// are left out.
+    pub fn get_elements<K: AsRef<[u8]>>(
+        &mut self,
+        table: Table,
+        set: &str,
+        keys: &[K],
+        mut found: impl FnMut(usize, Option<Data>),
+    ) -> Result<()> {
         let label = format!("looking up elements of set {set}");
-        let mut out = Vec::with_capacity(keys.len());
         // Bounded per send, so that the answers fit the receive buffer.
-        for chunk in keys.chunks(GET_CHUNK) {
+        for (c, chunk) in keys.chunks(GET_CHUNK).enumerate() {
+            let base = c * GET_CHUNK;
             let first = self.next_seq(chunk.len() as u32);
             self.send(&encode_get_elements(first, table, set, chunk))
                 .map_err(|e| nl_error(&label, e))?;
-            let mut got: Vec<Option<Option<Data>>> = vec![None; chunk.len()];
             let mut done = false;
             while !done {
                 let buf = self.recv().map_err(|e| nl_error(&label, e))?;
@@ -363,27 +369,26 @@ impl NftSocket {
                         } => {
                             if let Some(i) = index(seq) {
                                 let (_, mut elements) = decode_elements(attrs).map_err(|e| nl_error(&label, e))?;
-                                got[i] = elements.pop().map(|e| e.data);
+                                if let Some(e) = elements.pop() {
+                                    found(base + i, e.data);
+                                }
                             }
                         }
                         Reply::Error { seq, errno, .. } => {
                             let Some(i) = index(seq) else { continue };
                             // The last key's acknowledgement or error: every answer is in.
                             done |= i + 1 == chunk.len();
-                            match errno {
-                                0 => {}
-                                // ENOENT: not in the set.
-                                2 => got[i] = None,
-                                _ => return Err(nl_error(&label, errno_text(errno))),
+                            // 0: acknowledged; ENOENT: not in the set.
+                            if errno != 0 && errno != 2 {
+                                return Err(nl_error(&label, errno_text(errno)));
                             }
                         }
                         _ => {}
                     }
                 }
             }
-            out.extend(got);
         }
-        Ok(out)
+        Ok(())
     }
 }
 
