@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::command::{fixed_set_kind, CommandText};
+use super::command::{fixed_set_kind, fixed_set_names, CommandText};
 use super::monitor::{Monitor, Scope};
 use super::names;
 use super::netlink::{self, decode_chain, decode_elements, decode_rule, decode_set, msg, Dump, Table};
@@ -179,10 +179,7 @@ impl Kernel {
     /// element someone else added or deleted, a whole check may look elements up by key.
     pub fn check_starts(&mut self, whole: bool) -> Scope {
         match self.monitor.as_mut() {
-            None => Scope::Whole {
-                lookups: false,
-                also: Spots::default(),
-            },
+            None => Scope::dump_all(),
             Some(m) => match m.take_scope(self.port) {
                 Scope::Spots(also) if whole => Scope::Whole { lookups: true, also },
                 scope => scope,
@@ -580,15 +577,6 @@ pub fn read_table_with(
     state.exists = table_exists(sock, table)?;
     if state.exists {
         state.chains = read_chains(sock, table, |_| true, &mut interrupted)?;
-        // Chain by chain: a whole-table rule dump walks the table again for every part.
-        let mut names: Vec<String> = state.chains.keys().cloned().collect();
-        names.sort();
-        for name in names {
-            let rules = read_rules(sock, table, &name, &mut interrupted)?;
-            if let Some(c) = state.chains.get_mut(&name) {
-                c.rules = rules;
-            }
-        }
         let mut sets = Vec::new();
         interrupted |= sock
             .dump(Dump::Sets(table), |kind, _, a| {
@@ -634,17 +622,8 @@ pub fn read_spots(sock: &mut NftSocket, table: Table, spots: &Spots) -> Result<(
     state.exists = table_exists(sock, table)?;
     if state.exists && !spots.chains.is_empty() {
         state.chains = read_chains(sock, table, |name| spots.chains.contains(name), &mut interrupted)?;
-        let listed: Vec<String> = state.chains.keys().cloned().collect();
-        for name in listed {
-            let rules = read_rules(sock, table, &name, &mut interrupted)?;
-            if let Some(c) = state.chains.get_mut(&name) {
-                c.rules = rules;
-            }
-        }
     }
-    for set in fixed_set_names() {
-        state.unlisted.insert(set);
-    }
+    state.unlisted.extend(fixed_set_names().map(String::from));
     if state.exists {
         for (set, keys) in &spots.elements {
             let keys: Vec<&Vec<u8>> = keys.iter().collect();
@@ -670,7 +649,7 @@ fn table_exists(sock: &mut NftSocket, table: Table) -> Result<bool> {
     Ok(exists)
 }
 
-/// The chains of `table` whose names `keep` accepts, with their hooks (no rules yet).
+/// The chains of `table` whose names `keep` accepts, with their hooks and rules.
 fn read_chains(
     sock: &mut NftSocket,
     table: Table,
@@ -695,12 +674,16 @@ fn read_chains(
             Ok(())
         })?
         .unwrap_or(false);
+    // Chain by chain: a whole-table rule dump walks the table again for every part.
+    let mut names: Vec<String> = chains.keys().cloned().collect();
+    names.sort();
+    for name in names {
+        let rules = read_rules(sock, table, &name, interrupted)?;
+        if let Some(c) = chains.get_mut(&name) {
+            c.rules = rules;
+        }
+    }
     Ok(chains)
-}
-
-/// Every fixed set's name (the hairpin set's too), for a listing that leaves them out.
-fn fixed_set_names() -> Vec<String> {
-    super::render::fixed_sets().into_iter().map(|d| d.name).collect()
 }
 
 /// The rules of one chain, in order, as the listing keeps them.

@@ -253,14 +253,20 @@ impl fmt::Display for CommandText<'_> {
 /// The set kind of one of kproxy's fixed sets, by name. Asked for every element of a listing
 /// (and of a cold start's stray search): the declarations are made once, not per question.
 pub fn fixed_set_kind(name: &str) -> Option<SetKind> {
+    fixed_set_kinds().get(name).copied()
+}
+
+/// Every fixed set's name (the hairpin set's too), from the same table.
+pub fn fixed_set_names() -> impl Iterator<Item = &'static str> {
+    fixed_set_kinds().keys().map(String::as_str)
+}
+
+fn fixed_set_kinds() -> &'static std::collections::HashMap<String, SetKind> {
     static KINDS: std::sync::OnceLock<std::collections::HashMap<String, SetKind>> = std::sync::OnceLock::new();
-    KINDS
-        .get_or_init(|| {
-            super::render::fixed_sets()
-                .into_iter()
-                .map(|d| (d.name, d.kind))
-                .collect()
-        })
-        .get(name)
-        .copied()
+    KINDS.get_or_init(|| {
+        super::render::fixed_sets()
+            .into_iter()
+            .map(|d| (d.name, d.kind))
+            .collect()
+    })
 }

@@ -329,25 +329,14 @@ fn check_table(shared: &Shared, family: IpFamily, whole: bool) {
     let (scope, lookups) = {
         let mut g = lock(&shared.inner);
         g.touched = Some(HashSet::new());
-        let scope = g.kernel.as_mut().map_or(
-            Scope::Whole {
-                lookups: false,
-                also: Default::default(),
-            },
-            |k| k.check_starts(whole),
-        );
+        let scope = g
+            .kernel
+            .as_mut()
+            .map_or_else(Scope::dump_all, |k| k.check_starts(whole));
         // The keys of the large sets, copied under the lock (a few MiB at 10,000 Services,
         // for the length of the check), and those someone else's commits touched.
         let lookups = match &scope {
-            Scope::Whole { lookups: true, also } => {
-                let mut keys = g.planner.lookup_keys(LOOKUP_ABOVE);
-                for (set, touched) in &also.elements {
-                    if let Some(k) = keys.get_mut(set) {
-                        k.extend(touched.iter().map(|key| plan::KeyBytes::new(key)));
-                    }
-                }
-                Some(keys)
-            }
+            Scope::Whole { lookups: true, also } => Some(g.planner.lookup_keys(LOOKUP_ABOVE, also)),
             _ => None,
         };
         (scope, lookups)

@@ -23,6 +23,7 @@ use super::names;
 use super::netlink::wire::{decode_notifications, Notification};
 use super::netlink::{attr, decode_elements, msg, nfproto, Table, SUBSYS_NFTABLES};
 use super::plan::Spots;
+use super::socket::set_rcvbuf;
 use crate::dataplane::{DataplaneError, Result};
 
 /// `NFNLGRP_NFTABLES`.
@@ -35,9 +36,6 @@ const RCVBUF: usize = 4 << 20;
 const READ_TIMEOUT_MS: i64 = 20;
 /// How many such reads before the notifications are counted as lost.
 const READS_BEFORE_LOST: usize = 10;
-/// `NFTA_GEN_PROC_PID`, `NFTA_GEN_PROC_NAME`: who committed (in `NEWGEN`, since Linux 4.19).
-const GEN_PROC_PID: u16 = 2;
-const GEN_PROC_NAME: u16 = 3;
 const ENOBUFS: i32 = 105;
 /// More touched objects than this are checked by listing the whole table.
 const MAX_SPOTS: usize = 4096;
@@ -51,6 +49,16 @@ pub enum Scope {
     Whole { lookups: bool, also: Spots },
     /// Only these objects: everything someone else's commits touched is among them.
     Spots(Spots),
+}
+
+impl Scope {
+    /// The whole table, every set dumped: what nothing is known about.
+    pub fn dump_all() -> Scope {
+        Scope::Whole {
+            lookups: false,
+            also: Spots::default(),
+        }
+    }
 }
 
 /// Why the notifications call for a check of the table.
@@ -97,8 +105,8 @@ impl Seen {
         if n.kind == msg::NEWGEN {
             self.generation = n.attrs.be32(attr::GEN_ID, "NFTA_GEN_ID").ok();
             if let Some(what) = self.pending.take() {
-                let pid = n.attrs.be32(GEN_PROC_PID, "").ok();
-                let name = n.attrs.str(GEN_PROC_NAME, "").ok();
+                let pid = n.attrs.be32(attr::GEN_PROC_PID, "").ok();
+                let name = n.attrs.str(attr::GEN_PROC_NAME, "").ok();
                 let by = match (name, pid) {
                     (Some(name), Some(pid)) => format!("{name} (pid {pid})"),
                     (None, Some(pid)) => format!("pid {pid}"),
@@ -126,10 +134,10 @@ impl Seen {
             let name = match n.kind {
                 msg::NEWTABLE | msg::DELTABLE => String::new(),
                 msg::NEWSETELEM | msg::DELSETELEM => n.attrs.str(attr::ELEM_LIST_SET, "").unwrap_or_default(),
-                // NFTA_CHAIN_NAME (after NFTA_CHAIN_HANDLE).
-                msg::NEWCHAIN | msg::DELCHAIN => n.attrs.str(3, "").unwrap_or_default(),
-                // NFTA_RULE_CHAIN, NFTA_SET_NAME, NFTA_OBJ_NAME, NFTA_FLOWTABLE_NAME.
-                _ => n.attrs.str(2, "").unwrap_or_default(),
+                msg::NEWCHAIN | msg::DELCHAIN => n.attrs.str(attr::CHAIN_NAME, "").unwrap_or_default(),
+                msg::NEWRULE | msg::DELRULE => n.attrs.str(attr::RULE_CHAIN, "").unwrap_or_default(),
+                // NFTA_SET_NAME, and NFTA_OBJ_NAME and NFTA_FLOWTABLE_NAME, which are the same.
+                _ => n.attrs.str(attr::SET_NAME, "").unwrap_or_default(),
             };
             let name = if name.is_empty() {
                 String::new()
@@ -146,13 +154,13 @@ impl Seen {
             return;
         }
         match n.kind {
-            msg::NEWCHAIN | msg::DELCHAIN => match n.attrs.str(3, "NFTA_CHAIN_NAME") {
+            msg::NEWCHAIN | msg::DELCHAIN => match n.attrs.str(attr::CHAIN_NAME, "NFTA_CHAIN_NAME") {
                 Ok(chain) => {
                     self.spots.chains.insert(chain);
                 }
                 Err(_) => self.whole = Some("a chain without a name"),
             },
-            msg::NEWRULE | msg::DELRULE => match n.attrs.str(2, "NFTA_RULE_CHAIN") {
+            msg::NEWRULE | msg::DELRULE => match n.attrs.str(attr::RULE_CHAIN, "NFTA_RULE_CHAIN") {
                 Ok(chain) => {
                     self.spots.chains.insert(chain);
                 }
@@ -190,10 +198,7 @@ impl Seen {
     fn take_scope(&mut self) -> Scope {
         let spots = std::mem::take(&mut self.spots);
         let scope = if self.lost.is_some() || self.untracked.is_some() {
-            Scope::Whole {
-                lookups: false,
-                also: Spots::default(),
-            }
+            Scope::dump_all()
         } else if self.whole.is_some() {
             Scope::Whole {
                 lookups: true,
@@ -241,11 +246,10 @@ fn object_kind(kind: u8) -> Option<&'static str> {
         msg::DELSET => "a set's deletion",
         msg::NEWSETELEM => "new elements of set",
         msg::DELSETELEM => "deleted elements of set",
-        // NFT_MSG_NEWOBJ, NFT_MSG_DELOBJ, NFT_MSG_NEWFLOWTABLE, NFT_MSG_DELFLOWTABLE.
-        18 => "a new object",
-        20 => "an object's deletion",
-        22 => "a new flowtable",
-        24 => "a flowtable's deletion",
+        msg::NEWOBJ => "a new object",
+        msg::DELOBJ => "an object's deletion",
+        msg::NEWFLOWTABLE => "a new flowtable",
+        msg::DELFLOWTABLE => "a flowtable's deletion",
         _ => return None,
     })
 }
@@ -264,10 +268,7 @@ impl Monitor {
             |what: &str, e: std::io::Error| DataplaneError::Netlink(format!("nf_tables notifications: {what}: {e}"));
         let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|e| err("socket", e))?;
         socket.bind(&SocketAddr::new(0, 0)).map_err(|e| err("bind", e))?;
-        let fd = socket.as_fd();
-        if nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::RcvBufForce, &RCVBUF).is_err() {
-            let _ = socket.set_rx_buf_sz(RCVBUF);
-        }
+        set_rcvbuf(&socket, RCVBUF);
         let timeout = nix::sys::time::TimeVal::new(0, READ_TIMEOUT_MS * 1000);
         nix::sys::socket::setsockopt(&socket.as_fd(), nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
             .map_err(|e| err("SO_RCVTIMEO", e.into()))?;
@@ -443,8 +444,8 @@ mod tests {
     fn gen(seen: &mut Seen, g: u32, port: u32) {
         let a = attrs(&[
             (attr::GEN_ID, &g.to_be_bytes()),
-            (GEN_PROC_PID, &42u32.to_be_bytes()),
-            (GEN_PROC_NAME, b"nft\0"),
+            (attr::GEN_PROC_PID, &42u32.to_be_bytes()),
+            (attr::GEN_PROC_NAME, b"nft\0"),
         ]);
         note(seen, msg::NEWGEN, port, 0, &a);
     }

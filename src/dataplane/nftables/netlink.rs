@@ -46,6 +46,10 @@ pub mod msg {
     pub const DELSETELEM: u8 = 14;
     pub const NEWGEN: u8 = 15;
     pub const GETGEN: u8 = 16;
+    pub const NEWOBJ: u8 = 18;
+    pub const DELOBJ: u8 = 20;
+    pub const NEWFLOWTABLE: u8 = 22;
+    pub const DELFLOWTABLE: u8 = 24;
 }
 
 /// `NFPROTO_IPV4`, `NFPROTO_IPV6`: the table families `ip` and `ip6`.
@@ -200,6 +204,9 @@ pub mod attr {
     pub const ELEM_DATA: u16 = 2;
     pub const ELEM_FLAGS: u16 = 3;
     pub const GEN_ID: u16 = 1;
+    /// In `NEWGEN`, since Linux 4.19: who committed.
+    pub const GEN_PROC_PID: u16 = 2;
+    pub const GEN_PROC_NAME: u16 = 3;
     pub const LIST_ELEM: u16 = 1;
 }
 

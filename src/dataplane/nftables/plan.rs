@@ -615,9 +615,10 @@ impl<'a> Comparison<'a> {
 
 impl Planner {
     /// The committed keys of every fixed set with more than `above` elements (the hairpin
-    /// set's derived from the counts), for a check that looks them up instead of dumping the
-    /// sets: a dump of a set walks it again for every message.
-    pub fn lookup_keys(&self, above: usize) -> HashMap<String, Vec<KeyBytes>> {
+    /// set's derived from the counts), and the keys of those sets that someone else touched
+    /// (`also`), for a check that looks them up instead of dumping the sets: a dump of a set
+    /// walks it again for every message.
+    pub fn lookup_keys(&self, above: usize, also: &Spots) -> HashMap<String, Vec<KeyBytes>> {
         let mut out: HashMap<String, Vec<KeyBytes>> = self
             .state
             .elements
@@ -632,6 +633,11 @@ impl Planner {
                 .map(|ip| KeyBytes::from(Key::Pair(ip).bytes()))
                 .collect();
             out.insert(names::HAIRPIN.into(), keys);
+        }
+        for (set, touched) in &also.elements {
+            if let Some(keys) = out.get_mut(set) {
+                keys.extend(touched.iter().map(|key| KeyBytes::new(key)));
+            }
         }
         out
     }

@@ -81,6 +81,14 @@ const RECV_BUF: usize = 64 << 10;
 /// keep the largest batch ever sent.
 const OUT_KEPT: usize = 64 << 10;
 
+/// Sets a netlink socket's receive buffer to `size`: beyond the system's maximum with
+/// CAP_NET_ADMIN (which nftables mode needs anyway), else up to that maximum.
+pub(super) fn set_rcvbuf(socket: &Socket, size: usize) {
+    if nix::sys::socket::setsockopt(&socket.as_fd(), nix::sys::socket::sockopt::RcvBufForce, &size).is_err() {
+        let _ = socket.set_rx_buf_sz(size);
+    }
+}
+
 impl NftSocket {
     /// Opens the socket. Fails with [`DataplaneError::Unsupported`] where nf_tables cannot be
     /// reached at all (no netfilter netlink, no permission).
@@ -98,10 +106,7 @@ impl NftSocket {
         let _ = socket.set_ext_ack(true);
         // FORCE needs CAP_NET_ADMIN, which nftables mode needs anyway; without it the
         // system's maximum applies and very large batches fail with a clear error.
-        let fd = socket.as_fd();
-        if nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::RcvBufForce, &RCVBUF).is_err() {
-            let _ = socket.set_rx_buf_sz(RCVBUF);
-        }
+        set_rcvbuf(&socket, RCVBUF);
         let timeout = nix::sys::time::TimeVal::new(30, 0);
         let _ = nix::sys::socket::setsockopt(&socket.as_fd(), nix::sys::socket::sockopt::ReceiveTimeout, &timeout);
         Ok(NftSocket {

@@ -1256,7 +1256,7 @@ fn a_whole_check_looks_large_sets_up_by_key() {
         let (mut kernel, planner) = programmed(&yaml, &cfg);
         kernel.follow_others();
         let endpoints = names::service_endpoints(crate::model::Protocol::Tcp);
-        let keys = planner.lookup_keys(super::LOOKUP_ABOVE);
+        let keys = planner.lookup_keys(super::LOOKUP_ABOVE, &Default::default());
         assert_eq!(keys.get(endpoints).map(Vec::len), Some(1500), "{:?}", keys.keys());
         assert_eq!(keys.get(names::HAIRPIN).map(Vec::len), Some(1500));
         // Nothing due: the whole check may look up.
