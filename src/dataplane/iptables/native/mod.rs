@@ -83,6 +83,12 @@ pub struct Written {
 /// encoded, and every table read and spliced, before the first is replaced: an input outside
 /// the subset changes nothing.
 pub fn write(family: Family, input: &str) -> Result<Written, Error> {
+    write_with(family, input, &mut |_, _| {})
+}
+
+/// [`write`], calling `before_replace(table, attempt)` between each table's read and its
+/// replace (the tests race another writer there).
+fn write_with(family: Family, input: &str, before_replace: &mut dyn FnMut(&str, usize)) -> Result<Written, Error> {
     let tables = rule::parse_input(family, input)?;
     let mut done = Written {
         tables: tables.len(),
@@ -109,6 +115,7 @@ pub fn write(family: Family, input: &str) -> Result<Written, Error> {
                     explain(&e)
                 ))
             };
+            before_replace(&t.table, attempt);
             let started = Instant::now();
             let old_entries = get_u32(&new.buf, 84) as usize;
             let mut old_counters = vec![0u8; old_entries * COUNTERS_SIZE];

@@ -5,7 +5,7 @@
 
 use std::process::{Command, Stdio};
 
-use super::super::{write, Error, Family};
+use super::super::{write, write_with, Error, Family};
 
 /// Runs `f` on a thread in a new network namespace (the tools it starts share it); the
 /// namespace goes away with the thread, whatever `f` does. `None` without privileges or tools.
@@ -299,4 +299,88 @@ fn a_jump_to_a_missing_chain_is_left_to_iptables_restore() {
         matches!(err, Error::Unsupported(ref why) if why.starts_with("line 3:")),
         "{err:?}"
     );
+}
+
+/// Another writer that does not wait for kproxy's xtables lock (here iptables-legacy with a
+/// lock file of its own) appends a rule to POSTROUTING: the table it replaced has one entry
+/// more than the one the native writer read.
+fn append_behind_the_lock(n: usize) {
+    let lock = std::env::temp_dir().join(format!("kproxy-test-other-writer-{}.lock", std::process::id()));
+    let status = Command::new(tool(Family::V4, ""))
+        .env("XTABLES_LOCKFILE", &lock)
+        .args([
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-d",
+            &format!("192.0.2.{n}/32"),
+            "-j",
+            "ACCEPT",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// The table replaced between the native writer's read and its replace: the kernel refuses
+/// the stale replace (EAGAIN: the entry count moved), the writer reads the table again and
+/// splices into that, so the other writer's rule and the change are both in the kernel, and
+/// the rules kept kept their counters.
+#[test]
+fn a_table_replaced_behind_the_lock_is_read_again() {
+    let Some((written, saved)) = in_netns(|| {
+        restore(Family::V4, &["--noflush"], NAT4).unwrap();
+        set_counters(Family::V4, "nat");
+        let mut raced = Vec::new();
+        let written = write_with(Family::V4, CHANGE4, &mut |table, attempt| {
+            raced.push((table.to_string(), attempt));
+            if attempt == 1 {
+                append_behind_the_lock(7);
+            }
+        })
+        .map_err(|e| e.to_string());
+        assert_eq!(raced, [("nat".to_string(), 1), ("nat".to_string(), 2)]);
+        (written, save(Family::V4, "nat"))
+    }) else {
+        return;
+    };
+    let written = written.expect("the second attempt is written");
+    assert_eq!(written.attempts, 2);
+    assert!(saved.contains("-A POSTROUTING -d 192.0.2.7/32 -j ACCEPT"), "{saved}");
+    assert!(saved.contains("-A KPROXY-SEP-NEW -s 10.244.1.9/32"), "{saved}");
+    assert!(!saved.contains(":KPROXY-SEP-OLD"), "{saved}");
+    assert!(!saved.contains("[0:0] -A DOCKER"), "counters kept:\n{saved}");
+}
+
+/// A table replaced behind the lock at every attempt: after the last one the write fails,
+/// naming the table and the refused call, and the kernel holds the other writer's table,
+/// without any of the change.
+#[test]
+fn a_table_replaced_at_every_attempt_fails_and_writes_nothing() {
+    let Some((err, attempts, saved)) = in_netns(|| {
+        restore(Family::V4, &["--noflush"], NAT4).unwrap();
+        let mut attempts = 0;
+        let err = write_with(Family::V4, CHANGE4, &mut |_, attempt| {
+            attempts = attempt;
+            append_behind_the_lock(attempt);
+        })
+        .unwrap_err();
+        (err, attempts, save(Family::V4, "nat"))
+    }) else {
+        return;
+    };
+    match err {
+        Error::Failed(message) => assert!(message.contains("nat table: IPT_SO_SET_REPLACE refused"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(attempts, 3);
+    for n in 1..=3 {
+        assert!(
+            saved.contains(&format!("-A POSTROUTING -d 192.0.2.{n}/32 -j ACCEPT")),
+            "{saved}"
+        );
+    }
+    assert!(saved.contains(":KPROXY-SEP-OLD"), "{saved}");
+    assert!(!saved.contains("KPROXY-SEP-NEW"), "{saved}");
 }
