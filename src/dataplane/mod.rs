@@ -8,6 +8,7 @@ pub mod conntrack;
 pub mod iptables;
 pub mod ipvs;
 pub mod nfacct;
+pub mod nfnetlink;
 pub mod nftables;
 pub mod nlattr;
 pub mod port_policy;
