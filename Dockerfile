@@ -4,7 +4,8 @@
 # modes call: iptables (both the nft and the legacy backend, behind a wrapper
 # that picks the one the host already uses, as kube-proxy's image does),
 # nftables (only for IPVS mode's companion table: nftables mode talks to
-# nf_tables over netlink and never runs nft), conntrack, and kmod for loading
+# nf_tables over netlink and never runs nft), conntrack (for an operator's
+# debugging: kproxy deletes stale entries over netlink), and kmod for loading
 # IPVS modules.
 #
 #   docker build -t kproxy:dev .

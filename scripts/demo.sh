@@ -17,7 +17,7 @@ keep=0
 # shellcheck source=scripts/lib-setup.sh
 . "$here/scripts/lib-setup.sh"
 ensure_cargo demo.sh
-ensure_commands demo.sh ip:iproute2 iptables-restore:iptables conntrack:conntrack curl:curl python3:python3
+ensure_commands demo.sh ip:iproute2 iptables-restore:iptables curl:curl python3:python3
 
 echo "==> building kproxy"
 cargo build --quiet --release --manifest-path "$here/Cargo.toml"
