@@ -19,20 +19,25 @@
 #
 # usage: sudo scripts/bench-nftables.sh [SIZES] [CHANGES]     (default: "1000 5000 10000" 100)
 #        WRITERS="netlink nft-f": also measure the nft -f writer again (default: its rows
-#        already in BENCHMARKS.md are kept, and plotted);
+#        already in BENCHMARKS.md are kept, and plotted), NFTF_CHANGES (default 15) changes
+#        per phase: its changes during resyncs take 15 to 30 s each at 10,000 Services;
 #        PREVIOUS=LABEL: the rows of the measured writer's previous run are kept, labelled LABEL;
 #        AFFINITY=1 ...: every Service with sessionAffinity ClientIP (a set per endpoint); its
 #        own section of BENCHMARKS.md and its own plot. AFFINITY=0.1: every tenth Service
 #        (not the changed ones), in that section too;
 #        KPROXY_BIN=PATH FAKEAPI_BIN=PATH: measure these binaries instead of building this tree
 #        (say in BENCHMARKS.md which profile they were built with);
-#        BENCH_FOREIGN=kproxy: the resync phase's other writer commits into kproxy's table,
-#        so that every periodic sync checks what it touched (its own section and plot;
-#        default "own": a table of its own, which kproxy's notifications show it need not
-#        check; kproxy-set: a set declared in kproxy's table, which lists the whole table,
-#        as the hourly check does; own-socket: a table of its own through one `nft -i`
-#        process; full: no other writer, but the hourly check of the whole table every 4 s;
-#        0: none);
+#        BENCH_FOREIGN: what else runs in the resync phase. Default "check": the hourly check
+#        of the whole table every 4 s (KPROXY_NFTABLES_FULL_CHECK_PERIOD=4), as the issue's
+#        "changes that arrive while a periodic resync runs", and another writer committing a
+#        table of its own through one `nft -i` process (a daemon writer: kproxy's
+#        notifications show it need not check). Each other value has its own section and
+#        plot: "own": that writer through an `nft` process per commit (each exit makes the
+#        kernel hold its commit mutex for an RCU grace period, which every writer's next
+#        commit waits for); kproxy: a chain added into kproxy's table, so that every periodic
+#        sync checks what it touched; kproxy-set: a set declared in kproxy's table, which
+#        forces a whole check; own-socket: the daemon writer alone; full: the whole check
+#        every 4 s alone; 0: none;
 #        BASELINE="LABEL=PATH": also measure the kproxy binary at PATH, labelled LABEL, right
 #        after the measured one at each size (interleaved, so both see the same load).
 set -euo pipefail
@@ -69,7 +74,8 @@ python3 -c 'import matplotlib' 2>/dev/null || pip install --quiet matplotlib
 exec python3 - "$here" "$changes" $sizes <<'PY'
 import datetime, json, os, random, re, signal, statistics, subprocess, sys, tempfile, threading, time
 
-here, changes, sizes = sys.argv[1], int(sys.argv[2]), [int(s) for s in sys.argv[3:]]
+here, changes_arg, sizes = sys.argv[1], int(sys.argv[2]), [int(s) for s in sys.argv[3:]]
+nftf_changes = int(os.environ.get("NFTF_CHANGES", "15"))
 affinity_share = float(os.environ.get("AFFINITY", "0") or 0)
 affinity = affinity_share > 0
 affinity_every = max(1, round(1 / affinity_share)) if affinity else 0
@@ -78,8 +84,10 @@ def sticky(i):
 # BENCH_FOREIGN=own (default): the resync phase's other writer commits a table of its own;
 # BENCH_FOREIGN=kproxy: it commits into kproxy's table (a chain added and deleted), so that
 # each periodic sync checks the table; BENCH_FOREIGN=0: no other writer.
-foreign_mode = {"1": "own"}.get(os.environ.get("BENCH_FOREIGN", "own"), os.environ.get("BENCH_FOREIGN", "own"))
-tag = ("-affinity" if affinity else "") + {"kproxy": "-foreign-in-table", "kproxy-set": "-foreign-whole", "own-socket": "-foreign-socket", "full": "-full-checks"}.get(foreign_mode, "")
+foreign_mode = {"1": "own"}.get(os.environ.get("BENCH_FOREIGN", "check"), os.environ.get("BENCH_FOREIGN", "check"))
+tag = ("-affinity" if affinity else "") + {"own": "-foreign-exits", "kproxy": "-foreign-in-table", "kproxy-set": "-foreign-whole", "own-socket": "-foreign-socket", "full": "-full-checks"}.get(foreign_mode, "")
+# The whole check every 4 s: alone (full) or with the daemon writer (check, the default).
+full_checks = foreign_mode in ("full", "check")
 M = 10
 all_writers = {"netlink": ("netlink", f"{here}/target/bench/kproxy-netlink"), "nft-f": ("nft -f", f"{here}/target/bench/kproxy-nft-f")}
 writers = [all_writers[w] for w in os.environ.get("WRITERS", "netlink").split()]
@@ -266,7 +274,7 @@ class Run:
     def __init__(self, binary, d, ns, sync_period, log, api=None):
         self.ns, self.log = ns, log
         env = dict(os.environ, RUST_LOG="info,kproxy::dataplane::nftables=debug")
-        if foreign_mode == "full" and sync_period == "4s":
+        if full_checks and sync_period == "4s":
             # The hourly check of the whole table, every 4 s.
             env["KPROXY_NFTABLES_FULL_CHECK_PERIOD"] = "4"
         src = ["--master", api.url] if api else ["--manifests", d]
@@ -311,16 +319,17 @@ class Watcher:
 class ForeignWriter:
     """Another nftables writer in the node's namespace, committing every half second, as on a
     node where a CNI or firewall also writes nftables. Each commit moves the ruleset
-    generation. By default it commits a table of its own (created and deleted in one
-    transaction): kproxy's notifications show that its table was not touched, so its periodic
-    syncs list nothing. With BENCH_FOREIGN=kproxy it adds and deletes a chain in kproxy's
+    generation. By default (check, with the whole check every 4 s, and own-socket) it commits
+    a table of its own (created and deleted in one transaction) through one `nft -i` process:
+    kproxy's notifications show that its table was not touched, so its periodic syncs list
+    nothing for it. BENCH_FOREIGN=own does the same through an `nft` process per commit. With BENCH_FOREIGN=kproxy it adds and deletes a chain in kproxy's
     table instead: every periodic sync then starts a check that lists kproxy's table and
     compares it (a chain: a check of that chain only). BENCH_FOREIGN=kproxy-set adds and
     deletes a set in kproxy's table: a set's declaration is checked by listing the whole table,
-    as the hourly full check does, so every periodic sync lists it. With BENCH_FOREIGN=own-socket it commits a table of its own through one
-    `nft -i` process that keeps its netlink socket (a daemon writer): no socket is closed after
-    each commit, which the kernel answers by taking its commit mutex for an RCU grace period.
-    BENCH_FOREIGN=0 leaves it out."""
+    as the hourly full check does, so every periodic sync lists it. The `nft -i` process keeps its netlink socket (a daemon writer): no
+    socket is closed after each commit, which the kernel answers by taking its commit mutex
+    for an RCU grace period (BENCH_FOREIGN=own shows what that costs every writer).
+    BENCH_FOREIGN=0 and full leave it out."""
     def __init__(self, ns):
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, args=(ns,), daemon=True)
@@ -331,7 +340,7 @@ class ForeignWriter:
         script = {"kproxy": "add chain ip kproxy bench-foreign; delete chain ip kproxy bench-foreign",
                   "kproxy-set": "add set ip kproxy bench-foreign { type ipv4_addr; }; delete set ip kproxy bench-foreign",
                   }.get(foreign_mode, "add table ip bench-foreign; delete table ip bench-foreign")
-        if foreign_mode == "own-socket":
+        if foreign_mode in ("own-socket", "check"):
             nft = subprocess.Popen(["ip", "netns", "exec", ns, "nft", "-i"], stdin=subprocess.PIPE,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
             while not self.stop.is_set():
@@ -516,6 +525,7 @@ for n in sizes:
     os.makedirs(d)
     gen(d, n)
     for label, binary in writers:
+        changes = nftf_changes if label == "nft -f" else changes_arg
         ns = f"kpbn{os.getpid()}"
         log = f"{work}/{label.replace(' ', '')}-{n}.log"
         open(f"{d}/last-slice.yaml", "w").write(slice_doc(n - 1, [ep_ip((n - 1) * M + j) for j in range(M)]))
@@ -589,7 +599,7 @@ for n in sizes:
                              a_src=[pct(src_a, 50), pct(src_a, 99), max(src_a)],
                              b_src=[pct(src_b, 50), pct(src_b, 99), max(src_b)],
                              scale=[pct(scale, 50), max(scale)], new=[pct(new, 50), max(new)],
-                             during=during, during_ms=during_ms, lock_waits=sorted(waits), resyncs=resyncs, samples=(len(src_a), len(src_b)), load=(load0, load1)))
+                             changes=changes, during=during, during_ms=during_ms, lock_waits=sorted(waits), resyncs=resyncs, samples=(len(src_a), len(src_b)), load=(load0, load1)))
             print("    " + json.dumps(rows[-1]), flush=True)
         finally:
             if watcher:
@@ -657,7 +667,8 @@ fig.savefig(f"{here}/docs/bench-nftables{tag}.png", dpi=110)
 cpu = open("/proc/cpuinfo").read().split("model name")[1].split(":")[1].split("\n")[0].strip()
 f = lambda x: f"{x:.1f}"
 src_word = "API -> kernel" if source == "api" else "source -> kernel"
-resync_word = {"own": "with resyncs every 4 s and another writer in a table of its own (a resync lists kproxy's table only if its notifications show a commit into it)",
+resync_word = {"check": "with the hourly check of the whole table every 4 s (KPROXY_NFTABLES_FULL_CHECK_PERIOD=4), resyncs every 4 s, and another writer committing a table of its own every 0.5 s through one socket it keeps (`nft -i`)",
+               "own": "with resyncs every 4 s and another writer in a table of its own, an `nft` process per commit (a resync lists kproxy's table only if its notifications show a commit into it)",
                "kproxy": "with resyncs every 4 s and another writer in kproxy's table (each resync checks what it touched)",
                "kproxy-set": "with resyncs every 4 s and another writer declaring a set in kproxy's table (each resync lists the whole table, as the hourly check does)",
                "full": "with the hourly check of the whole table every 4 s (KPROXY_NFTABLES_FULL_CHECK_PERIOD=4) and no other writer",
@@ -665,7 +676,9 @@ resync_word = {"own": "with resyncs every 4 s and another writer in a table of i
                "0": "with resyncs every 4 s"}[foreign_mode]
 lines = [
     f"Written by `scripts/bench-nftables.sh` on {datetime.date.today()} ({os.cpu_count()} cores, {cpu}; kernel {os.uname().release}),",
-    f"{changes} changes per row and phase, one endpoint replaced per change, "
+    f"{changes_arg} changes per row and phase"
+    + (f" ({nftf_changes} for the nft -f writer, measured in the same run)" if any(r["writer"] == "nft -f" for r in rows) else "")
+    + ", one endpoint replaced per change, "
     + ("through the fake API server (kproxy watching it)" if source == "api" else "from manifest files")
     + ((", every Service with session affinity" if affinity_every == 1 else f", every {affinity_every}th Service with session affinity (not the changed ones)") if affinity else "") + ". Single runs on a shared",
     f"machine (its load average is in the table): rerun the script to compare. Plot: [docs/bench-nftables{tag}.png](docs/bench-nftables{tag}.png).",
@@ -675,7 +688,7 @@ lines = [
 ]
 for r in sorted(rows, key=lambda r: r["n"]):
     lines.append(f"| {r['n']:,} | {r['writer']} | {r['full_s']:.2f} s | {' / '.join(f(x) for x in r['a_src'])} ms | "
-                 f"{' / '.join(f(x) for x in r['b_src'])} ms ({r['during']} of {changes}, {r['resyncs']} resyncs"
+                 f"{' / '.join(f(x) for x in r['b_src'])} ms ({r['during']} of {r['changes']}, {r['resyncs']} resyncs"
                  + (f"; those: median {f(pct(r['during_ms'], 50))}, p99 {f(pct(r['during_ms'], 99))}, max {f(max(r['during_ms']))} ms" if r['during_ms'] else "")
                  + (f"; {len(r['lock_waits'])} syncs waited >= 1 ms for the lock, longest {f(max(r['lock_waits']))} ms" if r['lock_waits'] else "")
                  + ") | "
@@ -684,7 +697,7 @@ for r in sorted(rows, key=lambda r: r["n"]):
 kept10 = [k for k in kept if k["line"].count("|") == 11]
 kept = [k for k in kept if k["line"].count("|") != 11]
 if kept10:
-    lines += ["", "Kept from the previous runs of this script (each labelled by what it measured; round 2: a chain per Service; before round 9 (nf_tables' notifications) every resync with another writer listed the whole table, whatever table that writer wrote):", "", lines[4], lines[5]]
+    lines += ["", "Kept from the previous runs of this script (each labelled by what it measured; round 2: a chain per Service; before round 9 (nf_tables' notifications) every resync with another writer listed the whole table, whatever table that writer wrote; before round 10 the resync phase had no whole check, and its other writer started an `nft` process per commit):", "", lines[4], lines[5]]
     lines += [k["line"] for k in sorted(kept10, key=lambda k: k["n"])]
 if kept:
     lines += ["", "Kept from an earlier run of this script (other columns: first full sync, source -> kernel, file -> kernel, with resyncs, CPU, memory):", "",
@@ -708,7 +721,7 @@ lines += [
 section = "\n".join(lines)
 if begin not in text:
     title = ("nftables mode: netlink writer" + (", session affinity" if affinity else "")
-             + {"kproxy": ", another writer in kproxy's table", "kproxy-set": ", another writer's sets in kproxy's table (whole listings)", "full": ", the hourly full check every 4 s", "own-socket": ", another writer keeping its socket"}.get(foreign_mode, ""))
+             + {"own": ", another writer starting an nft process per commit", "kproxy": ", another writer in kproxy's table", "kproxy-set": ", another writer's sets in kproxy's table (whole listings)", "full": ", the hourly full check every 4 s", "own-socket": ", another writer keeping its socket"}.get(foreign_mode, ""))
     text += f"\n## {title}\n\n{begin}\n{end}\n"
 head, _, tail = text.partition(begin)
 _, _, tail = tail.partition(end)
