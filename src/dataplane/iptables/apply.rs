@@ -75,7 +75,7 @@ impl Tools {
     pub async fn restore(&self, fill: impl FnMut(&mut Vec<u8>, usize) -> bool) -> Result<RestoreTimes, Refusal> {
         let mut command = Command::new(self.restore);
         command.args(["-w", LOCK_WAIT, "--noflush"]);
-        self.run_restore(self.restore, command, fill)
+        self.run_restore(Writer::Restore(self.restore), command, fill)
             .await
             .map(|(times, _)| times)
     }
@@ -98,22 +98,22 @@ impl Tools {
                 IpFamily::V6 => "6",
             },
         ]);
-        self.run_restore(NATIVE_TOOL, command, fill).await
+        self.run_restore(Writer::Native, command, fill).await
     }
 
     async fn run_restore(
         &self,
-        tool: &'static str,
+        writer: Writer,
         mut command: Command,
         mut fill: impl FnMut(&mut Vec<u8>, usize) -> bool,
     ) -> Result<(RestoreTimes, String), Refusal> {
         let mut times = RestoreTimes::default();
+        let tool = writer.name();
         // Only the native writer says something on stdout (its summary): iptables-restore's
         // would have to be drained while it reads its input.
-        let stdout = if tool == NATIVE_TOOL {
-            Stdio::piped()
-        } else {
-            Stdio::null()
+        let stdout = match writer {
+            Writer::Native => Stdio::piped(),
+            Writer::Restore(_) => Stdio::null(),
         };
         let mut child = command
             .stdin(Stdio::piped())
@@ -153,7 +153,7 @@ impl Tools {
             return Ok((times, String::from_utf8_lossy(&out.stdout).trim().to_string()));
         }
         let message = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        if tool == NATIVE_TOOL && out.status.code() == Some(super::native::EXIT_UNSUPPORTED) {
+        if matches!(writer, Writer::Native) && out.status.code() == Some(super::native::EXIT_UNSUPPORTED) {
             return Err(Refusal::Unsupported(message));
         }
         Err(Refusal::Refused {
@@ -393,6 +393,24 @@ pub enum Refusal {
 
 /// The native writer, as errors name it.
 pub const NATIVE_TOOL: &str = "kproxy (native iptables writer)";
+
+/// What [`Tools::run_restore`] runs: an iptables-restore binary, or kproxy's native writer
+/// (which prints a summary, and exits [`super::native::EXIT_UNSUPPORTED`] for an input it
+/// leaves to iptables-restore).
+#[derive(Debug, Clone, Copy)]
+enum Writer {
+    Restore(&'static str),
+    Native,
+}
+
+impl Writer {
+    fn name(self) -> &'static str {
+        match self {
+            Writer::Restore(tool) => tool,
+            Writer::Native => NATIVE_TOOL,
+        }
+    }
+}
 
 impl Refusal {
     /// The error to report; `line_of(n)` gives input line `n` and the Service it was written
