@@ -79,28 +79,19 @@ pub enum Reply<'a> {
 }
 
 /// Every message in one datagram.
-pub fn decode(mut buf: &[u8]) -> Result<Vec<Reply<'_>>, String> {
+pub fn decode(buf: &[u8]) -> Result<Vec<Reply<'_>>, String> {
     let mut out = Vec::new();
-    while buf.len() >= HEADER {
-        let len = nlattr::u32_at(buf, 0).unwrap_or(0) as usize;
-        let kind = nlattr::u16_at(buf, 4).unwrap_or(0);
-        if len < HEADER || len > buf.len() {
-            return Err(format!("netlink message of length {len} in {} bytes", buf.len()));
-        }
-        let payload = &buf[HEADER..len];
-        match kind {
-            NLMSG_DONE => out.push(Reply::Done),
-            NLMSG_ERROR => {
-                let errno = nlattr::u32_at(payload, 0).ok_or("short error message")? as i32;
-                out.push(Reply::Ack(-errno));
-            }
-            _ => out.push(Reply::Message {
+    for m in nlattr::messages(buf) {
+        let m = m.map_err(|_| format!("a truncated netlink message in {} bytes", buf.len()))?;
+        out.push(match m.kind {
+            NLMSG_DONE => Reply::Done,
+            NLMSG_ERROR => Reply::Ack(-(nlattr::u32_at(m.body, 0).ok_or("short error message")? as i32)),
+            kind => Reply::Message {
                 msg: kind & 0xff,
-                family: payload.first().copied().unwrap_or(0),
-                attrs: payload.get(NFGENMSG..).unwrap_or_default(),
-            }),
-        }
-        buf = &buf[(len.div_ceil(4) * 4).min(buf.len())..];
+                family: m.body.first().copied().unwrap_or(0),
+                attrs: m.body.get(NFGENMSG..).unwrap_or_default(),
+            },
+        });
     }
     Ok(out)
 }

@@ -7,7 +7,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::dataplane::nlattr::{iter as attrs, u16_at, u32_at};
+use crate::dataplane::nlattr::{iter as attrs, messages, u16_at, u32_at, Message};
 use crate::model::Protocol;
 
 /// Netlink message types and flags (`linux/netlink.h`).
@@ -433,15 +433,8 @@ pub enum Reply<'a> {
 /// Splits one datagram from the kernel into its messages.
 pub fn decode_replies(buf: &[u8]) -> Result<Vec<Reply<'_>>, DecodeError> {
     let mut out = Vec::new();
-    let mut at = 0;
-    while at + 16 <= buf.len() {
-        let len = u32_at(buf, at).ok_or(DecodeError::Truncated)? as usize;
-        if len < 16 || at + len > buf.len() {
-            return Err(DecodeError::Truncated);
-        }
-        let kind = u16_at(buf, at + 4).ok_or(DecodeError::Truncated)?;
-        let seq = u32_at(buf, at + 8).ok_or(DecodeError::Truncated)?;
-        let body = &buf[at + 16..at + len];
+    for m in messages(buf) {
+        let Message { kind, seq, body, .. } = m.map_err(|_| DecodeError::Truncated)?;
         out.push(match kind {
             NLMSG_ERROR => Reply::Error {
                 seq,
@@ -457,7 +450,6 @@ pub fn decode_replies(buf: &[u8]) -> Result<Vec<Reply<'_>>, DecodeError> {
                 }
             }
         });
-        at += (len + 3) & !3;
     }
     Ok(out)
 }

@@ -3,7 +3,7 @@
 //! nf_tables puts every integer attribute in network byte order (`nla_put_be32`), unlike most
 //! netlink families; register contents (marks, verdict codes in data) are host order.
 
-use crate::dataplane::nlattr::{self, u16_at, u32_at};
+use crate::dataplane::nlattr::{self, u32_at};
 
 /// `linux/netlink.h`.
 pub const NLMSG_ERROR: u16 = 2;
@@ -110,6 +110,12 @@ pub enum DecodeError {
 
 pub type DecodeResult<T> = Result<T, DecodeError>;
 
+impl From<nlattr::Truncated> for DecodeError {
+    fn from(_: nlattr::Truncated) -> DecodeError {
+        DecodeError::Truncated
+    }
+}
+
 /// The attributes of one message or nest, by type (flags stripped).
 #[derive(Debug, Clone, Copy)]
 pub struct Attrs<'a>(pub &'a [u8]);
@@ -206,7 +212,8 @@ pub struct Notification<'a> {
 /// Splits one datagram of notifications into its messages (control messages are left out).
 pub fn decode_notifications(buf: &[u8]) -> DecodeResult<Vec<Notification<'_>>> {
     let mut out = Vec::new();
-    for m in split(buf)? {
+    for m in nlattr::messages(buf) {
+        let m = m?;
         // Types below 16 are netlink's own (NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE, ...).
         if m.kind >= 16 {
             if m.body.len() < 4 {
@@ -224,43 +231,13 @@ pub fn decode_notifications(buf: &[u8]) -> DecodeResult<Vec<Notification<'_>>> {
     Ok(out)
 }
 
-/// One netlink message of a datagram: its header's fields and its payload.
-struct Raw<'a> {
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    port: u32,
-    body: &'a [u8],
-}
-
-/// Splits a datagram into its netlink messages.
-fn split(buf: &[u8]) -> DecodeResult<Vec<Raw<'_>>> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at + 16 <= buf.len() {
-        let len = u32_at(buf, at).ok_or(DecodeError::Truncated)? as usize;
-        if len < 16 || at + len > buf.len() {
-            return Err(DecodeError::Truncated);
-        }
-        out.push(Raw {
-            kind: u16_at(buf, at + 4).ok_or(DecodeError::Truncated)?,
-            flags: u16_at(buf, at + 6).ok_or(DecodeError::Truncated)?,
-            seq: u32_at(buf, at + 8).ok_or(DecodeError::Truncated)?,
-            port: u32_at(buf, at + 12).ok_or(DecodeError::Truncated)?,
-            body: &buf[at + 16..at + len],
-        });
-        at += (len + 3) & !3;
-    }
-    Ok(out)
-}
-
 /// Splits one datagram from the kernel into its messages.
 pub fn decode_replies(buf: &[u8]) -> DecodeResult<Vec<Reply<'_>>> {
     let mut out = Vec::new();
-    for Raw {
-        kind, flags, seq, body, ..
-    } in split(buf)?
-    {
+    for m in nlattr::messages(buf) {
+        let nlattr::Message {
+            kind, flags, seq, body, ..
+        } = m?;
         out.push(match kind {
             NLMSG_ERROR => {
                 let errno = (u32_at(body, 0).ok_or(DecodeError::Truncated)? as i32).wrapping_neg();
