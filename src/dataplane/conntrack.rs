@@ -163,9 +163,26 @@ pub fn encode_dump(seq: u32) -> Vec<u8> {
 
 /// The deletion of `entry`, by its original tuple (and zone), as `conntrack -D` sends it.
 pub fn encode_delete(entry: &Entry, seq: u32) -> Vec<u8> {
-    let t = &entry.orig;
     let mut attrs = Attrs::default();
-    attrs.nest(CTA_TUPLE_ORIG, |tuple| {
+    put_tuple(&mut attrs, CTA_TUPLE_ORIG, &entry.orig);
+    if entry.zone != 0 {
+        attrs.put(CTA_ZONE, &entry.zone.to_be_bytes());
+    }
+    let family = if entry.orig.src.is_ipv4() { AF_INET } else { AF_INET6 };
+    nfnetlink::message(
+        NFNL_SUBSYS_CTNETLINK,
+        IPCTNL_MSG_CT_DELETE,
+        family,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        &attrs,
+    )
+}
+
+/// `t` as the nested attribute `kind` (`CTA_TUPLE_ORIG` or `CTA_TUPLE_REPLY`), addresses and
+/// ports in network byte order, as [`decode_tuple`] reads it.
+fn put_tuple(attrs: &mut Attrs, kind: u16, t: &Tuple) {
+    attrs.nest(kind, |tuple| {
         tuple.nest(CTA_TUPLE_IP, |ip| match (t.src, t.dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
                 ip.put(CTA_IP_V4_SRC, &s.octets()).put(CTA_IP_V4_DST, &d.octets());
@@ -182,18 +199,6 @@ pub fn encode_delete(entry: &Entry, seq: u32) -> Vec<u8> {
                 .put(CTA_PROTO_DST_PORT, &t.dport.to_be_bytes());
         });
     });
-    if entry.zone != 0 {
-        attrs.put(CTA_ZONE, &entry.zone.to_be_bytes());
-    }
-    let family = if t.src.is_ipv4() { AF_INET } else { AF_INET6 };
-    nfnetlink::message(
-        NFNL_SUBSYS_CTNETLINK,
-        IPCTNL_MSG_CT_DELETE,
-        family,
-        NLM_F_REQUEST | NLM_F_ACK,
-        seq,
-        &attrs,
-    )
 }
 
 fn v6(ip: IpAddr) -> Ipv6Addr {
@@ -547,25 +552,12 @@ mod tests {
             // The reply tuple is the dump's; the deletion needs only the original one.
             let mut with_reply = attrs.to_vec();
             let mut more = Attrs::default();
-            more.put(CTA_TUPLE_REPLY, &encode_tuple_for_test(&e.reply))
-                .put(CTA_STATUS, &e.status.to_be_bytes());
+            put_tuple(&mut more, CTA_TUPLE_REPLY, &e.reply);
+            more.put(CTA_STATUS, &e.status.to_be_bytes());
             with_reply.extend_from_slice(more.bytes());
             assert_eq!(decode_entry(&with_reply), Some(e.clone()));
         }
         assert_eq!(decode_entry(&[]), None, "no tuples, no entry");
-    }
-
-    fn encode_tuple_for_test(t: &Tuple) -> Vec<u8> {
-        let e = Entry {
-            orig: t.clone(),
-            reply: t.clone(),
-            status: 0,
-            zone: 0,
-        };
-        let msg = encode_delete(&e, 1);
-        // The one attribute of the deletion is the nested original tuple: its payload.
-        let payload = nlattr::iter(&msg[20..]).next().unwrap().1.to_vec();
-        payload
     }
 
     /// Every entry of the namespace's table, over the same dump the cleanup lists.
