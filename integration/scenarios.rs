@@ -905,16 +905,9 @@ fn nft_failure(mode: &'static str, kind: SourceKind) {
 fn foreign_change(mode: &'static str, kind: SourceKind) {
     let docs = objects(&pod_ips(&[0, 1]));
     let mut env = Env::new(mode, kind, &docs, &["--sync-period", "1h"]);
-    let url = format!("http://{CLUSTER_IP}/");
-    let node_port = format!("http://{}:30080/", env.topo.node_ip);
-    let (node, client, outside) = (
-        env.topo.node.clone(),
-        env.topo.pods[2].ns.clone(),
-        env.topo.client.clone(),
-    );
-    eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
+    let p = Probes::ready(&env);
     let pod_b = pod_ips(&[1]).remove(0);
-    let listing = env.topo.exec_ok(&node, &["nft", "list", "table", "ip", "kproxy"]);
+    let listing = env.topo.exec_ok(&p.node, &["nft", "list", "table", "ip", "kproxy"]);
     // The slot of the cluster IP that sends to pod-b: `10.96.0.10 . 80 . N : POD_B . 8080`.
     let slot = listing
         .split([',', '{', '}', '\n'])
@@ -929,7 +922,7 @@ fn foreign_change(mode: &'static str, kind: SourceKind) {
     assert!(listing.contains(&format!("chain {chain} {{")), "{listing}");
     let dead = "10.244.250.250";
     env.topo.exec_ok(
-        &node,
+        &p.node,
         &[
             "nft",
             &format!(
@@ -938,14 +931,14 @@ fn foreign_change(mode: &'static str, kind: SourceKind) {
         ],
     );
     env.topo.exec_ok(
-        &node,
+        &p.node,
         &[
             "nft",
             &format!("insert rule ip kproxy {chain} ip saddr 203.0.113.9 drop"),
         ],
     );
     env.topo.exec_ok(
-        &node,
+        &p.node,
         &[
             "nft",
             "delete element ip kproxy external-cluster-nodeports { tcp . 30080 }",
@@ -960,15 +953,14 @@ fn foreign_change(mode: &'static str, kind: SourceKind) {
     env.set(&changed);
     env.kproxy.wait_sync_after(syncs);
     eventually("the table is repaired", || {
-        let now = env.topo.exec_ok(&node, &["nft", "list", "table", "ip", "kproxy"]);
+        let now = env.topo.exec_ok(&p.node, &["nft", "list", "table", "ip", "kproxy"]);
         let np = env.topo.exec_ok(
-            &node,
+            &p.node,
             &["nft", "list", "set", "ip", "kproxy", "external-cluster-nodeports"],
         );
         (!now.contains(dead) && !now.contains("203.0.113.9") && np.contains("tcp . 30080")).then_some(())
     });
-    eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
-    eventually_backends(&env.topo, &outside, &node_port, 10, &["pod-a", "pod-b"]);
+    p.both_answer(&env.topo);
     let log = env.kproxy.log_text();
     assert!(log.contains("the ruleset changed behind kproxy's back"), "{log}");
     assert!(log.contains("repairing"), "{log}");
@@ -1027,23 +1019,15 @@ fn others_tables(mode: &'static str, kind: SourceKind) {
 /// NodePort answer again, with the table as kproxy would write it.
 fn flushed_ruleset(mode: &'static str, kind: SourceKind) {
     let env = Env::new(mode, kind, &objects(&pod_ips(&[0, 1])), &["--sync-period", "1s"]);
-    let url = format!("http://{CLUSTER_IP}/");
-    let node_port = format!("http://{}:30080/", env.topo.node_ip);
-    let (node, client, outside) = (
-        env.topo.node.clone(),
-        env.topo.pods[2].ns.clone(),
-        env.topo.client.clone(),
-    );
-    eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
-    let before = env.topo.exec_ok(&node, &["nft", "list", "table", "ip", "kproxy"]);
-    env.topo.exec_ok(&node, &["nft", "flush ruleset"]);
-    assert!(!env.topo.exec_ok(&node, &["nft", "list", "tables"]).contains("kproxy"));
+    let p = Probes::ready(&env);
+    let before = env.topo.exec_ok(&p.node, &["nft", "list", "table", "ip", "kproxy"]);
+    env.topo.exec_ok(&p.node, &["nft", "flush ruleset"]);
+    assert!(!env.topo.exec_ok(&p.node, &["nft", "list", "tables"]).contains("kproxy"));
     eventually("the table is written again", || {
-        let out = env.topo.exec(&node, &["nft", "list", "table", "ip", "kproxy"]);
+        let out = env.topo.exec(&p.node, &["nft", "list", "table", "ip", "kproxy"]);
         (out.status.success() && String::from_utf8_lossy(&out.stdout) == before).then_some(())
     });
-    eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
-    eventually_backends(&env.topo, &outside, &node_port, 10, &["pod-a", "pod-b"]);
+    p.both_answer(&env.topo);
     let log = env.kproxy.log_text();
     assert!(log.contains("checking it"), "{log}");
 }
@@ -1288,22 +1272,47 @@ fn cleanup_nftables(kind: SourceKind) {
     assert!(curl(&env.topo, &client, &format!("http://{CLUSTER_IP}/")).is_err());
 }
 
+/// Where the repair scenarios look from: the node's namespace, a pod's (to the cluster IP) and
+/// the outside client's (to the NodePort), with both URLs.
+struct Probes {
+    node: String,
+    client: String,
+    outside: String,
+    url: String,
+    node_port: String,
+}
+
+impl Probes {
+    /// The probes of `env`, once both backends answer on the cluster IP from the pod.
+    fn ready(env: &Env) -> Probes {
+        let p = Probes {
+            node: env.topo.node.clone(),
+            client: env.topo.pods[2].ns.clone(),
+            outside: env.topo.client.clone(),
+            url: format!("http://{CLUSTER_IP}/"),
+            node_port: format!("http://{}:30080/", env.topo.node_ip),
+        };
+        eventually_backends(&env.topo, &p.client, &p.url, 10, &["pod-a", "pod-b"]);
+        p
+    }
+
+    /// Both backends answer again, on the cluster IP from the pod and on the NodePort from
+    /// outside.
+    fn both_answer(&self, topo: &Topology) {
+        eventually_backends(topo, &self.client, &self.url, 10, &["pod-a", "pod-b"]);
+        eventually_backends(topo, &self.outside, &self.node_port, 10, &["pod-a", "pod-b"]);
+    }
+}
+
 /// Someone deletes kproxy's objects behind its back; the next full resync puts them back.
 fn resync_repairs(mode: &'static str, kind: SourceKind) {
     let env = Env::new(mode, kind, &objects(&pod_ips(&[0, 1])), &["--sync-period", "2s"]);
-    let url = format!("http://{CLUSTER_IP}/");
-    let node_port = format!("http://{}:30080/", env.topo.node_ip);
-    let (node, client, outside) = (
-        env.topo.node.clone(),
-        env.topo.pods[2].ns.clone(),
-        env.topo.client.clone(),
-    );
-    eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
+    let p = Probes::ready(&env);
     if mode == "ipvs" {
         env.topo
-            .exec_ok(&node, &["ipvsadm", "-D", "-t", &format!("{CLUSTER_IP}:80")]);
+            .exec_ok(&p.node, &["ipvsadm", "-D", "-t", &format!("{CLUSTER_IP}:80")]);
         env.topo.exec_ok(
-            &node,
+            &p.node,
             &[
                 "ipvsadm",
                 "-e",
@@ -1317,15 +1326,14 @@ fn resync_repairs(mode: &'static str, kind: SourceKind) {
             ],
         );
     } else if mode == "nftables" {
-        env.topo.exec_ok(&node, &["nft", "flush chain ip kproxy services"]);
+        env.topo.exec_ok(&p.node, &["nft", "flush chain ip kproxy services"]);
         env.topo
-            .exec_ok(&node, &["nft", "flush map ip kproxy service-nodeports"]);
+            .exec_ok(&p.node, &["nft", "flush map ip kproxy service-nodeports"]);
     } else {
         env.topo
-            .exec_ok(&node, &["iptables", "-t", "nat", "-F", "KPROXY-SERVICES"]);
+            .exec_ok(&p.node, &["iptables", "-t", "nat", "-F", "KPROXY-SERVICES"]);
     }
-    eventually_backends(&env.topo, &client, &url, 10, &["pod-a", "pod-b"]);
-    eventually_backends(&env.topo, &outside, &node_port, 10, &["pod-a", "pod-b"]);
+    p.both_answer(&env.topo);
 }
 
 /// The flags every scenario's kproxy starts with: `mode`, node-1, the pod CIDR, a short
