@@ -17,7 +17,8 @@
 #          SHAPES: any of "keepalive newconn 1mib https" (default: all four)
 #        BENCH_PERF=FILE sudo benches/ingress.sh [DURATION]   records perf profiles of kproxy
 #          (FILE) and nginx's workers (FILE.nginx) under the keep-alive shape (SHAPES "newconn": a
-#          new connection per request) instead (perf report -i FILE);
+#          new connection per request; "1mib": 1 MiB answers) instead (perf report -i FILE);
+#          BENCH_PERF_WHO=load records the load's CPUs (wrk, the backend, the kernel) instead;
 #          BENCH_PERF_EVENTS="-e EVENT ..." samples those events instead of the CPU clock
 #        BENCH_COUNT=1|DIR sudo benches/ingress.sh [DURATION]   counts instead of timing: user-space
 #          instructions per request (valgrind's callgrind) and system calls per request (strace
@@ -138,12 +139,18 @@ mapfile -t nginx_pids < <(echo "$nginx_master"; pgrep -P "$nginx_master")
 if [ -n "${BENCH_PERF:-}" ]; then
   # kproxy into FILE, then nginx's workers into FILE.nginx, each under the same load.
   record_one() { # output, url, pids
+    local who=(-p "$3")
+    # The load's CPUs instead: what wrk, the backend and the kernel spend for each proxy.
+    [ "${BENCH_PERF_WHO:-proxy}" = load ] && who=(-a -C "$load_cpus")
     # shellcheck disable=SC2086 # BENCH_PERF_EVENTS: perf record's own options, word-split.
-    perf record ${BENCH_PERF_EVENTS:--F 999} -g -p "$3" -o "$1" -- sleep "$duration" >/dev/null 2>&1 &
+    perf record ${BENCH_PERF_EVENTS:--F 999} -g "${who[@]}" -o "$1" -- sleep "$duration" >/dev/null 2>&1 &
     local perf_pid=$!
-    local extra=()
-    [ "$shapes" = newconn ] && extra=(-H "Connection: close")
-    in_ns taskset -c "$load_cpus" wrk -t2 -c"$connections" -d"${duration}s" -H "Host: myapp.example.com" "${extra[@]}" "$2" >/dev/null
+    local args=(-t2 -c"$connections" -d"${duration}s" -H "Host: myapp.example.com") path=/
+    case $shapes in
+      newconn) args+=(-H "Connection: close") ;;
+      1mib) args=(-t2 -c16 -d"${duration}s" -H "Host: myapp.example.com") path=/big ;;
+    esac
+    in_ns taskset -c "$load_cpus" wrk "${args[@]}" "$2${path#/}" >/dev/null
     # Only perf: a bare `wait` would also wait for the servers started above.
     wait "$perf_pid"
   }
